@@ -1,0 +1,73 @@
+"""The ``fedmobillm`` console script: one subcommand per workflow."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from fedmobillm import __version__
+from fedmobillm.commands import COMMAND_MODULES
+from fedmobillm.errors import FedMobiLLMError
+
+
+def _available_commands() -> list:
+    modules = []
+    for name in COMMAND_MODULES:
+        try:
+            modules.append(importlib.import_module(f"fedmobillm.commands.{name}"))
+        except ModuleNotFoundError as exc:  # a command not built yet, or its part missing
+            if exc.name and exc.name.startswith("fedmobillm.commands"):
+                continue
+            raise
+    return modules
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedmobillm",
+        description=(
+            "Federated fine-tuning of language models across heterogeneous phones by "
+            "server-assisted side-tuning. Phones run a frozen, pre-scaled backbone forward "
+            "and upload tapped activations; the server trains one shared side network."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"fedmobillm {__version__}")
+    parser.add_argument(
+        "--debug", action="store_true", help="show full tracebacks and debug logs"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _available_commands():
+        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        module.add_arguments(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except FedMobiLLMError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
