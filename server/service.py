@@ -1,0 +1,223 @@
+"""Service layer: registration, validated ingest, device state. Raises ``server.errors``
+exceptions; knows nothing about HTTP."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedmobillm.device_runtime.protocol import Manifest, bundle_digest
+from fedmobillm.device_runtime.serde import Batch, PayloadError, decode_batch
+from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound
+from fedmobillm.server.store import Device, Store
+
+MAX_NAME_CHARS = 100
+MAX_LABELS = 1000
+
+
+@dataclass
+class Counters:
+    """In-process counters for /metrics (reset on restart, like any Prometheus counter)."""
+
+    acked_batches: int = 0
+    acked_samples: int = 0
+    duplicate_batches: int = 0
+    skipped_samples: int = 0
+    ingest_bytes: int = 0
+    rejected: dict[int, int] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reject(self, status: int) -> None:
+        with self.lock:
+            self.rejected[status] = self.rejected.get(status, 0) + 1
+
+
+class Service:
+    def __init__(self, store: Store, max_samples_per_batch: int = 4096) -> None:
+        self.store = store
+        self.max_samples = max_samples_per_batch
+        self.counters = Counters()
+
+    # -- registration ------------------------------------------------------------------
+
+    def register(self, name: str, manifest: dict[str, Any], label_names: list[str]) -> dict:
+        name = _check_name(name)
+        labels = _check_labels(label_names)
+        try:
+            m = Manifest.from_dict(manifest)
+        except FedMobiLLMError as exc:
+            raise BadRequest(f"invalid manifest: {exc.message}") from exc
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            raise BadRequest(f"invalid manifest: {exc}") from exc
+        sha = bundle_digest(m)
+        token = secrets.token_urlsafe(32)
+        with self.store.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='label_names'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('label_names', ?)", (json.dumps(labels),))
+            elif json.loads(row[0]) != labels:
+                raise Conflict(
+                    f"label_names {labels} differ from this server's task {json.loads(row[0])}",
+                    hint="register with the same label names as the other devices",
+                )
+            if db.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
+                raise Conflict(f"device name {name!r} is taken", hint="choose another name")
+            device_id = self.store.add_device(db, name, token, m.architecture, sha, m.to_dict())
+        return {
+            "device_id": device_id,
+            "token": token,
+            "architecture": m.architecture,
+            "bundle_sha256": sha,
+        }
+
+    # -- ingest ------------------------------------------------------------------------
+
+    def ingest(self, device: Device, payload: bytes) -> dict:
+        try:
+            batch = decode_batch(payload)
+        except PayloadError as exc:
+            raise BadRequest(exc.message) from exc
+        self._check_batch(device, batch)
+        ack = self._commit(device, batch)
+        with self.counters.lock:
+            if ack["duplicate"]:
+                self.counters.duplicate_batches += 1
+            else:
+                self.counters.acked_batches += 1
+                self.counters.acked_samples += ack["samples"]
+                self.counters.skipped_samples += ack.get("skipped", 0)
+            self.counters.ingest_bytes += len(payload)
+        return ack
+
+    def _check_batch(self, device: Device, batch: Batch) -> None:
+        if batch.device_id != device.device_id:
+            raise Forbidden(
+                f"payload names device {batch.device_id!r} but the token belongs to "
+                f"{device.device_id!r}"
+            )
+        if batch.bundle_sha256 != device.bundle_sha256:
+            raise Conflict(
+                f"payload comes from bundle {batch.bundle_sha256[:12]}..., the device "
+                f"registered bundle {device.bundle_sha256[:12]}...",
+                hint="upload with the registered bundle or register the device anew",
+            )
+        n, k, d = batch.activations.shape
+        if (k, d) != (device.num_taps, device.hidden_size):
+            raise BadRequest(
+                f"activations are [N, {k}, {d}], the registered bundle emits "
+                f"[N, {device.num_taps}, {device.hidden_size}]"
+            )
+        if n > self.max_samples:
+            raise BadRequest(
+                f"{n} samples in one batch; at most {self.max_samples}",
+                hint="split the upload into smaller batches",
+            )
+        if batch.encoding == "fp16" and not np.isfinite(batch.activations).all():
+            raise BadRequest("activations contain NaN or infinity")
+        num_labels = len(self.store.label_names() or [])
+        bad = (batch.labels < -1) | (batch.labels >= num_labels)
+        if bad.any():
+            raise BadRequest(
+                f"labels must be in -1..{num_labels - 1} (label_names has {num_labels} "
+                f"entries); got {int(batch.labels[bad][0])}"
+            )
+
+    def _commit(self, device: Device, batch: Batch) -> dict:
+        with self.store.transaction() as db:
+            ack = self.store.find_ack(db, device.device_id, batch.idempotency_key)
+            if ack is not None:
+                return {**ack, "duplicate": True}
+            batch_id = "b-" + uuid.uuid4().hex[:20]
+            new = self.store.insert_samples(
+                db,
+                device,
+                batch.split,
+                batch_id,
+                batch.encoding,
+                batch.activations,
+                batch.scales,
+                batch.labels,
+                batch.sample_ids,
+            )
+            ack = {
+                "batch_id": batch_id,
+                "samples": new,
+                "skipped": batch.num_samples - new,
+                "split": batch.split,
+                "duplicate": False,
+                "device_samples": self.store.device_samples(device.device_id, db),
+            }
+            self.store.add_batch(
+                db, batch_id, device.device_id, batch.idempotency_key, batch.split, new, ack
+            )
+        return ack
+
+    # -- reads -------------------------------------------------------------------------
+
+    def device_state(self, device_id: str) -> dict:
+        device = self.store.device(device_id)
+        if device is None:
+            raise NotFound(f"no device {device_id!r}")
+        keys = self.store.device_batches(device_id)
+        return {
+            "device_id": device.device_id,
+            "name": device.name,
+            "architecture": device.architecture,
+            "bundle_sha256": device.bundle_sha256,
+            "samples": self.store.device_samples(device_id),
+            "batches": len(keys),
+            "acked_keys": keys,
+        }
+
+    def fleet(self) -> dict:
+        """Devices, samples per device and per architecture."""
+        per_device: dict[str, dict[str, int]] = {}
+        per_arch: dict[str, dict[str, int]] = {}
+        for device_id, arch, split, n in self.store.sample_counts():
+            per_device.setdefault(device_id, {"train": 0, "validation": 0})[split] = n
+            a = per_arch.setdefault(arch, {"train": 0, "validation": 0, "devices": 0})
+            a[split] += n
+        devices = []
+        for d in self.store.devices():
+            per_arch.setdefault(d.architecture, {"train": 0, "validation": 0, "devices": 0})
+            per_arch[d.architecture]["devices"] += 1
+            devices.append(
+                {
+                    "device_id": d.device_id,
+                    "name": d.name,
+                    "architecture": d.architecture,
+                    "samples": per_device.get(d.device_id, {"train": 0, "validation": 0}),
+                }
+            )
+        return {
+            "label_names": self.store.label_names(),
+            "devices": devices,
+            "architectures": per_arch,
+            "totals": self.store.totals(),
+        }
+
+
+def _check_name(name: Any) -> str:
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
+        raise BadRequest(f"name must be a non-empty string of at most {MAX_NAME_CHARS} chars")
+    return name.strip()
+
+
+def _check_labels(labels: Any) -> list[str]:
+    if (
+        not isinstance(labels, list)
+        or not 2 <= len(labels) <= MAX_LABELS
+        or not all(isinstance(x, str) and x for x in labels)
+        or len(set(labels)) != len(labels)
+    ):
+        raise BadRequest(
+            f"label_names must be a list of 2..{MAX_LABELS} distinct non-empty strings"
+        )
+    return list(labels)

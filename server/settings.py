@@ -1,0 +1,115 @@
+"""Server settings: environment (``FEDMOBILLM_*``), an optional JSON/TOML config file, and
+command-line overrides, in increasing priority. Built by the entry point, never at import."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from fedmobillm.errors import FedMobiLLMError
+
+# Values that are never accepted as an admin token outside --dev.
+DEFAULT_TOKENS = {"", "changeme", "change-me", "admin", "secret", "token", "password", "dev"}
+MIN_TOKEN_CHARS = 16
+
+
+class ServerSettings(BaseSettings):
+    """Everything the server reads at start. Env vars: FEDMOBILLM_ADMIN_TOKEN, ..."""
+
+    model_config = SettingsConfigDict(env_prefix="FEDMOBILLM_", extra="forbid")
+
+    admin_token: SecretStr = SecretStr("")
+    data_dir: Path = Path("fedmobillm-server")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)  # one upload, bytes
+    max_samples_per_batch: int = Field(4096, gt=0)
+    # Trainer
+    train: bool = True  # run the trainer thread beside ingest
+    seed: int = 0
+    batch_size: int = Field(64, gt=0)  # samples per step, split across architectures
+    checkpoint_every: int = Field(200, gt=0)  # steps
+    eval_every: int = Field(100, gt=0)  # steps
+    export_every: int = Field(500, gt=0)  # steps between personal-model exports
+    export_pte: bool = False  # also lower personal models to ExecuTorch (.pte)
+    idle_after_steps: int = Field(3000, ge=0)  # stop stepping this long after new data (0 = never)
+    step_sleep_s: float = Field(0.0, ge=0)  # pause between steps (leave CPU to ingest)
+    side_width: int = Field(128, gt=0)
+    side_blocks: int = Field(3, gt=0)
+    side_block: str = "mlp"
+    learning_rate: float = Field(1e-3, gt=0)
+
+    @field_validator("side_block")
+    @classmethod
+    def _block(cls, v: str) -> str:
+        if v not in ("mlp", "transformer"):
+            raise ValueError("side_block must be 'mlp' or 'transformer'")
+        return v
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "store.sqlite3"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.data_dir / "checkpoints"
+
+    @property
+    def personal_dir(self) -> Path:
+        return self.data_dir / "personal"
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A JSON or TOML file of ServerSettings fields (a [server] table in TOML is accepted)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedMobiLLMError(f"config file {path} does not exist")
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+        else:
+            import tomllib  # Python >= 3.11; use a .json config on 3.10
+
+            data = tomllib.loads(path.read_text())
+    except ValueError as exc:  # JSONDecodeError and TOMLDecodeError are ValueErrors
+        raise FedMobiLLMError(f"config file {path} is not valid: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("server"), dict):
+        data = data["server"]
+    if not isinstance(data, dict):
+        raise FedMobiLLMError(f"config file {path} must hold a table/object of settings")
+    return data
+
+
+def load_settings(
+    config_file: Path | None = None, dev: bool = False, **overrides: Any
+) -> tuple[ServerSettings, str | None]:
+    """Settings from env < config file < overrides. Returns (settings, generated_token):
+    with ``dev`` and no usable admin token, a random one is generated (print it once)."""
+    values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = ServerSettings(**values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise FedMobiLLMError(f"invalid server settings: {problems}") from exc
+    token = settings.admin_token.get_secret_value()
+    if token.strip().lower() not in DEFAULT_TOKENS and len(token) >= MIN_TOKEN_CHARS:
+        return settings, None
+    if not dev:
+        raise FedMobiLLMError(
+            "the admin token is empty, a default, or shorter than "
+            f"{MIN_TOKEN_CHARS} characters: the server refuses to start",
+            hint="set FEDMOBILLM_ADMIN_TOKEN (e.g. `export FEDMOBILLM_ADMIN_TOKEN=$(python -c "
+            "'import secrets; print(secrets.token_urlsafe(32))')`), put admin_token in the "
+            "config file, or pass --dev for a throwaway token",
+        )
+    generated = secrets.token_urlsafe(32)
+    settings.admin_token = SecretStr(generated)
+    return settings, generated

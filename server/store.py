@@ -1,0 +1,313 @@
+"""Durable store: SQLite in WAL mode, activations as per-sample blobs in the same database.
+
+Durability (fsync policy): ``journal_mode=WAL`` with ``synchronous=FULL``. Every ingest is one
+``BEGIN IMMEDIATE`` transaction (batch row + its samples); SQLite fsyncs the WAL before
+``COMMIT`` returns, and the server acknowledges only after ``COMMIT``. An acknowledged batch
+therefore survives a process kill and (on a file system that honours fsync) a power loss.
+WAL checkpoints into the main file are SQLite's automatic ones (fsynced as well).
+
+Uniqueness: ``UNIQUE(device_id, idempotency_key)`` on batches and
+``UNIQUE(device_id, split, sample_id)`` on samples. A re-sent batch (same key) returns the
+original acknowledgement; samples a device already uploaded under another key are skipped
+(counted in the acknowledgement as ``skipped``), so no sample is ever stored twice.
+
+Tokens are stored as sha256 hex digests (they are 256-bit random strings, so no salt is
+needed); a token is shown once, at registration.
+
+One ``Store`` object = one connection guarded by a lock: the API shares one, the trainer
+opens its own (WAL lets it read while ingest writes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS devices (
+    device_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    token_hash TEXT NOT NULL UNIQUE,
+    architecture TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL,
+    num_taps INTEGER NOT NULL,
+    hidden_size INTEGER NOT NULL,
+    manifest TEXT NOT NULL,
+    created REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL REFERENCES devices(device_id),
+    idempotency_key TEXT NOT NULL,
+    split TEXT NOT NULL,
+    samples INTEGER NOT NULL,
+    ack TEXT NOT NULL,
+    created REAL NOT NULL,
+    UNIQUE (device_id, idempotency_key)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    architecture TEXT NOT NULL,
+    split TEXT NOT NULL,
+    sample_id INTEGER NOT NULL,
+    label INTEGER NOT NULL,
+    batch_id TEXT NOT NULL,
+    encoding TEXT NOT NULL,
+    act BLOB NOT NULL,
+    scales BLOB,
+    UNIQUE (device_id, split, sample_id)
+);
+"""
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass
+class Device:
+    device_id: str
+    name: str
+    architecture: str
+    bundle_sha256: str
+    num_taps: int
+    hidden_size: int
+    manifest: dict[str, Any]
+    created: float
+
+
+@dataclass
+class SampleRows:
+    """Samples read back for training: dequantized float32 activations."""
+
+    ids: np.ndarray  # (M,) int64 store row ids
+    device_ids: list[str]
+    architectures: list[str]
+    splits: list[str]
+    labels: np.ndarray  # (M,) int64
+    activations: list[np.ndarray]  # M arrays (K, d) float32
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(
+            str(path), timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        for stmt in SCHEMA.strip().split(";\n"):
+            if stmt.strip():
+                self._db.execute(stmt)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error), under the lock."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    # -- task --------------------------------------------------------------------------
+
+    def label_names(self) -> list[str] | None:
+        rows = self._query("SELECT value FROM meta WHERE key='label_names'")
+        return json.loads(rows[0][0]) if rows else None
+
+    # -- devices -----------------------------------------------------------------------
+
+    def add_device(
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        token: str,
+        architecture: str,
+        bundle_sha256: str,
+        manifest: dict[str, Any],
+    ) -> str:
+        """Insert within an open transaction; returns the new device id."""
+        device_id = "dev-" + uuid.uuid4().hex[:16]
+        db.execute(
+            "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                device_id,
+                name,
+                hash_token(token),
+                architecture,
+                bundle_sha256,
+                len(manifest["taps"]),
+                int(manifest["hidden_size"]),
+                json.dumps(manifest, sort_keys=True),
+                time.time(),
+            ),
+        )
+        return device_id
+
+    def _device(self, where: str, arg: str) -> Device | None:
+        rows = self._query(
+            "SELECT device_id, name, architecture, bundle_sha256, num_taps, hidden_size, "
+            f"manifest, created FROM devices WHERE {where} = ?",
+            (arg,),
+        )
+        if not rows:
+            return None
+        r = rows[0]
+        return Device(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7])
+
+    def device_by_token(self, token: str) -> Device | None:
+        return self._device("token_hash", hash_token(token))
+
+    def device(self, device_id: str) -> Device | None:
+        return self._device("device_id", device_id)
+
+    def devices(self) -> list[Device]:
+        ids = [r[0] for r in self._query("SELECT device_id FROM devices ORDER BY created")]
+        return [d for i in ids if (d := self.device(i)) is not None]
+
+    # -- batches -----------------------------------------------------------------------
+
+    def find_ack(self, db: sqlite3.Connection, device_id: str, key: str) -> dict | None:
+        row = db.execute(
+            "SELECT ack FROM batches WHERE device_id = ? AND idempotency_key = ?",
+            (device_id, key),
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def insert_samples(
+        self,
+        db: sqlite3.Connection,
+        device: Device,
+        split: str,
+        batch_id: str,
+        encoding: str,
+        activations: np.ndarray,  # (N, K, d) int8 or float16
+        scales: np.ndarray | None,  # (K,) float32
+        labels: np.ndarray,  # (N,)
+        sample_ids: np.ndarray,  # (N,)
+    ) -> int:
+        """INSERT OR IGNORE every sample; returns how many were new."""
+        scale_blob = None if scales is None else np.asarray(scales, np.float32).tobytes()
+        before = db.total_changes
+        db.executemany(
+            "INSERT OR IGNORE INTO samples (device_id, architecture, split, sample_id, label, "
+            "batch_id, encoding, act, scales) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                (
+                    device.device_id,
+                    device.architecture,
+                    split,
+                    int(sid),
+                    int(lab),
+                    batch_id,
+                    encoding,
+                    np.ascontiguousarray(act).tobytes(),
+                    scale_blob,
+                )
+                for act, lab, sid in zip(activations, labels, sample_ids, strict=True)
+            ),
+        )
+        return db.total_changes - before
+
+    def add_batch(
+        self,
+        db: sqlite3.Connection,
+        batch_id: str,
+        device_id: str,
+        key: str,
+        split: str,
+        samples: int,
+        ack: dict,
+    ) -> None:
+        db.execute(
+            "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (batch_id, device_id, key, split, samples, json.dumps(ack), time.time()),
+        )
+
+    def device_samples(self, device_id: str, db: sqlite3.Connection | None = None) -> dict:
+        sql = "SELECT split, count(*) FROM samples WHERE device_id = ? GROUP BY split"
+        rows = db.execute(sql, (device_id,)).fetchall() if db else self._query(sql, (device_id,))
+        counts = {"train": 0, "validation": 0}
+        counts.update({split: n for split, n in rows})
+        return counts
+
+    def device_batches(self, device_id: str) -> list[str]:
+        rows = self._query(
+            "SELECT idempotency_key FROM batches WHERE device_id = ? ORDER BY created",
+            (device_id,),
+        )
+        return [r[0] for r in rows]
+
+    # -- aggregate views ---------------------------------------------------------------
+
+    def sample_counts(self) -> list[tuple[str, str, str, int]]:
+        """(device_id, architecture, split, count) for every device with samples."""
+        return self._query(
+            "SELECT device_id, architecture, split, count(*) FROM samples "
+            "GROUP BY device_id, architecture, split"
+        )
+
+    def totals(self) -> dict[str, int]:
+        rows = self._query(
+            "SELECT (SELECT count(*) FROM devices), (SELECT count(*) FROM batches), "
+            "(SELECT count(*) FROM samples)"
+        )
+        d, b, s = rows[0]
+        return {"devices": d, "batches": b, "samples": s}
+
+    # -- training reads ----------------------------------------------------------------
+
+    def read_samples(self, after_id: int, limit: int = 10_000) -> SampleRows:
+        """Samples with row id > after_id, oldest first, dequantized to float32."""
+        rows = self._query(
+            "SELECT s.id, s.device_id, s.architecture, s.split, s.label, s.encoding, s.act, "
+            "s.scales, d.num_taps, d.hidden_size FROM samples s JOIN devices d "
+            "ON s.device_id = d.device_id WHERE s.id > ? ORDER BY s.id LIMIT ?",
+            (after_id, limit),
+        )
+        acts = [_dequantize(r[5], r[6], r[7], r[8], r[9]) for r in rows]
+        return SampleRows(
+            ids=np.array([r[0] for r in rows], dtype=np.int64),
+            device_ids=[r[1] for r in rows],
+            architectures=[r[2] for r in rows],
+            splits=[r[3] for r in rows],
+            labels=np.array([r[4] for r in rows], dtype=np.int64),
+            activations=acts,
+        )
+
+
+def _dequantize(encoding: str, act: bytes, scales: bytes | None, k: int, d: int) -> np.ndarray:
+    if encoding == "int8":
+        q = np.frombuffer(act, dtype=np.int8).reshape(k, d)  # (K, d)
+        s = np.frombuffer(scales or b"", dtype=np.float32).reshape(k, 1)  # (K, 1)
+        return q.astype(np.float32) * s  # (K, d)
+    return np.frombuffer(act, dtype=np.float16).reshape(k, d).astype(np.float32)  # (K, d)

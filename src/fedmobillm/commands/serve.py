@@ -1,0 +1,59 @@
+"""`fedmobillm serve`: run the training server (FastAPI under uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+NAME = "serve"
+HELP = "run the training server: ingest activations, train the side network, serve personal models"
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=None, help="TCP port (default 8000)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where the store, checkpoints and personal models live (default ./fedmobillm-server)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML or JSON file of server settings (see README, ## Server)",
+    )
+    parser.add_argument(
+        "--dev",
+        action="store_true",
+        help="development mode: generate and print an admin token if none is set",
+    )
+    parser.add_argument(
+        "--no-train", action="store_true", help="ingest only: do not run the trainer thread"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from fedmobillm.server.app import create_app
+    from fedmobillm.server.settings import load_settings
+
+    overrides = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
+    if args.no_train:
+        overrides["train"] = False
+    settings, generated = load_settings(args.config, dev=args.dev, **overrides)
+    if generated:
+        print(f"admin token (--dev, shown once): {generated}", flush=True)
+    log.info(
+        "data dir %s; trainer %s", settings.data_dir.resolve(), "on" if settings.train else "off"
+    )
+    app = create_app(settings)
+    uvicorn.run(
+        app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30
+    )
+    return 0

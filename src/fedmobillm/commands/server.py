@@ -1,0 +1,90 @@
+"""`fedmobillm server status`: ask a running server for its fleet and trainer state."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from fedmobillm.errors import FedMobiLLMError
+
+NAME = "server"
+HELP = "talk to a running training server (status: devices, samples, trainer, validation)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    st = sub.add_parser("status", help="devices, samples per device/architecture, trainer state")
+    st.add_argument("--server", default="http://127.0.0.1:8000", help="server URL")
+    st.add_argument(
+        "--admin-token", default=None, help="admin token (default: $FEDMOBILLM_ADMIN_TOKEN)"
+    )
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.add_argument("--timeout", type=float, default=10.0, help="seconds")
+
+
+def fetch_status(server: str, token: str, timeout: float = 10.0) -> dict:
+    import httpx
+
+    try:
+        r = httpx.get(
+            f"{server.rstrip('/')}/v1/status",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=timeout,
+        )
+    except httpx.HTTPError as exc:
+        raise FedMobiLLMError(
+            f"cannot reach {server}: {exc}", hint="is `fedmobillm serve` running there?"
+        ) from exc
+    if r.status_code in (401, 403):
+        raise FedMobiLLMError(
+            f"{server} refused the admin token ({r.status_code})",
+            hint="pass the token the server was started with",
+        )
+    if r.status_code != 200:
+        raise FedMobiLLMError(f"{server} answered {r.status_code}: {r.text[:300]}")
+    return r.json()
+
+
+def format_status(st: dict) -> str:
+    lines = [f"label names: {st.get('label_names')}", "", "architectures:"]
+    for arch, a in st.get("architectures", {}).items():
+        lines.append(
+            f"  {arch:<48} devices {a['devices']:>3}  train {a['train']:>7}  "
+            f"validation {a['validation']:>6}"
+        )
+    lines += ["", "devices:"]
+    for d in st.get("devices", []):
+        s = d["samples"]
+        lines.append(
+            f"  {d['device_id']:<22} {d['name']:<20} train {s['train']:>6}  "
+            f"validation {s['validation']:>5}  {d['architecture']}"
+        )
+    t = st.get("trainer", {})
+    lines += [
+        "",
+        f"trainer: running={t.get('running')} step={t.get('step')} "
+        f"loss={_fmt(t.get('loss'))} samples/s={_fmt(t.get('samples_per_s'))} "
+        f"checkpoint_step={t.get('checkpoint_step')}",
+    ]
+    for h in (t.get("history") or [])[-5:]:
+        accs = ", ".join(
+            f"{a}: acc {m['accuracy']:.3f} (n={m['n']})" for a, m in h.get("validation", {}).items()
+        )
+        lines.append(f"  step {h['step']:>6}  loss {_fmt(h.get('train_loss'))}  {accs}")
+    return "\n".join(lines)
+
+
+def _fmt(x: object) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else str(x)
+
+
+def run(args: argparse.Namespace) -> int:
+    token = args.admin_token or os.environ.get("FEDMOBILLM_ADMIN_TOKEN")
+    if not token:
+        raise FedMobiLLMError(
+            "no admin token", hint="pass --admin-token or set FEDMOBILLM_ADMIN_TOKEN"
+        )
+    st = fetch_status(args.server, token, args.timeout)
+    print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0

@@ -1,0 +1,189 @@
+"""Ingest over a real uvicorn server: validation, durable acks, idempotency, auth."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+import pytest
+from server_helpers import (
+    ADMIN,
+    LABELS,
+    ServerProc,
+    admin_headers,
+    make_manifest,
+    make_payload,
+    register,
+    upload,
+)
+
+from fedmobillm.device_runtime.serde import Batch, encode_batch
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+
+    s = ServerProc(
+        tmp_path_factory.mktemp("ingest") / "data", {"train": False, "max_body_bytes": 200_000}
+    ).start()
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def dev_a(srv):
+    m = make_manifest("tiny-a")
+    return register(srv.url, "phone-a", m), m
+
+
+@pytest.fixture(scope="module")
+def dev_b(srv):
+    m = make_manifest("tiny-b", depth=6, hidden=24, taps=[2, 4, 6])
+    return register(srv.url, "phone-b", m), m
+
+
+def test_ack_then_duplicate_replay(srv, dev_a):
+    """A re-sent batch returns the original ack with duplicate=true and stores nothing."""
+    reg, m = dev_a
+    payload = make_payload(reg, m, range(10), key="k-dup")
+    first = upload(srv.url, reg, payload)
+    again = upload(srv.url, reg, payload)
+    assert first.status_code == 200, first.text
+    assert first.json()["samples"] == 10 and first.json()["duplicate"] is False
+    assert again.status_code == 200
+    assert again.json()["duplicate"] is True
+    assert again.json()["batch_id"] == first.json()["batch_id"]
+    state = httpx.get(
+        f"{srv.url}/v1/devices/{reg['device_id']}",
+        headers={"Authorization": f"Bearer {reg['token']}"},
+    ).json()
+    assert state["samples"]["train"] == 10
+    assert "k-dup" in state["acked_keys"]
+
+
+def test_sample_ids_unique_across_batches(srv, dev_a):
+    reg, m = dev_a
+    r = upload(srv.url, reg, make_payload(reg, m, range(5, 15), key="k-overlap"))
+    assert r.status_code == 200
+    assert r.json()["samples"] == 5 and r.json()["skipped"] == 5
+    r = upload(srv.url, reg, make_payload(reg, m, range(5), split="validation", encoding="fp16"))
+    assert r.json()["device_samples"] == {"train": 15, "validation": 5}
+
+
+@pytest.mark.parametrize(
+    "mutate, status, words",
+    [
+        (lambda b: setattr(b, "activations", b.activations[:, :, :5]), 400, "registered bundle"),
+        (lambda b: setattr(b, "bundle_sha256", "0" * 64), 409, "bundle"),
+        (lambda b: setattr(b, "device_id", "dev-other"), 403, "token belongs"),
+        (lambda b: setattr(b, "labels", np.full(len(b.labels), 7)), 400, "labels must be"),
+        (lambda b: setattr(b, "protocol", 99), 400, "protocol version"),
+        (lambda b: setattr(b, "activations", b.activations.astype(np.float16)), 400, "dtype"),
+    ],
+)
+def test_bad_batches_are_refused_and_store_nothing(srv, dev_b, mutate, status, words):
+    reg, m = dev_b
+    before = httpx.get(f"{srv.url}/v1/devices/{reg['device_id']}", headers=admin_headers())
+    good = make_payload(reg, m, range(1000, 1004))
+    from fedmobillm.device_runtime.serde import decode_batch
+
+    b = decode_batch(good)
+    mutate(b)
+    r = upload(srv.url, reg, encode_batch(b))
+    after = httpx.get(f"{srv.url}/v1/devices/{reg['device_id']}", headers=admin_headers())
+    assert r.status_code == status, r.text
+    assert words in r.json()["detail"]
+    assert after.json()["samples"] == before.json()["samples"]
+
+
+def test_nan_and_size_limit_and_garbage(srv, dev_b):
+    reg, m = dev_b
+    k, d = len(m["taps"]), m["hidden_size"]
+    act = np.zeros((2, k, d), np.float16)
+    act[0, 0, 0] = np.nan
+    nan = encode_batch(
+        Batch(
+            reg["device_id"],
+            reg["bundle_sha256"],
+            "k-nan",
+            "train",
+            "fp16",
+            act,
+            np.zeros(2, np.int64),
+            np.arange(2, dtype=np.int64),
+        )
+    )
+    assert upload(srv.url, reg, nan).status_code == 400
+    big = make_payload(reg, m, range(3000), encoding="fp16")
+    r = upload(srv.url, reg, big)
+    assert r.status_code == 413 and "limit" in r.json()["detail"]
+    assert upload(srv.url, reg, b"not a payload at all").status_code == 400
+    r = httpx.post(
+        f"{srv.url}/v1/batches",
+        content=b"{}",
+        headers={"Authorization": f"Bearer {reg['token']}", "Content-Type": "application/json"},
+    )
+    assert r.status_code == 415
+
+
+def test_auth_401_403(srv, dev_a, dev_b):
+    reg_a, _ = dev_a
+    reg_b, _ = dev_b
+    dev = {"Authorization": f"Bearer {reg_a['token']}"}
+    calls = [
+        ("POST", "/v1/devices", {"json": {"name": "x", "manifest": {}, "label_names": LABELS}}),
+        ("GET", f"/v1/devices/{reg_b['device_id']}", {}),
+        ("POST", "/v1/batches", {"content": b"x"}),
+        ("GET", "/v1/personal-model", {}),
+        ("GET", "/v1/status", {}),
+    ]
+    for method, path, kw in calls:
+        assert httpx.request(method, srv.url + path, **kw).status_code == 401, path
+        bad = {"Authorization": "Bearer nope"}
+        assert httpx.request(method, srv.url + path, headers=bad, **kw).status_code == 401
+    # another device's state, admin-only endpoints, device-only endpoints
+    assert httpx.get(f"{srv.url}/v1/devices/{reg_b['device_id']}", headers=dev).status_code == 403
+    assert httpx.get(f"{srv.url}/v1/status", headers=dev).status_code == 403
+    assert httpx.get(f"{srv.url}/v1/personal-model", headers=admin_headers()).status_code == 403
+    for path in ("/healthz", "/metrics", "/openapi.json", "/docs"):
+        assert httpx.get(srv.url + path).status_code == 200
+
+
+def test_registration_conflicts(srv, dev_a):
+    m = make_manifest("tiny-c")
+    r = httpx.post(
+        f"{srv.url}/v1/devices",
+        headers=admin_headers(),
+        json={"name": "phone-a", "manifest": m, "label_names": LABELS},
+    )
+    assert r.status_code == 409 and "taken" in r.json()["detail"]
+    r = httpx.post(
+        f"{srv.url}/v1/devices",
+        headers=admin_headers(),
+        json={"name": "phone-z", "manifest": m, "label_names": ["a", "b", "c"]},
+    )
+    assert r.status_code == 409
+    r = httpx.post(
+        f"{srv.url}/v1/devices",
+        headers=admin_headers(),
+        json={"name": "phone-z", "manifest": {"format_version": 1}, "label_names": LABELS},
+    )
+    assert r.status_code == 400 and "manifest" in r.json()["detail"]
+
+
+def test_personal_model_409_before_training(srv, dev_a):
+    reg, _ = dev_a
+    r = httpx.get(
+        f"{srv.url}/v1/personal-model", headers={"Authorization": f"Bearer {reg['token']}"}
+    )
+    assert r.status_code == 409
+
+
+def test_status_and_metrics(srv, dev_a):
+    st = httpx.get(f"{srv.url}/v1/status", headers=admin_headers()).json()
+    assert st["label_names"] == LABELS
+    assert st["totals"]["devices"] >= 1
+    text = httpx.get(f"{srv.url}/metrics").text
+    assert "fedmobillm_acked_batches_total" in text
+    assert ADMIN not in text
