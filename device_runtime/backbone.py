@@ -1,0 +1,205 @@
+"""Run a bundle's frozen backbone: tokenize with the bundle's tokenizer, forward with
+onnxruntime (no torch) or the ExecuTorch runtime (imports torch, lazily), return the
+tapped pivot activations ``(B, K, d)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmobillm.device_runtime.protocol import Manifest, load_verified_bundle
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "onnx", "pte")
+GRAPH_FILES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
+
+
+def choose_backend(manifest: Manifest, bundle_dir: Path, backend: str) -> str:
+    """``auto`` = onnx if the bundle has it, else pte."""
+    if backend not in BACKENDS:
+        raise FedMobiLLMError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    present = [b for b, f in GRAPH_FILES.items() if f in manifest.files]
+    if backend == "auto":
+        if not present:
+            raise FedMobiLLMError(
+                f"bundle {bundle_dir} has neither backbone.onnx nor backbone.pte",
+                hint="re-export it with `fedmobillm export MODEL --formats onnx`",
+            )
+        return present[0]
+    if backend not in present:
+        raise FedMobiLLMError(
+            f"bundle {bundle_dir} has no {GRAPH_FILES[backend]} (it has: "
+            f"{', '.join(GRAPH_FILES[b] for b in present) or 'no graph'})",
+            hint=f"use --backend auto, or re-export with --formats {backend}",
+        )
+    return backend
+
+
+def _static_dims(manifest: Manifest) -> tuple[int | None, int | None]:
+    """(batch, seq) when the graph was exported with fixed input shapes, else None each."""
+    for spec in manifest.inputs:
+        if spec.get("name") == "input_ids":
+            shape = list(spec.get("shape") or [None, None]) + [None, None]
+            batch, seq = shape[0], shape[1]
+            return (
+                batch if isinstance(batch, int) else None,
+                seq if isinstance(seq, int) else None,
+            )
+    return None, None
+
+
+class _Tokenizer:
+    """The bundle's tokenizer.json via the `tokenizers` library: right padding to the
+    longest text of the batch (or a fixed length), truncation to max_seq_len."""
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, fixed_len: int | None) -> None:
+        from tokenizers import Tokenizer
+
+        spec = manifest.tokenizer
+        path = bundle_dir / str(spec.get("file", "tokenizer.json"))
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on bad files
+            raise FedMobiLLMError(f"cannot load tokenizer {path}: {exc}") from exc
+        pad_id = int(spec.get("pad_token_id", 0))
+        self.add_special_tokens = bool(spec.get("add_special_tokens", True))
+        self._tok.enable_truncation(max_length=fixed_len or manifest.max_seq_len)
+        pad_token = self._tok.id_to_token(pad_id) or "[PAD]"
+        self._tok.enable_padding(
+            direction="right", pad_id=pad_id, pad_token=pad_token, length=fixed_len
+        )
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encs = self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+        ids = np.array([e.ids for e in encs], dtype=np.int64)  # (B, S)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)  # (B, S)
+        return ids, mask
+
+
+class _OnnxRunner:
+    def __init__(self, path: Path, threads: int | None) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(
+                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise FedMobiLLMError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self._inputs = {i.name for i in self._sess.get_inputs()}
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        feed = {"input_ids": ids, "attention_mask": mask}
+        feed = {k: v for k, v in feed.items() if k in self._inputs}
+        (taps,) = self._sess.run(["taps"], feed)
+        return taps
+
+
+class _PteRunner:
+    """ExecuTorch's Python runtime. It takes and returns torch tensors, so torch is
+    imported here, and only here."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from executorch.runtime import Runtime
+        except ImportError as exc:
+            raise FedMobiLLMError(
+                "the .pte backend needs the ExecuTorch runtime (and torch)",
+                hint="pip install 'fedmobillm[export]', or use --backend onnx",
+            ) from exc
+        try:
+            program = Runtime.get().load_program(Path(path))
+            self._method = program.load_method("forward")
+        except Exception as exc:  # pybind errors are RuntimeError or bare Exception
+            raise FedMobiLLMError(f"ExecuTorch cannot load {path}: {exc}") from exc
+
+    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        outputs = self._method.execute((torch.from_numpy(ids), torch.from_numpy(mask)))
+        return np.asarray(outputs[0].detach().numpy(), dtype=np.float32)
+
+
+class Backbone:
+    """A verified bundle, ready to turn texts into tapped activations ``(B, K, d)``."""
+
+    def __init__(
+        self, bundle_dir: str | Path, backend: str = "auto", threads: int | None = None
+    ) -> None:
+        self.bundle_dir = Path(bundle_dir)
+        if not self.bundle_dir.is_dir():
+            raise FedMobiLLMError(
+                f"bundle folder {self.bundle_dir} does not exist",
+                hint="create a bundle with `fedmobillm export MODEL --out DIR`",
+            )
+        self.manifest: Manifest = load_verified_bundle(self.bundle_dir)
+        self.backend = choose_backend(self.manifest, self.bundle_dir, backend)
+        self.static_batch, self.static_seq = _static_dims(self.manifest)
+        max_batch = self.manifest.extra.get("max_batch")
+        self.max_batch: int | None = max_batch if isinstance(max_batch, int) else None
+        self._tokenize = _Tokenizer(self.bundle_dir, self.manifest, self.static_seq)
+        graph = self.bundle_dir / GRAPH_FILES[self.backend]
+        self._run: Any = (
+            _OnnxRunner(graph, threads) if self.backend == "onnx" else _PteRunner(graph)
+        )
+        log.debug("backbone %s (%s) loaded from %s", self.architecture, self.backend, graph)
+
+    @property
+    def architecture(self) -> str:
+        return self.manifest.architecture
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask, int64 ``(B, S)``, right-padded."""
+        if not texts:
+            raise FedMobiLLMError("nothing to encode: the list of texts is empty")
+        return self._tokenize(texts)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """float32 ``(B, K, d)``: the pivot activation at each tap."""
+        if (self.static_batch and input_ids.shape[0] != self.static_batch) or (
+            self.max_batch and input_ids.shape[0] > self.max_batch
+        ):
+            return self._forward_chunked(input_ids, attention_mask)
+        taps = np.asarray(self._run(input_ids, attention_mask), dtype=np.float32)  # (B, K, d)
+        self._check(taps, input_ids.shape[0])
+        return taps
+
+    def _forward_chunked(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """A graph with a fixed or bounded batch size: run in chunks; with a fixed size,
+        pad the last chunk by repeating its last row."""
+        b, out = int(self.static_batch or self.max_batch or 1), []
+        for start in range(0, ids.shape[0], b):
+            chunk_ids, chunk_mask = ids[start : start + b], mask[start : start + b]  # (b', S)
+            n = chunk_ids.shape[0]
+            if n < b and self.static_batch:
+                chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], b - n, 0)])
+                chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], b - n, 0)])
+            taps = np.asarray(self._run(chunk_ids, chunk_mask), dtype=np.float32)  # (b, K, d)
+            out.append(taps[:n])
+        taps = np.concatenate(out)  # (B, K, d)
+        self._check(taps, ids.shape[0])
+        return taps
+
+    def _check(self, taps: np.ndarray, batch: int) -> None:
+        want = (batch, self.manifest.num_taps, self.manifest.hidden_size)
+        if taps.shape != want:
+            raise FedMobiLLMError(
+                f"backbone graph returned taps of shape {list(taps.shape)}, the manifest "
+                f"promises {list(want)}",
+                hint="the bundle is inconsistent; re-export it",
+            )
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        """Texts -> float32 ``(B, K, d)``."""
+        return self.forward(*self.encode(texts))

@@ -1,0 +1,425 @@
+"""The device role: register once, then forward local records through the frozen backbone
+in batches, quantize the tapped pivot activations and upload them, exactly once.
+
+State lives in a folder (default ``cache_dir()/devices/<name>``): ``device.json`` (server,
+device id, token, bundle digest, label names) and ``journal.jsonl`` (see ``journal``).
+Torch-free on the ONNX path.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmobillm.device_runtime import serde
+from fedmobillm.device_runtime.backbone import Backbone
+from fedmobillm.device_runtime.journal import Entry, Journal, records_hash
+from fedmobillm.device_runtime.protocol import (
+    ENCODINGS,
+    SPLITS,
+    bundle_digest,
+    load_verified_bundle,
+)
+from fedmobillm.device_runtime.uploader import (
+    RetryPolicy,
+    ServerUnavailable,
+    Uploader,
+    rejected,
+)
+from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+STATE_NAME = "device.json"
+
+
+def default_state_dir(name: str) -> Path:
+    return cache_dir() / "devices" / name
+
+
+@dataclass
+class DeviceState:
+    """What registration returns, kept on the device (the token is a secret: mode 600)."""
+
+    server: str
+    name: str
+    device_id: str
+    token: str
+    bundle_sha256: str
+    architecture: str = ""
+    label_names: list[str] = field(default_factory=list)
+
+    def save(self, state_dir: Path) -> Path:
+        state_dir = Path(state_dir)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / STATE_NAME
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(asdict(self), f, indent=2)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, state_dir: Path) -> DeviceState:
+        path = Path(state_dir) / STATE_NAME
+        if not path.is_file():
+            raise FedMobiLLMError(
+                f"no registered device in {state_dir} ({STATE_NAME} is missing)",
+                hint="register first: `fedmobillm device register --server URL "
+                "--admin-token T --name NAME --bundle DIR`",
+            )
+        try:
+            data = json.loads(path.read_text())
+            return cls(**data)
+        except (ValueError, TypeError) as exc:
+            raise FedMobiLLMError(f"{path} is damaged: {exc}", hint="register again") from exc
+
+
+def register(
+    server: str,
+    admin_token: str,
+    name: str,
+    bundle_dir: Path,
+    label_names: Sequence[str],
+    state_dir: Path | None = None,
+    retry: RetryPolicy | None = None,
+) -> tuple[DeviceState, Path]:
+    """POST /v1/devices; saves and returns the device state and where it was saved."""
+    if not name or "/" in name or name.startswith("."):
+        raise FedMobiLLMError(f"device name {name!r} is not valid: use letters, digits, -_.")
+    if not label_names:
+        raise FedMobiLLMError(
+            "the task's label names are needed to register",
+            hint="pass --labels a,b,... or --data FILE_OR_NAME to read them from the data",
+        )
+    state_dir = Path(state_dir) if state_dir else default_state_dir(name)
+    if (state_dir / STATE_NAME).is_file():
+        old = DeviceState.load(state_dir)
+        raise FedMobiLLMError(
+            f"{state_dir} already holds device {old.name!r} ({old.device_id}) on {old.server}",
+            hint="use that device with `fedmobillm device run --state DIR`, or pick "
+            "another --state / --name",
+        )
+    manifest = load_verified_bundle(Path(bundle_dir))
+    body = {"name": name, "manifest": manifest.to_dict(), "label_names": list(label_names)}
+    with Uploader(server, admin_token, retry or RetryPolicy()) as up:
+        resp = up.request("POST", "/v1/devices", json=body)
+    if resp.status_code != 201:
+        raise rejected(resp, f"registration of device {name!r}")
+    ack = resp.json()
+    state = DeviceState(
+        server=server.rstrip("/"),
+        name=name,
+        device_id=str(ack["device_id"]),
+        token=str(ack["token"]),
+        bundle_sha256=str(ack.get("bundle_sha256") or bundle_digest(manifest)),
+        architecture=str(ack.get("architecture") or manifest.architecture),
+        label_names=list(label_names),
+    )
+    return state, state.save(state_dir)
+
+
+@dataclass
+class RunConfig:
+    backend: str = "auto"
+    threads: int | None = None
+    batch_size: int = 32
+    encoding: str = "int8"
+    split: str = "train"
+    bandwidth_mbps: float | None = None
+    server: str | None = None  # overrides the registered server URL
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    progress_every_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise FedMobiLLMError("--batch-size must be at least 1")
+        if self.encoding not in ENCODINGS:
+            raise FedMobiLLMError(f"--upload must be one of {', '.join(ENCODINGS)}")
+        if self.split not in SPLITS:
+            raise FedMobiLLMError(f"--split must be one of {', '.join(SPLITS)}")
+
+
+@dataclass
+class RunSummary:
+    split: str
+    samples: int  # uploaded by this run
+    already_acked: int  # skipped: acknowledged by an earlier run
+    batches: int
+    duplicates: int  # batches the server had already acknowledged (a resend)
+    forward_ms_per_sample: float
+    peak_rss_mb: float
+    bytes_uploaded: int  # request bodies, measured
+    bytes_per_sample: float
+    upload_s: float  # with --bandwidth-mbps: the simulated link's time
+    upload_measured_s: float  # loopback/real network time, no throttling
+    bandwidth_mbps: float | None
+    retries: int
+    wall_s: float
+    server_samples: dict[str, int] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        link = f" at {self.bandwidth_mbps:g} Mbit/s (simulated)" if self.bandwidth_mbps else ""
+        return [
+            f"samples uploaded:   {self.samples} ({self.split}; {self.already_acked} "
+            f"already acknowledged earlier, {self.duplicates} resent batches deduplicated)",
+            f"forward:            {self.forward_ms_per_sample:.2f} ms/sample",
+            f"peak memory (RSS):  {self.peak_rss_mb:.0f} MB",
+            f"bytes uploaded:     {self.bytes_uploaded:,} ({self.bytes_per_sample:.0f} B/sample)",
+            f"upload time:        {self.upload_s:.2f} s{link} (measured "
+            f"{self.upload_measured_s:.2f} s, {self.retries} retries)",
+            f"server now holds:   {self.server_samples}",
+            f"wall time:          {self.wall_s:.1f} s",
+        ]
+
+
+def peak_rss_mb() -> float:
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return float("nan")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def idempotency_key(device_id: str, digest: str, split: str, ids: Sequence[int]) -> str:
+    """Stable per batch: same device, bundle, split and samples -> same key."""
+    return f"{device_id}:{digest[:16]}:{split}:{ids[0]}-{ids[-1]}:{len(ids)}"
+
+
+class DeviceClient:
+    """One registered device running one bundle over its local records."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        bundle_dir: Path,
+        config: RunConfig | None = None,
+        backbone: Backbone | None = None,
+    ) -> None:
+        self.config = config or RunConfig()
+        self.state_dir = Path(state_dir)
+        self.state = DeviceState.load(self.state_dir)
+        self.backbone = backbone or Backbone(bundle_dir, self.config.backend, self.config.threads)
+        self.digest = bundle_digest(self.backbone.manifest)
+        if self.digest != self.state.bundle_sha256:
+            raise FedMobiLLMError(
+                f"device {self.state.name!r} was registered with bundle "
+                f"{self.state.bundle_sha256[:12]}, but {bundle_dir} is bundle {self.digest[:12]}",
+                hint="run with the bundle the device registered, or register a new device "
+                "for this bundle",
+            )
+        self.journal = Journal(self.state_dir)
+        self.scales = np.asarray(self.backbone.manifest.activation_scales, np.float32)  # (K,)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def plan(self, records: Sequence[Any]) -> tuple[list[list[int]], int]:
+        """Batches of sample ids still to upload (the journal's pending batch first), and
+        how many samples earlier runs already had acknowledged."""
+        split, digest = self.config.split, self.digest
+        done: set[int] = set()
+        for e in self.journal.acked(split, digest):
+            self._check_same_data(e, records)
+            done.update(e.ids)
+        batches = []
+        pending = self.journal.unacked_pending(split, digest)
+        if pending is not None:  # sent or about to be when the device stopped: same key
+            done.update(pending.ids)  # never re-batched under another key
+            if all(i < len(records) for i in pending.ids):
+                self._check_same_data(pending, records)
+                batches.append(list(pending.ids))
+        todo = [i for i in range(len(records)) if i not in done]
+        b = self.config.batch_size
+        batches += [todo[s : s + b] for s in range(0, len(todo), b)]
+        already = sum(len(e.ids) for e in self.journal.acked(split, digest))
+        return batches, already
+
+    def _check_same_data(self, e: Entry, records: Sequence[Any]) -> None:
+        if any(i >= len(records) for i in e.ids):
+            return  # a shorter --limit this time: those samples are simply not in this run
+        if records_hash([(i, records[i].text, records[i].label) for i in e.ids]) != e.data:
+            raise FedMobiLLMError(
+                f"the records with ids {e.ids[0]}..{e.ids[-1]} differ from what this device "
+                f"already uploaded as split {e.split!r} (batch {e.key})",
+                hint="a device's data may grow (append rows), not change; use a new device "
+                "(another --name/--state) for different data",
+            )
+
+    # -- running --------------------------------------------------------------------------
+
+    def run(self, records: Sequence[Any]) -> RunSummary:
+        """Forward, quantize and upload every record not yet acknowledged."""
+        self._check_labels(records)
+        batches, already = self.plan(records)
+        total = sum(len(b) for b in batches)
+        log.info(
+            "device %s: %d %s samples to upload in %d batches (%d acknowledged earlier), "
+            "bundle %s, backend %s, %s",
+            self.state.name,
+            total,
+            self.config.split,
+            len(batches),
+            already,
+            self.backbone.architecture,
+            self.backbone.backend,
+            self.config.encoding,
+        )
+        server = self.config.server or self.state.server
+        tracker = _Progress(total, self.config.progress_every_s)
+        with Uploader(
+            server, self.state.token, self.config.retry, self.config.bandwidth_mbps
+        ) as up:
+            for ids in batches:
+                self._one_batch(up, records, ids, tracker)
+            stats = up.stats
+            tracker.server_samples = self.server_counts(up) or tracker.server_samples
+        return RunSummary(
+            split=self.config.split,
+            samples=tracker.done,
+            already_acked=already,
+            batches=len(batches),
+            duplicates=tracker.duplicates,
+            forward_ms_per_sample=1000 * tracker.forward_s / max(1, tracker.done),
+            peak_rss_mb=peak_rss_mb(),
+            bytes_uploaded=stats.bytes_sent,
+            bytes_per_sample=stats.bytes_sent / max(1, tracker.done),
+            upload_s=stats.seconds,
+            upload_measured_s=stats.measured_seconds,
+            bandwidth_mbps=self.config.bandwidth_mbps,
+            retries=stats.retries,
+            wall_s=time.perf_counter() - tracker.start,
+            server_samples=tracker.server_samples,
+        )
+
+    def server_counts(self, up: Uploader) -> dict[str, int]:
+        """The server's sample counts for this device (empty if it cannot say)."""
+        try:
+            resp = up.request("GET", f"/v1/devices/{self.state.device_id}")
+        except FedMobiLLMError:
+            return {}
+        return dict(resp.json().get("samples") or {}) if resp.status_code == 200 else {}
+
+    def _check_labels(self, records: Sequence[Any]) -> None:
+        n = len(self.state.label_names)
+        bad = [i for i, r in enumerate(records) if not (-1 <= int(r.label) < max(n, 1))]
+        if n and bad:
+            raise FedMobiLLMError(
+                f"record {bad[0]} has label {records[bad[0]].label}, outside the task's "
+                f"{n} labels {self.state.label_names} ({len(bad)} such records)",
+                hint="fix the data's labels; -1 marks an unlabelled record",
+            )
+
+    def encode(self, records: Sequence[Any], ids: list[int]) -> tuple[bytes, Entry, float]:
+        """Forward and encode one batch: (payload, journal entry, forward seconds)."""
+        texts = [records[i].text for i in ids]
+        labels = np.array([int(records[i].label) for i in ids], dtype=np.int64)  # (N,)
+        start = time.perf_counter()
+        taps = self.backbone(texts)  # (N, K, d) float32
+        forward_s = time.perf_counter() - start
+        if not np.isfinite(taps).all():
+            raise FedMobiLLMError(
+                f"the backbone produced NaN/inf activations for samples {ids[0]}..{ids[-1]}"
+            )
+        if self.config.encoding == "int8":
+            acts, scales = serde.quantize_int8(taps, self.scales), self.scales  # (N, K, d) int8
+        else:
+            acts, scales = taps.astype(np.float16), None  # (N, K, d) fp16
+        key = idempotency_key(self.state.device_id, self.digest, self.config.split, ids)
+        batch = serde.Batch(
+            device_id=self.state.device_id,
+            bundle_sha256=self.digest,
+            idempotency_key=key,
+            split=self.config.split,
+            encoding=self.config.encoding,
+            activations=acts,
+            labels=labels,
+            sample_ids=np.asarray(ids, dtype=np.int64),
+            scales=scales,
+        )
+        data = records_hash([(i, records[i].text, records[i].label) for i in ids])
+        entry = Entry("pending", key, self.config.split, self.digest, list(ids), data)
+        return serde.encode_batch(batch), entry, forward_s
+
+    def _one_batch(
+        self, up: Uploader, records: Sequence[Any], ids: list[int], tracker: _Progress
+    ) -> None:
+        body, entry, forward_s = self.encode(records, ids)
+        self.journal.pending(entry)
+        try:
+            ack = up.post_batch(body)
+        except ServerUnavailable as exc:
+            raise ServerUnavailable(
+                f"{exc.message}; {self.last_acked_text()}",
+                hint="run the same command again when the server is back: it resumes there",
+            ) from exc
+        self.journal.ack(
+            entry,
+            {
+                "batch_id": ack.get("batch_id"),
+                "bytes": len(body),
+                "duplicate": bool(ack.get("duplicate")),
+            },
+        )
+        tracker.batch_done(len(ids), forward_s, len(body), ack)
+
+    def last_acked_text(self) -> str:
+        last = self.journal.last_ack(self.config.split)
+        if last is None:
+            return f"no {self.config.split} batch of this device was acknowledged yet"
+        n = sum(len(e.ids) for e in self.journal.acked(self.config.split, self.digest))
+        return (
+            f"last acknowledged batch: {last.key} (samples {last.ids[0]}..{last.ids[-1]}; "
+            f"{n} {self.config.split} samples acknowledged in all)"
+        )
+
+
+@dataclass
+class _Progress:
+    total: int
+    every_s: float
+    done: int = 0
+    duplicates: int = 0
+    forward_s: float = 0.0
+    bytes: int = 0
+    server_samples: dict[str, int] = field(default_factory=dict)
+    start: float = field(default_factory=time.perf_counter)
+    _last_log: float = 0.0
+
+    def batch_done(self, n: int, forward_s: float, nbytes: int, ack: dict[str, Any]) -> None:
+        self.done += n
+        self.forward_s += forward_s
+        self.bytes += nbytes
+        self.duplicates += int(bool(ack.get("duplicate")))
+        self.server_samples = dict(ack.get("device_samples") or {})
+        now = time.perf_counter()
+        if now - self._last_log >= self.every_s or self.done == self.total:
+            self._last_log = now
+            rate = self.done / max(now - self.start, 1e-9)
+            log.info(
+                "%d/%d samples (%.0f%%), %.1f samples/s, %s sent",
+                self.done,
+                self.total,
+                100 * self.done / max(1, self.total),
+                rate,
+                _human(self.bytes),
+            )
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -1,0 +1,179 @@
+"""On-device inference with the personal model the server trained: the backbone bundle's
+taps ``(B, K, d)`` go through ``personal.onnx`` (alignment + side network + head) to
+logits ``(B, C)``. Torch-free (onnxruntime)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmobillm.device_runtime import serde
+from fedmobillm.device_runtime.backbone import Backbone
+from fedmobillm.device_runtime.protocol import (
+    PERSONAL_MANIFEST,
+    PERSONAL_ONNX,
+    Manifest,
+    bundle_digest,
+)
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger(__name__)
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """personal.json and personal.onnx from a zip or a folder."""
+    path = Path(path)
+    names = (PERSONAL_MANIFEST, PERSONAL_ONNX)
+    if path.is_dir():
+        missing = [n for n in names if not (path / n).is_file()]
+        if missing:
+            raise FedMobiLLMError(f"{path} is not a personal model: {', '.join(missing)} missing")
+        return {n: (path / n).read_bytes() for n in names}
+    if not path.is_file():
+        raise FedMobiLLMError(
+            f"personal model {path} does not exist",
+            hint="download it with `fedmobillm device fetch-model --out DIR`",
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            have = set(zf.namelist())
+            missing = [n for n in names if n not in have]
+            if missing:
+                raise FedMobiLLMError(f"{path} is not a personal model: {missing} missing")
+            return {n: zf.read(n) for n in names}
+    except zipfile.BadZipFile as exc:
+        raise FedMobiLLMError(f"{path} is neither a folder nor a zip file: {exc}") from exc
+
+
+class PersonalModel:
+    """personal.onnx: input "activations" float32 ``(B, K, d)`` -> "logits" ``(B, C)``."""
+
+    def __init__(self, path: str | Path) -> None:
+        import onnxruntime as ort
+
+        members = _read_members(Path(path))
+        try:
+            self.info: dict[str, Any] = json.loads(members[PERSONAL_MANIFEST])
+        except ValueError as exc:
+            raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST} is not JSON: {exc}") from exc
+        self.label_names: list[str] = list(self.info.get("label_names") or [])
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        try:
+            self._sess = ort.InferenceSession(
+                members[PERSONAL_ONNX], sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # onnxruntime's own exception types
+            raise FedMobiLLMError(f"onnxruntime cannot load {path}/{PERSONAL_ONNX}: {exc}") from exc
+        self._scales: np.ndarray | None = None
+
+    @property
+    def trained_on_int8(self) -> bool:
+        enc = self.info.get("encoding") or self.info.get("upload_encoding")
+        return enc == "int8" or "int8" in (self.info.get("encodings") or [])
+
+    def check_compatible(self, manifest: Manifest) -> None:
+        arch = self.info.get("architecture")
+        if arch and arch != manifest.architecture:
+            raise FedMobiLLMError(
+                f"this personal model is for architecture {arch}, the bundle is "
+                f"{manifest.architecture}",
+                hint="fetch the personal model with this bundle's registered device",
+            )
+        digests = self.info.get("bundle_sha256s") or []
+        if digests and bundle_digest(manifest) not in digests:
+            log.warning("personal model was trained on other bundles of architecture %s", arch)
+        self._scales = np.asarray(manifest.activation_scales, np.float32)  # (K,)
+
+    def logits(self, taps: np.ndarray) -> np.ndarray:
+        """taps float32 (B, K, d) -> logits (B, C)."""
+        if self.trained_on_int8 and self._scales is not None:
+            q = serde.quantize_int8(taps, self._scales)  # (B, K, d) int8, as uploaded
+            taps = serde.dequantize(q, self._scales)  # (B, K, d) float32
+        (logits,) = self._sess.run(["logits"], {"activations": taps.astype(np.float32)})
+        return logits  # (B, C)
+
+    def label_of(self, index: int) -> str:
+        return self.label_names[index] if index < len(self.label_names) else str(index)
+
+    def predict_texts(self, backbone: Backbone, texts: list[str]) -> list[str]:
+        pred = self.logits(backbone(texts)).argmax(-1)  # (B,)
+        return [self.label_of(int(i)) for i in pred]
+
+
+@dataclass
+class PredictResult:
+    samples: int
+    labelled: int
+    correct: int
+    ms_per_sample: float
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    def lines(self) -> list[str]:
+        acc = f"{self.accuracy:.4f}" if self.accuracy is not None else "n/a (no labels)"
+        return [
+            f"samples:  {self.samples} ({self.labelled} labelled)",
+            f"accuracy: {acc}",
+            f"latency:  {self.ms_per_sample:.2f} ms/sample (backbone + personal model)",
+        ]
+
+
+def predict_records(
+    backbone: Backbone, personal: PersonalModel, records: Sequence[Any], batch_size: int = 32
+) -> PredictResult:
+    correct = labelled = 0
+    start = time.perf_counter()
+    for s in range(0, len(records), batch_size):
+        chunk = records[s : s + batch_size]
+        pred = personal.logits(backbone([r.text for r in chunk])).argmax(-1)  # (B,)
+        labels = np.array([int(r.label) for r in chunk])  # (B,)
+        mask = labels >= 0
+        labelled += int(mask.sum())
+        correct += int((pred[mask] == labels[mask]).sum())
+    ms = 1000 * (time.perf_counter() - start) / max(1, len(records))
+    return PredictResult(len(records), labelled, correct, ms)
+
+
+def fetch_personal_model(state_dir: Path, out: Path, server: str | None = None) -> Path:
+    """GET /v1/personal-model with the device token; unpack into ``out``."""
+    from fedmobillm.device_runtime.client import DeviceState
+    from fedmobillm.device_runtime.uploader import Uploader, rejected
+
+    state = DeviceState.load(state_dir)
+    with Uploader(server or state.server, state.token) as up:
+        resp = up.request("GET", "/v1/personal-model")
+    if resp.status_code == 409:
+        raise FedMobiLLMError(
+            f"the server has no personal model for {state.architecture} yet: "
+            f"{resp.json().get('detail', '') if resp.content else ''}",
+            hint="wait until the trainer has taken steps (see `fedmobillm server status`)",
+        )
+    if resp.status_code != 200:
+        raise rejected(resp, "personal-model download")
+    return _unpack(resp.content, Path(out))
+
+
+def _unpack(data: bytes, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as zf:
+            for name in zf.namelist():
+                if "/" in name or "\\" in name or name.startswith("."):
+                    raise FedMobiLLMError(f"refusing personal-model zip member {name!r}")
+                (out / name).write_bytes(zf.read(name))
+    except zipfile.BadZipFile as exc:
+        raise FedMobiLLMError(f"the server sent a damaged personal model: {exc}") from exc
+    (out / "personal.zip").write_bytes(data)
+    return out

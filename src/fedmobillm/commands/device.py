@@ -1,0 +1,155 @@
+"""`fedmobillm device ...`: the phone's role, run on this machine (torch-free with ONNX)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+NAME = "device"
+HELP = (
+    "act as a device: register with a server, forward local data through a bundle and "
+    "upload activations, fetch and run the personal model"
+)
+
+log = logging.getLogger("fedmobillm.device")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True)
+    _add_register(sub.add_parser("register", help="register this device and its bundle"))
+    _add_run(sub.add_parser("run", help="forward local data and upload activations"))
+    _add_predict(sub.add_parser("predict", help="on-device inference: backbone + personal model"))
+    _add_fetch(sub.add_parser("fetch-model", help="download this device's personal model"))
+
+
+def _state_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", type=Path, help="device state folder (default: cache/devices/NAME)")
+    p.add_argument("--name", help="device name (picks the default state folder)")
+
+
+def _add_register(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    p.add_argument("--admin-token", required=True, help="the server's admin token")
+    p.add_argument("--name", required=True, help="a name for this device, unique on the server")
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder from `export`")
+    p.add_argument("--state", type=Path, help="where to keep the device token")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--labels", help="the task's label names, comma-separated, in index order")
+    g.add_argument("--data", help="a dataset name or local file to read the label names from")
+
+
+def _add_run(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder")
+    p.add_argument("--data", required=True, help="local .jsonl/.csv file or a dataset name")
+    _state_args(p)
+    p.add_argument("--server", help="server URL (default: the one registered)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "pte"])
+    p.add_argument("--threads", type=int, help="CPU threads for the forward pass")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--upload", default="int8", choices=["int8", "fp16"])
+    p.add_argument("--split", default="train", choices=["train", "validation"])
+    p.add_argument("--bandwidth-mbps", type=float, help="simulate an uplink of X Mbit/s")
+    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows, say which")
+    p.add_argument("--retries", type=int, default=6, help="attempts per request (default 6)")
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, type=Path, help="bundle folder")
+    p.add_argument("--side", required=True, type=Path, help="personal model: .zip or folder")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    g.add_argument("--data", help="local file or dataset name: predict all, report accuracy")
+    p.add_argument("--split", default="test", help="split of a named dataset (default test)")
+    p.add_argument("--backend", default="auto", choices=["auto", "onnx", "pte"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--limit", type=int, help="use only the first N records")
+    p.add_argument("--skip-bad-rows", action="store_true")
+
+
+def _add_fetch(p: argparse.ArgumentParser) -> None:
+    _state_args(p)
+    p.add_argument("--out", required=True, type=Path, help="folder to unpack the model into")
+    p.add_argument("--server", help="server URL (default: the one registered)")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is noise
+    handlers = {
+        "register": _register,
+        "run": _run,
+        "predict": _predict,
+        "fetch-model": _fetch,
+    }
+    return handlers[args.device_command](args)
+
+
+def _register(args: argparse.Namespace) -> int:
+    from fedmobillm.device_runtime.client import register
+    from fedmobillm.device_runtime.records import label_names_from
+
+    labels = label_names_from(args.labels, args.data)
+    state, path = register(
+        args.server, args.admin_token, args.name, args.bundle, labels, args.state
+    )
+    print(f"registered device {state.name!r} as {state.device_id} on {state.server}")
+    print(f"architecture {state.architecture}, bundle {state.bundle_sha256[:16]}")
+    print(f"labels: {', '.join(state.label_names)}")
+    print(f"state (keeps the device token; mode 600): {path}")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from fedmobillm.device_runtime.client import DeviceClient, RunConfig
+    from fedmobillm.device_runtime.records import device_records, resolve_state_dir
+    from fedmobillm.device_runtime.uploader import RetryPolicy
+
+    state_dir = resolve_state_dir(args.state, args.name)
+    config = RunConfig(
+        backend=args.backend,
+        threads=args.threads,
+        batch_size=args.batch_size,
+        encoding=args.upload,
+        split=args.split,
+        bandwidth_mbps=args.bandwidth_mbps,
+        server=args.server,
+        retry=RetryPolicy(attempts=args.retries),
+    )
+    client = DeviceClient(state_dir, args.bundle, config)
+    records = device_records(
+        args.data, args.split, client.state.label_names, args.skip_bad_rows, args.limit
+    )
+    summary = client.run(records)
+    print("\n".join(summary.lines()))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fedmobillm.device_runtime.backbone import Backbone
+    from fedmobillm.device_runtime.personal import PersonalModel, predict_records
+    from fedmobillm.device_runtime.records import device_records
+
+    backbone = Backbone(args.bundle, args.backend)
+    personal = PersonalModel(args.side)
+    personal.check_compatible(backbone.manifest)
+    if args.text:
+        labels = personal.predict_texts(backbone, list(args.text))
+        for text, label in zip(args.text, labels, strict=True):
+            print(f"{label}\t{text}")
+        return 0
+    records = device_records(
+        args.data, args.split, personal.label_names, args.skip_bad_rows, args.limit
+    )
+    result = predict_records(backbone, personal, records, args.batch_size)
+    print("\n".join(result.lines()))
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from fedmobillm.device_runtime.personal import fetch_personal_model
+    from fedmobillm.device_runtime.records import resolve_state_dir
+
+    folder = fetch_personal_model(resolve_state_dir(args.state, args.name), args.out, args.server)
+    print(f"personal model unpacked into {folder}")
+    return 0
