@@ -1,0 +1,155 @@
+"""Graph writers: ONNX (torch.onnx dynamo + onnxruntime dynamic int8) and ExecuTorch .pte
+(torch.export -> XNNPACK lowering; fp32, PT2E int8, torchao 8da4w) and their runtimes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger(__name__)
+
+INPUT_NAMES = ["input_ids", "attention_mask"]
+OUTPUT_NAME = "taps"
+FORMATS = ("onnx", "pte")
+FILE_NAMES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
+
+# quant -> formats that can carry it, and why not otherwise
+UNSUPPORTED = {
+    ("8da4w", "onnx"): (
+        "8da4w (8-bit dynamic activations, 4-bit grouped weights) has no ONNX Runtime "
+        "quantizer: onnxruntime's quantize_dynamic only makes int8 weights"
+    ),
+}
+
+
+@dataclass
+class Shapes:
+    """Dynamic-dimension bounds the graphs accept (ExecuTorch plans memory for the uppers)."""
+
+    max_batch: int
+    max_seq_len: int
+
+    def dynamic_shapes(self) -> dict:
+        batch = torch.export.Dim("batch", min=1, max=self.max_batch)
+        seq = torch.export.Dim("seq", min=2, max=self.max_seq_len)
+        return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+
+
+def check_combination(quant: str, formats: tuple[str, ...]) -> None:
+    for fmt in formats:
+        if fmt not in FORMATS:
+            raise FedMobiLLMError(
+                f"unknown format {fmt!r}", hint=f"choose from {', '.join(FORMATS)}"
+            )
+        reason = UNSUPPORTED.get((quant, fmt))
+        if reason:
+            raise FedMobiLLMError(
+                f"--quant {quant} cannot be exported to {fmt}: {reason}",
+                hint=f"use --format pte for {quant}, or --quant int8 for {fmt}",
+            )
+
+
+def torch_export(module: nn.Module, args: tuple, shapes: Shapes) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(module, args, dynamic_shapes=shapes.dynamic_shapes())
+
+
+def graph_param_count(ep: torch.export.ExportedProgram) -> int:
+    """Parameters and constant tensors the graph actually reads."""
+    sig = ep.graph_signature
+    used = {n.name for n in ep.graph.nodes if n.op == "placeholder" and n.users}
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    total = 0
+    for placeholder, name in names.items():
+        if placeholder in used:
+            tensor = ep.state_dict.get(name)
+            if tensor is None:
+                tensor = ep.constants.get(name)
+            if tensor is not None and tensor.is_floating_point():
+                total += tensor.numel()
+    return total
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def write_onnx(ep: torch.export.ExportedProgram, path: Path, args: tuple, shapes: Shapes) -> None:
+    program = torch.onnx.export(
+        ep,
+        args,
+        dynamo=True,
+        input_names=INPUT_NAMES,
+        output_names=[OUTPUT_NAME],
+        external_data=False,
+        optimize=True,
+        verbose=False,
+    )
+    program.save(str(path), external_data=False)
+
+
+def quantize_onnx_int8(src: Path, dst: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        str(src),
+        str(dst),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul", "Gemm"],
+    )
+
+
+def run_onnx(
+    path: Path, input_ids: np.ndarray, attention_mask: np.ndarray, threads: int = 2
+) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feeds = {
+        "input_ids": input_ids.astype(np.int64),
+        "attention_mask": attention_mask.astype(np.int64),
+    }
+    return sess.run([OUTPUT_NAME], feeds)[0]
+
+
+# ---------------------------------------------------------------- ExecuTorch
+
+
+def write_pte(ep: torch.export.ExportedProgram, path: Path) -> None:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    program = edge.to_executorch()
+    with open(path, "wb") as f:
+        program.write_to_file(f)
+
+
+def run_pte(path: Path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    from executorch.runtime import Runtime
+
+    runtime = Runtime.get()
+    method = runtime.load_program(str(path)).load_method("forward")
+    outputs = method.execute(
+        [
+            torch.from_numpy(input_ids.astype(np.int64)),
+            torch.from_numpy(attention_mask.astype(np.int64)),
+        ]
+    )
+    return outputs[0].numpy()
+
+
+def run_format(fmt: str, path: Path, input_ids: np.ndarray, attention_mask: np.ndarray):
+    if fmt == "onnx":
+        return run_onnx(path, input_ids, attention_mask)
+    return run_pte(path, input_ids, attention_mask)

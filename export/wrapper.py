@@ -1,0 +1,275 @@
+"""Wrap a Hugging Face backbone as a forward-only graph that emits tapped block outputs.
+
+Generic by construction: the block list is found by shape (the longest homogeneous
+``nn.ModuleList`` whose length is the model's depth), blocks after the deepest tap are
+removed from the module, and every module that runs only after the deepest tap (final
+norm, pooler, heads) is replaced by a pass-through, so neither its compute nor its
+weights reach the exported graph. Tap i is read by a forward hook on block i.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger(__name__)
+
+PIVOT_CODES = {"first": 0, "last": 1, "none": 2}
+
+
+@dataclass
+class BackboneInfo:
+    """What the exporter learned about a loaded backbone."""
+
+    family: str
+    kind: str  # "encoder" | "decoder"
+    depth: int
+    hidden_size: int
+    blocks_path: str  # dotted module path of the block list, e.g. "encoder.layer"
+
+
+class Passthrough(nn.Module):
+    """Stands in for a module that runs after the deepest tap: returns its first input."""
+
+    def forward(self, *args, **kwargs):
+        if args:
+            return args[0]
+        return next(iter(kwargs.values()))
+
+
+def load_hf_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load the base model (no task head) of a local Hugging Face folder, eager, eval mode."""
+    from transformers import AutoConfig, AutoModel
+
+    folder = Path(folder)
+    gguf = sorted(folder.glob("*.gguf"))
+    kwargs = {"gguf_file": gguf[0].name} if gguf and not (folder / "config.json").is_file() else {}
+    config = AutoConfig.from_pretrained(folder, **kwargs)
+    model = AutoModel.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    return model.eval()
+
+
+def text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def config_depth(model: nn.Module) -> int | None:
+    cfg = text_config(model)
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The transformer block list: the longest ModuleList of same-class modules, preferring
+    one whose length equals the configured depth."""
+    depth = config_depth(model)
+    candidates = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            classes = {type(m) for m in module}
+            if len(classes) == 1:
+                candidates.append((len(module) == depth, len(module), name, module))
+    if not candidates:
+        raise FedMobiLLMError(
+            f"no transformer block list found in {type(model).__name__}",
+            hint="the exporter needs a model whose blocks sit in an nn.ModuleList",
+        )
+    candidates.sort(key=lambda c: (c[0], c[1]), reverse=True)
+    _, _, name, blocks = candidates[0]
+    return name, blocks
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, leaf, module)
+
+
+def example_inputs(batch: int, seq: int, vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    low = min(5, max(vocab - 1, 0))
+    input_ids = torch.randint(low, vocab, (batch, seq), generator=g)  # (B, T)
+    attention_mask = torch.ones(batch, seq, dtype=torch.int64)  # (B, T)
+    if batch > 1 and seq > 2:
+        attention_mask[1, seq - 2 :] = 0  # one right-padded row
+    return input_ids, attention_mask
+
+
+def _call_model(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+
+
+def _run_with_block_hooks(model, blocks, index, input_ids, attention_mask):
+    """Eager forward; returns the output hidden states of blocks[index] for each index."""
+    captured: dict[int, torch.Tensor] = {}
+    handles = [blocks[i].register_forward_hook(_capture_hook(captured, i)) for i in index]
+    try:
+        with torch.no_grad():
+            _call_model(model, input_ids, attention_mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return [captured[i] for i in index]
+
+
+class _capture_hook:  # noqa: N801 - used like a function
+    """Forward hook storing a block's hidden-state output. An object rather than a closure
+    so that ``copy.deepcopy`` of the wrapper re-targets it at the copy's store."""
+
+    def __init__(self, store: dict, key: int) -> None:
+        self.store = store
+        self.key = key
+
+    def __call__(self, module, args, output) -> None:
+        self.store[self.key] = output[0] if isinstance(output, (tuple, list)) else output
+
+
+def detect_kind(model: nn.Module, blocks: nn.ModuleList, vocab: int) -> str:
+    """Decoder if changing the last token leaves earlier positions unchanged (causal)."""
+    ids, mask = example_inputs(1, 6, vocab, seed=1)
+    ids2 = ids.clone()
+    ids2[0, -1] = (ids[0, -1] + 1) % vocab
+    last = len(blocks) - 1
+    (a,) = _run_with_block_hooks(model, blocks, [last], ids, mask)
+    (b,) = _run_with_block_hooks(model, blocks, [last], ids2, mask)
+    causal = torch.allclose(a[:, :-1], b[:, :-1], atol=1e-5, rtol=1e-4)
+    return "decoder" if causal else "encoder"
+
+
+def modules_after(model: nn.Module, block: nn.Module, vocab: int) -> list[str]:
+    """Top-level names of modules that start running after `block` has finished and are not
+    its ancestors: the final norm, poolers, heads."""
+    events: list[tuple[str, str]] = []
+    handles = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        handles.append(module.register_forward_pre_hook(_event(events, name, "start")))
+        handles.append(module.register_forward_hook(_event(events, name, "end")))
+    try:
+        ids, mask = example_inputs(1, 4, vocab)
+        with torch.no_grad():
+            _call_model(model, ids, mask)
+    finally:
+        for h in handles:
+            h.remove()
+    block_name = next(n for n, m in model.named_modules() if m is block)
+    ends = [i for i, (n, kind) in enumerate(events) if n == block_name and kind == "end"]
+    started_after = {n for n, kind in events[ends[-1] + 1 :] if kind == "start"}
+    started_before = {n for n, kind in events[: ends[-1] + 1] if kind == "start"}
+    late = sorted(started_after - started_before)
+    return [n for n in late if not any(n.startswith(p + ".") for p in late)]
+
+
+def _event(events: list, name: str, kind: str):
+    def hook(*_args, **_kwargs):
+        events.append((name, kind))
+
+    return hook
+
+
+class TapWrapper(nn.Module):
+    """(input_ids, attention_mask) -> float32 taps (B, K, d) at the pivot, or (B, K, T, d)."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, taps: list[int], pivot: str):
+        super().__init__()
+        self.model = model
+        self.pivot = pivot
+        self._captured: dict[int, torch.Tensor] = {}
+        self._taps = list(taps)
+        for t in taps:
+            blocks[t - 1].register_forward_hook(_capture_hook(self._captured, t))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self._captured.clear()
+        _call_model(self.model, input_ids, attention_mask)
+        states = torch.stack([self._captured[t] for t in self._taps], dim=1)  # (B, K, T, d)
+        self._captured.clear()
+        return select_pivot(states, attention_mask, self.pivot).float()
+
+
+def select_pivot(states: torch.Tensor, attention_mask: torch.Tensor, pivot: str) -> torch.Tensor:
+    """states (B, K, T, d) -> (B, K, d) at the pivot token, or unchanged for pivot none."""
+    if pivot == "none":
+        return states
+    if pivot == "first":
+        return states[:, :, 0, :]  # (B, K, d)
+    seq = attention_mask.shape[1]
+    positions = torch.arange(seq, dtype=attention_mask.dtype, device=attention_mask.device)
+    last = (attention_mask * positions).argmax(dim=1)  # (B,)
+    index = last.view(-1, 1, 1, 1).expand(-1, states.shape[1], 1, states.shape[3])  # (B,K,1,d)
+    return states.gather(2, index).squeeze(2)  # (B, K, d)
+
+
+def default_taps(depth: int, k: int) -> list[int]:
+    """Average-interval block sampling: split depth into k equal blocks, tap each block's last."""
+    return sorted({max(1, round(depth * (i + 1) / k)) for i in range(k)})
+
+
+def resolve_taps(depth: int, taps: int | None, layers: list[int] | None) -> list[int]:
+    if taps is not None and layers is not None:
+        raise FedMobiLLMError("give either --taps or --layers, not both")
+    if layers is not None:
+        chosen = sorted(set(int(x) for x in layers))
+        if not chosen or chosen[0] < 1 or chosen[-1] > depth:
+            raise FedMobiLLMError(
+                f"layers {layers} are outside 1..{depth} (the model has {depth} blocks)",
+                hint=f"pick 1-based block indices between 1 and {depth}",
+            )
+        return chosen
+    k = depth if taps is None else int(taps)
+    if k < 1 or k > depth:
+        raise FedMobiLLMError(
+            f"--taps {k} is not possible: the model has {depth} blocks",
+            hint=f"use --taps between 1 and {depth}",
+        )
+    return default_taps(depth, k)
+
+
+def wrap_backbone(
+    model: nn.Module, taps_arg: int | None, layers: list[int] | None, pivot: str
+) -> tuple[TapWrapper, BackboneInfo, list[int], str]:
+    """Truncate after the deepest tap, neutralise post-tap modules, hook the tap blocks."""
+    cfg = text_config(model)
+    vocab = int(getattr(cfg, "vocab_size", 1000))
+    path, blocks = find_blocks(model)
+    depth = len(blocks)
+    taps = resolve_taps(depth, taps_arg, layers)
+    kind = detect_kind(model, blocks, vocab)
+    if pivot == "auto":
+        pivot = "first" if kind == "encoder" else "last"
+    hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
+    info = BackboneInfo(cfg.model_type, kind, depth, hidden, path)
+    kept = nn.ModuleList(list(blocks)[: taps[-1]])
+    set_submodule(model, path, kept)
+    for name in modules_after(model, kept[-1], vocab):
+        log.info(
+            "wrap: removing %s (%s), it runs after the deepest tap",
+            name,
+            type(model.get_submodule(name)).__name__,
+        )
+        set_submodule(model, name, Passthrough())
+    return TapWrapper(model, kept, taps, pivot).eval(), info, taps, pivot
+
+
+def eager_reference(
+    folder: Path, taps: list[int], pivot: str, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Independent reference: the untouched full model, block outputs read by hooks."""
+    model = load_hf_model(folder)
+    _, blocks = find_blocks(model)
+    states = _run_with_block_hooks(model, blocks, [t - 1 for t in taps], input_ids, attention_mask)
+    stacked = torch.stack(states, dim=1)  # (B, K, T, d)
+    return select_pivot(stacked, attention_mask, pivot).float()
