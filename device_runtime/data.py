@@ -51,7 +51,7 @@ from fedmobillm.paths import cache_dir
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_REPORTED_ROWS = 20
 
 
@@ -236,20 +236,20 @@ DATASETS: dict[str, DatasetSpec] = {
 def stratified_split(
     labels: Sequence[int], fractions: Sequence[float], seed: int
 ) -> list[list[int]]:
-    """Indices into ``labels`` for each part; per label, part k gets round(n * fractions[k])
-    (the first part takes the remainder). Indices in each part are sorted."""
+    """Indices into ``labels`` for each part, stratified by label.
+
+    Each label's indices are shuffled and given evenly spaced keys in (0, 1); all indices
+    are ordered by key (random tie-break) and cut at the cumulative fractions. Part sizes
+    are exact (rounded) and every part has nearly each label's share. Parts are sorted."""
     rng = np.random.default_rng(seed)
     labels_arr = np.asarray(labels, dtype=np.int64)  # (N,)
-    parts: list[list[int]] = [[] for _ in fractions]
+    keys = np.zeros(len(labels_arr))  # (N,)
     for label in np.unique(labels_arr):
         idx = rng.permutation(np.flatnonzero(labels_arr == label))  # (n_label,)
-        sizes = [int(round(len(idx) * f)) for f in fractions[1:]]
-        sizes = [len(idx) - sum(sizes), *sizes]
-        start = 0
-        for k, size in enumerate(sizes):
-            parts[k].extend(idx[start : start + size].tolist())
-            start += size
-    return [sorted(p) for p in parts]
+        keys[idx] = (np.arange(len(idx)) + 0.5) / len(idx)
+    order = np.lexsort((rng.random(len(labels_arr)), keys))  # (N,)
+    cuts = [int(round(len(order) * c)) for c in np.cumsum(fractions)[:-1]]
+    return [sorted(part.tolist()) for part in np.split(order, cuts)]
 
 
 def _split_parts(parts: dict[str, list[Record]], seed: int) -> dict[str, list[Record]]:
