@@ -75,8 +75,9 @@ def device_records(
     if Path(data).is_file():
         from fedmobillm.device_runtime.data import read_records
 
-        records, file_labels = read_records(Path(data), skip_bad_rows=skip_bad_rows)
-        records = _map_labels(records, list(file_labels), list(task_labels), data)
+        records, _ = read_records(  # labels index the task's names (the server's order)
+            Path(data), skip_bad_rows=skip_bad_rows, label_names=list(task_labels) or None
+        )
     elif Path(data).suffix in (".jsonl", ".csv", ".json", ".tsv") or "/" in data:
         raise FedMobiLLMError(f"data file {data} does not exist")
     else:
