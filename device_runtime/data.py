@@ -352,19 +352,27 @@ def unknown_dataset_error(name: str) -> FedMobiLLMError:
     )
 
 
-def load_dataset(name_or_path: str | os.PathLike, seed: int = 0) -> Dataset:
-    """A named set, a local .jsonl / .csv file (split A), or a HF ``datasets`` folder."""
+def load_dataset(
+    name_or_path: str | os.PathLike, seed: int = 0, *, skip_bad_rows: bool = False
+) -> Dataset:
+    """A named set, a local .jsonl / .csv file (split A), or a HF ``datasets`` folder.
+    ``skip_bad_rows`` applies to local files (see ``read_records``)."""
     text = str(name_or_path)
     if text in DATASETS:
         return fetch_dataset(text, seed)
     path = Path(text).expanduser()
     if path.is_file():
-        records, names = read_records(path)
+        records, names = read_records(path, skip_bad_rows=skip_bad_rows)
         idx = stratified_split([r.label for r in records], (0.8, 0.1, 0.1), seed)
         splits = {s: [records[i] for i in ix] for s, ix in zip(SPLITS, idx, strict=True)}
         return Dataset(path.stem, names, splits, f"local file {path}")
     if path.is_dir():
         return _load_hf_folder(path, seed)
+    if path.suffix.lower() in (".jsonl", ".csv") or "/" in text or os.sep in text:
+        raise FedMobiLLMError(
+            f"data file {path} does not exist",
+            hint=f"check the path, or use a named set: {', '.join(DATASETS)}",
+        )
     raise unknown_dataset_error(text)
 
 

@@ -42,7 +42,7 @@ def test_missing_local_data_file_is_a_message(tmp_path):
     result = cli(
         "data", "partition", str(tmp_path / "nope.jsonl"), "--devices", "2", "--out", str(tmp_path)
     )
-    assert result.returncode != 0 and "unknown dataset" in result.stderr
+    assert result.returncode != 0 and "nope.jsonl does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
 

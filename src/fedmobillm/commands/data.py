@@ -31,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--split", default="train", choices=["train", "validation", "test"], help="which split"
     )
     part.add_argument("--out", type=Path, required=True, help="output folder")
+    for p in (fetch, part):
+        p.add_argument(
+            "--skip-bad-rows", action="store_true", help="local files: skip bad rows (logged)"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -42,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"{spec.name:<16} {spec.source:<22} {spec.summary}")
         return 0
     split_seed = args.seed if args.action == "fetch" else args.split_seed
-    ds = data.load_dataset(args.name, seed=split_seed)
+    ds = data.load_dataset(args.name, seed=split_seed, skip_bad_rows=args.skip_bad_rows)
     if args.action == "fetch":
         print(_counts_table(ds))
         return 0
