@@ -119,9 +119,20 @@ def _pip_download(requirement: str, *extra: str) -> Path:
             f"could not download {requirement}: {result.stderr.strip()[-600:]}",
             hint="check network access to the Python package index (pip must reach it)",
         )
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    _publish(tmp, dest)
     return dest / files[0].name
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Atomically move a finished ``tmp`` folder to ``final``; if another process got
+    there first, keep theirs."""
+    shutil.rmtree(final, ignore_errors=True)
+    try:
+        tmp.rename(final)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not final.is_dir():
+            raise
 
 
 def _vader_file(filename: str) -> str:
@@ -321,8 +332,7 @@ def _write_cached(folder: Path, ds: Dataset, source: str, rule: str, seed: int) 
         "sizes": {s: len(ds.splits[s]) for s in SPLITS},
     }
     (tmp / "dataset.json").write_text(json.dumps(meta, indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    _publish(tmp, folder)
 
 
 def fetch_dataset(name: str, seed: int = 0) -> Dataset:
