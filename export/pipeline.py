@@ -231,7 +231,7 @@ def export_bundle(
     if budget_mb is not None:
         from fedmobillm.export.budget import choose_for_budget
 
-        opts = choose_for_budget(opts, float(budget_mb))
+        return choose_for_budget(opts, float(budget_mb))
     return build_bundle(opts)
 
 

@@ -1,0 +1,136 @@
+"""`fedmobillm export MODEL --out DIR`: Hugging Face model -> pre-scaled, forward-only bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from fedmobillm.errors import FedMobiLLMError
+
+NAME = "export"
+HELP = "export a Hugging Face encoder/decoder to a tapped, pre-scaled bundle (.pte/.onnx)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="a name from `fedmobillm models`, a Hugging Face id or a local folder",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        metavar="DIR",
+        help="bundle folder to create (an existing bundle there is replaced)",
+    )
+    taps = parser.add_mutually_exclusive_group()
+    taps.add_argument(
+        "--taps",
+        type=int,
+        metavar="K",
+        help="K taps by average-interval block sampling (default: every block)",
+    )
+    taps.add_argument(
+        "--layers", type=_int_list, metavar="2,4,6", help="explicit 1-based block indices to tap"
+    )
+    parser.add_argument(
+        "--pivot",
+        default="auto",
+        choices=["auto", "first", "last", "none"],
+        help="token read at each tap: auto = first for encoders, last for decoders",
+    )
+    parser.add_argument(
+        "--quant",
+        default="fp32",
+        choices=["fp32", "int8", "8da4w"],
+        help="weight quantization (8da4w: ExecuTorch only)",
+    )
+    parser.add_argument(
+        "--format",
+        default="onnx,pte",
+        type=_str_list,
+        metavar="pte,onnx",
+        dest="formats",
+        help="graph formats to write (default onnx,pte)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=128,
+        metavar="N",
+        help="longest sequence the graph accepts (default 128)",
+    )
+    parser.add_argument(
+        "--calibration",
+        metavar="DATA",
+        help="data name or file for activation pre-scales (default movie-snippets)",
+    )
+    parser.add_argument(
+        "--budget-mb",
+        type=float,
+        metavar="MB",
+        help="pick quantization, then fewer/shallower taps, to fit this peak memory",
+    )
+    parser.add_argument(
+        "--device-profile",
+        type=Path,
+        metavar="FILE",
+        help="device profile JSON (ram_mb, ...): its memory bounds the budget",
+    )
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedmobillm.export.budget import budget_from_profile
+    from fedmobillm.export.pipeline import export_bundle
+
+    budget = args.budget_mb
+    if args.device_profile is not None:
+        budget = budget_from_profile(args.device_profile, budget)
+    manifest = export_bundle(
+        args.model,
+        args.out,
+        taps=args.taps,
+        layers=args.layers,
+        pivot=args.pivot,
+        quant=args.quant,
+        formats=tuple(args.formats),
+        max_seq_len=args.max_seq_len,
+        calibration=args.calibration,
+        budget_mb=budget,
+    )
+    _print_summary(manifest, args.out)
+    return 0
+
+
+def _print_summary(manifest, out: Path) -> None:
+    extra = manifest.extra
+    print(f"bundle: {out}")
+    print(
+        f"  {manifest.family} {manifest.kind}, taps {manifest.taps} of {manifest.depth}, "
+        f"pivot {manifest.pivot}, quant {manifest.quant}, "
+        f"{manifest.graph_params:,} parameters in the graph"
+    )
+    for fmt, err in extra.get("verification", {}).items():
+        print(
+            f"  verify {fmt}: max-abs {max(err['max_abs']):.2e}, "
+            f"min cosine {min(err['min_cosine']):.5f} (vs eager fp32)"
+        )
+    if "budget" in extra:
+        print(f"  budget: {json.dumps(extra['budget'])}")
+    if not manifest.files:
+        raise FedMobiLLMError("export wrote no files")
