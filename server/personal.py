@@ -5,12 +5,17 @@ trainer exported: personal.onnx [+ personal.pte], personal.safetensors, personal
 from __future__ import annotations
 
 import io
+import json
+import logging
 import os
 import re
 import shutil
 import uuid
 import zipfile
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def arch_slug(architecture: str) -> str:
@@ -67,3 +72,120 @@ def publish_folder(folder: Path, root: Path, architecture: str) -> Path:
     zip_path = root / f"{target.name}.zip"
     write_atomic(zip_path, buf.getvalue())
     return zip_path
+
+
+# -- export (torch imported lazily: the API process reads zips only) ----------------------
+
+
+def export_personal_model(
+    model: Any,
+    spec: Any,
+    label_names: list[str],
+    step: int,
+    out_dir: Path,
+    bundle_sha256s: list[str],
+    pte: bool = False,
+) -> Path:
+    """Write personal.onnx (+ .pte), personal.safetensors and personal.json into out_dir.
+
+    ``model`` is a ``side.PersonalModel``: activations float32 (B, K, d) -> logits (B, C)."""
+    import copy
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fedmobillm.device_runtime.protocol import (
+        PERSONAL_MANIFEST,
+        PERSONAL_ONNX,
+        PERSONAL_PTE,
+        PERSONAL_WEIGHTS,
+        sha256_file,
+    )
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = copy.deepcopy(model).eval()
+    example = torch.randn(2, len(spec.taps), spec.hidden)  # (B, K, d)
+    _export_onnx(model, example, out_dir / PERSONAL_ONNX)
+    max_diff = _check_onnx(model, out_dir / PERSONAL_ONNX, len(spec.taps), spec.hidden)
+    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(out_dir / PERSONAL_WEIGHTS))
+    files = [PERSONAL_ONNX, PERSONAL_WEIGHTS]
+    if pte:
+        try:
+            _export_pte(model, example, out_dir / PERSONAL_PTE)
+            files.append(PERSONAL_PTE)
+        except Exception as exc:  # lowering is best effort; ONNX is the contract
+            log.warning("personal .pte export failed for %s: %s", spec.name, exc)
+    manifest = {
+        "format_version": 1,
+        "architecture": spec.name,
+        "bundle_sha256s": list(bundle_sha256s),
+        "taps": list(spec.taps),
+        "hidden_size": spec.hidden,
+        "num_labels": len(label_names),
+        "label_names": list(label_names),
+        "trainer_step": step,
+        "inputs": [
+            {
+                "name": "activations",
+                "dtype": "float32",
+                "shape": ["batch", len(spec.taps), spec.hidden],
+            }
+        ],
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(label_names)]}],
+        "onnx_max_abs_diff": max_diff,
+        "files": {
+            f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size}
+            for f in files
+        },
+    }
+    (out_dir / PERSONAL_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+def _export_onnx(model: Any, example: Any, path: Path) -> None:
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (example,),
+            str(path),
+            input_names=["activations"],
+            output_names=["logits"],
+            dynamic_axes={"activations": {0: "batch"}, "logits": {0: "batch"}},
+            opset_version=17,
+            dynamo=False,
+        )
+
+
+def _check_onnx(model: Any, path: Path, k: int, d: int) -> float:
+    """Run the exported graph with onnxruntime against torch; returns max |diff|."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    x = np.random.default_rng(0).normal(size=(5, k, d)).astype(np.float32)  # (5, K, d)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"activations": x})[0]  # (5, C)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()  # (5, C)
+    diff = float(np.abs(got - want).max())
+    if diff > 1e-3:
+        raise RuntimeError(f"exported personal.onnx differs from torch by {diff}")
+    return diff
+
+
+def _export_pte(model: Any, example: Any, path: Path) -> None:
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
+    write_atomic(path, prog.buffer)

@@ -38,6 +38,7 @@ class ServerSettings(BaseSettings):
     export_every: int = Field(500, gt=0)  # steps between personal-model exports
     export_pte: bool = False  # also lower personal models to ExecuTorch (.pte)
     idle_after_steps: int = Field(3000, ge=0)  # stop stepping this long after new data (0 = never)
+    trainer_threads: int = Field(1, gt=0)  # torch threads of the trainer
     step_sleep_s: float = Field(0.0, ge=0)  # pause between steps (leave CPU to ingest)
     side_width: int = Field(128, gt=0)
     side_blocks: int = Field(3, gt=0)

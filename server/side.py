@@ -1,0 +1,472 @@
+"""The learning core: a ladder side network shared by every backbone, plus adaptive
+layer-wise feature alignment per architecture.
+
+For architecture ``a`` with taps ``t_1 < ... < t_Ka`` of depth ``L_a``:
+
+- depth: tap ``t`` feeds side block ``j = ceil(t * K_s / L_a) - 1`` (its relative depth on
+  the K_s side blocks); taps landing on one block are averaged, a block without a tap
+  only refines the running state;
+- width: ``P_{a,k} = Linear(LayerNorm(A_k))``, d_a -> d_s, one per architecture and tap.
+
+Side network: ``h_j = g_j * h_{j-1} + (1 - g_j) * u_j`` with ``g_j = sigmoid(alpha_j / T)``
+and ``u_j`` the aligned tap input, then ``h_j = block_j(h_j)`` (a residual MLP, or a small
+transformer layer over the ladder states ``h_0..h_j``); a swappable head reads ``h_{K_s-1}``.
+
+``SideTrainer`` trains it from the activations devices upload (dequantized float32
+``(N, K, d)``), saves/loads (safetensors + JSON, atomic) and exports personal models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import uuid
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "side.json"
+WEIGHTS_FILE = "side.safetensors"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class SideConfig:
+    """Side network, alignment and optimisation. Defaults chosen by measurement (README)."""
+
+    width: int = 128  # d_s
+    blocks: int = 3  # K_s side blocks
+    block: str = "mlp"  # "mlp" | "transformer"
+    expansion: int = 2  # MLP hidden = expansion * d_s
+    heads: int = 4  # transformer blocks only
+    dropout: float = 0.1
+    gate_temperature: float = 1.0  # T in g = sigmoid(alpha / T)
+    gate_init: float = 0.0  # alpha at start: g = 0.5
+    head: str = "classification"
+    # Optimisation
+    lr: float = 2e-3
+    align_lr_scale: float = 1.0  # alignment lr = lr * this
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    schedule: str = "constant"  # "constant" (asynchronous, no known end) | "cosine"
+    total_steps: int = 0  # cosine only
+    label_smoothing: float = 0.0
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.block not in ("mlp", "transformer"):
+            problems.append(f"block must be 'mlp' or 'transformer', not {self.block!r}")
+        if self.head not in HEADS:
+            problems.append(f"head must be one of {sorted(HEADS)}, not {self.head!r}")
+        if self.schedule not in ("constant", "cosine"):
+            problems.append(f"schedule must be 'constant' or 'cosine', not {self.schedule!r}")
+        if self.schedule == "cosine" and self.total_steps <= 0:
+            problems.append("schedule 'cosine' needs total_steps > 0")
+        if self.block == "transformer" and self.width % self.heads:
+            problems.append(f"width {self.width} must be divisible by heads {self.heads}")
+        if min(self.width, self.blocks, self.expansion) <= 0 or self.gate_temperature <= 0:
+            problems.append("width, blocks, expansion and gate_temperature must be positive")
+        if problems:
+            raise FedMobiLLMError("invalid side-network config: " + "; ".join(problems))
+
+
+@dataclass
+class ArchSpec:
+    """What the alignment needs to know about one backbone architecture."""
+
+    name: str
+    taps: list[int]
+    depth: int
+    hidden: int
+    key: str = ""  # module key (a0, a1, ...) in weights
+    bundle_sha256s: list[str] = field(default_factory=list)
+
+
+def tap_blocks(taps: list[int], depth: int, blocks: int) -> list[int]:
+    """Side block for each tap by relative depth: ceil(t * K_s / L) - 1 (exact integers)."""
+    return [max(0, min(blocks - 1, -(-t * blocks // depth) - 1)) for t in taps]
+
+
+# -- modules -------------------------------------------------------------------------------
+
+
+class Alignment(nn.Module):
+    """P_{a,k}: LayerNorm + Linear d_a -> d_s per tap; averaged per side block."""
+
+    def __init__(self, spec: ArchSpec, width: int, blocks: int) -> None:
+        super().__init__()
+        self.block_of_tap = tap_blocks(spec.taps, spec.depth, blocks)
+        self.blocks = blocks
+        self.norms = nn.ModuleList(nn.LayerNorm(spec.hidden) for _ in spec.taps)
+        self.projs = nn.ModuleList(nn.Linear(spec.hidden, width) for _ in spec.taps)
+        counts = torch.zeros(blocks)
+        onehot = torch.zeros(len(spec.taps), blocks)
+        for k, j in enumerate(self.block_of_tap):
+            onehot[k, j] = 1.0
+            counts[j] += 1
+        # (K, K_s): averaging weights from taps to blocks; (K_s,): 1 where a block gets a tap
+        self.register_buffer("mix", onehot / counts.clamp(min=1), persistent=False)
+        self.register_buffer("has_input", (counts > 0).float(), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, K, d_a)
+        z = torch.stack(
+            [
+                proj(norm(x[:, k]))
+                for k, (norm, proj) in enumerate(zip(self.norms, self.projs, strict=True))
+            ],
+            dim=1,
+        )  # (B, K, d_s)
+        return torch.einsum("bkd,kj->bjd", z, self.mix)  # (B, K_s, d_s)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, width: int, expansion: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, expansion * width)
+        self.fc2 = nn.Linear(expansion * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
+        # h: (B, d_s)
+        return h + self.drop(self.fc2(F.gelu(self.fc1(self.norm(h)))))  # (B, d_s)
+
+
+class TransformerBlock(nn.Module):
+    """One pre-LN transformer layer over the ladder states so far; output at the last."""
+
+    def __init__(self, width: int, expansion: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(
+            width,
+            heads,
+            expansion * width,
+            dropout,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+
+    def forward(self, h: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
+        seq = torch.stack([*history, h], dim=1)  # (B, j+1, d_s)
+        return self.layer(seq)[:, -1]  # (B, d_s)
+
+
+class ClassificationHead(nn.Module):
+    def __init__(self, width: int, num_labels: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.out = nn.Linear(width, num_labels)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.out(self.norm(h))  # (B, C)
+
+
+HEADS: dict[str, type[nn.Module]] = {"classification": ClassificationHead}
+
+
+class SideNetwork(nn.Module):
+    """The shared ladder: gates, side blocks, head. Input: aligned taps (B, K_s, d_s)."""
+
+    def __init__(self, config: SideConfig, num_labels: int) -> None:
+        super().__init__()
+        c = config
+        self.temperature = c.gate_temperature
+        self.alpha = nn.Parameter(torch.full((c.blocks,), float(c.gate_init)))
+        if c.block == "mlp":
+            blocks = [MLPBlock(c.width, c.expansion, c.dropout) for _ in range(c.blocks)]
+        else:
+            blocks = [
+                TransformerBlock(c.width, c.expansion, c.heads, c.dropout) for _ in range(c.blocks)
+            ]
+        self.blocks = nn.ModuleList(blocks)
+        self.head = HEADS[c.head](c.width, num_labels)
+
+    def gates(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha / self.temperature)  # (K_s,)
+
+    def forward(self, u: torch.Tensor, has_input: torch.Tensor) -> torch.Tensor:
+        # u: (B, K_s, d_s); has_input: (K_s,) 1.0 where the architecture feeds block j
+        g = self.gates()
+        h = torch.zeros_like(u[:, 0])  # (B, d_s)
+        history: list[torch.Tensor] = []
+        for j, block in enumerate(self.blocks):
+            gj = 1.0 - has_input[j] * (1.0 - g[j])  # no input: keep the state
+            h = gj * h + (1.0 - gj) * u[:, j]  # (B, d_s)
+            h = block(h, history)  # (B, d_s)
+            history.append(h)
+        return self.head(h)  # (B, C)
+
+
+class PersonalModel(nn.Module):
+    """Alignment of one architecture + the shared side network: (B, K, d) -> logits (B, C)."""
+
+    def __init__(self, align: Alignment, side: SideNetwork) -> None:
+        super().__init__()
+        self.align = align
+        self.side = side
+
+    def forward(self, activations: torch.Tensor) -> torch.Tensor:
+        u = self.align(activations)  # (B, K_s, d_s)
+        return self.side(u, self.align.has_input)  # (B, C)
+
+
+# -- trainer -------------------------------------------------------------------------------
+
+
+class SideTrainer:
+    """Owns the side network, the alignments (one per architecture) and the optimiser."""
+
+    def __init__(self, config: SideConfig, label_names: list[str], seed: int = 0) -> None:
+        if len(label_names) < 2:
+            raise FedMobiLLMError("a classification task needs at least 2 label names")
+        self.config = config
+        self.label_names = list(label_names)
+        self.seed = seed
+        self.step = 0
+        self.samples_seen = 0
+        torch.manual_seed(seed)
+        self.side = SideNetwork(config, len(label_names))
+        self.aligns = nn.ModuleDict()
+        self.archs: dict[str, ArchSpec] = {}
+        self.optimizer = torch.optim.AdamW(
+            [{"params": list(self.side.parameters()), "lr_scale": 1.0}],
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+        )
+
+    # -- architecture registry --
+
+    def add_architecture(self, arch: str, taps: list[int], depth: int, hidden: int) -> None:
+        """Idempotent. A new architecture gets fresh alignment; the side net is untouched."""
+        if arch in self.archs:
+            old = self.archs[arch]
+            if (old.taps, old.depth, old.hidden) != (list(taps), depth, hidden):
+                raise FedMobiLLMError(f"architecture {arch} re-added with other taps/shape")
+            return
+        spec = ArchSpec(arch, list(taps), int(depth), int(hidden), key=f"a{len(self.archs)}")
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(arch.encode()))
+            align = Alignment(spec, self.config.width, self.config.blocks)
+        self.aligns[spec.key] = align
+        self.archs[arch] = spec
+        self.optimizer.add_param_group(
+            {"params": list(align.parameters()), "lr_scale": self.config.align_lr_scale}
+        )
+        log.info(
+            "architecture %s: taps %s of %d -> side blocks %s",
+            arch,
+            taps,
+            depth,
+            align.block_of_tap,
+        )
+
+    def _model(self, arch: str) -> PersonalModel:
+        if arch not in self.archs:
+            raise FedMobiLLMError(
+                f"unknown architecture {arch!r}", hint="call add_architecture first"
+            )
+        return PersonalModel(self.aligns[self.archs[arch].key], self.side)
+
+    def num_parameters(self, arch: str | None = None) -> int:
+        mods = [self.side] if arch is None else [self.side, self.aligns[self.archs[arch].key]]
+        return sum(p.numel() for m in mods for p in m.parameters())
+
+    # -- optimisation --
+
+    def lr_at(self, step: int) -> float:
+        c = self.config
+        if step < c.warmup_steps:
+            return c.lr * (step + 1) / c.warmup_steps
+        if c.schedule == "cosine":
+            t = min(1.0, (step - c.warmup_steps) / max(1, c.total_steps - c.warmup_steps))
+            return c.lr * 0.5 * (1.0 + math.cos(math.pi * t))
+        return c.lr
+
+    def train_step(self, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> float:
+        """One optimiser step over mini-batch groups [(arch, x (N, K, d), y (N,))].
+        Unlabelled samples (y = -1) are ignored. Returns the mean loss."""
+        self.side.train()
+        self.aligns.train()
+        logits, targets = [], []
+        for arch, x, y in groups:
+            keep = np.asarray(y) >= 0
+            if not keep.any():
+                continue
+            xt = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))  # (N, K, d)
+            logits.append(self._model(arch)(xt))  # (N, C)
+            targets.append(torch.from_numpy(np.asarray(y)[keep].astype(np.int64)))  # (N,)
+        if not logits:
+            return float("nan")
+        loss = F.cross_entropy(
+            torch.cat(logits), torch.cat(targets), label_smoothing=self.config.label_smoothing
+        )
+        lr = self.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        self.optimizer.step()
+        self.step += 1
+        self.samples_seen += sum(len(t) for t in targets)
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, arch: str, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+        model = self._model(arch).eval()
+        outs = [
+            model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch], dtype=np.float32)))
+            for i in range(0, len(x), batch)
+        ]  # each (b, C)
+        return torch.cat(outs).numpy() if outs else np.zeros((0, len(self.label_names)))
+
+    def evaluate(self, arch: str, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        keep = np.asarray(y) >= 0
+        logits = self.predict(arch, x[keep])  # (N, C)
+        yk = np.asarray(y)[keep]
+        if len(yk) == 0:
+            return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
+        loss = F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(yk.astype(np.int64)))
+        acc = float((logits.argmax(1) == yk).mean())
+        return {"accuracy": acc, "loss": float(loss), "n": int(len(yk))}
+
+    # -- persistence --
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": asdict(self.config),
+            "label_names": self.label_names,
+            "seed": self.seed,
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "archs": [asdict(a) for a in self.archs.values()],
+        }
+
+    def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        tensors = {f"side.{k}": v for k, v in self.side.state_dict().items()}
+        tensors.update({f"align.{k}": v for k, v in self.aligns.state_dict().items()})
+        opt = self.optimizer.state_dict()
+        for pid, st in opt["state"].items():
+            for name, value in st.items():
+                tensors[f"optim.{pid}.{name}"] = torch.as_tensor(value)
+        tensors["rng.torch"] = torch.get_rng_state()
+        groups = [{k: v for k, v in g.items()} for g in opt["param_groups"]]
+        return {k: v.detach().contiguous().clone() for k, v in tensors.items()}, {
+            "param_groups": groups
+        }
+
+    def save(self, directory: Path) -> None:
+        """Weights + optimiser (safetensors) and state (JSON), each written atomically;
+        the JSON, written last, names the weights' sha256 so a torn pair is detected."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, opt_meta = self._tensors()
+        tmp = directory / f".{WEIGHTS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
+        save_file(tensors, str(tmp))
+        _fsync_file(tmp)
+        os.replace(tmp, directory / WEIGHTS_FILE)
+        state = {
+            **self.state(),
+            "optimizer": opt_meta,
+            "weights_sha256": _sha256(directory / WEIGHTS_FILE),
+        }
+        _write_json_atomic(directory / STATE_FILE, state)
+
+    @classmethod
+    def load(cls, directory: Path) -> SideTrainer:
+        directory = Path(directory)
+        try:
+            state = json.loads((directory / STATE_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise FedMobiLLMError(f"cannot read side-network state in {directory}: {exc}") from exc
+        if state.get("format_version") != FORMAT_VERSION:
+            raise FedMobiLLMError(f"{directory}: unsupported side state version")
+        if _sha256(directory / WEIGHTS_FILE) != state["weights_sha256"]:
+            raise FedMobiLLMError(f"{directory}: weights do not match state (torn checkpoint)")
+        trainer = cls(SideConfig(**state["config"]), state["label_names"], state["seed"])
+        for a in state["archs"]:
+            trainer.add_architecture(a["name"], a["taps"], a["depth"], a["hidden"])
+            trainer.archs[a["name"]].bundle_sha256s = list(a.get("bundle_sha256s", []))
+        tensors = load_file(str(directory / WEIGHTS_FILE))
+        trainer.side.load_state_dict(_strip(tensors, "side."))
+        trainer.aligns.load_state_dict(_strip(tensors, "align."))
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, pid, name = k.split(".", 2)
+                opt_state.setdefault(int(pid), {})[name] = v
+        trainer.optimizer.load_state_dict(
+            {"state": opt_state, "param_groups": state["optimizer"]["param_groups"]}
+        )
+        if "rng.torch" in tensors:
+            torch.set_rng_state(tensors["rng.torch"])
+        trainer.step = state["step"]
+        trainer.samples_seen = state["samples_seen"]
+        return trainer
+
+    # -- personal model --
+
+    def export_personal(
+        self, arch: str, out_dir: Path, bundle_sha256s: list[str], pte: bool = False
+    ) -> Path:
+        """personal.onnx (activations (B, K, d) -> logits (B, C)), personal.safetensors,
+        personal.json [+ personal.pte]. Returns out_dir."""
+        from fedmobillm.server.personal import export_personal_model
+
+        spec = self.archs.get(arch)
+        if spec is None:
+            raise FedMobiLLMError(f"unknown architecture {arch!r}")
+        return export_personal_model(
+            self._model(arch),
+            spec,
+            self.label_names,
+            self.step,
+            Path(out_dir),
+            bundle_sha256s,
+            pte=pte,
+        )
+
+
+def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -1,0 +1,375 @@
+"""The trainer thread: runs beside ingest, samples balanced mini-batches from everything
+acknowledged so far, steps the ``SideTrainer``, evaluates, checkpoints, exports personal
+models.
+
+Checkpoints: ``<data>/checkpoints/step-000000123/`` (side.safetensors + side.json +
+trainer.json), built in a temporary folder, fsynced and renamed into place; ``LATEST``
+(a JSON pointer, replaced atomically) names the newest. The last two are kept. After a
+crash the trainer resumes from ``LATEST`` (or the newest complete folder).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.personal import fsync_dir, publish_folder, write_atomic
+from fedmobillm.server.settings import ServerSettings
+from fedmobillm.server.side import SideConfig, SideTrainer
+from fedmobillm.server.store import Store
+
+log = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+TRAINER_STATE = "trainer.json"
+KEEP_CHECKPOINTS = 2
+HISTORY_LIMIT = 1000
+
+
+@dataclass
+class ArchData:
+    """Cached samples of one architecture: train per device, validation pooled."""
+
+    taps: list[int]
+    depth: int
+    hidden: int
+    bundle_sha256s: set[str] = field(default_factory=set)
+    train_x: dict[str, list[np.ndarray]] = field(default_factory=dict)  # device -> [(K, d)]
+    train_y: dict[str, list[int]] = field(default_factory=dict)
+    val_x: list[np.ndarray] = field(default_factory=list)
+    val_y: list[int] = field(default_factory=list)
+    _stacked: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def device_arrays(self, device: str) -> tuple[np.ndarray, np.ndarray]:
+        xs = self.train_x[device]
+        cached = self._stacked.get(device)
+        if cached is None or len(cached[1]) != len(xs):
+            cached = (np.stack(xs), np.asarray(self.train_y[device], np.int64))  # (n, K, d)
+            self._stacked[device] = cached
+        return cached
+
+    @property
+    def num_train(self) -> int:
+        return sum(len(v) for v in self.train_y.values())
+
+
+class TrainingCache:
+    """Everything acknowledged, read incrementally from the store (row id watermark)."""
+
+    def __init__(self) -> None:
+        self.archs: dict[str, ArchData] = {}
+        self.watermark = 0
+        self._known_devices: set[str] = set()
+
+    def refresh(self, store: Store) -> int:
+        """Pull new rows; returns how many labelled samples arrived."""
+        rows = store.read_samples(self.watermark)
+        if len(rows.ids) == 0:
+            return 0
+        if set(rows.device_ids) - self._known_devices:
+            self._ensure_archs(store)
+        new = 0
+        for i in range(len(rows.ids)):
+            a = self.archs[rows.architectures[i]]
+            y = int(rows.labels[i])
+            if rows.splits[i] == "validation":
+                a.val_x.append(rows.activations[i])
+                a.val_y.append(y)
+            elif y >= 0:
+                a.train_x.setdefault(rows.device_ids[i], []).append(rows.activations[i])
+                a.train_y.setdefault(rows.device_ids[i], []).append(y)
+                new += 1
+        self.watermark = int(rows.ids[-1])
+        return new
+
+    def _ensure_archs(self, store: Store) -> None:
+        for d in store.devices():
+            self._known_devices.add(d.device_id)
+            if d.architecture not in self.archs:
+                m = d.manifest
+                self.archs[d.architecture] = ArchData(m["taps"], m["depth"], m["hidden_size"])
+            self.archs[d.architecture].bundle_sha256s.add(d.bundle_sha256)
+
+    def sample(self, rng: np.random.Generator, batch_size: int) -> list[tuple]:
+        """Balanced mini-batch: an equal share per architecture; within one, a device is
+        drawn uniformly for every sample, then a sample of that device uniformly."""
+        ready = {k: a for k, a in self.archs.items() if a.num_train > 0}
+        if not ready:
+            return []
+        share = max(1, batch_size // len(ready))
+        groups = []
+        for name, a in sorted(ready.items()):
+            devices = sorted(d for d, ys in a.train_y.items() if ys)
+            picks = rng.integers(len(devices), size=share)
+            xs, ys = [], []
+            for di in np.unique(picks):
+                x, y = a.device_arrays(devices[di])  # (n, K, d), (n,)
+                idx = rng.integers(len(y), size=int((picks == di).sum()))
+                xs.append(x[idx])
+                ys.append(y[idx])
+            groups.append((name, np.concatenate(xs), np.concatenate(ys)))  # (share, K, d)
+        return groups
+
+
+class Trainer:
+    """Owns the trainer thread. ``start()`` / ``stop()`` (final checkpoint + export)."""
+
+    def __init__(self, settings: ServerSettings) -> None:
+        self.settings = settings
+        self.ckpt_dir = settings.checkpoint_dir
+        self.cache = TrainingCache()
+        self.side: SideTrainer | None = None
+        self.history: list[dict[str, Any]] = []
+        self.resumed_from: int | None = None
+        self.checkpoint_step: int | None = None
+        self.exported: dict[str, int] = {}
+        self.loss: float | None = None
+        self.idle = True
+        self.error: str | None = None
+        self._steps_since_data = 0
+        self._rate: deque[tuple[float, int]] = deque(maxlen=50)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+
+    # -- lifecycle --
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 60.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import torch
+
+        torch.set_num_threads(self.settings.trainer_threads)
+        store = Store(self.settings.db_path)
+        try:
+            self._resume()
+            while not self._stop.is_set():
+                if not self._tick(store):
+                    self._stop.wait(0.2)
+                elif self.settings.step_sleep_s:
+                    self._stop.wait(self.settings.step_sleep_s)
+            self._finish()
+        except Exception as exc:  # keep ingest alive; report in status
+            log.exception("trainer stopped on an error")
+            self.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            store.close()
+
+    def _tick(self, store: Store) -> bool:
+        """One loop turn. Returns True if a training step ran."""
+        if self.cache.refresh(store):
+            self._steps_since_data = 0
+        if self.side is None and not self._create(store):
+            return False
+        self._sync_archs()
+        limit = self.settings.idle_after_steps
+        if limit and self._steps_since_data >= limit:
+            if not self.idle:
+                log.info("trainer idle at step %d: no new data for %d steps", self.side.step, limit)
+                self._evaluate()
+                self._checkpoint()
+                self._export()
+            self.idle = True
+            return False
+        groups = self.cache.sample(self._rng(), self.settings.batch_size)
+        if not groups:
+            return False
+        self.idle = False
+        self._step(groups)
+        return True
+
+    def _step(self, groups: list[tuple]) -> None:
+        assert self.side is not None
+        loss = self.side.train_step(groups)
+        self._steps_since_data += 1
+        step = self.side.step
+        with self._lock:
+            self.loss = loss if self.loss is None else 0.9 * self.loss + 0.1 * loss
+            self._rate.append((time.monotonic(), self.side.samples_seen))
+        s = self.settings
+        if step % s.eval_every == 0:
+            self._evaluate()
+        if step % s.checkpoint_every == 0:
+            self._checkpoint()
+        if step % s.export_every == 0 or not self.exported:
+            self._export()
+
+    def _rng(self) -> np.random.Generator:
+        step = self.side.step if self.side else 0
+        return np.random.default_rng([self.settings.seed, step])
+
+    def _finish(self) -> None:
+        if self.side is not None and self.side.step != self.checkpoint_step:
+            self._checkpoint()
+            self._export()
+
+    # -- model --
+
+    def _side_config(self) -> SideConfig:
+        s = self.settings
+        return SideConfig(
+            width=s.side_width, blocks=s.side_blocks, block=s.side_block, lr=s.learning_rate
+        )
+
+    def _create(self, store: Store) -> bool:
+        labels = store.label_names()
+        if labels is None or not any(a.num_train for a in self.cache.archs.values()):
+            return False
+        self.side = SideTrainer(self._side_config(), labels, seed=self.settings.seed)
+        log.info("side network created: %d parameters", self.side.num_parameters())
+        return True
+
+    def _sync_archs(self) -> None:
+        assert self.side is not None
+        for name, a in self.cache.archs.items():
+            self.side.add_architecture(name, a.taps, a.depth, a.hidden)
+            spec = self.side.archs[name]
+            spec.bundle_sha256s = sorted(set(spec.bundle_sha256s) | a.bundle_sha256s)
+
+    def _evaluate(self) -> None:
+        assert self.side is not None
+        val = {}
+        for name, a in sorted(self.cache.archs.items()):
+            if a.val_y and name in self.side.archs:
+                x = np.stack(a.val_x)  # (n, K, d)
+                val[name] = self.side.evaluate(name, x, np.asarray(a.val_y))
+        entry = {
+            "step": self.side.step,
+            "time": time.time(),
+            "train_loss": self.loss,
+            "samples_seen": self.side.samples_seen,
+            "validation": val,
+        }
+        with self._lock:
+            self.history.append(entry)
+            del self.history[:-HISTORY_LIMIT]
+        log.info(
+            "step %d loss %s validation %s",
+            self.side.step,
+            f"{self.loss:.4f}" if self.loss is not None else "-",
+            {k: round(v["accuracy"], 4) for k, v in val.items()},
+        )
+
+    # -- checkpoints --
+
+    def _checkpoint(self) -> None:
+        assert self.side is not None
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        step = self.side.step
+        final = self.ckpt_dir / f"step-{step:09d}"
+        tmp = self.ckpt_dir / f".tmp-{uuid.uuid4().hex[:8]}"
+        self.side.save(tmp)
+        with self._lock:
+            history = list(self.history)
+        write_atomic(
+            tmp / TRAINER_STATE,
+            json.dumps({"step": step, "history": history, "exported": self.exported}).encode(),
+        )
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(self.ckpt_dir)
+        write_atomic(self.ckpt_dir / LATEST, json.dumps({"dir": final.name, "step": step}).encode())
+        self.checkpoint_step = step
+        self._prune()
+        log.info("checkpoint at step %d", step)
+
+    def _prune(self) -> None:
+        dirs = sorted(self.ckpt_dir.glob("step-*"))
+        for d in dirs[:-KEEP_CHECKPOINTS]:
+            shutil.rmtree(d, ignore_errors=True)
+        for d in self.ckpt_dir.glob(".tmp-*"):
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _resume(self) -> None:
+        for d in self._checkpoint_candidates():
+            try:
+                side = SideTrainer.load(d)
+                state = json.loads((d / TRAINER_STATE).read_text())
+            except (FedMobiLLMError, OSError, ValueError, KeyError) as exc:
+                log.warning("checkpoint %s unusable (%s); trying an older one", d.name, exc)
+                continue
+            self.side = side
+            self.history = state.get("history", [])
+            self.exported = state.get("exported", {})
+            self.resumed_from = self.checkpoint_step = side.step
+            self._steps_since_data = 0
+            log.info("resumed from checkpoint step %d (%s)", side.step, d.name)
+            return
+
+    def _checkpoint_candidates(self) -> list[Path]:
+        if not self.ckpt_dir.is_dir():
+            return []
+        dirs = sorted(self.ckpt_dir.glob("step-*"), reverse=True)
+        try:
+            latest = self.ckpt_dir / json.loads((self.ckpt_dir / LATEST).read_text())["dir"]
+            dirs = [latest] + [d for d in dirs if d != latest]
+        except (OSError, ValueError, KeyError):
+            pass
+        return dirs
+
+    # -- personal models --
+
+    def _export(self) -> None:
+        assert self.side is not None
+        root = self.settings.personal_dir
+        for name, a in sorted(self.cache.archs.items()):
+            if a.num_train == 0 or name not in self.side.archs:
+                continue
+            tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
+            try:
+                self.side.export_personal(
+                    name, tmp, sorted(a.bundle_sha256s), pte=self.settings.export_pte
+                )
+                publish_folder(tmp, root, name)
+            except Exception as exc:  # export problems must not stop training
+                log.warning("personal model export for %s failed: %s", name, exc)
+                shutil.rmtree(tmp, ignore_errors=True)
+                continue
+            self.exported[name] = self.side.step
+
+    # -- status --
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            rate = None
+            if len(self._rate) >= 2:
+                (t0, n0), (t1, n1) = self._rate[0], self._rate[-1]
+                rate = (n1 - n0) / (t1 - t0) if t1 > t0 else None
+            side = self.side
+            return {
+                "running": self._thread.is_alive(),
+                "idle": self.idle,
+                "error": self.error,
+                "step": side.step if side else 0,
+                "samples_seen": side.samples_seen if side else 0,
+                "loss": self.loss,
+                "samples_per_s": rate,
+                "checkpoint_step": self.checkpoint_step,
+                "resumed_from": self.resumed_from,
+                "parameters": side.num_parameters() if side else None,
+                "architectures": {
+                    n: {"train": a.num_train, "validation": len(a.val_y), "devices": len(a.train_y)}
+                    for n, a in self.cache.archs.items()
+                },
+                "personal_models": dict(self.exported),
+                "history": self.history[-50:],
+            }

@@ -1,0 +1,73 @@
+"""The trainer thread in a real server: learns from two architectures, evaluates on
+validation uploads, checkpoints, exports personal models that devices download."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+
+import httpx
+import onnxruntime as ort
+import pytest
+from server_helpers import admin_headers, make_manifest, make_payload, register, synthetic, upload
+
+pytestmark = pytest.mark.integration
+
+FAST = {
+    "train": True,
+    "batch_size": 32,
+    "checkpoint_every": 20,
+    "eval_every": 20,
+    "export_every": 40,
+    "idle_after_steps": 0,
+    "side_width": 32,
+}
+
+
+def wait_status(url: str, pred, timeout: float = 90.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = httpx.get(f"{url}/v1/status", headers=admin_headers()).json()
+        if pred(st):
+            return st
+        time.sleep(0.3)
+    raise AssertionError(f"status never satisfied the condition: {st['trainer']}")
+
+
+def test_trains_two_architectures_and_serves_personal_models(server_factory):
+    srv = server_factory(FAST)
+    ma = make_manifest("tiny-a", depth=4, hidden=16, taps=[2, 4])
+    mb = make_manifest("tiny-b", depth=6, hidden=24, taps=[2, 4, 6])
+    ra, rb = register(srv.url, "a", ma), register(srv.url, "b", mb)
+    r = httpx.get(
+        f"{srv.url}/v1/personal-model", headers={"Authorization": f"Bearer {ra['token']}"}
+    )
+    assert r.status_code == 409
+    for reg, m, seed in ((ra, ma, 1), (rb, mb, 2)):
+        assert upload(srv.url, reg, make_payload(reg, m, range(300), seed=seed)).status_code == 200
+        v = make_payload(reg, m, range(100), split="validation", seed=seed + 10)
+        assert upload(srv.url, reg, v).status_code == 200
+
+    st = wait_status(
+        srv.url, lambda s: s["trainer"]["step"] >= 80 and len(s["trainer"]["personal_models"]) == 2
+    )
+
+    last = st["trainer"]["history"][-1]["validation"]
+    assert set(last) == {ra["architecture"], rb["architecture"]}
+    assert all(m["accuracy"] > 0.9 for m in last.values()), last
+    r = httpx.get(
+        f"{srv.url}/v1/personal-model", headers={"Authorization": f"Bearer {rb['token']}"}
+    )
+    assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
+    zf = zipfile.ZipFile(io.BytesIO(r.content))
+    assert {"personal.onnx", "personal.safetensors", "personal.json"} <= set(zf.namelist())
+    meta = json.loads(zf.read("personal.json"))
+    assert meta["bundle_sha256s"] == [rb["bundle_sha256"]]
+    sess = ort.InferenceSession(zf.read("personal.onnx"), providers=["CPUExecutionProvider"])
+    x, y = synthetic(200, 3, 24, seed=99)
+    logits = sess.run(["logits"], {"activations": x})[0]  # (200, 2)
+    assert logits.shape == (200, 2)
+    assert (logits.argmax(1) == y).mean() > 0.9
+    assert "fedmobillm_trainer_step" in httpx.get(f"{srv.url}/metrics").text
