@@ -445,7 +445,7 @@ def _raw_rows(path: Path) -> Iterable[tuple[int, object, object, str | None]]:
                     continue
                 try:
                     obj = json.loads(line)
-                except ValueError as exc:
+                except json.JSONDecodeError as exc:
                     yield lineno, None, None, f"not valid JSON ({exc.msg})"
                     continue
                 if not isinstance(obj, dict):

@@ -147,7 +147,7 @@ def _build_smollm2(root: Path, out: Path) -> None:
     log.info("dequantizing %s to fp32 (about 15-60 s)", gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf)
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # so save_pretrained writes fp32
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.save_pretrained(out, safe_serialization=True)
