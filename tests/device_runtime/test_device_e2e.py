@@ -1,0 +1,352 @@
+"""End to end: the real server (`fedmobillm serve`, uvicorn on loopback, SQLite) and devices
+run as `fedmobillm device ...` processes with real MiniLM-L3 / MiniLM-L6 bundles."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+log = logging.getLogger(__name__)
+
+ADMIN = "e2e-admin-token-0123456789abcdefghij"
+LABELS = ["negative", "positive"]
+L3 = {"taps": 3, "formats": ("onnx",)}
+L6 = {"taps": 4, "formats": ("onnx",)}
+WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy", "warm", "cold"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    url: str
+    data_dir: Path
+    proc: subprocess.Popen
+
+    def device(self, device_id: str) -> dict:
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        resp = httpx.get(f"{self.url}/v1/devices/{device_id}", headers=auth, timeout=10)
+        resp.raise_for_status()
+        return resp.json()
+
+    def stored(self, device_id: str, split: str = "train") -> tuple[int, int]:
+        """(rows, distinct sample ids) the server's SQLite holds for a device."""
+        with sqlite3.connect(self.data_dir / "store.sqlite3", timeout=10) as db:
+            return db.execute(
+                "SELECT COUNT(*), COUNT(DISTINCT sample_id) FROM samples "
+                "WHERE device_id = ? AND split = ?",
+                (device_id, split),
+            ).fetchone()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Server:
+    data_dir = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": ADMIN}
+    cmd = [sys.executable, "-m", "fedmobillm.cli", "serve", "--port", str(port),
+           "--data-dir", str(data_dir), "--no-train"]  # fmt: skip
+    log_file = open(data_dir / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {(data_dir / 'server.log').read_text()[-2000:]}")
+    else:
+        pytest.fail("server did not come up in 60 s")
+    yield Server(url, data_dir, proc)
+    proc.terminate()
+    proc.wait(timeout=30)
+    log_file.close()
+
+
+@pytest.fixture(scope="module")
+def bundles(make_bundle) -> dict[str, Path]:
+    return {"l3": make_bundle("minilm-l3", **L3), "l6": make_bundle("minilm-l6", **L6)}
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )  # fmt: skip
+
+
+def write_data(path: Path, n: int, seed: int = 0) -> Path:
+    """n review-like lines, labels as names."""
+    with open(path, "w") as f:
+        for i in range(n):
+            w = WORDS[(i * 7 + seed) % len(WORDS)]
+            text = f"review {seed}-{i}: the plot was {w} and the acting {WORDS[i % 8]}"
+            f.write(json.dumps({"text": text, "label": LABELS[(i + seed) % 2]}) + "\n")
+    return path
+
+
+def register(server: Server, name: str, bundle: Path, state: Path) -> str:
+    r = cli("device", "register", "--server", server.url, "--admin-token", ADMIN,
+            "--name", name, "--bundle", bundle, "--state", state, "--labels", ",".join(LABELS))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert str(state / "device.json") in r.stdout
+    return json.loads((state / "device.json").read_text())["device_id"]
+
+
+def acks(state: Path) -> list[dict]:
+    path = state / "journal.jsonl"
+    if not path.is_file():
+        return []
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.endswith("}")]
+    return [x for x in lines if x["event"] == "ack"]
+
+
+def run_args(bundle: Path, data: Path, state: Path, *extra: str) -> list[str]:
+    return ["device", "run", "--bundle", str(bundle), "--data", str(data), "--state", str(state),
+            *extra]  # fmt: skip
+
+
+def test_two_architectures_sigkill_and_resume_exactly_once(server, bundles, tmp_path):
+    """Prepare two devices (MiniLM-L3 and MiniLM-L6 bundles); Execute both runs at once,
+    SIGKILL the L6 device mid-run, restart it; Assert the server holds every local
+    record of each device exactly once."""
+    n = 160
+    states = {k: tmp_path / f"state-{k}" for k in ("l3", "l6")}
+    data = {k: write_data(tmp_path / f"{k}.jsonl", n, seed=s) for s, k in enumerate(states)}
+    ids = {k: register(server, f"e2e-{k}", bundles[k], states[k]) for k in states}
+
+    p3 = subprocess.Popen([sys.executable, "-m", "fedmobillm.cli",
+                           *run_args(bundles["l3"], data["l3"], states["l3"])],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    p6 = subprocess.Popen([sys.executable, "-m", "fedmobillm.cli",
+                           *run_args(bundles["l6"], data["l6"], states["l6"],
+                                     "--batch-size", "8", "--bandwidth-mbps", "0.2")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while len(acks(states["l6"])) < 3 and time.monotonic() < deadline and p6.poll() is None:
+        time.sleep(0.05)
+    p6.send_signal(signal.SIGKILL)
+    p6.wait(timeout=30)
+    killed_at = len(acks(states["l6"]))
+    out3, err3 = p3.communicate(timeout=180)
+    assert p3.returncode == 0, err3
+    assert 3 <= killed_at < n // 8, f"kill landed after {killed_at} acks"
+    assert server.device(ids["l6"])["samples"]["train"] < n
+
+    r = cli(*run_args(bundles["l6"], data["l6"], states["l6"], "--batch-size", "8"))
+
+    assert r.returncode == 0, r.stderr
+    assert "already acknowledged earlier" in r.stdout
+    for k in states:
+        info = server.device(ids[k])
+        assert info["samples"]["train"] == n, (k, info)
+        assert server.stored(ids[k]) == (n, n)  # every record once, no duplicates
+        acked_ids = [i for a in acks(states[k]) for i in a["ids"]]
+        assert sorted(set(acked_ids)) == list(range(n))
+    assert server.device(ids["l3"])["architecture"] != server.device(ids["l6"])["architecture"]
+    log.info("L6 device killed after %d acked batches, resumed to %d samples", killed_at, n)
+
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is not installed on this device")
+sys.meta_path.insert(0, _NoTorch())
+from fedmobillm.cli import main
+rc = main(sys.argv[1:])
+print("TORCH_LOADED", "torch" in sys.modules)
+sys.exit(rc)
+"""
+
+
+def test_onnx_path_runs_without_torch(server, bundles, tmp_path):
+    """A device process in which `import torch` fails registers, uploads and finishes."""
+    state, n = tmp_path / "state", 48
+    data = write_data(tmp_path / "d.jsonl", n, seed=5)
+    device_id = register(server, "e2e-notorch", bundles["l6"], state)
+
+    r = subprocess.run(
+        [sys.executable, "-c", BLOCK_TORCH, *run_args(bundles["l6"], data, state)],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+
+    assert r.returncode == 0, r.stderr
+    assert "TORCH_LOADED False" in r.stdout
+    assert "peak memory (RSS)" in r.stdout and f"samples uploaded:   {n}" in r.stdout
+    assert server.stored(device_id) == (n, n)
+    log.info("torch-free device run:\n%s", r.stdout)
+
+
+class CountingProxy:
+    """A TCP forwarder on loopback that counts the bytes the client sends: what the
+    device puts on the wire (HTTP headers included)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._target = target_port
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            threading.Thread(target=self._pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, False), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket, count: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if count:
+                    with self._lock:
+                        self.sent += len(data)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_upload_size_per_sample_on_the_wire(server, bundles, tmp_path):
+    """MiniLM-L6, 4 taps, int8: bytes per sample on the wire within 10% of
+    4 x 384 (int8 activations) + 8 (int64 label) + 8 (int64 sample id) = 1,552."""
+    state, n = tmp_path / "state", 256
+    data = write_data(tmp_path / "d.jsonl", n, seed=9)
+    register(server, "e2e-size", bundles["l6"], state)
+    proxy = CountingProxy(int(server.url.rsplit(":", 1)[1]))
+    try:
+        r = cli(*run_args(bundles["l6"], data, state, "--server", f"http://127.0.0.1:{proxy.port}",
+                          "--upload", "int8", "--batch-size", "32"))  # fmt: skip
+    finally:
+        proxy.close()
+    assert r.returncode == 0, r.stderr
+    ideal = 4 * 384 + 8 + 8
+    per_sample = proxy.sent / n
+    body_per_sample = sum(a["info"]["bytes"] for a in acks(state)) / n
+    msg = (f"upload size, MiniLM-L6 4 taps int8 batch 32: {per_sample:.1f} B/sample on the wire "
+           f"(bodies {body_per_sample:.1f} B/sample; ideal {ideal} B)")  # fmt: skip
+    log.warning(msg)
+    print(msg)
+    assert abs(per_sample - ideal) / ideal < 0.10
+    assert body_per_sample <= per_sample
+
+
+# -- bad input ----------------------------------------------------------------------------
+
+
+def test_missing_and_tampered_bundle(server, bundles, tmp_path):
+    state = tmp_path / "state"
+    device_id = register(server, "e2e-tamper", bundles["l3"], state)
+    data = write_data(tmp_path / "d.jsonl", 8)
+
+    r = cli(*run_args(tmp_path / "no-bundle", data, state))
+    assert r.returncode == 1 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+    copy = tmp_path / "tampered"
+    copy.mkdir()
+    for f in bundles["l3"].iterdir():
+        (copy / f.name).symlink_to(f) if f.suffix == ".onnx" else shutil.copy(f, copy / f.name)
+    with open(copy / "tokenizer.json", "a") as f:
+        f.write(" ")
+    r = cli(*run_args(copy, data, state))
+    assert r.returncode == 1 and "tokenizer.json: sha256 mismatch" in r.stderr
+    assert server.stored(device_id) == (0, 0)
+
+
+def test_bad_rows_reported_then_skipped(server, bundles, tmp_path):
+    state = tmp_path / "state"
+    device_id = register(server, "e2e-badrows", bundles["l3"], state)
+    data = write_data(tmp_path / "d.jsonl", 20)
+    lines = data.read_text().splitlines()
+    lines[2] = '{"text": "broken json'  # line 3
+    lines[6] = json.dumps({"text": "fine text", "label": "neutral"})  # line 7: unknown label
+    data.write_text("\n".join(lines) + "\n")
+
+    r = cli(*run_args(bundles["l3"], data, state))
+    assert r.returncode == 1 and "line 3" in r.stderr and "line 7" in r.stderr, r.stderr
+    assert server.stored(device_id) == (0, 0)
+
+    r = cli(*run_args(bundles["l3"], data, state, "--skip-bad-rows"))
+    assert r.returncode == 0, r.stderr
+    assert server.stored(device_id) == (18, 18)
+
+
+def test_unreachable_server_names_last_acked_batch(server, bundles, tmp_path):
+    """40 of 80 records go up; the next run cannot reach the server: it retries, stops with
+    an error naming the last acknowledged batch; a later run finishes, nothing twice."""
+    state = tmp_path / "state"
+    device_id = register(server, "e2e-unreach", bundles["l3"], state)
+    data = write_data(tmp_path / "d.jsonl", 80)
+    assert (
+        cli(*run_args(bundles["l3"], data, state, "--limit", "40", "--batch-size", "8")).returncode
+        == 0
+    )
+
+    dead = f"http://127.0.0.1:{_free_port()}"
+    r = cli(*run_args(bundles["l3"], data, state, "--server", dead, "--retries", "3",
+                      "--batch-size", "8"))  # fmt: skip
+    assert r.returncode == 1
+    assert "after 3 attempts" in r.stderr and r.stderr.count("retry ") == 2
+    assert "last acknowledged batch" in r.stderr and "samples 32..39" in r.stderr, r.stderr
+    assert "40 train samples acknowledged" in r.stderr
+
+    r = cli(*run_args(bundles["l3"], data, state, "--batch-size", "8"))
+    assert r.returncode == 0, r.stderr
+    assert server.stored(device_id) == (80, 80)
+
+
+def test_server_rejects_bundle_and_labels(server, bundles, tmp_path):
+    """Registration with other label names: 409 with the server's reason. A device whose
+    uploads come from another bundle than it registered: 409, not retried, nothing stored."""
+    r = cli("device", "register", "--server", server.url, "--admin-token", ADMIN,
+            "--name", "e2e-labels", "--bundle", bundles["l3"], "--state", tmp_path / "s1",
+            "--labels", "ham,spam")  # fmt: skip
+    assert r.returncode == 1 and "HTTP 409" in r.stderr and "label_names" in r.stderr
+
+    state = tmp_path / "s2"
+    device_id = register(server, "e2e-swap", bundles["l3"], state)
+    saved = json.loads((state / "device.json").read_text())
+    from fedmobillm.device_runtime.protocol import bundle_digest, read_manifest
+
+    saved["bundle_sha256"] = bundle_digest(read_manifest(bundles["l6"]))  # swapped locally
+    (state / "device.json").write_text(json.dumps(saved))
+    r = cli(*run_args(bundles["l6"], write_data(tmp_path / "d.jsonl", 8), state))
+    assert r.returncode == 1 and "HTTP 409" in r.stderr and "registered bundle" in r.stderr
+    assert "retry" not in r.stderr
+    assert server.stored(device_id) == (0, 0)
