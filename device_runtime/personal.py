@@ -57,8 +57,15 @@ def _read_members(path: Path) -> dict[str, bytes]:
 class PersonalModel:
     """personal.onnx: input "activations" float32 ``(B, K, d)`` -> "logits" ``(B, C)``."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, activations: str = "auto") -> None:
+        """``activations``: what the side network was trained on and so what it should
+        see: "int8" (quantize/dequantize with the bundle's scales, as uploads do),
+        "fp32", or "auto" (personal.json's "encoding" if it says, else int8, the default
+        upload encoding)."""
         import onnxruntime as ort
+
+        if activations not in ("auto", "int8", "fp32"):
+            raise FedMobiLLMError(f"activations must be auto, int8 or fp32, not {activations!r}")
 
         members = _read_members(Path(path))
         try:
@@ -75,11 +82,9 @@ class PersonalModel:
         except Exception as exc:  # onnxruntime's own exception types
             raise FedMobiLLMError(f"onnxruntime cannot load {path}/{PERSONAL_ONNX}: {exc}") from exc
         self._scales: np.ndarray | None = None
-
-    @property
-    def trained_on_int8(self) -> bool:
-        enc = self.info.get("encoding") or self.info.get("upload_encoding")
-        return enc == "int8" or "int8" in (self.info.get("encodings") or [])
+        if activations == "auto":
+            activations = "fp32" if self.info.get("encoding") in ("fp16", "fp32") else "int8"
+        self.trained_on_int8 = activations == "int8"
 
     def check_compatible(self, manifest: Manifest) -> None:
         arch = self.info.get("architecture")

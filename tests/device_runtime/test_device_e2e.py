@@ -27,7 +27,8 @@ ADMIN = "e2e-admin-token-0123456789abcdefghij"
 LABELS = ["negative", "positive"]
 L3 = {"taps": 3, "formats": ("onnx",)}
 L6 = {"taps": 4, "formats": ("onnx",)}
-WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy", "warm", "cold"]
+WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy", "warm", "cold"]  # +, -
+CAST = ["large", "young", "new", "local"]
 
 
 def _free_port() -> int:
@@ -60,11 +61,15 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    data_dir = tmp_path_factory.mktemp("server")
+    """`fedmobillm serve --no-train` on a free loopback port."""
+    yield from _serve(tmp_path_factory.mktemp("server"), train=False, env={})
+
+
+def _serve(data_dir: Path, train: bool, env: dict[str, str]):
     port = _free_port()
-    env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": ADMIN}
+    env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": ADMIN, **env}
     cmd = [sys.executable, "-m", "fedmobillm.cli", "serve", "--port", str(port),
-           "--data-dir", str(data_dir), "--no-train"]  # fmt: skip
+           "--data-dir", str(data_dir)] + ([] if train else ["--no-train"])  # fmt: skip
     log_file = open(data_dir / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
     proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -98,12 +103,12 @@ def cli(*args: str, env: dict | None = None, timeout: float = 180) -> subprocess
 
 
 def write_data(path: Path, n: int, seed: int = 0) -> Path:
-    """n review-like lines, labels as names."""
+    """n review-like lines, labels as names; the label follows the sentiment word."""
     with open(path, "w") as f:
         for i in range(n):
-            w = WORDS[(i * 7 + seed) % len(WORDS)]
-            text = f"review {seed}-{i}: the plot was {w} and the acting {WORDS[i % 8]}"
-            f.write(json.dumps({"text": text, "label": LABELS[(i + seed) % 2]}) + "\n")
+            j = (i * 5 + seed) % len(WORDS)
+            text = f"review {seed}-{i}: the film was {WORDS[j]}, the cast {CAST[(i + seed) % 4]}"
+            f.write(json.dumps({"text": text, "label": LABELS[1 - j % 2]}) + "\n")
     return path
 
 
@@ -350,3 +355,61 @@ def test_server_rejects_bundle_and_labels(server, bundles, tmp_path):
     assert r.returncode == 1 and "HTTP 409" in r.stderr and "registered bundle" in r.stderr
     assert "retry" not in r.stderr
     assert server.stored(device_id) == (0, 0)
+
+
+# -- personal model: fetch and on-device predict -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def training_server(tmp_path_factory) -> Server:
+    """A second server with its trainer on, stopping soon after data stops coming."""
+    env = {"FEDMOBILLM_IDLE_AFTER_STEPS": "150", "FEDMOBILLM_EVAL_EVERY": "50",
+           "FEDMOBILLM_EXPORT_EVERY": "50", "FEDMOBILLM_CHECKPOINT_EVERY": "150"}  # fmt: skip
+    yield from _serve(tmp_path_factory.mktemp("train-server"), train=True, env=env)
+
+
+def test_fetch_model_before_training_is_a_clear_error(server, bundles, tmp_path):
+    state = tmp_path / "state"
+    register(server, "e2e-early", bundles["l3"], state)
+    r = cli("device", "fetch-model", "--state", state, "--out", tmp_path / "model")
+    assert r.returncode == 1 and "no personal model" in r.stderr, r.stderr
+
+
+def test_validation_upload_fetch_model_and_predict(training_server, bundles, tmp_path):
+    """Upload train and validation splits, wait for the trainer's personal model, fetch it,
+    then run backbone + personal model on the device: labels for texts, accuracy for a file."""
+    srv, state = training_server, tmp_path / "state"
+    device_id = register(srv, "e2e-predict", bundles["l3"], state)
+    train, val = write_data(tmp_path / "t.jsonl", 128, 1), write_data(tmp_path / "v.jsonl", 32, 2)
+    assert cli(*run_args(bundles["l3"], train, state)).returncode == 0
+    r = cli(*run_args(bundles["l3"], val, state, "--split", "validation"))
+    assert r.returncode == 0, r.stderr
+    assert srv.device(device_id)["samples"] == {"train": 128, "validation": 32}
+
+    model = tmp_path / "model"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline:
+        r = cli("device", "fetch-model", "--state", state, "--out", model)
+        if r.returncode == 0 and _trained_enough(model):
+            break
+        time.sleep(3)
+    assert (model / "personal.onnx").is_file(), r.stderr
+
+    r = cli("device", "predict", "--bundle", bundles["l3"], "--side", model,
+            "--text", "the film was great, the cast young",
+            "--text", "the film was tedious, the cast new")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == ["positive", "negative"]
+
+    test = write_data(tmp_path / "test.jsonl", 64, 3)
+    r = cli("device", "predict", "--bundle", bundles["l3"], "--side", model / "personal.zip",
+            "--data", test)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    accuracy = float(r.stdout.split("accuracy: ")[1].split()[0])
+    log.warning("on-device predict (MiniLM-L3 + personal model): accuracy %.3f", accuracy)
+    assert accuracy >= 0.9
+
+
+def _trained_enough(model: Path) -> bool:
+    info = json.loads((model / "personal.json").read_text())
+    return info.get("trainer_step", 0) >= 100

@@ -63,6 +63,12 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", help="local file or dataset name: predict all, report accuracy")
     p.add_argument("--split", default="test", help="split of a named dataset (default test)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "pte"])
+    p.add_argument(
+        "--activations",
+        default="auto",
+        choices=["auto", "int8", "fp32"],
+        help="round-trip taps through int8 as uploads do (auto: as personal.json says, else int8)",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="use only the first N records")
     p.add_argument("--skip-bad-rows", action="store_true")
@@ -131,7 +137,7 @@ def _predict(args: argparse.Namespace) -> int:
     from fedmobillm.device_runtime.records import device_records
 
     backbone = Backbone(args.bundle, args.backend)
-    personal = PersonalModel(args.side)
+    personal = PersonalModel(args.side, args.activations)
     personal.check_compatible(backbone.manifest)
     if args.text:
         labels = personal.predict_texts(backbone, list(args.text))
