@@ -1,0 +1,323 @@
+# Owner: H4.
+"""Ingest throughput of the real server with many concurrent simulated devices.
+
+    python -m benchmarks.bench_server [--devices 32] [--duration 20] [--batch 32] --out DIR
+
+Starts `fedmobillm serve` (uvicorn on loopback, real SQLite in a temporary data dir) twice:
+once ingest-only, once with the trainer stepping on pre-loaded data. In each, D devices
+(three architectures: d=384/K=3 like MiniLM, d=576/K=3 like SmolLM2) upload int8 batches
+of pivot activations as fast as acknowledgements come back, from one asyncio client
+process. Payloads are encoded before the clock starts. Reports acknowledged batches/s,
+MB/s, p50/p99 acknowledgement latency, and the trainer's samples/s.
+Writes DIR/bench_server.json and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from fedmobillm.device_runtime.protocol import BUNDLE_FORMAT_VERSION
+from fedmobillm.device_runtime.serde import Batch, encode_batch, quantize_int8
+
+log = logging.getLogger("benchmarks.server")
+
+ARCHS = [
+    ("minilm-l3-like", 3, 384, [1, 2, 3]),
+    ("minilm-l6-like", 6, 384, [2, 4, 6]),
+    ("smollm2-like", 30, 576, [10, 20, 30]),
+]
+LABELS = ["negative", "positive"]
+
+
+def manifest(name: str, depth: int, hidden: int, taps: list[int]) -> dict:
+    return {
+        "format_version": BUNDLE_FORMAT_VERSION,
+        "source_model": name,
+        "family": "bench",
+        "kind": "encoder",
+        "depth": depth,
+        "hidden_size": hidden,
+        "taps": taps,
+        "pivot": "first",
+        "quant": "int8",
+        "max_seq_len": 64,
+        "activation_scales": [0.05] * len(taps),
+        "graph_params": 1,
+        "files": {
+            "backbone.onnx": {"sha256": uuid.uuid5(uuid.NAMESPACE_DNS, name).hex, "bytes": 1}
+        },
+        "tokenizer": {"file": "tokenizer.json", "pad_token_id": 0, "add_special_tokens": True},
+    }
+
+
+def payloads(reg: dict, m: dict, batches: int, n: int, id0: int, seed: int) -> list[bytes]:
+    rng = np.random.default_rng(seed)
+    k, d = len(m["taps"]), m["hidden_size"]
+    scales = np.full(k, 0.05, np.float32)
+    out = []
+    for b in range(batches):
+        y = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, k, d)).astype(np.float32) + y[:, None, None] * 0.5  # (n, K, d)
+        ids = np.arange(id0 + b * n, id0 + (b + 1) * n, dtype=np.int64)
+        out.append(
+            encode_batch(
+                Batch(
+                    reg["device_id"],
+                    reg["bundle_sha256"],
+                    uuid.uuid4().hex,
+                    "train",
+                    "int8",
+                    quantize_int8(x, scales),
+                    y,
+                    ids,
+                    scales,
+                )
+            )
+        )
+    return out
+
+
+class Server:
+    def __init__(self, data_dir: Path, settings: dict) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.token = uuid.uuid4().hex + uuid.uuid4().hex
+        cfg = data_dir.parent / "bench-server.json"
+        cfg.write_text(json.dumps(settings))
+        env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": self.token}
+        self.log = open(data_dir.parent / "bench-server.log", "ab")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedmobillm.cli",
+                "serve",
+                "--port",
+                str(self.port),
+                "--data-dir",
+                str(data_dir),
+                "--config",
+                str(cfg),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for _ in range(600):
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not start")
+
+    @property
+    def admin(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"}
+
+    def trainer(self) -> dict:
+        return httpx.get(f"{self.url}/v1/status", headers=self.admin, timeout=30).json()["trainer"]
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(120)
+
+
+async def device_loop(
+    client: httpx.AsyncClient,
+    url: str,
+    token: str,
+    data: list[bytes],
+    t_end: float,
+    lat: list[float],
+    sizes: list[int],
+) -> None:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
+    for body in data:
+        if time.perf_counter() >= t_end:
+            return
+        t0 = time.perf_counter()
+        r = await client.post(f"{url}/v1/batches", content=body, headers=headers)
+        if r.status_code != 200:
+            raise RuntimeError(f"upload refused: {r.status_code} {r.text[:200]}")
+        lat.append(time.perf_counter() - t0)
+        sizes.append(len(body))
+
+
+async def load(url: str, fleet: list[tuple[dict, list[bytes]]], duration: float) -> dict:
+    lat: list[float] = []
+    sizes: list[int] = []
+    limits = httpx.Limits(max_connections=len(fleet) + 4)
+    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(
+            *(
+                device_loop(client, url, reg["token"], data, t0 + duration, lat, sizes)
+                for reg, data in fleet
+            )
+        )
+        elapsed = time.perf_counter() - t0
+    ms = np.array(lat) * 1000
+    return {
+        "acked_batches": len(lat),
+        "seconds": round(elapsed, 2),
+        "batches_per_s": round(len(lat) / elapsed, 1),
+        "mb_per_s": round(sum(sizes) / elapsed / 1e6, 2),
+        "p50_ms": round(float(np.percentile(ms, 50)), 1),
+        "p99_ms": round(float(np.percentile(ms, 99)), 1),
+    }
+
+
+def register_fleet(srv: Server, devices: int, batches: int, n: int, id0: int) -> list:
+    fleet = []
+    for i in range(devices):
+        name, depth, hidden, taps = ARCHS[i % len(ARCHS)]
+        m = manifest(name, depth, hidden, taps)
+        r = httpx.post(
+            f"{srv.url}/v1/devices",
+            headers=srv.admin,
+            timeout=30,
+            json={"name": f"dev-{id0}-{i}", "manifest": m, "label_names": LABELS},
+        )
+        r.raise_for_status()
+        reg = r.json()
+        fleet.append((reg, payloads(reg, m, batches, n, 0, seed=id0 + i)))
+    return fleet
+
+
+def run_mode(workdir: Path, args: argparse.Namespace, training: bool) -> dict:
+    data_dir = workdir / ("train" if training else "ingest") / "data"
+    data_dir.parent.mkdir(parents=True)
+    settings = {
+        "train": training,
+        "idle_after_steps": 0,
+        "checkpoint_every": 500,
+        "eval_every": 1000,
+        "export_every": 100_000,
+        "batch_size": 64,
+    }
+    srv = Server(data_dir, settings)
+    try:
+        per_device = int(args.duration * 40) + 5  # more than can be sent in the time
+        if training:  # pre-load data so the trainer steps during the measurement
+            warm = register_fleet(srv, 3, 10, args.batch, 10_000)
+            asyncio.run(load(srv.url, warm, 60.0))
+            t_wait = time.monotonic() + 120
+            while srv.trainer()["step"] < 20 and time.monotonic() < t_wait:
+                time.sleep(0.5)
+        fleet = register_fleet(srv, args.devices, per_device, args.batch, 0)
+        before = srv.trainer() if training else None
+        log.info(
+            "%s: %d devices uploading for %.0f s",
+            "with training" if training else "ingest only",
+            args.devices,
+            args.duration,
+        )
+        t0 = time.monotonic()
+        result = asyncio.run(load(srv.url, fleet, args.duration))
+        if training:
+            after = srv.trainer()
+            dt = time.monotonic() - t0
+            result["trainer_steps"] = after["step"] - before["step"]
+            result["trainer_samples_per_s"] = round(
+                (after["samples_seen"] - before["samples_seen"]) / dt, 1
+            )
+    finally:
+        srv.stop()
+    result["mode"] = "with training" if training else "ingest only"
+    return result
+
+
+def trainer_only(workdir: Path, args: argparse.Namespace) -> float:
+    """Trainer samples/s with no ingest load (same settings)."""
+    data_dir = workdir / "trainer" / "data"
+    data_dir.parent.mkdir(parents=True)
+    srv = Server(
+        data_dir,
+        {
+            "train": True,
+            "idle_after_steps": 0,
+            "checkpoint_every": 500,
+            "eval_every": 1000,
+            "export_every": 100_000,
+            "batch_size": 64,
+        },
+    )
+    try:
+        warm = register_fleet(srv, 3, 10, args.batch, 20_000)
+        asyncio.run(load(srv.url, warm, 60.0))
+        while srv.trainer()["step"] < 20:
+            time.sleep(0.5)
+        a, t0 = srv.trainer(), time.monotonic()
+        time.sleep(min(10.0, args.duration))
+        b = srv.trainer()
+        return round((b["samples_seen"] - a["samples_seen"]) / (time.monotonic() - t0), 1)
+    finally:
+        srv.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_server", description=__doc__)
+    p.add_argument("--devices", type=int, default=32)
+    p.add_argument("--duration", type=float, default=20.0, help="seconds per mode")
+    p.add_argument("--batch", type=int, default=32, help="samples per upload")
+    p.add_argument("--quick", action="store_true", help="5 s per mode")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.duration = 5.0
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
+        rows = [run_mode(Path(tmp), args, training=False), run_mode(Path(tmp), args, True)]
+        idle_rate = trainer_only(Path(tmp), args)
+    report = {
+        "devices": args.devices,
+        "batch_samples": args.batch,
+        "duration_s": args.duration,
+        "cpu_cores": os.cpu_count(),
+        "rows": rows,
+        "trainer_samples_per_s_no_ingest": idle_rate,
+    }
+    (args.out / "bench_server.json").write_text(json.dumps(report, indent=1))
+    print(markdown(report))
+    return 0
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"{report['devices']} devices, {report['batch_samples']} samples/upload (int8), "
+        f"{report['duration_s']:.0f} s per mode, {report['cpu_cores']} cores",
+        "",
+        "| mode | acked batches/s | MB/s | p50 ack ms | p99 ack ms | trainer samples/s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["rows"]:
+        lines.append(
+            f"| {r['mode']} | {r['batches_per_s']} | {r['mb_per_s']} | {r['p50_ms']} | "
+            f"{r['p99_ms']} | {r.get('trainer_samples_per_s', '-')} |"
+        )
+    lines.append(f"| trainer alone | - | - | - | - | {report['trainer_samples_per_s_no_ingest']} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
