@@ -198,10 +198,16 @@ def personal_accuracy(trainer: Any, acts: Activations, bundle_dir: Path, work: P
     return {
         "accuracy": float((logits.argmax(1) == acts.y).mean()),
         "accuracy_torch": float(torch_acc),
+        "majority_class_rate": majority(acts.y),
         "side_params": int(trainer.num_parameters()),
         "personal_params": int(trainer.num_parameters(acts.architecture)),
         "personal_onnx_bytes": int((Path(out) / "personal.onnx").stat().st_size),
     }
+
+
+def majority(y: np.ndarray) -> float:
+    """Accuracy of always predicting the most frequent label (chance level)."""
+    return float(np.bincount(y).max() / len(y))
 
 
 def side_rows(
@@ -300,6 +306,7 @@ def linear_probe(cfg: AccuracyConfig, dataset: str, b: str, s: Split) -> dict:
         "partition": "central",
         "dataset": dataset,
         "accuracy": acc,
+        "majority_class_rate": majority(s.test.y),
         "val_accuracy": val,
         "C": c,
         "train_samples": int(len(s.train.y)),
@@ -374,6 +381,7 @@ def full_finetune(cfg: AccuracyConfig, dataset: str) -> dict:
         "partition": "central",
         "dataset": dataset,
         "accuracy": acc,
+        "majority_class_rate": majority(np.asarray([r.label for r in test])),
         "train_samples": len(train),
         "test_samples": len(test),
         "epochs": cfg.full_ft_epochs,
@@ -616,17 +624,28 @@ def _jsonable(o: Any) -> Any:
 # -- command line -----------------------------------------------------------------------------
 
 
-def parse_side(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def parse_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
+    out = []
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise FedMobiLLMError(f"--side {item!r} is not KEY=VALUE", hint="e.g. --side width=256")
+        if not sep or not key:
+            raise FedMobiLLMError(f"{flag} {item!r} is not KEY=VALUE", hint=f"e.g. {flag} a=b")
+        out.append((key, raw))
+    return out
+
+
+def parse_side(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, raw in parse_pairs(items, "--side"):
         try:
             out[key] = json.loads(raw)
         except ValueError:
             out[key] = raw
     return out
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -637,11 +656,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--datasets", help="comma-separated data set names")
     p.add_argument("--backbones", help="comma-separated backbone names")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-per-arch", type=int)
-    p.add_argument("--train-limit", type=int)
+    p.add_argument("--steps", type=int, help="side-network steps (every method)")
+    p.add_argument("--batch-per-arch", type=int, help="samples per architecture per step")
+    p.add_argument("--train-limit", type=int, help="train records per data set")
+    p.add_argument("--val-limit", type=int)
+    p.add_argument("--test-limit", type=int)
+    p.add_argument("--devices-per-backbone", type=int)
+    p.add_argument("--partitions", help="comma-separated: iid, dirichlet-ALPHA")
     p.add_argument("--seed", type=int)
     p.add_argument("--no-full-ft", action="store_true")
+    p.add_argument("--full-ft-model")
+    p.add_argument("--full-ft-train", type=int, help="train records for full-ft")
+    p.add_argument(
+        "--bundle",
+        action="append",
+        default=[],
+        metavar="BACKBONE=DIR",
+        help="use an existing bundle folder for a backbone instead of exporting",
+    )
     p.add_argument(
         "--side",
         action="append",
@@ -658,16 +690,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = AccuracyConfig.for_mode(
             a.quick,
-            datasets=tuple(a.datasets.split(",")) if a.datasets else None,
-            backbones=tuple(a.backbones.split(",")) if a.backbones else None,
+            datasets=_csv(a.datasets),
+            backbones=_csv(a.backbones),
             steps=a.steps,
             batch_per_arch=a.batch_per_arch,
             train_limit=a.train_limit,
+            val_limit=a.val_limit,
+            test_limit=a.test_limit,
+            devices_per_backbone=a.devices_per_backbone,
+            partitions=_csv(a.partitions),
             seed=a.seed,
             full_ft=False if a.no_full_ft else None,
+            full_ft_model=a.full_ft_model,
+            full_ft_train=a.full_ft_train,
+            bundles=dict(parse_pairs(a.bundle, "--bundle")) or None,
             side=parse_side(a.side) or None,
         )
         cfg.side_config()
+        for p_ in cfg.partitions:
+            alpha_of(p_)
         result = run(cfg, a.out)
     except FedMobiLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
