@@ -126,6 +126,7 @@ def export_personal_model(
         "num_labels": len(label_names),
         "label_names": list(label_names),
         "trainer_step": step,
+        "encoding": getattr(spec, "encoding", "int8"),
         "inputs": [
             {
                 "name": "activations",

@@ -95,6 +95,7 @@ class ArchSpec:
     hidden: int
     key: str = ""  # module key (a0, a1, ...) in weights
     bundle_sha256s: list[str] = field(default_factory=list)
+    encoding: str = "int8"  # what it was trained on: int8 (dequantized) or fp16 uploads
 
 
 def tap_blocks(taps: list[int], depth: int, blocks: int) -> list[int]:
@@ -406,6 +407,7 @@ class SideTrainer:
         for a in state["archs"]:
             trainer.add_architecture(a["name"], a["taps"], a["depth"], a["hidden"])
             trainer.archs[a["name"]].bundle_sha256s = list(a.get("bundle_sha256s", []))
+            trainer.archs[a["name"]].encoding = a.get("encoding", "int8")
         tensors = load_file(str(directory / WEIGHTS_FILE))
         trainer.side.load_state_dict(_strip(tensors, "side."))
         trainer.aligns.load_state_dict(_strip(tensors, "align."))

@@ -97,6 +97,7 @@ class SampleRows:
     device_ids: list[str]
     architectures: list[str]
     splits: list[str]
+    encodings: list[str]
     labels: np.ndarray  # (M,) int64
     activations: list[np.ndarray]  # M arrays (K, d) float32
 
@@ -300,6 +301,7 @@ class Store:
             device_ids=[r[1] for r in rows],
             architectures=[r[2] for r in rows],
             splits=[r[3] for r in rows],
+            encodings=[r[5] for r in rows],
             labels=np.array([r[4] for r in rows], dtype=np.int64),
             activations=acts,
         )

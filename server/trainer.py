@@ -46,6 +46,7 @@ class ArchData:
     depth: int
     hidden: int
     bundle_sha256s: set[str] = field(default_factory=set)
+    encodings: set[str] = field(default_factory=set)  # of the uploads: int8 / fp16
     train_x: dict[str, list[np.ndarray]] = field(default_factory=dict)  # device -> [(K, d)]
     train_y: dict[str, list[int]] = field(default_factory=dict)
     val_x: list[np.ndarray] = field(default_factory=list)
@@ -84,6 +85,7 @@ class TrainingCache:
         for i in range(len(rows.ids)):
             a = self.archs[rows.architectures[i]]
             y = int(rows.labels[i])
+            a.encodings.add(rows.encodings[i])
             if rows.splits[i] == "validation":
                 a.val_x.append(rows.activations[i])
                 a.val_y.append(y)
@@ -242,6 +244,7 @@ class Trainer:
             self.side.add_architecture(name, a.taps, a.depth, a.hidden)
             spec = self.side.archs[name]
             spec.bundle_sha256s = sorted(set(spec.bundle_sha256s) | a.bundle_sha256s)
+            spec.encoding = "int8" if "int8" in a.encodings or not a.encodings else "fp16"
 
     def _evaluate(self) -> None:
         assert self.side is not None
