@@ -174,6 +174,37 @@ def test_two_architectures_sigkill_and_resume_exactly_once(server, bundles, tmp_
     log.info("L6 device killed after %d acked batches, resumed to %d samples", killed_at, n)
 
 
+def test_killed_at_random_moments_still_exactly_once(server, bundles, tmp_path):
+    """SIGKILL a device four times at random moments (during forward, between pending
+    and ack, mid-request), then let it finish: each record stored once."""
+    import random
+
+    state, n, rng = tmp_path / "state", 96, random.Random(4)
+    data = write_data(tmp_path / "d.jsonl", n, seed=7)
+    device_id = register(server, "e2e-chaos", bundles["l3"], state)
+    args = [sys.executable, "-m", "fedmobillm.cli",
+            *run_args(bundles["l3"], data, state, "--batch-size", "4", "--bandwidth-mbps", "0.5")]  # fmt: skip
+    kills = 0
+    for _ in range(4):
+        before = len(acks(state))
+        p = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60  # wait for this run to start uploading, then kill
+        while len(acks(state)) == before and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.wait(timeout=30)
+
+    r = cli(*run_args(bundles["l3"], data, state, "--batch-size", "4"))
+
+    assert r.returncode == 0, r.stderr
+    assert kills >= 3
+    assert server.stored(device_id) == (n, n)
+    assert server.device(device_id)["samples"]["train"] == n
+
+
 BLOCK_TORCH = """
 import sys
 class _NoTorch:
