@@ -124,11 +124,11 @@ class WorkDir:
 
     def push(self, local: Path, name: str | None = None) -> str:
         remote = f"{self.path}/{name or Path(local).name}"
-        log.info(
-            "pushing %s (%.1f MB) to %s", Path(local).name, Path(local).stat().st_size / 1e6, remote
-        )
+        size = Path(local).stat().st_size
+        level = logging.INFO if size > 1 << 20 else logging.DEBUG
+        log.log(level, "pushing %s (%.1f MB) to %s", Path(local).name, size / 1e6, remote)
         self.device.push(Path(local), remote)
-        self.pushed_bytes += Path(local).stat().st_size
+        self.pushed_bytes += size
         return remote
 
     def run(self, argv: list[str], timeout: float) -> str:
