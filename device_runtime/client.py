@@ -142,10 +142,13 @@ class RunConfig:
     server: str | None = None  # overrides the registered server URL
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress_every_s: float = 2.0
+    slowdown: float = 1.0  # simulate a slower device: each forward takes this many times longer
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise FedMobiLLMError("--batch-size must be at least 1")
+        if self.slowdown < 1.0:
+            raise FedMobiLLMError("--slowdown must be at least 1 (1 = this machine's speed)")
         if self.encoding not in ENCODINGS:
             raise FedMobiLLMError(f"--upload must be one of {', '.join(ENCODINGS)}")
         if self.split not in SPLITS:
@@ -169,6 +172,9 @@ class RunSummary:
     retries: int
     wall_s: float
     server_samples: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
 
     def lines(self) -> list[str]:
         link = f" at {self.bandwidth_mbps:g} Mbit/s (simulated)" if self.bandwidth_mbps else ""
@@ -328,6 +334,9 @@ class DeviceClient:
         start = time.perf_counter()
         taps = self.backbone(texts)  # (N, K, d) float32
         forward_s = time.perf_counter() - start
+        if self.config.slowdown > 1.0:  # a simulated slower phone
+            time.sleep((self.config.slowdown - 1.0) * forward_s)
+            forward_s *= self.config.slowdown
         if not np.isfinite(taps).all():
             raise FedMobiLLMError(
                 f"the backbone produced NaN/inf activations for samples {ids[0]}..{ids[-1]}"

@@ -10,7 +10,7 @@ import logging
 import time
 import zipfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +125,9 @@ class PredictResult:
     @property
     def accuracy(self) -> float | None:
         return self.correct / self.labelled if self.labelled else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "accuracy": self.accuracy}
 
     def lines(self) -> list[str]:
         acc = f"{self.accuracy:.4f}" if self.accuracy is not None else "n/a (no labels)"

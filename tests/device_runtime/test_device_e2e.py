@@ -225,14 +225,20 @@ def test_onnx_path_runs_without_torch(server, bundles, tmp_path):
     data = write_data(tmp_path / "d.jsonl", n, seed=5)
     device_id = register(server, "e2e-notorch", bundles["l6"], state)
 
+    extra = ("--bandwidth-mbps", "4", "--slowdown", "2", "--summary-json", tmp_path / "s.json")
     r = subprocess.run(
-        [sys.executable, "-c", BLOCK_TORCH, *run_args(bundles["l6"], data, state)],
+        [sys.executable, "-c", BLOCK_TORCH, *run_args(bundles["l6"], data, state, *map(str, extra))],
         capture_output=True, text=True, timeout=180,
     )  # fmt: skip
 
     assert r.returncode == 0, r.stderr
     assert "TORCH_LOADED False" in r.stdout
     assert "peak memory (RSS)" in r.stdout and f"samples uploaded:   {n}" in r.stdout
+    assert "at 4 Mbit/s (simulated)" in r.stdout
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["samples"] == n and summary["server_samples"]["train"] == n
+    assert summary["upload_s"] >= summary["bytes_uploaded"] * 8 / 4e6 * 0.999
+    assert summary["forward_ms_per_sample"] > 0 and summary["peak_rss_mb"] > 0
     assert server.stored(device_id) == (n, n)
     log.info("torch-free device run:\n%s", r.stdout)
 
@@ -434,9 +440,12 @@ def test_validation_upload_fetch_model_and_predict(training_server, bundles, tmp
 
     test = write_data(tmp_path / "test.jsonl", 64, 3)
     r = cli("device", "predict", "--bundle", bundles["l3"], "--side", model / "personal.zip",
-            "--data", test)  # fmt: skip
+            "--data", test, "--json", tmp_path / "pred.json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     accuracy = float(r.stdout.split("accuracy: ")[1].split()[0])
+    assert json.loads((tmp_path / "pred.json").read_text())["accuracy"] == pytest.approx(
+        accuracy, abs=1e-4
+    )
     log.warning("on-device predict (MiniLM-L3 + personal model): accuracy %.3f", accuracy)
     assert accuracy >= 0.9
 

@@ -53,6 +53,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, help="use only the first N records")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows, say which")
     p.add_argument("--retries", type=int, default=6, help="attempts per request (default 6)")
+    p.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="simulate a slower phone: each forward takes X times as long (default 1)",
+    )
+    p.add_argument("--summary-json", type=Path, help="also write the summary to this JSON file")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -72,6 +79,7 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--limit", type=int, help="use only the first N records")
     p.add_argument("--skip-bad-rows", action="store_true")
+    p.add_argument("--json", type=Path, help="with --data: also write the result as JSON here")
 
 
 def _add_fetch(p: argparse.ArgumentParser) -> None:
@@ -121,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
         bandwidth_mbps=args.bandwidth_mbps,
         server=args.server,
         retry=RetryPolicy(attempts=args.retries),
+        slowdown=args.slowdown,
     )
     client = DeviceClient(state_dir, args.bundle, config)
     records = device_records(
@@ -128,7 +137,16 @@ def _run(args: argparse.Namespace) -> int:
     )
     summary = client.run(records)
     print("\n".join(summary.lines()))
+    if args.summary_json:
+        _write_json(args.summary_json, summary.to_json())
     return 0
+
+
+def _write_json(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -149,6 +167,10 @@ def _predict(args: argparse.Namespace) -> int:
     )
     result = predict_records(backbone, personal, records, args.batch_size)
     print("\n".join(result.lines()))
+    if args.json:
+        import json
+
+        _write_json(args.json, json.dumps(result.to_dict(), indent=2))
     return 0
 
 
