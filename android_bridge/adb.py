@@ -155,9 +155,10 @@ class Device:
     def shell(self, command: str, *, timeout: float = 120, check: bool = True) -> ShellResult:
         """Run ``command`` with the device's /bin/sh; returns its exit status and output.
 
-        Legacy ``shell:`` loses the exit status, so a marker carries it back."""
+        Legacy ``shell:`` loses the exit status, so a marker carries it back (the command
+        runs in a subshell so that ``exit`` in it cannot skip the marker)."""
         res = self.adb.run(
-            "-s", self.serial, "shell", f"{command}; echo {RC_MARKER}$?", timeout=timeout
+            "-s", self.serial, "shell", f"({command}\n); echo {RC_MARKER}$?", timeout=timeout
         )
         text = res.stdout.replace("\r\n", "\n")
         match = re.search(rf"{RC_MARKER}(\d+)\s*$", text)

@@ -80,18 +80,16 @@ def parse_meminfo(text: str) -> dict[str, int]:
 
 
 def parse_df_free_kb(text: str) -> int | None:
-    """Available 1K blocks from ``df -k PATH`` (toybox and coreutils layouts)."""
-    lines = [ln.split() for ln in text.strip().splitlines() if ln.strip()]
-    if len(lines) < 2:
+    """Available 1K blocks from ``df -k PATH`` (toybox and coreutils layouts; a long device
+    name may wrap the row). Reads the numbers before the last "Use%" field."""
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    if len(lines) < 2 or "avail" not in lines[0].lower():
         return None
-    header = [h.lower() for h in lines[0]]
-    row = lines[-1]
-    col = next((i for i, h in enumerate(header) if h.startswith("avail") or h == "free"), 3)
-    offset = len(row) - (len(header) - 1 if "mounted" in header else len(header))
-    try:
-        return int(row[col + offset] if offset > 0 else row[col])
-    except (IndexError, ValueError):
-        return None
+    tokens = " ".join(lines[1:]).split()
+    pct = [i for i, t in enumerate(tokens) if t.endswith("%") and t[:-1].isdigit()]
+    nums = tokens[: pct[-1]] if pct else tokens
+    ints = [int(t) for t in nums if t.isdigit()]
+    return ints[-1] if len(ints) >= 3 else None
 
 
 def parse_freqs(text: str) -> list[int | None]:
