@@ -1,0 +1,265 @@
+"""Shared pieces of the headline benchmark: configuration (quick / full), the device
+profiles of the simulated fleet, the data split across devices, and small helpers.
+
+Torch-free: `_device_step` imports this module in a process that must not load torch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger("benchmarks")
+
+PROFILE_DIR = Path(__file__).resolve().parent / "baselines" / "profiles"
+DEFAULT_PROFILES = ("fast", "mid", "slow")
+
+
+@dataclass
+class DeviceProfile:
+    """One device class of the fleet (documented JSON under baselines/profiles/).
+
+    compute time of W FLOPs = W / (effective_gflops * 1e9) seconds;
+    transfer time of B bytes = 8 B / (mbps * 1e6) seconds."""
+
+    name: str
+    compute_factor: float
+    effective_gflops: float
+    uplink_mbps: float
+    downlink_mbps: float
+    quant: str = "int8"
+    description: str = ""
+    source: str = ""
+
+    def compute_s(self, flops: float) -> float:
+        return flops / (self.effective_gflops * 1e9)
+
+    def up_s(self, nbytes: float) -> float:
+        return 8.0 * nbytes / (self.uplink_mbps * 1e6)
+
+    def down_s(self, nbytes: float) -> float:
+        return 8.0 * nbytes / (self.downlink_mbps * 1e6)
+
+
+def load_profile(path: Path, reference_gflops: float = 40.0) -> DeviceProfile:
+    """A profile JSON: ours, or one written by `fedmobillm android profile` (then the keys
+    we need are looked up under common names; compute_factor is derived from gflops)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise FedMobiLLMError(f"cannot read device profile {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise FedMobiLLMError(f"device profile {path} is not a JSON object")
+    flat = dict(raw)
+    for sub in ("profile", "bench", "benchmark", "link"):
+        if isinstance(raw.get(sub), dict):
+            flat = {**raw[sub], **flat}
+    gflops = flat.get("effective_gflops") or flat.get("gflops")
+    factor = flat.get("compute_factor")
+    if gflops is None and factor is None:
+        raise FedMobiLLMError(
+            f"device profile {path} gives neither effective_gflops nor compute_factor",
+            hint="see benchmarks/baselines/profiles/fast.json for the keys",
+        )
+    gflops = float(gflops) if gflops is not None else reference_gflops / float(factor)
+    factor = float(factor) if factor is not None else reference_gflops / gflops
+    bw = flat.get("bandwidth_mbps")
+    up = flat.get("uplink_mbps", bw)
+    down = flat.get("downlink_mbps", bw if bw is not None else up)
+    if up is None or down is None:
+        raise FedMobiLLMError(f"device profile {path} gives no uplink_mbps / downlink_mbps")
+    return DeviceProfile(
+        name=str(flat.get("name") or Path(path).stem),
+        compute_factor=factor,
+        effective_gflops=gflops,
+        uplink_mbps=float(up),
+        downlink_mbps=float(down),
+        quant=str(flat.get("quant", "int8")),
+        description=str(flat.get("description", "")),
+        source=str(path),
+    )
+
+
+@dataclass
+class BenchConfig:
+    mode: str = "quick"
+    seed: int = 0
+    model: str = "minilm-l6"
+    dataset: str = "movie-snippets"
+    # Fleet: device class -> count (classes are profile names or JSON files)
+    fleet: dict[str, int] = field(default_factory=lambda: {"fast": 2, "mid": 3, "slow": 3})
+    samples_per_device: int = 80  # train records per device
+    dirichlet_alpha: float | None = 1.0  # non-IID label skew; None = IID
+    validation_samples: int = 300  # server-side validation (target accuracy)
+    test_samples: int = 600
+    max_seq_len: int = 64
+    # FedAvg (Flower)
+    rounds: int = 8
+    fraction_train: float = 0.5
+    local_epochs: int = 1
+    local_batch: int = 16
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
+    full_lr: float = 5e-5
+    # Forward-gradient (FwdLLM-style)
+    fwd_perturbations: int = 8
+    # fedmobillm / side-tuning
+    side_steps: int = 400  # trainer steps after the last upload (replay and centralised)
+    side_batch: int = 64
+    side_lr: float = 1e-3
+    eval_every: int = 20  # trainer steps between validation evaluations
+    upload_batch: int = 16  # device upload batch (samples)
+    # Target: accuracy on the validation split; "auto" = target_fraction * the lower of the
+    # best validation accuracies of FedAvg-LoRA and fedmobillm.
+    target: float | str = "auto"
+    target_fraction: float = 0.97
+    use_flower_engine: bool = True
+    memory_batch: int = 8
+
+    @classmethod
+    def for_mode(cls, mode: str, **overrides: Any) -> BenchConfig:
+        if mode == "quick":
+            cfg = cls(mode="quick")
+        elif mode == "full":
+            cfg = cls(
+                mode="full",
+                fleet={"fast": 5, "mid": 8, "slow": 7},
+                samples_per_device=300,
+                validation_samples=1000,
+                test_samples=1057,
+                max_seq_len=64,
+                rounds=30,
+                fraction_train=0.5,
+                side_steps=1500,
+                eval_every=50,
+                fwd_perturbations=16,
+            )
+        else:
+            raise FedMobiLLMError(f"mode must be quick or full, not {mode!r}")
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, v)
+        return cfg
+
+    @property
+    def num_devices(self) -> int:
+        return sum(self.fleet.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def fleet_profiles(
+    cfg: BenchConfig, profile_files: dict[str, Path] | None = None
+) -> list[DeviceProfile]:
+    """One profile per device, in device order (classes in the fleet's order)."""
+    profile_files = profile_files or {}
+    out = []
+    for cls_name, count in cfg.fleet.items():
+        path = profile_files.get(cls_name) or PROFILE_DIR / f"{cls_name}.json"
+        if not Path(path).is_file():
+            raise FedMobiLLMError(
+                f"no device profile for class {cls_name!r} (looked for {path})",
+                hint=f"use one of {', '.join(DEFAULT_PROFILES)} or pass --profile NAME=FILE.json",
+            )
+        prof = load_profile(Path(path))
+        prof.name = cls_name
+        out.extend([prof] * count)
+    return out
+
+
+@dataclass
+class FleetData:
+    label_names: list[str]
+    devices: list[list[Any]]  # Records per device (train)
+    validation: list[Any]
+    test: list[Any]
+    central_train: list[Any]  # the union of the devices' records
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "label_names": self.label_names,
+            "devices": len(self.devices),
+            "train_per_device": [len(d) for d in self.devices],
+            "validation": len(self.validation),
+            "test": len(self.test),
+        }
+
+
+def load_fleet_data(cfg: BenchConfig) -> FleetData:
+    """The named data set, split by fedmobillm's own loader; the train split is subsampled
+    to devices * samples_per_device records and partitioned (Dirichlet(alpha) over labels)."""
+    import numpy as np
+
+    from fedmobillm.device_runtime.data import load_dataset, partition
+
+    ds = load_dataset(cfg.dataset, seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    train = ds.splits["train"]
+    want = cfg.num_devices * cfg.samples_per_device
+    if want > len(train):
+        raise FedMobiLLMError(
+            f"{cfg.num_devices} devices x {cfg.samples_per_device} samples > {len(train)} "
+            "train records",
+            hint="lower --samples-per-device",
+        )
+    pick = rng.permutation(len(train))[:want]
+    train = [train[i] for i in sorted(pick)]
+    parts = partition(train, cfg.num_devices, cfg.dirichlet_alpha, cfg.seed)
+    # The splits keep source order (sorted by label in the vader files): subsample at random.
+    val = _subsample(ds.splits["validation"], cfg.validation_samples, rng)
+    test = _subsample(ds.splits["test"], cfg.test_samples, rng)
+    return FleetData(list(ds.label_names), parts, val, test, [r for p in parts for r in p])
+
+
+def _subsample(records: list[Any], n: int, rng: Any) -> list[Any]:
+    if n >= len(records):
+        return list(records)
+    return [records[i] for i in sorted(rng.permutation(len(records))[:n])]
+
+
+class Timer:
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.s = 0.0
+
+    def __enter__(self) -> Timer:
+        self.t0 = time.perf_counter()
+        log.info("%s ...", self.what)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.s = time.perf_counter() - self.t0
+        log.info("%s done in %.1f s", self.what, self.s)
+
+
+def first_reach(curve: list[dict[str, float]], target: float, key: str = "accuracy") -> dict | None:
+    """The first point of a curve (ordered by time) whose `key` >= target."""
+    for p in curve:
+        if p.get(key) is not None and not math.isnan(p[key]) and p[key] >= target:
+            return p
+    return None
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
+    tmp.replace(path)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")

@@ -1,0 +1,438 @@
+"""fedmobillm in the benchmark, and centralised side-tuning.
+
+Real run (measured): bundles from `fedmobillm.export.pipeline.export_bundle`; the real
+server (`fedmobillm serve`, uvicorn on loopback, SQLite store, trainer thread); each
+simulated device registers and runs `fedmobillm.device_runtime.client.DeviceClient`
+(onnxruntime forward at the device's quant, int8 pivot upload) through its own port of a
+byte-counting proxy, then downloads its personal model; test accuracy is on-device
+inference (bundle + personal.onnx). Bytes up/down per device are measured on the wire.
+
+Simulated clock (replay): the same activations, the server's learning core
+(`fedmobillm.server.side.SideTrainer`, the server's side-network settings) and its sampling
+rule (uniform device, then uniform sample), driven by an event clock: a device's batch
+arrives after its forward FLOPs / device speed plus its measured upload bytes / uplink; the
+trainer steps continuously (each step costs its measured host time) on what has arrived.
+
+Centralised side-tuning: SideTrainer on the pooled fp32 activations of all train records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._common import BenchConfig, DeviceProfile, FleetData
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger("benchmarks")
+
+
+# -- bundles --------------------------------------------------------------------------------
+
+
+def bundle_for(cfg: BenchConfig, quant: str) -> Path:
+    from fedmobillm.device_runtime.protocol import verify_bundle
+    from fedmobillm.export.pipeline import export_bundle
+    from fedmobillm.paths import cache_dir
+
+    out = cache_dir() / "bench-bundles" / f"{cfg.model}-{quant}-seq{cfg.max_seq_len}"
+    if (out / "manifest.json").is_file() and not verify_bundle(out)[1]:
+        return out
+    log.info("exporting %s bundle (%s, onnx) to %s", cfg.model, quant, out)
+    export_bundle(cfg.model, out, quant=quant, formats=("onnx",), max_seq_len=cfg.max_seq_len)
+    return out
+
+
+# -- server ---------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def real_server(cfg: BenchConfig, workdir: Path):
+    """`fedmobillm serve` in a subprocess; yields (url, admin token, settings dict)."""
+    import httpx
+
+    port, token = _free_port(), secrets.token_urlsafe(24)
+    settings = {
+        "seed": cfg.seed,
+        "batch_size": cfg.side_batch,
+        "eval_every": cfg.eval_every,
+        "learning_rate": cfg.side_lr,
+        "idle_after_steps": cfg.side_steps,
+        "export_every": 10 * cfg.side_steps,
+        "checkpoint_every": 10 * cfg.side_steps,
+        "trainer_threads": 1,
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "server.json").write_text(json.dumps(settings))
+    logf = open(workdir / "server.log", "ab")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedmobillm.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(workdir / "data"),
+            "--config",
+            str(workdir / "server.json"),
+        ],
+        env=dict(os.environ, FEDMOBILLM_ADMIN_TOKEN=token),
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        t0 = time.monotonic()
+        while True:
+            if proc.poll() is not None:
+                raise FedMobiLLMError(
+                    "the fedmobillm server exited: see " + str(workdir / "server.log")
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() - t0 > 120:
+                raise FedMobiLLMError("the fedmobillm server did not start within 120 s")
+            time.sleep(0.3)
+        yield url, token, settings
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        logf.close()
+
+
+def _status(url: str, token: str) -> dict[str, Any]:
+    import httpx
+
+    return httpx.get(
+        url + "/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=30
+    ).json()
+
+
+def _trainer(st: dict[str, Any]) -> dict[str, Any]:
+    return st.get("trainer") or st
+
+
+def wait_trained(url: str, token: str, min_step: int, timeout_s: float) -> dict[str, Any]:
+    """Until the trainer went idle after its steps and exported personal models."""
+    t0 = time.monotonic()
+    st: dict[str, Any] = {}
+    while time.monotonic() - t0 < timeout_s:
+        st = _status(url, token)
+        tr = _trainer(st)
+        if tr.get("error"):
+            raise FedMobiLLMError(f"the server's trainer failed: {tr['error']}")
+        if tr.get("idle") and tr.get("step", 0) >= min_step and tr.get("personal_models"):
+            return st
+        time.sleep(3)
+    log.warning("trainer not idle after %.0f s; using its state as is", timeout_s)
+    return st
+
+
+# -- the real run ----------------------------------------------------------------------------
+
+
+@dataclass
+class RealRun:
+    per_device: list[dict[str, Any]]
+    test: dict[str, Any]
+    server_history: list[dict[str, Any]]
+    server_step: int
+    host_wall_s: float
+    bundles: dict[str, dict[str, Any]]
+
+
+def run_real(
+    cfg: BenchConfig,
+    data: FleetData,
+    profiles: list[DeviceProfile],
+    bundles: dict[str, Path],
+    workdir: Path,
+) -> RealRun:
+    """Bundles: quant -> bundle dir (each device runs the one of its profile's quant)."""
+    from benchmarks._wire import WireMeter
+    from fedmobillm.device_runtime.backbone import Backbone
+    from fedmobillm.device_runtime.client import DeviceClient, RunConfig, register
+    from fedmobillm.device_runtime.personal import (
+        PersonalModel,
+        fetch_personal_model,
+        predict_records,
+    )
+
+    t0 = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    with real_server(cfg, workdir / "server") as (url, token, _):
+        port = int(url.rsplit(":", 1)[1])
+        meter = WireMeter("127.0.0.1", port)
+        try:
+            names = [f"dev{i:02d}-{p.name}" for i, p in enumerate(profiles)]
+            jobs = [
+                (n, p, data.devices[i], "train")
+                for i, (n, p) in enumerate(zip(names, profiles, strict=True))
+            ]
+            jobs.append(("validator", profiles[0], data.validation, "validation"))
+            for name, prof, records, split in jobs:
+                bundle = bundles[prof.quant]
+                state = workdir / "devices" / name
+                register(meter.url(name), token, name, bundle, data.label_names, state_dir=state)
+                client = DeviceClient(
+                    state,
+                    bundle,
+                    RunConfig(
+                        threads=1, batch_size=cfg.upload_batch, split=split, server=meter.url(name)
+                    ),
+                )
+                summary = client.run(records)
+                rows.append(
+                    {
+                        "device": name,
+                        "profile": prof.name,
+                        "quant": prof.quant,
+                        "split": split,
+                        "samples": summary.samples,
+                        "batches": summary.batches,
+                        "http_body_bytes_up": summary.bytes_uploaded,
+                        "forward_ms_per_sample_host": summary.forward_ms_per_sample,
+                    }
+                )
+                log.info(
+                    "device %s uploaded %d samples (%d body bytes)",
+                    name,
+                    summary.samples,
+                    summary.bytes_uploaded,
+                )
+            st = wait_trained(url, token, cfg.side_steps, timeout_s=max(600, 3 * cfg.side_steps))
+            trained_wire = meter.snapshot()  # training traffic: before the model delivery
+            test = {}
+            for row in rows:
+                if row["split"] != "train":
+                    continue
+                state = workdir / "devices" / row["device"]
+                out = workdir / "personal" / row["device"]
+                fetch_personal_model(state, out, server=meter.url(row["device"]))
+                if row["quant"] not in test:
+                    res = predict_records(
+                        Backbone(bundles[row["quant"]], "onnx", threads=1),
+                        _checked(PersonalModel(out), bundles[row["quant"]]),
+                        data.test,
+                    )
+                    test[row["quant"]] = {
+                        "accuracy": res.accuracy,
+                        "samples": res.samples,
+                        "ms_per_sample_host": res.ms_per_sample,
+                    }
+            wire = meter.snapshot()
+        finally:
+            meter.close()
+    for row in rows:
+        zero = {"up": 0, "down": 0, "connections": 0}
+        w, t = wire.get(row["device"], zero), trained_wire.get(row["device"], zero)
+        row.update(
+            wire_bytes_up=t["up"],
+            wire_bytes_down=t["down"],
+            delivery_bytes_up=w["up"] - t["up"],
+            delivery_bytes_down=w["down"] - t["down"],
+            connections=w["connections"],
+        )
+    tr = _trainer(st)
+    n_test = sum(v["samples"] for v in test.values())
+    test["accuracy"] = sum(v["accuracy"] * v["samples"] for v in test.values()) / max(1, n_test)
+    info = {
+        q: {"path": str(b), "bytes": sum(f.stat().st_size for f in b.iterdir() if f.is_file())}
+        for q, b in bundles.items()
+    }
+    return RealRun(
+        rows, test, tr.get("history", []), int(tr.get("step", 0)), time.perf_counter() - t0, info
+    )
+
+
+def _checked(pm: Any, bundle: Path) -> Any:
+    from fedmobillm.device_runtime.protocol import read_manifest
+
+    pm.check_compatible(read_manifest(bundle))
+    return pm
+
+
+# -- activations ----------------------------------------------------------------------------
+
+
+def activations(
+    bundle: Path, records: list[Any], batch: int = 32
+) -> tuple[np.ndarray, np.ndarray, Any]:
+    """(x float32 (N, K, d) as the server sees them (int8 round trip for int8 uploads), y)."""
+    from fedmobillm.device_runtime import serde
+    from fedmobillm.device_runtime.backbone import Backbone
+
+    bb = Backbone(bundle, "onnx", threads=1)
+    xs = [bb([r.text for r in records[s : s + batch]]) for s in range(0, len(records), batch)]
+    x = (
+        np.concatenate(xs)
+        if xs
+        else np.zeros((0, bb.manifest.num_taps, bb.manifest.hidden_size), np.float32)
+    )
+    scales = np.asarray(bb.manifest.activation_scales, np.float32)  # (K,)
+    x = serde.dequantize(serde.quantize_int8(x, scales), scales)  # (N, K, d)
+    return x, np.asarray([r.label for r in records], np.int64), bb.manifest
+
+
+def _side(cfg: BenchConfig, label_names: list[str], manifest: Any, total_steps: int = 0) -> Any:
+    from fedmobillm.server.settings import ServerSettings
+    from fedmobillm.server.side import SideConfig, SideTrainer
+
+    s = ServerSettings()
+    sc = SideConfig(width=s.side_width, blocks=s.side_blocks, block=s.side_block, lr=cfg.side_lr)
+    tr = SideTrainer(sc, label_names, seed=cfg.seed)
+    tr.add_architecture(
+        manifest.architecture, list(manifest.taps), manifest.depth, manifest.hidden_size
+    )
+    return tr
+
+
+# -- replay on the simulated clock -----------------------------------------------------------
+
+
+def device_arrivals(
+    n: int,
+    prof: DeviceProfile,
+    fwd_flops_per_sample: float,
+    upload_batch: int,
+    bytes_per_batch: float,
+) -> list[tuple[float, int, int]]:
+    """[(arrival time, start, stop)] of a device's batches: forward then upload; the upload
+    of batch j overlaps the forward of batch j+1 (one link, one compute unit)."""
+    out, t_fwd, t_link = [], 0.0, 0.0
+    for s in range(0, n, upload_batch):
+        b = min(upload_batch, n - s)
+        t_fwd += prof.compute_s(fwd_flops_per_sample * b)
+        t_link = max(t_link, t_fwd) + prof.up_s(bytes_per_batch * b / upload_batch)
+        out.append((t_link, s, s + b))
+    return out
+
+
+def replay(
+    cfg: BenchConfig,
+    data: FleetData,
+    profiles: list[DeviceProfile],
+    bundles: dict[str, Path],
+    fwd_flops: float,
+    bytes_per_sample: float,
+) -> dict[str, Any]:
+    rng = np.random.default_rng(cfg.seed)
+    dev_x, dev_y, manifest = [], [], None
+    for recs, prof in zip(data.devices, profiles, strict=True):
+        x, y, manifest = activations(bundles[prof.quant], recs)
+        dev_x.append(x)
+        dev_y.append(y)
+    vx, vy, _ = activations(bundles[profiles[0].quant], data.validation)
+    tx = {q: activations(b, data.test) for q, b in bundles.items()}
+    events = sorted(
+        (t, d, s, e)
+        for d, prof in enumerate(profiles)
+        for t, s, e in device_arrivals(
+            len(dev_y[d]), prof, fwd_flops, cfg.upload_batch, bytes_per_sample * cfg.upload_batch
+        )
+    )
+    tr = _side(cfg, data.label_names, manifest)
+    arch = manifest.architecture
+    have = [0] * len(profiles)
+    clock, ei, steps_after, step_times, curve = 0.0, 0, 0, [], []
+    all_in = events[-1][0] if events else 0.0
+    while steps_after < cfg.side_steps:
+        while ei < len(events) and events[ei][0] <= clock:
+            have[events[ei][1]] = max(have[events[ei][1]], events[ei][3])
+            ei += 1
+        ready = [d for d in range(len(profiles)) if have[d] > 0]
+        if not ready:
+            clock = events[ei][0]
+            continue
+        picks = rng.choice(ready, cfg.side_batch)
+        idx = [rng.integers(have[d]) for d in picks]
+        xb = np.stack([dev_x[d][i] for d, i in zip(picks, idx, strict=True)])  # (B, K, d)
+        yb = np.asarray([dev_y[d][i] for d, i in zip(picks, idx, strict=True)])  # (B,)
+        t0 = time.perf_counter()
+        tr.train_step([(arch, xb, yb)])
+        step_times.append(time.perf_counter() - t0)
+        clock += float(np.median(step_times[-50:]))
+        if ei >= len(events):
+            steps_after += 1
+        if tr.step % cfg.eval_every == 0:
+            ev = tr.evaluate(arch, vx, vy)
+            curve.append(
+                {
+                    "step": tr.step,
+                    "time_s": clock,
+                    "accuracy": ev["accuracy"],
+                    "loss": ev["loss"],
+                    "samples_arrived": int(sum(have)),
+                }
+            )
+    test = {q: tr.evaluate(arch, x, y) for q, (x, y, _) in tx.items()}
+    return {
+        "curve": curve,
+        "all_data_in_s": all_in,
+        "server_step_s": float(np.median(step_times)),
+        "steps": tr.step,
+        "test": test,
+        "side_params": tr.num_parameters(arch),
+    }
+
+
+def centralised(cfg: BenchConfig, data: FleetData, bundle_fp32: Path, steps: int) -> dict[str, Any]:
+    """Side-tuning on all train records pooled on one machine (fp32 activations)."""
+    rng = np.random.default_rng(cfg.seed)
+    x, y, manifest = activations_fp32(bundle_fp32, data.central_train)
+    vx, vy, _ = activations_fp32(bundle_fp32, data.validation)
+    tx, ty, _ = activations_fp32(bundle_fp32, data.test)
+    tr = _side(cfg, data.label_names, manifest)
+    arch = manifest.architecture
+    curve = []
+    for _ in range(steps):
+        idx = rng.integers(len(y), size=cfg.side_batch)
+        tr.train_step([(arch, x[idx], y[idx])])
+        if tr.step % cfg.eval_every == 0:
+            ev = tr.evaluate(arch, vx, vy)
+            curve.append({"step": tr.step, "accuracy": ev["accuracy"], "loss": ev["loss"]})
+    return {
+        "curve": curve,
+        "steps": tr.step,
+        "test": tr.evaluate(arch, tx, ty),
+        "train_samples": len(y),
+    }
+
+
+def activations_fp32(bundle: Path, records: list[Any]) -> tuple[np.ndarray, np.ndarray, Any]:
+    from fedmobillm.device_runtime.backbone import Backbone
+
+    bb = Backbone(bundle, "onnx", threads=1)
+    xs = [bb([r.text for r in records[s : s + 32]]) for s in range(0, len(records), 32)]
+    return np.concatenate(xs), np.asarray([r.label for r in records], np.int64), bb.manifest

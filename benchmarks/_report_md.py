@@ -1,0 +1,196 @@
+"""report.md: every number, with how it was obtained (measured / counted / simulated)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks._report import headline_table, mb
+
+
+def _g(x: float) -> str:
+    return f"{x / 1e9:.3f} GFLOP"
+
+
+def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: list[str]) -> None:
+    cfg, fl, mem = res["config"], res["flops_per_sample"], res["memory"]
+    fm, real, rep = (
+        res["fedmobillm"]["to_target"],
+        res["fedmobillm"]["real"],
+        res["fedmobillm"]["replay"],
+    )
+    lora, full = res["fedavg_to_target"]["lora"], res["fedavg_to_target"]["full"]
+    fa, cen, fwd = res["fedavg"], res["centralised"], res["fwdgrad"]
+    L: list[str] = []
+    add = L.append
+    add(f"# Headline benchmark ({cfg['mode']} mode, seed {cfg['seed']})\n")
+    add(f"Command: `{head['command']}`; wall time {head['wall_s'] / 60:.1f} min on this host.\n")
+    add(
+        f"Backbone `{cfg['model']}` (real pretrained weights), data `{cfg['dataset']}`, "
+        f"{res['data']['devices']} devices x {cfg['samples_per_device']} train records "
+        f"(Dirichlet alpha={cfg['dirichlet_alpha']} label skew), validation {res['data']['validation']}, "
+        f"test {res['data']['test']}, max sequence length {cfg['max_seq_len']}.\n"
+    )
+    add("## Headline (fedmobillm vs FedAvg-LoRA, per device, to the target accuracy)\n")
+    L.extend(headline_table(head))
+    add("")
+    add(
+        f"Target accuracy (validation): **{res['target']:.4f}** = "
+        + (
+            "given by --target"
+            if isinstance(cfg["target"], float)
+            else f"{cfg['target_fraction']} x the lower of the best validation accuracies of fedmobillm "
+            f"({res['best_validation']['fedmobillm']:.4f}) and FedAvg-LoRA "
+            f"({res['best_validation']['fedavg-lora']:.4f})"
+        )
+        + ".\n"
+    )
+    add(
+        "Test accuracy: "
+        + ", ".join(f"{k} {100 * v:.2f}%" for k, v in head["test_accuracy"].items())
+        + ".\n"
+    )
+    add("## Fleet (simulated clock)\n")
+    add(
+        "| class | devices | compute factor | effective GFLOP/s | up / down Mbit/s | bundle quant |"
+    )
+    add("|---|---|---|---|---|---|")
+    seen = {}
+    for p in res["profiles"]:
+        seen.setdefault(p["name"], [p, 0])[1] += 1
+    for name, (p, n) in seen.items():
+        add(
+            f"| {name} | {n} | {p['compute_factor']:g}x | {p['effective_gflops']:.3g} | "
+            f"{p['uplink_mbps']:g} / {p['downlink_mbps']:g} | {p['quant']} |"
+        )
+    add(
+        "\nProfiles: `benchmarks/baselines/profiles/*.json` (or `--profile CLASS=FILE.json`, e.g. "
+        "from `fedmobillm android profile`). Device compute time = counted FLOPs / effective "
+        "GFLOP/s; transfer time = bytes x 8 / link rate. These are the only simulated inputs.\n"
+    )
+
+    add("## 1. On-device compute (counted)\n")
+    add(
+        f"`torch.utils.flop_counter.FlopCounterMode` on the real model, over {fl['samples']} real "
+        f"train texts in batches of {cfg['local_batch']} padded to the longest (mean padded length "
+        f"{fl['padded_len']:.1f} tokens). Matmul-type ops only (elementwise ops are not counted for "
+        "any method); AdamW's ~10 ops per trainable value are added analytically.\n"
+    )
+    add("| per sample | FLOPs |\n|---|---|")
+    add(f"| fedmobillm: truncated bundle forward (no grad) | {_g(fl['fedmobillm_forward'])} |")
+    add(
+        f"| FedAvg-LoRA: forward + backward + AdamW (r={cfg['lora_rank']}, q/k/v/o) | {_g(fl['lora_train_step'])} |"
+    )
+    add(f"| FedAvg full FT: forward + backward + AdamW | {_g(fl['full_train_step'])} |")
+    add(
+        f"| FwdLLM-style forward gradient: 1 + {fl['fwdgrad_perturbations']} forwards | {_g(fl['fwdgrad_step'])} |"
+    )
+    add(
+        f"\nTrainable parameters: LoRA+head {fl['lora_trainable_params']:,}; full {fl['full_trainable_params']:,}.\n"
+    )
+    add(
+        f"Total device work per device to target (mean over the fleet): fedmobillm "
+        f"{_g(fm['flops_per_device'])} (one forward of every local record, whether or not the "
+        f"target came earlier), FedAvg-LoRA {_g(lora['flops_per_device'])} (local epochs x "
+        f"records x step FLOPs, summed over the rounds each device took part in up to round "
+        f"{lora['round']}), FedAvg full {_g(full['flops_per_device'])}. "
+        f"compute_reduction = 1 - fedmobillm / FedAvg-LoRA.\n"
+    )
+
+    add("## 2. On-device peak memory (measured)\n")
+    add(
+        f"Peak RSS (`ru_maxrss`) of a fresh `python -m benchmarks._device_step` process doing one "
+        f"device step on {cfg['memory_batch']} real texts:\n"
+    )
+    add("| method | peak RSS MiB | torch in process | step s (host) |\n|---|---|---|---|")
+    for k, v in mem.items():
+        add(f"| {k} | {v['peak_rss_mb']:.0f} | {v['torch_imported']} | {v['step_s']:.3f} |")
+    add(
+        "\nfedmobillm = onnxruntime forward of the bundle at that quant + int8 quantisation + upload "
+        "encoding, with no torch in the process (checked). memory_ratio = LoRA peak / the largest "
+        "fedmobillm peak across the fleet's quants.\n"
+    )
+
+    add("## 3. Communication (fedmobillm measured on the wire; FedAvg counted from the arrays)\n")
+    add(
+        f"fedmobillm: every byte through a per-device TCP proxy in front of the real server "
+        f"(HTTP headers and bodies). Training traffic (registration, all batch uploads, acks), mean "
+        f"per device: up {mb(fm['bytes_up_per_device'])}, down {mb(fm['bytes_down_per_device'])} "
+        f"(upload HTTP bodies alone {mb(fm['http_body_bytes_up_per_device'])}); the most for one "
+        f"device {mb(fm['max_bytes_device'])}. All of a device's uploads are counted even when the "
+        f"target came earlier. Delivery of the trained personal model afterwards (GET "
+        f"/v1/personal-model, measured): {mb(fm['delivery_bytes_per_device'])} per device. "
+        "Validation records were uploaded by a separate 'validator' device, not counted.\n"
+    )
+    add(
+        f"FedAvg: the fp32 arrays of the trainable tensors, down and up, per round a device is "
+        f"selected in (LoRA+head {mb(fa['lora']['trainable_bytes'])}, full "
+        f"{mb(fa['full']['trainable_bytes'])} each way), up to the target round. Mean per device "
+        f"to target: LoRA {mb(lora['bytes_per_device'])}, full {mb(full['bytes_per_device'])}. "
+        "Flower's message framing is not counted (it would only add to FedAvg). Delivering the "
+        f"final model to each device would add {mb(fa['lora']['trainable_bytes'])} (LoRA).\n"
+    )
+    add(
+        "comm_reduction = 1 - fedmobillm training bytes / FedAvg-LoRA bytes to target. "
+        "Including model delivery on both sides it would be "
+        f"{100 * (1 - (fm['bytes_per_device'] + fm['delivery_bytes_per_device']) / (lora['bytes_per_device'] + fa['lora']['trainable_bytes'])):.1f}%.\n"
+    )
+
+    add("## 4. Time to target (simulated clock)\n")
+    add(
+        f"FedAvg ({fa['lora'].get('engine')}): synchronous rounds; each selected device "
+        f"downloads, trains, uploads; a round lasts as long as its slowest selected device. "
+        f"LoRA reached the target: {lora['reached']} at round {lora['round']}, "
+        f"t = {lora['time_s']:.1f} s; full FT: {full['reached']} at round {full['round']}, "
+        f"t = {full['time_s']:.1f} s.\n"
+    )
+    add(
+        f"fedmobillm: asynchronous; each device's batches arrive at forward time + upload time "
+        f"of its measured bytes; the server's learning core (SideTrainer, the server's settings) "
+        f"steps continuously on what has arrived, each step costing its measured host time "
+        f"({1000 * rep['server_step_s']:.1f} ms); all data in at t = {rep['all_data_in_s']:.1f} s. "
+        f"Reached the target: {fm['reached']} at t = {fm['time_s']:.1f} s (step {fm['step']}, "
+        f"{fm['samples_arrived_at_target']} samples arrived). "
+        f"time_to_target_speedup = FedAvg-LoRA time / fedmobillm time.\n"
+    )
+
+    add("## 5. Accuracy\n")
+    add(
+        f"fedmobillm test accuracy {100 * real['test']['accuracy']:.2f}%: on-device inference "
+        f"(bundle forward + the personal.onnx each device downloaded from the real server after "
+        f"{real['server_step']} trainer steps). Replay's side network on the same test set: "
+        + ", ".join(f"{q} {100 * v['accuracy']:.2f}%" for q, v in rep["test"].items())
+        + ".\n"
+    )
+    add(
+        f"Centralised side-tuning: SideTrainer on all {cen['train_samples']} train records pooled, "
+        f"fp32 activations, {cen['steps']} steps: test {100 * cen['test']['accuracy']:.2f}%. "
+        f"accuracy_gap_pts = 100 x (centralised - fedmobillm).\n"
+    )
+    add(
+        f"FedAvg-LoRA test {100 * fa['lora']['test']['accuracy']:.2f}%, FedAvg full FT test "
+        f"{100 * fa['full']['test']['accuracy']:.2f}% after {len(fa['lora']['rounds'])} / "
+        f"{len(fa['full']['rounds'])} rounds (fraction {cfg['fraction_train']} of devices per round, "
+        f"{cfg['local_epochs']} local epoch).\n"
+    )
+
+    add("## 6. Forward-gradient (FwdLLM-style) per-step cost\n")
+    add(
+        f"Per device step of {fwd['batch']} samples: {fwd['perturbations']} random perturbations of "
+        f"the LoRA+head parameters, forward differences, no backprop. FLOPs/sample "
+        f"{_g(fwd['flops_per_sample_step'])} ({fwd['vs_lora_step']:.2f}x a LoRA backprop step), "
+        f"peak RSS {fwd['peak_rss_mb']:.0f} MiB (fresh process). Simulated step time per class: "
+        + ", ".join(
+            f"{k} {v['step_sim_s']:.2f} s (LoRA {v['lora_step_sim_s']:.2f} s)"
+            for k, v in fwd["per_class"].items()
+        )
+        + ". Its accuracy run is not part of this benchmark.\n"
+    )
+
+    add("## Plots\n")
+    for p in pngs:
+        add(f"![{p}]({p})")
+    add("\n## Versions\n")
+    add(", ".join(f"{k} {v}" for k, v in res["versions"].items()))
+    add("\nStages (host seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in res["stages_s"].items()))
+    path.write_text("\n".join(L) + "\n")

@@ -1,0 +1,436 @@
+"""The paper's headline comparison, in one run.
+
+    python -m benchmarks.run --quick --out DIR      # ~15-30 min on 2 cores
+    python -m benchmarks.run --full --out DIR
+
+Writes DIR/headline.json, DIR/report.md, DIR/results.json and plots (DIR/*.png).
+Methods on the same backbone (real minilm-l6 weights), data (movie-snippets), fleet
+(fast/mid/slow device profiles) and target accuracy: fedmobillm (real server + device
+runtime), FedAvg + LoRA and FedAvg full fine-tuning (Flower), a forward-gradient
+FwdLLM-style step (per-step cost), and centralised side-tuning (accuracy reference).
+See report.md for what is measured and what is simulated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks import _report as R
+from benchmarks._common import (
+    BenchConfig,
+    DeviceProfile,
+    FleetData,
+    Timer,
+    fleet_profiles,
+    load_fleet_data,
+    write_json,
+)
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger("benchmarks")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small fleet and data (default)")
+    mode.add_argument("--full", action="store_true", help="larger fleet, data and rounds")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--model", default=None, help="backbone (default minilm-l6)")
+    p.add_argument("--dataset", default=None, help="data set name or file (default movie-snippets)")
+    p.add_argument("--rounds", type=int, default=None, help="FedAvg rounds")
+    p.add_argument("--samples-per-device", type=int, default=None)
+    p.add_argument(
+        "--target",
+        type=float,
+        default=None,
+        help="target validation accuracy (default: auto, see report)",
+    )
+    p.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="CLASS=FILE.json",
+        help="device profile JSON for a fleet class (e.g. from `fedmobillm android "
+        "profile`); repeatable",
+    )
+    p.add_argument("--fleet", default=None, metavar="fast=2,mid=3,slow=3", help="devices per class")
+    p.add_argument(
+        "--no-flower",
+        action="store_true",
+        help="run FedAvg in-process even if Flower's simulation engine is available",
+    )
+    p.add_argument(
+        "--install-flower",
+        action="store_true",
+        help="pip install flwr[simulation] into a private folder if missing",
+    )
+    return p.parse_args(argv)
+
+
+def make_config(a: argparse.Namespace) -> tuple[BenchConfig, dict[str, Path]]:
+    cfg = BenchConfig.for_mode(
+        "full" if a.full else "quick",
+        seed=a.seed,
+        model=a.model,
+        dataset=a.dataset,
+        rounds=a.rounds,
+        samples_per_device=a.samples_per_device,
+        target=a.target,
+    )
+    if a.fleet:
+        try:
+            cfg.fleet = {k: int(v) for k, v in (x.split("=") for x in a.fleet.split(","))}
+        except ValueError as exc:
+            raise FedMobiLLMError(f"--fleet {a.fleet!r} is not CLASS=N,...") from exc
+    files = {}
+    for item in a.profile:
+        if "=" not in item:
+            raise FedMobiLLMError(f"--profile {item!r} must be CLASS=FILE.json")
+        k, v = item.split("=", 1)
+        files[k] = Path(v)
+    cfg.use_flower_engine = not a.no_flower
+    return cfg, files
+
+
+# -- stages --------------------------------------------------------------------------------
+
+
+def measure_memory(
+    cfg: BenchConfig, model_dir: str, bundles: dict[str, Path], work: Path, texts: list[str]
+) -> dict[str, Any]:
+    """Peak RSS of a fresh process doing one device step of each method."""
+    tfile = work / "memory_texts.json"
+    tfile.write_text(json.dumps(texts[: cfg.memory_batch]))
+    runs = {f"fedmobillm-{q}": ["fedmobillm", "--bundle", str(b)] for q, b in bundles.items()}
+    for m in ("lora", "full", "fwdgrad"):
+        runs[m] = [m, "--model", model_dir]
+    out = {}
+    for name, args in runs.items():
+        cmd = [
+            sys.executable,
+            "-m",
+            "benchmarks._device_step",
+            *args,
+            "--texts",
+            str(tfile),
+            "--batch",
+            str(cfg.memory_batch),
+            "--max-seq-len",
+            str(cfg.max_seq_len),
+            "--lora-rank",
+            str(cfg.lora_rank),
+            "--perturbations",
+            str(cfg.fwd_perturbations),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if r.returncode != 0:
+            raise FedMobiLLMError(f"device step {name} failed: {r.stderr[-1500:]}")
+        out[name] = json.loads(r.stdout.strip().splitlines()[-1])
+        log.info("peak RSS %s: %.0f MiB", name, out[name]["peak_rss_mb"])
+    return out
+
+
+def write_fedavg_data(data: FleetData, d: Path) -> None:
+    from benchmarks._fedavg import write_records
+
+    d.mkdir(parents=True, exist_ok=True)
+    for i, recs in enumerate(data.devices):
+        write_records(d / f"device-{i}.jsonl", recs)
+    write_records(d / "validation.jsonl", data.validation)
+    write_records(d / "test.jsonl", data.test)
+
+
+def run_fedavg(
+    cfg: BenchConfig,
+    method: str,
+    model_dir: str,
+    data: FleetData,
+    profiles: list[DeviceProfile],
+    flops: dict,
+    work: Path,
+    install: bool,
+) -> dict:
+    from dataclasses import asdict
+
+    from benchmarks._fedavg import FedAvgJob, run_inprocess
+    from benchmarks._flower_env import flower_pythonpath, subprocess_env
+
+    job = FedAvgJob(
+        method=method,
+        model_dir=model_dir,
+        num_labels=len(data.label_names),
+        data_dir=str(work / "fedavg-data"),
+        num_devices=len(profiles),
+        profiles=[asdict(p) for p in profiles],
+        train_flops_per_sample=flops[f"{method}_train_step"],
+        rounds=cfg.rounds,
+        fraction_train=cfg.fraction_train,
+        local_epochs=cfg.local_epochs,
+        local_batch=cfg.local_batch,
+        lr=cfg.lora_lr if method == "lora" else cfg.full_lr,
+        lora_rank=cfg.lora_rank,
+        max_seq_len=cfg.max_seq_len,
+        seed=cfg.seed,
+    )
+    path = flower_pythonpath(install) if cfg.use_flower_engine else None
+    if path is None:
+        why = (
+            "--no-flower"
+            if not cfg.use_flower_engine
+            else "flwr is not importable and no private install exists (--install-flower)"
+        )
+        log.info("FedAvg-%s in-process (%s)", method, why)
+        res = run_inprocess(job)
+        res["engine_note"] = why
+        return res
+    job_file, out_file = work / f"fedavg-{method}-job.json", work / f"fedavg-{method}-result.json"
+    job.save(job_file)
+    out_file.unlink(missing_ok=True)
+    logf = work / f"fedavg-{method}-flower.log"
+    with open(logf, "w") as f:
+        r = subprocess.run(
+            [sys.executable, "-m", "benchmarks._flower", str(job_file), str(out_file)],
+            cwd=REPO,
+            env=subprocess_env(path, REPO),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+    if r.returncode != 0 or not out_file.is_file():
+        log.warning("Flower simulation failed (see %s); FedAvg-%s runs in-process", logf, method)
+        res = run_inprocess(job)
+        res["engine_note"] = f"Flower simulation failed, see {logf.name}"
+        return res
+    return json.loads(out_file.read_text())
+
+
+def fwdgrad_cost(flops: dict, mem: dict, profiles: list[DeviceProfile], batch: int) -> dict:
+    per_class = {}
+    for p in profiles:
+        per_class[p.name] = {
+            "step_sim_s": p.compute_s(flops["fwdgrad_step"] * batch),
+            "lora_step_sim_s": p.compute_s(flops["lora_train_step"] * batch),
+        }
+    return {
+        "flops_per_sample_step": flops["fwdgrad_step"],
+        "perturbations": flops["fwdgrad_perturbations"],
+        "vs_lora_step": flops["fwdgrad_step"] / flops["lora_train_step"],
+        "peak_rss_mb": mem["fwdgrad"]["peak_rss_mb"],
+        "per_class": per_class,
+        "batch": batch,
+    }
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for d in ("fedmobillm", "torch", "transformers", "peft", "onnxruntime", "flwr", "ray", "numpy"):
+        try:
+            out[d] = metadata.version(d)
+        except metadata.PackageNotFoundError:
+            from benchmarks._flower_env import site_dir
+
+            hits = sorted(site_dir().glob(f"{d}-*.dist-info")) if site_dir().is_dir() else []
+            out[d] = (
+                hits[0].name.split("-")[1] + " (private bench site)" if hits else "not installed"
+            )
+    return out
+
+
+# -- main ----------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("httpx", "fedmobillm.device_runtime.client", "fedmobillm.export"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return _main(parse_args(argv))
+    except FedMobiLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _main(a: argparse.Namespace) -> int:
+    import torch
+
+    from benchmarks import _fedmobillm as F
+    from benchmarks import _models as M
+
+    torch.set_num_threads(2)
+    t_start = time.perf_counter()
+    cfg, profile_files = make_config(a)
+    out = a.out
+    work = out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    profiles = fleet_profiles(cfg, profile_files)
+    stages: dict[str, float] = {}
+    with Timer("data") as t:
+        data = load_fleet_data(cfg)
+        write_fedavg_data(data, work / "fedavg-data")
+    stages["data"] = t.s
+    model_dir = M.model_dir_of(cfg.model)
+    with Timer("bundles") as t:
+        quants = sorted({p.quant for p in profiles} | {"fp32"})
+        bundles = {q: F.bundle_for(cfg, q) for q in quants}
+    stages["bundles"] = t.s
+    from fedmobillm.device_runtime.protocol import read_manifest
+
+    manifest = read_manifest(bundles["fp32"])
+    sample_texts = [r.text for r in data.central_train[:32]]
+    with Timer("FLOP counting") as t:
+        flops = M.flops_per_sample(
+            model_dir,
+            len(data.label_names),
+            sample_texts,
+            max_seq_len=cfg.max_seq_len,
+            deepest_tap=max(manifest.taps),
+            lora_rank=cfg.lora_rank,
+            perturbations=cfg.fwd_perturbations,
+            batch=cfg.local_batch,
+        )
+    stages["flops"] = t.s
+    with Timer("peak memory (fresh processes)") as t:
+        mem = measure_memory(cfg, model_dir, bundles, work, [r.text for r in data.central_train])
+    stages["memory"] = t.s
+    with Timer("fedmobillm: real server + devices") as t:
+        real = F.run_real(cfg, data, profiles, bundles, work / "fedmobillm")
+    stages["fedmobillm_real"] = t.s
+    train_rows = [r for r in real.per_device if r["split"] == "train"]
+    body_per_sample = sum(r["http_body_bytes_up"] for r in train_rows) / max(
+        1, sum(r["samples"] for r in train_rows)
+    )
+    with Timer("fedmobillm: replay on the simulated clock") as t:
+        rep = F.replay(cfg, data, profiles, bundles, flops["fedmobillm_forward"], body_per_sample)
+    stages["fedmobillm_replay"] = t.s
+    with Timer("centralised side-tuning") as t:
+        cen = F.centralised(cfg, data, bundles["fp32"], rep["steps"])
+    stages["centralised"] = t.s
+    fedavg = {}
+    for method in ("lora", "full"):
+        with Timer(f"FedAvg-{method}") as t:
+            fedavg[method] = run_fedavg(
+                cfg, method, model_dir, data, profiles, flops, work, a.install_flower
+            )
+        stages[f"fedavg_{method}"] = t.s
+    fwd = fwdgrad_cost(flops, mem, profiles, cfg.local_batch)
+
+    # -- target and headline --
+    best = {
+        "fedmobillm": max(p["accuracy"] for p in rep["curve"]),
+        "fedavg-lora": max(p["accuracy"] for p in fedavg["lora"]["curve"]),
+    }
+    target = (
+        cfg.target if isinstance(cfg.target, float) else cfg.target_fraction * min(best.values())
+    )
+    fm = R.fedmobillm_to_target(rep, real, flops["fedmobillm_forward"], target)
+    lora = R.fedavg_to_target(fedavg["lora"], target, len(profiles))
+    full = R.fedavg_to_target(fedavg["full"], target, len(profiles))
+    fleet_quants = {p.quant for p in profiles}
+    head = R.headline(
+        fm,
+        lora,
+        {
+            k: v
+            for k, v in mem.items()
+            if not k.startswith("fedmobillm-") or k.split("-", 1)[1] in fleet_quants
+        },
+        real.test["accuracy"],
+        cen["test"]["accuracy"],
+    )
+    results = {
+        "config": cfg.to_dict(),
+        "profiles": [p.__dict__ for p in profiles],
+        "data": data.summary(),
+        "target": target,
+        "best_validation": best,
+        "flops_per_sample": flops,
+        "memory": mem,
+        "fedmobillm": {"real": real.__dict__, "replay": rep, "to_target": fm},
+        "centralised": cen,
+        "fedavg": fedavg,
+        "fedavg_to_target": {"lora": lora, "full": full},
+        "fwdgrad": fwd,
+        "stages_s": stages,
+        "versions": versions(),
+    }
+    write_json(out / "results.json", results)
+    headline_json = {
+        **{k: v for k, v in head.items()},
+        "seed": cfg.seed,
+        "mode": cfg.mode,
+        "target_accuracy": target,
+        "test_accuracy": {
+            "fedmobillm": real.test["accuracy"],
+            "centralised": cen["test"]["accuracy"],
+            "fedavg_lora": fedavg["lora"]["test"]["accuracy"],
+            "fedavg_full": fedavg["full"]["test"]["accuracy"],
+        },
+        "versions": results["versions"],
+        "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
+        "wall_s": time.perf_counter() - t_start,
+    }
+    write_json(out / "headline.json", headline_json)
+    curves = {
+        "fedmobillm (async)": rep["curve"],
+        "FedAvg-LoRA (sync)": fedavg["lora"]["curve"],
+        "FedAvg full FT (sync)": fedavg["full"]["curve"],
+    }
+    bars = {
+        "bytes": {
+            "fedmobillm": fm["bytes_per_device"] / 1e6,
+            "FedAvg-LoRA": lora["bytes_per_device"] / 1e6,
+            "FedAvg-full": full["bytes_per_device"] / 1e6,
+        },
+        "memory": {k: v["peak_rss_mb"] for k, v in mem.items()},
+        "compute": {
+            "fedmobillm": fm["flops_per_device"] / 1e9,
+            "FedAvg-LoRA": lora["flops_per_device"] / 1e9,
+            "FedAvg-full": full["flops_per_device"] / 1e9,
+        },
+        "flops_per_sample": {
+            "fedmobillm fwd": flops["fedmobillm_forward"] / 1e9,
+            "LoRA step": flops["lora_train_step"] / 1e9,
+            "full FT step": flops["full_train_step"] / 1e9,
+            f"fwd-grad step (P={flops['fwdgrad_perturbations']})": flops["fwdgrad_step"] / 1e9,
+        },
+    }
+    pngs = R.plots(out, curves, target, cen["test"]["accuracy"], bars)
+    from benchmarks._report_md import write_report
+
+    write_report(out / "report.md", results, headline_json, pngs)
+    print(
+        json.dumps(
+            {
+                k: (v["value"] if isinstance(v, dict) and "value" in v else v)
+                for k, v in headline_json.items()
+                if k not in ("versions",)
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    log.info("wrote %s (%.0f s)", out / "headline.json", time.perf_counter() - t_start)
+    return (
+        0
+        if all(
+            not (isinstance(v, dict) and "value" in v and math.isnan(v["value"]))
+            for v in head.values()
+        )
+        else 1
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
