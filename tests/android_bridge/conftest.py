@@ -48,8 +48,12 @@ class Emulated:
     proc: subprocess.Popen
 
     def pushed_leftovers(self) -> list[str]:
+        """What is left of the bridge's folder /data/local/tmp/fedmobillm (programs run on
+        the device may keep their own temp files next to it, as on a phone)."""
         base = self.root / "data" / "local" / "tmp"
-        return sorted(str(p.relative_to(base)) for p in base.rglob("*"))
+        return sorted(str(p.relative_to(base)) for p in (base / "fedmobillm").glob("**/*")) + (
+            ["fedmobillm/"] if (base / "fedmobillm").exists() else []
+        )
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,155 @@
+"""`android bench` on a real MiniLM-L6 .pte bundle through the emulated device, compared
+with the same runner run directly on the host; and the refusals (wrong ABI, full storage,
+crashing runner), which must leave nothing behind on the device."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmobillm.android_bridge.bench import (
+    BenchConfig,
+    parse_executor_runner,
+    runner_argv,
+    sample_inputs,
+    write_input_files,
+)
+from fedmobillm.device_runtime.protocol import read_manifest
+
+pytestmark = pytest.mark.integration
+
+CFG = {"iterations": 8, "warmup": 2, "threads": 1, "batch": 1, "seq": 32}
+
+
+def _host_run(runner: Path, bundle: Path, cfg: BenchConfig) -> tuple[dict, str]:
+    """The same runner with the same flags, directly on the host (no adb)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = write_input_files(
+            sample_inputs(bundle, read_manifest(bundle), cfg.batch, cfg.seq), Path(tmp)
+        )
+        argv = runner_argv(cfg, str(runner), str(bundle / "backbone.pte"), [str(p) for p in inputs])
+        res = subprocess.run(
+            argv + ["--output_file", f"{tmp}/out"], capture_output=True, text=True, timeout=300
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        taps = np.fromfile(f"{tmp}/out-0.bin", dtype=np.float32)
+    return parse_executor_runner(res.stdout + res.stderr, cfg.warmup), taps
+
+
+def test_bench_on_the_phone_agrees_with_the_host(
+    adb_server, phone, pte_bundle, host_runner, tmp_path
+):
+    """Prepare: same runner, bundle, input and flags. Execute: bench via adb, then directly.
+    Assert: median latencies agree within noise; JSON has every field; nothing left."""
+    out = tmp_path / "bench.json"
+    args = [f"--{k}={v}" for k, v in CFG.items()]
+    res = adb_server.cli(
+        "android",
+        "bench",
+        phone.serial,
+        str(pte_bundle),
+        "--runner",
+        str(host_runner),
+        *args,
+        "--json",
+        str(out),
+    )
+    direct, taps = _host_run(host_runner, pte_bundle, BenchConfig(**CFG))
+
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "latency p50" in res.stdout
+    r = json.loads(out.read_text())
+    assert r["backend"] == "pte" and len(r["per_iteration_ms"]) == CFG["iterations"]
+    for key in ("mean", "p50", "p90", "min"):
+        assert r["latency_ms"][key] > 0
+    assert r["load_ms"] > 0 and r["peak_memory_mb"] > 10
+    phone_p50, host_p50 = r["latency_ms"]["p50"], direct["latency_ms"]["p50"]
+    print(f"p50 via emulated phone {phone_p50:.1f} ms, directly on host {host_p50:.1f} ms")
+    assert abs(phone_p50 - host_p50) <= 0.35 * max(phone_p50, host_p50) + 3.0
+    assert taps.shape == (6 * 384,) and np.isfinite(taps).all()  # (1, K=6, d=384)
+    assert phone.pushed_leftovers() == []
+
+
+def test_bench_onnx_backend_with_the_perf_test_stand_in(adb_server, phone, make_bundle):
+    bundle = make_bundle("minilm-l3", taps=3, formats=("onnx",))
+    res = adb_server.cli(
+        "android",
+        "bench",
+        phone.serial,
+        str(bundle),
+        "--backend",
+        "onnx",
+        "--iterations",
+        "5",
+        "--seq",
+        "32",
+        "--threads",
+        "1",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "latency p90" in res.stdout and "peak memory" in res.stdout
+    assert phone.pushed_leftovers() == []
+
+
+def test_wrong_abi_runner_is_refused_before_pushing(adb_server, phone, pte_bundle, tmp_path):
+    arm = tmp_path / "executor_runner"
+    head = bytearray(64)
+    head[:6] = b"\x7fELF\x02\x01"
+    head[18:20] = (183).to_bytes(2, "little")  # EM_AARCH64
+    arm.write_bytes(bytes(head))
+
+    res = adb_server.cli("android", "bench", phone.serial, str(pte_bundle), "--runner", str(arm))
+
+    assert res.returncode == 1 and "built for arm64-v8a" in res.stderr
+    assert "NDK" in res.stderr and "Traceback" not in res.stderr
+    assert phone.pushed_leftovers() == []
+
+
+def test_full_device_storage_is_refused_before_pushing(
+    adb_server, emulate, pte_bundle, host_runner
+):
+    small = emulate("--storage-mb", "40")  # the .pte alone is ~90 MB
+
+    res = adb_server.cli(
+        "android", "bench", small.serial, str(pte_bundle), "--runner", str(host_runner)
+    )
+
+    assert res.returncode == 1 and "MB free" in res.stderr and "nothing was pushed" in res.stderr
+    assert small.pushed_leftovers() == []
+
+
+def test_crashing_runner_is_reported_and_cleaned_up(adb_server, phone, pte_bundle, tmp_path):
+    crash = tmp_path / "crash_runner"
+    crash.write_text("#!/bin/sh\necho 'I loading model'\nkill -SEGV $$\n")
+    crash.chmod(0o755)
+
+    res = adb_server.cli(
+        "android",
+        "bench",
+        phone.serial,
+        str(pte_bundle),
+        "--runner",
+        str(crash),
+        "--iterations",
+        "1",
+    )
+
+    assert res.returncode == 1 and "crashed" in res.stderr and "SIGSEGV" in res.stderr
+    assert "loading model" in res.stderr  # the runner's last output is shown
+    assert phone.pushed_leftovers() == []
+
+
+def test_bad_options_and_bad_bundle(adb_server, phone, pte_bundle, tmp_path):
+    res = adb_server.cli(
+        "android", "bench", phone.serial, str(pte_bundle), "--iterations", "0", "--seq", "100000"
+    )
+    assert res.returncode == 1 and "--iterations" in res.stderr and "--seq" in res.stderr
+    res = adb_server.cli("android", "bench", phone.serial, str(tmp_path))
+    assert res.returncode == 1 and "not a bundle" in res.stderr
+    res = adb_server.cli("android", "bench", phone.serial, str(pte_bundle), "--backend", "onnx")
+    assert res.returncode == 1 and "no backbone.onnx" in res.stderr
