@@ -1,0 +1,649 @@
+"""`fedmobillm demo`: a heterogeneous federation end to end on one machine.
+
+Stages, each logged with its time:
+  data       load and split the data, partition the train split over the devices
+  export     one bundle per backbone, pre-scaled (int8, K taps) and cached
+  server     `fedmobillm serve` on a free loopback port, SQLite under RUN_DIR/server
+  register   every device registers its bundle and gets a token
+  devices    one process per device (`fedmobillm device run`), each with its own compute
+             slowdown and uplink bandwidth; validators upload the validation split
+  train      the server trains asynchronously; live progress until the target accuracy,
+             the time limit, or the trainer settles after the last upload
+  evaluate   each architecture's personal model is downloaded and run on the test split
+             through the device runtime (bundle + personal model)
+  report     a table, RUN_DIR/summary.json and RUN_DIR/validation.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger("fedmobillm.demo")
+
+# Device classes of the simulated fleet: compute slowdown x, uplink Mbit/s.
+DEVICE_CLASSES = (
+    ("fast", 1.0, 50.0),
+    ("mid", 3.0, 10.0),
+    ("slow", 10.0, 2.0),
+)
+
+
+@dataclass
+class DemoConfig:
+    backbones: list[str] = field(default_factory=lambda: ["minilm-l3", "minilm-l6", "smollm2-135m"])
+    devices: int = 6
+    data: str = "movie-snippets"
+    alpha: float | None = 0.5  # None = IID
+    quick: bool = True
+    out: Path = Path("runs/demo")
+    seed: int = 0
+    train_limit: int | None = None  # train records used in all (quick: 1,200)
+    eval_limit: int | None = None  # test records evaluated (quick: 500)
+    val_limit: int | None = None  # validation records uploaded per backbone (quick: 200)
+    time_limit_s: float = 480.0
+    target_accuracy: float | None = None
+    max_seq_len: int = 64
+    quant: str = "int8"
+    taps: int | None = None  # default: depth of the shallowest backbone
+    port: int | None = None
+    settle_steps: int = 400  # trainer steps after the last upload before stopping
+
+    def __post_init__(self) -> None:
+        if self.devices < len(self.backbones):
+            raise FedMobiLLMError(
+                f"--devices {self.devices} is fewer than the {len(self.backbones)} backbones",
+                hint="give at least one device per backbone",
+            )
+        if self.alpha is not None and self.alpha <= 0:
+            raise FedMobiLLMError("--alpha must be positive", hint="e.g. --alpha 0.5, or --iid")
+        if self.quick:
+            self.train_limit = self.train_limit or 1200
+            self.eval_limit = self.eval_limit or 500
+            self.val_limit = self.val_limit or 200
+
+
+@dataclass
+class DeviceSpec:
+    name: str
+    backbone: str
+    klass: str
+    slowdown: float
+    bandwidth_mbps: float
+    data_file: Path
+    state_dir: Path
+    records: int
+    split: str = "train"
+
+
+class Stage:
+    """Logs a stage's start and its duration."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> Stage:
+        self.t0 = time.monotonic()
+        log.info("[%s] ...", self.name)
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            log.info("[%s] done in %.1f s", self.name, time.monotonic() - self.t0)
+
+
+def free_port(preferred: int | None = None) -> int:
+    """The preferred port if it is free, else any free loopback port."""
+    if preferred:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", preferred))
+                return preferred
+            except OSError:
+                log.warning("port %d is in use; picking another", preferred)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedmobillm.cli", *args]
+
+
+def _write_jsonl(path: Path, records: list[Any]) -> None:
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps({"text": r.text, "label": int(r.label)}) + "\n")
+
+
+class Demo:
+    def __init__(self, cfg: DemoConfig) -> None:
+        self.cfg = cfg
+        self.out = cfg.out
+        self.procs: list[subprocess.Popen] = []
+        self.t_start = time.monotonic()
+        self.history: list[dict[str, Any]] = []
+        self.failed_backbones: dict[str, str] = {}
+
+    # ---- stages -------------------------------------------------------------------
+    def prepare_data(self) -> list[DeviceSpec]:
+        from fedmobillm.device_runtime.data import load_dataset, partition
+
+        cfg = self.cfg
+        ds = load_dataset(cfg.data, seed=cfg.seed)
+        self.dataset = ds
+        train = list(ds.splits["train"])
+        if cfg.train_limit:
+            train = _subsample(train, cfg.train_limit, cfg.seed)
+        parts = partition(train, cfg.devices, alpha=cfg.alpha, seed=cfg.seed)
+        data_dir = self.out / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        specs = []
+        for i, part in enumerate(parts):
+            backbone = cfg.backbones[i % len(cfg.backbones)]
+            klass, slowdown, mbps = DEVICE_CLASSES[(i // len(cfg.backbones)) % 3]
+            name = f"dev{i:02d}-{backbone}-{klass}"
+            f = data_dir / f"{name}.jsonl"
+            _write_jsonl(f, part)
+            specs.append(
+                DeviceSpec(
+                    name, backbone, klass, slowdown, mbps, f, self.out / "devices" / name, len(part)
+                )
+            )
+        val = list(ds.splits["validation"])
+        if cfg.val_limit:
+            val = _subsample(val, cfg.val_limit, cfg.seed)
+        for backbone in cfg.backbones:
+            name = f"val-{backbone}"
+            f = data_dir / f"{name}.jsonl"
+            _write_jsonl(f, val)
+            specs.append(
+                DeviceSpec(
+                    name,
+                    backbone,
+                    "validator",
+                    1.0,
+                    50.0,
+                    f,
+                    self.out / "devices" / name,
+                    len(val),
+                    split="validation",
+                )
+            )
+        test = list(ds.splits["test"])
+        if cfg.eval_limit:
+            test = _subsample(test, cfg.eval_limit, cfg.seed)
+        self.test_file = data_dir / "test.jsonl"
+        _write_jsonl(self.test_file, test)
+        counts = [0] * len(ds.label_names)
+        for r in test:
+            counts[r.label] += 1
+        self.majority_rate = max(counts) / len(test)
+        log.info(
+            "data %s: %d train records over %d devices (%s), %d validation, %d test "
+            "(majority class %.1f%%)",
+            cfg.data,
+            len(train),
+            cfg.devices,
+            "IID" if cfg.alpha is None else f"Dirichlet alpha={cfg.alpha}",
+            len(val),
+            len(test),
+            100 * self.majority_rate,
+        )
+        return specs
+
+    def export_bundles(self) -> dict[str, Path]:
+        from fedmobillm.export.pipeline import export_bundle
+        from fedmobillm.paths import cache_dir
+
+        cfg = self.cfg
+        taps = cfg.taps or self._shallowest_depth()
+        bundles: dict[str, Path] = {}
+        for backbone in cfg.backbones:
+            key = f"{backbone}-{cfg.quant}-k{taps}-s{cfg.max_seq_len}".replace("/", "_")
+            out = cache_dir() / "bundles" / key
+            try:
+                if not _bundle_ok(out):
+                    log.info(
+                        "exporting %s (%s, %d taps, onnx) -> %s", backbone, cfg.quant, taps, out
+                    )
+                    export_bundle(
+                        backbone,
+                        out,
+                        taps=taps,
+                        quant=cfg.quant,
+                        formats=("onnx",),
+                        max_seq_len=cfg.max_seq_len,
+                    )
+                else:
+                    log.info("bundle for %s is cached at %s", backbone, out)
+                bundles[backbone] = out
+            except FedMobiLLMError as exc:
+                self.failed_backbones[backbone] = str(exc)
+                log.error("backbone %s failed to export, carrying on without it: %s", backbone, exc)
+        if not bundles:
+            raise FedMobiLLMError("no backbone could be exported; see the errors above")
+        return bundles
+
+    def _shallowest_depth(self) -> int:
+        from transformers import AutoConfig
+
+        from fedmobillm.export.models import resolve_model
+
+        depths = []
+        for b in self.cfg.backbones:
+            with contextlib.suppress(Exception):
+                c = AutoConfig.from_pretrained(str(resolve_model(b)))
+                depths.append(int(getattr(c, "num_hidden_layers", 0) or c.n_layer))
+        return min(depths) if depths else 3
+
+    @contextlib.contextmanager
+    def server(self) -> Iterator[str]:
+        port = free_port(self.cfg.port)
+        token = secrets.token_urlsafe(24)
+        data_dir = self.out / "server"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.server_log = self.out / "server.log"
+        env = dict(os.environ, FEDMOBILLM_ADMIN_TOKEN=token)
+        with open(self.server_log, "ab") as logf:
+            proc = subprocess.Popen(
+                _cli(
+                    "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)
+                ),
+                env=env,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        self.admin_token = token
+        _wait_healthy(url, proc, self.server_log)
+        log.info("server up at %s (log: %s)", url, self.server_log)
+        try:
+            yield url
+        finally:
+            _stop(proc)
+
+    def register(
+        self, url: str, specs: list[DeviceSpec], bundles: dict[str, Path]
+    ) -> list[DeviceSpec]:
+        from fedmobillm.device_runtime.client import register
+
+        labels = list(self.dataset.label_names)
+        live = []
+        for s in specs:
+            if s.backbone not in bundles:
+                continue
+            register(
+                server=url,
+                admin_token=self.admin_token,
+                name=s.name,
+                bundle_dir=bundles[s.backbone],
+                label_names=labels,
+                state_dir=s.state_dir,
+            )
+            live.append(s)
+        log.info("registered %d devices", len(live))
+        return live
+
+    def launch(
+        self, url: str, specs: list[DeviceSpec], bundles: dict[str, Path]
+    ) -> dict[str, subprocess.Popen]:
+        running = {}
+        logs = self.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for s in specs:
+            cmd = _cli(
+                "device",
+                "run",
+                "--bundle",
+                str(bundles[s.backbone]),
+                "--data",
+                str(s.data_file),
+                "--state",
+                str(s.state_dir),
+                "--server",
+                url,
+                "--split",
+                s.split,
+                "--bandwidth-mbps",
+                str(s.bandwidth_mbps),
+                "--slowdown",
+                str(s.slowdown),
+                "--threads",
+                "1",
+                "--batch-size",
+                "16",
+                "--summary-json",
+                str(s.state_dir / "summary.json"),
+            )
+            with open(logs / f"{s.name}.log", "wb") as f:
+                p = subprocess.Popen(
+                    cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            self.procs.append(p)
+            running[s.name] = p
+        log.info("launched %d device processes", len(running))
+        return running
+
+    def train(
+        self, url: str, specs: list[DeviceSpec], running: dict[str, subprocess.Popen]
+    ) -> None:
+        import httpx
+
+        cfg = self.cfg
+        deadline = self.t_start + cfg.time_limit_s
+        self.dead: dict[str, int] = {}
+        last_upload_step: int | None = None
+        with httpx.Client(
+            base_url=url, timeout=10.0, headers={"Authorization": f"Bearer {self.admin_token}"}
+        ) as http:
+            while True:
+                time.sleep(2.0)
+                done = {n for n, p in running.items() if p.poll() is not None}
+                for n in done - set(self.dead):
+                    rc = running[n].returncode
+                    if rc != 0:
+                        self.dead[n] = rc
+                        log.error(
+                            "device %s exited with %d; carrying on with the rest (log: %s)",
+                            n,
+                            rc,
+                            self.out / "logs" / f"{n}.log",
+                        )
+                st = http.get("/v1/status").json()
+                row = _progress_row(st, len(running), len(done), time.monotonic() - self.t_start)
+                self.history.append(row)
+                log.info(
+                    "devices %d running / %d done | samples %d | step %d | loss %s | val acc %s",
+                    len(running) - len(done),
+                    len(done),
+                    row["samples"],
+                    row["step"],
+                    _fmt(row["loss"]),
+                    _fmt(row["val_accuracy"]),
+                )
+                if len(done) == len(running):
+                    if last_upload_step is None:
+                        last_upload_step = row["step"]
+                    if row["step"] - last_upload_step >= cfg.settle_steps:
+                        log.info(
+                            "trainer settled: %d steps after the last upload", cfg.settle_steps
+                        )
+                        break
+                if cfg.target_accuracy and (row["val_accuracy"] or 0) >= cfg.target_accuracy:
+                    log.info("target validation accuracy %.3f reached", cfg.target_accuracy)
+                    break
+                if time.monotonic() > deadline:
+                    log.warning("time limit of %.0f s reached; stopping", cfg.time_limit_s)
+                    break
+        if len(self.dead) == len(running):
+            raise FedMobiLLMError(
+                "every device process died; see the logs in " + str(self.out / "logs")
+            )
+        for n, p in running.items():
+            if p.poll() is None:
+                _stop(p)
+
+    def evaluate(
+        self, url: str, specs: list[DeviceSpec], bundles: dict[str, Path]
+    ) -> list[dict[str, Any]]:
+        rows = []
+        for backbone, bundle in bundles.items():
+            devs = [s for s in specs if s.backbone == backbone and s.split == "train"]
+            if not devs:
+                continue
+            side = self.out / "personal" / backbone
+            r = subprocess.run(
+                _cli(
+                    "device",
+                    "fetch-model",
+                    "--state",
+                    str(devs[0].state_dir),
+                    "--server",
+                    url,
+                    "--out",
+                    str(side),
+                ),
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode != 0:
+                log.error("personal model for %s: %s", backbone, r.stderr.strip())
+                rows.append({"name": backbone, "error": r.stderr.strip()})
+                continue
+            pred_json = self.out / "personal" / f"{backbone}-predict.json"
+            r = subprocess.run(
+                _cli(
+                    "device",
+                    "predict",
+                    "--bundle",
+                    str(bundle),
+                    "--side",
+                    str(side),
+                    "--data",
+                    str(self.test_file),
+                    "--json",
+                    str(pred_json),
+                ),
+                capture_output=True,
+                text=True,
+            )
+            if r.returncode != 0:
+                log.error("on-device inference for %s failed: %s", backbone, r.stderr.strip())
+                rows.append({"name": backbone, "error": r.stderr.strip()})
+                continue
+            pred = json.loads(pred_json.read_text())
+            sums = [_read_json(s.state_dir / "summary.json") for s in devs]
+            sums = [x for x in sums if x]
+            rows.append(
+                {
+                    "name": backbone,
+                    "accuracy": pred["accuracy"],
+                    "test_samples": pred.get("samples"),
+                    "devices": len(devs),
+                    "bytes_uploaded": _mean([x.get("bytes_uploaded", 0) for x in sums]),
+                    "bytes_per_sample": _mean(
+                        [x.get("bytes_uploaded", 0) / max(1, x.get("samples", 1)) for x in sums]
+                    ),
+                    "forward_ms_per_sample": _mean(
+                        [x.get("forward_ms_per_sample", 0) for x in sums]
+                    ),
+                    "peak_mb": max([x.get("peak_rss_mb", 0) for x in sums] or [0]),
+                    "device_failures": [n for n in self.dead if n in {d.name for d in devs}],
+                }
+            )
+        return rows
+
+    def report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        summary = {
+            "config": {
+                k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()
+            },
+            "majority_rate": self.majority_rate,
+            "label_names": list(self.dataset.label_names),
+            "backbones": rows,
+            "failed_backbones": self.failed_backbones,
+            "history": self.history,
+            "wall_s": time.monotonic() - self.t_start,
+        }
+        (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        _plot(self.history, self.out / "validation.png")
+        print()
+        print(
+            f"{'backbone':<16} {'accuracy':>9} {'bytes up/device':>16} {'fwd ms/sample':>14} {'peak MB':>8}"
+        )
+        for r in rows:
+            if "error" in r:
+                print(f"{r['name']:<16} error: {r['error'][:60]}")
+                continue
+            print(
+                f"{r['name']:<16} {100 * r['accuracy']:>8.1f}% {r['bytes_uploaded']:>16,.0f} "
+                f"{r['forward_ms_per_sample']:>14.2f} {r['peak_mb']:>8.0f}"
+            )
+        print(
+            f"majority-class rate: {100 * self.majority_rate:.1f}%  |  "
+            f"summary: {self.out / 'summary.json'}  |  plot: {self.out / 'validation.png'}"
+        )
+        return summary
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                _stop(p)
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
+    demo = Demo(cfg)
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        with Stage("data"):
+            specs = demo.prepare_data()
+        with Stage("export"):
+            bundles = demo.export_bundles()
+        with demo.server() as url:
+            with Stage("register"):
+                specs = demo.register(url, specs, bundles)
+            with Stage("devices + train"):
+                running = demo.launch(url, specs, bundles)
+                demo.train(url, specs, running)
+            with Stage("evaluate"):
+                rows = demo.evaluate(url, specs, bundles)
+        return demo.report(rows)
+    finally:
+        demo.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ---- helpers ---------------------------------------------------------------------------
+def _subsample(records: list[Any], n: int, seed: int) -> list[Any]:
+    import numpy as np
+
+    if n >= len(records):
+        return records
+    idx = np.random.default_rng(seed).permutation(len(records))[:n]
+    return [records[i] for i in sorted(idx)]
+
+
+def _bundle_ok(path: Path) -> bool:
+    from fedmobillm.device_runtime.protocol import verify_bundle
+
+    if not (path / "manifest.json").is_file():
+        return False
+    try:
+        return not verify_bundle(path)[1]
+    except FedMobiLLMError:
+        return False
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen, logfile: Path, timeout: float = 90.0) -> None:
+    import httpx
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if proc.poll() is not None:
+            tail = logfile.read_text(errors="replace")[-2000:]
+            raise FedMobiLLMError(f"the server exited with {proc.returncode}:\n{tail}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url + "/healthz", timeout=2.0).status_code == 200:
+                return
+        time.sleep(0.3)
+    raise FedMobiLLMError(
+        f"the server did not answer at {url} within {timeout:.0f} s; see {logfile}"
+    )
+
+
+def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _progress_row(st: dict[str, Any], n_dev: int, n_done: int, t: float) -> dict[str, Any]:
+    """One progress point from the server's /v1/status."""
+    trainer = st.get("trainer") or {}
+    per_arch: dict[str, float] = {}
+    for h in reversed(trainer.get("history") or []):
+        if h.get("validation"):
+            per_arch = {a: v["accuracy"] for a, v in h["validation"].items()}
+            break
+    samples = sum(int(d["samples"].get("train", 0)) for d in st.get("devices", []))
+    return {
+        "t": round(t, 1),
+        "samples": samples,
+        "step": int(trainer.get("step", 0)),
+        "loss": trainer.get("loss"),
+        "val_accuracy": sum(per_arch.values()) / len(per_arch) if per_arch else None,
+        "val_per_architecture": per_arch,
+        "devices_running": n_dev - n_done,
+        "devices_done": n_done,
+    }
+
+
+def _fmt(x: Any) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs)) if xs else 0.0
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _plot(history: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
+        return
+    archs = sorted({a for h in history for a in h.get("val_per_architecture", {})})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for arch in archs:
+        pts = [
+            (h["t"], h["val_per_architecture"][arch])
+            for h in history
+            if arch in h.get("val_per_architecture", {})
+        ]
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=arch)
+    if archs:
+        ax.legend(fontsize=7)
+    ax.set_xlabel("wall time since start (s)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("fedmobillm demo: shared side network, validation accuracy")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
