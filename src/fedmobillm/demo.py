@@ -396,7 +396,7 @@ class Demo:
             raise FedMobiLLMError(
                 "every device process died; see the logs in " + str(self.out / "logs")
             )
-        for n, p in running.items():
+        for p in running.values():
             if p.poll() is None:
                 _stop(p)
 
