@@ -1,0 +1,216 @@
+"""Phone-in-the-loop: `android run-device` through the emulated phone leaves the real server
+(`fedmobillm serve`, uvicorn + SQLite) with the same samples and activations as
+`device run --backend pte` on the same data and bundle."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ADMIN = "android-e2e-admin-token-0123456789abcdef"
+WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("server")
+    port = free_port()
+    env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": ADMIN}
+    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fedmobillm.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--data-dir",
+            str(data_dir),
+            "--no-train",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    else:
+        pytest.fail(f"server did not start: {(data_dir / 'server.log').read_text()[-2000:]}")
+    yield url, data_dir
+    proc.terminate()
+    proc.wait(30)
+    log.close()
+
+
+def _data(path: Path, n: int = 21) -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            w = WORDS[(i * 5) % len(WORDS)]
+            label = "positive" if WORDS.index(w) % 2 == 0 else "negative"
+            f.write(
+                json.dumps({"text": f"review {i}: the film was {w} and long", "label": label})
+                + "\n"
+            )
+    return path
+
+
+def _cli(*args, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _stored(data_dir: Path, device_id: str) -> list[tuple]:
+    with sqlite3.connect(data_dir / "store.sqlite3", timeout=10) as db:
+        return db.execute(
+            "SELECT sample_id, label, split, encoding, act, scales FROM samples "
+            "WHERE device_id = ? ORDER BY split, sample_id",
+            (device_id,),
+        ).fetchall()
+
+
+def test_run_device_uploads_what_device_run_uploads(
+    adb_server, phone, pte_bundle, host_runner, server, tmp_path
+):
+    """Prepare: one data file, one pte bundle, two devices (host and emulated phone).
+    Execute: `device run --backend pte` on the host; `android run-device` via adb.
+    Assert: same sample ids, labels and int8 activations on the server; a rerun adds nothing."""
+    url, data_dir = server
+    data = _data(tmp_path / "local.jsonl")
+    host_state, phone_state = tmp_path / "host", tmp_path / "phone"
+    reg = _cli(
+        "device",
+        "register",
+        "--server",
+        url,
+        "--admin-token",
+        ADMIN,
+        "--name",
+        "host-pte",
+        "--bundle",
+        pte_bundle,
+        "--state",
+        host_state,
+        "--data",
+        data,
+    )
+    assert reg.returncode == 0, reg.stderr
+
+    host = _cli(
+        "device",
+        "run",
+        "--bundle",
+        pte_bundle,
+        "--data",
+        data,
+        "--state",
+        host_state,
+        "--backend",
+        "pte",
+        "--batch-size",
+        "8",
+    )
+    ph = adb_server.cli(
+        "android",
+        "run-device",
+        phone.serial,
+        str(pte_bundle),
+        "--data",
+        str(data),
+        "--server",
+        url,
+        "--admin-token",
+        ADMIN,
+        "--state",
+        str(phone_state),
+        "--name",
+        "phone-1",
+        "--runner",
+        str(host_runner),
+        "--batch-size",
+        "8",
+    )
+    again = adb_server.cli(
+        "android",
+        "run-device",
+        phone.serial,
+        str(pte_bundle),
+        "--data",
+        str(data),
+        "--server",
+        url,
+        "--state",
+        str(phone_state),
+        "--runner",
+        str(host_runner),
+        "--batch-size",
+        "8",
+    )
+
+    assert host.returncode == 0, host.stderr[-3000:]
+    assert ph.returncode == 0, ph.stderr[-3000:]
+    assert "3 batches run there" in ph.stdout
+    ids = {
+        s: json.loads((s / "device.json").read_text())["device_id"]
+        for s in (host_state, phone_state)
+    }
+    a, b = _stored(data_dir, ids[host_state]), _stored(data_dir, ids[phone_state])
+    assert len(a) == len(b) == 21
+    assert [r[:4] for r in a] == [r[:4] for r in b]  # sample ids, labels, split, encoding
+    qa = np.stack([np.frombuffer(r[4], np.int8) for r in a]).astype(np.int16)  # (N, K*d)
+    qb = np.stack([np.frombuffer(r[4], np.int8) for r in b]).astype(np.int16)  # (N, K*d)
+    same = float((qa == qb).mean())
+    print(f"int8 activations identical: {same:.5f}, max |diff| {int(np.abs(qa - qb).max())}")
+    assert same > 0.995 and np.abs(qa - qb).max() <= 1  # float rounding at a quantum edge
+    assert all(ra[5] == rb[5] for ra, rb in zip(a, b, strict=True))  # same scales
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "0 batches run there" in again.stdout
+    assert len(_stored(data_dir, ids[phone_state])) == 21
+    assert phone.pushed_leftovers() == []
+
+
+def test_run_device_needs_a_registration_or_a_token(
+    adb_server, phone, pte_bundle, server, tmp_path
+):
+    url, _ = server
+    res = adb_server.cli(
+        "android",
+        "run-device",
+        phone.serial,
+        str(pte_bundle),
+        "--data",
+        str(_data(tmp_path / "d.jsonl", 3)),
+        "--server",
+        url,
+        "--state",
+        str(tmp_path / "nostate"),
+    )
+    assert res.returncode == 1 and "not registered" in res.stderr and "--admin-token" in res.stderr
