@@ -135,7 +135,8 @@ def register(
 class RunConfig:
     backend: str = "auto"
     threads: int | None = None
-    batch_size: int = 32
+    batch_size: int = 32  # samples per upload
+    forward_batch: int = 8  # samples per forward pass: bounds peak memory (and padding)
     encoding: str = "int8"
     split: str = "train"
     bandwidth_mbps: float | None = None
@@ -145,8 +146,8 @@ class RunConfig:
     slowdown: float = 1.0  # simulate a slower device: each forward takes this many times longer
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise FedMobiLLMError("--batch-size must be at least 1")
+        if self.batch_size < 1 or self.forward_batch < 1:
+            raise FedMobiLLMError("--batch-size and --forward-batch must be at least 1")
         if self.slowdown < 1.0:
             raise FedMobiLLMError("--slowdown must be at least 1 (1 = this machine's speed)")
         if self.encoding not in ENCODINGS:
@@ -332,7 +333,10 @@ class DeviceClient:
         texts = [records[i].text for i in ids]
         labels = np.array([int(records[i].label) for i in ids], dtype=np.int64)  # (N,)
         start = time.perf_counter()
-        taps = self.backbone(texts)  # (N, K, d) float32
+        fb = self.config.forward_batch
+        taps = np.concatenate(
+            [self.backbone(texts[s : s + fb]) for s in range(0, len(texts), fb)]
+        )  # (N, K, d) float32
         forward_s = time.perf_counter() - start
         if self.config.slowdown > 1.0:  # a simulated slower phone
             time.sleep((self.config.slowdown - 1.0) * forward_s)
@@ -411,6 +415,8 @@ class _Progress:
         self.forward_s += forward_s
         self.bytes += nbytes
         self.duplicates += int(bool(ack.get("duplicate")))
+        if ack.get("skipped"):
+            log.warning("server skipped %s samples it already held (same ids)", ack["skipped"])
         self.server_samples = dict(ack.get("device_samples") or {})
         now = time.perf_counter()
         if now - self._last_log >= self.every_s or self.done == self.total:

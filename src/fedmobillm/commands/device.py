@@ -46,7 +46,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", help="server URL (default: the one registered)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "pte"])
     p.add_argument("--threads", type=int, help="CPU threads for the forward pass")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="samples per upload (default 32)")
+    p.add_argument(
+        "--forward-batch",
+        type=int,
+        default=8,
+        help="samples per forward pass (default 8): lower = less peak memory",
+    )
     p.add_argument("--upload", default="int8", choices=["int8", "fp16"])
     p.add_argument("--split", default="train", choices=["train", "validation"])
     p.add_argument("--bandwidth-mbps", type=float, help="simulate an uplink of X Mbit/s")
@@ -124,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         backend=args.backend,
         threads=args.threads,
         batch_size=args.batch_size,
+        forward_batch=args.forward_batch,
         encoding=args.upload,
         split=args.split,
         bandwidth_mbps=args.bandwidth_mbps,
