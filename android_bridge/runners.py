@@ -114,7 +114,10 @@ def host_pte_runner(rebuild: bool = False) -> Path:
             tmp = out.with_name(out.name + f".tmp{os.getpid()}")
             cmd = compile_command(CPP_SOURCE, tmp, et, cxx)
             log.info("building the host executor_runner: %s", shlex.join(cmd[:3]) + " ...")
-            res = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                res = subprocess.CompletedProcess(cmd, 1, "", str(exc))
             if res.returncode == 0:
                 tmp.replace(out)
                 return out

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-DTYPES = {"torch.int64": np.int64, "torch.int32": np.int32, "torch.float32": np.float32}
+# ExecuTorch ScalarType codes (as TensorInfo.dtype() returns them) -> numpy.
+DTYPES = {0: np.uint8, 1: np.int8, 3: np.int32, 4: np.int64, 6: np.float32, 11: np.bool_}
 T0 = time.perf_counter()
 
 
@@ -51,7 +52,7 @@ def _inputs(method, args) -> list:
         sizes = list(info.sizes())
         if shapes and shapes[i]:
             sizes = [int(d) for d in shapes[i].split("x")]
-        dtype = np.int64 if "Long" in str(info.dtype()) or "4" == str(info.dtype()) else np.float32
+        dtype = DTYPES.get(int(info.dtype()), np.float32)
         if files:
             n = int(np.prod(sizes))
             arr = np.fromfile(files[i], dtype=dtype, count=n).reshape(sizes)

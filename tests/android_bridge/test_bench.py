@@ -153,3 +153,30 @@ def test_bad_options_and_bad_bundle(adb_server, phone, pte_bundle, tmp_path):
     assert res.returncode == 1 and "not a bundle" in res.stderr
     res = adb_server.cli("android", "bench", phone.serial, str(pte_bundle), "--backend", "onnx")
     assert res.returncode == 1 and "no backbone.onnx" in res.stderr
+
+
+@pytest.mark.slow
+def test_bench_with_the_python_fallback_runner(
+    adb_server, phone, pte_bundle, tmp_path, monkeypatch
+):
+    """The executorch.runtime fallback speaks the same flags and output as the C++ runner."""
+    from fedmobillm.android_bridge.runners import RUNNER_DIR, _install_script
+
+    runner = _install_script(RUNNER_DIR / "executor_runner.py", tmp_path / "executor_runner.py")
+    res = adb_server.cli(
+        "android",
+        "bench",
+        phone.serial,
+        str(pte_bundle),
+        "--runner",
+        str(runner),
+        "--iterations",
+        "3",
+        "--warmup",
+        "1",
+        "--seq",
+        "32",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "latency p50" in res.stdout and "peak memory" in res.stdout
+    assert phone.pushed_leftovers() == []

@@ -157,3 +157,16 @@ def test_wire_packet_round_trip():
     bad[20] ^= 1
     with pytest.raises(w.WireError):
         w.decode_header(bytes(bad[:24]))
+
+
+def test_python_fallback_runner_when_cxx_fails(tmp_path, monkeypatch):
+    """A compiler that fails (here /bin/false) leaves the Python executor_runner in place."""
+    from fedmobillm.android_bridge.runners import host_pte_runner
+
+    monkeypatch.setenv("FEDMOBILLM_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "/bin/false")
+
+    runner = host_pte_runner()
+
+    assert runner.name == "executor_runner.py" and runner_abi(runner) is None
+    assert runner.read_text().startswith("#!") and "--model_path" in runner.read_text()
