@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class Connection:
 
     def _open(self, pkt: w.Packet) -> None:
         service = pkt.data.rstrip(b"\0").decode(errors="replace")
-        handler = None
+        handler: Callable[[Stream, str], Awaitable[None]] | None = None
         if service.startswith("shell:") and service != "shell:":
             handler = _shell_service
         elif service == "sync:":

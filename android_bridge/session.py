@@ -42,8 +42,7 @@ def runner_abi(path: Path) -> str | None:
             f"runner {path} is not an executable (no ELF header, no #!)",
             hint="pass the executor_runner / onnxruntime_perf_test binary",
         )
-    order = "little" if head[5] == 1 else "big"
-    machine = int.from_bytes(head[18:20], order)
+    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
     return ELF_MACHINES.get(machine, f"elf-machine-{machine}")
 
 

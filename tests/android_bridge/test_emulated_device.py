@@ -106,3 +106,20 @@ def test_no_device_and_no_adb(adb_server, phone):
         timeout=60,
     )
     assert res.returncode == 1 and "adb is not installed" in res.stderr
+
+
+def test_push_onto_a_full_device_fails_cleanly(adb_server, emulate, tmp_path):
+    """The device fills up during the push itself: a clear error, no partial file left."""
+    from fedmobillm.android_bridge.adb import Adb
+    from fedmobillm.errors import FedMobiLLMError
+
+    tiny = emulate("--storage-mb", "1")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(3 << 20))
+    dev = Adb(server_port=adb_server.port).device(tiny.serial)
+
+    with pytest.raises(FedMobiLLMError, match="the device is full") as err:
+        dev.push(big, "/data/local/tmp/fedmobillm/big.bin")
+
+    assert "free space" in str(err.value)
+    assert not list((tiny.root / "data/local/tmp").rglob("*big*"))
