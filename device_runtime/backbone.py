@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx", "pte")
 GRAPH_FILES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
+MIN_SEQ = 2  # shortest sequence the exported graphs accept
 
 
 def choose_backend(manifest: Manifest, bundle_dir: Path, backend: str) -> str:
@@ -67,7 +68,7 @@ class _Tokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
             raise FedMobiLLMError(f"cannot load tokenizer {path}: {exc}") from exc
-        pad_id = int(spec.get("pad_token_id", 0))
+        pad_id = self.pad_id = int(spec.get("pad_token_id", 0))
         self.add_special_tokens = bool(spec.get("add_special_tokens", True))
         self._tok.enable_truncation(max_length=fixed_len or manifest.max_seq_len)
         pad_token = self._tok.id_to_token(pad_id) or "[PAD]"
@@ -79,6 +80,10 @@ class _Tokenizer:
         encs = self._tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
         ids = np.array([e.ids for e in encs], dtype=np.int64)  # (B, S)
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)  # (B, S)
+        if ids.shape[1] < MIN_SEQ:  # exported graphs' dynamic seq dim starts at 2
+            extra = MIN_SEQ - ids.shape[1]
+            ids = np.pad(ids, ((0, 0), (0, extra)), constant_values=self.pad_id)  # (B, 2)
+            mask = np.pad(mask, ((0, 0), (0, extra)))  # (B, 2)
         return ids, mask
 
 
