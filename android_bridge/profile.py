@@ -20,7 +20,10 @@ Profile JSON (``fedmobillm android profile SERIAL --out FILE``), schema
       "thermal": {"status": 0, "status_name": "none"},   # PowerManager THERMAL_STATUS_*
       "battery": {"level_pct": 87, "temperature_c": 31.2, "status": "charging",
                   "plugged": "usb"},
-      "collected_at": "2026-11-24T16:30:00+00:00"
+      "collected_at": "2026-11-24T16:30:00+00:00",
+      # optional, for the benchmarks' fleet (`--bench FILE --uplink-mbps X`):
+      "bench": {"effective_gflops": 21.3, "latency_ms_p50": 65.2, "backend": "pte", ...},
+      "link": {"uplink_mbps": 10.0, "downlink_mbps": 10.0}
     }
 
 Fields a phone does not answer are null.
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmobillm.android_bridge.adb import Device
+from fedmobillm.errors import FedMobiLLMError
 
 SCHEMA = "fedmobillm.device-profile/1"
 THERMAL_NAMES = ["none", "light", "moderate", "severe", "critical", "emergency", "shutdown"]
@@ -174,6 +178,36 @@ def build_profile(serial: str, raw: str) -> dict[str, Any]:
 
 def collect(device: Device) -> dict[str, Any]:
     return build_profile(device.serial, device.shell(_SCRIPT, check=False).output)
+
+
+def attach_fleet_figures(
+    profile: dict[str, Any],
+    bench: dict[str, Any] | None,
+    uplink_mbps: float | None,
+    downlink_mbps: float | None,
+) -> None:
+    """Add what the benchmarks' fleet needs (benchmarks/_common.load_profile): measured
+    compute from an `android bench` JSON, and the phone's network link as given."""
+    if bench is not None:
+        if not bench.get("effective_gflops"):
+            raise FedMobiLLMError(
+                "the bench JSON has no effective_gflops",
+                hint="write it with `fedmobillm android bench ... --json F`",
+            )
+        profile["bench"] = {
+            "effective_gflops": bench["effective_gflops"],
+            "latency_ms_p50": bench["latency_ms"]["p50"],
+            "backend": bench["backend"],
+            "architecture": bench["architecture"],
+            "quant": bench["quant"],
+            "input": [bench["config"]["batch"], bench["config"]["seq"]],
+        }
+    if uplink_mbps is not None or downlink_mbps is not None:
+        up = uplink_mbps if uplink_mbps is not None else downlink_mbps
+        profile["link"] = {
+            "uplink_mbps": up,
+            "downlink_mbps": downlink_mbps if downlink_mbps is not None else up,
+        }
 
 
 def write_profile(profile: dict[str, Any], out: Path) -> None:

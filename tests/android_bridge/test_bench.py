@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -41,6 +42,11 @@ def _host_run(runner: Path, bundle: Path, cfg: BenchConfig) -> tuple[dict, str]:
     return parse_executor_runner(res.stdout + res.stderr, cfg.warmup), taps
 
 
+def _agree(a: float, b: float) -> bool:
+    """Within noise: 25 % of the larger, plus 2 ms."""
+    return abs(a - b) <= 0.25 * max(a, b) + 2.0
+
+
 def test_bench_on_the_phone_agrees_with_the_host(
     adb_server, phone, pte_bundle, host_runner, tmp_path
 ):
@@ -48,31 +54,61 @@ def test_bench_on_the_phone_agrees_with_the_host(
     Assert: median latencies agree within noise; JSON has every field; nothing left."""
     out = tmp_path / "bench.json"
     args = [f"--{k}={v}" for k, v in CFG.items()]
-    res = adb_server.cli(
-        "android",
-        "bench",
-        phone.serial,
-        str(pte_bundle),
-        "--runner",
-        str(host_runner),
-        *args,
-        "--json",
-        str(out),
-    )
-    direct, taps = _host_run(host_runner, pte_bundle, BenchConfig(**CFG))
+    phone_p50s, host_p50s = [], []
+    for _attempt in range(3):  # 2 cores shared by several jobs: retry a noisy pair
+        res = adb_server.cli("android", "bench", phone.serial, str(pte_bundle), "--runner",
+                             str(host_runner), *args, "--json", str(out))  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        direct, taps = _host_run(host_runner, pte_bundle, BenchConfig(**CFG))
+        phone_p50s.append(json.loads(out.read_text())["latency_ms"]["p50"])
+        host_p50s.append(direct["latency_ms"]["p50"])
+        print(f"p50 via emulated phone {phone_p50s[-1]:.1f} ms, on host {host_p50s[-1]:.1f} ms")
+        if _agree(phone_p50s[-1], host_p50s[-1]):
+            break
 
-    assert res.returncode == 0, res.stderr[-3000:]
     assert "latency p50" in res.stdout
     r = json.loads(out.read_text())
     assert r["backend"] == "pte" and len(r["per_iteration_ms"]) == CFG["iterations"]
     for key in ("mean", "p50", "p90", "min"):
         assert r["latency_ms"][key] > 0
     assert r["load_ms"] > 0 and r["peak_memory_mb"] > 10
-    phone_p50, host_p50 = r["latency_ms"]["p50"], direct["latency_ms"]["p50"]
-    print(f"p50 via emulated phone {phone_p50:.1f} ms, directly on host {host_p50:.1f} ms")
-    assert abs(phone_p50 - host_p50) <= 0.35 * max(phone_p50, host_p50) + 3.0
+    assert _agree(phone_p50s[-1], host_p50s[-1]) or _agree(min(phone_p50s), min(host_p50s))
     assert taps.shape == (6 * 384,) and np.isfinite(taps).all()  # (1, K=6, d=384)
     assert phone.pushed_leftovers() == []
+    assert 1 < r["effective_gflops"] < 1000 and r["flops_per_iteration"] > 1e8
+    _profile_feeds_the_fleet(adb_server, phone, out, tmp_path)
+
+
+def _profile_feeds_the_fleet(adb_server, phone, bench_json: Path, tmp_path: Path) -> None:
+    """`android profile --bench F --uplink-mbps X` is a profile the benchmarks' fleet loads."""
+    prof = tmp_path / "phone.json"
+    res = adb_server.cli(
+        "android",
+        "profile",
+        phone.serial,
+        "--out",
+        str(prof),
+        "--bench",
+        str(bench_json),
+        "--uplink-mbps",
+        "10",
+    )
+    assert res.returncode == 0, res.stderr
+    repo = Path(__file__).resolve().parents[2]
+    code = (
+        "import sys; from benchmarks._common import load_profile; "
+        "p = load_profile(sys.argv[1]); print(p.effective_gflops, p.uplink_mbps)"
+    )
+    load = subprocess.run(
+        [sys.executable, "-c", code, str(prof)],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert load.returncode == 0, load.stderr[-2000:]
+    gflops, up = map(float, load.stdout.split())
+    assert gflops == json.loads(bench_json.read_text())["effective_gflops"] and up == 10.0
 
 
 def test_bench_onnx_backend_with_the_perf_test_stand_in(adb_server, phone, make_bundle):

@@ -82,6 +82,26 @@ def _add_profile(sub) -> None:
     p = sub.add_parser("profile", help="profile a phone (CPU, RAM, ABI, thermal, battery) as JSON")
     p.add_argument("serial")
     p.add_argument("--out", type=Path, default=None, help="write the profile JSON here")
+    p.add_argument(
+        "--bench",
+        type=Path,
+        default=None,
+        metavar="BENCH_JSON",
+        help="add measured compute (effective_gflops) from an `android bench "
+        "--json` file, for the benchmarks' fleet",
+    )
+    p.add_argument(
+        "--uplink-mbps",
+        type=float,
+        default=None,
+        help="the phone's uplink, for the benchmarks' fleet (adb cannot measure it)",
+    )
+    p.add_argument(
+        "--downlink-mbps",
+        type=float,
+        default=None,
+        help="the phone's downlink (default: the uplink)",
+    )
     _adb_port(p)
     p.set_defaults(_action=_profile)
 
@@ -238,9 +258,22 @@ def _devices(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from fedmobillm.android_bridge.adb import Adb
-    from fedmobillm.android_bridge.profile import collect, summary_lines, write_profile
+    from fedmobillm.android_bridge.profile import (
+        attach_fleet_figures,
+        collect,
+        summary_lines,
+        write_profile,
+    )
+    from fedmobillm.errors import FedMobiLLMError
 
+    bench = None
+    if args.bench is not None:
+        try:
+            bench = json.loads(args.bench.read_text())
+        except (OSError, ValueError) as exc:
+            raise FedMobiLLMError(f"cannot read bench JSON {args.bench}: {exc}") from exc
     profile = collect(Adb(server_port=args.adb_port).device(args.serial))
+    attach_fleet_figures(profile, bench, args.uplink_mbps, args.downlink_mbps)
     for line in summary_lines(profile):
         print(line)
     if args.out:
