@@ -34,6 +34,7 @@ from fedmobillm.device_runtime.uploader import (
     Uploader,
     rejected,
 )
+from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.paths import cache_dir
 
@@ -190,14 +191,6 @@ class RunSummary:
             f"server now holds:   {self.server_samples}",
             f"wall time:          {self.wall_s:.1f} s",
         ]
-
-
-def peak_rss_mb() -> float:
-    try:
-        import resource
-    except ImportError:  # not on POSIX
-        return float("nan")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def idempotency_key(device_id: str, digest: str, split: str, ids: Sequence[int]) -> str:

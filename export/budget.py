@@ -48,7 +48,8 @@ else:
     run = lambda: m.execute([ti, tm])[0]
 for _ in range(repeats):
     t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+from fedmobillm.device_runtime.memory import peak_rss_mb
+peak = peak_rss_mb()
 print(json.dumps({"peak_rss_mib": peak, "seconds": times}))
 """
 
