@@ -22,6 +22,7 @@ import numpy as np
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import Backbone
 from fedmobillm.device_runtime.journal import Entry, Journal, records_hash
+from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.device_runtime.protocol import (
     ENCODINGS,
     SPLITS,
@@ -34,7 +35,6 @@ from fedmobillm.device_runtime.uploader import (
     Uploader,
     rejected,
 )
-from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.paths import cache_dir
 
