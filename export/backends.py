@@ -102,7 +102,7 @@ def quantize_onnx_int8(src: Path, dst: Path) -> None:
         str(dst),
         weight_type=QuantType.QInt8,
         per_channel=True,
-        op_types_to_quantize=["MatMul", "Gemm"],
+        op_types_to_quantize=["MatMul", "Gemm", "Gather"],
     )
 
 
@@ -127,15 +127,16 @@ def run_onnx(
 
 def write_pte(ep: torch.export.ExportedProgram, path: Path) -> None:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
     edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
-    program = edge.to_executorch()
+    program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
     with open(path, "wb") as f:
         program.write_to_file(f)
 
 
 def run_pte(path: Path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte etc.
     from executorch.runtime import Runtime
 
     runtime = Runtime.get()

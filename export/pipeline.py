@@ -113,9 +113,24 @@ def resolve_model_folder(name_or_path: str) -> Path:
         from fedmobillm.export.models import resolve_model
     except ImportError:
         resolve_model = None
-    if resolve_model is not None:
-        return Path(resolve_model(name_or_path))
-    return _fallback_resolve(name_or_path)
+    if resolve_model is None:
+        return _fallback_resolve(name_or_path)
+    resolved = resolve_model(name_or_path)
+    return resolved if isinstance(resolved, Path) else _hub_snapshot(str(resolved))
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Local folder of a Hugging Face id (honours HF_HUB_OFFLINE: cache only)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:  # noqa: BLE001 - any hub/cache failure means "not available"
+        raise FedMobiLLMError(
+            f"unknown model {repo_id!r}: not a known name, not a local folder, and not a "
+            f"Hugging Face id available here ({type(exc).__name__})",
+            hint="run `fedmobillm models list` for the names, or pass a local HF folder",
+        ) from None
 
 
 def _fallback_resolve(name_or_path: str) -> Path:

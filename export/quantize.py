@@ -46,7 +46,8 @@ def pt2e_int8(
     quantizer.set_global(get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True))
     with torch.no_grad():
         graph = torch.export.export(wrapped, example, dynamic_shapes=shapes.dynamic_shapes())
-        prepared = prepare_pt2e(graph.module(), quantizer)
+        module = _integer_scalar_ops(graph.module())
+        prepared = prepare_pt2e(module, quantizer)
         for i in range(CALIBRATION_BATCHES):  # dynamic: observers need no data, but run anyway
             rows = slice(i * 8, (i + 1) * 8)
             if len(ids[rows]):
@@ -56,19 +57,11 @@ def pt2e_int8(
 
 
 def torchao_8da4w(wrapped: nn.Module, example: tuple, shapes) -> torch.export.ExportedProgram:
-    from torchao.quantization.granularity import PerAxis, PerGroup
-    from torchao.quantization.quant_api import (
-        Int8DynamicActivationIntxWeightConfig,
-        IntxWeightOnlyConfig,
-        quantize_,
-    )
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_api import Int8DynamicActivationIntxWeightConfig, quantize_
 
     model = copy.deepcopy(wrapped)
-    quantize_(
-        model,
-        IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0)),
-        filter_fn=lambda m, fqn: isinstance(m, nn.Embedding) and m.weight.shape[0] >= 1024,
-    )
+    _int8_embeddings(model)
     skipped = [
         fqn
         for fqn, m in model.named_modules()
@@ -90,3 +83,62 @@ def torchao_8da4w(wrapped: nn.Module, example: tuple, shapes) -> torch.export.Ex
     )
     with torch.no_grad():
         return torch.export.export(model, example, dynamic_shapes=shapes.dynamic_shapes())
+
+
+def _integer_scalar_ops(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """aten.add/mul.Tensor(int_tensor, python_scalar) -> the .Scalar overloads.
+
+    The XNNPACK quantizer turns every scalar operand of add/mul into a *float* tensor
+    constant, which silently turns integer index arithmetic (e.g. mask positions) float."""
+    overloads = {
+        torch.ops.aten.add.Tensor: torch.ops.aten.add.Scalar,
+        torch.ops.aten.mul.Tensor: torch.ops.aten.mul.Scalar,
+    }
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in overloads or len(node.args) != 2:
+            continue
+        tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+        scalars = [a for a in node.args if isinstance(a, (int, float, bool))]
+        if len(tensors) != 1 or len(scalars) != 1 or node.kwargs:
+            continue
+        val = tensors[0].meta.get("val")
+        if val is None or val.is_floating_point():
+            continue
+        node.target = overloads[node.target]
+        node.args = (tensors[0], scalars[0])
+    gm.recompile()
+    return gm
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table with int8 weights, one symmetric scale per row, read through
+    ExecuTorch's ``quantized_decomposed::embedding_byte`` kernel."""
+
+    def __init__(self, embedding: nn.Embedding) -> None:
+        super().__init__()
+        import executorch.exir.passes._quant_patterns_and_replacements  # noqa: F401 - op defs
+
+        w = embedding.weight.detach().float()  # (V, d)
+        scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-8)  # (V,)
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)  # (V, d)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("scales", scale)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized_decomposed.embedding_byte.default(
+            self.weight_int8, self.scales, None, -127, 127, indices
+        )  # (..., d)
+
+
+def _int8_embeddings(model: nn.Module, min_rows: int = 1024) -> None:
+    """Replace large embedding tables (token vocabularies) by int8 weight-only ones."""
+    from fedmobillm.export.wrapper import set_submodule
+
+    targets = [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Embedding) and m.num_embeddings >= min_rows
+    ]
+    for name in targets:
+        set_submodule(model, name, Int8Embedding(model.get_submodule(name)))
+    log.info("quantize: int8 weight-only embeddings: %s", targets)

@@ -181,22 +181,30 @@ def _event(events: list, name: str, kind: str):
 
 
 class TapWrapper(nn.Module):
-    """(input_ids, attention_mask) -> float32 taps (B, K, d) at the pivot, or (B, K, T, d)."""
+    """(input_ids, attention_mask) -> float32 taps (B, K, d) at the pivot, or (B, K, T, d).
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, taps: list[int], pivot: str):
+    The tap blocks are found by module path and hooked for the duration of each forward
+    only, so the wrapper survives deepcopy and repeated torch.export tracing."""
+
+    def __init__(self, model: nn.Module, block_paths: list[str], taps: list[int], pivot: str):
         super().__init__()
         self.model = model
         self.pivot = pivot
-        self._captured: dict[int, torch.Tensor] = {}
         self._taps = list(taps)
-        for t in taps:
-            blocks[t - 1].register_forward_hook(_capture_hook(self._captured, t))
+        self._paths = list(block_paths)  # module path of tap i's block, inside self.model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        self._captured.clear()
-        _call_model(self.model, input_ids, attention_mask)
-        states = torch.stack([self._captured[t] for t in self._taps], dim=1)  # (B, K, T, d)
-        self._captured.clear()
+        captured: dict[int, torch.Tensor] = {}
+        handles = [
+            self.model.get_submodule(path).register_forward_hook(_capture_hook(captured, t))
+            for t, path in zip(self._taps, self._paths, strict=True)
+        ]
+        try:
+            _call_model(self.model, input_ids, attention_mask)
+        finally:
+            for h in handles:
+                h.remove()
+        states = torch.stack([captured[t] for t in self._taps], dim=1)  # (B, K, T, d)
         return select_pivot(states, attention_mask, self.pivot).float()
 
 
@@ -261,7 +269,8 @@ def wrap_backbone(
             type(model.get_submodule(name)).__name__,
         )
         set_submodule(model, name, Passthrough())
-    return TapWrapper(model, kept, taps, pivot).eval(), info, taps, pivot
+    paths = [f"{path}.{t - 1}" for t in taps]
+    return TapWrapper(model, paths, taps, pivot).eval(), info, taps, pivot
 
 
 def eager_reference(

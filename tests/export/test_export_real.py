@@ -1,0 +1,125 @@
+"""Exported bundles of real pretrained models against eager PyTorch.
+
+Prepare: a bundle (cached by make_bundle) and texts encoded with the bundle's own
+tokenizer.json. Execute: the graph in its runtime and the untouched full HF model with
+hooks on its blocks. Assert: fp32 within max-abs 1e-3 and cosine >= 0.9999; quantized
+within cosine >= 0.98 per tap."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TEXTS = [
+    "A gripping, beautifully shot film.",
+    "The plot is thin and the jokes fall flat for most of its running time, sadly.",
+    "Smart and funny.",
+    "Neither the script nor the direction rises above television fare.",
+]
+
+
+def encode(bundle: Path, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    enc = tok.encode_batch(texts)
+    ids = np.array([e.ids for e in enc], dtype=np.int64)  # (B, T)
+    mask = np.array([e.attention_mask for e in enc], dtype=np.int64)  # (B, T)
+    return ids, mask
+
+
+def reference(bundle: Path, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    import torch
+
+    from fedmobillm.export.pipeline import resolve_model_folder
+    from fedmobillm.export.wrapper import eager_reference
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    folder = resolve_model_folder(m["source_model"])
+    out = eager_reference(
+        folder, m["taps"], m["pivot"], torch.from_numpy(ids), torch.from_numpy(mask)
+    )
+    return out.numpy()  # (B, K, d)
+
+
+def errors(got: np.ndarray, ref: np.ndarray) -> tuple[float, np.ndarray]:
+    from fedmobillm.export.calibrate import compare
+
+    err = compare(got, ref)
+    return max(err.max_abs), np.array(err.cosine)
+
+
+def run_graph(bundle: Path, fmt: str, ids, mask) -> np.ndarray:
+    from fedmobillm.export.backends import FILE_NAMES, run_format
+
+    return run_format(fmt, bundle / FILE_NAMES[fmt], ids, mask)
+
+
+@pytest.mark.parametrize("model,taps", [("minilm-l6", 3), ("minilm-l3", 3)])
+def test_fp32_matches_eager(make_bundle, model, taps):
+    bundle = make_bundle(model, taps=taps, formats=("onnx", "pte"))
+    ids, mask = encode(bundle, TEXTS)
+    ref = reference(bundle, ids, mask)
+    for fmt in ("onnx", "pte"):
+        max_abs, cos = errors(run_graph(bundle, fmt, ids, mask), ref)
+        assert max_abs <= 1e-3, (fmt, max_abs)
+        assert cos.min() >= 0.9999, (fmt, cos)
+
+
+def test_manifest_describes_the_bundle(make_bundle):
+    from fedmobillm.device_runtime.protocol import verify_bundle
+
+    bundle = make_bundle("minilm-l6", taps=3, formats=("onnx", "pte"))
+    manifest, problems = verify_bundle(bundle)
+    assert problems == []
+    assert (manifest.family, manifest.kind, manifest.depth) == ("bert", "encoder", 6)
+    assert manifest.taps == [2, 4, 6] and manifest.pivot == "first"
+    assert set(manifest.files) == {"backbone.onnx", "backbone.pte", "tokenizer.json"}
+    assert manifest.outputs[0]["shape"] == ["batch", 3, 384]
+    assert 20e6 < manifest.graph_params < 23e6  # no pooler
+    assert all(0 < s < 1 for s in manifest.activation_scales)
+
+
+@pytest.mark.parametrize("model", ["minilm-l6", "minilm-l3"])
+def test_onnx_int8_close_to_eager(make_bundle, model):
+    bundle = make_bundle(model, taps=3, quant="int8", formats=("onnx",))
+    ids, mask = encode(bundle, TEXTS)
+    _, cos = errors(run_graph(bundle, "onnx", ids, mask), reference(bundle, ids, mask))
+    assert cos.min() >= 0.98, cos
+
+
+def test_truncation_removes_weights(make_bundle):
+    full = json.loads((make_bundle("minilm-l6", taps=3) / "manifest.json").read_text())
+    short = json.loads((make_bundle("minilm-l6", layers=[2]) / "manifest.json").read_text())
+    assert short["graph_params"] < full["graph_params"] - 3 * 1.7e6  # 4 blocks of ~1.77M gone
+    assert short["files"]["backbone.onnx"]["bytes"] < full["files"]["backbone.onnx"]["bytes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant", ["int8", "8da4w"])
+def test_pte_quantized_close_to_eager(make_bundle, quant):
+    bundle = make_bundle("minilm-l6", taps=3, quant=quant, formats=("pte",))
+    ids, mask = encode(bundle, TEXTS)
+    _, cos = errors(run_graph(bundle, "pte", ids, mask), reference(bundle, ids, mask))
+    assert cos.min() >= 0.98, cos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quant,formats", [("fp32", ("onnx", "pte")), ("int8", ("onnx", "pte"))])
+def test_smollm2_truncated(make_bundle, quant, formats):
+    bundle = make_bundle("smollm2-135m", layers=[2, 4], quant=quant, formats=formats)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["kind"] == "decoder" and manifest["pivot"] == "last"
+    assert manifest["graph_params"] < 40e6  # 4 of 30 blocks + embeddings
+    ids, mask = encode(bundle, TEXTS)
+    ref = reference(bundle, ids, mask)
+    for fmt in formats:
+        max_abs, cos = errors(run_graph(bundle, fmt, ids, mask), ref)
+        if quant == "fp32":
+            assert cos.min() >= 0.9999, (fmt, cos)
+            assert max_abs <= 1e-3 * max(1.0, float(np.abs(ref).max())), (fmt, max_abs)
+        else:
+            assert cos.min() >= 0.98, (fmt, cos)

@@ -1,0 +1,146 @@
+"""Small randomly initialised models of six families: the wrapper is generic (no
+special-casing by name), export matches eager, pivot and truncation behave."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+FAMILIES = ["bert", "roberta", "llama", "qwen2", "gpt2", "opt"]
+VOCAB = 30522  # the MiniLM (bert-base-uncased) tokenizer is reused for every family
+
+
+def _config(family: str):
+    import transformers as tf
+
+    common = {"vocab_size": VOCAB}
+    if family in ("bert", "roberta"):
+        cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
+        extra = {"pad_token_id": 0, "max_position_embeddings": 260} if family == "roberta" else {}
+        return cls(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            **common,
+            **extra,
+        )
+    if family in ("llama", "qwen2"):
+        cls = tf.LlamaConfig if family == "llama" else tf.Qwen2Config
+        return cls(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=256,
+            **common,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=256, **common)
+    return tf.OPTConfig(
+        hidden_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_position_embeddings=256,
+        word_embed_proj_dim=32,
+        **common,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """`tiny_model("llama")` -> a saved HF folder (seeded random weights), cached."""
+    from fedmobillm.export.pipeline import resolve_model_folder
+    from fedmobillm.paths import cache_dir
+
+    def build(family: str) -> Path:
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        out = cache_dir() / "test-models" / f"tiny-{family}-v1"
+        if (out / "model.safetensors").is_file():
+            return out
+        torch.manual_seed(0)
+        model = AutoModel.from_config(_config(family))
+        tmp = out.with_name(out.name + ".tmp")
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(resolve_model_folder("minilm-l6")).save_pretrained(tmp)
+        tmp.rename(out)
+        return out
+
+    return build
+
+
+def _inputs():
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, VOCAB, (3, 9), generator=g)  # (B, T)
+    mask = torch.ones(3, 9, dtype=torch.int64)  # (B, T)
+    mask[1, 6:] = 0  # right padding
+    mask[2, 3:] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def _check(bundle: Path, fmt: str, tol_cos: float = 0.9999):
+    from fedmobillm.export.backends import FILE_NAMES, run_format
+    from fedmobillm.export.calibrate import compare
+    from fedmobillm.export.wrapper import eager_reference
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    ids, mask = _inputs()
+    ref = eager_reference(Path(m["source_model"]), m["taps"], m["pivot"], ids, mask).numpy()
+    got = run_format(fmt, bundle / FILE_NAMES[fmt], ids.numpy(), mask.numpy())
+    err = compare(got, ref)
+    assert max(err.max_abs) <= 1e-3 and min(err.cosine) >= tol_cos, err
+    return m
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_exports_to_onnx_and_matches(make_bundle, tiny_model, family):
+    bundle = make_bundle(str(tiny_model(family)), layers=[1, 2], formats=("onnx",))
+    m = _check(bundle, "onnx")
+    expected = "encoder" if family in ("bert", "roberta") else "decoder"
+    assert m["kind"] == expected
+    assert m["pivot"] == ("first" if expected == "encoder" else "last")
+    assert m["family"] == family and m["depth"] == 3 and m["taps"] == [1, 2]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_family_exports_to_pte_and_matches(make_bundle, tiny_model, family):
+    bundle = make_bundle(str(tiny_model(family)), layers=[1], formats=("pte",))
+    _check(bundle, "pte")
+
+
+def test_final_norm_and_head_not_in_graph(make_bundle, tiny_model):
+    """Tapping the last block of a decoder must give the pre-norm output (the reference
+    hooks the block itself), and the final norm's weight is not counted."""
+    folder = tiny_model("llama")
+    bundle = make_bundle(str(folder), layers=[3], formats=("onnx",))
+    m = _check(bundle, "onnx")
+    cfg = _config("llama")
+    per_block = 4 * 32 * 32 // 2 + 32 * 32 + 3 * 32 * 64 + 2 * 32  # q,o + k,v (kv 2 heads)
+    assert m["graph_params"] == VOCAB * 32 + 3 * per_block, m["graph_params"]
+    assert cfg.num_hidden_layers == 3
+
+
+def test_pivot_last_ignores_padding(make_bundle, tiny_model):
+    from fedmobillm.export.backends import FILE_NAMES, run_format
+
+    bundle = make_bundle(str(tiny_model("qwen2")), layers=[1, 2], formats=("onnx",))
+    ids, mask = (t.numpy() for t in _inputs())
+    batch = run_format("onnx", bundle / FILE_NAMES["onnx"], ids, mask)  # (3, K, d)
+    alone = run_format("onnx", bundle / FILE_NAMES["onnx"], ids[2:, :3], mask[2:, :3])
+    np.testing.assert_allclose(batch[2], alone[0], atol=1e-5)
+
+
+def test_pivot_none_keeps_every_token(make_bundle, tiny_model):
+    bundle = make_bundle(str(tiny_model("bert")), layers=[2], pivot="none", formats=("onnx",))
+    m = _check(bundle, "onnx")
+    assert m["outputs"][0]["shape"] == ["batch", 1, "seq", 32]
