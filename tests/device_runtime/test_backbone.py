@@ -110,3 +110,16 @@ def test_pte_agrees_with_onnx(make_bundle):
     for b in range(2):
         for k in range(onnx.shape[1]):
             assert _cos(onnx[b, k], pte[b, k]) > 0.99
+
+
+@pytest.mark.slow
+def test_decoder_bundle_last_token_pivot_ignores_padding(make_bundle):
+    """SmolLM2 (decoder, pivot = last real token): a text's taps are the same alone and
+    right-padded beside a longer text."""
+    bundle = make_bundle("smollm2-135m", taps=3, formats=("onnx",), max_seq_len=64)
+    bb = Backbone(bundle, threads=2)
+    assert bb.manifest.kind == "decoder" and bb.manifest.pivot == "last"
+    alone = bb(["The capital of France is"])  # (1, K, d)
+    batch = bb(["The capital of France is", "A much longer prompt " * 8])  # (2, K, d)
+    for k in range(bb.manifest.num_taps):
+        assert _cos(alone[0, k], batch[0, k]) > 0.99
