@@ -1,4 +1,4 @@
-"""One device step in a fresh process, to measure its peak RSS (ru_maxrss).
+"""One device step in a fresh process, to measure its peak RSS (VmHWM).
 
     python -m benchmarks._device_step fedmobillm --bundle DIR --texts FILE.json --batch 8
     python -m benchmarks._device_step lora|full|fwdgrad --model DIR --texts FILE.json ...
@@ -19,6 +19,15 @@ import time
 
 
 def _peak_mb() -> float:
+    """VmHWM of this process image. (ru_maxrss survives exec: a child of a big parent would
+    report the parent's peak, so it is only the fallback off Linux.)"""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 

@@ -396,6 +396,14 @@ def replay(
                     "samples_arrived": int(sum(have)),
                 }
             )
+            if tr.step % (10 * cfg.eval_every) == 0:
+                log.info(
+                    "replay step %d: sim clock %.1f s, %d samples in, validation %.4f",
+                    tr.step,
+                    clock,
+                    int(sum(have)),
+                    ev["accuracy"],
+                )
     test = {q: tr.evaluate(arch, x, y) for q, (x, y, _) in tx.items()}
     return {
         "curve": curve,

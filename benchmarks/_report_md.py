@@ -99,7 +99,7 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
 
     add("## 2. On-device peak memory (measured)\n")
     add(
-        f"Peak RSS (`ru_maxrss`) of a fresh `python -m benchmarks._device_step` process doing one "
+        f"Peak RSS (`VmHWM` of /proc/self/status) of a fresh `python -m benchmarks._device_step` process doing one "
         f"device step on {cfg['memory_batch']} real texts:\n"
     )
     add("| method | peak RSS MiB | torch in process | step s (host) |\n|---|---|---|---|")

@@ -268,7 +268,7 @@ def _main(a: argparse.Namespace) -> int:
     from benchmarks import _fedmobillm as F
     from benchmarks import _models as M
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # 2 shared cores: more threads only spin (OpenMP)
     t_start = time.perf_counter()
     cfg, profile_files = make_config(a)
     out = a.out

@@ -1,0 +1,69 @@
+"""CI check of the headline benchmark's pieces, run for real on a tiny random BERT
+(`python -m benchmarks._selftest`): FLOP counting, one FedAvg round, the simulated clock, and
+a fresh-process device step on a real ONNX bundle with no torch in it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def selftest(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("headline")
+    r = subprocess.run(
+        [sys.executable, "-m", "benchmarks._selftest", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_flops_order_of_methods(selftest: dict) -> None:
+    f = selftest["flops"]
+    assert 0 < f["fedmobillm_forward"] < f["lora_train_step"] < f["full_train_step"]
+    # LoRA backprop computes input grads but no frozen weight grads: 1.5x-3x a forward
+    assert 1.5 < f["lora_train_step"] / f["lora_forward"] < 3.2
+    assert 2.5 < f["full_train_step"] / f["full_forward"] < 3.5
+    # forward-gradient: 1 + P forwards, no backward
+    p = f["fwdgrad_perturbations"]
+    assert f["fwdgrad_step"] == pytest.approx((p + 1) * f["lora_forward"], rel=0.3)
+    assert f["lora_trainable_params"] < f["full_trainable_params"]
+
+
+def test_one_fedavg_round(selftest: dict) -> None:
+    res = selftest["fedavg"]
+    assert [p["round"] for p in res["curve"]] == [0, 1]
+    (rnd,) = res["rounds"]
+    assert sorted(rnd["devices"]) == [0, 1]  # fraction 1.0
+    sims = {c["device"]: c["sim_s"] for c in rnd["clients"]}
+    assert sims[1] > sims[0]  # the slow profile is slower
+    assert rnd["round_sim_s"] == pytest.approx(max(sims.values()))  # synchronous round
+    for c in rnd["clients"]:
+        assert c["bytes_up"] == c["bytes_down"] == res["trainable_bytes"]
+    assert 0.0 <= res["test"]["accuracy"] <= 1.0
+
+
+def test_simulated_clock_arrivals(selftest: dict) -> None:
+    fast, slow = selftest["arrivals"]["fast"], selftest["arrivals"]["slow"]
+    assert [a[1:] for a in fast] == [[0, 16], [16, 32], [32, 40]]
+    times = [a[0] for a in slow]
+    assert times == sorted(times)
+    assert slow[-1][0] > fast[-1][0]
+
+
+def test_device_step_is_torch_free(selftest: dict) -> None:
+    step = selftest["device_step"]
+    assert step["torch_imported"] is False
+    assert step["quant"] == "int8"
+    assert 0 < step["peak_rss_mb"] < 1000
+    assert step["upload_bytes"] > 0
