@@ -134,7 +134,9 @@ def phone(emulate) -> Emulated:
 
 @pytest.fixture(scope="session")
 def pte_bundle(make_bundle) -> Path:
-    return make_bundle("minilm-l6", formats=("pte",))
+    """A real MiniLM-L6 bundle with backbone.pte and backbone.onnx (the same option set as
+    tests/export, so CI exports it once)."""
+    return make_bundle("minilm-l6", taps=3, formats=("onnx", "pte"))
 
 
 @pytest.fixture(scope="session")

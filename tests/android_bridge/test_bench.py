@@ -73,7 +73,7 @@ def test_bench_on_the_phone_agrees_with_the_host(
         assert r["latency_ms"][key] > 0
     assert r["load_ms"] > 0 and r["peak_memory_mb"] > 10
     assert _agree(phone_p50s[-1], host_p50s[-1]) or _agree(min(phone_p50s), min(host_p50s))
-    assert taps.shape == (6 * 384,) and np.isfinite(taps).all()  # (1, K=6, d=384)
+    assert taps.shape == (3 * 384,) and np.isfinite(taps).all()  # (1, K=3, d=384)
     assert phone.pushed_leftovers() == []
     assert 1 < r["effective_gflops"] < 1000 and r["flops_per_iteration"] > 1e8
     _profile_feeds_the_fleet(adb_server, phone, out, tmp_path)
@@ -111,8 +111,8 @@ def _profile_feeds_the_fleet(adb_server, phone, bench_json: Path, tmp_path: Path
     assert gflops == json.loads(bench_json.read_text())["effective_gflops"] and up == 10.0
 
 
-def test_bench_onnx_backend_with_the_perf_test_stand_in(adb_server, phone, make_bundle):
-    bundle = make_bundle("minilm-l3", taps=3, formats=("onnx",))
+def test_bench_onnx_backend_with_the_perf_test_stand_in(adb_server, phone, pte_bundle):
+    bundle = pte_bundle  # it has backbone.onnx too
     res = adb_server.cli(
         "android",
         "bench",
@@ -180,15 +180,16 @@ def test_crashing_runner_is_reported_and_cleaned_up(adb_server, phone, pte_bundl
     assert phone.pushed_leftovers() == []
 
 
-def test_bad_options_and_bad_bundle(adb_server, phone, pte_bundle, tmp_path):
+def test_bad_options_and_bad_bundle(adb_server, phone, pte_bundle, make_bundle, tmp_path):
     res = adb_server.cli(
         "android", "bench", phone.serial, str(pte_bundle), "--iterations", "0", "--seq", "100000"
     )
     assert res.returncode == 1 and "--iterations" in res.stderr and "--seq" in res.stderr
     res = adb_server.cli("android", "bench", phone.serial, str(tmp_path))
     assert res.returncode == 1 and "not a bundle" in res.stderr
-    res = adb_server.cli("android", "bench", phone.serial, str(pte_bundle), "--backend", "onnx")
-    assert res.returncode == 1 and "no backbone.onnx" in res.stderr
+    onnx_only = make_bundle("minilm-l3", taps=3, formats=("onnx",))  # shared with device tests
+    res = adb_server.cli("android", "bench", phone.serial, str(onnx_only), "--backend", "pte")
+    assert res.returncode == 1 and "no backbone.pte" in res.stderr
 
 
 @pytest.mark.slow
