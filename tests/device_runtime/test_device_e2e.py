@@ -205,6 +205,30 @@ def test_killed_at_random_moments_still_exactly_once(server, bundles, tmp_path):
     assert server.device(device_id)["samples"]["train"] == n
 
 
+@pytest.mark.slow
+def test_pte_and_onnx_devices_upload_the_same_activations(server, make_bundle, tmp_path):
+    """Two devices on one bundle with both graphs, one on ExecuTorch, one on onnxruntime:
+    the server stores (nearly) the same int8 activations from each."""
+    import numpy as np
+
+    bundle = make_bundle("minilm-l3", taps=3, formats=("onnx", "pte"))
+    data = write_data(tmp_path / "d.jsonl", 32, seed=11)
+    acts = {}
+    for backend in ("onnx", "pte"):
+        state = tmp_path / backend
+        device_id = register(server, f"e2e-{backend}-same", bundle, state)
+        r = cli(*run_args(bundle, data, state, "--backend", backend))
+        assert r.returncode == 0, r.stderr
+        assert "backend " + backend in r.stderr
+        with sqlite3.connect(server.data_dir / "store.sqlite3") as db:
+            rows = db.execute(
+                "SELECT act FROM samples WHERE device_id = ? ORDER BY sample_id", (device_id,)
+            ).fetchall()
+        acts[backend] = np.stack([np.frombuffer(a, np.int8) for (a,) in rows]).astype(int)
+    diff = np.abs(acts["onnx"] - acts["pte"])  # (N, K*d) int8 steps
+    assert acts["onnx"].shape == (32, 3 * 384) and diff.mean() < 0.1 and diff.max() <= 2
+
+
 BLOCK_TORCH = """
 import sys
 class _NoTorch:
