@@ -7,8 +7,9 @@ Flags the bridge passes (the same on a phone and on the emulated device):
   --input_shapes=BxS,BxS --num_executions=WARMUP+N --print_output=none [--cpu_threads=T]``;
   the first WARMUP "Iteration i of N" lines are dropped. On Android executor_runner logs to
   logcat (tag ExecuTorch): when its stdout has no timings, the bridge reads ``logcat -d``.
-- onnx: ``onnxruntime_perf_test -m times -r N -I -f batch:B -f seq:S -s [-x T] backbone.onnx``
-  (it warms up once by itself; --warmup is not passed through).
+- onnx: ``onnxruntime_perf_test -m times -r N -I -s -f DIM0:B -f DIM1:S [-x T] backbone.onnx``
+  where DIM0/DIM1 are the graph's names of input_ids' free dimensions (read on the host);
+  it warms up once by itself (--warmup is not passed through).
 """
 
 from __future__ import annotations
@@ -103,34 +104,43 @@ def write_input_files(arrays: np.ndarray, folder: Path) -> list[Path]:
     return paths
 
 
-def runner_argv(cfg: BenchConfig, runner: str, graph: str, inputs: list[str]) -> list[str]:
+def onnx_free_dims(graph: Path) -> tuple[str, str]:
+    """Names of the (batch, seq) dimensions of the graph's input_ids, e.g. ("s43", "s53"):
+    onnxruntime_perf_test's -f overrides free dimensions by name."""
+    try:
+        import onnx
+
+        model = onnx.load(str(graph), load_external_data=False)
+        inp = next(i for i in model.graph.input if i.name == "input_ids")
+        names = [d.dim_param for d in inp.type.tensor_type.shape.dim]
+    except ImportError:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        names = [str(d) for d in next(i for i in sess.get_inputs() if i.name == "input_ids").shape]
+    except StopIteration as exc:
+        raise FedMobiLLMError(f"{graph} has no input named input_ids") from exc
+    return names[0] or "batch", names[1] or "seq"
+
+
+def runner_argv(
+    cfg: BenchConfig,
+    runner: str,
+    graph: str,
+    inputs: list[str],
+    free_dims: tuple[str, str] = ("batch", "seq"),
+) -> list[str]:
     """The runner's command line (paths relative to the work folder)."""
     if cfg.backend == "pte":
         shape = f"{cfg.batch}x{cfg.seq}"
-        argv = [
-            runner,
-            f"--model_path={graph}",
-            f"--inputs={','.join(inputs)}",
-            f"--input_shapes={shape},{shape}",
-            f"--num_executions={cfg.warmup + cfg.iterations}",
-            "--print_output=none",
-        ]
+        argv = [runner, f"--model_path={graph}", f"--inputs={','.join(inputs)}",
+                f"--input_shapes={shape},{shape}",
+                f"--num_executions={cfg.warmup + cfg.iterations}", "--print_output=none"]  # fmt: skip
         if cfg.threads:
             argv.append(f"--cpu_threads={cfg.threads}")
         return argv
-    argv = [
-        runner,
-        "-m",
-        "times",
-        "-r",
-        str(cfg.iterations),
-        "-I",
-        "-s",
-        "-f",
-        f"batch:{cfg.batch}",
-        "-f",
-        f"seq:{cfg.seq}",
-    ]
+    argv = [runner, "-m", "times", "-r", str(cfg.iterations), "-I", "-s",
+            "-f", f"{free_dims[0]}:{cfg.batch}", "-f", f"{free_dims[1]}:{cfg.seq}"]  # fmt: skip
     if cfg.threads:
         argv += ["-x", str(cfg.threads)]
     return argv + [graph]
@@ -299,7 +309,8 @@ def _push_and_run(
     device.shell(f"chmod 755 {work.path}/{name}")
     remote_graph = Path(work.push(graph)).name
     remote_inputs = [Path(work.push(p)).name for p in inputs]
-    argv = runner_argv(cfg, f"./{name}", remote_graph, remote_inputs)
+    dims = onnx_free_dims(graph) if cfg.backend == "onnx" else ("batch", "seq")
+    argv = runner_argv(cfg, f"./{name}", remote_graph, remote_inputs, dims)
     device.shell("logcat -c 2>/dev/null; true", check=False)
     log.info(
         "running %s on %s: %d warm-up + %d timed iterations",
