@@ -217,3 +217,20 @@ def test_bench_with_the_python_fallback_runner(
     assert res.returncode == 0, res.stderr[-3000:]
     assert "latency p50" in res.stdout and "peak memory" in res.stdout
     assert phone.pushed_leftovers() == []
+
+
+def test_onnx_free_dimension_names_come_from_the_graph(pte_bundle):
+    """perf_test's -f overrides dimensions by name: the bridge must use the graph's names."""
+    import onnxruntime as ort
+
+    from fedmobillm.android_bridge.bench import onnx_free_dims
+
+    graph = pte_bundle / "backbone.onnx"
+    sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    shape = next(i for i in sess.get_inputs() if i.name == "input_ids").shape
+
+    dims = onnx_free_dims(graph)
+    argv = runner_argv(BenchConfig(backend="onnx", batch=2, seq=48), "r", "g.onnx", [], dims)
+
+    assert list(dims) == [str(d) for d in shape]
+    assert f"{dims[0]}:2" in argv and f"{dims[1]}:48" in argv
