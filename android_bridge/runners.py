@@ -141,3 +141,19 @@ def host_onnx_runner() -> Path:
 
 def host_runner(backend: str) -> Path:
     return host_pte_runner() if backend == "pte" else host_onnx_runner()
+
+
+def main() -> None:
+    """`python -m fedmobillm.android_bridge.runners [--rebuild]`: build and print the paths."""
+    import argparse
+
+    p = argparse.ArgumentParser(description="build the host runners into the cache")
+    p.add_argument("--rebuild", action="store_true")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    print(f"pte:  {host_pte_runner(rebuild=args.rebuild)}")
+    print(f"onnx: {host_onnx_runner()}")
+
+
+if __name__ == "__main__":
+    main()
