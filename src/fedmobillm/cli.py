@@ -46,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _QuietThirdPartyRoot(logging.Filter):
+    """Drop INFO chatter that libraries send through the root logger (onnxruntime's
+    quantizer logs a line per tensor); fedmobillm logs through named loggers."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name != "root" or record.levelno >= logging.WARNING
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -54,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not args.debug:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_QuietThirdPartyRoot())
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--time-limit",
         type=float,
         default=None,
-        help="seconds before training stops (default 480 quick, 3600 full)",
+        help="seconds of training before it stops (default 300 quick, 3600 full)",
     )
     parser.add_argument("--target-accuracy", type=float, help="stop at this validation accuracy")
     parser.add_argument("--train-limit", type=int, help="train records used in all")
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         train_limit=args.train_limit,
         eval_limit=args.eval_limit,
-        time_limit_s=args.time_limit or (3600.0 if args.full else 480.0),
+        time_limit_s=args.time_limit or (3600.0 if args.full else 300.0),
         target_accuracy=args.target_accuracy,
         settle_steps=args.settle_steps,
         port=args.port,
