@@ -170,6 +170,11 @@ def check_out_dir(out_dir: Path) -> None:
     existing = parent
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise FedMobiLLMError(
+            f"cannot write the bundle to {out_dir}: {existing} is a file, not a folder",
+            hint="choose a folder you can write to with --out",
+        )
     if not os.access(existing, os.W_OK) or (parent.exists() and not os.access(parent, os.W_OK)):
         raise FedMobiLLMError(
             f"cannot write the bundle to {out_dir}: {existing} is not writable",

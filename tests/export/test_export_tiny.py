@@ -126,7 +126,8 @@ def test_final_norm_and_head_not_in_graph(make_bundle, tiny_model):
     m = _check(bundle, "onnx")
     cfg = _config("llama")
     per_block = 4 * 32 * 32 // 2 + 32 * 32 + 3 * 32 * 64 + 2 * 32  # q,o + k,v (kv 2 heads)
-    assert m["graph_params"] == VOCAB * 32 + 3 * per_block, m["graph_params"]
+    extra = m["graph_params"] - (VOCAB * 32 + 3 * per_block)
+    assert 0 <= extra < 32, extra  # rotary frequencies only; a final norm would add 32
     assert cfg.num_hidden_layers == 3
 
 
