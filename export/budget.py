@@ -42,6 +42,7 @@ if fmt == "onnx":
 else:
     import torch
     torch.set_num_threads(threads)
+    import executorch.kernels.quantized  # embedding_byte for 8da4w graphs
     from executorch.runtime import Runtime
     m = Runtime.get().load_program(path).load_method("forward")
     ti, tm = torch.from_numpy(ids), torch.from_numpy(mask)
