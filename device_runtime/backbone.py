@@ -117,6 +117,7 @@ class _PteRunner:
 
     def __init__(self, path: Path) -> None:
         try:
+            import executorch.kernels.quantized  # noqa: F401 - embedding_byte (8da4w bundles)
             from executorch.runtime import Runtime
         except ImportError as exc:
             raise FedMobiLLMError(
