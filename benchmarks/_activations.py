@@ -15,6 +15,7 @@ full run's and every finished chunk survives an interrupted extraction.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -71,7 +72,34 @@ class Activations:
 
 def bundle_for(spec: BundleSpec) -> Path:
     """The exported bundle for ``spec`` (built once per machine; rebuilt if it fails
-    verification)."""
+    verification). If an int8 export fails the exporter's own accuracy check (SmolLM2's
+    outlier activations at deep taps do), the fp32 graph is used instead; the failure is
+    remembered (``int8-failed.json``) and the manifest's ``quant`` says what was used."""
+    from fedmobillm.paths import cache_dir
+
+    failed = cache_dir() / "bench-bundles" / f"{spec.key()}-failed.json"
+    if spec.quant != "fp32" and failed.is_file():
+        log.warning(
+            "%s: %s export failed before (%s); using fp32",
+            spec.model,
+            spec.quant,
+            json.loads(failed.read_text()).get("error", "")[:200],
+        )
+        return bundle_for(dataclasses.replace(spec, quant="fp32"))
+    try:
+        return _export_cached(spec)
+    except FedMobiLLMError as exc:
+        if spec.quant == "fp32" or "verify" not in str(exc):
+            raise
+        log.warning(
+            "%s: %s export failed its check (%s); falling back to fp32", spec.model, spec.quant, exc
+        )
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.write_text(json.dumps({"spec": dataclasses.asdict(spec), "error": str(exc)}))
+        return bundle_for(dataclasses.replace(spec, quant="fp32"))
+
+
+def _export_cached(spec: BundleSpec) -> Path:
     from fedmobillm.device_runtime.protocol import verify_bundle
     from fedmobillm.export.pipeline import export_bundle
     from fedmobillm.paths import cache_dir

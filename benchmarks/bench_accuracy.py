@@ -76,7 +76,7 @@ class AccuracyConfig:
     full_ft_epochs: int = 1
     full_ft_lr: float = 1e-4
     full_ft_batch: int = 16
-    threads: int = 2
+    threads: int = 1  # torch + onnxruntime threads (2 threads on a shared 2-core box spin)
     bundles: dict[str, str] = field(default_factory=dict)  # backbone -> existing bundle dir
 
     @classmethod
