@@ -125,8 +125,7 @@ def _run_with_block_hooks(model, blocks, index, input_ids, attention_mask):
 
 
 class _capture_hook:  # noqa: N801 - used like a function
-    """Forward hook storing a block's hidden-state output. An object rather than a closure
-    so that ``copy.deepcopy`` of the wrapper re-targets it at the copy's store."""
+    """Forward hook storing a block's hidden-state output (the first element of a tuple)."""
 
     def __init__(self, store: dict, key: int) -> None:
         self.store = store
