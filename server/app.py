@@ -244,7 +244,10 @@ def _add_routes(app: FastAPI) -> None:
         response_class=Response,
         tags=["devices"],
     )
-    def personal_model(device: DeviceAuth) -> Response:
+    def personal_model(request: Request, device: DeviceAuth) -> Response:
+        trainer = request.app.state.trainer
+        if trainer is not None:
+            trainer.export_fresh(device.architecture)
         data = read_personal_zip(settings.personal_dir, device.architecture)
         if data is None:
             raise NotReady()

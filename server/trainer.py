@@ -144,6 +144,8 @@ class Trainer:
         self._rate: deque[tuple[float, int]] = deque(maxlen=50)
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._export_wanted = threading.Event()
+        self._export_done = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
 
     # -- lifecycle --
@@ -174,8 +176,30 @@ class Trainer:
         finally:
             store.close()
 
+    def export_fresh(self, architecture: str, timeout: float = 120.0) -> None:
+        """Block until ``architecture``'s personal model reflects the current step.
+
+        The export runs on the trainer thread (it owns the weights); a device asking for its
+        model gets the side network as trained so far, not the last periodic export."""
+        if not self._thread.is_alive() or self.side is None:
+            return
+        deadline = time.monotonic() + timeout
+        target = self.side.step
+        with self._lock:
+            while self.exported.get(architecture, -1) < target:
+                if architecture not in self.cache.archs or not self._thread.is_alive():
+                    return
+                self._export_wanted.set()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self._export_done.wait(min(left, 1.0))
+
     def _tick(self, store: Store) -> bool:
         """One loop turn. Returns True if a training step ran."""
+        if self._export_wanted.is_set() and self.side is not None:
+            self._export_wanted.clear()
+            self._export()
         if self.cache.refresh(store):
             self._steps_since_data = 0
         if self.side is None and not self._create(store):
@@ -347,7 +371,9 @@ class Trainer:
                 log.warning("personal model export for %s failed: %s", name, exc)
                 shutil.rmtree(tmp, ignore_errors=True)
                 continue
-            self.exported[name] = self.side.step
+            with self._lock:
+                self.exported[name] = self.side.step
+                self._export_done.notify_all()
 
     # -- status --
 
