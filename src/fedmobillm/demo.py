@@ -233,6 +233,11 @@ class Demo:
             if _bundle_ok(out):
                 log.info("bundle for %s (%s) is cached at %s", backbone, quant, out)
                 return out
+            failed = out.with_name(out.name + ".failed")
+            if failed.is_file():  # an earlier demo found this variant unusable
+                errors.append(f"{quant}: {failed.read_text().strip()}")
+                log.info("skipping %s at %s: failed before (%s)", backbone, quant, failed)
+                continue
             log.info("exporting %s (%s, %d taps, onnx) -> %s", backbone, quant, taps, out)
             try:
                 export_bundle(
@@ -247,6 +252,8 @@ class Demo:
             except FedMobiLLMError as exc:
                 errors.append(f"{quant}: {exc}")
                 log.warning("export of %s at %s failed: %s", backbone, quant, exc)
+                if "stage verify" in str(exc):  # deterministic: remember, do not retry
+                    failed.write_text(str(exc))
         self.failed_backbones[backbone] = "; ".join(errors)
         log.error("backbone %s could not be exported; carrying on without it", backbone)
         return None
