@@ -101,19 +101,20 @@ class BenchConfig:
     test_samples: int = 600
     max_seq_len: int = 64
     # FedAvg (Flower)
-    rounds: int = 8
+    rounds: int = 6
+    rounds_full: int = 3  # full FT is the slowest to simulate on 2 cores: fewer rounds in quick
     fraction_train: float = 0.5
-    local_epochs: int = 1
-    local_batch: int = 16
+    local_epochs: int = 2
+    local_batch: int = 8
     lora_rank: int = 8
-    lora_lr: float = 1e-3
+    lora_lr: float = 3e-3
     full_lr: float = 5e-5
     # Forward-gradient (FwdLLM-style)
     fwd_perturbations: int = 8
     # fedmobillm / side-tuning
     side_steps: int = 400  # trainer steps after the last upload (replay and centralised)
-    side_batch: int = 64
-    side_lr: float = 1e-3
+    side_batch: int | None = None  # None: the server's default batch size
+    side_lr: float | None = None  # None: the server's default learning rate
     eval_every: int = 20  # trainer steps between validation evaluations
     upload_batch: int = 16  # device upload batch (samples)
     # Target: accuracy on the validation split; "auto" = target_fraction * the lower of the
@@ -136,6 +137,7 @@ class BenchConfig:
                 test_samples=1057,
                 max_seq_len=64,
                 rounds=30,
+                rounds_full=30,
                 fraction_train=0.5,
                 side_steps=1500,
                 eval_every=50,
@@ -241,8 +243,11 @@ class Timer:
 
 
 def first_reach(curve: list[dict[str, float]], target: float, key: str = "accuracy") -> dict | None:
-    """The first point of a curve (ordered by time) whose `key` >= target."""
+    """The first point of a curve (ordered by time) whose `key` >= target; the untrained
+    starting point (round 0 / step 0) does not count."""
     for p in curve:
+        if p.get("round", 1) == 0 or p.get("step", 1) == 0:
+            continue
         if p.get(key) is not None and not math.isnan(p[key]) and p[key] >= target:
             return p
     return None

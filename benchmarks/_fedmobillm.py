@@ -65,22 +65,36 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_settings(cfg: BenchConfig) -> dict[str, Any]:
+    """The server's own defaults (side network, learning rate, batch size), except: idle
+    `side_steps` steps after the last upload, evaluation every `eval_every` steps."""
+    from fedmobillm.server.settings import ServerSettings
+
+    fields = ServerSettings.model_fields
+    s: dict[str, Any] = {
+        "seed": cfg.seed,
+        "eval_every": cfg.eval_every,
+        "idle_after_steps": cfg.side_steps,
+        "export_every": 10 * cfg.side_steps,
+        "checkpoint_every": 10 * cfg.side_steps,
+        "trainer_threads": 1,
+    }
+    if "idle_after_epochs" in fields:
+        s["idle_after_epochs"] = 0
+    if cfg.side_lr is not None:
+        s["learning_rate"] = cfg.side_lr
+    if cfg.side_batch is not None:
+        s["batch_size"] = cfg.side_batch
+    return {k: v for k, v in s.items() if k in fields}
+
+
 @contextlib.contextmanager
 def real_server(cfg: BenchConfig, workdir: Path):
     """`fedmobillm serve` in a subprocess; yields (url, admin token, settings dict)."""
     import httpx
 
     port, token = _free_port(), secrets.token_urlsafe(24)
-    settings = {
-        "seed": cfg.seed,
-        "batch_size": cfg.side_batch,
-        "eval_every": cfg.eval_every,
-        "learning_rate": cfg.side_lr,
-        "idle_after_steps": cfg.side_steps,
-        "export_every": 10 * cfg.side_steps,
-        "checkpoint_every": 10 * cfg.side_steps,
-        "trainer_threads": 1,
-    }
+    settings = server_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "server.json").write_text(json.dumps(settings))
     logf = open(workdir / "server.log", "ab")  # noqa: SIM115 - closed below
@@ -305,17 +319,28 @@ def activations(
     return x, np.asarray([r.label for r in records], np.int64), bb.manifest
 
 
-def _side(cfg: BenchConfig, label_names: list[str], manifest: Any, total_steps: int = 0) -> Any:
+def _side(cfg: BenchConfig, label_names: list[str], manifest: Any) -> Any:
+    """A SideTrainer configured as the real server configures its own."""
     from fedmobillm.server.settings import ServerSettings
     from fedmobillm.server.side import SideConfig, SideTrainer
 
-    s = ServerSettings()
-    sc = SideConfig(width=s.side_width, blocks=s.side_blocks, block=s.side_block, lr=cfg.side_lr)
+    s = ServerSettings(**{k: v for k, v in server_settings(cfg).items() if k != "seed"})
+    sc = SideConfig(
+        width=s.side_width, blocks=s.side_blocks, block=s.side_block, lr=s.learning_rate
+    )
     tr = SideTrainer(sc, label_names, seed=cfg.seed)
     tr.add_architecture(
         manifest.architecture, list(manifest.taps), manifest.depth, manifest.hidden_size
     )
     return tr
+
+
+def _batch_size(cfg: BenchConfig) -> int:
+    from fedmobillm.server.settings import ServerSettings
+
+    return ServerSettings(
+        **{k: v for k, v in server_settings(cfg).items() if k != "seed"}
+    ).batch_size
 
 
 # -- replay on the simulated clock -----------------------------------------------------------
@@ -363,6 +388,7 @@ def replay(
         )
     )
     tr = _side(cfg, data.label_names, manifest)
+    batch = _batch_size(cfg)
     arch = manifest.architecture
     have = [0] * len(profiles)
     clock, ei, steps_after, step_times, curve = 0.0, 0, 0, [], []
@@ -375,7 +401,7 @@ def replay(
         if not ready:
             clock = events[ei][0]
             continue
-        picks = rng.choice(ready, cfg.side_batch)
+        picks = rng.choice(ready, batch)
         idx = [rng.integers(have[d]) for d in picks]
         xb = np.stack([dev_x[d][i] for d, i in zip(picks, idx, strict=True)])  # (B, K, d)
         yb = np.asarray([dev_y[d][i] for d, i in zip(picks, idx, strict=True)])  # (B,)
@@ -422,10 +448,11 @@ def centralised(cfg: BenchConfig, data: FleetData, bundle_fp32: Path, steps: int
     vx, vy, _ = activations_fp32(bundle_fp32, data.validation)
     tx, ty, _ = activations_fp32(bundle_fp32, data.test)
     tr = _side(cfg, data.label_names, manifest)
+    batch = _batch_size(cfg)
     arch = manifest.architecture
     curve = []
     for _ in range(steps):
-        idx = rng.integers(len(y), size=cfg.side_batch)
+        idx = rng.integers(len(y), size=batch)
         tr.train_step([(arch, x[idx], y[idx])])
         if tr.step % cfg.eval_every == 0:
             ev = tr.evaluate(arch, vx, vy)
