@@ -207,7 +207,7 @@ def run_mode(workdir: Path, args: argparse.Namespace, training: bool) -> dict:
     data_dir.parent.mkdir(parents=True)
     settings = {
         "train": training,
-        "idle_after_steps": 0,
+        "idle_after_epochs": 0,
         "checkpoint_every": 500,
         "eval_every": 1000,
         "export_every": 100_000,
@@ -253,7 +253,7 @@ def trainer_only(workdir: Path, args: argparse.Namespace) -> float:
         data_dir,
         {
             "train": True,
-            "idle_after_steps": 0,
+            "idle_after_epochs": 0,
             "checkpoint_every": 500,
             "eval_every": 1000,
             "export_every": 100_000,

@@ -37,7 +37,11 @@ class ServerSettings(BaseSettings):
     eval_every: int = Field(100, gt=0)  # steps
     export_every: int = Field(500, gt=0)  # steps between personal-model exports
     export_pte: bool = False  # also lower personal models to ExecuTorch (.pte)
-    idle_after_steps: int = Field(3000, ge=0)  # stop stepping this long after new data (0 = never)
+    # The trainer pauses (evaluates, checkpoints, exports) once it has drawn this many epochs
+    # of the training set since the last new upload (0 = never), or after idle_after_steps
+    # steps without new data (0 = no cap); the next upload wakes it.
+    idle_after_epochs: float = Field(5.0, ge=0)
+    idle_after_steps: int = Field(0, ge=0)
     trainer_threads: int = Field(1, gt=0)  # torch threads of the trainer
     step_sleep_s: float = Field(0.0, ge=0)  # pause between steps (leave CPU to ingest)
     side_width: int = Field(128, gt=0)

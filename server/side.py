@@ -18,6 +18,7 @@ transformer layer over the ladder states ``h_0..h_j``); a swappable head reads `
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -53,19 +54,21 @@ class SideConfig:
     block: str = "mlp"  # "mlp" | "transformer"
     expansion: int = 2  # MLP hidden = expansion * d_s
     heads: int = 4  # transformer blocks only
-    dropout: float = 0.1
+    dropout: float = 0.3
+    input_dropout: float = 0.0  # dropout on the aligned tap inputs u_j
     gate_temperature: float = 1.0  # T in g = sigmoid(alpha / T)
     gate_init: float = 0.0  # alpha at start: g = 0.5
     head: str = "classification"
     # Optimisation
     lr: float = 2e-3
     align_lr_scale: float = 1.0  # alignment lr = lr * this
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     warmup_steps: int = 50
     schedule: str = "constant"  # "constant" (asynchronous, no known end) | "cosine"
     total_steps: int = 0  # cosine only
     label_smoothing: float = 0.0
     max_grad_norm: float = 1.0
+    ema: float = 0.99  # > 0: evaluate/export an exponential moving average of the weights
 
     def __post_init__(self) -> None:
         problems = []
@@ -77,6 +80,8 @@ class SideConfig:
             problems.append(f"schedule must be 'constant' or 'cosine', not {self.schedule!r}")
         if self.schedule == "cosine" and self.total_steps <= 0:
             problems.append("schedule 'cosine' needs total_steps > 0")
+        if not 0.0 <= self.ema < 1.0:
+            problems.append("ema must be in [0, 1)")
         if self.block == "transformer" and self.width % self.heads:
             problems.append(f"width {self.width} must be divisible by heads {self.heads}")
         if min(self.width, self.blocks, self.expansion) <= 0 or self.gate_temperature <= 0:
@@ -189,6 +194,7 @@ class SideNetwork(nn.Module):
         super().__init__()
         c = config
         self.temperature = c.gate_temperature
+        self.input_drop = nn.Dropout(c.input_dropout)
         self.alpha = nn.Parameter(torch.full((c.blocks,), float(c.gate_init)))
         if c.block == "mlp":
             blocks = [MLPBlock(c.width, c.expansion, c.dropout) for _ in range(c.blocks)]
@@ -205,6 +211,7 @@ class SideNetwork(nn.Module):
     def forward(self, u: torch.Tensor, has_input: torch.Tensor) -> torch.Tensor:
         # u: (B, K_s, d_s); has_input: (K_s,) 1.0 where the architecture feeds block j
         g = self.gates()
+        u = self.input_drop(u)  # (B, K_s, d_s)
         h = torch.zeros_like(u[:, 0])  # (B, d_s)
         history: list[torch.Tensor] = []
         for j, block in enumerate(self.blocks):
@@ -245,6 +252,9 @@ class SideTrainer:
         torch.manual_seed(seed)
         self.side = SideNetwork(config, len(label_names))
         self.aligns = nn.ModuleDict()
+        # Averaged copies (config.ema > 0): what evaluation, prediction and export use.
+        self.ema_side = copy.deepcopy(self.side).requires_grad_(False) if config.ema else None
+        self.ema_aligns = nn.ModuleDict() if config.ema else None
         self.archs: dict[str, ArchSpec] = {}
         self.optimizer = torch.optim.AdamW(
             [{"params": list(self.side.parameters()), "lr_scale": 1.0}],
@@ -266,6 +276,8 @@ class SideTrainer:
             torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(arch.encode()))
             align = Alignment(spec, self.config.width, self.config.blocks)
         self.aligns[spec.key] = align
+        if self.ema_aligns is not None:
+            self.ema_aligns[spec.key] = copy.deepcopy(align).requires_grad_(False)
         self.archs[arch] = spec
         self.optimizer.add_param_group(
             {"params": list(align.parameters()), "lr_scale": self.config.align_lr_scale}
@@ -278,12 +290,26 @@ class SideTrainer:
             align.block_of_tap,
         )
 
-    def _model(self, arch: str) -> PersonalModel:
+    def _model(self, arch: str, averaged: bool = False) -> PersonalModel:
+        """The live model (training), or with ``averaged`` the EMA copy when enabled."""
         if arch not in self.archs:
             raise FedMobiLLMError(
                 f"unknown architecture {arch!r}", hint="call add_architecture first"
             )
-        return PersonalModel(self.aligns[self.archs[arch].key], self.side)
+        key = self.archs[arch].key
+        if averaged and self.ema_side is not None and self.ema_aligns is not None:
+            return PersonalModel(self.ema_aligns[key], self.ema_side)
+        return PersonalModel(self.aligns[key], self.side)
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema_side is None or self.ema_aligns is None:
+            return
+        decay = min(self.config.ema, (1 + self.step) / (10 + self.step))
+        pairs = [(self.ema_side, self.side), (self.ema_aligns, self.aligns)]
+        for avg, live in pairs:
+            for pa, pl in zip(avg.parameters(), live.parameters(), strict=True):
+                pa.lerp_(pl, 1.0 - decay)
 
     def num_parameters(self, arch: str | None = None) -> int:
         mods = [self.side] if arch is None else [self.side, self.aligns[self.archs[arch].key]]
@@ -327,12 +353,13 @@ class SideTrainer:
         nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
         self.optimizer.step()
         self.step += 1
+        self._update_ema()
         self.samples_seen += sum(len(t) for t in targets)
         return float(loss.detach())
 
     @torch.no_grad()
     def predict(self, arch: str, x: np.ndarray, batch: int = 1024) -> np.ndarray:
-        model = self._model(arch).eval()
+        model = self._model(arch, averaged=True).eval()
         outs = [
             model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch], dtype=np.float32)))
             for i in range(0, len(x), batch)
@@ -365,6 +392,9 @@ class SideTrainer:
     def _tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         tensors = {f"side.{k}": v for k, v in self.side.state_dict().items()}
         tensors.update({f"align.{k}": v for k, v in self.aligns.state_dict().items()})
+        if self.ema_side is not None and self.ema_aligns is not None:
+            tensors.update({f"ema_side.{k}": v for k, v in self.ema_side.state_dict().items()})
+            tensors.update({f"ema_align.{k}": v for k, v in self.ema_aligns.state_dict().items()})
         opt = self.optimizer.state_dict()
         for pid, st in opt["state"].items():
             for name, value in st.items():
@@ -411,6 +441,9 @@ class SideTrainer:
         tensors = load_file(str(directory / WEIGHTS_FILE))
         trainer.side.load_state_dict(_strip(tensors, "side."))
         trainer.aligns.load_state_dict(_strip(tensors, "align."))
+        if trainer.ema_side is not None and trainer.ema_aligns is not None:
+            trainer.ema_side.load_state_dict(_strip(tensors, "ema_side."))
+            trainer.ema_aligns.load_state_dict(_strip(tensors, "ema_align."))
         opt_state: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in tensors.items():
             if k.startswith("optim."):
@@ -438,7 +471,7 @@ class SideTrainer:
         if spec is None:
             raise FedMobiLLMError(f"unknown architecture {arch!r}")
         return export_personal_model(
-            self._model(arch),
+            self._model(arch, averaged=True),
             spec,
             self.label_names,
             self.step,

@@ -36,6 +36,7 @@ LATEST = "LATEST"
 TRAINER_STATE = "trainer.json"
 KEEP_CHECKPOINTS = 2
 HISTORY_LIMIT = 1000
+MIN_STEPS_BEFORE_IDLE = 50
 
 
 @dataclass
@@ -205,10 +206,13 @@ class Trainer:
         if self.side is None and not self._create(store):
             return False
         self._sync_archs()
-        limit = self.settings.idle_after_steps
-        if limit and self._steps_since_data >= limit:
+        if self._should_idle():
             if not self.idle:
-                log.info("trainer idle at step %d: no new data for %d steps", self.side.step, limit)
+                log.info(
+                    "trainer idle at step %d: %d steps since new data",
+                    self.side.step,
+                    self._steps_since_data,
+                )
                 self._evaluate()
                 self._checkpoint()
                 self._export()
@@ -220,6 +224,15 @@ class Trainer:
         self.idle = False
         self._step(groups)
         return True
+
+    def _should_idle(self) -> bool:
+        s, since = self.settings, self._steps_since_data
+        if s.idle_after_steps and since >= s.idle_after_steps:
+            return True
+        if not s.idle_after_epochs or since < MIN_STEPS_BEFORE_IDLE:
+            return False
+        total = sum(a.num_train for a in self.cache.archs.values())
+        return since * s.batch_size >= s.idle_after_epochs * total
 
     def _step(self, groups: list[tuple]) -> None:
         assert self.side is not None

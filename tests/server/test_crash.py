@@ -19,7 +19,7 @@ SETTINGS = {
     "checkpoint_every": 5,
     "eval_every": 10_000,
     "export_every": 10_000,
-    "idle_after_steps": 0,
+    "idle_after_epochs": 0,
     "side_width": 16,
     "side_blocks": 2,
 }

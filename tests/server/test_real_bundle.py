@@ -19,7 +19,7 @@ from fedmobillm.device_runtime.serde import Batch, dequantize, encode_batch, qua
 
 pytestmark = pytest.mark.integration
 
-N_TRAIN, N_VAL = 400, 200
+N_TRAIN, N_VAL = 800, 300
 
 
 def taps_of(bundle, texts: list[str]) -> np.ndarray:
@@ -36,7 +36,11 @@ def test_real_minilm_bundle_trains_and_personal_model_predicts(make_bundle, serv
     bundle = make_bundle("minilm-l6", taps=3, quant="int8", formats=("onnx",))
     manifest = read_manifest(bundle)
     ds = load_dataset("movie-snippets", seed=0)
-    train, val = ds.splits["train"][:N_TRAIN], ds.splits["validation"][:N_VAL]
+    rng = np.random.default_rng(0)  # the splits are not shuffled: draw a seeded sample
+    train = [ds.splits["train"][i] for i in rng.permutation(len(ds.splits["train"]))[:N_TRAIN]]
+    val = [
+        ds.splits["validation"][i] for i in rng.permutation(len(ds.splits["validation"]))[:N_VAL]
+    ]
     x = taps_of(bundle, [r.text for r in train + val])  # (N, K, d)
     y = np.array([r.label for r in train + val], np.int64)
     scales = np.asarray(manifest.activation_scales, np.float32)
@@ -49,7 +53,7 @@ def test_real_minilm_bundle_trains_and_personal_model_predicts(make_bundle, serv
             "eval_every": 50,
             "checkpoint_every": 100,
             "export_every": 100,
-            "idle_after_steps": 300,
+            "idle_after_epochs": 5,
         }
     )
     reg = register(srv.url, "pixel", manifest.to_dict(), ds.label_names)
@@ -73,7 +77,7 @@ def test_real_minilm_bundle_trains_and_personal_model_predicts(make_bundle, serv
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         st = httpx.get(f"{srv.url}/v1/status", headers=admin_headers()).json()["trainer"]
-        if st["idle"] and st["step"] >= 300 and st["personal_models"]:
+        if st["idle"] and st["step"] >= 50 and st["personal_models"]:
             break
         time.sleep(0.5)
     acc = st["history"][-1]["validation"][reg["architecture"]]["accuracy"]

@@ -21,7 +21,7 @@ FAST = {
     "checkpoint_every": 20,
     "eval_every": 20,
     "export_every": 40,
-    "idle_after_steps": 0,
+    "idle_after_epochs": 0,
     "side_width": 32,
 }
 
