@@ -187,3 +187,64 @@ def test_status_and_metrics(srv, dev_a):
     text = httpx.get(f"{srv.url}/metrics").text
     assert "fedmobillm_acked_batches_total" in text
     assert ADMIN not in text
+
+
+def test_server_status_command(srv, dev_a):
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmobillm.cli",
+            "server",
+            "status",
+            "--server",
+            srv.url,
+            "--admin-token",
+            ADMIN,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)
+    assert any(d["name"] == "phone-a" for d in st["devices"])
+    table = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmobillm.cli",
+            "server",
+            "status",
+            "--server",
+            srv.url,
+            "--admin-token",
+            ADMIN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert table.returncode == 0 and "phone-a" in table.stdout
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmobillm.cli",
+            "server",
+            "status",
+            "--server",
+            srv.url,
+            "--admin-token",
+            "wrong",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 1 and "refused" in bad.stderr

@@ -1,0 +1,39 @@
+"""Settings: the admin token must be set and not a default, unless --dev."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.settings import load_settings
+
+
+@pytest.mark.parametrize("token", ["", "changeme", "admin", "short-token"])
+def test_default_or_weak_admin_token_is_refused(monkeypatch, token):
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", token)
+    with pytest.raises(FedMobiLLMError, match="refuses to start"):
+        load_settings()
+
+
+def test_dev_generates_a_token_once(monkeypatch):
+    monkeypatch.delenv("FEDMOBILLM_ADMIN_TOKEN", raising=False)
+    settings, generated = load_settings(dev=True)
+    assert generated and settings.admin_token.get_secret_value() == generated
+    assert len(generated) >= 32
+
+
+def test_config_file_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", "x" * 40)
+    cfg = tmp_path / "server.toml"
+    cfg.write_text("[server]\ncheckpoint_every = 7\nport = 9000\n")
+    settings, generated = load_settings(cfg, port=9100)
+    assert generated is None
+    assert settings.checkpoint_every == 7 and settings.port == 9100
+
+
+def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", "x" * 40)
+    cfg = tmp_path / "server.json"
+    cfg.write_text('{"batch_size": -1, "nonsense": 1}')
+    with pytest.raises(FedMobiLLMError, match="batch_size"):
+        load_settings(cfg)
