@@ -7,7 +7,8 @@ Starts `fedmobillm serve` (uvicorn on loopback, real SQLite in a temporary data 
 once ingest-only, once with the trainer stepping on pre-loaded data. In each, D devices
 (three architectures: d=384/K=3 like MiniLM, d=576/K=3 like SmolLM2) upload int8 batches
 of pivot activations as fast as acknowledgements come back, from one asyncio client
-process. Payloads are encoded before the clock starts. Reports acknowledged batches/s,
+process. Activations are drawn before the clock starts; each
+batch is encoded (new key and sample ids) just before it is sent. Reports acknowledged batches/s,
 MB/s, p50/p99 acknowledgement latency, and the trainer's samples/s.
 Writes DIR/bench_server.json and prints a Markdown table.
 """
@@ -65,31 +66,35 @@ def manifest(name: str, depth: int, hidden: int, taps: list[int]) -> dict:
     }
 
 
-def payloads(reg: dict, m: dict, batches: int, n: int, id0: int, seed: int) -> list[bytes]:
-    rng = np.random.default_rng(seed)
-    k, d = len(m["taps"]), m["hidden_size"]
-    scales = np.full(k, 0.05, np.float32)
-    out = []
-    for b in range(batches):
-        y = rng.integers(0, 2, n)
-        x = rng.normal(size=(n, k, d)).astype(np.float32) + y[:, None, None] * 0.5  # (n, K, d)
-        ids = np.arange(id0 + b * n, id0 + (b + 1) * n, dtype=np.int64)
-        out.append(
-            encode_batch(
-                Batch(
-                    reg["device_id"],
-                    reg["bundle_sha256"],
-                    uuid.uuid4().hex,
-                    "train",
-                    "int8",
-                    quantize_int8(x, scales),
-                    y,
-                    ids,
-                    scales,
-                )
+class SimDevice:
+    """One simulated device: fixed int8 activations, a fresh key and sample ids per batch
+    (encoding a 37 KB payload takes ~50 us, so it is done on the fly)."""
+
+    def __init__(self, reg: dict, m: dict, n: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        k, d = len(m["taps"]), m["hidden_size"]
+        self.reg, self.n, self.next_id = reg, n, 0
+        self.scales = np.full(k, 0.05, np.float32)
+        self.y = rng.integers(0, 2, n)
+        x = rng.normal(size=(n, k, d)).astype(np.float32) + self.y[:, None, None] * 0.5
+        self.q = quantize_int8(x, self.scales)  # (n, K, d) int8
+
+    def payload(self) -> bytes:
+        ids = np.arange(self.next_id, self.next_id + self.n, dtype=np.int64)
+        self.next_id += self.n
+        return encode_batch(
+            Batch(
+                self.reg["device_id"],
+                self.reg["bundle_sha256"],
+                uuid.uuid4().hex,
+                "train",
+                "int8",
+                self.q,
+                self.y,
+                ids,
+                self.scales,
             )
         )
-    return out
 
 
 class Server:
@@ -143,16 +148,20 @@ class Server:
 async def device_loop(
     client: httpx.AsyncClient,
     url: str,
-    token: str,
-    data: list[bytes],
+    dev: SimDevice,
     t_end: float,
     lat: list[float],
     sizes: list[int],
+    max_batches: int,
 ) -> None:
-    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"}
-    for body in data:
+    headers = {
+        "Authorization": f"Bearer {dev.reg['token']}",
+        "Content-Type": "application/octet-stream",
+    }
+    for _ in range(max_batches):
         if time.perf_counter() >= t_end:
             return
+        body = dev.payload()
         t0 = time.perf_counter()
         r = await client.post(f"{url}/v1/batches", content=body, headers=headers)
         if r.status_code != 200:
@@ -161,7 +170,9 @@ async def device_loop(
         sizes.append(len(body))
 
 
-async def load(url: str, fleet: list[tuple[dict, list[bytes]]], duration: float) -> dict:
+async def load(
+    url: str, fleet: list[SimDevice], duration: float, max_batches: int = 1_000_000
+) -> dict:
     lat: list[float] = []
     sizes: list[int] = []
     limits = httpx.Limits(max_connections=len(fleet) + 4)
@@ -169,8 +180,8 @@ async def load(url: str, fleet: list[tuple[dict, list[bytes]]], duration: float)
         t0 = time.perf_counter()
         await asyncio.gather(
             *(
-                device_loop(client, url, reg["token"], data, t0 + duration, lat, sizes)
-                for reg, data in fleet
+                device_loop(client, url, dev, t0 + duration, lat, sizes, max_batches)
+                for dev in fleet
             )
         )
         elapsed = time.perf_counter() - t0
@@ -185,7 +196,7 @@ async def load(url: str, fleet: list[tuple[dict, list[bytes]]], duration: float)
     }
 
 
-def register_fleet(srv: Server, devices: int, batches: int, n: int, id0: int) -> list:
+def register_fleet(srv: Server, devices: int, n: int, id0: int) -> list[SimDevice]:
     fleet = []
     for i in range(devices):
         name, depth, hidden, taps = ARCHS[i % len(ARCHS)]
@@ -198,7 +209,7 @@ def register_fleet(srv: Server, devices: int, batches: int, n: int, id0: int) ->
         )
         r.raise_for_status()
         reg = r.json()
-        fleet.append((reg, payloads(reg, m, batches, n, 0, seed=id0 + i)))
+        fleet.append(SimDevice(reg, m, n, seed=id0 + i))
     return fleet
 
 
@@ -215,14 +226,13 @@ def run_mode(workdir: Path, args: argparse.Namespace, training: bool) -> dict:
     }
     srv = Server(data_dir, settings)
     try:
-        per_device = int(args.duration * 40) + 5  # more than can be sent in the time
         if training:  # pre-load data so the trainer steps during the measurement
-            warm = register_fleet(srv, 3, 10, args.batch, 10_000)
-            asyncio.run(load(srv.url, warm, 60.0))
+            warm = register_fleet(srv, 3, args.batch, 10_000)
+            asyncio.run(load(srv.url, warm, 60.0, max_batches=10))
             t_wait = time.monotonic() + 120
             while srv.trainer()["step"] < 20 and time.monotonic() < t_wait:
                 time.sleep(0.5)
-        fleet = register_fleet(srv, args.devices, per_device, args.batch, 0)
+        fleet = register_fleet(srv, args.devices, args.batch, 0)
         before = srv.trainer() if training else None
         log.info(
             "%s: %d devices uploading for %.0f s",
@@ -261,8 +271,8 @@ def trainer_only(workdir: Path, args: argparse.Namespace) -> float:
         },
     )
     try:
-        warm = register_fleet(srv, 3, 10, args.batch, 20_000)
-        asyncio.run(load(srv.url, warm, 60.0))
+        warm = register_fleet(srv, 3, args.batch, 20_000)
+        asyncio.run(load(srv.url, warm, 60.0, max_batches=10))
         while srv.trainer()["step"] < 20:
             time.sleep(0.5)
         a, t0 = srv.trainer(), time.monotonic()

@@ -64,7 +64,7 @@ class ArchData:
 
     @property
     def num_train(self) -> int:
-        return sum(len(v) for v in self.train_y.values())
+        return sum(len(v) for v in list(self.train_y.values()))
 
 
 class TrainingCache:
@@ -410,7 +410,7 @@ class Trainer:
                 "parameters": side.num_parameters() if side else None,
                 "architectures": {
                     n: {"train": a.num_train, "validation": len(a.val_y), "devices": len(a.train_y)}
-                    for n, a in self.cache.archs.items()
+                    for n, a in list(self.cache.archs.items())  # copy: the thread adds archs
                 },
                 "personal_models": dict(self.exported),
                 "history": self.history[-50:],
