@@ -70,6 +70,12 @@ CREATE TABLE IF NOT EXISTS samples (
     scales BLOB,
     UNIQUE (device_id, split, sample_id)
 );
+CREATE TABLE IF NOT EXISTS device_counts (
+    device_id TEXT NOT NULL,
+    split TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    PRIMARY KEY (device_id, split)
+);
 """
 
 
@@ -237,7 +243,13 @@ class Store:
                 for act, lab, sid in zip(activations, labels, sample_ids, strict=True)
             ),
         )
-        return db.total_changes - before
+        new = db.total_changes - before
+        db.execute(
+            "INSERT INTO device_counts VALUES (?, ?, ?) ON CONFLICT (device_id, split) "
+            "DO UPDATE SET n = n + excluded.n",
+            (device.device_id, split, new),
+        )
+        return new
 
     def add_batch(
         self,
@@ -255,7 +267,7 @@ class Store:
         )
 
     def device_samples(self, device_id: str, db: sqlite3.Connection | None = None) -> dict:
-        sql = "SELECT split, count(*) FROM samples WHERE device_id = ? GROUP BY split"
+        sql = "SELECT split, n FROM device_counts WHERE device_id = ?"
         rows = db.execute(sql, (device_id,)).fetchall() if db else self._query(sql, (device_id,))
         counts = {"train": 0, "validation": 0}
         counts.update({split: n for split, n in rows})
@@ -273,14 +285,14 @@ class Store:
     def sample_counts(self) -> list[tuple[str, str, str, int]]:
         """(device_id, architecture, split, count) for every device with samples."""
         return self._query(
-            "SELECT device_id, architecture, split, count(*) FROM samples "
-            "GROUP BY device_id, architecture, split"
+            "SELECT c.device_id, d.architecture, c.split, c.n FROM device_counts c "
+            "JOIN devices d ON c.device_id = d.device_id"
         )
 
     def totals(self) -> dict[str, int]:
         rows = self._query(
             "SELECT (SELECT count(*) FROM devices), (SELECT count(*) FROM batches), "
-            "(SELECT count(*) FROM samples)"
+            "(SELECT coalesce(sum(n), 0) FROM device_counts)"
         )
         d, b, s = rows[0]
         return {"devices": d, "batches": b, "samples": s}
