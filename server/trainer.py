@@ -146,6 +146,7 @@ class Trainer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._export_wanted = threading.Event()
+        self._wanted_archs: set[str] = set()
         self._export_done = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
 
@@ -190,6 +191,7 @@ class Trainer:
             while self.exported.get(architecture, -1) < target:
                 if architecture not in self.cache.archs or not self._thread.is_alive():
                     return
+                self._wanted_archs.add(architecture)
                 self._export_wanted.set()
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -200,7 +202,9 @@ class Trainer:
         """One loop turn. Returns True if a training step ran."""
         if self._export_wanted.is_set() and self.side is not None:
             self._export_wanted.clear()
-            self._export()
+            with self._lock:
+                wanted, self._wanted_archs = self._wanted_archs, set()
+            self._export(wanted)
         if self.cache.refresh(store):
             self._steps_since_data = 0
         if self.side is None and not self._create(store):
@@ -368,11 +372,12 @@ class Trainer:
 
     # -- personal models --
 
-    def _export(self) -> None:
+    def _export(self, only: set[str] | None = None) -> None:
+        """Export every architecture's personal model (or only those in ``only``)."""
         assert self.side is not None
         root = self.settings.personal_dir
         for name, a in sorted(self.cache.archs.items()):
-            if a.num_train == 0 or name not in self.side.archs:
+            if a.num_train == 0 or name not in self.side.archs or (only and name not in only):
                 continue
             tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
             try:
