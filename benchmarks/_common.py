@@ -97,7 +97,7 @@ class BenchConfig:
     fleet: dict[str, int] = field(default_factory=lambda: {"fast": 2, "mid": 3, "slow": 3})
     samples_per_device: int = 80  # train records per device
     dirichlet_alpha: float | None = 1.0  # non-IID label skew; None = IID
-    validation_samples: int = 300  # server-side validation (target accuracy)
+    validation_samples: int = 600  # server-side validation (target accuracy)
     test_samples: int = 600
     max_seq_len: int = 64
     # FedAvg (Flower)
@@ -112,7 +112,7 @@ class BenchConfig:
     # Forward-gradient (FwdLLM-style)
     fwd_perturbations: int = 8
     # fedmobillm / side-tuning
-    side_steps: int = 400  # trainer steps after the last upload (replay and centralised)
+    side_steps: int = 0  # 0: the server's idle rule; N: idle N steps after the last upload
     side_batch: int | None = None  # None: the server's default batch size
     side_lr: float | None = None  # None: the server's default learning rate
     eval_every: int = 20  # trainer steps between validation evaluations
@@ -133,13 +133,12 @@ class BenchConfig:
                 mode="full",
                 fleet={"fast": 5, "mid": 8, "slow": 7},
                 samples_per_device=300,
-                validation_samples=1000,
+                validation_samples=1057,
                 test_samples=1057,
                 max_seq_len=64,
                 rounds=30,
                 rounds_full=30,
                 fraction_train=0.5,
-                side_steps=1500,
                 eval_every=50,
                 fwd_perturbations=16,
             )

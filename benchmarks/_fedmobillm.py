@@ -66,21 +66,23 @@ def _free_port() -> int:
 
 
 def server_settings(cfg: BenchConfig) -> dict[str, Any]:
-    """The server's own defaults (side network, learning rate, batch size), except: idle
-    `side_steps` steps after the last upload, evaluation every `eval_every` steps."""
+    """The server's own defaults (side network, learning rate, batch size, idle rule), except:
+    evaluation every `eval_every` steps (and, if `side_steps`, idle that many steps after the
+    last upload instead of the server's idle rule)."""
     from fedmobillm.server.settings import ServerSettings
 
     fields = ServerSettings.model_fields
     s: dict[str, Any] = {
         "seed": cfg.seed,
         "eval_every": cfg.eval_every,
-        "idle_after_steps": cfg.side_steps,
-        "export_every": 10 * cfg.side_steps,
-        "checkpoint_every": 10 * cfg.side_steps,
+        "export_every": 100_000,
+        "checkpoint_every": 100_000,
         "trainer_threads": 1,
     }
-    if "idle_after_epochs" in fields:
-        s["idle_after_epochs"] = 0
+    if cfg.side_steps:  # a fixed number of steps after the last upload instead
+        s["idle_after_steps"] = cfg.side_steps
+        if "idle_after_epochs" in fields:
+            s["idle_after_epochs"] = 0
     if cfg.side_lr is not None:
         s["learning_rate"] = cfg.side_lr
     if cfg.side_batch is not None:
@@ -245,7 +247,7 @@ def run_real(
                     summary.samples,
                     summary.bytes_uploaded,
                 )
-            st = wait_trained(url, token, cfg.side_steps, timeout_s=max(600, 3 * cfg.side_steps))
+            st = wait_trained(url, token, 1, timeout_s=1200)
             trained_wire = meter.snapshot()  # training traffic: before the model delivery
             test = {}
             for row in rows:
@@ -335,12 +337,28 @@ def _side(cfg: BenchConfig, label_names: list[str], manifest: Any) -> Any:
     return tr
 
 
-def _batch_size(cfg: BenchConfig) -> int:
+def _settings(cfg: BenchConfig) -> Any:
     from fedmobillm.server.settings import ServerSettings
 
-    return ServerSettings(
-        **{k: v for k, v in server_settings(cfg).items() if k != "seed"}
-    ).batch_size
+    return ServerSettings(**server_settings(cfg))
+
+
+def _batch_size(cfg: BenchConfig) -> int:
+    return int(_settings(cfg).batch_size)
+
+
+def should_idle(s: Any, since: int, total: int) -> bool:
+    """The server trainer's idle rule (fedmobillm.server.trainer.Trainer._should_idle)."""
+    try:
+        from fedmobillm.server.trainer import MIN_STEPS_BEFORE_IDLE as min_steps
+    except ImportError:
+        min_steps = 50
+    if getattr(s, "idle_after_steps", 0) and since >= s.idle_after_steps:
+        return True
+    epochs = getattr(s, "idle_after_epochs", 0)
+    if not epochs or since < min_steps:
+        return False
+    return since * s.batch_size >= epochs * total
 
 
 # -- replay on the simulated clock -----------------------------------------------------------
@@ -388,18 +406,25 @@ def replay(
         )
     )
     tr = _side(cfg, data.label_names, manifest)
-    batch = _batch_size(cfg)
+    settings = _settings(cfg)
+    batch = settings.batch_size
     arch = manifest.architecture
     have = [0] * len(profiles)
-    clock, ei, steps_after, step_times, curve = 0.0, 0, 0, [], []
+    clock, ei, since, step_times, curve = 0.0, 0, 0, [], []
     all_in = events[-1][0] if events else 0.0
-    while steps_after < cfg.side_steps:
+    while True:
+        arrived = False
         while ei < len(events) and events[ei][0] <= clock:
             have[events[ei][1]] = max(have[events[ei][1]], events[ei][3])
             ei += 1
+            arrived = True
+        if arrived:
+            since = 0
         ready = [d for d in range(len(profiles)) if have[d] > 0]
-        if not ready:
-            clock = events[ei][0]
+        if not ready or should_idle(settings, since, int(sum(have))):
+            if ei >= len(events):
+                break  # idle with every upload in: the server's training is done
+            clock = events[ei][0]  # idle until the next upload wakes the trainer
             continue
         picks = rng.choice(ready, batch)
         idx = [rng.integers(have[d]) for d in picks]
@@ -409,8 +434,7 @@ def replay(
         tr.train_step([(arch, xb, yb)])
         step_times.append(time.perf_counter() - t0)
         clock += float(np.median(step_times[-50:]))
-        if ei >= len(events):
-            steps_after += 1
+        since += 1
         if tr.step % cfg.eval_every == 0:
             ev = tr.evaluate(arch, vx, vy)
             curve.append(

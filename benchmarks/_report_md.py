@@ -146,12 +146,16 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
     )
     add(
         f"fedmobillm: asynchronous; each device's batches arrive at forward time + upload time "
-        f"of its measured bytes; the server's learning core (SideTrainer, the server's settings) "
-        f"steps continuously on what has arrived, each step costing its measured host time "
-        f"({1000 * rep['server_step_s']:.1f} ms); all data in at t = {rep['all_data_in_s']:.1f} s. "
-        f"Reached the target: {fm['reached']} at t = {fm['time_s']:.1f} s (step {fm['step']}, "
-        f"{fm['samples_arrived_at_target']} samples arrived). "
-        f"time_to_target_speedup = FedAvg-LoRA time / fedmobillm time.\n"
+        f"of its measured bytes; the server's learning core (SideTrainer with the server's "
+        f"settings, its sampling and its idle rule: pause after idle_after_epochs epochs without "
+        f"new data, wake on the next upload) steps on what has arrived, each step costing its "
+        f"measured host time ({1000 * rep['server_step_s']:.1f} ms, on a shared 2-core host); all "
+        f"data in at t = {rep['all_data_in_s']:.1f} s; {rep['steps']} steps in all. Its validation "
+        f"accuracy is the mean of the last 3 evaluations (every {cfg['eval_every']} steps), so one "
+        f"noisy point cannot count as reaching the target. Reached the target: {fm['reached']} at "
+        f"t = {fm['time_s']:.1f} s (step {fm['step']}, {fm['samples_arrived_at_target']} samples "
+        f"arrived). "
+        "time_to_target_speedup = FedAvg-LoRA time / fedmobillm time.\n"
     )
 
     add("## 5. Accuracy\n")

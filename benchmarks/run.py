@@ -328,7 +328,7 @@ def _main(a: argparse.Namespace) -> int:
 
     # -- target and headline --
     best = {
-        "fedmobillm": max(p["accuracy"] for p in rep["curve"]),
+        "fedmobillm": max(p["accuracy"] for p in R.smoothed(rep["curve"])),
         "fedavg-lora": max(
             (p["accuracy"] for p in fedavg["lora"]["curve"] if p["round"] > 0), default=0.0
         ),
@@ -389,7 +389,7 @@ def _main(a: argparse.Namespace) -> int:
     }
     write_json(out / "headline.json", headline_json)
     curves = {
-        "fedmobillm (async)": rep["curve"],
+        "fedmobillm (async, 3-eval mean)": R.smoothed(rep["curve"]),
         "FedAvg-LoRA (sync)": fedavg["lora"]["curve"],
         "FedAvg full FT (sync)": fedavg["full"]["curve"],
     }
