@@ -48,7 +48,7 @@ class DemoConfig:
     backbones: list[str] = field(default_factory=lambda: ["minilm-l3", "minilm-l6", "smollm2-135m"])
     devices: int = 6
     data: str = "movie-snippets"
-    alpha: float | None = 0.5  # None = IID
+    alpha: float | None = None  # None = IID; else Dirichlet(alpha) over labels
     quick: bool = True
     out: Path = Path("runs/demo")
     seed: int = 0
@@ -73,7 +73,7 @@ class DemoConfig:
             raise FedMobiLLMError("--alpha must be positive", hint="e.g. --alpha 0.5, or --iid")
         if self.quick:
             self.train_limit = self.train_limit or 1200
-            self.eval_limit = self.eval_limit or 500
+            self.eval_limit = self.eval_limit or 400
             self.val_limit = self.val_limit or 200
 
 

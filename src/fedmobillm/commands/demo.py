@@ -21,8 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data", default="movie-snippets", help="dataset name or local file")
     g = parser.add_mutually_exclusive_group()
-    g.add_argument("--alpha", type=float, default=0.5, help="Dirichlet non-IID alpha (default 0.5)")
-    g.add_argument("--iid", action="store_true", help="IID partition")
+    g.add_argument("--alpha", type=float, help="non-IID: Dirichlet(alpha) over labels, e.g. 0.5")
+    g.add_argument("--iid", action="store_true", help="IID partition (the default)")
     m = parser.add_mutually_exclusive_group()
     m.add_argument(
         "--quick",
@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         backbones=backbones,
         devices=args.devices,
         data=args.data,
-        alpha=None if args.iid else args.alpha,
+        alpha=args.alpha,
         quick=not args.full,
         out=args.out,
         seed=args.seed,
