@@ -48,6 +48,7 @@ GRID: dict[str, dict] = {
     "ema0.999": {"ema": 0.999},
     "ema0.99+indrop0.5": {"ema": 0.99, "input_dropout": 0.5},
     "ema0.99+wd0.1+drop0.3": {"ema": 0.99, "weight_decay": 0.1, "dropout": 0.3},
+    "lr1e-3+smooth0.1": {"lr": 1e-3, "label_smoothing": 0.1},
 }
 
 
@@ -68,9 +69,9 @@ def run_config(name: str, overrides: dict, data: dict, steps: int, batch: int, s
 
     from fedmobillm.server.side import SideConfig, SideTrainer
 
+    if overrides.get("schedule") == "cosine":
+        overrides = {**overrides, "total_steps": steps}
     cfg = replace(SideConfig(), **overrides)
-    if cfg.schedule == "cosine":
-        cfg = replace(cfg, total_steps=steps)
     t = SideTrainer(cfg, ["negative", "positive"], seed=seed)
     for arch, (tr, _) in data.items():
         t.add_architecture(arch, tr.taps, tr.depth, tr.hidden)
