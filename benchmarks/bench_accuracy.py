@@ -64,9 +64,9 @@ class AccuracyConfig:
     max_seq_len: int = 64
     # side network (SideConfig overrides) and its training budget
     side: dict[str, Any] = field(default_factory=dict)
-    steps: int = 1500
+    steps: int = 500
     batch_per_arch: int = 32  # samples per architecture per step
-    eval_every: int = 250  # validation curve
+    eval_every: int = 100  # validation curve
     # linear probe
     probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     # full fine-tuning reference
@@ -89,7 +89,7 @@ class AccuracyConfig:
                 datasets=("movie-snippets", "tweets"),
                 train_limit=None,
                 val_limit=None,
-                steps=3000,
+                steps=1500,
                 full_ft_train=None,
                 full_ft_epochs=2,
                 full_ft_lr=5e-5,
