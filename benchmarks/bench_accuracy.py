@@ -66,7 +66,10 @@ class AccuracyConfig:
     side: dict[str, Any] = field(default_factory=dict)
     steps: int = 500
     batch_per_arch: int = 32  # samples per architecture per step
-    eval_every: int = 100  # validation curve
+    eval_every: int = 50  # validation curve (and model selection)
+    # "best-val": each backbone's personal model is the snapshot with the best validation
+    # accuracy (the validation split devices upload); "final": the last step
+    select: str = "best-val"
     # linear probe
     probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     # full fine-tuning reference
@@ -150,9 +153,12 @@ def train_side(
     label_names: list[str],
     data: dict[str, Split],
     devices: dict[str, dict[str, np.ndarray]],
+    snapshots: Path | None = None,
 ) -> tuple[Any, list[dict]]:
     """One SideTrainer over the architectures in ``devices`` (backbone -> device -> train
-    rows), batches drawn by the server trainer's sampler."""
+    rows), batches drawn by the server trainer's sampler. With ``snapshots``, the trainer is
+    saved to ``snapshots/<backbone>`` whenever that backbone's validation accuracy improves
+    (model selection on the validation split devices upload)."""
     from fedmobillm.server.side import SideTrainer
     from fedmobillm.server.trainer import ArchData, TrainingCache
 
@@ -168,7 +174,8 @@ def train_side(
                 a.train_y[dev] = tr.y[rows].tolist()
         cache.archs[tr.architecture] = a
     batch = cfg.batch_per_arch * len(devices)
-    curve = []
+    curve: list[dict[str, Any]] = []
+    best: dict[str, float] = {}
     for step in range(cfg.steps):
         groups = cache.sample(np.random.default_rng([cfg.seed, step]), batch)
         loss = trainer.train_step(groups)
@@ -177,6 +184,9 @@ def train_side(
             for b in devices:
                 v = data[b].val
                 point[b] = trainer.evaluate(v.architecture, v.x, v.y)["accuracy"]
+                if snapshots is not None and point[b] > best.get(b, -1.0):
+                    best[b] = point[b]
+                    trainer.save(snapshots / b)
             curve.append(point)
             log.debug("step %d: %s", step + 1, point)
     return trainer, curve
@@ -222,12 +232,21 @@ def side_rows(
     backbones = list(cfg.backbones)
     n_train = len(data[backbones[0]].train.y)
 
+    def snap(method: str, partition: str) -> Path | None:
+        return work / f"snap-{method}-{partition}" if cfg.select == "best-val" else None
+
     def emit(
         method: str, partition: str, trainer: Any, curve: list, b: str, n: int, seconds: float
     ) -> None:
-        acc = personal_accuracy(
-            trainer, data[b].test, bundles[b], work / f"{method}-{partition}-{b}"
-        )
+        t = data[b].test
+        final = trainer.evaluate(t.architecture, t.x, t.y)["accuracy"]  # (torch) last step
+        chosen, selected_step = trainer, cfg.steps
+        if cfg.select == "best-val":
+            from fedmobillm.server.side import SideTrainer
+
+            chosen = SideTrainer.load(work / f"snap-{method}-{partition}" / b)
+            selected_step = chosen.step
+        acc = personal_accuracy(chosen, t, bundles[b], work / f"{method}-{partition}-{b}")
         rows.append(
             {
                 "method": method,
@@ -235,7 +254,10 @@ def side_rows(
                 "partition": partition,
                 "dataset": dataset,
                 **acc,
-                "val_accuracy": curve[-1][b],
+                "selection": cfg.select,
+                "selected_step": selected_step,
+                "accuracy_final_step_torch": final,
+                "val_accuracy": next(p[b] for p in curve if p["step"] == selected_step),
                 "curve": [
                     {"step": p["step"], "loss": p["loss"], "val_accuracy": p[b]} for p in curve
                 ],
@@ -262,19 +284,23 @@ def side_rows(
             data[backbones[0]].train.y, backbones, cfg.devices_per_backbone, partition, cfg.seed
         )
         t0 = time.perf_counter()
-        trainer, curve = train_side(cfg, label_names, data, devices)
+        trainer, curve = train_side(cfg, label_names, data, devices, snap("fedmobillm", partition))
         dt = time.perf_counter() - t0
         for b in backbones:
             n = sum(len(r) for r in devices[b].values())
             emit("fedmobillm", partition, trainer, curve, b, n, dt)
         for b in backbones:
             t0 = time.perf_counter()
-            trainer, curve = train_side(cfg, label_names, data, {b: devices[b]})
+            trainer, curve = train_side(
+                cfg, label_names, data, {b: devices[b]}, snap("single", partition)
+            )
             n = sum(len(r) for r in devices[b].values())
             emit("single", partition, trainer, curve, b, n, time.perf_counter() - t0)
     for b in backbones:
         t0 = time.perf_counter()
-        trainer, curve = train_side(cfg, label_names, data, {b: {"all": np.arange(n_train)}})
+        trainer, curve = train_side(
+            cfg, label_names, data, {b: {"all": np.arange(n_train)}}, snap("centralised", "central")
+        )
         emit("centralised", "central", trainer, curve, b, n_train, time.perf_counter() - t0)
     return rows
 
@@ -664,6 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices-per-backbone", type=int)
     p.add_argument("--partitions", help="comma-separated: iid, dirichlet-ALPHA")
     p.add_argument("--seed", type=int)
+    p.add_argument("--select", choices=("best-val", "final"), help="model selection")
     p.add_argument("--no-full-ft", action="store_true")
     p.add_argument("--full-ft-model")
     p.add_argument("--full-ft-train", type=int, help="train records for full-ft")
@@ -700,6 +727,7 @@ def main(argv: list[str] | None = None) -> int:
             devices_per_backbone=a.devices_per_backbone,
             partitions=_csv(a.partitions),
             seed=a.seed,
+            select=a.select,
             full_ft=False if a.no_full_ft else None,
             full_ft_model=a.full_ft_model,
             full_ft_train=a.full_ft_train,
