@@ -126,10 +126,16 @@ def run_onnx(
 
 
 def write_pte(ep: torch.export.ExportedProgram, path: Path) -> None:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackDynamicallyQuantizedPartitioner,
+        XnnpackPartitioner,
+    )
     from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()])
+    # Dynamically quantized linears first, as their own partitions, then everything else:
+    # one partitioner over both makes cyclic partitions on dynamic-shape PT2E int8 graphs.
+    partitioners = [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()]
+    edge = to_edge_transform_and_lower(ep, partitioner=partitioners)
     program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
     with open(path, "wb") as f:
         program.write_to_file(f)

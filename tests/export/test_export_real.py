@@ -113,7 +113,7 @@ def test_smollm2_truncated(make_bundle, quant, formats):
     bundle = make_bundle("smollm2-135m", layers=[2, 4], quant=quant, formats=formats)
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["kind"] == "decoder" and manifest["pivot"] == "last"
-    assert manifest["graph_params"] < 40e6  # 4 of 30 blocks + embeddings
+    assert manifest["graph_params"] < 45e6  # 4 of 30 blocks (3.5M each) + embeddings (28.3M)
     ids, mask = encode(bundle, TEXTS)
     ref = reference(bundle, ids, mask)
     for fmt in formats:
