@@ -98,7 +98,9 @@ def _check(bundle: Path, fmt: str, tol_cos: float = 0.9999):
     ref = eager_reference(Path(m["source_model"]), m["taps"], m["pivot"], ids, mask).numpy()
     got = run_format(fmt, bundle / FILE_NAMES[fmt], ids.numpy(), mask.numpy())
     err = compare(got, ref)
-    assert max(err.max_abs) <= 1e-3 and min(err.cosine) >= tol_cos, err
+    assert min(err.cosine) >= tol_cos, err
+    if tol_cos >= 0.9999:
+        assert max(err.max_abs) <= 1e-3, err
     return m
 
 
@@ -112,10 +114,10 @@ def test_family_exports_to_onnx_and_matches(make_bundle, tiny_model, family):
     assert m["family"] == family and m["depth"] == 3 and m["taps"] == [1, 2]
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
-def test_family_exports_to_pte_and_matches(make_bundle, tiny_model, family):
-    bundle = make_bundle(str(tiny_model(family)), layers=[1], formats=("pte",))
-    _check(bundle, "pte")
+@pytest.mark.parametrize("family,quant", [("bert", "fp32"), ("llama", "fp32"), ("llama", "int8")])
+def test_family_exports_to_pte_and_matches(make_bundle, tiny_model, family, quant):
+    bundle = make_bundle(str(tiny_model(family)), layers=[1], quant=quant, formats=("pte",))
+    _check(bundle, "pte", tol_cos=0.9999 if quant == "fp32" else 0.98)
 
 
 def test_final_norm_and_head_not_in_graph(make_bundle, tiny_model):
@@ -145,3 +147,31 @@ def test_pivot_none_keeps_every_token(make_bundle, tiny_model):
     bundle = make_bundle(str(tiny_model("bert")), layers=[2], pivot="none", formats=("onnx",))
     m = _check(bundle, "onnx")
     assert m["outputs"][0]["shape"] == ["batch", 1, "seq", 32]
+
+
+def test_budget_picks_a_variant_that_fits(tiny_model, tmp_path):
+    """A generous budget keeps fp32 and records the measured peak of a fresh process."""
+    from fedmobillm.export.pipeline import export_bundle
+
+    out = tmp_path / "b"
+    manifest = export_bundle(
+        str(tiny_model("bert")), out, layers=[1, 2], formats=("onnx",), budget_mb=4000
+    )
+    choice = manifest.extra["budget"]
+    assert choice["chosen_quant"] == "fp32" and choice["chosen_taps"] == [1, 2]
+    assert 20 < choice["peak_rss_mib"] <= 4000
+    saved = json.loads((out / "manifest.json").read_text())
+    assert saved["budget"]["peak_rss_mib"] == choice["peak_rss_mib"]
+
+
+@pytest.mark.slow
+def test_budget_too_small_names_what_was_tried(tiny_model, tmp_path):
+    from fedmobillm.errors import FedMobiLLMError
+    from fedmobillm.export.pipeline import export_bundle
+
+    with pytest.raises(FedMobiLLMError, match="no variant fits 1 MB: tried fp32 taps"):
+        export_bundle(
+            str(tiny_model("bert")), tmp_path / "b", layers=[1, 2], formats=("onnx",), budget_mb=1
+        )
+    assert not (tmp_path / "b").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
