@@ -400,6 +400,9 @@ class Demo:
                 if len(done) == len(running):
                     if last_upload_step is None:
                         last_upload_step = row["step"]
+                    if row["trainer_idle"] and row["step"] > last_upload_step:
+                        log.info("trainer idle at step %d: no new uploads to learn", row["step"])
+                        break
                     if row["step"] - last_upload_step >= cfg.settle_steps:
                         log.info(
                             "trainer settled: %d steps after the last upload", cfg.settle_steps
@@ -616,6 +619,7 @@ def _progress_row(st: dict[str, Any], n_dev: int, n_done: int, t: float) -> dict
         "t": round(t, 1),
         "samples": samples,
         "step": int(trainer.get("step", 0)),
+        "trainer_idle": bool(trainer.get("idle")),
         "loss": trainer.get("loss"),
         "val_accuracy": sum(per_arch.values()) / len(per_arch) if per_arch else None,
         "val_per_architecture": per_arch,
