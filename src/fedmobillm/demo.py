@@ -369,6 +369,7 @@ class Demo:
         deadline = time.monotonic() + cfg.time_limit_s
         self.dead: dict[str, int] = {}
         last_upload_step: int | None = None
+        idle_polls = 0
         with httpx.Client(
             base_url=url, timeout=10.0, headers={"Authorization": f"Bearer {self.admin_token}"}
         ) as http:
@@ -400,7 +401,8 @@ class Demo:
                 if len(done) == len(running):
                     if last_upload_step is None:
                         last_upload_step = row["step"]
-                    if row["trainer_idle"] and row["step"] > last_upload_step:
+                    idle_polls = idle_polls + 1 if row["trainer_idle"] else 0
+                    if idle_polls >= 2:  # idle twice in a row after the last device finished
                         log.info("trainer idle at step %d: no new uploads to learn", row["step"])
                         break
                     if row["step"] - last_upload_step >= cfg.settle_steps:
