@@ -131,7 +131,9 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         f"final model to each device would add {mb(fa['lora']['trainable_bytes'])} (LoRA).\n"
     )
     add(
-        "comm_reduction = 1 - fedmobillm training bytes / FedAvg-LoRA bytes to target. "
+        "comm_reduction = 1 - fedmobillm training bytes / FedAvg-LoRA bytes to target. The "
+        "personal model is large next to the uploads (its alignment projects every tap, and the "
+        "zip holds the weights twice: personal.onnx and personal.safetensors, fp32). "
         "Including model delivery on both sides it would be "
         f"{100 * (1 - (fm['bytes_per_device'] + fm['delivery_bytes_per_device']) / (lora['bytes_per_device'] + fa['lora']['trainable_bytes'])):.1f}%.\n"
     )

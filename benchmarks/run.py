@@ -243,7 +243,9 @@ def versions() -> dict[str, str]:
 
             hits = sorted(site_dir().glob(f"{d}-*.dist-info")) if site_dir().is_dir() else []
             out[d] = (
-                hits[0].name.split("-")[1] + " (private bench site)" if hits else "not installed"
+                hits[0].name.removesuffix(".dist-info").split("-")[1] + " (private bench site)"
+                if hits
+                else "not installed"
             )
     return out
 
