@@ -31,9 +31,13 @@ def selftest(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_flops_order_of_methods(selftest: dict) -> None:
     f = selftest["flops"]
     assert 0 < f["fedmobillm_forward"] < f["lora_train_step"] < f["full_train_step"]
+    # AdamW's ~10 ops per trainable value are added analytically (8 texts in 2 batches of 4)
+    counted = {
+        m: f[f"{m}_train_step"] - 10 * f[f"{m}_trainable_params"] * 2 / 8 for m in ("lora", "full")
+    }
     # LoRA backprop computes input grads but no frozen weight grads: 1.5x-3x a forward
-    assert 1.5 < f["lora_train_step"] / f["lora_forward"] < 3.2
-    assert 2.5 < f["full_train_step"] / f["full_forward"] < 3.5
+    assert 1.5 < counted["lora"] / f["lora_forward"] < 3.2
+    assert 2.5 < counted["full"] / f["full_forward"] < 3.5
     # forward-gradient: 1 + P forwards, no backward
     p = f["fwdgrad_perturbations"]
     assert f["fwdgrad_step"] == pytest.approx((p + 1) * f["lora_forward"], rel=0.3)
