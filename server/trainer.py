@@ -138,6 +138,9 @@ class Trainer:
         self.resumed_from: int | None = None
         self.checkpoint_step: int | None = None
         self.exported: dict[str, int] = {}
+        # arch -> {"accuracy", "step", "n"}: the personal model is the snapshot with the best
+        # validation accuracy on the current validation set (it overfits past its peak)
+        self.best: dict[str, dict[str, Any]] = {}
         self.loss: float | None = None
         self.idle = True
         self.error: str | None = None
@@ -187,6 +190,8 @@ class Trainer:
             return
         deadline = time.monotonic() + timeout
         target = self.side.step
+        if architecture in self.best:  # the best-validation snapshot is already exported
+            return
         with self._lock:
             while self.exported.get(architecture, -1) < target:
                 if architecture not in self.cache.archs or not self._thread.is_alive():
@@ -294,6 +299,7 @@ class Trainer:
             if a.val_y and name in self.side.archs:
                 x = np.stack(a.val_x)  # (n, K, d)
                 val[name] = self.side.evaluate(name, x, np.asarray(a.val_y))
+        self._keep_best(val)
         entry = {
             "step": self.side.step,
             "time": time.time(),
@@ -311,6 +317,20 @@ class Trainer:
             {k: round(v["accuracy"], 4) for k, v in val.items()},
         )
 
+    def _keep_best(self, val: dict[str, dict[str, float]]) -> None:
+        """Export an architecture's personal model when its validation accuracy beats its
+        best so far; a grown validation set starts the comparison afresh."""
+        assert self.side is not None
+        improved = set()
+        for name, v in val.items():
+            n = len(self.cache.archs[name].val_y)
+            best = self.best.get(name)
+            if best is None or best["n"] != n or v["accuracy"] > best["accuracy"]:
+                self.best[name] = {"accuracy": v["accuracy"], "step": self.side.step, "n": n}
+                improved.add(name)
+        if improved:
+            self._export(improved, force=True)
+
     # -- checkpoints --
 
     def _checkpoint(self) -> None:
@@ -324,7 +344,9 @@ class Trainer:
             history = list(self.history)
         write_atomic(
             tmp / TRAINER_STATE,
-            json.dumps({"step": step, "history": history, "exported": self.exported}).encode(),
+            json.dumps(
+                {"step": step, "history": history, "exported": self.exported, "best": self.best}
+            ).encode(),
         )
         fsync_dir(tmp)
         if final.exists():
@@ -354,6 +376,7 @@ class Trainer:
             self.side = side
             self.history = state.get("history", [])
             self.exported = state.get("exported", {})
+            self.best = state.get("best", {})
             self.resumed_from = self.checkpoint_step = side.step
             self._steps_since_data = 0
             log.info("resumed from checkpoint step %d (%s)", side.step, d.name)
@@ -372,12 +395,15 @@ class Trainer:
 
     # -- personal models --
 
-    def _export(self, only: set[str] | None = None) -> None:
-        """Export every architecture's personal model (or only those in ``only``)."""
+    def _export(self, only: set[str] | None = None, force: bool = False) -> None:
+        """Export every architecture's personal model (or only those in ``only``). Without
+        ``force``, an architecture with a best-validation snapshot keeps that snapshot."""
         assert self.side is not None
         root = self.settings.personal_dir
         for name, a in sorted(self.cache.archs.items()):
             if a.num_train == 0 or name not in self.side.archs or (only and name not in only):
+                continue
+            if name in self.best and not force:
                 continue
             tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
             try:
@@ -418,5 +444,6 @@ class Trainer:
                     for n, a in list(self.cache.archs.items())  # copy: the thread adds archs
                 },
                 "personal_models": dict(self.exported),
+                "best_validation": {n: dict(b) for n, b in self.best.items()},
                 "history": self.history[-50:],
             }
