@@ -244,11 +244,13 @@ def _add_routes(app: FastAPI) -> None:
         response_class=Response,
         tags=["devices"],
     )
-    def personal_model(request: Request, device: DeviceAuth) -> Response:
+    def personal_model(request: Request, device: DeviceAuth, weights: bool = False) -> Response:
+        """The personal model for the device's architecture as a zip: personal.onnx
+        (+ .pte) and personal.json; ``weights=true`` adds personal.safetensors."""
         trainer = request.app.state.trainer
         if trainer is not None:
             trainer.export_fresh(device.architecture)
-        data = read_personal_zip(settings.personal_dir, device.architecture)
+        data = read_personal_zip(settings.personal_dir, device.architecture, weights)
         if data is None:
             raise NotReady()
         name = f"personal-{device.architecture.replace('/', '_')}.zip"

@@ -15,6 +15,8 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from fedmobillm.device_runtime.protocol import PERSONAL_WEIGHTS
+
 log = logging.getLogger(__name__)
 
 
@@ -26,8 +28,10 @@ def personal_folder(root: Path, architecture: str) -> Path:
     return Path(root) / arch_slug(architecture)
 
 
-def read_personal_zip(root: Path, architecture: str) -> bytes | None:
-    path = Path(root) / f"{arch_slug(architecture)}.zip"
+def read_personal_zip(root: Path, architecture: str, weights: bool = False) -> bytes | None:
+    """The device zip (graphs + personal.json), or with ``weights`` also the safetensors."""
+    suffix = "-full.zip" if weights else ".zip"
+    path = Path(root) / f"{arch_slug(architecture)}{suffix}"
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -59,19 +63,28 @@ def publish_folder(folder: Path, root: Path, architecture: str) -> Path:
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     target = personal_folder(root, architecture)
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for f in sorted(Path(folder).iterdir()):
-            if f.is_file():
-                zf.write(f, f.name)
+    files = sorted(f for f in Path(folder).iterdir() if f.is_file())
+    full = _zip(files)
+    # What a device runs: the graph(s) and the manifest. The safetensors weights (the same
+    # numbers again) stay on the server and come with ?weights=true.
+    device = _zip([f for f in files if f.name != PERSONAL_WEIGHTS])
     old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
     if target.exists():
         os.replace(target, old)
     os.replace(folder, target)
     shutil.rmtree(old, ignore_errors=True)
+    write_atomic(root / f"{target.name}-full.zip", full)
     zip_path = root / f"{target.name}.zip"
-    write_atomic(zip_path, buf.getvalue())
+    write_atomic(zip_path, device)
     return zip_path
+
+
+def _zip(files: list[Path]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            zf.write(f, f.name)
+    return buf.getvalue()
 
 
 # -- export (torch imported lazily: the API process reads zips only) ----------------------
@@ -98,7 +111,6 @@ def export_personal_model(
         PERSONAL_MANIFEST,
         PERSONAL_ONNX,
         PERSONAL_PTE,
-        PERSONAL_WEIGHTS,
         sha256_file,
     )
 

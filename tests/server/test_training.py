@@ -62,7 +62,16 @@ def test_trains_two_architectures_and_serves_personal_models(server_factory):
     )
     assert r.status_code == 200 and r.headers["content-type"] == "application/zip"
     zf = zipfile.ZipFile(io.BytesIO(r.content))
-    assert {"personal.onnx", "personal.safetensors", "personal.json"} <= set(zf.namelist())
+    assert {"personal.onnx", "personal.json"} <= set(zf.namelist())
+    assert "personal.safetensors" not in zf.namelist()  # the device runs the graph only
+    full = httpx.get(
+        f"{srv.url}/v1/personal-model",
+        params={"weights": "true"},
+        headers={"Authorization": f"Bearer {rb['token']}"},
+    )
+    assert full.status_code == 200
+    assert "personal.safetensors" in zipfile.ZipFile(io.BytesIO(full.content)).namelist()
+    assert len(r.content) < len(full.content)
     meta = json.loads(zf.read("personal.json"))
     assert meta["bundle_sha256s"] == [rb["bundle_sha256"]]
     sess = ort.InferenceSession(zf.read("personal.onnx"), providers=["CPUExecutionProvider"])
