@@ -53,7 +53,7 @@ class DemoConfig:
     out: Path = Path("runs/demo")
     seed: int = 0
     train_limit: int | None = None  # train records used in all (quick: 1,200)
-    eval_limit: int | None = None  # test records evaluated (quick: 500)
+    eval_limit: int | None = None  # test records evaluated (quick: 400)
     val_limit: int | None = None  # validation records uploaded per backbone (quick: 200)
     time_limit_s: float = 300.0  # training (devices + trainer), after export
     target_accuracy: float | None = None
@@ -64,6 +64,10 @@ class DemoConfig:
     settle_steps: int = 400  # trainer steps after the last upload before stopping
 
     def __post_init__(self) -> None:
+        if not self.backbones:
+            raise FedMobiLLMError(
+                "no backbones given", hint="e.g. --backbones minilm-l3,minilm-l6,smollm2-135m"
+            )
         if self.devices < len(self.backbones):
             raise FedMobiLLMError(
                 f"--devices {self.devices} is fewer than the {len(self.backbones)} backbones",
@@ -433,44 +437,24 @@ class Demo:
             if not devs:
                 continue
             side = self.out / "personal" / backbone
-            r = subprocess.run(
-                _cli(
-                    "device",
-                    "fetch-model",
-                    "--state",
-                    str(devs[0].state_dir),
-                    "--server",
-                    url,
-                    "--out",
-                    str(side),
-                ),
-                capture_output=True,
-                text=True,
-            )
-            if r.returncode != 0:
-                log.error("personal model for %s: %s", backbone, r.stderr.strip())
-                rows.append({"name": backbone, "error": r.stderr.strip()})
-                continue
             pred_json = self.out / "personal" / f"{backbone}-predict.json"
-            r = subprocess.run(
-                _cli(
-                    "device",
-                    "predict",
-                    "--bundle",
-                    str(bundle),
-                    "--side",
-                    str(side),
-                    "--data",
-                    str(self.test_file),
-                    "--json",
-                    str(pred_json),
-                ),
-                capture_output=True,
-                text=True,
-            )
-            if r.returncode != 0:
-                log.error("on-device inference for %s failed: %s", backbone, r.stderr.strip())
-                rows.append({"name": backbone, "error": r.stderr.strip()})
+            steps = [
+                ("downloading the personal model",
+                 ["fetch-model", "--state", str(devs[0].state_dir), "--server", url,
+                  "--out", str(side)]),
+                ("on-device inference",
+                 ["predict", "--bundle", str(bundle), "--side", str(side),
+                  "--data", str(self.test_file), "--json", str(pred_json)]),
+            ]  # fmt: skip
+            error = None
+            for what, args in steps:
+                r = subprocess.run(_cli("device", *args), capture_output=True, text=True)
+                if r.returncode != 0:
+                    error = f"{what} failed: {r.stderr.strip()}"
+                    break
+            if error:
+                log.error("%s: %s", backbone, error)
+                rows.append({"name": backbone, "error": error})
                 continue
             pred = json.loads(pred_json.read_text())
             sums = [_read_json(s.state_dir / "summary.json") for s in devs]
