@@ -146,8 +146,19 @@ class Manifest:
             )
         known = {f for f in cls.__dataclass_fields__ if f != "extra"}
         required = [
-            "source_model", "family", "kind", "depth", "hidden_size", "taps", "pivot",
-            "quant", "max_seq_len", "activation_scales", "graph_params", "files", "tokenizer",
+            "source_model",
+            "family",
+            "kind",
+            "depth",
+            "hidden_size",
+            "taps",
+            "pivot",
+            "quant",
+            "max_seq_len",
+            "activation_scales",
+            "graph_params",
+            "files",
+            "tokenizer",
         ]
         missing = [k for k in required if k not in data]
         if missing:

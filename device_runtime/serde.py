@@ -133,13 +133,13 @@ def decode_batch(payload: bytes) -> Batch:
     if meta["encoding"] == "int8":
         expected.add(T_SCALES)
     if set(tensors) != expected:
-        raise PayloadError(
-            f"payload tensors are {sorted(tensors)}, expected {sorted(expected)}"
-        )
+        raise PayloadError(f"payload tensors are {sorted(tensors)}, expected {sorted(expected)}")
     act = tensors[T_ACTIVATIONS]
     want = np.int8 if meta["encoding"] == "int8" else np.float16
     if act.dtype != want:
-        raise PayloadError(f"activations dtype {act.dtype} does not match encoding {meta['encoding']}")
+        raise PayloadError(
+            f"activations dtype {act.dtype} does not match encoding {meta['encoding']}"
+        )
     if act.ndim != 3 or act.shape[0] == 0:
         raise PayloadError(f"activations must be [N, K, d] with N > 0, got {list(act.shape)}")
     n, k, _ = act.shape
@@ -154,7 +154,9 @@ def decode_batch(payload: bytes) -> Batch:
     scales = tensors.get(T_SCALES)
     if scales is not None:
         if scales.dtype != np.float32 or scales.shape != (k,):
-            raise PayloadError(f"scales must be float32 [{k}], got {scales.dtype} {list(scales.shape)}")
+            raise PayloadError(
+                f"scales must be float32 [{k}], got {scales.dtype} {list(scales.shape)}"
+            )
         if not np.isfinite(scales).all() or (scales <= 0).any():
             raise PayloadError("scales must be finite and positive")
     elif not np.isfinite(act).all():

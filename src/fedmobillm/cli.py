@@ -35,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"fedmobillm {__version__}")
-    parser.add_argument(
-        "--debug", action="store_true", help="show full tracebacks and debug logs"
-    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _available_commands():
         p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
