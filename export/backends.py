@@ -94,16 +94,61 @@ def write_onnx(ep: torch.export.ExportedProgram, path: Path, args: tuple, shapes
     program.save(str(path), external_data=False)
 
 
-def quantize_onnx_int8(src: Path, dst: Path) -> None:
+# A MatMul whose input range is this many times the median MatMul input range stays fp32:
+# onnxruntime's dynamic int8 uses one activation scale per tensor, and a few huge outliers
+# (SmolLM2's MLP down-projections reach ~26,000) leave no resolution for everything else.
+OUTLIER_RATIO = 6.0
+
+
+def quantize_onnx_int8(
+    src: Path, dst: Path, ids: np.ndarray | None = None, mask: np.ndarray | None = None
+) -> None:
+    """Dynamic int8 (per-channel weights). With calibration inputs, MatMuls whose
+    activation range is an outlier are kept in fp32 (see OUTLIER_RATIO)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    exclude = outlier_matmuls(src, ids, mask) if ids is not None and mask is not None else []
+    if exclude:
+        log.info("quantize: %d MatMul(s) with outlier inputs stay fp32", len(exclude))
     quantize_dynamic(
         str(src),
         str(dst),
         weight_type=QuantType.QInt8,
         per_channel=True,
         op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+        nodes_to_exclude=exclude,
     )
+
+
+def outlier_matmuls(src: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 8) -> list[str]:
+    """Names of weight MatMul/Gemm nodes whose input max |x| on the calibration inputs is
+    more than OUTLIER_RATIO times the median over all such nodes."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(src))
+    weights = {init.name for init in model.graph.initializer}
+    inputs = {
+        node.name: node.input[0]
+        for node in model.graph.node
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in weights
+    }
+    if len(inputs) < 2:
+        return []
+    known = {o.name for o in model.graph.output}
+    tensors = sorted(set(inputs.values()) - known)
+    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    del model
+    names = [o.name for o in sess.get_outputs()]
+    amax = dict.fromkeys(names, 0.0)
+    for i in range(0, min(len(ids), 4 * batch), batch):
+        feeds = {"input_ids": ids[i : i + batch], "attention_mask": mask[i : i + batch]}
+        for name, value in zip(names, sess.run(names, feeds), strict=True):
+            amax[name] = max(amax[name], float(np.abs(value).max()) if value.size else 0.0)
+    ranges = {node: amax.get(t, 0.0) for node, t in inputs.items()}
+    median = float(np.median(list(ranges.values())))
+    return sorted(n for n, r in ranges.items() if median > 0 and r > OUTLIER_RATIO * median)
 
 
 def run_onnx(

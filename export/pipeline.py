@@ -328,7 +328,7 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
         graph_params = backends.graph_param_count(ep)
         log.info("export: %s parameters in the graph", f"{graph_params:,}")
     if "onnx" in opts.formats:
-        _write_onnx(opts, ep, example, shapes, tmp)
+        _write_onnx(opts, ep, example, shapes, tmp, ids, mask)
     if "pte" in opts.formats:
         _write_pte(opts, wrapped, ep, example, shapes, tmp, ids, mask)
     errors = {}
@@ -370,7 +370,7 @@ def _check_error(fmt: str, quant: str, err) -> None:
         )
 
 
-def _write_onnx(opts, ep, example, shapes, tmp: Path) -> None:
+def _write_onnx(opts, ep, example, shapes, tmp: Path, ids, mask) -> None:
     from fedmobillm.export import backends
 
     target = tmp / backends.FILE_NAMES["onnx"]
@@ -381,7 +381,7 @@ def _write_onnx(opts, ep, example, shapes, tmp: Path) -> None:
     if opts.quant != "fp32":
         with stage("quantize", opts.stage_seconds):
             log.info("quantize: ONNX %s (onnxruntime quantize_dynamic)", opts.quant)
-            backends.quantize_onnx_int8(fp32_path, target)
+            backends.quantize_onnx_int8(fp32_path, target, ids, mask)
             fp32_path.unlink()
 
 
