@@ -24,6 +24,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from fedmobillm.export.calibrate import BUILTIN_SENTENCES
+
 log = logging.getLogger("bench_export")
 
 BATCH, SEQ, THREADS = 8, 64, 2
@@ -32,16 +34,7 @@ VARIANTS = [("onnx", "fp32"), ("onnx", "int8"), ("pte", "fp32"), ("pte", "int8")
 QUICK_MODELS = {"minilm-l6": {"taps": 3}, "minilm-l3": {"taps": 3}}
 FULL_MODELS = {**QUICK_MODELS, "smollm2-135m": {"layers": [6, 12, 18, 24]}}
 QUICK_VARIANTS = {"minilm-l6": VARIANTS, "minilm-l3": [("onnx", "fp32"), ("onnx", "int8")]}
-TEXTS = [
-    "A gripping, beautifully shot film with a story that stays with you.",
-    "The plot is thin and the jokes fall flat for most of its running time.",
-    "An uneven but often charming comedy about friendship and second chances.",
-    "I could not wait for it to end; the dialogue is painfully wooden.",
-    "Its performances are terrific, especially the quietly devastating lead.",
-    "A loud, overlong sequel that forgets what made the first one fun.",
-    "Smart, funny and surprisingly moving, this is one of the year's best.",
-    "Neither the script nor the direction rises above television fare.",
-]
+TEXTS = BUILTIN_SENTENCES[:8]  # the exporter's own fallback calibration sentences
 
 EAGER_SCRIPT = r"""
 import json, resource, statistics, sys, time
