@@ -75,15 +75,20 @@ def bundle_for(spec: BundleSpec) -> Path:
     verification). If an int8 export fails the exporter's own accuracy check (SmolLM2's
     outlier activations at deep taps do), the fp32 graph is used instead; the failure is
     remembered (``int8-failed.json``) and the manifest's ``quant`` says what was used."""
+    from fedmobillm.export.pipeline import EXPORTER_REVISION
     from fedmobillm.paths import cache_dir
 
     failed = cache_dir() / "bench-bundles" / f"{spec.key()}-failed.json"
-    if spec.quant != "fp32" and failed.is_file():
+    before = json.loads(failed.read_text()) if failed.is_file() else None
+    if before is not None and before.get("exporter_revision") != EXPORTER_REVISION:
+        failed.unlink(missing_ok=True)  # the exporter changed since: try again
+        before = None
+    if spec.quant != "fp32" and before is not None:
         log.warning(
             "%s: %s export failed before (%s); using fp32",
             spec.model,
             spec.quant,
-            json.loads(failed.read_text()).get("error", "")[:200],
+            before.get("error", "")[:200],
         )
         return bundle_for(dataclasses.replace(spec, quant="fp32"))
     try:
@@ -95,21 +100,25 @@ def bundle_for(spec: BundleSpec) -> Path:
             "%s: %s export failed its check (%s); falling back to fp32", spec.model, spec.quant, exc
         )
         failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(json.dumps({"spec": dataclasses.asdict(spec), "error": str(exc)}))
+        failed.write_text(
+            json.dumps(
+                {
+                    "spec": dataclasses.asdict(spec),
+                    "exporter_revision": EXPORTER_REVISION,
+                    "error": str(exc),
+                }
+            )
+        )
         return bundle_for(dataclasses.replace(spec, quant="fp32"))
 
 
 def _export_cached(spec: BundleSpec) -> Path:
-    from fedmobillm.device_runtime.protocol import verify_bundle
-    from fedmobillm.export.pipeline import export_bundle
+    from fedmobillm.export.pipeline import bundle_is_current, export_bundle
     from fedmobillm.paths import cache_dir
 
     out = cache_dir() / "bench-bundles" / spec.key()
-    if (out / "manifest.json").is_file():
-        _, problems = verify_bundle(out)
-        if not problems:
-            return out
-        log.warning("cached bundle %s fails verification (%s); re-exporting", out, problems)
+    if bundle_is_current(out, spec.model):
+        return out
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     log.info(

@@ -12,7 +12,7 @@ Bundle manifest (``manifest.json`` in a bundle directory), format version 1::
       "depth": 6,                               # blocks in the source model
       "hidden_size": 384,
       "taps": [2, 4, 6],                        # 1-based block indices, ascending
-      "pivot": "first" | "last" | "none",
+      "pivot": "first" | "last" | "mean" | "none",   # mean: masked mean over real tokens
       "quant": "fp32" | "int8" | "8da4w",
       "max_seq_len": 128,
       "activation_scales": [0.05, 0.07, 0.1],   # per tap: int8 scale = clip / 127
@@ -62,7 +62,7 @@ PROTOCOL_VERSION = 1
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 
-PIVOTS = ("first", "last", "none")
+PIVOTS = ("first", "last", "mean", "none")
 QUANTS = ("fp32", "int8", "8da4w")
 ENCODINGS = ("int8", "fp16")
 SPLITS = ("train", "validation")

@@ -51,6 +51,7 @@ class ModelSpec:
     architecture: str  # what the built folder holds
     summary: str
     build: Callable[[Path, Path], None]  # (package root, output folder) -> None
+    pooling: str | None = None  # sentence pooling the model was trained with ("mean", "cls")
 
 
 # --------------------------------------------------------------------------- builders
@@ -164,6 +165,7 @@ MODELS: dict[str, ModelSpec] = {
             "BertModel 6x384, 12 heads, 22.7M",
             "all-MiniLM-L6-v2 sentence encoder",
             _build_minilm_l6,
+            pooling="mean",
         ),
         ModelSpec(
             "minilm-l3",
@@ -172,6 +174,7 @@ MODELS: dict[str, ModelSpec] = {
             "BertModel 3x384, 12 heads, 17.2M",
             "paraphrase-MiniLM-L3-v2, converted from ONNX",
             _build_minilm_l3,
+            pooling="mean",
         ),
         ModelSpec(
             "smollm2-135m",

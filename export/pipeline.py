@@ -41,6 +41,12 @@ QUANT_MIN_COSINE = 0.9
 STAGES = ("load", "wrap", "calibrate", "export", "quantize", "lower", "verify")
 
 
+# Bumped whenever an exporter change may turn a variant that failed its verification into
+# one that passes (2: ONNX int8 keeps outlier-range MatMuls in fp32). Callers that remember
+# failed variants (the demo, the benchmarks) record it and retry when it has moved on.
+EXPORTER_REVISION = 2
+
+
 @dataclass
 class ExportOptions:
     """Validated options of one export."""
@@ -66,7 +72,7 @@ class ExportOptions:
             raise FedMobiLLMError("no output format given", hint="use --format onnx,pte")
         if self.pivot not in ("auto", *PIVOTS):
             raise FedMobiLLMError(
-                f"unknown pivot {self.pivot!r}", hint="use auto, first, last or none"
+                f"unknown pivot {self.pivot!r}", hint="use auto, first, last, mean or none"
             )
         if self.quant not in QUANTS:
             raise FedMobiLLMError(
@@ -255,6 +261,37 @@ def export_bundle(
     return build_bundle(opts)
 
 
+def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
+    """Whether ``out_dir`` holds a verified bundle of ``model`` that a fresh export with the
+    same options would reproduce in kind: every file matches its sha256 and the pivot is the
+    one asked for (for ``auto``, the one the model's folder implies today). Callers that
+    cache bundles use it so a cached bundle made under an older pivot rule is rebuilt."""
+    from fedmobillm.device_runtime.protocol import verify_bundle
+    from fedmobillm.export.wrapper import auto_pivot, declared_pooling
+
+    out_dir = Path(out_dir)
+    if not (out_dir / MANIFEST_NAME).is_file():
+        return False
+    try:
+        manifest, problems = verify_bundle(out_dir)
+    except FedMobiLLMError:
+        return False
+    if problems:
+        return False
+    if pivot == "auto":
+        try:
+            folder = resolve_model_folder(model)
+        except FedMobiLLMError:
+            return False
+        pivot = auto_pivot(manifest.kind, declared_pooling(folder))
+    if manifest.pivot != pivot:
+        log.info(
+            "cached bundle %s has pivot %s, not %s: rebuilding", out_dir, manifest.pivot, pivot
+        )
+        return False
+    return True
+
+
 def build_bundle(opts: ExportOptions) -> Manifest:
     opts.out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out_dir.name}.", dir=opts.out_dir.parent))
@@ -299,7 +336,7 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
         tok = load_tokenizer(folder)
     with stage("wrap", t):
         wrapped, info, taps, pivot = wrapper.wrap_backbone(
-            model, opts.taps, opts.layers, opts.pivot
+            model, opts.taps, opts.layers, opts.pivot, wrapper.declared_pooling(folder)
         )
         log.info(
             "wrap: %s %s, depth %d, hidden %d, taps %s, pivot %s",

@@ -9,6 +9,7 @@ weights reach the exported graph. Tap i is read by a forward hook on block i.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,6 @@ from torch import nn
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
-
-PIVOT_CODES = {"first": 0, "last": 1, "none": 2}
 
 
 @dataclass
@@ -208,11 +207,16 @@ class TapWrapper(nn.Module):
 
 
 def select_pivot(states: torch.Tensor, attention_mask: torch.Tensor, pivot: str) -> torch.Tensor:
-    """states (B, K, T, d) -> (B, K, d) at the pivot token, or unchanged for pivot none."""
+    """states (B, K, T, d) -> (B, K, d) at the pivot token (first, last real token, or the
+    mean over real tokens), or unchanged for pivot none."""
     if pivot == "none":
         return states
     if pivot == "first":
         return states[:, :, 0, :]  # (B, K, d)
+    if pivot == "mean":
+        m = attention_mask.to(states.dtype)[:, None, :, None]  # (B, 1, T, 1)
+        count = m.sum(dim=2).clamp(min=1.0)  # (B, 1, 1)
+        return (states * m).sum(dim=2) / count  # (B, K, d)
     seq = attention_mask.shape[1]
     positions = torch.arange(seq, dtype=attention_mask.dtype, device=attention_mask.device)
     last = (attention_mask * positions).argmax(dim=1)  # (B,)
@@ -245,10 +249,55 @@ def resolve_taps(depth: int, taps: int | None, layers: list[int] | None) -> list
     return default_taps(depth, k)
 
 
+def declared_pooling(folder: Path | str | None) -> str | None:
+    """The sentence pooling a model folder declares: "mean" or "cls" from a
+    sentence-transformers ``1_Pooling/config.json``, or from the registry entry of a model
+    this project built (``fedmobillm-model.json``); None when it declares none."""
+    if folder is None:
+        return None
+    folder = Path(folder)
+    cfg = folder / "1_Pooling" / "config.json"
+    if cfg.is_file():
+        try:
+            pooling = json.loads(cfg.read_text())
+        except (OSError, ValueError):
+            return None
+        if pooling.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if pooling.get("pooling_mode_cls_token"):
+            return "cls"
+        return None
+    info = folder / "fedmobillm-model.json"
+    if info.is_file():
+        from fedmobillm.export.models import MODELS
+
+        try:
+            name = json.loads(info.read_text()).get("name")
+        except (OSError, ValueError):
+            return None
+        spec = MODELS.get(str(name))
+        return spec.pooling if spec is not None else None
+    return None
+
+
+def auto_pivot(kind: str, pooling: str | None) -> str:
+    """The default pivot: the token (or pooling) the model was trained to be read at.
+    Decoders: the last real token. Encoders: the mean over real tokens when the model is a
+    mean-pooled sentence encoder (its pooling config says so), else the first token (CLS)."""
+    if kind != "encoder":
+        return "last"
+    return "mean" if pooling == "mean" else "first"
+
+
 def wrap_backbone(
-    model: nn.Module, taps_arg: int | None, layers: list[int] | None, pivot: str
+    model: nn.Module,
+    taps_arg: int | None,
+    layers: list[int] | None,
+    pivot: str,
+    pooling: str | None = None,
 ) -> tuple[TapWrapper, BackboneInfo, list[int], str]:
-    """Truncate after the deepest tap, neutralise post-tap modules, hook the tap blocks."""
+    """Truncate after the deepest tap, neutralise post-tap modules, hook the tap blocks.
+    ``pooling``: what the model folder declares (``declared_pooling``), for pivot auto."""
     cfg = text_config(model)
     vocab = int(getattr(cfg, "vocab_size", 1000))
     path, blocks = find_blocks(model)
@@ -256,7 +305,7 @@ def wrap_backbone(
     taps = resolve_taps(depth, taps_arg, layers)
     kind = detect_kind(model, blocks, vocab)
     if pivot == "auto":
-        pivot = "first" if kind == "encoder" else "last"
+        pivot = auto_pivot(kind, pooling)
     hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0))
     info = BackboneInfo(cfg.model_type, kind, depth, hidden, path)
     kept = nn.ModuleList(list(blocks)[: taps[-1]])

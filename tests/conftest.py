@@ -21,8 +21,7 @@ def make_bundle():
 
     Built with fedmobillm.export.pipeline.export_bundle once per option set and cached;
     a cached bundle that fails verification is rebuilt."""
-    from fedmobillm.device_runtime.protocol import verify_bundle
-    from fedmobillm.export.pipeline import export_bundle
+    from fedmobillm.export.pipeline import bundle_is_current, export_bundle
     from fedmobillm.paths import cache_dir
 
     def build(model: str, **opts) -> Path:
@@ -30,10 +29,8 @@ def make_bundle():
         opts["formats"] = tuple(opts["formats"])
         key = hashlib.sha256(json.dumps([model, opts], sort_keys=True, default=str).encode())
         out = cache_dir() / "test-bundles" / key.hexdigest()[:16]
-        if (out / "manifest.json").is_file():
-            _, problems = verify_bundle(out)
-            if not problems:
-                return out
+        if bundle_is_current(out, model, opts.get("pivot", "auto")):
+            return out
         shutil.rmtree(out, ignore_errors=True)
         export_bundle(model, out, **opts)
         return out

@@ -225,7 +225,7 @@ class Demo:
     def _export_one(self, backbone: str, taps: int) -> Path | None:
         """Pre-scale one backbone: the configured quant, else fp32 when the quantized graph
         fails verification (SmolLM2's outlier activations defeat int8 dynamic ONNX)."""
-        from fedmobillm.export.pipeline import export_bundle
+        from fedmobillm.export.pipeline import EXPORTER_REVISION, export_bundle
         from fedmobillm.paths import cache_dir
 
         cfg = self.cfg
@@ -234,12 +234,13 @@ class Demo:
         for quant in quants:
             key = f"{backbone}-{quant}-k{taps}-s{cfg.max_seq_len}".replace("/", "_")
             out = cache_dir() / "bundles" / key
-            if _bundle_ok(out):
+            if _bundle_ok(out, backbone):
                 log.info("bundle for %s (%s) is cached at %s", backbone, quant, out)
                 return out
             failed = out.with_name(out.name + ".failed")
-            if failed.is_file():  # an earlier demo found this variant unusable
-                errors.append(f"{quant}: {failed.read_text().strip()}")
+            before = _failed_before(failed)
+            if before:  # an earlier demo found this variant unusable with this exporter
+                errors.append(f"{quant}: {before}")
                 log.info("skipping %s at %s: failed before (%s)", backbone, quant, failed)
                 continue
             log.info("exporting %s (%s, %d taps, onnx) -> %s", backbone, quant, taps, out)
@@ -257,7 +258,9 @@ class Demo:
                 errors.append(f"{quant}: {exc}")
                 log.warning("export of %s at %s failed: %s", backbone, quant, exc)
                 if "stage verify" in str(exc):  # deterministic: remember, do not retry
-                    failed.write_text(str(exc))
+                    failed.write_text(
+                        json.dumps({"exporter_revision": EXPORTER_REVISION, "error": str(exc)})
+                    )
         self.failed_backbones[backbone] = "; ".join(errors)
         log.error("backbone %s could not be exported; carrying on without it", backbone)
         return None
@@ -551,15 +554,27 @@ def _subsample(records: list[Any], n: int, seed: int) -> list[Any]:
     return [records[i] for i in sorted(idx)]
 
 
-def _bundle_ok(path: Path) -> bool:
-    from fedmobillm.device_runtime.protocol import verify_bundle
+def _failed_before(marker: Path) -> str | None:
+    """The error an earlier demo recorded for this export variant, if the exporter has not
+    changed since (``EXPORTER_REVISION``); a stale or unreadable marker is dropped."""
+    from fedmobillm.export.pipeline import EXPORTER_REVISION
 
-    if not (path / "manifest.json").is_file():
-        return False
+    if not marker.is_file():
+        return None
     try:
-        return not verify_bundle(path)[1]
-    except FedMobiLLMError:
-        return False
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = {}
+    if isinstance(info, dict) and info.get("exporter_revision") == EXPORTER_REVISION:
+        return str(info.get("error", "failed verification"))
+    marker.unlink(missing_ok=True)
+    return None
+
+
+def _bundle_ok(path: Path, backbone: str) -> bool:
+    from fedmobillm.export.pipeline import bundle_is_current
+
+    return bundle_is_current(path, backbone)
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen, logfile: Path, timeout: float = 90.0) -> None:

@@ -143,6 +143,55 @@ def test_pivot_last_ignores_padding(make_bundle, tiny_model):
     np.testing.assert_allclose(batch[2], alone[0], atol=1e-5)
 
 
+def test_pivot_mean_averages_real_tokens_only(make_bundle, tiny_model):
+    """Mean pivot: the masked mean over real tokens; padding changes nothing, and the
+    exported graph matches the eager mean of the untouched model."""
+    from fedmobillm.export.backends import FILE_NAMES, run_format
+
+    bundle = make_bundle(str(tiny_model("bert")), layers=[1, 3], pivot="mean", formats=("onnx",))
+    m = _check(bundle, "onnx")
+    assert m["pivot"] == "mean" and m["outputs"][0]["shape"] == ["batch", 2, 32]
+    ids, mask = (t.numpy() for t in _inputs())
+    batch = run_format("onnx", bundle / FILE_NAMES["onnx"], ids, mask)  # (3, K, d)
+    alone = run_format("onnx", bundle / FILE_NAMES["onnx"], ids[2:, :3], mask[2:, :3])
+    np.testing.assert_allclose(batch[2], alone[0], atol=1e-5)
+    first = make_bundle(str(tiny_model("bert")), layers=[1, 3], pivot="first", formats=("onnx",))
+    cls = run_format("onnx", first / FILE_NAMES["onnx"], ids, mask)
+    assert not np.allclose(cls, batch, atol=1e-3)  # a different readout, not the CLS token
+
+
+def test_auto_pivot_follows_the_declared_sentence_pooling(tiny_model, tmp_path):
+    """An encoder folder that declares sentence-transformers mean pooling gets pivot mean;
+    a cached bundle exported under the old rule is then no longer current."""
+    import shutil
+
+    from fedmobillm.export.models import resolve_model
+    from fedmobillm.export.pipeline import bundle_is_current, export_bundle
+    from fedmobillm.export.wrapper import auto_pivot, declared_pooling
+
+    plain = tiny_model("bert")
+    assert declared_pooling(plain) is None
+    pooled = tmp_path / "pooled"
+    shutil.copytree(plain, pooled)
+    (pooled / "1_Pooling").mkdir()
+    (pooled / "1_Pooling" / "config.json").write_text(
+        json.dumps({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False})
+    )
+    assert declared_pooling(pooled) == "mean"
+    assert auto_pivot("encoder", "mean") == "mean" and auto_pivot("decoder", "mean") == "last"
+    assert auto_pivot("encoder", None) == "first"
+    out = tmp_path / "bundle"
+    assert export_bundle(str(plain), out, layers=[1], formats=("onnx",)).pivot == "first"
+    assert bundle_is_current(out, str(plain))
+    assert not bundle_is_current(out, str(pooled))  # auto now means mean for this folder
+    assert export_bundle(str(pooled), tmp_path / "b2", layers=[1], formats=("onnx",)).pivot == (
+        "mean"
+    )
+    # the registry's sentence encoders declare mean pooling (MiniLM-L3 is converted from
+    # ONNX and has no 1_Pooling folder of its own)
+    assert declared_pooling(resolve_model("minilm-l3")) == "mean"
+
+
 def test_pivot_none_keeps_every_token(make_bundle, tiny_model):
     bundle = make_bundle(str(tiny_model("bert")), layers=[2], pivot="none", formats=("onnx",))
     m = _check(bundle, "onnx")

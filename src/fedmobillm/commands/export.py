@@ -38,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--pivot",
         default="auto",
-        choices=["auto", "first", "last", "none"],
-        help="token read at each tap: auto = first for encoders, last for decoders",
+        choices=["auto", "first", "last", "mean", "none"],
+        help="what each tap emits per sample: the first token, the last real token, the mean "
+        "over real tokens, or every token (none). auto: last for decoders; mean for encoders "
+        "whose folder declares mean pooling (sentence-transformers), else first",
     )
     parser.add_argument(
         "--quant",
