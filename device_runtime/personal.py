@@ -154,14 +154,19 @@ def predict_records(
     return PredictResult(len(records), labelled, correct, ms)
 
 
-def fetch_personal_model(state_dir: Path, out: Path, server: str | None = None) -> Path:
-    """GET /v1/personal-model with the device token; unpack into ``out``."""
+def fetch_personal_model(
+    state_dir: Path, out: Path, server: str | None = None, graph: str = "onnx"
+) -> Path:
+    """GET /v1/personal-model with the device token; unpack into ``out``. ``graph``: which
+    graph to download, "onnx" (what ``PersonalModel`` runs), "pte" or "all"."""
+    if graph not in ("onnx", "pte", "all"):
+        raise FedMobiLLMError(f"graph must be onnx, pte or all, not {graph!r}")
     from fedmobillm.device_runtime.client import DeviceState
     from fedmobillm.device_runtime.uploader import Uploader, rejected
 
     state = DeviceState.load(state_dir)
     with Uploader(server or state.server, state.token) as up:
-        resp = up.request("GET", "/v1/personal-model")
+        resp = up.request("GET", "/v1/personal-model", params={"graph": graph})
     if resp.status_code == 409:
         raise FedMobiLLMError(
             f"the server has no personal model for {state.architecture} yet: "

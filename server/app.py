@@ -11,7 +11,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -244,13 +244,19 @@ def _add_routes(app: FastAPI) -> None:
         response_class=Response,
         tags=["devices"],
     )
-    def personal_model(request: Request, device: DeviceAuth, weights: bool = False) -> Response:
+    def personal_model(
+        request: Request,
+        device: DeviceAuth,
+        weights: bool = False,
+        graph: Literal["all", "onnx", "pte"] = "all",
+    ) -> Response:
         """The personal model for the device's architecture as a zip: personal.onnx
-        (+ .pte) and personal.json; ``weights=true`` adds personal.safetensors."""
+        (+ .pte) and personal.json; ``graph=onnx`` or ``graph=pte`` keeps only the graph the
+        device runs; ``weights=true`` adds personal.safetensors."""
         trainer = request.app.state.trainer
         if trainer is not None:
             trainer.export_fresh(device.architecture)
-        data = read_personal_zip(settings.personal_dir, device.architecture, weights)
+        data = read_personal_zip(settings.personal_dir, device.architecture, weights, graph)
         if data is None:
             raise NotReady()
         name = f"personal-{device.architecture.replace('/', '_')}.zip"

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from fedmobillm.device_runtime.protocol import PERSONAL_WEIGHTS
+from fedmobillm.device_runtime.protocol import PERSONAL_ONNX, PERSONAL_PTE, PERSONAL_WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +28,30 @@ def personal_folder(root: Path, architecture: str) -> Path:
     return Path(root) / arch_slug(architecture)
 
 
-def read_personal_zip(root: Path, architecture: str, weights: bool = False) -> bytes | None:
-    """The device zip (graphs + personal.json), or with ``weights`` also the safetensors."""
+GRAPHS = {"onnx": PERSONAL_ONNX, "pte": PERSONAL_PTE}
+
+
+def read_personal_zip(
+    root: Path, architecture: str, weights: bool = False, graph: str = "all"
+) -> bytes | None:
+    """The device zip (graphs + personal.json), or with ``weights`` also the safetensors.
+    ``graph`` "onnx" or "pte" keeps only that graph: a device runs one runtime, and the
+    download is then about half the size."""
     suffix = "-full.zip" if weights else ".zip"
     path = Path(root) / f"{arch_slug(architecture)}{suffix}"
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         return None
+    if graph == "all":
+        return data
+    drop = {name for g, name in GRAPHS.items() if g != graph}
+    buf = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(data)) as src, zipfile.ZipFile(buf, "w") as dst:
+        for info in src.infolist():
+            if info.filename not in drop:
+                dst.writestr(info, src.read(info.filename))
+    return buf.getvalue()
 
 
 def fsync_dir(path: Path) -> None:

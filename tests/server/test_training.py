@@ -72,6 +72,18 @@ def test_trains_two_architectures_and_serves_personal_models(server_factory):
     assert full.status_code == 200
     assert "personal.safetensors" in zipfile.ZipFile(io.BytesIO(full.content)).namelist()
     assert len(r.content) < len(full.content)
+    only = httpx.get(
+        f"{srv.url}/v1/personal-model",
+        params={"graph": "onnx"},
+        headers={"Authorization": f"Bearer {rb['token']}"},
+    )
+    assert set(zipfile.ZipFile(io.BytesIO(only.content)).namelist()) == set(zf.namelist())
+    bad = httpx.get(
+        f"{srv.url}/v1/personal-model",
+        params={"graph": "tflite"},
+        headers={"Authorization": f"Bearer {rb['token']}"},
+    )
+    assert bad.status_code == 422 and "graph" in bad.text
     meta = json.loads(zf.read("personal.json"))
     assert meta["bundle_sha256s"] == [rb["bundle_sha256"]]
     sess = ort.InferenceSession(zf.read("personal.onnx"), providers=["CPUExecutionProvider"])
@@ -80,3 +92,24 @@ def test_trains_two_architectures_and_serves_personal_models(server_factory):
     assert logits.shape == (200, 2)
     assert (logits.argmax(1) == y).mean() > 0.9
     assert "fedmobillm_trainer_step" in httpx.get(f"{srv.url}/metrics").text
+
+
+def test_personal_zip_keeps_only_the_graph_asked_for(tmp_path):
+    """A device runs one runtime: graph=onnx / graph=pte drop the other graph's bytes."""
+    from fedmobillm.server.personal import arch_slug, read_personal_zip
+
+    arch = "bert/x/d8/L2/taps1,2"
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, size in (("personal.onnx", 5000), ("personal.pte", 7000), ("personal.json", 9)):
+            z.writestr(name, bytes(size))
+    (tmp_path / f"{arch_slug(arch)}.zip").write_bytes(buf.getvalue())
+    names = {
+        g: set(zipfile.ZipFile(io.BytesIO(read_personal_zip(tmp_path, arch, graph=g))).namelist())
+        for g in ("all", "onnx", "pte")
+    }
+    assert names["all"] == {"personal.onnx", "personal.pte", "personal.json"}
+    assert names["onnx"] == {"personal.onnx", "personal.json"}
+    assert names["pte"] == {"personal.pte", "personal.json"}
+    assert len(read_personal_zip(tmp_path, arch, graph="onnx")) < len(buf.getvalue())
+    assert read_personal_zip(tmp_path, "other", graph="onnx") is None

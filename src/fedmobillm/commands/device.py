@@ -92,6 +92,13 @@ def _add_fetch(p: argparse.ArgumentParser) -> None:
     _state_args(p)
     p.add_argument("--out", required=True, type=Path, help="folder to unpack the model into")
     p.add_argument("--server", help="server URL (default: the one registered)")
+    p.add_argument(
+        "--graph",
+        default="onnx",
+        choices=["onnx", "pte", "all"],
+        help="which graph to download: onnx (what `device predict` runs), pte (ExecuTorch "
+        "on a phone) or all",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -185,6 +192,8 @@ def _fetch(args: argparse.Namespace) -> int:
     from fedmobillm.device_runtime.personal import fetch_personal_model
     from fedmobillm.device_runtime.records import resolve_state_dir
 
-    folder = fetch_personal_model(resolve_state_dir(args.state, args.name), args.out, args.server)
+    folder = fetch_personal_model(
+        resolve_state_dir(args.state, args.name), args.out, args.server, args.graph
+    )
     print(f"personal model unpacked into {folder}")
     return 0
