@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,13 +45,13 @@ log = logging.getLogger("benchmarks")
 
 
 def bundle_for(cfg: BenchConfig, quant: str) -> Path:
-    from fedmobillm.device_runtime.protocol import verify_bundle
-    from fedmobillm.export.pipeline import export_bundle
+    from fedmobillm.export.pipeline import bundle_is_current, export_bundle
     from fedmobillm.paths import cache_dir
 
     out = cache_dir() / "bench-bundles" / f"{cfg.model}-{quant}-seq{cfg.max_seq_len}"
-    if (out / "manifest.json").is_file() and not verify_bundle(out)[1]:
+    if bundle_is_current(out, cfg.model):
         return out
+    shutil.rmtree(out, ignore_errors=True)
     log.info("exporting %s bundle (%s, onnx) to %s", cfg.model, quant, out)
     export_bundle(cfg.model, out, quant=quant, formats=("onnx",), max_seq_len=cfg.max_seq_len)
     return out
@@ -364,6 +365,26 @@ def should_idle(s: Any, since: int, total: int) -> bool:
 # -- replay on the simulated clock -----------------------------------------------------------
 
 
+def device_timeline(
+    n: int,
+    prof: DeviceProfile,
+    fwd_flops_per_sample: float,
+    upload_batch: int,
+    bytes_per_batch: float,
+) -> list[tuple[float, float, float, int, int]]:
+    """[(forward start, forward done, arrival, start, stop)] of a device's batches: forward
+    then upload; the upload of batch j overlaps the forward of batch j+1 (one link, one
+    compute unit)."""
+    out, t_fwd, t_link = [], 0.0, 0.0
+    for s in range(0, n, upload_batch):
+        b = min(upload_batch, n - s)
+        start = t_fwd
+        t_fwd += prof.compute_s(fwd_flops_per_sample * b)
+        t_link = max(t_link, t_fwd) + prof.up_s(bytes_per_batch * b / upload_batch)
+        out.append((start, t_fwd, t_link, s, s + b))
+    return out
+
+
 def device_arrivals(
     n: int,
     prof: DeviceProfile,
@@ -371,15 +392,13 @@ def device_arrivals(
     upload_batch: int,
     bytes_per_batch: float,
 ) -> list[tuple[float, int, int]]:
-    """[(arrival time, start, stop)] of a device's batches: forward then upload; the upload
-    of batch j overlaps the forward of batch j+1 (one link, one compute unit)."""
-    out, t_fwd, t_link = [], 0.0, 0.0
-    for s in range(0, n, upload_batch):
-        b = min(upload_batch, n - s)
-        t_fwd += prof.compute_s(fwd_flops_per_sample * b)
-        t_link = max(t_link, t_fwd) + prof.up_s(bytes_per_batch * b / upload_batch)
-        out.append((t_link, s, s + b))
-    return out
+    """[(arrival time, start, stop)] of a device's batches (see ``device_timeline``)."""
+    return [
+        (arrive, s, e)
+        for _, _, arrive, s, e in device_timeline(
+            n, prof, fwd_flops_per_sample, upload_batch, bytes_per_batch
+        )
+    ]
 
 
 def replay(
@@ -398,13 +417,13 @@ def replay(
         dev_y.append(y)
     vx, vy, _ = activations(bundles[profiles[0].quant], data.validation)
     tx = {q: activations(b, data.test) for q, b in bundles.items()}
-    events = sorted(
-        (t, d, s, e)
-        for d, prof in enumerate(profiles)
-        for t, s, e in device_arrivals(
+    timelines = [
+        device_timeline(
             len(dev_y[d]), prof, fwd_flops, cfg.upload_batch, bytes_per_sample * cfg.upload_batch
         )
-    )
+        for d, prof in enumerate(profiles)
+    ]
+    events = sorted((t, d, s, e) for d, tl in enumerate(timelines) for _, _, t, s, e in tl)
     tr = _side(cfg, data.label_names, manifest)
     settings = _settings(cfg)
     batch = settings.batch_size
@@ -457,6 +476,7 @@ def replay(
     test = {q: tr.evaluate(arch, x, y) for q, (x, y, _) in tx.items()}
     return {
         "curve": curve,
+        "timelines": timelines,
         "all_data_in_s": all_in,
         "server_step_s": float(np.median(step_times)),
         "steps": tr.step,

@@ -76,15 +76,38 @@ def smoothed(curve: list[dict[str, Any]], window: int = SMOOTH_EVALS) -> list[di
     return out
 
 
+def work_by(timeline: list, t: float, total: int) -> tuple[int, int]:
+    """(samples a device had forwarded, samples whose upload had begun) by simulated time t,
+    counting a batch in progress in full: forward started before t, upload begun once its
+    forward was done (``_fedmobillm.device_timeline``)."""
+    if not timeline:
+        return total, total
+    forwarded = sum(e - s for start, _, _, s, e in timeline if start < t)
+    sent = sum(e - s for _, done, _, s, e in timeline if done <= t)
+    return forwarded, sent
+
+
 def fedmobillm_to_target(
     replay: dict[str, Any], real: Any, fwd_flops: float, target: float
 ) -> dict[str, Any]:
+    """Device work and traffic up to the simulated moment the target was reached (as FedAvg
+    is cut at its target round); the whole run's figures are kept beside them."""
     curve = smoothed(replay["curve"])
     hit = first_reach(curve, target)
     train = [r for r in real.per_device if r["split"] == "train"]
     up = np.array([r["wire_bytes_up"] for r in train], float)
     down = np.array([r["wire_bytes_down"] for r in train], float)
     samples = np.array([r["samples"] for r in train], float)
+    timelines = replay.get("timelines") or [[] for _ in train]
+    if hit is not None and len(timelines) == len(train):
+        work = [
+            work_by(tl, hit["time_s"], int(n)) for tl, n in zip(timelines, samples, strict=True)
+        ]
+        fwd = np.array([w[0] for w in work], float)
+        share = np.array([w[1] for w in work], float) / np.maximum(samples, 1.0)
+    else:
+        fwd, share = samples, np.ones_like(samples)
+    up_t, down_t = up * share, down * share
     return {
         "reached": hit is not None,
         "time_s": hit["time_s"]
@@ -92,15 +115,21 @@ def fedmobillm_to_target(
         else (replay["curve"][-1]["time_s"] if replay["curve"] else math.nan),
         "step": hit["step"] if hit else None,
         "samples_arrived_at_target": hit["samples_arrived"] if hit else None,
-        "bytes_up_per_device": float(up.mean()),
-        "bytes_down_per_device": float(down.mean()),
-        "bytes_per_device": float((up + down).mean()),
-        "max_bytes_device": float((up + down).max()),
+        "samples_forwarded_per_device": float(fwd.mean()),
+        "bytes_up_per_device": float(up_t.mean()),
+        "bytes_down_per_device": float(down_t.mean()),
+        "bytes_per_device": float((up_t + down_t).mean()),
+        "max_bytes_device": float((up_t + down_t).max()),
+        "whole_run": {
+            "samples_per_device": float(samples.mean()),
+            "bytes_per_device": float((up + down).mean()),
+            "flops_per_device": float((samples * fwd_flops).mean()),
+        },
         "http_body_bytes_up_per_device": float(np.mean([r["http_body_bytes_up"] for r in train])),
         "delivery_bytes_per_device": float(
             np.mean([r["delivery_bytes_up"] + r["delivery_bytes_down"] for r in train])
         ),
-        "flops_per_device": float((samples * fwd_flops).mean()),
+        "flops_per_device": float((fwd * fwd_flops).mean()),
         "best_val": max((p["accuracy"] for p in curve), default=math.nan),
     }
 

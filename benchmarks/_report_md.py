@@ -90,8 +90,11 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
     )
     add(
         f"Total device work per device to target (mean over the fleet): fedmobillm "
-        f"{_g(fm['flops_per_device'])} (one forward of every local record, whether or not the "
-        f"target came earlier), FedAvg-LoRA {_g(lora['flops_per_device'])} (local epochs x "
+        f"{_g(fm['flops_per_device'])} (one forward of each record a device had begun "
+        f"forwarding by the simulated moment the target was reached, "
+        f"{fm.get('samples_forwarded_per_device', float('nan')):.0f} records per device on "
+        f"average; the whole run, every local record once: "
+        f"{_g(fm.get('whole_run', {}).get('flops_per_device', float('nan')))}), FedAvg-LoRA {_g(lora['flops_per_device'])} (local epochs x "
         f"records x step FLOPs, summed over the rounds each device took part in up to round "
         f"{lora['round']}), FedAvg full {_g(full['flops_per_device'])}. "
         f"compute_reduction = 1 - fedmobillm / FedAvg-LoRA.\n"
@@ -117,8 +120,10 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         f"(HTTP headers and bodies). Training traffic (registration, all batch uploads, acks), mean "
         f"per device: up {mb(fm['bytes_up_per_device'])}, down {mb(fm['bytes_down_per_device'])} "
         f"(upload HTTP bodies alone {mb(fm['http_body_bytes_up_per_device'])}); the most for one "
-        f"device {mb(fm['max_bytes_device'])}. All of a device's uploads are counted even when the "
-        f"target came earlier. Delivery of the trained personal model afterwards (GET "
+        f"device {mb(fm['max_bytes_device'])}. These are cut at the simulated moment the target "
+        f"was reached (each device's measured bytes times the share of its records whose upload "
+        f"had begun by then), as FedAvg is cut at its target round; the whole run: "
+        f"{mb(fm.get('whole_run', {}).get('bytes_per_device', float('nan')))} per device. Delivery of the trained personal model afterwards (GET "
         f"/v1/personal-model, measured): {mb(fm['delivery_bytes_per_device'])} per device. "
         "Validation records were uploaded by a separate 'validator' device, not counted.\n"
     )
@@ -132,9 +137,8 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
     )
     add(
         "comm_reduction = 1 - fedmobillm training bytes / FedAvg-LoRA bytes to target. The "
-        "personal model is large next to the uploads (its alignment projects every tap, and the "
-        "zip holds the weights twice: personal.onnx and personal.safetensors, fp32). "
-        "Including model delivery on both sides it would be "
+        "personal model is large next to the uploads (its alignment projects every tap from d to "
+        "the side width; fp32). Including model delivery on both sides it would be "
         f"{100 * (1 - (fm['bytes_per_device'] + fm['delivery_bytes_per_device']) / (lora['bytes_per_device'] + fa['lora']['trainable_bytes'])):.1f}%.\n"
     )
 
