@@ -70,6 +70,10 @@ class AccuracyConfig:
     # "best-val": each backbone's personal model is the snapshot with the best validation
     # accuracy (the validation split devices upload); "final": the last step
     select: str = "best-val"
+    # side-network methods are trained this many times, with training/partition seeds
+    # seed, seed+1, ...; rows report the mean and standard deviation (one run's test accuracy
+    # on ~1,000 records moves by +-1.5 points from the seed alone)
+    repeats: int = 3
     # linear probe
     probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     # full fine-tuning reference
@@ -253,6 +257,7 @@ def side_rows(
                 "backbone": b,
                 "partition": partition,
                 "dataset": dataset,
+                "seed": cfg.seed,
                 **acc,
                 "selection": cfg.select,
                 "selected_step": selected_step,
@@ -449,7 +454,8 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
         else bundle_for(BundleSpec(b, cfg.taps, cfg.quant, cfg.max_seq_len))
         for b in cfg.backbones
     }
-    rows: list[dict] = []
+    rows: list[dict] = []  # one per method, backbone, partition, data set (seeds averaged)
+    runs: list[dict] = []  # side-network methods: one per seed, with curves
     timings: dict[str, float] = {}
     for dataset in cfg.datasets:
         label_names = list(load_dataset(dataset, seed=cfg.seed).label_names)
@@ -457,8 +463,14 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
         data = {b: load_split(cfg, bundles[b], dataset) for b in cfg.backbones}
         timings[f"{dataset}/activations"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as work:
-            rows += side_rows(cfg, dataset, label_names, data, bundles, Path(work))
+        for r in range(cfg.repeats):
+            run_cfg = dataclasses.replace(cfg, seed=cfg.seed + r)
+            log.info(
+                "%s: side networks, seed %d (%d/%d)", dataset, run_cfg.seed, r + 1, cfg.repeats
+            )
+            with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as work:
+                runs += side_rows(run_cfg, dataset, label_names, data, bundles, Path(work))
+        rows += summarise(runs, dataset)
         timings[f"{dataset}/side"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         rows += [linear_probe(cfg, dataset, b, data[b]) for b in cfg.backbones]
@@ -470,6 +482,7 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
     timings["total"] = time.perf_counter() - t_start
     result = {
         "rows": rows,
+        "runs": runs,
         "targets": targets(rows),
         "config": {**asdict(cfg), "side_config": asdict(cfg.side_config())},
         "bundles": {b: str(p) for b, p in bundles.items()},
@@ -478,6 +491,41 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
     }
     write_outputs(result, out)
     return result
+
+
+def summarise(runs: list[dict], dataset: str) -> list[dict]:
+    """One row per (method, backbone, partition) of ``dataset``: the mean test accuracy over
+    the seeds (``accuracy``), its standard deviation and the per-seed values."""
+    groups: dict[tuple[str, str, str], list[dict]] = {}
+    for r in runs:
+        if r["dataset"] == dataset:
+            groups.setdefault((r["method"], r["backbone"], r["partition"]), []).append(r)
+    out = []
+    for (method, backbone, partition), rs in groups.items():
+        accs = np.asarray([r["accuracy"] for r in rs], float)
+        out.append(
+            {
+                "method": method,
+                "backbone": backbone,
+                "partition": partition,
+                "dataset": dataset,
+                "accuracy": float(accs.mean()),
+                "accuracy_sd": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                "seeds": [r["seed"] for r in rs],
+                "accuracy_per_seed": accs.tolist(),
+                "accuracy_torch": float(np.mean([r["accuracy_torch"] for r in rs])),
+                "majority_class_rate": rs[0]["majority_class_rate"],
+                "selected_steps": [r["selected_step"] for r in rs],
+                "side_params": rs[0]["side_params"],
+                "personal_params": rs[0]["personal_params"],
+                "personal_onnx_bytes": rs[0]["personal_onnx_bytes"],
+                "train_samples": rs[0]["train_samples"],
+                "test_samples": rs[0]["test_samples"],
+                "steps": rs[0]["steps"],
+                "seconds": float(sum(r["seconds"] for r in rs)),
+            }
+        )
+    return out
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -565,7 +613,7 @@ def markdown(result: dict) -> str:
                     for r in rows
                     if (r["dataset"], r["backbone"], r["method"], r["partition"]) == (ds, b, m, p)
                 ]
-                cells.append(f"{100 * hit[0]['accuracy']:.2f}" if hit else "")
+                cells.append(_cell(hit[0]) if hit else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     t = result.get("targets") or []
@@ -583,6 +631,12 @@ def markdown(result: dict) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _cell(row: dict) -> str:
+    if len(row.get("seeds", [])) > 1:
+        return f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_sd']:.2f}"
+    return f"{100 * row['accuracy']:.2f}"
 
 
 def _yn(v: bool) -> str:
@@ -603,19 +657,22 @@ def plot(result: dict, path: Path) -> None:
         bbs = list(dict.fromkeys(r["backbone"] for r in rows if r["dataset"] == ds))
         width = 0.8 / len(cols)
         for j, (m, p) in enumerate(cols):
-            vals = []
+            vals, errs = [], []
             for b in bbs:
                 hit = [
-                    r["accuracy"]
+                    r
                     for r in rows
                     if (r["dataset"], r["backbone"], r["method"], r["partition"]) == (ds, b, m, p)
                 ]
-                vals.append(100 * hit[0] if hit else np.nan)
+                vals.append(100 * hit[0]["accuracy"] if hit else np.nan)
+                errs.append(100 * hit[0].get("accuracy_sd", 0.0) if hit else 0.0)
             label = m if p == "central" else f"{m} {p}"
             ax.bar(
                 np.arange(len(bbs)) + (j - (len(cols) - 1) / 2) * width,
                 vals,
                 width,
+                yerr=errs,
+                capsize=2,
                 label=label,
                 hatch="//" if p.startswith("dirichlet") else None,
             )
@@ -690,6 +747,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices-per-backbone", type=int)
     p.add_argument("--partitions", help="comma-separated: iid, dirichlet-ALPHA")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--repeats", type=int, help="side-network runs per method (seeds seed..seed+N-1)"
+    )
     p.add_argument("--select", choices=("best-val", "final"), help="model selection")
     p.add_argument("--no-full-ft", action="store_true")
     p.add_argument("--full-ft-model")
@@ -727,6 +787,7 @@ def main(argv: list[str] | None = None) -> int:
             devices_per_backbone=a.devices_per_backbone,
             partitions=_csv(a.partitions),
             seed=a.seed,
+            repeats=a.repeats,
             select=a.select,
             full_ft=False if a.no_full_ft else None,
             full_ft_model=a.full_ft_model,
@@ -735,6 +796,10 @@ def main(argv: list[str] | None = None) -> int:
             side=parse_side(a.side) or None,
         )
         cfg.side_config()
+        if cfg.repeats < 1:
+            raise FedMobiLLMError(
+                f"--repeats {cfg.repeats} trains nothing", hint="use --repeats 1 or more"
+            )
         for p_ in cfg.partitions:
             alpha_of(p_)
         result = run(cfg, a.out)

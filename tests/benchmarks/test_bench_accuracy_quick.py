@@ -28,7 +28,7 @@ def result(make_bundle, tmp_path_factory) -> tuple[dict, Path]:
         sys.executable, "-m", "benchmarks.bench_accuracy", "--quick", "--out", str(out),
         "--backbones", ",".join(BACKBONES), "--devices-per-backbone", "2",
         "--partitions", "iid", "--train-limit", "240", "--val-limit", "100",
-        "--test-limit", "200", "--steps", "150", "--batch-per-arch", "16",
+        "--test-limit", "200", "--steps", "150", "--batch-per-arch", "16", "--repeats", "2",
         "--full-ft-model", "minilm-l3", "--full-ft-train", "16",
         *[f"--bundle={b}={d}" for b, d in bundles.items()],
     ]  # fmt: skip
@@ -74,3 +74,20 @@ def test_single_uses_a_third_of_what_centralised_uses(result) -> None:
         central = next(r for r in rows if (r["method"], r["backbone"]) == ("centralised", b))
         assert central["train_samples"] == 240
         assert single["train_samples"] == 240 // len(BACKBONES)
+
+
+def test_side_methods_average_over_seeds(result) -> None:
+    """Each side-network row is the mean of --repeats runs (seeds 0 and 1), kept in runs."""
+    data, _ = result
+    side = [r for r in data["rows"] if r["method"] in ("fedmobillm", "single", "centralised")]
+    assert side
+    for row in side:
+        assert row["seeds"] == [0, 1], row
+        per_seed = [
+            r["accuracy"]
+            for r in data["runs"]
+            if (r["method"], r["backbone"], r["partition"])
+            == (row["method"], row["backbone"], row["partition"])
+        ]
+        assert sorted(per_seed) == sorted(row["accuracy_per_seed"])
+        assert abs(row["accuracy"] - sum(per_seed) / 2) < 1e-9
