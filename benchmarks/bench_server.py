@@ -20,9 +20,6 @@ import asyncio
 import json
 import logging
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,6 +31,7 @@ import numpy as np
 
 from fedmobillm.device_runtime.protocol import BUNDLE_FORMAT_VERSION
 from fedmobillm.device_runtime.serde import Batch, encode_batch, quantize_int8
+from fedmobillm.server.local import LocalServer
 
 log = logging.getLogger("benchmarks.server")
 
@@ -97,52 +95,26 @@ class SimDevice:
         )
 
 
-class Server:
+class Server(LocalServer):
+    """`fedmobillm serve` with a fresh admin token and ``settings``, started on creation."""
+
     def __init__(self, data_dir: Path, settings: dict) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.token = uuid.uuid4().hex + uuid.uuid4().hex
-        cfg = data_dir.parent / "bench-server.json"
-        cfg.write_text(json.dumps(settings))
-        env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": self.token}
-        self.log = open(data_dir.parent / "bench-server.log", "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedmobillm.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(data_dir),
-                "--config",
-                str(cfg),
-            ],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
+        super().__init__(
+            data_dir,
+            admin_token=uuid.uuid4().hex + uuid.uuid4().hex,
+            config=settings,
+            log_path=data_dir.parent / "bench-server.log",
+            startup_timeout=120.0,
+            grace=120.0,
         )
-        for _ in range(600):
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not start")
+        self.start()
 
     @property
     def admin(self) -> dict:
-        return {"Authorization": f"Bearer {self.token}"}
+        return {"Authorization": f"Bearer {self.admin_token}"}
 
     def trainer(self) -> dict:
         return httpx.get(f"{self.url}/v1/status", headers=self.admin, timeout=30).json()["trainer"]
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(120)
 
 
 async def device_loop(

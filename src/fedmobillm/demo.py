@@ -19,10 +19,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.local import LocalServer, free_port, stop_process_group
 
 log = logging.getLogger("fedmobillm.demo")
 
@@ -108,20 +107,6 @@ class Stage:
     def __exit__(self, exc_type: Any, *_: Any) -> None:
         if exc_type is None:
             log.info("[%s] done in %.1f s", self.name, time.monotonic() - self.t0)
-
-
-def free_port(preferred: int | None = None) -> int:
-    """The preferred port if it is free, else any free loopback port."""
-    if preferred:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", preferred))
-                return preferred
-            except OSError:
-                log.warning("port %d is in use; picking another", preferred)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _cli(*args: str) -> list[str]:
@@ -279,31 +264,21 @@ class Demo:
 
     @contextlib.contextmanager
     def server(self) -> Iterator[str]:
-        port = free_port(self.cfg.port)
-        token = secrets.token_urlsafe(24)
-        data_dir = self.out / "server"
-        data_dir.mkdir(parents=True, exist_ok=True)
+        self.admin_token = secrets.token_urlsafe(24)
         self.server_log = self.out / "server.log"
-        env = dict(os.environ, FEDMOBILLM_ADMIN_TOKEN=token)
-        with open(self.server_log, "ab") as logf:
-            proc = subprocess.Popen(
-                _cli(
-                    "serve", "--host", "127.0.0.1", "--port", str(port), "--data-dir", str(data_dir)
-                ),
-                env=env,
-                stdout=logf,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        self.admin_token = token
-        _wait_healthy(url, proc, self.server_log)
-        log.info("server up at %s (log: %s)", url, self.server_log)
-        try:
-            yield url
-        finally:
-            _stop(proc)
+        srv = LocalServer(
+            self.out / "server",
+            admin_token=self.admin_token,
+            port=free_port(self.cfg.port),
+            log_path=self.server_log,
+            startup_timeout=90.0,
+            grace=15.0,
+        )
+        with srv:
+            assert srv.proc is not None
+            self.procs.append(srv.proc)
+            log.info("server up at %s (log: %s)", srv.url, self.server_log)
+            yield srv.url
 
     def register(
         self, url: str, specs: list[DeviceSpec], bundles: dict[str, Path]
@@ -429,7 +404,7 @@ class Demo:
             )
         for p in running.values():
             if p.poll() is None:
-                _stop(p)
+                stop_process_group(p, grace=15.0)
 
     def evaluate(
         self, url: str, specs: list[DeviceSpec], bundles: dict[str, Path]
@@ -516,7 +491,7 @@ class Demo:
     def stop_all(self) -> None:
         for p in self.procs:
             if p.poll() is None:
-                _stop(p)
+                stop_process_group(p, grace=15.0)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -575,36 +550,6 @@ def _bundle_ok(path: Path, backbone: str) -> bool:
     from fedmobillm.export.pipeline import bundle_is_current
 
     return bundle_is_current(path, backbone)
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen, logfile: Path, timeout: float = 90.0) -> None:
-    import httpx
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            tail = logfile.read_text(errors="replace")[-2000:]
-            raise FedMobiLLMError(f"the server exited with {proc.returncode}:\n{tail}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/healthz", timeout=2.0).status_code == 200:
-                return
-        time.sleep(0.3)
-    raise FedMobiLLMError(
-        f"the server did not answer at {url} within {timeout:.0f} s; see {logfile}"
-    )
-
-
-def _stop(proc: subprocess.Popen, grace: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(grace)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 def _progress_row(st: dict[str, Any], n_dev: int, n_done: int, t: float) -> dict[str, Any]:

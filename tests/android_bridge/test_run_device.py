@@ -5,17 +5,15 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+
+from fedmobillm.server.local import LocalServer
 
 pytestmark = pytest.mark.integration
 
@@ -23,48 +21,17 @@ ADMIN = "android-e2e-admin-token-0123456789abcdef"
 WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("server")
-    port = free_port()
-    env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": ADMIN}
-    log = open(data_dir / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedmobillm.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(data_dir),
-            "--no-train",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    else:
-        pytest.fail(f"server did not start: {(data_dir / 'server.log').read_text()[-2000:]}")
-    yield url, data_dir
-    proc.terminate()
-    proc.wait(30)
-    log.close()
+    with LocalServer(
+        data_dir,
+        admin_token=ADMIN,
+        args=["--no-train"],
+        log_path=data_dir / "server.log",
+        startup_timeout=60.0,
+    ) as srv:
+        yield srv.url, data_dir
 
 
 def _data(path: Path, n: int = 21) -> Path:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
@@ -20,6 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fedmobillm.server.local import LocalServer, free_port
+
 pytestmark = pytest.mark.integration
 log = logging.getLogger(__name__)
 
@@ -29,12 +30,6 @@ L3 = {"taps": 3, "formats": ("onnx",)}
 L6 = {"taps": 4, "formats": ("onnx",)}
 WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy", "warm", "cold"]  # +, -
 CAST = ["large", "young", "new", "local"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -66,28 +61,16 @@ def server(tmp_path_factory) -> Server:
 
 
 def _serve(data_dir: Path, train: bool, env: dict[str, str]):
-    port = _free_port()
-    env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": ADMIN, **env}
-    cmd = [sys.executable, "-m", "fedmobillm.cli", "serve", "--port", str(port),
-           "--data-dir", str(data_dir)] + ([] if train else ["--no-train"])  # fmt: skip
-    log_file = open(data_dir / "server.log", "wb")  # noqa: SIM115 (closed at teardown)
-    proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {(data_dir / 'server.log').read_text()[-2000:]}")
-    else:
-        pytest.fail("server did not come up in 60 s")
-    yield Server(url, data_dir, proc)
-    proc.terminate()
-    proc.wait(timeout=30)
-    log_file.close()
+    with LocalServer(
+        data_dir,
+        admin_token=ADMIN,
+        env=env,
+        args=[] if train else ["--no-train"],
+        log_path=data_dir / "server.log",
+        startup_timeout=60.0,
+    ) as srv:
+        assert srv.proc is not None
+        yield Server(srv.url, data_dir, srv.proc)
 
 
 @pytest.fixture(scope="module")
@@ -384,7 +367,7 @@ def test_unreachable_server_names_last_acked_batch(server, bundles, tmp_path):
         == 0
     )
 
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     r = cli(*run_args(bundles["l3"], data, state, "--server", dead, "--retries", "3",
                       "--batch-size", "8"))  # fmt: skip
     assert r.returncode == 1

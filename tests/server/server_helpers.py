@@ -3,15 +3,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -19,6 +11,7 @@ import numpy as np
 
 from fedmobillm.device_runtime.protocol import BUNDLE_FORMAT_VERSION
 from fedmobillm.device_runtime.serde import Batch, encode_batch, quantize_int8
+from fedmobillm.server.local import LocalServer
 
 ADMIN = "test-admin-token-0123456789abcdef"
 LABELS = ["negative", "positive"]
@@ -94,74 +87,21 @@ def make_payload(
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class ServerProc(LocalServer):
+    """`fedmobillm serve` with ADMIN as its admin token and ``settings`` as its config.
+    ``start()`` again after ``kill()`` (SIGKILL: no shutdown hooks, no final checkpoint) or
+    ``stop()`` (SIGTERM: graceful, final checkpoint; SIGKILL after 60 s) reuses the port and
+    data dir."""
 
-
-@dataclass
-class ServerProc:
-    data_dir: Path
-    settings: dict = field(default_factory=dict)
-    port: int = 0
-    proc: subprocess.Popen | None = None
-    log_path: Path | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> ServerProc:
-        self.port = self.port or free_port()
-        cfg = self.data_dir.parent / f"{self.data_dir.name}-config.json"
-        cfg.write_text(json.dumps(self.settings))
-        env = {**os.environ, "FEDMOBILLM_ADMIN_TOKEN": ADMIN, "OMP_NUM_THREADS": "1"}
-        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-server.log"
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fedmobillm.cli",
-                "serve",
-                "--port",
-                str(self.port),
-                "--data-dir",
-                str(self.data_dir),
-                "--config",
-                str(cfg),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
+    def __init__(self, data_dir: Path, settings: dict | None = None) -> None:
+        super().__init__(
+            data_dir,
+            admin_token=ADMIN,
+            config=settings or {},
+            env={"OMP_NUM_THREADS": "1"},
+            startup_timeout=60.0,
+            grace=60.0,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server did not start: {self.log_path.read_text()[-3000:]}")
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown hooks, no final checkpoint."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        """SIGTERM: graceful (uvicorn runs the lifespan shutdown: final checkpoint)."""
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.kill()
 
 
 def admin_headers() -> dict:
