@@ -206,22 +206,56 @@ class TapWrapper(nn.Module):
         return select_pivot(states, attention_mask, self.pivot).float()
 
 
-def select_pivot(states: torch.Tensor, attention_mask: torch.Tensor, pivot: str) -> torch.Tensor:
+def select_pivot(
+    states: torch.Tensor, attention_mask: torch.Tensor, pivot: str, reference: bool = False
+) -> torch.Tensor:
     """states (B, K, T, d) -> (B, K, d) at the pivot token (first, last real token, or the
-    mean over real tokens), or unchanged for pivot none."""
+    mean over real tokens), or unchanged for pivot none. ``reference``: compute the mean the
+    plain way (mask, sum, divide) instead of the graph-friendly way, for verification."""
     if pivot == "none":
         return states
     if pivot == "first":
         return states[:, :, 0, :]  # (B, K, d)
     if pivot == "mean":
-        m = attention_mask.to(states.dtype)[:, None, :, None]  # (B, 1, T, 1)
-        count = m.sum(dim=2).clamp(min=1.0)  # (B, 1, 1)
-        return (states * m).sum(dim=2) / count  # (B, K, d)
+        return (
+            _masked_mean(states, attention_mask)
+            if reference
+            else _span_mean(states, attention_mask)
+        )
+    return _at(states, _last_real(attention_mask))  # (B, K, d)
+
+
+def _last_real(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B,): position of the last real token (right or left padding)."""
+    positions = torch.arange(
+        attention_mask.shape[1], dtype=attention_mask.dtype, device=attention_mask.device
+    )
+    return (attention_mask * positions).argmax(dim=1)
+
+
+def _at(states: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """states (B, K, T, d), pos (B,) -> (B, K, d): each sample's state at its position."""
+    index = pos.view(-1, 1, 1, 1).expand(-1, states.shape[1], 1, states.shape[3])  # (B,K,1,d)
+    return states.gather(2, index).squeeze(2)
+
+
+def _span_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the real tokens, which are contiguous (right or left padding), as a running
+    sum read at the span's ends: no reshape of the (batch, seq) mask, which XNNPACK cannot
+    lower with two dynamic dimensions."""
     seq = attention_mask.shape[1]
     positions = torch.arange(seq, dtype=attention_mask.dtype, device=attention_mask.device)
-    last = (attention_mask * positions).argmax(dim=1)  # (B,)
-    index = last.view(-1, 1, 1, 1).expand(-1, states.shape[1], 1, states.shape[3])  # (B,K,1,d)
-    return states.gather(2, index).squeeze(2)  # (B, K, d)
+    last = _last_real(attention_mask)  # (B,)
+    first = (attention_mask * (seq - positions)).argmax(dim=1)  # (B,): smallest real position
+    running = states.cumsum(dim=2)  # (B, K, T, d)
+    total = _at(running, last) - _at(running, first) + _at(states, first)  # (B, K, d)
+    count = attention_mask.sum(dim=1).clamp(min=1).to(states.dtype)  # (B,)
+    return total / count.view(-1, 1, 1)
+
+
+def _masked_mean(states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    m = attention_mask.to(states.dtype)[:, None, :, None]  # (B, 1, T, 1)
+    return (states * m).sum(dim=2) / m.sum(dim=2).clamp(min=1.0)  # (B, K, d)
 
 
 def default_taps(depth: int, k: int) -> list[int]:
@@ -329,4 +363,4 @@ def eager_reference(
     _, blocks = find_blocks(model)
     states = _run_with_block_hooks(model, blocks, [t - 1 for t in taps], input_ids, attention_mask)
     stacked = torch.stack(states, dim=1)  # (B, K, T, d)
-    return select_pivot(stacked, attention_mask, pivot).float()
+    return select_pivot(stacked, attention_mask, pivot, reference=True).float()

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmobillm.device_runtime.protocol import PERSONAL_ONNX, PERSONAL_PTE, PERSONAL_WEIGHTS
+from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +115,15 @@ def export_personal_model(
     out_dir: Path,
     bundle_sha256s: list[str],
     pte: bool = False,
+    quant: str = "int8",
 ) -> Path:
     """Write personal.onnx (+ .pte), personal.safetensors and personal.json into out_dir.
 
-    ``model`` is a ``side.PersonalModel``: activations float32 (B, K, d) -> logits (B, C)."""
+    ``model`` is a ``side.PersonalModel``: activations float32 (B, K, d) -> logits (B, C).
+    ``quant`` "int8": personal.onnx gets int8 weights (onnxruntime dynamic quantization,
+    per channel), what devices download; the .pte and the safetensors stay fp32."""
+    if quant not in ("int8", "fp32"):
+        raise FedMobiLLMError(f"personal model quant must be int8 or fp32, not {quant!r}")
     import copy
 
     import torch
@@ -136,6 +142,9 @@ def export_personal_model(
     example = torch.randn(2, len(spec.taps), spec.hidden)  # (B, K, d)
     _export_onnx(model, example, out_dir / PERSONAL_ONNX)
     max_diff = _check_onnx(model, out_dir / PERSONAL_ONNX, len(spec.taps), spec.hidden)
+    int8_diff = None
+    if quant == "int8":
+        int8_diff = _quantize_onnx(model, out_dir / PERSONAL_ONNX, len(spec.taps), spec.hidden)
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, str(out_dir / PERSONAL_WEIGHTS))
     files = [PERSONAL_ONNX, PERSONAL_WEIGHTS]
@@ -164,6 +173,8 @@ def export_personal_model(
         ],
         "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(label_names)]}],
         "onnx_max_abs_diff": max_diff,
+        "weights": quant,
+        "int8_max_abs_logit_diff": int8_diff,
         "files": {
             f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size}
             for f in files
@@ -207,6 +218,35 @@ def _check_onnx(model: Any, path: Path, k: int, d: int) -> float:
     if diff > 1e-3:
         raise RuntimeError(f"exported personal.onnx differs from torch by {diff}")
     return diff
+
+
+def _quantize_onnx(model: Any, path: Path, k: int, d: int) -> float:
+    """Replace the fp32 graph at ``path`` by its int8-weight version (dynamic quantization,
+    per channel); returns the max |logit diff| against torch on unit-normal activations
+    (recorded in personal.json; accuracy through the int8 graph is what the benchmarks and
+    the device measure)."""
+    import logging as _logging
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.int8")
+    root = _logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, _logging.WARNING))  # the quantizer logs a line per tensor
+    try:
+        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
+    os.replace(tmp, path)
+    x = np.random.default_rng(0).normal(size=(64, k, d)).astype(np.float32)  # (64, K, d)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(["logits"], {"activations": x})[0]  # (64, C)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).numpy()  # (64, C)
+    return float(np.abs(got - want).max())
 
 
 def _export_pte(model: Any, example: Any, path: Path) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -37,6 +37,9 @@ class ServerSettings(BaseSettings):
     eval_every: int = Field(100, gt=0)  # steps
     export_every: int = Field(500, gt=0)  # steps between personal-model exports
     export_pte: bool = False  # also lower personal models to ExecuTorch (.pte)
+    # personal.onnx weights as devices download them: int8 (dynamic, per-channel; about 1/3.5
+    # of the fp32 bytes, argmax agreement 99.5% measured on MiniLM-L6) or fp32
+    personal_quant: Literal["int8", "fp32"] = "int8"
     # The trainer pauses (evaluates, checkpoints, exports) once it has drawn this many epochs
     # of the training set since the last new upload (0 = never), or after idle_after_steps
     # steps without new data (0 = no cap); the next upload wakes it.

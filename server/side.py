@@ -461,10 +461,16 @@ class SideTrainer:
     # -- personal model --
 
     def export_personal(
-        self, arch: str, out_dir: Path, bundle_sha256s: list[str], pte: bool = False
+        self,
+        arch: str,
+        out_dir: Path,
+        bundle_sha256s: list[str],
+        pte: bool = False,
+        quant: str = "int8",
     ) -> Path:
         """personal.onnx (activations (B, K, d) -> logits (B, C)), personal.safetensors,
-        personal.json [+ personal.pte]. Returns out_dir."""
+        personal.json [+ personal.pte]. ``quant``: personal.onnx weights, int8 or fp32.
+        Returns out_dir."""
         from fedmobillm.server.personal import export_personal_model
 
         spec = self.archs.get(arch)
@@ -478,6 +484,7 @@ class SideTrainer:
             Path(out_dir),
             bundle_sha256s,
             pte=pte,
+            quant=quant,
         )
 
 

@@ -408,7 +408,11 @@ class Trainer:
             tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
             try:
                 self.side.export_personal(
-                    name, tmp, sorted(a.bundle_sha256s), pte=self.settings.export_pte
+                    name,
+                    tmp,
+                    sorted(a.bundle_sha256s),
+                    pte=self.settings.export_pte,
+                    quant=self.settings.personal_quant,
                 )
                 publish_folder(tmp, root, name)
             except Exception as exc:  # export problems must not stop training

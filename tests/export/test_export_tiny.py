@@ -148,7 +148,10 @@ def test_pivot_mean_averages_real_tokens_only(make_bundle, tiny_model):
     exported graph matches the eager mean of the untouched model."""
     from fedmobillm.export.backends import FILE_NAMES, run_format
 
-    bundle = make_bundle(str(tiny_model("bert")), layers=[1, 3], pivot="mean", formats=("onnx",))
+    bundle = make_bundle(
+        str(tiny_model("bert")), layers=[1, 3], pivot="mean", formats=("onnx", "pte")
+    )
+    _check(bundle, "pte")  # XNNPACK lowers it
     m = _check(bundle, "onnx")
     assert m["pivot"] == "mean" and m["outputs"][0]["shape"] == ["batch", 2, 32]
     ids, mask = (t.numpy() for t in _inputs())
@@ -158,6 +161,26 @@ def test_pivot_mean_averages_real_tokens_only(make_bundle, tiny_model):
     first = make_bundle(str(tiny_model("bert")), layers=[1, 3], pivot="first", formats=("onnx",))
     cls = run_format("onnx", first / FILE_NAMES["onnx"], ids, mask)
     assert not np.allclose(cls, batch, atol=1e-3)  # a different readout, not the CLS token
+
+
+def test_mean_pivot_graph_form_matches_the_plain_mean_for_any_padding():
+    """The graph computes the mean from a running sum at the span's ends (XNNPACK cannot
+    reshape the (batch, seq) mask); it equals the plain masked mean, right or left padded."""
+    import torch
+
+    from fedmobillm.export.wrapper import select_pivot
+
+    g = torch.Generator().manual_seed(1)
+    states = torch.randn(4, 2, 7, 5, generator=g)  # (B, K, T, d)
+    mask = torch.ones(4, 7, dtype=torch.int64)
+    mask[1, 4:] = 0  # right padding
+    mask[2, :5] = 0  # left padding
+    mask[3, 1:] = 0  # one real token
+    got = select_pivot(states, mask, "mean")
+    want = select_pivot(states, mask, "mean", reference=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[3], states[3, :, 0])
+    torch.testing.assert_close(got[2], states[2, :, 5:].mean(dim=1), atol=1e-5, rtol=1e-5)
 
 
 def test_auto_pivot_follows_the_declared_sentence_pooling(tiny_model, tmp_path):

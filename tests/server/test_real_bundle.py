@@ -80,7 +80,8 @@ def test_real_minilm_bundle_trains_and_personal_model_predicts(make_bundle, serv
         if st["idle"] and st["step"] >= 50 and st["personal_models"]:
             break
         time.sleep(0.5)
-    acc = st["history"][-1]["validation"][reg["architecture"]]["accuracy"]
+    # the device downloads the snapshot with the best validation accuracy
+    acc = st["best_validation"][reg["architecture"]]["accuracy"]
     assert acc > 0.6, st["history"][-3:]
 
     r = httpx.get(
@@ -91,4 +92,5 @@ def test_real_minilm_bundle_trains_and_personal_model_predicts(make_bundle, serv
     sess = ort.InferenceSession(onnx, providers=["CPUExecutionProvider"])
     xv = dequantize(q[N_TRAIN:], scales)  # (N_VAL, K, d) as the server saw it
     logits = sess.run(["logits"], {"activations": xv})[0]  # (N_VAL, C)
+    # int8 personal.onnx weights (the default download) against the trainer's fp32 snapshot
     assert abs((logits.argmax(1) == y[N_TRAIN:]).mean() - acc) < 0.02
