@@ -48,12 +48,20 @@ def bundle_for(cfg: BenchConfig, quant: str) -> Path:
     from fedmobillm.export.pipeline import bundle_is_current, export_bundle
     from fedmobillm.paths import cache_dir
 
-    out = cache_dir() / "bench-bundles" / f"{cfg.model}-{quant}-seq{cfg.max_seq_len}"
+    taps = f"-k{cfg.taps}" if cfg.taps else ""
+    out = cache_dir() / "bench-bundles" / f"{cfg.model}-{quant}{taps}-seq{cfg.max_seq_len}"
     if bundle_is_current(out, cfg.model):
         return out
     shutil.rmtree(out, ignore_errors=True)
     log.info("exporting %s bundle (%s, onnx) to %s", cfg.model, quant, out)
-    export_bundle(cfg.model, out, quant=quant, formats=("onnx",), max_seq_len=cfg.max_seq_len)
+    export_bundle(
+        cfg.model,
+        out,
+        taps=cfg.taps,
+        quant=quant,
+        formats=("onnx",),
+        max_seq_len=cfg.max_seq_len,
+    )
     return out
 
 
@@ -213,11 +221,14 @@ def run_real(
         meter = WireMeter("127.0.0.1", port)
         try:
             names = [f"dev{i:02d}-{p.name}" for i, p in enumerate(profiles)]
-            jobs = [
+            # the validator uploads the server's validation split first, as in a deployment
+            # where it is set up before the fleet: the trainer evaluates (and keeps its best
+            # snapshot) from its first steps, as the replay below assumes
+            jobs = [("validator", profiles[0], data.validation, "validation")]
+            jobs += [
                 (n, p, data.devices[i], "train")
                 for i, (n, p) in enumerate(zip(names, profiles, strict=True))
             ]
-            jobs.append(("validator", profiles[0], data.validation, "validation"))
             for name, prof, records, split in jobs:
                 bundle = bundles[prof.quant]
                 state = workdir / "devices" / name

@@ -235,7 +235,7 @@ def _quantize_onnx(model: Any, path: Path, k: int, d: int) -> float:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.int8")
     root = _logging.getLogger()
     level = root.level
-    root.setLevel(max(level, _logging.WARNING))  # the quantizer logs a line per tensor
+    root.setLevel(max(level, _logging.ERROR))  # the quantizer logs a line per tensor
     try:
         quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
     finally:

@@ -147,6 +147,7 @@ class Trainer:
         self._steps_since_data = 0
         self._rate: deque[tuple[float, int]] = deque(maxlen=50)
         self._lock = threading.Lock()
+        self._evaluated_on = 0  # validation records present at the last evaluation
         self._stop = threading.Event()
         self._export_wanted = threading.Event()
         self._wanted_archs: set[str] = set()
@@ -225,6 +226,10 @@ class Trainer:
                 self._evaluate()
                 self._checkpoint()
                 self._export()
+            elif self._validation_size() != self._evaluated_on:
+                # validation records that arrive while idle (no new training data) are
+                # evaluated at once: status, history and the best snapshot reflect them
+                self._evaluate()
             self.idle = True
             return False
         groups = self.cache.sample(self._rng(), self.settings.batch_size)
@@ -292,8 +297,12 @@ class Trainer:
             spec.bundle_sha256s = sorted(set(spec.bundle_sha256s) | a.bundle_sha256s)
             spec.encoding = "int8" if "int8" in a.encodings or not a.encodings else "fp16"
 
+    def _validation_size(self) -> int:
+        return sum(len(a.val_y) for a in self.cache.archs.values())
+
     def _evaluate(self) -> None:
         assert self.side is not None
+        self._evaluated_on = self._validation_size()
         val = {}
         for name, a in sorted(self.cache.archs.items()):
             if a.val_y and name in self.side.archs:

@@ -94,6 +94,26 @@ def test_trains_two_architectures_and_serves_personal_models(server_factory):
     assert "fedmobillm_trainer_step" in httpx.get(f"{srv.url}/metrics").text
 
 
+def test_validation_arriving_while_idle_is_evaluated(server_factory):
+    """A validator that uploads after the trainer went idle still gets evaluated: history,
+    status and the best-validation snapshot a device downloads reflect its records."""
+    srv = server_factory({**FAST, "idle_after_epochs": 2})
+    m = make_manifest("tiny-a", depth=4, hidden=16, taps=[2, 4])
+    reg = register(srv.url, "a", m)
+    assert upload(srv.url, reg, make_payload(reg, m, range(200), seed=1)).status_code == 200
+    wait_status(srv.url, lambda s: s["trainer"]["idle"] and s["trainer"]["personal_models"])
+    v = make_payload(reg, m, range(80), split="validation", seed=11)
+    assert upload(srv.url, reg, v).status_code == 200
+    st = wait_status(
+        srv.url,
+        lambda s: s["trainer"]["best_validation"].get(reg["architecture"], {}).get("n") == 80,
+    )
+    tr = st["trainer"]
+    assert tr["idle"]
+    assert tr["history"][-1]["validation"][reg["architecture"]]["n"] == 80
+    assert tr["best_validation"][reg["architecture"]]["accuracy"] > 0.9
+
+
 def test_personal_zip_keeps_only_the_graph_asked_for(tmp_path):
     """A device runs one runtime: graph=onnx / graph=pte drop the other graph's bytes."""
     from fedmobillm.server.personal import arch_slug, read_personal_zip
