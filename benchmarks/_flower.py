@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import sys
 from pathlib import Path
 
@@ -72,6 +73,9 @@ def build_server_app(result_path: Path):  # noqa: ANN201
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         job = _job()
+        # FedAvg samples its nodes with Python's `random` (flwr strategy_utils.sample_nodes):
+        # seed it so a run's selection repeats (as far as Flower's node ids do)
+        random.seed(job.seed)
         rl = RoundLog(job, "flower-simulation (Ray), flwr.serverapp.strategy.FedAvg")
         evaluator = ServerEval(job)
 
