@@ -1,0 +1,58 @@
+"""Device work to target: fedmobillm is cut at the simulated moment the target is reached,
+as FedAvg is cut at its target round (pure accounting, no model)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from benchmarks._common import DeviceProfile
+from benchmarks._fedmobillm import device_timeline
+from benchmarks._report import fedmobillm_to_target, work_by
+
+# 1 GFLOP/s and 8 Mbit/s: a sample's forward takes 1 s, 1,000 bytes take 1 ms
+SLOW = DeviceProfile("t", 1.0, 1.0, 8.0, 8.0)
+
+
+def test_timeline_overlaps_upload_with_the_next_forward():
+    tl = device_timeline(10, SLOW, 1e9, 4, 4000.0)  # batches of 4, 4, 2 samples
+    assert [(s, e) for *_, s, e in tl] == [(0, 4), (4, 8), (8, 10)]
+    assert [round(done, 6) for _, done, _, _, _ in tl] == [4.0, 8.0, 10.0]
+    assert [round(arrive, 6) for _, _, arrive, _, _ in tl] == [4.004, 8.004, 10.002]
+    assert work_by(tl, 5.0, 10) == (8, 4)  # second batch being forwarded, first one sent
+    assert work_by(tl, 100.0, 10) == (10, 10)
+
+
+def test_to_target_counts_only_the_work_before_the_target():
+    timelines = [device_timeline(10, SLOW, 1e9, 4, 4000.0) for _ in range(2)]
+    replay = {
+        "curve": [
+            {"step": s, "time_s": t, "accuracy": a, "samples_arrived": n}
+            for s, t, a, n in (
+                (10, 2.0, 0.5, 0),
+                (20, 4.5, 0.9, 8),
+                (30, 5.0, 0.9, 8),
+                (40, 6.0, 0.9, 8),
+            )
+        ],
+        "timelines": timelines,
+    }
+    rows = [
+        {
+            "split": "train",
+            "samples": 10,
+            "wire_bytes_up": 10_000,
+            "wire_bytes_down": 1_000,
+            "http_body_bytes_up": 9_000,
+            "delivery_bytes_up": 0,
+            "delivery_bytes_down": 0,
+        }
+        for _ in timelines
+    ]
+    got = fedmobillm_to_target(replay, SimpleNamespace(per_device=rows), 1e9, 0.75)
+    hit_time = 5.0  # the mean of the last 3 evaluations first reaches 0.75 at t = 5.0 s
+    fwd, sent = work_by(timelines[0], hit_time, 10)
+    assert got["reached"] and got["time_s"] == hit_time
+    assert got["flops_per_device"] == fwd * 1e9 == 8e9
+    assert got["bytes_per_device"] == (10_000 + 1_000) * sent / 10
+    assert got["whole_run"]["flops_per_device"] == 10e9
+    assert got["flops_per_device"] < got["whole_run"]["flops_per_device"]
