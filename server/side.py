@@ -59,6 +59,10 @@ class SideConfig:
     gate_temperature: float = 1.0  # T in g = sigmoid(alpha / T)
     gate_init: float = 0.0  # alpha at start: g = 0.5
     head: str = "classification"
+    # per-architecture affine (scale, shift) after each shared LayerNorm (side blocks and
+    # head): 2 x (K_s + 1) x d_s alignment parameters, so the shared blocks can be
+    # normalised per input distribution (MLP blocks only)
+    arch_norms: bool = False
     # Optimisation
     lr: float = 2e-3
     align_lr_scale: float = 1.0  # alignment lr = lr * this
@@ -82,6 +86,8 @@ class SideConfig:
             problems.append("schedule 'cosine' needs total_steps > 0")
         if not 0.0 <= self.ema < 1.0:
             problems.append("ema must be in [0, 1)")
+        if self.arch_norms and self.block != "mlp":
+            problems.append("arch_norms needs MLP side blocks")
         if self.block == "transformer" and self.width % self.heads:
             problems.append(f"width {self.width} must be divisible by heads {self.heads}")
         if min(self.width, self.blocks, self.expansion) <= 0 or self.gate_temperature <= 0:
@@ -114,9 +120,12 @@ def tap_blocks(taps: list[int], depth: int, blocks: int) -> list[int]:
 class Alignment(nn.Module):
     """P_{a,k}: LayerNorm + Linear d_a -> d_s per tap; averaged per side block."""
 
-    def __init__(self, spec: ArchSpec, width: int, blocks: int) -> None:
+    def __init__(self, spec: ArchSpec, width: int, blocks: int, norms: bool = False) -> None:
         super().__init__()
         self.block_of_tap = tap_blocks(spec.taps, spec.depth, blocks)
+        # per-architecture affine after each shared LayerNorm (blocks, then head)
+        self.norm_scale = nn.Parameter(torch.ones(blocks + 1, width)) if norms else None
+        self.norm_shift = nn.Parameter(torch.zeros(blocks + 1, width)) if norms else None
         self.blocks = blocks
         self.norms = nn.ModuleList(nn.LayerNorm(spec.hidden) for _ in spec.taps)
         self.projs = nn.ModuleList(nn.Linear(spec.hidden, width) for _ in spec.taps)
@@ -149,9 +158,14 @@ class MLPBlock(nn.Module):
         self.fc2 = nn.Linear(expansion * width, width)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, h: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
-        # h: (B, d_s)
-        return h + self.drop(self.fc2(F.gelu(self.fc1(self.norm(h)))))  # (B, d_s)
+    def forward(
+        self, h: torch.Tensor, history: list[torch.Tensor], affine: tuple | None = None
+    ) -> torch.Tensor:
+        # h: (B, d_s); affine: per-architecture (scale, shift), each (d_s,)
+        n = self.norm(h)
+        if affine is not None:
+            n = n * affine[0] + affine[1]
+        return h + self.drop(self.fc2(F.gelu(self.fc1(n))))  # (B, d_s)
 
 
 class TransformerBlock(nn.Module):
@@ -169,7 +183,9 @@ class TransformerBlock(nn.Module):
             norm_first=True,
         )
 
-    def forward(self, h: torch.Tensor, history: list[torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, history: list[torch.Tensor], affine: tuple | None = None
+    ) -> torch.Tensor:
         seq = torch.stack([*history, h], dim=1)  # (B, j+1, d_s)
         return self.layer(seq)[:, -1]  # (B, d_s)
 
@@ -180,8 +196,11 @@ class ClassificationHead(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.out = nn.Linear(width, num_labels)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.out(self.norm(h))  # (B, C)
+    def forward(self, h: torch.Tensor, affine: tuple | None = None) -> torch.Tensor:
+        n = self.norm(h)  # (B, d_s)
+        if affine is not None:
+            n = n * affine[0] + affine[1]
+        return self.out(n)  # (B, C)
 
 
 HEADS: dict[str, type[nn.Module]] = {"classification": ClassificationHead}
@@ -208,8 +227,15 @@ class SideNetwork(nn.Module):
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha / self.temperature)  # (K_s,)
 
-    def forward(self, u: torch.Tensor, has_input: torch.Tensor) -> torch.Tensor:
-        # u: (B, K_s, d_s); has_input: (K_s,) 1.0 where the architecture feeds block j
+    def forward(
+        self,
+        u: torch.Tensor,
+        has_input: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # u: (B, K_s, d_s); has_input: (K_s,) 1.0 where the architecture feeds block j;
+        # scale, shift: (K_s + 1, d_s) per-architecture affine after each LayerNorm, or None
         g = self.gates()
         u = self.input_drop(u)  # (B, K_s, d_s)
         h = torch.zeros_like(u[:, 0])  # (B, d_s)
@@ -217,9 +243,9 @@ class SideNetwork(nn.Module):
         for j, block in enumerate(self.blocks):
             gj = 1.0 - has_input[j] * (1.0 - g[j])  # no input: keep the state
             h = gj * h + (1.0 - gj) * u[:, j]  # (B, d_s)
-            h = block(h, history)  # (B, d_s)
+            h = block(h, history, None if scale is None else (scale[j], shift[j]))  # (B, d_s)
             history.append(h)
-        return self.head(h)  # (B, C)
+        return self.head(h, None if scale is None else (scale[-1], shift[-1]))  # (B, C)
 
 
 class PersonalModel(nn.Module):
@@ -232,7 +258,7 @@ class PersonalModel(nn.Module):
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
         u = self.align(activations)  # (B, K_s, d_s)
-        return self.side(u, self.align.has_input)  # (B, C)
+        return self.side(u, self.align.has_input, self.align.norm_scale, self.align.norm_shift)
 
 
 # -- trainer -------------------------------------------------------------------------------
@@ -274,7 +300,7 @@ class SideTrainer:
         spec = ArchSpec(arch, list(taps), int(depth), int(hidden), key=f"a{len(self.archs)}")
         with torch.random.fork_rng():
             torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(arch.encode()))
-            align = Alignment(spec, self.config.width, self.config.blocks)
+            align = Alignment(spec, self.config.width, self.config.blocks, self.config.arch_norms)
         self.aligns[spec.key] = align
         if self.ema_aligns is not None:
             self.ema_aligns[spec.key] = copy.deepcopy(align).requires_grad_(False)

@@ -3,6 +3,7 @@ save/load, exported personal models matching the trainer's predictions."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -35,8 +36,9 @@ def batches(steps: int, seed: int = 0):
         yield [("A", xa[i], ya[i]), ("B", xb[i], yb[i])]
 
 
-def trainer(seed: int = 0) -> SideTrainer:
-    t = SideTrainer(CFG, ["neg", "pos"], seed=seed)
+def trainer(seed: int = 0, **config) -> SideTrainer:
+    cfg = dataclasses.replace(CFG, **config) if config else CFG
+    t = SideTrainer(cfg, ["neg", "pos"], seed=seed)
     t.add_architecture("A", [2, 4], 4, 16)
     t.add_architecture("B", [2, 4, 6], 6, 24)
     return t
@@ -103,12 +105,45 @@ def test_learns_and_exported_onnx_matches(tmp_path):
         t.train_step(g)
     x, y = synthetic(300, 3, 24, 11)
     assert t.evaluate("B", x, y)["accuracy"] > 0.9
-    out = t.export_personal("B", tmp_path / "p", ["sha-b"])
+    out = t.export_personal("B", tmp_path / "p", ["sha-b"], quant="fp32")
     meta = json.loads((out / "personal.json").read_text())
     assert meta["bundle_sha256s"] == ["sha-b"] and meta["label_names"] == ["neg", "pos"]
     sess = ort.InferenceSession(str(out / "personal.onnx"), providers=["CPUExecutionProvider"])
     got = sess.run(["logits"], {"activations": x})[0]  # (300, 2)
     np.testing.assert_allclose(got, t.predict("B", x), atol=1e-4)
+    # the default download: int8 weights, a fraction of the bytes, the same predictions
+    q = t.export_personal("B", tmp_path / "q", ["sha-b"])
+    assert json.loads((q / "personal.json").read_text())["weights"] == "int8"
+    assert (q / "personal.onnx").stat().st_size < 0.8 * (out / "personal.onnx").stat().st_size
+    sq = ort.InferenceSession(str(q / "personal.onnx"), providers=["CPUExecutionProvider"])
+    got_q = sq.run(["logits"], {"activations": x})[0]  # (300, 2)
+    assert (got_q.argmax(1) == got.argmax(1)).mean() >= 0.98
+    with pytest.raises(FedMobiLLMError, match="int8 or fp32"):
+        t.export_personal("B", tmp_path / "r", ["sha-b"], quant="fp16")
+
+
+def test_arch_norms_are_alignment_parameters(tmp_path):
+    """With arch_norms, each architecture gets its own affine after the shared LayerNorms:
+    they live in its alignment (grow with architectures), survive save/load and export."""
+    t = trainer(arch_norms=True)
+    shared = t.num_parameters()
+    for g in batches(40):
+        t.train_step(g)
+    a = t.aligns[t.archs["A"].key]
+    assert a.norm_scale is not None and tuple(a.norm_scale.shape) == (4, 32)
+    assert t.num_parameters("A") - shared == sum(p.numel() for p in a.parameters())
+    assert not torch.allclose(a.norm_scale, torch.ones_like(a.norm_scale))  # trained
+    t.save(tmp_path / "ck")
+    back = SideTrainer.load(tmp_path / "ck")
+    x, _ = synthetic(50, 2, 16, 5)
+    np.testing.assert_allclose(back.predict("A", x), t.predict("A", x), atol=1e-6)
+    out = t.export_personal("A", tmp_path / "p", ["sha-a"], quant="fp32")
+    sess = ort.InferenceSession(str(out / "personal.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(
+        sess.run(["logits"], {"activations": x})[0], t.predict("A", x), atol=1e-4
+    )
+    with pytest.raises(FedMobiLLMError, match="arch_norms needs MLP"):
+        SideConfig(arch_norms=True, block="transformer")
 
 
 @pytest.mark.slow
