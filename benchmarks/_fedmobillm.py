@@ -21,13 +21,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +63,6 @@ def bundle_for(cfg: BenchConfig, quant: str) -> Path:
 # -- server ---------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def server_settings(cfg: BenchConfig) -> dict[str, Any]:
     """The server's own defaults (side network, learning rate, batch size, idle rule), except:
     evaluation every `eval_every` steps (and, if `side_steps`, idle that many steps after the
@@ -102,58 +91,21 @@ def server_settings(cfg: BenchConfig) -> dict[str, Any]:
 @contextlib.contextmanager
 def real_server(cfg: BenchConfig, workdir: Path):
     """`fedmobillm serve` in a subprocess; yields (url, admin token, settings dict)."""
-    import httpx
+    from fedmobillm.server.local import LocalServer
 
-    port, token = _free_port(), secrets.token_urlsafe(24)
+    token = secrets.token_urlsafe(24)
     settings = server_settings(cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "server.json").write_text(json.dumps(settings))
-    logf = open(workdir / "server.log", "ab")  # noqa: SIM115 - closed below
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "fedmobillm.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--data-dir",
-            str(workdir / "data"),
-            "--config",
-            str(workdir / "server.json"),
-        ],
-        env=dict(os.environ, FEDMOBILLM_ADMIN_TOKEN=token),
-        stdout=logf,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        t0 = time.monotonic()
-        while True:
-            if proc.poll() is not None:
-                raise FedMobiLLMError(
-                    "the fedmobillm server exited: see " + str(workdir / "server.log")
-                )
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() - t0 > 120:
-                raise FedMobiLLMError("the fedmobillm server did not start within 120 s")
-            time.sleep(0.3)
-        yield url, token, settings
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        logf.close()
+    with LocalServer(
+        workdir / "data",
+        admin_token=token,
+        config=workdir / "server.json",
+        log_path=workdir / "server.log",
+        startup_timeout=120,
+        grace=30,
+    ) as srv:
+        yield srv.url, token, settings
 
 
 def _status(url: str, token: str) -> dict[str, Any]:
