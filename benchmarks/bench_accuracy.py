@@ -652,7 +652,7 @@ def plot(result: dict, path: Path) -> None:
     rows = result["rows"]
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     cols = columns(rows)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets) + 2, 4.2), squeeze=False)
     for ax, ds in zip(axes[0], datasets, strict=True):
         bbs = list(dict.fromkeys(r["backbone"] for r in rows if r["dataset"] == ds))
         width = 0.8 / len(cols)
@@ -682,7 +682,7 @@ def plot(result: dict, path: Path) -> None:
         finite = [100 * r["accuracy"] for r in rows if r["dataset"] == ds]
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
         ax.grid(axis="y", alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
