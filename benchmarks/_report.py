@@ -76,13 +76,18 @@ def smoothed(curve: list[dict[str, Any]], window: int = SMOOTH_EVALS) -> list[di
     return out
 
 
-def work_by(timeline: list, t: float, total: int) -> tuple[int, int]:
-    """(samples a device had forwarded, samples whose upload had begun) by simulated time t,
-    counting a batch in progress in full: forward started before t, upload begun once its
-    forward was done (``_fedmobillm.device_timeline``)."""
+def work_by(timeline: list, t: float, total: int) -> tuple[float, int]:
+    """(samples' worth of forward work a device had done, samples whose upload had begun) by
+    simulated time t (``_fedmobillm.device_timeline``): a batch being forwarded at t counts
+    for the fraction of its forward time already spent, as the device's FLOPs to that moment."""
     if not timeline:
-        return total, total
-    forwarded = sum(e - s for start, _, _, s, e in timeline if start < t)
+        return float(total), total
+    forwarded = 0.0
+    for start, done, _, s, e in timeline:
+        if done <= t:
+            forwarded += e - s
+        elif start < t:
+            forwarded += (e - s) * (t - start) / (done - start)
     sent = sum(e - s for _, done, _, s, e in timeline if done <= t)
     return forwarded, sent
 

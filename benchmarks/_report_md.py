@@ -90,10 +90,10 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
     )
     add(
         f"Total device work per device to target (mean over the fleet): fedmobillm "
-        f"{_g(fm['flops_per_device'])} (one forward of each record a device had begun "
-        f"forwarding by the simulated moment the target was reached, "
-        f"{fm.get('samples_forwarded_per_device', float('nan')):.0f} records per device on "
-        f"average; the whole run, every local record once: "
+        f"{_g(fm['flops_per_device'])} (the forward work a device had done by the simulated "
+        f"moment the target was reached, a batch in progress by the share of its forward time "
+        f"spent: {fm.get('samples_forwarded_per_device', float('nan')):.1f} records' worth per "
+        f"device on average; the whole run, every local record once: "
         f"{_g(fm.get('whole_run', {}).get('flops_per_device', float('nan')))}), FedAvg-LoRA {_g(lora['flops_per_device'])} (local epochs x "
         f"records x step FLOPs, summed over the rounds each device took part in up to round "
         f"{lora['round']}), FedAvg full {_g(full['flops_per_device'])}. "
