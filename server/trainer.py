@@ -37,6 +37,9 @@ TRAINER_STATE = "trainer.json"
 KEEP_CHECKPOINTS = 2
 HISTORY_LIMIT = 1000
 MIN_STEPS_BEFORE_IDLE = 50
+# The best-validation snapshot is re-baselined once the training set has grown by this
+# fraction since it was taken (see Trainer._keep_best)
+REBASE_GROWTH = 0.1
 
 
 @dataclass
@@ -328,14 +331,28 @@ class Trainer:
 
     def _keep_best(self, val: dict[str, dict[str, float]]) -> None:
         """Export an architecture's personal model when its validation accuracy beats its
-        best so far; a grown validation set starts the comparison afresh."""
+        best so far. The comparison starts afresh when the validation set changed, or when
+        the architecture's training set grew by more than ``REBASE_GROWTH`` since the best
+        snapshot: a model that has not seen a good part of the data its devices uploaded
+        should not keep its place on a lucky evaluation."""
         assert self.side is not None
         improved = set()
         for name, v in val.items():
-            n = len(self.cache.archs[name].val_y)
+            a = self.cache.archs[name]
+            n, n_train = len(a.val_y), a.num_train
             best = self.best.get(name)
-            if best is None or best["n"] != n or v["accuracy"] > best["accuracy"]:
-                self.best[name] = {"accuracy": v["accuracy"], "step": self.side.step, "n": n}
+            if (
+                best is None
+                or best["n"] != n
+                or n_train > (1.0 + REBASE_GROWTH) * best.get("train", 0)
+                or v["accuracy"] > best["accuracy"]
+            ):
+                self.best[name] = {
+                    "accuracy": v["accuracy"],
+                    "step": self.side.step,
+                    "n": n,
+                    "train": n_train,
+                }
                 improved.add(name)
         if improved:
             self._export(improved, force=True)

@@ -114,6 +114,24 @@ def test_validation_arriving_while_idle_is_evaluated(server_factory):
     assert tr["best_validation"][reg["architecture"]]["accuracy"] > 0.9
 
 
+def test_best_snapshot_starts_afresh_when_the_training_set_grows(server_factory):
+    """The device gets the best snapshot among those trained on (nearly) all its data: once
+    the training set has grown by more than 10%, the comparison starts again."""
+    srv = server_factory({**FAST, "idle_after_epochs": 2})
+    m = make_manifest("tiny-a", depth=4, hidden=16, taps=[2, 4])
+    reg = register(srv.url, "a", m)
+    v = make_payload(reg, m, range(80), split="validation", seed=11)
+    assert upload(srv.url, reg, v).status_code == 200
+    first = make_payload(reg, m, range(100), seed=1, key="first")
+    assert upload(srv.url, reg, first).status_code == 200
+    arch = reg["architecture"]
+    wait_status(srv.url, lambda s: s["trainer"]["idle"] and arch in s["trainer"]["best_validation"])
+    more = make_payload(reg, m, range(100, 300), seed=2, key="more")
+    assert upload(srv.url, reg, more).status_code == 200
+    st = wait_status(srv.url, lambda s: s["trainer"]["best_validation"][arch].get("train") == 300)
+    assert st["trainer"]["best_validation"][arch]["step"] > 0
+
+
 def test_personal_zip_keeps_only_the_graph_asked_for(tmp_path):
     """A device runs one runtime: graph=onnx / graph=pte drop the other graph's bytes."""
     from fedmobillm.server.personal import arch_slug, read_personal_zip
