@@ -96,6 +96,11 @@ class _OnnxRunner:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
+        # A phone's memory is the scarce resource: initializers go straight to the CPU
+        # allocator and are not prepacked (a second copy of every int8 weight). Measured on
+        # the int8 MiniLM-L6 bundle: peak 109 -> 105 MiB, batch forward time unchanged.
+        opts.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
+        opts.add_session_config_entry("session.disable_prepacking", "1")
         try:
             self._sess = ort.InferenceSession(
                 str(path), sess_options=opts, providers=["CPUExecutionProvider"]
