@@ -281,8 +281,8 @@ def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
     if pivot == "auto":
         try:
             folder = resolve_model_folder(model)
-        except FedMobiLLMError:
-            return False
+        except FedMobiLLMError:  # the model is out of reach (offline): keep what was built
+            return True
         pivot = auto_pivot(manifest.kind, declared_pooling(folder))
     if manifest.pivot != pivot:
         log.info(
