@@ -311,7 +311,6 @@ class Trainer:
             if a.val_y and name in self.side.archs:
                 x = np.stack(a.val_x)  # (n, K, d)
                 val[name] = self.side.evaluate(name, x, np.asarray(a.val_y))
-        self._keep_best(val)
         entry = {
             "step": self.side.step,
             "time": time.time(),
@@ -322,6 +321,7 @@ class Trainer:
         with self._lock:
             self.history.append(entry)
             del self.history[:-HISTORY_LIMIT]
+        self._keep_best(val)  # after the history: status never shows a best ahead of it
         log.info(
             "step %d loss %s validation %s",
             self.side.step,

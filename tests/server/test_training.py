@@ -106,7 +106,11 @@ def test_validation_arriving_while_idle_is_evaluated(server_factory):
     assert upload(srv.url, reg, v).status_code == 200
     st = wait_status(
         srv.url,
-        lambda s: s["trainer"]["best_validation"].get(reg["architecture"], {}).get("n") == 80,
+        lambda s: (
+            s["trainer"]["best_validation"].get(reg["architecture"], {}).get("n") == 80
+            and s["trainer"]["personal_models"].get(reg["architecture"], -1)
+            == s["trainer"]["best_validation"][reg["architecture"]]["step"]
+        ),
     )
     tr = st["trainer"]
     assert tr["idle"]
