@@ -75,20 +75,14 @@ def bundle_for(spec: BundleSpec) -> Path:
     verification). If an int8 export fails the exporter's own accuracy check (SmolLM2's
     outlier activations at deep taps do), the fp32 graph is used instead; the failure is
     remembered (``int8-failed.json``) and the manifest's ``quant`` says what was used."""
-    from fedmobillm.export.pipeline import EXPORTER_REVISION
+    from fedmobillm.export.pipeline import failed_before, remember_failure
     from fedmobillm.paths import cache_dir
 
     failed = cache_dir() / "bench-bundles" / f"{spec.key()}-failed.json"
-    before = json.loads(failed.read_text()) if failed.is_file() else None
-    if before is not None and before.get("exporter_revision") != EXPORTER_REVISION:
-        failed.unlink(missing_ok=True)  # the exporter changed since: try again
-        before = None
-    if spec.quant != "fp32" and before is not None:
+    before = failed_before(failed) if spec.quant != "fp32" else None
+    if before is not None:
         log.warning(
-            "%s: %s export failed before (%s); using fp32",
-            spec.model,
-            spec.quant,
-            before.get("error", "")[:200],
+            "%s: %s export failed before (%s); using fp32", spec.model, spec.quant, before[:200]
         )
         return bundle_for(dataclasses.replace(spec, quant="fp32"))
     try:
@@ -99,16 +93,7 @@ def bundle_for(spec: BundleSpec) -> Path:
         log.warning(
             "%s: %s export failed its check (%s); falling back to fp32", spec.model, spec.quant, exc
         )
-        failed.parent.mkdir(parents=True, exist_ok=True)
-        failed.write_text(
-            json.dumps(
-                {
-                    "spec": dataclasses.asdict(spec),
-                    "exporter_revision": EXPORTER_REVISION,
-                    "error": str(exc),
-                }
-            )
-        )
+        remember_failure(failed, str(exc), spec=dataclasses.asdict(spec))
         return bundle_for(dataclasses.replace(spec, quant="fp32"))
 
 

@@ -47,6 +47,32 @@ STAGES = ("load", "wrap", "calibrate", "export", "quantize", "lower", "verify")
 EXPORTER_REVISION = 2
 
 
+def failed_before(marker: Path) -> str | None:
+    """The error recorded at ``marker`` (``remember_failure``) for an export variant, if the
+    exporter has not changed since (``EXPORTER_REVISION``); a stale or unreadable marker is
+    removed and None returned, so the variant is tried again."""
+    marker = Path(marker)
+    if not marker.is_file():
+        return None
+    try:
+        info = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        info = {}
+    if isinstance(info, dict) and info.get("exporter_revision") == EXPORTER_REVISION:
+        return str(info.get("error", "failed verification"))
+    marker.unlink(missing_ok=True)
+    return None
+
+
+def remember_failure(marker: Path, error: str, **extra: object) -> None:
+    """Record at ``marker`` that an export variant failed (deterministically) with this
+    exporter revision; ``extra`` fields are stored beside it."""
+    marker = Path(marker)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    info = {**extra, "exporter_revision": EXPORTER_REVISION, "error": error}
+    marker.write_text(json.dumps(info, default=str))
+
+
 @dataclass
 class ExportOptions:
     """Validated options of one export."""
@@ -267,7 +293,7 @@ def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
     one asked for (for ``auto``, the one the model's folder implies today). Callers that
     cache bundles use it so a cached bundle made under an older pivot rule is rebuilt."""
     from fedmobillm.device_runtime.protocol import verify_bundle
-    from fedmobillm.export.wrapper import auto_pivot, declared_pooling
+    from fedmobillm.export.wrapper import auto_pivot
 
     out_dir = Path(out_dir)
     if not (out_dir / MANIFEST_NAME).is_file():
@@ -280,16 +306,27 @@ def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
         return False
     if pivot == "auto":
         try:
-            folder = resolve_model_folder(model)
+            pooling = _declared_pooling_of(model)
         except FedMobiLLMError:  # the model is out of reach (offline): keep what was built
             return True
-        pivot = auto_pivot(manifest.kind, declared_pooling(folder))
+        pivot = auto_pivot(manifest.kind, pooling)
     if manifest.pivot != pivot:
         log.info(
             "cached bundle %s has pivot %s, not %s: rebuilding", out_dir, manifest.pivot, pivot
         )
         return False
     return True
+
+
+def _declared_pooling_of(model: str) -> str | None:
+    """``declared_pooling`` of a model name, folder or HF id, without building or re-hashing
+    a registry model's cached folder (its registry entry says how it pools)."""
+    from fedmobillm.export.models import MODELS
+    from fedmobillm.export.wrapper import declared_pooling
+
+    if model in MODELS:
+        return MODELS[model].pooling
+    return declared_pooling(resolve_model_folder(model))
 
 
 def build_bundle(opts: ExportOptions) -> Manifest:

@@ -210,7 +210,7 @@ class Demo:
     def _export_one(self, backbone: str, taps: int) -> Path | None:
         """Pre-scale one backbone: the configured quant, else fp32 when the quantized graph
         fails verification (SmolLM2's outlier activations defeat int8 dynamic ONNX)."""
-        from fedmobillm.export.pipeline import EXPORTER_REVISION, export_bundle
+        from fedmobillm.export.pipeline import export_bundle, failed_before, remember_failure
         from fedmobillm.paths import cache_dir
 
         cfg = self.cfg
@@ -223,7 +223,7 @@ class Demo:
                 log.info("bundle for %s (%s) is cached at %s", backbone, quant, out)
                 return out
             failed = out.with_name(out.name + ".failed")
-            before = _failed_before(failed)
+            before = failed_before(failed)
             if before:  # an earlier demo found this variant unusable with this exporter
                 errors.append(f"{quant}: {before}")
                 log.info("skipping %s at %s: failed before (%s)", backbone, quant, failed)
@@ -243,9 +243,7 @@ class Demo:
                 errors.append(f"{quant}: {exc}")
                 log.warning("export of %s at %s failed: %s", backbone, quant, exc)
                 if "stage verify" in str(exc):  # deterministic: remember, do not retry
-                    failed.write_text(
-                        json.dumps({"exporter_revision": EXPORTER_REVISION, "error": str(exc)})
-                    )
+                    remember_failure(failed, str(exc))
         self.failed_backbones[backbone] = "; ".join(errors)
         log.error("backbone %s could not be exported; carrying on without it", backbone)
         return None
@@ -527,23 +525,6 @@ def _subsample(records: list[Any], n: int, seed: int) -> list[Any]:
         return records
     idx = np.random.default_rng(seed).permutation(len(records))[:n]
     return [records[i] for i in sorted(idx)]
-
-
-def _failed_before(marker: Path) -> str | None:
-    """The error an earlier demo recorded for this export variant, if the exporter has not
-    changed since (``EXPORTER_REVISION``); a stale or unreadable marker is dropped."""
-    from fedmobillm.export.pipeline import EXPORTER_REVISION
-
-    if not marker.is_file():
-        return None
-    try:
-        info = json.loads(marker.read_text())
-    except (OSError, ValueError):
-        info = {}
-    if isinstance(info, dict) and info.get("exporter_revision") == EXPORTER_REVISION:
-        return str(info.get("error", "failed verification"))
-    marker.unlink(missing_ok=True)
-    return None
 
 
 def _bundle_ok(path: Path, backbone: str) -> bool:

@@ -140,3 +140,18 @@ def test_export_cli_writes_a_bundle(tmp_path, capsys, make_bundle):
     assert rc == 0 and "verify onnx" in text and "parameters in the graph" in text
     assert (out / "manifest.json").is_file() and (out / "backbone.onnx").is_file()
     assert Path(out / "tokenizer.json").is_file()
+
+
+def test_failure_marker_is_retried_once_the_exporter_changed(tmp_path, monkeypatch):
+    """A remembered failed variant is skipped while the exporter revision is the same; a
+    marker from another revision (or an unreadable one) is dropped so the variant is tried."""
+    from fedmobillm.export import pipeline
+
+    marker = tmp_path / "m" / "x.failed"
+    assert pipeline.failed_before(marker) is None
+    pipeline.remember_failure(marker, "stage verify failed: cosine 0.87", spec={"quant": "int8"})
+    assert pipeline.failed_before(marker) == "stage verify failed: cosine 0.87"
+    monkeypatch.setattr(pipeline, "EXPORTER_REVISION", pipeline.EXPORTER_REVISION + 1)
+    assert pipeline.failed_before(marker) is None and not marker.exists()
+    marker.write_text("not json")
+    assert pipeline.failed_before(marker) is None and not marker.exists()
