@@ -248,7 +248,7 @@ def side_rows(
         if cfg.select == "best-val":
             from fedmobillm.server.side import SideTrainer
 
-            chosen = SideTrainer.load(work / f"snap-{method}-{partition}" / b)
+            chosen = SideTrainer.load(snap(method, partition) / b)
             selected_step = chosen.step
         acc = personal_accuracy(chosen, t, bundles[b], work / f"{method}-{partition}-{b}")
         rows.append(

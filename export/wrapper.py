@@ -301,10 +301,10 @@ def declared_pooling(folder: Path | str | None) -> str | None:
         if pooling.get("pooling_mode_cls_token"):
             return "cls"
         return None
-    info = folder / "fedmobillm-model.json"
-    if info.is_file():
-        from fedmobillm.export.models import MODELS
+    from fedmobillm.export.models import INFO_FILE, MODELS
 
+    info = folder / INFO_FILE
+    if info.is_file():
         try:
             name = json.loads(info.read_text()).get("name")
         except (OSError, ValueError):

@@ -203,18 +203,24 @@ def _export_onnx(model: Any, example: Any, path: Path) -> None:
         )
 
 
-def _check_onnx(model: Any, path: Path, k: int, d: int) -> float:
-    """Run the exported graph with onnxruntime against torch; returns max |diff|."""
+def _logit_diff(model: Any, path: Path, n: int, k: int, d: int) -> float:
+    """Max |logit difference| between the graph at ``path`` (onnxruntime) and ``model``
+    (torch) on ``n`` seeded unit-normal activations (n, K, d)."""
     import numpy as np
     import onnxruntime as ort
     import torch
 
-    x = np.random.default_rng(0).normal(size=(5, k, d)).astype(np.float32)  # (5, K, d)
+    x = np.random.default_rng(0).normal(size=(n, k, d)).astype(np.float32)  # (n, K, d)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"activations": x})[0]  # (5, C)
+    got = sess.run(["logits"], {"activations": x})[0]  # (n, C)
     with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()  # (5, C)
-    diff = float(np.abs(got - want).max())
+        want = model(torch.from_numpy(x)).numpy()  # (n, C)
+    return float(np.abs(got - want).max())
+
+
+def _check_onnx(model: Any, path: Path, k: int, d: int) -> float:
+    """Run the exported graph with onnxruntime against torch; returns max |diff|."""
+    diff = _logit_diff(model, path, 5, k, d)
     if diff > 1e-3:
         raise RuntimeError(f"exported personal.onnx differs from torch by {diff}")
     return diff
@@ -225,28 +231,18 @@ def _quantize_onnx(model: Any, path: Path, k: int, d: int) -> float:
     per channel); returns the max |logit diff| against torch on unit-normal activations
     (recorded in personal.json; accuracy through the int8 graph is what the benchmarks and
     the device measure)."""
-    import logging as _logging
-
-    import numpy as np
-    import onnxruntime as ort
-    import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.int8")
-    root = _logging.getLogger()
+    root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, _logging.ERROR))  # the quantizer logs a line per tensor
+    root.setLevel(max(level, logging.ERROR))  # the quantizer logs a line per tensor
     try:
         quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         root.setLevel(level)
     os.replace(tmp, path)
-    x = np.random.default_rng(0).normal(size=(64, k, d)).astype(np.float32)  # (64, K, d)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"activations": x})[0]  # (64, C)
-    with torch.no_grad():
-        want = model(torch.from_numpy(x)).numpy()  # (64, C)
-    return float(np.abs(got - want).max())
+    return _logit_diff(model, path, 64, k, d)
 
 
 def _export_pte(model: Any, example: Any, path: Path) -> None:
