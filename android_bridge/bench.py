@@ -33,6 +33,7 @@ from fedmobillm.android_bridge.session import (
     check_runner_abi,
     device_abis,
 )
+from fedmobillm.device_runtime.backbone import GRAPH_DATA
 from fedmobillm.device_runtime.protocol import Manifest, load_verified_bundle
 from fedmobillm.errors import FedMobiLLMError
 
@@ -270,9 +271,13 @@ def run_bench(
         if cfg.backend == "pte":
             arrays = sample_inputs(bundle, manifest, cfg.batch, cfg.seq)  # (2, B, S)
             inputs = write_input_files(arrays, Path(tmp))
-        files = [graph, runner, *inputs]
+        data = GRAPH_DATA.get(cfg.backend)
+        extras = [bundle / data] if data and data in manifest.files else []  # ONNX weights
+        files = [graph, *extras, runner, *inputs]
         check_free_space(device, sum(p.stat().st_size for p in files))
         with WorkDir(device) as work:
+            for extra in extras:  # beside the graph, where the runtime looks for it
+                work.push(extra)
             output = _push_and_run(device, work, cfg, graph, runner, inputs)
             pushed = work.pushed_bytes
     parsed = (

@@ -3,7 +3,8 @@
 
 A bundle is exported with ``fedmobillm.export.pipeline.export_bundle`` (cached under
 ``cache_dir()/bench-bundles/<key of the options>``) and run by the device runtime's
-``Backbone`` (onnxruntime), exactly as a device does. Each sample is then quantized to int8
+``Backbone`` (onnxruntime), exactly as a device does: upload batches of ``batch`` records,
+forwarded ``forward_batch`` at a time in order of token length. Each sample is then quantized to int8
 with the manifest's ``activation_scales`` (``serde.quantize_int8``), as devices upload it, and
 the benchmark trains on ``serde.dequantize`` of that, as the server does.
 
@@ -29,12 +30,14 @@ from typing import Any
 
 import numpy as np
 
+from fedmobillm.device_runtime.backbone import FORWARD_BATCH
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks.activations")
 
 CHUNK = 500
-CACHE_VERSION = 1
+# 2: forward passes in order of token length (the device runtime's batching since 0.1)
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ def extract(
     *,
     seed: int = 0,
     batch: int = 32,
+    forward_batch: int = FORWARD_BATCH,
     threads: int | None = None,
 ) -> Activations:
     """Activations of the first ``limit`` records (in ``split_order``) of ``split``."""
@@ -161,7 +165,8 @@ def extract(
         want = order[start : min(start + CHUNK, n)]  # (n_c,)
         q = _read_chunk(folder, c, want)
         if q is None:
-            q = _compute_chunk(backbone, [records[i] for i in want], scales, batch)
+            chunk = [records[i] for i in want]
+            q = _compute_chunk(backbone, chunk, scales, batch, forward_batch)
             _write_chunk(folder, c, q, want)
             done += len(want)
             rate = done / (time.perf_counter() - t0)
@@ -193,13 +198,15 @@ def extract(
     )
 
 
-def _compute_chunk(backbone: Any, records: list[Any], scales: np.ndarray, batch: int) -> np.ndarray:
+def _compute_chunk(
+    backbone: Any, records: list[Any], scales: np.ndarray, batch: int, forward_batch: int
+) -> np.ndarray:
     from fedmobillm.device_runtime.serde import quantize_int8
 
     out = []
     for s in range(0, len(records), batch):
         texts = [r.text for r in records[s : s + batch]]
-        taps = backbone(texts)  # (b, K, d) float32
+        taps = backbone(texts, forward_batch)  # (b, K, d) float32
         out.append(quantize_int8(taps, scales))  # (b, K, d) int8, as uploaded
     return np.concatenate(out)  # (n, K, d)
 

@@ -217,12 +217,21 @@ def flops_per_sample(
     lora_rank: int,
     perturbations: int,
     batch: int = 16,
+    forward_batch: int = 8,
+    upload_batch: int = 16,
 ) -> dict[str, Any]:
-    """FLOPs per sample, averaged over real texts in batches of `batch` (padded to the
-    longest in each batch, as devices do)."""
+    """FLOPs per sample, averaged over real texts, each method batched as it runs: training
+    steps on `batch` texts in the order given (a shuffled local epoch), padded to the
+    longest; the fedmobillm forward as the device runtime does it, each upload batch of
+    `upload_batch` texts in order of token length, `forward_batch` at a time, each pass
+    padded to its own longest."""
     tok = load_tokenizer(model_dir)
     chunks = [texts[s : s + batch] for s in range(0, len(texts), batch)]
     encs = [tokenize(tok, c, max_seq_len) for c in chunks]
+    fwd_encs = [
+        tokenize(tok, c, max_seq_len)
+        for c in device_forward_batches(tok, texts, max_seq_len, forward_batch, upload_batch)
+    ]
     ys = [torch.zeros(len(c), dtype=torch.long) for c in chunks]
     n = len(texts)
     out: dict[str, Any] = {
@@ -233,12 +242,28 @@ def flops_per_sample(
         "padded_len": float(np.mean([e["input_ids"].shape[1] for e in encs])),
     }
 
+    out["device_padded_len"] = float(np.mean([e["input_ids"].shape[1] for e in fwd_encs]))
+    out["device_forward_batch"] = forward_batch
     trunc = truncated_backbone(model_dir, deepest_tap)
     with torch.no_grad():
-        out["fedmobillm_forward"] = sum(_count(partial(_call, trunc, e)) for e in encs) / n
+        out["fedmobillm_forward"] = sum(_count(partial(_call, trunc, e)) for e in fwd_encs) / n
     for method in ("lora", "full"):
         out.update(_train_flops(model_dir, num_labels, method, lora_rank, encs, ys, perturbations))
     out["total_params"] = _total_params(model_dir)
+    return out
+
+
+def device_forward_batches(
+    tok: Any, texts: list[str], max_seq_len: int, forward_batch: int, upload_batch: int
+) -> list[list[str]]:
+    """The texts of each forward pass a device makes (``Backbone(texts, forward_batch)`` on
+    each upload batch): within an upload batch, in order of token length (stable)."""
+    out = []
+    for s in range(0, len(texts), upload_batch):
+        window = texts[s : s + upload_batch]
+        lengths = [min(len(ids), max_seq_len) for ids in tok(window)["input_ids"]]
+        ordered = [window[i] for i in np.argsort(lengths, kind="stable")]
+        out += [ordered[c : c + forward_batch] for c in range(0, len(ordered), forward_batch)]
     return out
 
 

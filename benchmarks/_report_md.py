@@ -72,9 +72,17 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
     add("## 1. On-device compute (counted)\n")
     add(
         f"`torch.utils.flop_counter.FlopCounterMode` on the real model, over {fl['samples']} real "
-        f"train texts in batches of {cfg['local_batch']} padded to the longest (mean padded length "
-        f"{fl['padded_len']:.1f} tokens). Matmul-type ops only (elementwise ops are not counted for "
-        "any method); AdamW's ~10 ops per trainable value are added analytically.\n"
+        f"train texts (mean {fl['mean_tokens']:.1f} tokens), each method batched as it runs. "
+        f"Training steps (LoRA, full, forward-gradient): batches of {cfg['local_batch']} in the "
+        f"order of a shuffled local epoch, padded to the longest (mean padded length "
+        f"{fl['padded_len']:.1f} tokens). fedmobillm: as the device runtime forwards, each upload "
+        f"batch of {cfg['upload_batch']} in order of token length, "
+        f"{fl.get('device_forward_batch', 8)} texts per pass, each padded "
+        f"to its own longest (mean padded length {fl.get('device_padded_len', float('nan')):.1f} "
+        "tokens); a forward-only device can take its texts in any order, a training client "
+        "shuffles (length-grouped training batches would narrow the gap). Matmul-type ops only "
+        "(elementwise ops are not counted for any method); AdamW's ~10 ops per trainable value "
+        "are added analytically.\n"
     )
     add("| per sample | FLOPs |\n|---|---|")
     add(f"| fedmobillm: truncated bundle forward (no grad) | {_g(fl['fedmobillm_forward'])} |")

@@ -77,7 +77,16 @@ def main() -> int:
     model = str(tiny_model(args.out / "tiny-bert"))
     texts = [r.text for r in records(8, 0)]
     out["flops"] = M.flops_per_sample(
-        model, 2, texts, max_seq_len=32, deepest_tap=2, lora_rank=4, perturbations=2, batch=4
+        model,
+        2,
+        texts,
+        max_seq_len=32,
+        deepest_tap=2,
+        lora_rank=4,
+        perturbations=2,
+        batch=4,
+        forward_batch=2,
+        upload_batch=8,
     )
 
     cfg = BenchConfig.for_mode("quick")

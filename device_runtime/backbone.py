@@ -18,7 +18,12 @@ log = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "onnx", "pte")
 GRAPH_FILES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
+# Files a graph loads at run time from beside it: an ONNX graph's weights (external data,
+# which onnxruntime maps into memory rather than copying). Bundles made before 0.1 keep
+# their ONNX weights inline and have none.
+GRAPH_DATA = {"onnx": "backbone.onnx.data"}
 MIN_SEQ = 2  # shortest sequence the exported graphs accept
+FORWARD_BATCH = 8  # default texts per forward pass (Backbone.__call__'s forward_batch)
 
 
 def choose_backend(manifest: Manifest, bundle_dir: Path, backend: str) -> str:
@@ -211,6 +216,25 @@ class Backbone:
                 hint="the bundle is inconsistent; re-export it",
             )
 
-    def __call__(self, texts: list[str]) -> np.ndarray:
-        """Texts -> float32 ``(B, K, d)``."""
-        return self.forward(*self.encode(texts))
+    def __call__(self, texts: list[str], forward_batch: int | None = None) -> np.ndarray:
+        """Texts -> float32 ``(B, K, d)``, in the order given.
+
+        With ``forward_batch``, the texts are forwarded that many at a time in order of
+        token length, each pass padded only to its own longest text: less padded compute
+        (the order does not matter to a forward-only device). Without it, one pass padded
+        to the longest text."""
+        ids, mask = self.encode(texts)  # (B, S)
+        if forward_batch is not None and forward_batch < 1:
+            raise FedMobiLLMError(f"forward_batch must be at least 1, not {forward_batch}")
+        if not forward_batch or forward_batch >= len(texts):
+            return self.forward(ids, mask)
+        order = np.argsort(mask.sum(axis=1), kind="stable")  # (B,) shortest first
+        out = np.empty((len(texts), self.manifest.num_taps, self.manifest.hidden_size), np.float32)
+        for start in range(0, len(order), forward_batch):
+            rows = order[start : start + forward_batch]
+            chunk_ids, chunk_mask = ids[rows], mask[rows]  # (b, S)
+            if not self.static_seq:  # right padding: drop the columns no text here reaches
+                width = max(MIN_SEQ, int(chunk_mask.sum(axis=1).max()))
+                chunk_ids, chunk_mask = chunk_ids[:, :width], chunk_mask[:, :width]
+            out[rows] = self.forward(chunk_ids, chunk_mask)  # (b, K, d)
+        return out

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from fedmobillm.device_runtime import serde
-from fedmobillm.device_runtime.backbone import Backbone
+from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
 from fedmobillm.device_runtime.journal import Entry, Journal, records_hash
 from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.device_runtime.protocol import (
@@ -137,7 +137,9 @@ class RunConfig:
     backend: str = "auto"
     threads: int | None = None
     batch_size: int = 32  # samples per upload
-    forward_batch: int = 8  # samples per forward pass: bounds peak memory (and padding)
+    # samples per forward pass, taken in order of token length within each upload batch:
+    # bounds peak memory and padded compute
+    forward_batch: int = FORWARD_BATCH
     encoding: str = "int8"
     split: str = "train"
     bandwidth_mbps: float | None = None
@@ -326,10 +328,7 @@ class DeviceClient:
         texts = [records[i].text for i in ids]
         labels = np.array([int(records[i].label) for i in ids], dtype=np.int64)  # (N,)
         start = time.perf_counter()
-        fb = self.config.forward_batch
-        taps = np.concatenate(
-            [self.backbone(texts[s : s + fb]) for s in range(0, len(texts), fb)]
-        )  # (N, K, d) float32
+        taps = self.backbone(texts, self.config.forward_batch)  # (N, K, d) float32
         forward_s = time.perf_counter() - start
         if self.config.slowdown > 1.0:  # a simulated slower phone
             time.sleep((self.config.slowdown - 1.0) * forward_s)

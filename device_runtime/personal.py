@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedmobillm.device_runtime import serde
-from fedmobillm.device_runtime.backbone import Backbone
+from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
 from fedmobillm.device_runtime.protocol import (
     PERSONAL_MANIFEST,
     PERSONAL_ONNX,
@@ -111,7 +111,7 @@ class PersonalModel:
         return self.label_names[index] if index < len(self.label_names) else str(index)
 
     def predict_texts(self, backbone: Backbone, texts: list[str]) -> list[str]:
-        pred = self.logits(backbone(texts)).argmax(-1)  # (B,)
+        pred = self.logits(backbone(texts, FORWARD_BATCH)).argmax(-1)  # (B,)
         return [self.label_of(int(i)) for i in pred]
 
 
@@ -139,13 +139,20 @@ class PredictResult:
 
 
 def predict_records(
-    backbone: Backbone, personal: PersonalModel, records: Sequence[Any], batch_size: int = 32
+    backbone: Backbone,
+    personal: PersonalModel,
+    records: Sequence[Any],
+    batch_size: int = 32,
+    forward_batch: int = FORWARD_BATCH,
 ) -> PredictResult:
+    """Accuracy over ``records``, with the backbone batched as a device's uploads are
+    (``batch_size`` records, forwarded ``forward_batch`` at a time by token length)."""
     correct = labelled = 0
     start = time.perf_counter()
     for s in range(0, len(records), batch_size):
         chunk = records[s : s + batch_size]
-        pred = personal.logits(backbone([r.text for r in chunk])).argmax(-1)  # (B,)
+        taps = backbone([r.text for r in chunk], forward_batch)  # (B, K, d)
+        pred = personal.logits(taps).argmax(-1)  # (B,)
         labels = np.array([int(r.label) for r in chunk])  # (B,)
         mask = labels >= 0
         labelled += int(mask.sum())

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fedmobillm.device_runtime.backbone import GRAPH_DATA
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,11 @@ INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAME = "taps"
 FORMATS = ("onnx", "pte")
 FILE_NAMES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
+# The ONNX graph's weights live beside it (ONNX external data): onnxruntime maps this file
+# into memory instead of parsing the weights out of the graph and copying them, which takes
+# a device step on the int8 MiniLM-L6 bundle from 117 to about 103 MiB peak RSS.
+ONNX_DATA = GRAPH_DATA["onnx"]
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors (scales, zero points, shapes) stay in the graph
 
 # quant -> formats that can carry it, and why not otherwise
 UNSUPPORTED = {
@@ -92,6 +98,26 @@ def write_onnx(ep: torch.export.ExportedProgram, path: Path, args: tuple, shapes
         verbose=False,
     )
     program.save(str(path), external_data=False)
+
+
+def externalize_onnx(path: Path, data_name: str) -> None:
+    """Rewrite the ONNX file at ``path`` with its weights in ``data_name`` beside it (ONNX
+    external data), replacing both files atomically enough for an export's temp folder."""
+    import onnx
+
+    path = Path(path)
+    model = onnx.load(str(path))
+    tmp_graph, data = path.with_name(path.name + ".tmp"), path.with_name(data_name)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(
+        model,
+        str(tmp_graph),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name,
+        size_threshold=EXTERNAL_MIN_BYTES,
+    )
+    tmp_graph.replace(path)
 
 
 # A MatMul whose input range is this many times the median MatMul input range stays fp32:

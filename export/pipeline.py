@@ -293,6 +293,7 @@ def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
     one asked for (for ``auto``, the one the model's folder implies today). Callers that
     cache bundles use it so a cached bundle made under an older pivot rule is rebuilt."""
     from fedmobillm.device_runtime.protocol import verify_bundle
+    from fedmobillm.export import backends
     from fedmobillm.export.wrapper import auto_pivot
 
     out_dir = Path(out_dir)
@@ -303,6 +304,10 @@ def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
     except FedMobiLLMError:
         return False
     if problems:
+        return False
+    onnx_graph = backends.FILE_NAMES["onnx"]
+    if onnx_graph in manifest.files and backends.ONNX_DATA not in manifest.files:
+        log.info("cached bundle %s keeps its ONNX weights inline: rebuilding", out_dir)
         return False
     if pivot == "auto":
         try:
@@ -457,6 +462,8 @@ def _write_onnx(opts, ep, example, shapes, tmp: Path, ids, mask) -> None:
             log.info("quantize: ONNX %s (onnxruntime quantize_dynamic)", opts.quant)
             backends.quantize_onnx_int8(fp32_path, target, ids, mask)
             fp32_path.unlink()
+    with stage("export", opts.stage_seconds):
+        backends.externalize_onnx(target, backends.ONNX_DATA)  # weights mapped, not copied
 
 
 def _write_pte(opts, wrapped, ep, example, shapes, tmp: Path, ids, mask) -> None:

@@ -42,6 +42,10 @@ def test_flops_order_of_methods(selftest: dict) -> None:
     p = f["fwdgrad_perturbations"]
     assert f["fwdgrad_step"] == pytest.approx((p + 1) * f["lora_forward"], rel=0.3)
     assert f["lora_trainable_params"] < f["full_trainable_params"]
+    # the device forwards each upload batch in order of token length (passes of 2 out of 8
+    # here), so its passes are padded less than the training batches of 4 in given order
+    assert f["device_forward_batch"] == 2
+    assert f["mean_tokens"] <= f["device_padded_len"] <= f["padded_len"]
 
 
 def test_one_fedavg_round(selftest: dict) -> None:

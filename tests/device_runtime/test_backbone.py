@@ -52,6 +52,21 @@ def test_forward_shape_and_padding_invariance(backbone):
         assert _cos(alone[0, k], batch[0, k]) > 0.999
 
 
+def test_length_ordered_forward_passes_keep_the_input_order(backbone):
+    """Prepare texts of mixed lengths; Execute with forward_batch 2 (passes in order of
+    token length, each padded to its own longest); Assert every text's taps equal its own
+    single-text forward, row for row, and a bad forward_batch is refused."""
+    texts = ["a long and winding review of a film " * 3, "ok", "fine film", "good " * 9, "meh"]
+    got = backbone(texts, forward_batch=2)  # (5, K, d)
+    assert got.shape[0] == len(texts)
+    for i, text in enumerate(texts):
+        alone = backbone([text])[0]  # (K, d)
+        for k in range(backbone.manifest.num_taps):
+            assert _cos(alone[k], got[i, k]) > 0.9999, (text, k)
+    with pytest.raises(FedMobiLLMError, match="forward_batch"):
+        backbone(texts, forward_batch=0)
+
+
 def test_missing_bundle_folder(tmp_path):
     with pytest.raises(FedMobiLLMError, match="does not exist"):
         Backbone(tmp_path / "nope")

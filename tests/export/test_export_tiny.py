@@ -215,6 +215,32 @@ def test_auto_pivot_follows_the_declared_sentence_pooling(tiny_model, tmp_path):
     assert declared_pooling(resolve_model("minilm-l3")) == "mean"
 
 
+def test_onnx_weights_live_beside_the_graph(tiny_model, tmp_path):
+    """Prepare a tiny ONNX bundle; Assert its weights are in backbone.onnx.data (listed with
+    its sha256) and the graph runs from its folder; Execute: inline the weights as older
+    bundles had them; Assert the bundle is no longer current (a cache rebuilds it)."""
+    import onnx
+
+    from fedmobillm.device_runtime.protocol import verify_bundle
+    from fedmobillm.export.pipeline import bundle_is_current, export_bundle, file_entries
+
+    out = tmp_path / "bundle"
+    export_bundle(str(tiny_model("bert")), out, layers=[1, 2], formats=("onnx",))
+    manifest, problems = verify_bundle(out)
+    assert problems == [] and "backbone.onnx.data" in manifest.files
+    assert manifest.files["backbone.onnx.data"]["bytes"] > manifest.files["backbone.onnx"]["bytes"]
+    _check(out, "onnx")  # onnxruntime finds the weights beside the graph
+    assert bundle_is_current(out, str(tiny_model("bert")))
+
+    onnx.save_model(onnx.load(str(out / "backbone.onnx")), str(out / "backbone.onnx"))
+    (out / "backbone.onnx.data").unlink()
+    m = json.loads((out / "manifest.json").read_text())
+    m["files"] = file_entries(out)
+    (out / "manifest.json").write_text(json.dumps(m))
+    assert verify_bundle(out)[1] == []
+    assert not bundle_is_current(out, str(tiny_model("bert")))
+
+
 def test_pivot_none_keeps_every_token(make_bundle, tiny_model):
     bundle = make_bundle(str(tiny_model("bert")), layers=[2], pivot="none", formats=("onnx",))
     m = _check(bundle, "onnx")

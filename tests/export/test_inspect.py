@@ -12,8 +12,9 @@ def test_inspect_prints_table_and_verifies(make_bundle, capsys):
     rc = main(["inspect", str(bundle)])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "graph params" in out and "backbone.onnx" in out and "backbone.pte" in out
-    assert "ok: all 3 files match" in out
+    assert "graph params" in out and "backbone.pte" in out
+    assert "backbone.onnx " in out and "backbone.onnx.data" in out  # graph and its weights
+    assert "ok: all 4 files match" in out
 
 
 def test_inspect_reports_tampered_file(make_bundle, tmp_path, capsys):

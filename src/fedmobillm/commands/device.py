@@ -51,7 +51,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         "--forward-batch",
         type=int,
         default=8,
-        help="samples per forward pass (default 8): lower = less peak memory",
+        help="samples per forward pass, taken in order of token length within each upload "
+        "batch (default 8): lower = less peak memory",
     )
     p.add_argument("--upload", default="int8", choices=["int8", "fp16"])
     p.add_argument("--split", default="train", choices=["train", "validation"])
