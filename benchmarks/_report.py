@@ -169,6 +169,21 @@ def headline(
     return out
 
 
+def not_learning_warning(best: dict[str, float], majority: float, margin: float) -> str | None:
+    """A method whose best validation accuracy never rose ``margin`` above the majority
+    rate did not learn: a target derived from it compares nothing. The warning to print
+    instead of trusting the ratios, or None."""
+    stuck = {m: b for m, b in best.items() if b < majority + margin}
+    if not stuck:
+        return None
+    names = " and ".join(f"{m} (best {b:.3f})" for m, b in stuck.items())
+    return (
+        f"{names} never rose {margin:.2f} above the validation majority rate {majority:.3f}: "
+        "the comparison to the target is degenerate; re-run with another --seed or tune "
+        "that method"
+    )
+
+
 # -- plots ---------------------------------------------------------------------------------
 
 

@@ -34,6 +34,8 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
     add("## Headline (fedmobillm vs FedAvg-LoRA, per device, to the target accuracy)\n")
     L.extend(headline_table(head))
     add("")
+    if head.get("warning"):
+        add(f"**Warning:** {head['warning']}.\n")
     add(
         f"Target accuracy (validation): **{res['target']:.4f}** = "
         + (

@@ -40,6 +40,7 @@ from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks")
 REPO = Path(__file__).resolve().parent.parent
+MIN_LEARNED = 0.02  # best validation accuracy this far above the majority rate = learned
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -343,7 +344,7 @@ def _main(a: argparse.Namespace) -> int:
     if isinstance(cfg.target, float):
         target = cfg.target
     else:  # a fraction of the weaker method's best, but above always guessing one class
-        target = max(cfg.target_fraction * min(best.values()), majority + 0.02)
+        target = max(cfg.target_fraction * min(best.values()), majority + MIN_LEARNED)
     fm = R.fedmobillm_to_target(rep, real, flops["fedmobillm_forward"], target)
     lora = R.fedavg_to_target(fedavg["lora"], target, len(profiles))
     full = R.fedavg_to_target(fedavg["full"], target, len(profiles))
@@ -377,6 +378,10 @@ def _main(a: argparse.Namespace) -> int:
         "versions": versions(),
     }
     write_json(out / "results.json", results)
+    warning = R.not_learning_warning(best, majority, MIN_LEARNED)
+    if warning:
+        head["warning"] = warning
+        log.warning("%s", warning)
     headline_json = {
         **{k: v for k, v in head.items()},
         "seed": cfg.seed,

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 from benchmarks._common import DeviceProfile
 from benchmarks._fedmobillm import device_timeline
-from benchmarks._report import fedmobillm_to_target, work_by
+from benchmarks._report import fedmobillm_to_target, not_learning_warning, work_by
 
 # 1 GFLOP/s and 8 Mbit/s: a sample's forward takes 1 s, 1,000 bytes take 1 ms
 SLOW = DeviceProfile("t", 1.0, 1.0, 8.0, 8.0)
@@ -56,3 +56,12 @@ def test_to_target_counts_only_the_work_before_the_target():
     assert got["bytes_per_device"] == (10_000 + 1_000) * sent / 10
     assert got["whole_run"]["flops_per_device"] == 10e9
     assert got["flops_per_device"] < got["whole_run"]["flops_per_device"]
+
+
+def test_a_method_stuck_at_the_majority_rate_is_flagged():
+    """A baseline that only ever guessed one class gives a target that compares nothing:
+    the headline carries a warning naming it (seen once: FedAvg-LoRA at 0.500)."""
+    assert not_learning_warning({"fedmobillm": 0.73, "fedavg-lora": 0.72}, 0.5, 0.02) is None
+    warning = not_learning_warning({"fedmobillm": 0.73, "fedavg-lora": 0.50}, 0.5, 0.02)
+    assert warning is not None and "fedavg-lora (best 0.500)" in warning
+    assert "fedmobillm" not in warning and "degenerate" in warning
