@@ -4,9 +4,10 @@
 A bundle is exported with ``fedmobillm.export.pipeline.export_bundle`` (cached under
 ``cache_dir()/bench-bundles/<key of the options>``) and run by the device runtime's
 ``Backbone`` (onnxruntime), exactly as a device does: upload batches of ``batch`` records,
-forwarded ``forward_batch`` at a time in order of token length. Each sample is then quantized to int8
-with the manifest's ``activation_scales`` (``serde.quantize_int8``), as devices upload it, and
-the benchmark trains on ``serde.dequantize`` of that, as the server does.
+forwarded ``forward_batch`` at a time in order of token length. Each sample is then
+quantized to int8 with the manifest's ``activation_scales`` (``serde.quantize_int8``), as
+devices upload it, and the benchmark trains on ``serde.dequantize`` of that, as the server
+does.
 
 Cache: ``cache_dir()/activations/<key>/chunk-NNNNN.safetensors`` with ``key`` = sha256 of
 (bundle digest, data set, seed, split). A split is read in a seeded order (a permutation
@@ -36,7 +37,7 @@ from fedmobillm.errors import FedMobiLLMError
 log = logging.getLogger("benchmarks.activations")
 
 CHUNK = 500
-# 2: forward passes in order of token length (the device runtime's batching since 0.1)
+# 2: forward passes in order of token length, as the device runtime now batches
 CACHE_VERSION = 2
 
 

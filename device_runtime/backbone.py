@@ -19,8 +19,8 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "onnx", "pte")
 GRAPH_FILES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
 # Files a graph loads at run time from beside it: an ONNX graph's weights (external data,
-# which onnxruntime maps into memory rather than copying). Bundles made before 0.1 keep
-# their ONNX weights inline and have none.
+# which onnxruntime maps into memory rather than copying). Bundles exported before this
+# layout keep their ONNX weights inline and have none; they still run.
 GRAPH_DATA = {"onnx": "backbone.onnx.data"}
 MIN_SEQ = 2  # shortest sequence the exported graphs accept
 FORWARD_BATCH = 8  # default texts per forward pass (Backbone.__call__'s forward_batch)
