@@ -53,7 +53,20 @@ def fedavg_to_target(res: dict[str, Any], target: float, num_devices: int) -> di
         "max_bytes_device": float((up + down).max()),
         "flops_per_device": float(flops.mean()),
         "best_val": max((p["accuracy"] for p in res["curve"]), default=math.nan),
+        "per_device": {"flops": flops.tolist(), "bytes": (up + down).tolist()},
     }
+
+
+def per_class(classes: list[str], per_device: dict[str, list[float]]) -> dict[str, dict]:
+    """Mean of each per-device series over the devices of each class (``classes[i]`` is
+    device i's class, in fleet order)."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(classes):
+        idx = [i for i, c in enumerate(classes) if c == name]
+        out[name] = {"devices": len(idx)} | {
+            k: float(np.mean([v[i] for i in idx])) for k, v in per_device.items()
+        }
+    return out
 
 
 SMOOTH_EVALS = 3
@@ -136,6 +149,12 @@ def fedmobillm_to_target(
         ),
         "flops_per_device": float((fwd * fwd_flops).mean()),
         "best_val": max((p["accuracy"] for p in curve), default=math.nan),
+        "per_device": {
+            "flops": (fwd * fwd_flops).tolist(),
+            "bytes": (up_t + down_t).tolist(),
+            "records_forwarded": fwd.tolist(),
+        },
+        "classes": [r["profile"] for r in train],
     }
 
 

@@ -218,6 +218,33 @@ def run_fedavg(
     return json.loads(out_file.read_text())
 
 
+def class_breakdown(
+    fm: dict, lora: dict, mem: dict, profiles: list[DeviceProfile]
+) -> dict[str, dict]:
+    """Per device class: each method's work and traffic to the target (mean per device of
+    the class) and its measured peak memory (fedmobillm at the class's bundle quant)."""
+    ours = R.per_class(fm["classes"], fm["per_device"])
+    theirs = R.per_class([p.name for p in profiles], lora["per_device"])
+    quant = {p.name: p.quant for p in profiles}
+    out = {}
+    for name, o in ours.items():
+        t = theirs.get(name, {})
+        out[name] = {
+            "devices": o["devices"],
+            "quant": quant.get(name),
+            "fedmobillm_flops": o["flops"],
+            "fedmobillm_bytes": o["bytes"],
+            "fedmobillm_records_forwarded": o["records_forwarded"],
+            "lora_flops": t.get("flops", math.nan),
+            "lora_bytes": t.get("bytes", math.nan),
+            "fedmobillm_peak_rss_mb": mem.get(f"fedmobillm-{quant.get(name)}", {}).get(
+                "peak_rss_mb", math.nan
+            ),
+            "lora_peak_rss_mb": mem["lora"]["peak_rss_mb"],
+        }
+    return out
+
+
 def fwdgrad_cost(flops: dict, mem: dict, profiles: list[DeviceProfile], batch: int) -> dict:
     per_class = {}
     for p in profiles:
@@ -349,6 +376,7 @@ def _main(a: argparse.Namespace) -> int:
     lora = R.fedavg_to_target(fedavg["lora"], target, len(profiles))
     full = R.fedavg_to_target(fedavg["full"], target, len(profiles))
     fleet_quants = {p.quant for p in profiles}
+    by_class = class_breakdown(fm, lora, mem, profiles)
     head = R.headline(
         fm,
         lora,
@@ -373,6 +401,7 @@ def _main(a: argparse.Namespace) -> int:
         "centralised": cen,
         "fedavg": fedavg,
         "fedavg_to_target": {"lora": lora, "full": full},
+        "per_class": by_class,
         "fwdgrad": fwd,
         "stages_s": stages,
         "versions": versions(),

@@ -39,6 +39,7 @@ def test_to_target_counts_only_the_work_before_the_target():
     rows = [
         {
             "split": "train",
+            "profile": "t",
             "samples": 10,
             "wire_bytes_up": 10_000,
             "wire_bytes_down": 1_000,
@@ -65,3 +66,26 @@ def test_a_method_stuck_at_the_majority_rate_is_flagged():
     warning = not_learning_warning({"fedmobillm": 0.73, "fedavg-lora": 0.50}, 0.5, 0.02)
     assert warning is not None and "fedavg-lora (best 0.500)" in warning
     assert "fedmobillm" not in warning and "degenerate" in warning
+
+
+def test_per_class_breakdown_groups_devices_by_profile():
+    """Each class's row is the mean over its own devices, for both methods, with the
+    fedmobillm peak at the class's bundle quant."""
+    from benchmarks.run import class_breakdown
+
+    profiles = [DeviceProfile("fast", 1, 40, 50, 50), DeviceProfile("slow", 10, 4, 2, 2)] * 2
+    fm = {
+        "classes": ["fast", "slow", "fast", "slow"],
+        "per_device": {
+            "flops": [4.0, 1.0, 6.0, 3.0],
+            "bytes": [40.0, 10.0, 60.0, 30.0],
+            "records_forwarded": [4, 1, 6, 3],
+        },
+    }
+    lora = {"per_device": {"flops": [100.0, 0.0, 300.0, 40.0], "bytes": [1, 0, 3, 4]}}
+    mem = {"fedmobillm-int8": {"peak_rss_mb": 110.0}, "lora": {"peak_rss_mb": 560.0}}
+    got = class_breakdown(fm, lora, mem, profiles)
+    assert got["fast"]["fedmobillm_flops"] == 5.0 and got["slow"]["fedmobillm_flops"] == 2.0
+    assert got["fast"]["lora_flops"] == 200.0 and got["slow"]["lora_flops"] == 20.0
+    assert got["fast"]["devices"] == 2 and got["slow"]["fedmobillm_bytes"] == 20.0
+    assert got["slow"]["fedmobillm_peak_rss_mb"] == 110.0 and got["slow"]["lora_peak_rss_mb"] == 560
