@@ -52,7 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--model", default=None, help="backbone (default minilm-l6)")
     p.add_argument("--dataset", default=None, help="data set name or file (default movie-snippets)")
-    p.add_argument("--rounds", type=int, default=None, help="FedAvg rounds")
+    p.add_argument("--rounds", type=int, default=None, help="FedAvg-LoRA rounds")
+    p.add_argument("--rounds-full", type=int, default=None, help="FedAvg full fine-tuning rounds")
     p.add_argument("--samples-per-device", type=int, default=None)
     p.add_argument(
         "--target",
@@ -89,6 +90,7 @@ def make_config(a: argparse.Namespace) -> tuple[BenchConfig, dict[str, Path]]:
         model=a.model,
         dataset=a.dataset,
         rounds=a.rounds,
+        rounds_full=a.rounds_full,
         samples_per_device=a.samples_per_device,
         target=a.target,
     )
