@@ -113,7 +113,8 @@ class BenchConfig:
     lora_rank: int = 8
     # 1e-3: at 3e-3, 2 of 5 quick runs' FedAvg-LoRA pulled the shared head to one class and
     # never left 0.500 validation accuracy (Flower's device selection differs run to run);
-    # in-process at 1e-3 it learned with both seeds tried (best 0.723 at round 4, 0.700 at 6)
+    # in-process at 1e-3 it learned with both seeds tried (best 0.723 at round 4, 0.700 at 6),
+    # and in Flower (run_q9: 0.738 at round 6)
     lora_lr: float = 1e-3
     full_lr: float = 5e-5
     # Forward-gradient (FwdLLM-style)

@@ -148,7 +148,8 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
     add(
         "comm_reduction = 1 - fedmobillm training bytes / FedAvg-LoRA bytes to target. The "
         "personal model is large next to the uploads (its alignment projects every tap from d to "
-        "the side width, int8 weights by default). Including model delivery on both sides it would be "
+        "the side width, int8 weights by default). Including model delivery on both sides it "
+        "would be "
         f"{100 * (1 - (fm['bytes_per_device'] + fm['delivery_bytes_per_device']) / (lora['bytes_per_device'] + fa['lora']['trainable_bytes'])):.1f}%.\n"
     )
 

@@ -408,11 +408,11 @@ def _main(a: argparse.Namespace) -> int:
         "stages_s": stages,
         "versions": versions(),
     }
-    write_json(out / "results.json", results)
     warning = R.not_learning_warning(best, majority, MIN_LEARNED)
     if warning:
-        head["warning"] = warning
+        head["warning"] = results["warning"] = warning
         log.warning("%s", warning)
+    write_json(out / "results.json", results)
     headline_json = {
         **{k: v for k, v in head.items()},
         "seed": cfg.seed,

@@ -50,7 +50,7 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--forward-batch",
         type=int,
-        default=8,
+        default=8,  # device_runtime.backbone.FORWARD_BATCH (not imported: a light CLI)
         help="samples per forward pass, taken in order of token length within each upload "
         "batch (default 8): lower = less peak memory",
     )
