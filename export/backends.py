@@ -22,7 +22,7 @@ FORMATS = ("onnx", "pte")
 FILE_NAMES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
 # The ONNX graph's weights live beside it (ONNX external data): onnxruntime maps this file
 # into memory instead of parsing the weights out of the graph and copying them, which takes
-# a device step's peak RSS on MiniLM-L6 from 117 to 108-111 MiB (int8), 206 to 153-172 (fp32).
+# a device step's peak RSS on MiniLM-L6 from 117 to 104-111 MiB (int8), 206 to 146-172 (fp32).
 ONNX_DATA = GRAPH_DATA["onnx"]
 EXTERNAL_MIN_BYTES = 1024  # smaller tensors (scales, zero points, shapes) stay in the graph
 
