@@ -33,14 +33,14 @@ from fedmobillm.android_bridge.session import (
     check_runner_abi,
     device_abis,
 )
-from fedmobillm.device_runtime.backbone import GRAPH_DATA
+from fedmobillm.device_runtime.backbone import GRAPH_DATA, GRAPH_FILES
 from fedmobillm.device_runtime.protocol import Manifest, load_verified_bundle
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "fedmobillm.android-bench/1"
-GRAPHS = {"pte": "backbone.pte", "onnx": "backbone.onnx"}
+GRAPHS = GRAPH_FILES  # backend -> graph file in a bundle
 RUNNER_NAMES = {"pte": "executor_runner", "onnx": "onnxruntime_perf_test"}
 SAMPLE_TEXT = (
     "Phones run a frozen, pre-scaled backbone forward and upload tapped activations; the "

@@ -258,12 +258,13 @@ def device_forward_batches(
 ) -> list[list[str]]:
     """The texts of each forward pass a device makes (``Backbone(texts, forward_batch)`` on
     each upload batch): within an upload batch, in order of token length (stable)."""
+    from fedmobillm.device_runtime.backbone import forward_passes
+
     out = []
     for s in range(0, len(texts), upload_batch):
         window = texts[s : s + upload_batch]
         lengths = [min(len(ids), max_seq_len) for ids in tok(window)["input_ids"]]
-        ordered = [window[i] for i in np.argsort(lengths, kind="stable")]
-        out += [ordered[c : c + forward_batch] for c in range(0, len(ordered), forward_batch)]
+        out += [[window[i] for i in rows] for rows in forward_passes(lengths, forward_batch)]
     return out
 
 

@@ -35,7 +35,7 @@ from benchmarks._common import (
     load_fleet_data,
     write_json,
 )
-from fedmobillm.device_runtime.client import RunConfig
+from fedmobillm.device_runtime.backbone import FORWARD_BATCH
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks")
@@ -332,7 +332,7 @@ def _main(a: argparse.Namespace) -> int:
             lora_rank=cfg.lora_rank,
             perturbations=cfg.fwd_perturbations,
             batch=cfg.local_batch,
-            forward_batch=RunConfig.forward_batch,
+            forward_batch=FORWARD_BATCH,
             upload_batch=cfg.upload_batch,
         )
     stages["flops"] = t.s

@@ -26,6 +26,13 @@ MIN_SEQ = 2  # shortest sequence the exported graphs accept
 FORWARD_BATCH = 8  # default texts per forward pass (Backbone.__call__'s forward_batch)
 
 
+def forward_passes(lengths: np.ndarray, forward_batch: int) -> list[np.ndarray]:
+    """Rows of each forward pass a device makes over texts of these token ``lengths``:
+    ``forward_batch`` at a time in order of length (stable), shortest first."""
+    order = np.argsort(np.asarray(lengths), kind="stable")  # (B,)
+    return [order[s : s + forward_batch] for s in range(0, len(order), forward_batch)]
+
+
 def choose_backend(manifest: Manifest, bundle_dir: Path, backend: str) -> str:
     """``auto`` = onnx if the bundle has it, else pte."""
     if backend not in BACKENDS:
@@ -228,10 +235,8 @@ class Backbone:
             raise FedMobiLLMError(f"forward_batch must be at least 1, not {forward_batch}")
         if not forward_batch or forward_batch >= len(texts):
             return self.forward(ids, mask)
-        order = np.argsort(mask.sum(axis=1), kind="stable")  # (B,) shortest first
         out = np.empty((len(texts), self.manifest.num_taps, self.manifest.hidden_size), np.float32)
-        for start in range(0, len(order), forward_batch):
-            rows = order[start : start + forward_batch]
+        for rows in forward_passes(mask.sum(axis=1), forward_batch):
             chunk_ids, chunk_mask = ids[rows], mask[rows]  # (b, S)
             if not self.static_seq:  # right padding: drop the columns no text here reaches
                 width = max(MIN_SEQ, int(chunk_mask.sum(axis=1).max()))

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedmobillm.device_runtime.backbone import GRAPH_DATA
+from fedmobillm.device_runtime.backbone import GRAPH_DATA, GRAPH_FILES
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 INPUT_NAMES = ["input_ids", "attention_mask"]
 OUTPUT_NAME = "taps"
 FORMATS = ("onnx", "pte")
-FILE_NAMES = {"onnx": "backbone.onnx", "pte": "backbone.pte"}
+FILE_NAMES = GRAPH_FILES  # the device runtime's names, which the manifest lists
 # The ONNX graph's weights live beside it (ONNX external data): onnxruntime maps this file
 # into memory instead of parsing the weights out of the graph and copying them, which takes
 # a device step's peak RSS on MiniLM-L6 from 117 to 104-111 MiB (int8), 206 to 146-172 (fp32).

@@ -292,8 +292,8 @@ def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
     same options would reproduce in kind: every file matches its sha256 and the pivot is the
     one asked for (for ``auto``, the one the model's folder implies today). Callers that
     cache bundles use it so a cached bundle made under an older pivot rule is rebuilt."""
+    from fedmobillm.device_runtime.backbone import GRAPH_DATA, GRAPH_FILES
     from fedmobillm.device_runtime.protocol import verify_bundle
-    from fedmobillm.export import backends
     from fedmobillm.export.wrapper import auto_pivot
 
     out_dir = Path(out_dir)
@@ -305,8 +305,7 @@ def bundle_is_current(out_dir: Path, model: str, pivot: str = "auto") -> bool:
         return False
     if problems:
         return False
-    onnx_graph = backends.FILE_NAMES["onnx"]
-    if onnx_graph in manifest.files and backends.ONNX_DATA not in manifest.files:
+    if GRAPH_FILES["onnx"] in manifest.files and GRAPH_DATA["onnx"] not in manifest.files:
         log.info("cached bundle %s keeps its ONNX weights inline: rebuilding", out_dir)
         return False
     if pivot == "auto":
