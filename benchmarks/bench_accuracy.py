@@ -9,8 +9,12 @@ backbone (minilm-l3, minilm-l6, smollm2-135m, each exported int8 ONNX with 3 tap
 - ``fedmobillm``: a heterogeneous fleet (4 devices per backbone), partitions IID and
   Dirichlet(0.1); ONE shared ``SideTrainer`` trained on mixed-architecture batches drawn by
   the server trainer's own sampler (``TrainingCache.sample``: equal share per architecture,
-  device uniform, then sample uniform); accuracy per backbone through its exported
-  personal model (``personal.onnx`` on onnxruntime, the device's path);
+  device uniform, then sample uniform) plus anchor batches (``TrainingCache.sample_anchors``)
+  of a public unlabelled anchor set every backbone's devices forwarded (``anchors`` texts of
+  the data set's train split, held out from the labelled records, labels dropped);
+  accuracy per backbone through its exported personal model (``personal.onnx`` on
+  onnxruntime, the device's path);
+- ``fedmobillm-no-anchors``: the same fleet without the anchor set (IID; an ablation);
 - ``centralised``: the same side network trained on all train data of one backbone;
 - ``single``: a side network per architecture trained only on that architecture's
   devices (a third of the data), same partitions as fedmobillm;
@@ -56,7 +60,11 @@ class AccuracyConfig:
     backbones: tuple[str, ...] = BACKBONES
     devices_per_backbone: int = 4
     partitions: tuple[str, ...] = ("iid", "dirichlet-0.1")
-    train_limit: int | None = 3000  # train records (seeded subset); None = all
+    train_limit: int | None = 3000  # labelled train records (seeded subset); None = all
+    # anchor set: this many further records of the train split, unlabelled, which every
+    # backbone's devices forward (server/anchors.py); with train_limit None at most a quarter
+    # of the split, held out of the labelled records. 0 = no anchors
+    anchors: int = 1000
     val_limit: int | None = 500
     test_limit: int | None = None  # None = the whole test split
     taps: int = 3
@@ -118,6 +126,7 @@ class Split:
     train: Activations
     val: Activations
     test: Activations
+    anchors: np.ndarray | None = None  # (A, K, d): the anchor texts, in anchor-id order
 
 
 # -- fleet --------------------------------------------------------------------------------
@@ -158,9 +167,11 @@ def train_side(
     data: dict[str, Split],
     devices: dict[str, dict[str, np.ndarray]],
     snapshots: Path | None = None,
+    anchors: bool = False,
 ) -> tuple[Any, list[dict]]:
     """One SideTrainer over the architectures in ``devices`` (backbone -> device -> train
-    rows), batches drawn by the server trainer's sampler. With ``snapshots``, the trainer is
+    rows), batches drawn by the server trainer's sampler; with ``anchors``, every backbone's
+    anchor activations join the cache as the server's do. With ``snapshots``, the trainer is
     saved to ``snapshots/<backbone>`` whenever that backbone's validation accuracy improves
     (model selection on the validation split devices upload)."""
     from fedmobillm.server.side import SideTrainer
@@ -176,13 +187,16 @@ def train_side(
             if len(rows):
                 a.train_x[dev] = list(tr.x[rows])  # [(K, d)]
                 a.train_y[dev] = tr.y[rows].tolist()
+        if anchors and data[b].anchors is not None:
+            a.anchor_x = dict(enumerate(data[b].anchors))  # anchor id -> (K, d)
         cache.archs[tr.architecture] = a
     batch = cfg.batch_per_arch * len(devices)
     curve: list[dict[str, Any]] = []
     best: dict[str, float] = {}
     for step in range(cfg.steps):
-        groups = cache.sample(np.random.default_rng([cfg.seed, step]), batch)
-        loss = trainer.train_step(groups)
+        rng = np.random.default_rng([cfg.seed, step])
+        groups = cache.sample(rng, batch)
+        loss = trainer.train_step(groups, cache.sample_anchors(rng, trainer.config.anchor_batch))
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             point: dict[str, Any] = {"step": step + 1, "loss": loss}
             for b in devices:
@@ -240,7 +254,14 @@ def side_rows(
         return work / f"snap-{method}-{partition}" if cfg.select == "best-val" else None
 
     def emit(
-        method: str, partition: str, trainer: Any, curve: list, b: str, n: int, seconds: float
+        method: str,
+        partition: str,
+        trainer: Any,
+        curve: list,
+        b: str,
+        n: int,
+        seconds: float,
+        anchors: int = 0,
     ) -> None:
         t = data[b].test
         final = trainer.evaluate(t.architecture, t.x, t.y)["accuracy"]  # (torch) last step
@@ -267,6 +288,7 @@ def side_rows(
                     {"step": p["step"], "loss": p["loss"], "val_accuracy": p[b]} for p in curve
                 ],
                 "train_samples": n,
+                "anchor_samples": anchors,  # unlabelled anchor texts this backbone forwarded
                 "test_samples": int(len(data[b].test.y)),
                 "steps": cfg.steps,
                 "batch_per_arch": cfg.batch_per_arch,
@@ -288,12 +310,19 @@ def side_rows(
         devices = fleet(
             data[backbones[0]].train.y, backbones, cfg.devices_per_backbone, partition, cfg.seed
         )
-        t0 = time.perf_counter()
-        trainer, curve = train_side(cfg, label_names, data, devices, snap("fedmobillm", partition))
-        dt = time.perf_counter() - t0
-        for b in backbones:
-            n = sum(len(r) for r in devices[b].values())
-            emit("fedmobillm", partition, trainer, curve, b, n, dt)
+        variants = [("fedmobillm", cfg.anchors > 0)]
+        if cfg.anchors > 0 and partition == "iid":
+            variants.append(("fedmobillm-no-anchors", False))
+        for method, use_anchors in variants:
+            t0 = time.perf_counter()
+            trainer, curve = train_side(
+                cfg, label_names, data, devices, snap(method, partition), anchors=use_anchors
+            )
+            dt = time.perf_counter() - t0
+            for b in backbones:
+                n = sum(len(r) for r in devices[b].values())
+                pool = data[b].anchors if use_anchors else None
+                emit(method, partition, trainer, curve, b, n, dt, 0 if pool is None else len(pool))
         for b in backbones:
             t0 = time.perf_counter()
             trainer, curve = train_side(
@@ -359,7 +388,9 @@ def full_finetune(cfg: AccuracyConfig, dataset: str) -> dict:
     hf_logging.set_verbosity_error()
     t0 = time.perf_counter()
     ds = load_dataset(dataset, seed=cfg.seed)
-    train = _subset(ds.splits["train"], cfg.full_ft_train, cfg.seed)
+    labelled, _ = train_layout(cfg, len(ds.splits["train"]))  # never the anchor records
+    limit = labelled if cfg.full_ft_train is None else min(cfg.full_ft_train, labelled)
+    train = _subset(ds.splits["train"], limit, cfg.seed)
     test = _subset(ds.splits["test"], cfg.test_limit, cfg.seed)
     folder = str(resolve_model(cfg.full_ft_model))
     tok = AutoTokenizer.from_pretrained(folder)
@@ -432,12 +463,29 @@ def _subset(records: list, limit: int | None, seed: int) -> list:
 # -- the run --------------------------------------------------------------------------------
 
 
-def load_split(cfg: AccuracyConfig, bundle: Path, dataset: str) -> Split:
+def train_layout(cfg: AccuracyConfig, n_train: int) -> tuple[int, int]:
+    """(labelled records, anchor records) of a train split of ``n_train``: the labelled
+    records are the first of ``split_order``, the anchors the next ones (disjoint)."""
+    if cfg.train_limit is None:
+        anchors = min(cfg.anchors, n_train // 4)
+        return n_train - anchors, anchors
+    labelled = min(cfg.train_limit, n_train)
+    return labelled, min(cfg.anchors, n_train - labelled)
+
+
+def load_split(cfg: AccuracyConfig, bundle: Path, dataset: str, n_train: int) -> Split:
     kw = {"seed": cfg.seed, "threads": cfg.threads}
+    labelled, anchors = train_layout(cfg, n_train)
+    train = extract(bundle, dataset, "train", labelled + anchors, **kw)
+    pool = train.x[labelled:] if anchors else None  # (A, K, d), labels never read
+    train = dataclasses.replace(
+        train, x=train.x[:labelled], y=train.y[:labelled], index=train.index[:labelled]
+    )
     return Split(
-        extract(bundle, dataset, "train", cfg.train_limit, **kw),
+        train,
         extract(bundle, dataset, "validation", cfg.val_limit, **kw),
         extract(bundle, dataset, "test", cfg.test_limit, **kw),
+        pool,
     )
 
 
@@ -458,9 +506,10 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
     runs: list[dict] = []  # side-network methods: one per seed, with curves
     timings: dict[str, float] = {}
     for dataset in cfg.datasets:
-        label_names = list(load_dataset(dataset, seed=cfg.seed).label_names)
+        ds = load_dataset(dataset, seed=cfg.seed)
+        label_names, n_train = list(ds.label_names), len(ds.splits["train"])
         t0 = time.perf_counter()
-        data = {b: load_split(cfg, bundles[b], dataset) for b in cfg.backbones}
+        data = {b: load_split(cfg, bundles[b], dataset, n_train) for b in cfg.backbones}
         timings[f"{dataset}/activations"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         for r in range(cfg.repeats):
@@ -520,6 +569,7 @@ def summarise(runs: list[dict], dataset: str) -> list[dict]:
                 "personal_params": rs[0]["personal_params"],
                 "personal_onnx_bytes": rs[0]["personal_onnx_bytes"],
                 "train_samples": rs[0]["train_samples"],
+                "anchor_samples": rs[0].get("anchor_samples", 0),
                 "test_samples": rs[0]["test_samples"],
                 "steps": rs[0]["steps"],
                 "seconds": float(sum(r["seconds"] for r in rs)),
@@ -583,6 +633,7 @@ def versions() -> dict[str, str]:
 
 COLUMNS = [
     ("fedmobillm", "iid"),
+    ("fedmobillm-no-anchors", "iid"),
     ("fedmobillm", "dirichlet-0.1"),
     ("centralised", "central"),
     ("single", "iid"),
@@ -741,7 +792,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", help="comma-separated backbone names")
     p.add_argument("--steps", type=int, help="side-network steps (every method)")
     p.add_argument("--batch-per-arch", type=int, help="samples per architecture per step")
-    p.add_argument("--train-limit", type=int, help="train records per data set")
+    p.add_argument("--train-limit", type=int, help="labelled train records per data set")
+    p.add_argument(
+        "--anchors",
+        type=int,
+        help="unlabelled anchor texts (held-out train records) every backbone forwards; 0 = none",
+    )
     p.add_argument("--val-limit", type=int)
     p.add_argument("--test-limit", type=int)
     p.add_argument("--devices-per-backbone", type=int)
@@ -782,6 +838,7 @@ def main(argv: list[str] | None = None) -> int:
             steps=a.steps,
             batch_per_arch=a.batch_per_arch,
             train_limit=a.train_limit,
+            anchors=a.anchors,
             val_limit=a.val_limit,
             test_limit=a.test_limit,
             devices_per_backbone=a.devices_per_backbone,

@@ -242,7 +242,8 @@ class DeviceClient:
             if all(i < len(records) for i in pending.ids):
                 self._check_same_data(pending, records)
                 batches.append(list(pending.ids))
-        todo = [i for i in range(len(records)) if i not in done]
+        # None: not this device's (an anchor set holds every device's share)
+        todo = [i for i in range(len(records)) if i not in done and records[i] is not None]
         b = self.config.batch_size
         batches += [todo[s : s + b] for s in range(0, len(todo), b)]
         already = sum(len(e.ids) for e in self.journal.acked(split, digest))
@@ -305,6 +306,29 @@ class DeviceClient:
             server_samples=tracker.server_samples,
         )
 
+    def anchor_records(self) -> list[Any]:
+        """This device's share of the server's anchor set (GET /v1/anchors) as records
+        indexed by anchor id (label -1; None where another device's share lies), for a run
+        with split ``anchor``."""
+        from fedmobillm.device_runtime.data import Record
+
+        server = self.config.server or self.state.server
+        with Uploader(server, self.state.token, self.config.retry) as up:
+            resp = up.request("GET", "/v1/anchors")
+        if resp.status_code != 200:
+            raise rejected(resp, "fetching the anchor set")
+        share = resp.json()
+        records: list[Any] = [None] * int(share["total"])
+        for i, text in zip(share["ids"], share["texts"], strict=True):
+            records[int(i)] = Record(str(text), -1)
+        log.info(
+            "anchor set %s: %d of %d texts are this device's share",
+            str(share["anchor_set"])[:12],
+            len(share["ids"]),
+            share["total"],
+        )
+        return records
+
     def server_counts(self, up: Uploader) -> dict[str, int]:
         """The server's sample counts for this device (empty if it cannot say)."""
         try:
@@ -315,7 +339,11 @@ class DeviceClient:
 
     def _check_labels(self, records: Sequence[Any]) -> None:
         n = len(self.state.label_names)
-        bad = [i for i, r in enumerate(records) if not (-1 <= int(r.label) < max(n, 1))]
+        bad = [
+            i
+            for i, r in enumerate(records)
+            if r is not None and not (-1 <= int(r.label) < max(n, 1))
+        ]
         if n and bad:
             raise FedMobiLLMError(
                 f"record {bad[0]} has label {records[bad[0]].label}, outside the task's "

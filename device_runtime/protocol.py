@@ -35,7 +35,8 @@ octet-stream``). Its ``__metadata__`` is the JSON header (all values strings)::
     device_id        the id the server returned at registration
     bundle_sha256    bundle_digest(manifest) of the bundle the device runs
     idempotency_key  stable per batch: re-sending the same batch is a no-op
-    split            "train" | "validation"
+    split            "train" | "validation" | "anchor" (public anchor texts, label -1,
+                     sample id = the text's id in the server's anchor set, GET /v1/anchors)
     encoding         "int8" | "fp16"
 
 and its tensors::
@@ -44,6 +45,7 @@ and its tensors::
     scales       float32          [K]         int8 only: value = int8 * scale
     labels       int64            [N]         class index; -1 = unlabelled
     sample_ids   int64            [N]         device-local record index, unique per split
+                                              (anchor: the anchor id)
 
 The ``Authorization: Bearer <device token>`` header authenticates the device.
 """
@@ -65,7 +67,7 @@ MANIFEST_NAME = "manifest.json"
 PIVOTS = ("first", "last", "mean", "none")
 QUANTS = ("fp32", "int8", "8da4w")
 ENCODINGS = ("int8", "fp16")
-SPLITS = ("train", "validation")
+SPLITS = ("train", "validation", "anchor")
 
 # Tensor names in an upload payload.
 T_ACTIVATIONS = "activations"

@@ -54,6 +54,14 @@ class RegisterResponse(BaseModel):
 class SampleCounts(BaseModel):
     train: int
     validation: int
+    anchor: int = 0
+
+
+class AnchorShare(BaseModel):
+    anchor_set: str  # sha256 of the server's anchor texts
+    total: int  # texts in the set
+    ids: list[int]  # this device's share: upload text i with sample id ids[i]
+    texts: list[str]
 
 
 class Ack(BaseModel):
@@ -134,8 +142,13 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def create_app(settings: ServerSettings) -> FastAPI:
     """Build the app. The store opens now; the trainer thread starts with the app's lifespan."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    anchors = None
+    if settings.anchors is not None:
+        from fedmobillm.server.anchors import load_anchor_set
+
+        anchors = load_anchor_set(settings.anchors, settings.anchors_per_device)
     store = Store(settings.db_path)
-    service = Service(store, settings.max_samples_per_batch)
+    service = Service(store, settings.max_samples_per_batch, anchors)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -237,6 +250,12 @@ def _add_routes(app: FastAPI) -> None:
         body = await _read_body(request, settings.max_body_bytes)
         ack = await run_in_threadpool(service.ingest, device, body)
         return Ack(**ack)
+
+    @app.get("/v1/anchors", responses=ERRORS, tags=["devices"])
+    def anchors(device: DeviceAuth) -> AnchorShare:
+        """The public anchor texts this device should forward and upload as split
+        ``anchor`` (sample id = anchor id), so architectures can be aligned on them."""
+        return AnchorShare(**service.anchor_share(device))
 
     @app.get(
         "/v1/personal-model",

@@ -15,6 +15,7 @@ import numpy as np
 from fedmobillm.device_runtime.protocol import Manifest, bundle_digest
 from fedmobillm.device_runtime.serde import Batch, PayloadError, decode_batch
 from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.anchors import AnchorSet
 from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound
 from fedmobillm.server.store import Device, Store
 
@@ -40,10 +41,31 @@ class Counters:
 
 
 class Service:
-    def __init__(self, store: Store, max_samples_per_batch: int = 4096) -> None:
+    def __init__(
+        self, store: Store, max_samples_per_batch: int = 4096, anchors: AnchorSet | None = None
+    ) -> None:
         self.store = store
         self.max_samples = max_samples_per_batch
+        self.anchors = anchors
         self.counters = Counters()
+
+    # -- anchors -----------------------------------------------------------------------
+
+    def anchor_share(self, device: Device) -> dict:
+        """The anchor texts this device should forward and upload as split ``anchor``."""
+        if self.anchors is None:
+            raise NotFound(
+                "this server has no anchor set",
+                hint="start the server with --anchors FILE to use anchor alignment",
+            )
+        peers = [d.device_id for d in self.store.devices() if d.architecture == device.architecture]
+        ids = self.anchors.share(peers.index(device.device_id))
+        return {
+            "anchor_set": self.anchors.digest,
+            "total": len(self.anchors.texts),
+            "ids": ids,
+            "texts": [self.anchors.texts[i] for i in ids],
+        }
 
     # -- registration ------------------------------------------------------------------
 
@@ -121,6 +143,23 @@ class Service:
             )
         if batch.encoding == "fp16" and not np.isfinite(batch.activations).all():
             raise BadRequest("activations contain NaN or infinity")
+        if batch.split == "anchor":
+            if self.anchors is None:
+                raise BadRequest(
+                    "this server has no anchor set: anchor uploads are not accepted",
+                    hint="start the server with --anchors FILE, or upload train/validation",
+                )
+            ids = batch.sample_ids
+            if (
+                (ids < 0).any()
+                or (ids >= len(self.anchors.texts)).any()
+                or (batch.labels != -1).any()
+            ):
+                raise BadRequest(
+                    f"anchor samples need ids in 0..{len(self.anchors.texts) - 1} (positions "
+                    "in the server's anchor set) and label -1",
+                    hint="fetch the anchors with GET /v1/anchors and upload them as given",
+                )
         num_labels = len(self.store.label_names() or [])
         bad = (batch.labels < -1) | (batch.labels >= num_labels)
         if bad.any():
@@ -183,6 +222,7 @@ class Service:
         for device_id, arch, split, n in self.store.sample_counts():
             per_device.setdefault(device_id, {"train": 0, "validation": 0})[split] = n
             a = per_arch.setdefault(arch, {"train": 0, "validation": 0, "devices": 0})
+            a.setdefault(split, 0)
             a[split] += n
         devices = []
         for d in self.store.devices():

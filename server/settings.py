@@ -51,6 +51,11 @@ class ServerSettings(BaseSettings):
     side_blocks: int = Field(3, gt=0)
     side_block: str = "mlp"
     learning_rate: float = Field(1e-3, gt=0)
+    # Anchor set (server/anchors.py): public unlabelled texts, one per line or .jsonl
+    # {"text"}; each device forwards its share of anchors_per_device of them (`fedmobillm
+    # device run --split anchor`). Keep the file fixed for a data dir: ids are positions.
+    anchors: Path | None = None
+    anchors_per_device: int = Field(500, gt=0)
 
     @field_validator("side_block")
     @classmethod

@@ -73,6 +73,15 @@ class SideConfig:
     label_smoothing: float = 0.0
     max_grad_norm: float = 1.0
     ema: float = 0.99  # > 0: evaluate/export an exponential moving average of the weights
+    # Anchor alignment (used only when devices of two or more architectures uploaded
+    # activations of the server's public, unlabelled anchor texts): per step, a batch of
+    # ``anchor_batch`` anchors seen by every architecture adds
+    #   anchor_kl * KL(mean of the architectures' predictions || each one's prediction)
+    #   + anchor_feature * MSE(each architecture's LayerNormed aligned taps, their mean)
+    # so the alignments map one text to one place and the personal models agree.
+    anchor_batch: int = 64
+    anchor_kl: float = 3.0
+    anchor_feature: float = 5.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -90,6 +99,8 @@ class SideConfig:
             problems.append("arch_norms needs MLP side blocks")
         if self.block == "transformer" and self.width % self.heads:
             problems.append(f"width {self.width} must be divisible by heads {self.heads}")
+        if self.anchor_batch < 1 or min(self.anchor_kl, self.anchor_feature) < 0:
+            problems.append("anchor_batch must be positive, anchor_kl and anchor_feature >= 0")
         if min(self.width, self.blocks, self.expansion) <= 0 or self.gate_temperature <= 0:
             problems.append("width, blocks, expansion and gate_temperature must be positive")
         if problems:
@@ -257,7 +268,10 @@ class PersonalModel(nn.Module):
         self.side = side
 
     def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        u = self.align(activations)  # (B, K_s, d_s)
+        return self.head(self.align(activations))  # (B, C)
+
+    def head(self, u: torch.Tensor) -> torch.Tensor:
+        """Side network + head over already aligned taps u (B, K_s, d_s)."""
         return self.side(u, self.align.has_input, self.align.norm_scale, self.align.norm_shift)
 
 
@@ -352,9 +366,16 @@ class SideTrainer:
             return c.lr * 0.5 * (1.0 + math.cos(math.pi * t))
         return c.lr
 
-    def train_step(self, groups: list[tuple[str, np.ndarray, np.ndarray]]) -> float:
+    def train_step(
+        self,
+        groups: list[tuple[str, np.ndarray, np.ndarray]],
+        anchors: list[tuple[str, np.ndarray]] | None = None,
+    ) -> float:
         """One optimiser step over mini-batch groups [(arch, x (N, K, d), y (N,))].
-        Unlabelled samples (y = -1) are ignored. Returns the mean loss."""
+        Unlabelled samples (y = -1) are ignored. ``anchors``: [(arch, x (M, K, d))], row i
+        of every array the same anchor text through that architecture's backbone; with two
+        or more architectures they add the anchor-alignment loss (``SideConfig``). Returns
+        the mean loss (classification + anchor terms)."""
         self.side.train()
         self.aligns.train()
         logits, targets = [], []
@@ -370,6 +391,8 @@ class SideTrainer:
         loss = F.cross_entropy(
             torch.cat(logits), torch.cat(targets), label_smoothing=self.config.label_smoothing
         )
+        if anchors is not None and len(anchors) > 1:
+            loss = loss + self._anchor_loss(anchors)
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -382,6 +405,31 @@ class SideTrainer:
         self._update_ema()
         self.samples_seen += sum(len(t) for t in targets)
         return float(loss.detach())
+
+    def _anchor_loss(self, anchors: list[tuple[str, np.ndarray]]) -> torch.Tensor:
+        """Agreement of the architectures on the same anchor texts (see ``SideConfig``)."""
+        c = self.config
+        rows = {len(x) for _, x in anchors}
+        if len(rows) != 1:
+            raise FedMobiLLMError(f"anchor arrays must have one row count, not {sorted(rows)}")
+        models = [self._model(arch) for arch, _ in anchors]
+        us = [
+            m.align(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
+            for m, (_, x) in zip(models, anchors, strict=True)
+        ]  # each (M, K_s, d_s)
+        loss = torch.zeros(())
+        if c.anchor_feature:
+            z = torch.stack(us)  # (A, M, K_s, d_s)
+            z = F.layer_norm(z, z.shape[-1:])
+            loss = loss + c.anchor_feature * (z - z.mean(0, keepdim=True)).pow(2).mean()
+        if c.anchor_kl:
+            logp = torch.stack(
+                [F.log_softmax(m.head(u), -1) for m, u in zip(models, us, strict=True)]
+            )  # (A, M, C)
+            target = logp.exp().mean(0, keepdim=True).detach()  # (1, M, C)
+            kl = (target * (target.clamp_min(1e-8).log() - logp)).sum(-1)  # (A, M)
+            loss = loss + c.anchor_kl * kl.mean()
+        return loss
 
     @torch.no_grad()
     def predict(self, arch: str, x: np.ndarray, batch: int = 1024) -> np.ndarray:

@@ -100,6 +100,7 @@ class SampleRows:
     """Samples read back for training: dequantized float32 activations."""
 
     ids: np.ndarray  # (M,) int64 store row ids
+    sample_ids: np.ndarray  # (M,) int64 device-local ids (anchor splits: the anchor's id)
     device_ids: list[str]
     architectures: list[str]
     splits: list[str]
@@ -303,13 +304,14 @@ class Store:
         """Samples with row id > after_id, oldest first, dequantized to float32."""
         rows = self._query(
             "SELECT s.id, s.device_id, s.architecture, s.split, s.label, s.encoding, s.act, "
-            "s.scales, d.num_taps, d.hidden_size FROM samples s JOIN devices d "
+            "s.scales, d.num_taps, d.hidden_size, s.sample_id FROM samples s JOIN devices d "
             "ON s.device_id = d.device_id WHERE s.id > ? ORDER BY s.id LIMIT ?",
             (after_id, limit),
         )
         acts = [_dequantize(r[5], r[6], r[7], r[8], r[9]) for r in rows]
         return SampleRows(
             ids=np.array([r[0] for r in rows], dtype=np.int64),
+            sample_ids=np.array([r[10] for r in rows], dtype=np.int64),
             device_ids=[r[1] for r in rows],
             architectures=[r[2] for r in rows],
             splits=[r[3] for r in rows],

@@ -55,6 +55,8 @@ class ArchData:
     train_y: dict[str, list[int]] = field(default_factory=dict)
     val_x: list[np.ndarray] = field(default_factory=list)
     val_y: list[int] = field(default_factory=list)
+    # anchor id -> (K, d): the server's public anchor texts through this architecture
+    anchor_x: dict[int, np.ndarray] = field(default_factory=dict)
     _stacked: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def device_arrays(self, device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +81,7 @@ class TrainingCache:
         self._known_devices: set[str] = set()
 
     def refresh(self, store: Store) -> int:
-        """Pull new rows; returns how many labelled samples arrived."""
+        """Pull new rows; returns how many labelled training and anchor samples arrived."""
         rows = store.read_samples(self.watermark)
         if len(rows.ids) == 0:
             return 0
@@ -93,6 +95,9 @@ class TrainingCache:
             if rows.splits[i] == "validation":
                 a.val_x.append(rows.activations[i])
                 a.val_y.append(y)
+            elif rows.splits[i] == "anchor":
+                a.anchor_x[int(rows.sample_ids[i])] = rows.activations[i]
+                new += 1  # wakes an idle trainer: the alignment has more to learn from
             elif y >= 0:
                 a.train_x.setdefault(rows.device_ids[i], []).append(rows.activations[i])
                 a.train_y.setdefault(rows.device_ids[i], []).append(y)
@@ -107,6 +112,31 @@ class TrainingCache:
                 m = d.manifest
                 self.archs[d.architecture] = ArchData(m["taps"], m["depth"], m["hidden_size"])
             self.archs[d.architecture].bundle_sha256s.add(d.bundle_sha256)
+
+    def _anchor_archs(self) -> list[tuple[str, ArchData]]:
+        return sorted((k, a) for k, a in list(self.archs.items()) if a.anchor_x and a.num_train)
+
+    def _common_anchor_ids(self, archs: list[tuple[str, ArchData]]) -> list[int]:
+        if len(archs) < 2:
+            return []
+        first, *rest = (set(a.anchor_x) for _, a in archs)
+        return sorted(first.intersection(*rest))
+
+    def shared_anchors(self) -> int:
+        return len(self._common_anchor_ids(self._anchor_archs()))
+
+    def sample_anchors(
+        self, rng: np.random.Generator, batch_size: int
+    ) -> list[tuple[str, np.ndarray]] | None:
+        """Up to ``batch_size`` anchor ids that every architecture with anchors holds, drawn
+        without replacement: [(arch, x (M, K, d))], rows in one id order. None when fewer
+        than two architectures share an anchor."""
+        archs = self._anchor_archs()
+        ids = self._common_anchor_ids(archs)
+        if not ids:
+            return None
+        pick = [ids[i] for i in rng.choice(len(ids), min(batch_size, len(ids)), replace=False)]
+        return [(k, np.stack([a.anchor_x[i] for i in pick])) for k, a in archs]
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> list[tuple]:
         """Balanced mini-batch: an equal share per architecture; within one, a device is
@@ -235,11 +265,12 @@ class Trainer:
                 self._evaluate()
             self.idle = True
             return False
-        groups = self.cache.sample(self._rng(), self.settings.batch_size)
+        rng = self._rng()
+        groups = self.cache.sample(rng, self.settings.batch_size)
         if not groups:
             return False
         self.idle = False
-        self._step(groups)
+        self._step(groups, self.cache.sample_anchors(rng, self.side.config.anchor_batch))
         return True
 
     def _should_idle(self) -> bool:
@@ -251,9 +282,9 @@ class Trainer:
         total = sum(a.num_train for a in self.cache.archs.values())
         return since * s.batch_size >= s.idle_after_epochs * total
 
-    def _step(self, groups: list[tuple]) -> None:
+    def _step(self, groups: list[tuple], anchors: list[tuple] | None = None) -> None:
         assert self.side is not None
-        loss = self.side.train_step(groups)
+        loss = self.side.train_step(groups, anchors)
         self._steps_since_data += 1
         step = self.side.step
         with self._lock:
@@ -470,9 +501,16 @@ class Trainer:
                 "resumed_from": self.resumed_from,
                 "parameters": side.num_parameters() if side else None,
                 "architectures": {
-                    n: {"train": a.num_train, "validation": len(a.val_y), "devices": len(a.train_y)}
+                    n: {
+                        "train": a.num_train,
+                        "validation": len(a.val_y),
+                        "anchors": len(a.anchor_x),
+                        "devices": len(a.train_y),
+                    }
                     for n, a in list(self.cache.archs.items())  # copy: the thread adds archs
                 },
+                # anchors every architecture with anchors holds: what alignment trains on
+                "shared_anchors": self.cache.shared_anchors(),
                 "personal_models": dict(self.exported),
                 "best_validation": {n: dict(b) for n, b in self.best.items()},
                 "history": self.history[-50:],

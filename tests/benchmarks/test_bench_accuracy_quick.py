@@ -1,7 +1,7 @@
 # Owner: H7.
 """The accuracy benchmark end to end on tiny data: two real backbones (MiniLM-L3, MiniLM-L6,
-int8 ONNX bundles), 4 devices (IID), 240 train records, every method, through the command
-line.
+int8 ONNX bundles), 4 devices (IID), 240 labelled train records and 120 anchor texts, every
+method, through the command line.
 Checks the output schema and that the shared side network learns (beats the majority
 class on held-out test records through the exported personal model)."""
 
@@ -17,7 +17,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BACKBONES = ("minilm-l3", "minilm-l6")
-METHODS = {"fedmobillm", "centralised", "single", "linear-probe", "full-ft"}
+METHODS = {
+    "fedmobillm",
+    "fedmobillm-no-anchors",
+    "centralised",
+    "single",
+    "linear-probe",
+    "full-ft",
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +34,7 @@ def result(make_bundle, tmp_path_factory) -> tuple[dict, Path]:
     cmd = [
         sys.executable, "-m", "benchmarks.bench_accuracy", "--quick", "--out", str(out),
         "--backbones", ",".join(BACKBONES), "--devices-per-backbone", "2",
-        "--partitions", "iid", "--train-limit", "240", "--val-limit", "100",
+        "--partitions", "iid", "--train-limit", "240", "--anchors", "120", "--val-limit", "100",
         "--test-limit", "200", "--steps", "150", "--batch-per-arch", "16", "--repeats", "2",
         "--full-ft-model", "minilm-l3", "--full-ft-train", "16",
         *[f"--bundle={b}={d}" for b, d in bundles.items()],
@@ -74,6 +81,11 @@ def test_single_uses_a_third_of_what_centralised_uses(result) -> None:
         central = next(r for r in rows if (r["method"], r["backbone"]) == ("centralised", b))
         assert central["train_samples"] == 240
         assert single["train_samples"] == 240 // len(BACKBONES)
+        # the anchor texts are held out of the labelled records and reach fedmobillm only
+        fed = {r["method"]: r for r in rows if r["backbone"] == b and r["partition"] == "iid"}
+        assert fed["fedmobillm"]["anchor_samples"] == 120
+        assert fed["fedmobillm-no-anchors"]["anchor_samples"] == 0
+        assert fed["fedmobillm"]["train_samples"] == single["train_samples"]
 
 
 def test_side_methods_average_over_seeds(result) -> None:

@@ -428,7 +428,7 @@ def test_validation_upload_fetch_model_and_predict(training_server, bundles, tmp
     assert cli(*run_args(bundles["l3"], train, state)).returncode == 0
     r = cli(*run_args(bundles["l3"], val, state, "--split", "validation"))
     assert r.returncode == 0, r.stderr
-    assert srv.device(device_id)["samples"] == {"train": 128, "validation": 32}
+    assert srv.device(device_id)["samples"] == {"train": 128, "validation": 32, "anchor": 0}
 
     model = tmp_path / "model"
     deadline = time.monotonic() + 150
@@ -460,3 +460,63 @@ def test_validation_upload_fetch_model_and_predict(training_server, bundles, tmp
 def _trained_enough(model: Path) -> bool:
     info = json.loads((model / "personal.json").read_text())
     return info.get("trainer_step", 0) >= 100
+
+
+def test_anchor_shares_uploaded_paired_and_used_by_the_trainer(tmp_path_factory, bundles):
+    """A server with an anchor set: each device fetches its share (a slice by its rank in
+    its architecture), forwards and uploads it as split ``anchor``; the trainer pairs the
+    architectures on the anchor ids both hold. Misuse gets one-line errors."""
+    tmp = tmp_path_factory.mktemp("anchors")
+    anchors = tmp / "anchors.txt"
+    anchors.write_text("".join(f"anchor {i}: the film was {WORDS[i % 8]}\n" for i in range(50)))
+    env = {"FEDMOBILLM_ANCHORS": str(anchors), "FEDMOBILLM_ANCHORS_PER_DEVICE": "20",
+           "FEDMOBILLM_IDLE_AFTER_STEPS": "100", "FEDMOBILLM_EVAL_EVERY": "50"}  # fmt: skip
+    srv = next(gen := _serve(tmp / "server", train=True, env=env))
+    try:
+        states = {n: tmp / f"state-{n}" for n in ("l3-a", "l3-b", "l6-a")}
+        ids = {n: register(srv, f"anchor-{n}", bundles[n[:2]], s) for n, s in states.items()}
+        for n, state in states.items():
+            r = cli("device", "run", "--bundle", bundles[n[:2]], "--state", state,
+                    "--split", "anchor")  # fmt: skip
+            assert r.returncode == 0, r.stderr
+        # shares: the L3 devices take anchors 0-19 and 20-39, the L6 device 0-19
+        sql = (
+            "SELECT sample_id FROM samples WHERE device_id = ? AND split = 'anchor' AND label = -1"
+        )
+        with sqlite3.connect(srv.data_dir / "store.sqlite3") as db:
+            got = {n: sorted(i for (i,) in db.execute(sql, (ids[n],))) for n in states}
+        assert got == {"l3-a": list(range(20)), "l3-b": list(range(20, 40)),
+                       "l6-a": list(range(20))}  # fmt: skip
+        assert srv.device(ids["l6-a"])["samples"] == {"train": 0, "validation": 0, "anchor": 20}
+        # a second run re-sends nothing
+        r = cli("device", "run", "--bundle", bundles["l6"], "--state", states["l6-a"],
+                "--split", "anchor")  # fmt: skip
+        assert r.returncode == 0 and "20 already acknowledged earlier" in r.stdout, r.stdout
+
+        r = cli("device", "run", "--bundle", bundles["l3"], "--state", states["l3-a"],
+                "--split", "anchor", "--data", anchors)  # fmt: skip
+        assert r.returncode == 1 and "not allowed with --split anchor" in r.stderr, r.stderr
+
+        for s, n in enumerate(("l3-a", "l6-a")):
+            data = write_data(tmp / f"{n}.jsonl", 64, seed=s)
+            assert cli(*run_args(bundles[n[:2]], data, states[n])).returncode == 0
+        auth = {"Authorization": f"Bearer {ADMIN}"}
+        deadline, trainer = time.monotonic() + 90, {}
+        while time.monotonic() < deadline:
+            trainer = httpx.get(f"{srv.url}/v1/status", headers=auth, timeout=10).json()["trainer"]
+            if trainer.get("step", 0) >= 20:
+                break
+            time.sleep(1)
+        assert trainer["shared_anchors"] == 20, trainer
+        assert {a["anchors"] for a in trainer["architectures"].values()} == {40, 20}
+        assert trainer["error"] is None and trainer["step"] >= 20
+    finally:
+        next(gen, None)
+
+
+def test_anchor_run_on_a_server_without_anchors(server, bundles, tmp_path):
+    state = tmp_path / "state"
+    register(server, "e2e-no-anchors", bundles["l3"], state)
+    r = cli("device", "run", "--bundle", bundles["l3"], "--state", state, "--split", "anchor")
+    assert r.returncode == 1 and "no anchor set" in r.stderr, r.stderr
+    assert "--anchors" in r.stderr

@@ -158,3 +158,71 @@ def test_personal_pte_runs_in_executorch(tmp_path):
     program = Runtime.get().load_program(str(out / "personal.pte"))
     got = program.load_method("forward").execute([torch.from_numpy(x)])[0].numpy()
     np.testing.assert_allclose(got, t.predict("A", x), atol=1e-4)
+
+
+def _views(z: np.ndarray, taps: int, width: int, seed: int) -> np.ndarray:
+    """One architecture's taps of latent texts z (N, 8): fixed random linear maps + noise."""
+    rng = np.random.default_rng(seed)
+    maps = rng.normal(size=(taps, z.shape[1], width)) / np.sqrt(z.shape[1])
+    x = np.einsum("nz,kzd->nkd", z, maps) + 0.1 * rng.normal(size=(len(z), taps, width))
+    return x.astype(np.float32)  # (N, K, d)
+
+
+def test_anchor_alignment_carries_labels_to_a_data_poor_architecture():
+    """Architecture A has 400 labelled samples, B only 12. With both architectures'
+    activations of the same unlabelled anchor texts, B's personal model learns what A's
+    labels teach: its test accuracy rises well above B trained on its 12 alone, and the
+    anchor loss falls as the alignments come to agree."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=8)
+
+    def texts(n):
+        z = rng.normal(size=(n, 8))
+        return z, (z @ w > 0).astype(np.int64)
+
+    (za, ya), (zb, yb), (zanc, _), (zt, yt) = texts(400), texts(12), texts(300), texts(500)
+    xa, xb, xt = _views(za, 2, 16, 1), _views(zb, 3, 24, 2), _views(zt, 3, 24, 2)
+    anchors = [("A", _views(zanc, 2, 16, 1)), ("B", _views(zanc, 3, 24, 2))]
+
+    def fit(use_anchors: bool) -> tuple[float, list[float]]:
+        t = trainer(seed=0)
+        anchor_losses = []
+        for step in range(300):
+            r = np.random.default_rng(step)
+            ia, ib, ic = r.integers(0, 400, 32), r.integers(0, 12, 32), r.choice(300, 64, False)
+            batch = [(a, x[ic]) for a, x in anchors] if use_anchors else None
+            t.train_step([("A", xa[ia], ya[ia]), ("B", xb[ib], yb[ib])], batch)
+            if use_anchors and step % 50 == 0:
+                with torch.no_grad():
+                    anchor_losses.append(float(t._anchor_loss(anchors)))
+        return t.evaluate("B", xt, yt)["accuracy"], anchor_losses
+
+    alone, _ = fit(False)
+    aligned, losses = fit(True)
+    assert aligned >= alone + 0.08, (alone, aligned)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_anchor_batches_need_one_row_count_and_sampling_pairs_ids():
+    from fedmobillm.server.trainer import ArchData, TrainingCache
+
+    t = trainer()
+    xa, _ = synthetic(5, 2, 16, 1)
+    xb, _ = synthetic(6, 3, 24, 2)
+    with pytest.raises(FedMobiLLMError, match="one row count"):
+        t.train_step(next(batches(1)), [("A", xa), ("B", xb)])
+
+    cache = TrainingCache()
+    for name, (k, d), ids in (("A", (2, 16), [0, 1, 2, 3]), ("B", (3, 24), [2, 3, 4])):
+        a = ArchData(list(range(1, k + 1)), k, d)
+        a.train_x["dev"], a.train_y["dev"] = [np.zeros((k, d), np.float32)], [0]
+        a.anchor_x = {i: np.full((k, d), i, np.float32) for i in ids}
+        cache.archs[name] = a
+    assert cache.shared_anchors() == 2
+    picked = cache.sample_anchors(np.random.default_rng(0), 64)
+    assert [name for name, _ in picked] == ["A", "B"]
+    (_, pa), (_, pb) = picked
+    assert pa.shape == (2, 2, 16) and pb.shape == (2, 3, 24)
+    assert sorted(pa[:, 0, 0]) == [2.0, 3.0] and (pa[:, 0, 0] == pb[:, 0, 0]).all()
+    cache.archs["B"].anchor_x = {9: np.zeros((3, 24), np.float32)}
+    assert cache.sample_anchors(np.random.default_rng(0), 64) is None

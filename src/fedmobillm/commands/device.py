@@ -41,7 +41,11 @@ def _add_register(p: argparse.ArgumentParser) -> None:
 
 def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder")
-    p.add_argument("--data", required=True, help="local .jsonl/.csv file or a dataset name")
+    p.add_argument(
+        "--data",
+        help="local .jsonl/.csv file or a dataset name (not with --split anchor: the anchor "
+        "texts come from the server)",
+    )
     _state_args(p)
     p.add_argument("--server", help="server URL (default: the one registered)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "pte"])
@@ -55,7 +59,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         "batch (default 8): lower = less peak memory",
     )
     p.add_argument("--upload", default="int8", choices=["int8", "fp16"])
-    p.add_argument("--split", default="train", choices=["train", "validation"])
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "validation", "anchor"],
+        help="anchor: forward and upload this device's share of the server's public anchor "
+        "texts (servers started with --anchors)",
+    )
     p.add_argument("--bandwidth-mbps", type=float, help="simulate an uplink of X Mbit/s")
     p.add_argument("--limit", type=int, help="use only the first N records")
     p.add_argument("--skip-bad-rows", action="store_true", help="skip malformed rows, say which")
@@ -132,6 +142,7 @@ def _run(args: argparse.Namespace) -> int:
     from fedmobillm.device_runtime.client import DeviceClient, RunConfig
     from fedmobillm.device_runtime.records import device_records, resolve_state_dir
     from fedmobillm.device_runtime.uploader import RetryPolicy
+    from fedmobillm.errors import FedMobiLLMError
 
     state_dir = resolve_state_dir(args.state, args.name)
     config = RunConfig(
@@ -146,10 +157,18 @@ def _run(args: argparse.Namespace) -> int:
         retry=RetryPolicy(attempts=args.retries),
         slowdown=args.slowdown,
     )
+    if (args.split == "anchor") == (args.data is not None):
+        raise FedMobiLLMError(
+            "--data is needed for --split train/validation and not allowed with --split anchor",
+            hint="anchor texts come from the server (GET /v1/anchors)",
+        )
     client = DeviceClient(state_dir, args.bundle, config)
-    records = device_records(
-        args.data, args.split, client.state.label_names, args.skip_bad_rows, args.limit
-    )
+    if args.split == "anchor":
+        records = client.anchor_records()
+    else:
+        records = device_records(
+            args.data, args.split, client.state.label_names, args.skip_bad_rows, args.limit
+        )
     summary = client.run(records)
     print("\n".join(summary.lines()))
     if args.summary_json:

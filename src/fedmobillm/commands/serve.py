@@ -35,6 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-train", action="store_true", help="ingest only: do not run the trainer thread"
     )
+    parser.add_argument(
+        "--anchors",
+        type=Path,
+        default=None,
+        help='public unlabelled anchor texts (one per line, or .jsonl with "text"): devices '
+        "upload their activations (`device run --split anchor`) and the trainer aligns the "
+        "architectures on them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +51,12 @@ def run(args: argparse.Namespace) -> int:
     from fedmobillm.server.app import create_app
     from fedmobillm.server.settings import load_settings
 
-    overrides = {"host": args.host, "port": args.port, "data_dir": args.data_dir}
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "data_dir": args.data_dir,
+        "anchors": args.anchors,
+    }
     if args.no_train:
         overrides["train"] = False
     settings, generated = load_settings(args.config, dev=args.dev, **overrides)
