@@ -17,6 +17,7 @@ from server_helpers import (
 )
 
 from fedmobillm.device_runtime.serde import Batch, encode_batch
+from fedmobillm.errors import FedMobiLLMError
 
 pytestmark = pytest.mark.integration
 
@@ -68,7 +69,17 @@ def test_sample_ids_unique_across_batches(srv, dev_a):
     assert r.status_code == 200
     assert r.json()["samples"] == 5 and r.json()["skipped"] == 5
     r = upload(srv.url, reg, make_payload(reg, m, range(5), split="validation", encoding="fp16"))
-    assert r.json()["device_samples"] == {"train": 15, "validation": 5}
+    assert r.json()["device_samples"] == {"train": 15, "validation": 5, "anchor": 0}
+
+
+def test_anchor_upload_needs_an_anchor_set(srv, dev_a):
+    """Split ``anchor`` is refused (400, nothing stored) by a server started without
+    --anchors: its ids would name texts the server never handed out."""
+    reg, m = dev_a
+    payload = make_payload(reg, m, range(3), split="anchor", key="k-anchor")
+    r = upload(srv.url, reg, payload)
+    assert r.status_code == 400 and "no anchor set" in r.json()["detail"], r.text
+    assert "--anchors" in r.json()["hint"]
 
 
 @pytest.mark.parametrize(
@@ -248,3 +259,40 @@ def test_server_status_command(srv, dev_a):
         timeout=60,
     )
     assert bad.returncode == 1 and "refused" in bad.stderr
+
+
+def test_anchor_shares_and_anchor_upload_validation(server_factory, tmp_path):
+    """A server with 5 anchor texts, 3 per device: the first device of an architecture gets
+    ids 0-2, the second 3-4, the third none, a device of another architecture 0-2 again.
+    Anchor uploads need ids inside the set and label -1; a bad anchor file stops start-up
+    with a message naming the problem."""
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text("".join(f'{{"text": "anchor text {i}"}}\n' for i in range(5)))
+    srv = server_factory({"train": False, "anchors": str(anchors), "anchors_per_device": 3})
+    ma, mb = make_manifest("tiny-a"), make_manifest("tiny-b")
+    regs = [register(srv.url, f"a{i}", ma) for i in range(3)] + [register(srv.url, "b0", mb)]
+
+    def share(reg: dict) -> dict:
+        auth = {"Authorization": f"Bearer {reg['token']}"}
+        r = httpx.get(f"{srv.url}/v1/anchors", headers=auth)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    shares = [share(r) for r in regs]
+    assert [s["ids"] for s in shares] == [[0, 1, 2], [3, 4], [], [0, 1, 2]]
+    assert shares[1]["texts"] == ["anchor text 3", "anchor text 4"]
+    assert {s["total"] for s in shares} == {5} and len({s["anchor_set"] for s in shares}) == 1
+    assert httpx.get(f"{srv.url}/v1/anchors", headers=admin_headers()).status_code == 403
+
+    reg = regs[0]
+    for ids, labels in (([3, 5], [-1, -1]), ([0, 1], [-1, 1])):
+        r = upload(srv.url, reg, make_payload(reg, ma, ids, split="anchor", labels=labels))
+        assert r.status_code == 400 and "0..4" in r.json()["detail"], r.text
+    r = upload(srv.url, reg, make_payload(reg, ma, [0, 1, 2], split="anchor", labels=[-1] * 3))
+    assert r.status_code == 200 and r.json()["device_samples"]["anchor"] == 3, r.text
+
+    bad = tmp_path / "dup.txt"
+    bad.write_text("same\nsame\n")
+    proc = ServerProc(tmp_path / "data-bad", {"train": False, "anchors": str(bad)})
+    with pytest.raises(FedMobiLLMError, match="repeats texts"):
+        proc.start()

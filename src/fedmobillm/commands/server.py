@@ -51,21 +51,22 @@ def format_status(st: dict) -> str:
     for arch, a in st.get("architectures", {}).items():
         lines.append(
             f"  {arch:<48} devices {a['devices']:>3}  train {a['train']:>7}  "
-            f"validation {a['validation']:>6}"
+            f"validation {a['validation']:>6}  anchor {a.get('anchor', 0):>6}"
         )
     lines += ["", "devices:"]
     for d in st.get("devices", []):
         s = d["samples"]
         lines.append(
             f"  {d['device_id']:<22} {d['name']:<20} train {s['train']:>6}  "
-            f"validation {s['validation']:>5}  {d['architecture']}"
+            f"validation {s['validation']:>5}  anchor {s.get('anchor', 0):>5}  {d['architecture']}"
         )
     t = st.get("trainer", {})
     lines += [
         "",
         f"trainer: running={t.get('running')} step={t.get('step')} "
         f"loss={_fmt(t.get('loss'))} samples/s={_fmt(t.get('samples_per_s'))} "
-        f"checkpoint_step={t.get('checkpoint_step')}",
+        f"checkpoint_step={t.get('checkpoint_step')} "
+        f"shared_anchors={t.get('shared_anchors', 0)}",
     ]
     for h in (t.get("history") or [])[-5:]:
         accs = ", ".join(
