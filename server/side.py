@@ -71,6 +71,13 @@ class SideConfig:
     schedule: str = "constant"  # "constant" (asynchronous, no known end) | "cosine"
     total_steps: int = 0  # cosine only
     label_smoothing: float = 0.0
+    # Logit adjustment for label skew between architectures: each architecture's logits are
+    # trained with + logit_adjust * (log p_a - log p) added, p_a the label distribution of
+    # the batches it has drawn so far, p that of all architectures together. A label skew
+    # of one architecture's devices is absorbed there instead of being learnt by the shared
+    # side network (which anchor alignment makes every architecture read alike); prediction
+    # and export use the plain logits, i.e. the fleet's label distribution. 0 = off.
+    logit_adjust: float = 1.0
     max_grad_norm: float = 1.0
     ema: float = 0.99  # > 0: evaluate/export an exponential moving average of the weights
     # Anchor alignment (used only when devices of two or more architectures uploaded
@@ -289,6 +296,7 @@ class SideTrainer:
         self.seed = seed
         self.step = 0
         self.samples_seen = 0
+        self.label_counts: dict[str, np.ndarray] = {}  # arch -> labels drawn so far, (C,)
         torch.manual_seed(seed)
         self.side = SideNetwork(config, len(label_names))
         self.aligns = nn.ModuleDict()
@@ -378,16 +386,23 @@ class SideTrainer:
         the mean loss (classification + anchor terms)."""
         self.side.train()
         self.aligns.train()
-        logits, targets = [], []
+        logits, targets, archs = [], [], []
         for arch, x, y in groups:
             keep = np.asarray(y) >= 0
             if not keep.any():
                 continue
+            yk = np.asarray(y)[keep].astype(np.int64)  # (N,)
+            counts = self.label_counts.setdefault(arch, np.zeros(len(self.label_names)))
+            counts += np.bincount(yk, minlength=len(self.label_names))
             xt = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))  # (N, K, d)
             logits.append(self._model(arch)(xt))  # (N, C)
-            targets.append(torch.from_numpy(np.asarray(y)[keep].astype(np.int64)))  # (N,)
+            targets.append(torch.from_numpy(yk))
+            archs.append(arch)
         if not logits:
             return float("nan")
+        if self.config.logit_adjust:
+            shift = self._label_shift()
+            logits = [lg + shift[a] for lg, a in zip(logits, archs, strict=True)]
         loss = F.cross_entropy(
             torch.cat(logits), torch.cat(targets), label_smoothing=self.config.label_smoothing
         )
@@ -405,6 +420,17 @@ class SideTrainer:
         self._update_ema()
         self.samples_seen += sum(len(t) for t in targets)
         return float(loss.detach())
+
+    def _label_shift(self) -> dict[str, torch.Tensor]:
+        """logit_adjust * (log p_a - log p) per architecture, (C,) each (add-one smoothed)."""
+        total = sum(self.label_counts.values())
+        log_p = np.log((total + 1.0) / (total.sum() + len(total)))
+        return {
+            a: torch.from_numpy(
+                self.config.logit_adjust * (np.log((c + 1.0) / (c.sum() + len(c))) - log_p)
+            ).float()
+            for a, c in self.label_counts.items()
+        }
 
     def _anchor_loss(self, anchors: list[tuple[str, np.ndarray]]) -> torch.Tensor:
         """Agreement of the architectures on the same anchor texts (see ``SideConfig``)."""
@@ -460,6 +486,7 @@ class SideTrainer:
             "seed": self.seed,
             "step": self.step,
             "samples_seen": self.samples_seen,
+            "label_counts": {a: c.tolist() for a, c in self.label_counts.items()},
             "archs": [asdict(a) for a in self.archs.values()],
         }
 
@@ -530,6 +557,9 @@ class SideTrainer:
             torch.set_rng_state(tensors["rng.torch"])
         trainer.step = state["step"]
         trainer.samples_seen = state["samples_seen"]
+        trainer.label_counts = {
+            a: np.asarray(c, np.float64) for a, c in state.get("label_counts", {}).items()
+        }
         return trainer
 
     # -- personal model --

@@ -226,3 +226,29 @@ def test_anchor_batches_need_one_row_count_and_sampling_pairs_ids():
     assert sorted(pa[:, 0, 0]) == [2.0, 3.0] and (pa[:, 0, 0] == pb[:, 0, 0]).all()
     cache.archs["B"].anchor_x = {9: np.zeros((3, 24), np.float32)}
     assert cache.sample_anchors(np.random.default_rng(0), 64) is None
+
+
+def test_logit_adjustment_absorbs_one_architectures_label_skew(tmp_path):
+    """Architecture A draws only label 0, B both: A's training logits get +log(p_A / p)
+    (favouring label 0), B's about the opposite; the counts survive save/load, and with
+    logit_adjust 0 nothing is shifted."""
+    xa, _ = synthetic(64, 2, 16, 1)
+    xb, yb = synthetic(64, 3, 24, 2)
+    t = trainer()
+    for _ in range(3):
+        t.train_step([("A", xa[:16], np.zeros(16, np.int64)), ("B", xb[:16], yb[:16])])
+    assert t.label_counts["A"].tolist() == [48.0, 0.0]
+    assert t.label_counts["B"].sum() == 48
+    shift = t._label_shift()
+    assert shift["A"][0] > 0.2 and shift["A"][1] < -2.0
+    assert shift["B"][1] > 0 > shift["B"][0]
+    t.save(tmp_path / "ck")
+    again = SideTrainer.load(tmp_path / "ck")
+    assert {a: c.tolist() for a, c in again.label_counts.items()} == {
+        a: c.tolist() for a, c in t.label_counts.items()
+    }
+    off = trainer(logit_adjust=0.0)
+    off.train_step([("A", xa[:16], np.zeros(16, np.int64)), ("B", xb[:16], yb[:16])])
+    on = trainer()
+    on.train_step([("A", xa[:16], np.zeros(16, np.int64)), ("B", xb[:16], yb[:16])])
+    assert not np.allclose(off.predict("A", xa), on.predict("A", xa))
