@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import secrets
+import shlex
 import signal
 import subprocess
 import sys
@@ -61,6 +62,10 @@ class DemoConfig:
     taps: int | None = None  # default: depth of the shallowest backbone
     port: int | None = None
     settle_steps: int = 400  # trainer steps after the last upload before stopping
+    # public anchor texts (server --anchors): train records left out of the devices' data,
+    # unlabelled; the first device of each backbone forwards them all. None: 400 quick,
+    # 1,000 full; 0: no anchors
+    anchors: int | None = None
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -78,6 +83,10 @@ class DemoConfig:
             self.train_limit = self.train_limit or 1200
             self.eval_limit = self.eval_limit or 400
             self.val_limit = self.val_limit or 200
+        if self.anchors is None:
+            self.anchors = 400 if self.quick else 1000
+        if self.anchors < 0:
+            raise FedMobiLLMError("--anchors must be 0 (none) or more")
 
 
 @dataclass
@@ -135,12 +144,36 @@ class Demo:
         cfg = self.cfg
         ds = load_dataset(cfg.data, seed=cfg.seed)
         self.dataset = ds
+        import numpy as np
+
         train = list(ds.splits["train"])
-        if cfg.train_limit:
+        anchors = cfg.anchors or 0
+        if anchors:  # held out of the devices' records, labels dropped
+            n_lab = min(cfg.train_limit or len(train), len(train) - anchors)
+            if n_lab < cfg.devices:
+                raise FedMobiLLMError(
+                    f"{len(train)} train records leave too few for the devices after "
+                    f"{anchors} anchors",
+                    hint="pass a smaller --anchors (or 0)",
+                )
+            order = np.random.default_rng(cfg.seed).permutation(len(train))
+            self.anchor_texts = [train[i].text for i in order[n_lab : n_lab + anchors]]
+            train = [train[i] for i in sorted(order[:n_lab])]
+        elif cfg.train_limit:
             train = _subsample(train, cfg.train_limit, cfg.seed)
         parts = partition(train, cfg.devices, alpha=cfg.alpha, seed=cfg.seed)
         data_dir = self.out / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
+        self.anchor_file = None
+        if anchors:
+            self.anchor_file = data_dir / "anchors.jsonl"
+            self.anchor_file.write_text(
+                "".join(
+                    json.dumps({"text": t}) + "\n"
+                    for t in dict.fromkeys(t.strip() for t in self.anchor_texts)
+                    if t
+                )
+            )
         specs = []
         for i, part in enumerate(parts):
             backbone = cfg.backbones[i % len(cfg.backbones)]
@@ -184,7 +217,7 @@ class Demo:
         self.majority_rate = max(counts) / len(test)
         log.info(
             "data %s: %d train records over %d devices (%s), %d validation, %d test "
-            "(majority class %.1f%%)",
+            "(majority class %.1f%%), %d unlabelled anchor texts",
             cfg.data,
             len(train),
             cfg.devices,
@@ -192,6 +225,7 @@ class Demo:
             len(val),
             len(test),
             100 * self.majority_rate,
+            anchors,
         )
         return specs
 
@@ -264,9 +298,15 @@ class Demo:
     def server(self) -> Iterator[str]:
         self.admin_token = secrets.token_urlsafe(24)
         self.server_log = self.out / "server.log"
+        anchor_args, anchor_env = [], {}
+        if self.anchor_file is not None:  # one device per backbone forwards every anchor
+            anchor_args = ["--anchors", str(self.anchor_file)]
+            anchor_env = {"FEDMOBILLM_ANCHORS_PER_DEVICE": str(self.cfg.anchors)}
         srv = LocalServer(
             self.out / "server",
             admin_token=self.admin_token,
+            args=anchor_args,
+            env=anchor_env,
             port=free_port(self.cfg.port),
             log_path=self.server_log,
             startup_timeout=90.0,
@@ -307,30 +347,38 @@ class Demo:
         logs = self.out / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for s in specs:
-            cmd = _cli(
-                "device",
-                "run",
+            device = [
                 "--bundle",
                 str(bundles[s.backbone]),
-                "--data",
-                str(s.data_file),
                 "--state",
                 str(s.state_dir),
                 "--server",
                 url,
-                "--split",
-                s.split,
                 "--bandwidth-mbps",
                 str(s.bandwidth_mbps),
                 "--slowdown",
                 str(s.slowdown),
                 "--threads",
                 "1",
+            ]
+            cmd = _cli(
+                "device",
+                "run",
+                *device,
+                "--data",
+                str(s.data_file),
+                "--split",
+                s.split,
                 "--batch-size",
                 "16",
                 "--summary-json",
                 str(s.state_dir / "summary.json"),
             )
+            if self.anchor_file is not None and s.split == "train":
+                # its share of the anchor texts first (empty but for a backbone's first device)
+                anchor = _cli("device", "run", *device, "--split", "anchor", "--batch-size", "16",
+                              "--summary-json", str(s.state_dir / "anchor-summary.json"))  # fmt: skip
+                cmd = ["/bin/sh", "-c", f"{shlex.join(anchor)} && exec {shlex.join(cmd)}"]
             with open(logs / f"{s.name}.log", "wb") as f:
                 p = subprocess.Popen(
                     cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
@@ -435,6 +483,8 @@ class Demo:
             pred = json.loads(pred_json.read_text())
             sums = [_read_json(s.state_dir / "summary.json") for s in devs]
             sums = [x for x in sums if x]
+            anchor_sums = [_read_json(s.state_dir / "anchor-summary.json") for s in devs]
+            anchor_sums = [x for x in anchor_sums if x]
             rows.append(
                 {
                     "name": backbone,
@@ -449,6 +499,9 @@ class Demo:
                         [x.get("forward_ms_per_sample", 0) for x in sums]
                     ),
                     "peak_mb": max([x.get("peak_rss_mb", 0) for x in sums] or [0]),
+                    # the anchor texts this backbone's devices forwarded and uploaded, in all
+                    "anchor_samples": sum(x.get("samples", 0) for x in anchor_sums),
+                    "anchor_bytes_uploaded": sum(x.get("bytes_uploaded", 0) for x in anchor_sums),
                     "device_failures": [n for n in self.dead if n in {d.name for d in devs}],
                 }
             )

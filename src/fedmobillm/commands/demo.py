@@ -47,6 +47,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=400,
         help="trainer steps after the last upload before stopping",
     )
+    parser.add_argument(
+        "--anchors",
+        type=int,
+        help="public unlabelled anchor texts (train records held out of the devices' data) "
+        "every backbone forwards, for anchor alignment (default 400 quick, 1000 full; 0 = none)",
+    )
     parser.add_argument("--port", type=int, help="server port (another is picked if in use)")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -68,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         time_limit_s=args.time_limit or (3600.0 if args.full else 300.0),
         target_accuracy=args.target_accuracy,
         settle_steps=args.settle_steps,
+        anchors=args.anchors,
         port=args.port,
     )
     run_demo(cfg)
