@@ -48,6 +48,21 @@ class Service:
         self.max_samples = max_samples_per_batch
         self.anchors = anchors
         self.counters = Counters()
+        if anchors is not None:
+            self._pin_anchor_set(anchors.digest)
+
+    def _pin_anchor_set(self, digest: str) -> None:
+        """A data dir keeps one anchor set: stored anchor activations are keyed by position."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='anchor_set'").fetchone()
+            if row is None:
+                db.execute("INSERT INTO meta VALUES ('anchor_set', ?)", (digest,))
+            elif row[0] != digest:
+                raise FedMobiLLMError(
+                    f"this data dir was trained with another anchor set (sha256 {row[0][:12]}, "
+                    f"now {digest[:12]}): stored anchor activations name texts by position",
+                    hint="start with the original anchor file, or use a new --data-dir",
+                )
 
     # -- anchors -----------------------------------------------------------------------
 

@@ -264,8 +264,8 @@ def test_server_status_command(srv, dev_a):
 def test_anchor_shares_and_anchor_upload_validation(server_factory, tmp_path):
     """A server with 5 anchor texts, 3 per device: the first device of an architecture gets
     ids 0-2, the second 3-4, the third none, a device of another architecture 0-2 again.
-    Anchor uploads need ids inside the set and label -1; a bad anchor file stops start-up
-    with a message naming the problem."""
+    Anchor uploads need ids inside the set and label -1; a changed anchor file for the same
+    data dir, or a bad one, stops start-up with a message naming the problem."""
     anchors = tmp_path / "anchors.jsonl"
     anchors.write_text("".join(f'{{"text": "anchor text {i}"}}\n' for i in range(5)))
     srv = server_factory({"train": False, "anchors": str(anchors), "anchors_per_device": 3})
@@ -290,6 +290,11 @@ def test_anchor_shares_and_anchor_upload_validation(server_factory, tmp_path):
         assert r.status_code == 400 and "0..4" in r.json()["detail"], r.text
     r = upload(srv.url, reg, make_payload(reg, ma, [0, 1, 2], split="anchor", labels=[-1] * 3))
     assert r.status_code == 200 and r.json()["device_samples"]["anchor"] == 3, r.text
+
+    srv.stop()
+    anchors.write_text('{"text": "another anchor set"}\n{"text": "of two texts"}\n')
+    with pytest.raises(FedMobiLLMError, match="another anchor set"):
+        srv.start()
 
     bad = tmp_path / "dup.txt"
     bad.write_text("same\nsame\n")
