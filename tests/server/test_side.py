@@ -234,7 +234,7 @@ def test_logit_adjustment_absorbs_one_architectures_label_skew(tmp_path):
     logit_adjust 0 nothing is shifted."""
     xa, _ = synthetic(64, 2, 16, 1)
     xb, yb = synthetic(64, 3, 24, 2)
-    t = trainer()
+    t = trainer(logit_adjust=1.0)
     for _ in range(3):
         t.train_step([("A", xa[:16], np.zeros(16, np.int64)), ("B", xb[:16], yb[:16])])
     assert t.label_counts["A"].tolist() == [48.0, 0.0]
@@ -249,6 +249,6 @@ def test_logit_adjustment_absorbs_one_architectures_label_skew(tmp_path):
     }
     off = trainer(logit_adjust=0.0)
     off.train_step([("A", xa[:16], np.zeros(16, np.int64)), ("B", xb[:16], yb[:16])])
-    on = trainer()
+    on = trainer(logit_adjust=1.0)
     on.train_step([("A", xa[:16], np.zeros(16, np.int64)), ("B", xb[:16], yb[:16])])
     assert not np.allclose(off.predict("A", xa), on.predict("A", xa))
