@@ -157,10 +157,15 @@ def _run(args: argparse.Namespace) -> int:
         retry=RetryPolicy(attempts=args.retries),
         slowdown=args.slowdown,
     )
-    if (args.split == "anchor") == (args.data is not None):
+    if args.split == "anchor" and args.data is not None:
         raise FedMobiLLMError(
-            "--data is needed for --split train/validation and not allowed with --split anchor",
-            hint="anchor texts come from the server (GET /v1/anchors)",
+            "--data is not allowed with --split anchor",
+            hint="anchor texts come from the server (GET /v1/anchors); drop --data",
+        )
+    if args.split != "anchor" and args.data is None:
+        raise FedMobiLLMError(
+            f"--split {args.split} needs --data",
+            hint="pass a local .jsonl/.csv file or a data set name, e.g. --data movie-snippets",
         )
     client = DeviceClient(state_dir, args.bundle, config)
     if args.split == "anchor":
