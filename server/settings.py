@@ -56,6 +56,10 @@ class ServerSettings(BaseSettings):
     # device run --split anchor`). Keep the file fixed for a data dir: ids are positions.
     anchors: Path | None = None
     anchors_per_device: int = Field(500, gt=0)
+    # anchor-alignment weights and batch (SideConfig.anchor_kl / anchor_feature / anchor_batch)
+    anchor_kl: float = Field(3.0, ge=0)
+    anchor_feature: float = Field(5.0, ge=0)
+    anchor_batch: int = Field(64, gt=0)
 
     @field_validator("side_block")
     @classmethod

@@ -312,7 +312,13 @@ class Trainer:
     def _side_config(self) -> SideConfig:
         s = self.settings
         return SideConfig(
-            width=s.side_width, blocks=s.side_blocks, block=s.side_block, lr=s.learning_rate
+            width=s.side_width,
+            blocks=s.side_blocks,
+            block=s.side_block,
+            lr=s.learning_rate,
+            anchor_kl=s.anchor_kl,
+            anchor_feature=s.anchor_feature,
+            anchor_batch=s.anchor_batch,
         )
 
     def _create(self, store: Store) -> bool:

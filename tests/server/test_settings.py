@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from fedmobillm.errors import FedMobiLLMError
@@ -36,4 +38,19 @@ def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch):
     cfg = tmp_path / "server.json"
     cfg.write_text('{"batch_size": -1, "nonsense": 1}')
     with pytest.raises(FedMobiLLMError, match="batch_size"):
+        load_settings(cfg)
+
+
+def test_anchor_settings_reach_the_side_network(tmp_path, monkeypatch):
+    from fedmobillm.server.trainer import Trainer
+
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", "x" * 40)
+    monkeypatch.setenv("FEDMOBILLM_ANCHOR_KL", "1.5")
+    cfg = tmp_path / "server.json"
+    cfg.write_text(json.dumps({"anchor_feature": 0, "anchor_batch": 16, "data_dir": str(tmp_path)}))
+    settings, _ = load_settings(cfg)
+    side = Trainer(settings)._side_config()
+    assert (side.anchor_kl, side.anchor_feature, side.anchor_batch) == (1.5, 0.0, 16)
+    cfg.write_text('{"anchor_kl": -1}')
+    with pytest.raises(FedMobiLLMError, match="anchor_kl"):
         load_settings(cfg)
