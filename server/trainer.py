@@ -79,6 +79,8 @@ class TrainingCache:
         self.archs: dict[str, ArchData] = {}
         self.watermark = 0
         self._known_devices: set[str] = set()
+        # (key, ids): the shared anchor ids, recomputed only when the key changes
+        self._common: tuple[tuple, list[int]] = ((), [])
 
     def refresh(self, store: Store) -> int:
         """Pull new rows; returns how many labelled training and anchor samples arrived."""
@@ -117,10 +119,16 @@ class TrainingCache:
         return sorted((k, a) for k, a in list(self.archs.items()) if a.anchor_x and a.num_train)
 
     def _common_anchor_ids(self, archs: list[tuple[str, ArchData]]) -> list[int]:
+        """Sorted anchor ids every one of ``archs`` holds. Anchors are only ever added, so
+        the architectures and their anchor counts identify the result: it is rebuilt when
+        they change, not on every training step."""
         if len(archs) < 2:
             return []
-        first, *rest = (set(a.anchor_x) for _, a in archs)
-        return sorted(first.intersection(*rest))
+        key = tuple((k, len(a.anchor_x)) for k, a in archs)
+        if self._common[0] != key:
+            first, *rest = (set(a.anchor_x) for _, a in archs)
+            self._common = (key, sorted(first.intersection(*rest)))
+        return self._common[1]
 
     def shared_anchors(self) -> int:
         return len(self._common_anchor_ids(self._anchor_archs()))
