@@ -146,8 +146,8 @@ def extract(
     threads: int | None = None,
 ) -> Activations:
     """Activations of the first ``limit`` records (in ``split_order``) of ``split``."""
+    from fedmobillm.data import load_dataset
     from fedmobillm.device_runtime.backbone import Backbone
-    from fedmobillm.device_runtime.data import load_dataset
     from fedmobillm.device_runtime.protocol import bundle_digest
 
     backbone = Backbone(bundle_dir, backend="onnx", threads=threads)

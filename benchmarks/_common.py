@@ -207,7 +207,7 @@ def load_fleet_data(cfg: BenchConfig) -> FleetData:
     to devices * samples_per_device records and partitioned (Dirichlet(alpha) over labels)."""
     import numpy as np
 
-    from fedmobillm.device_runtime.data import load_dataset, partition
+    from fedmobillm.data import load_dataset, partition
 
     ds = load_dataset(cfg.dataset, seed=cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -64,7 +64,7 @@ def write_records(path: Path, records: list[Any]) -> None:
 
 
 def read_records(path: Path) -> list[Any]:
-    from fedmobillm.device_runtime.data import Record
+    from fedmobillm.data import Record
 
     with open(path) as f:
         return [Record(d["text"], int(d["label"])) for d in map(json.loads, f)]

@@ -55,7 +55,7 @@ def tiny_model(out: Path) -> Path:
 
 
 def records(n: int, seed: int) -> list[Any]:
-    from fedmobillm.device_runtime.data import Record
+    from fedmobillm.data import Record
 
     words = ["good", "bad", "great", "awful", "fine", "dull", "fun", "boring"]
     return [Record(f"a {words[(i * 7 + seed) % 8]} film number {i}", i % 2) for i in range(n)]

@@ -145,10 +145,10 @@ def fleet(
     labels: np.ndarray, backbones: list[str], per_backbone: int, partition: str, seed: int
 ) -> dict[str, dict[str, np.ndarray]]:
     """backbone -> device -> rows of the train arrays. The train split is partitioned over
-    all devices (fedmobillm.device_runtime.data.partition); device i runs backbone
+    all devices (fedmobillm.data.partition); device i runs backbone
     i // per_backbone, so each backbone's devices hold a third of the data."""
-    from fedmobillm.device_runtime.data import Record
-    from fedmobillm.device_runtime.data import partition as split_devices
+    from fedmobillm.data import Record
+    from fedmobillm.data import partition as split_devices
 
     records = [Record(str(i), int(y)) for i, y in enumerate(labels)]
     parts = split_devices(records, len(backbones) * per_backbone, alpha_of(partition), seed)
@@ -383,7 +383,7 @@ def full_finetune(cfg: AccuracyConfig, dataset: str) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    from fedmobillm.device_runtime.data import load_dataset
+    from fedmobillm.data import load_dataset
     from fedmobillm.export.models import resolve_model
 
     hf_logging.set_verbosity_error()
@@ -493,7 +493,7 @@ def load_split(cfg: AccuracyConfig, bundle: Path, dataset: str, n_train: int) ->
 def run(cfg: AccuracyConfig, out: Path) -> dict:
     import torch
 
-    from fedmobillm.device_runtime.data import load_dataset
+    from fedmobillm.data import load_dataset
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()

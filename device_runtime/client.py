@@ -310,7 +310,7 @@ class DeviceClient:
         """This device's share of the server's anchor set (GET /v1/anchors) as records
         indexed by anchor id (label -1; None where another device's share lies), for a run
         with split ``anchor``."""
-        from fedmobillm.device_runtime.data import Record
+        from fedmobillm.device_runtime.records import Record
 
         server = self.config.server or self.state.server
         with Uploader(server, self.state.token, self.config.retry) as up:

@@ -1,16 +1,30 @@
-"""Where a device's records and state come from, for the CLI: a local data file (or a named
-data set's split), its labels mapped onto the task's label names, the state folder."""
+"""Where a device's records and state come from: ``Record``, a local .jsonl / .csv file read
+with ``read_records`` (torch-free, no numpy), and for the CLI a local data file (or a named
+data set's split, via ``fedmobillm.data``) with its labels mapped onto the task's label
+names, and the state folder."""
 
 from __future__ import annotations
 
+import csv
+import json
 import logging
-from collections.abc import Sequence
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.paths import cache_dir
 
 log = logging.getLogger(__name__)
+
+MAX_REPORTED_ROWS = 20
+
+
+@dataclass(frozen=True)
+class Record:
+    text: str
+    label: int  # index into the dataset's label_names
 
 
 def resolve_state_dir(state: Path | None, name: str | None) -> Path:
@@ -41,8 +55,6 @@ def label_names_from(labels_csv: str | None, data: str | None) -> list[str]:
     if data is None:
         raise FedMobiLLMError("pass --labels a,b,... or --data FILE_OR_NAME")
     if Path(data).is_file():
-        from fedmobillm.device_runtime.data import read_records
-
         records, names = read_records(Path(data))
         names = list(names) or sorted({str(r.label) for r in records})
     else:
@@ -55,8 +67,8 @@ def label_names_from(labels_csv: str | None, data: str | None) -> list[str]:
     return names
 
 
-def _load_named(name: str):  # -> data.Dataset
-    from fedmobillm.device_runtime.data import load_dataset
+def _load_named(name: str):  # -> fedmobillm.data.Dataset
+    from fedmobillm.data import load_dataset
 
     return load_dataset(name)
 
@@ -73,8 +85,6 @@ def device_records(
     if limit is not None and limit < 1:
         raise FedMobiLLMError("--limit must be at least 1")
     if Path(data).is_file():
-        from fedmobillm.device_runtime.data import read_records
-
         records, _ = read_records(  # labels index the task's names (the server's order)
             Path(data), skip_bad_rows=skip_bad_rows, label_names=list(task_labels) or None
         )
@@ -102,3 +112,131 @@ def _map_labels(records: list, source: list[str], task: list[str], where: str) -
         )
     remap = {i: task.index(name) for i, name in enumerate(source)}
     return [type(r)(r.text, remap.get(r.label, r.label)) for r in records]
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def _raw_rows(path: Path) -> Iterable[tuple[int, object, object, str | None]]:
+    """(line number, text, label, problem) per data row of a .jsonl or .csv file."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        with path.open(encoding="utf-8", errors="replace") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    yield lineno, None, None, f"not valid JSON ({exc.msg})"
+                    continue
+                if not isinstance(obj, dict):
+                    yield lineno, None, None, "not a JSON object"
+                    continue
+                yield lineno, obj.get("text"), obj.get("label"), None
+    elif suffix == ".csv":
+        with path.open(encoding="utf-8", errors="replace", newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"text", "label"} - set(reader.fieldnames or [])
+            if missing:
+                raise FedMobiLLMError(
+                    f"{path}: header has no column(s) {', '.join(sorted(missing))}; it has {reader.fieldnames}",
+                    hint="the first row must name the columns, including text and label",
+                )
+            for row in reader:
+                yield reader.line_num, row.get("text"), row.get("label"), None
+    else:
+        raise FedMobiLLMError(
+            f"{path}: unsupported file type {suffix!r}", hint="use .jsonl or .csv"
+        )
+
+
+def _as_index(label: object) -> int | None:
+    if isinstance(label, bool):
+        return None
+    if isinstance(label, int):
+        return label
+    if isinstance(label, str) and label.strip().lstrip("-").isdigit():
+        return int(label.strip())
+    return None
+
+
+def _default_label_names(path: Path, labels: list[object]) -> list[str]:
+    beside = path.parent / "labels.json"
+    if beside.is_file():
+        with open(beside, encoding="utf-8") as f:
+            return list(json.load(f)["label_names"])
+    names = sorted(
+        {
+            str(y).strip()
+            for y in labels
+            if _as_index(y) is None and isinstance(y, str) and y.strip()
+        }
+    )
+    if names:
+        return names
+    indices = [i for i in (_as_index(y) for y in labels) if i is not None and i >= 0]
+    return [str(i) for i in range(max(indices) + 1)] if indices else []
+
+
+def read_records(
+    path: str | os.PathLike, skip_bad_rows: bool = False, label_names: list[str] | None = None
+) -> tuple[list[Record], list[str]]:
+    """Records of a local .jsonl or .csv file (fields/columns ``text``, ``label``) and the
+    label names they index.
+
+    ``label`` may be an int index or a label name. Label names come from ``label_names``,
+    else a ``labels.json`` beside the file (as ``data partition`` writes), else the sorted
+    names in the file (or "0".."max" if all labels are indices). Bad rows raise one
+    FedMobiLLMError listing their line numbers; with ``skip_bad_rows`` they are logged
+    and skipped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FedMobiLLMError(f"{path} does not exist", hint="pass a .jsonl or .csv file")
+    rows = list(_raw_rows(path))
+    names = (
+        list(label_names)
+        if label_names is not None
+        else _default_label_names(path, [r[2] for r in rows])
+    )
+    index = {n: i for i, n in enumerate(names)}
+    records, bad = [], []
+    for lineno, text, label, problem in rows:
+        problem = problem or _row_problem(text, label, index, len(names))
+        if problem:
+            bad.append(f"line {lineno}: {problem}")
+            continue
+        i = _as_index(label)
+        records.append(Record(str(text).strip(), i if i is not None else index[str(label).strip()]))
+    _report_bad_rows(path, bad, skip_bad_rows)
+    if not records:
+        raise FedMobiLLMError(f"{path} has no usable records", hint="each row needs text and label")
+    return records, names
+
+
+def _row_problem(text: object, label: object, index: dict[str, int], num_labels: int) -> str | None:
+    if not isinstance(text, str) or not text.strip():
+        return "missing or empty text"
+    if label is None or (isinstance(label, str) and not label.strip()):
+        return "missing label"
+    i = _as_index(label)
+    if i is not None:
+        return None if 0 <= i < num_labels else f"label index {i} out of range 0..{num_labels - 1}"
+    if isinstance(label, str) and label.strip() in index:
+        return None
+    return f"unknown label {label!r} (known: {', '.join(index) or 'none'})"
+
+
+def _report_bad_rows(path: Path, bad: list[str], skip: bool) -> None:
+    if not bad:
+        return
+    shown = "\n  ".join(bad[:MAX_REPORTED_ROWS])
+    more = (
+        f"\n  ... and {len(bad) - MAX_REPORTED_ROWS} more" if len(bad) > MAX_REPORTED_ROWS else ""
+    )
+    if not skip:
+        raise FedMobiLLMError(
+            f"{path}: {len(bad)} bad row(s):\n  {shown}{more}",
+            hint="fix those rows, or skip them (skip_bad_rows=True / --skip-bad-rows)",
+        )
+    log.warning("%s: skipping %d bad row(s):\n  %s%s", path, len(bad), shown, more)

@@ -38,14 +38,14 @@ BUILTIN_SENTENCES = [
 
 
 def calibration_texts(source: str | None, limit: int = 64) -> list[str]:
-    """Texts from a data name or file (via fedmobillm.device_runtime.data), else built-ins."""
+    """Texts from a data name or file (via fedmobillm.data), else built-ins."""
     name = source or DEFAULT_CALIBRATION
     if source and Path(source).suffix == ".txt":
         if not Path(source).is_file():
             raise FedMobiLLMError(f"calibration file {source} does not exist")
         return texts_from_file(Path(source))[:limit]
     try:
-        from fedmobillm.device_runtime.data import load_dataset
+        from fedmobillm.data import load_dataset
     except ImportError:
         if source:
             raise FedMobiLLMError(

@@ -29,7 +29,8 @@ sys.meta_path.insert(0, _Blocker())
 DEVICE_DIR = Path(fedmobillm.device_runtime.__file__).parent
 REQUIRED = [
     "fedmobillm.device_runtime",
-    "fedmobillm.device_runtime.data",
+    "fedmobillm.device_runtime.records",
+    "fedmobillm.data",
     "fedmobillm.device_runtime.protocol",
     "fedmobillm.device_runtime.serde",
 ]

@@ -139,7 +139,7 @@ class Demo:
 
     # ---- stages -------------------------------------------------------------------
     def prepare_data(self) -> list[DeviceSpec]:
-        from fedmobillm.device_runtime.data import load_dataset, partition
+        from fedmobillm.data import load_dataset, partition
 
         cfg = self.cfg
         ds = load_dataset(cfg.data, seed=cfg.seed)

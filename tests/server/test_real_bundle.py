@@ -31,7 +31,7 @@ def taps_of(bundle, texts: list[str]) -> np.ndarray:
 
 
 def test_real_minilm_bundle_trains_and_personal_model_predicts(make_bundle, server_factory):
-    from fedmobillm.device_runtime.data import load_dataset
+    from fedmobillm.data import load_dataset
 
     bundle = make_bundle("minilm-l6", taps=3, quant="int8", formats=("onnx",))
     manifest = read_manifest(bundle)

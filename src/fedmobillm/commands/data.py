@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedmobillm.device_runtime import data
+    from fedmobillm import data
 
     if args.action == "list":
         print(f"{'name':<16} {'source':<22} what")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from fedmobillm.device_runtime import data
-from fedmobillm.device_runtime.data import Record
+from fedmobillm import data
+from fedmobillm.data import Record
 from fedmobillm.errors import FedMobiLLMError
 
 
@@ -29,7 +29,7 @@ def test_movie_snippets_has_10568_labelled_sentences(movies):
 
 
 def test_splits_are_disjoint_and_seeded(movies):
-    texts = [{r.text for r in movies.splits[s]} for s in data.SPLITS]
+    texts = [{r.text for r in movies.splits[s]} for s in data.DATASET_SPLITS]
     assert not (texts[0] & texts[2]) and not (texts[1] & texts[2])
     labels = [i % 3 for i in range(100)]
     assert data.stratified_split(labels, (0.8, 0.1, 0.1), 5) == data.stratified_split(
