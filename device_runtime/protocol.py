@@ -58,6 +58,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmobillm.device_runtime.files import sha256_file
 from fedmobillm.errors import FedMobiLLMError
 
 PROTOCOL_VERSION = 1
@@ -81,14 +82,6 @@ PERSONAL_PTE = "personal.pte"  # same graph for ExecuTorch, when it lowers
 PERSONAL_WEIGHTS = "personal.safetensors"
 PERSONAL_MANIFEST = "personal.json"  # {"format_version", "architecture", "bundle_sha256s",
 #   "taps", "hidden_size", "num_labels", "label_names", "trainer_step", "files": {...}}
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass

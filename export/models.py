@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -32,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedmobillm.device_runtime.files import sha256_file
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.paths import cache_dir
 
@@ -252,20 +252,12 @@ def model_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.name != SUMS_FILE)
 
 
 def write_sums(folder: Path) -> None:
-    lines = [f"{_sha256(p)}  {p.relative_to(folder).as_posix()}\n" for p in _files(folder)]
+    lines = [f"{sha256_file(p)}  {p.relative_to(folder).as_posix()}\n" for p in _files(folder)]
     (folder / SUMS_FILE).write_text("".join(lines))
 
 
@@ -280,7 +272,7 @@ def verify_model_dir(folder: Path) -> list[str]:
         path = folder / rel
         if not path.is_file():
             problems.append(f"{rel} is missing")
-        elif _sha256(path) != digest:
+        elif sha256_file(path) != digest:
             problems.append(f"{rel} does not match its sha256")
     return problems
 

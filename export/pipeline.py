@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmobillm import __version__
+from fedmobillm.device_runtime.files import sha256_file
 from fedmobillm.device_runtime.protocol import (
     BUNDLE_FORMAT_VERSION,
     MANIFEST_NAME,
     PIVOTS,
     QUANTS,
     Manifest,
-    sha256_file,
 )
 from fedmobillm.errors import FedMobiLLMError
 
@@ -79,8 +79,8 @@ class ExportOptions:
 
     model: str
     out_dir: Path
-    taps: int | None = None
-    layers: list[int] | None = None
+    num_taps: int | None = None  # K taps by average-interval block sampling
+    layers: list[int] | None = None  # or the 1-based blocks to tap
     pivot: str = "auto"
     quant: str = "fp32"
     formats: tuple[str, ...] = ("onnx", "pte")
@@ -257,7 +257,7 @@ def export_bundle(
     model: str,
     out_dir: Path,
     *,
-    taps: int | None = None,
+    num_taps: int | None = None,
     layers: list[int] | None = None,
     pivot: str = "auto",
     quant: str = "fp32",
@@ -270,7 +270,7 @@ def export_bundle(
     opts = ExportOptions(
         model,
         Path(out_dir),
-        taps,
+        num_taps,
         list(layers) if layers else None,
         pivot,
         quant,
@@ -377,7 +377,7 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
         tok = load_tokenizer(folder)
     with stage("wrap", t):
         wrapped, info, taps, pivot = wrapper.wrap_backbone(
-            model, opts.taps, opts.layers, opts.pivot, wrapper.declared_pooling(folder)
+            model, opts.num_taps, opts.layers, opts.pivot, wrapper.declared_pooling(folder)
         )
         log.info(
             "wrap: %s %s, depth %d, hidden %d, taps %s, pivot %s",

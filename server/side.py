@@ -19,12 +19,9 @@ transformer layer over the ladder states ``h_0..h_j``); a swappable head reads `
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import math
-import os
-import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
+from fedmobillm.device_runtime.files import replacing, sha256_file, write_atomic
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
@@ -513,16 +511,14 @@ class SideTrainer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors, opt_meta = self._tensors()
-        tmp = directory / f".{WEIGHTS_FILE}.{uuid.uuid4().hex[:8]}.tmp"
-        save_file(tensors, str(tmp))
-        _fsync_file(tmp)
-        os.replace(tmp, directory / WEIGHTS_FILE)
+        with replacing(directory / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp))
         state = {
             **self.state(),
             "optimizer": opt_meta,
-            "weights_sha256": _sha256(directory / WEIGHTS_FILE),
+            "weights_sha256": sha256_file(directory / WEIGHTS_FILE),
         }
-        _write_json_atomic(directory / STATE_FILE, state)
+        write_atomic(directory / STATE_FILE, json.dumps(state, indent=1))
 
     @classmethod
     def load(cls, directory: Path) -> SideTrainer:
@@ -533,7 +529,7 @@ class SideTrainer:
             raise FedMobiLLMError(f"cannot read side-network state in {directory}: {exc}") from exc
         if state.get("format_version") != FORMAT_VERSION:
             raise FedMobiLLMError(f"{directory}: unsupported side state version")
-        if _sha256(directory / WEIGHTS_FILE) != state["weights_sha256"]:
+        if sha256_file(directory / WEIGHTS_FILE) != state["weights_sha256"]:
             raise FedMobiLLMError(f"{directory}: weights do not match state (torn checkpoint)")
         trainer = cls(SideConfig(**state["config"]), state["label_names"], state["seed"])
         for a in state["archs"]:
@@ -595,25 +591,3 @@ class SideTrainer:
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
