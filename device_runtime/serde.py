@@ -60,10 +60,12 @@ def quantize_int8(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def dequantize(q: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """int8 ``(..., K, d)`` times per-tap ``scales`` (K,), or float16 as it is -> float32
+    ``(..., K, d)``: a batch (N, K, d) or one stored sample (K, d)."""
     if q.dtype == np.int8:
         if scales is None:
             raise PayloadError("int8 activations need scales")
-        return q.astype(np.float32) * np.asarray(scales, np.float32).reshape(1, -1, 1)
+        return q.astype(np.float32) * np.asarray(scales, np.float32).reshape(-1, 1)  # (K, 1)
     return q.astype(np.float32)
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmobillm.device_runtime.serde import dequantize
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS devices (
@@ -322,8 +324,7 @@ class Store:
 
 
 def _dequantize(encoding: str, act: bytes, scales: bytes | None, k: int, d: int) -> np.ndarray:
-    if encoding == "int8":
-        q = np.frombuffer(act, dtype=np.int8).reshape(k, d)  # (K, d)
-        s = np.frombuffer(scales or b"", dtype=np.float32).reshape(k, 1)  # (K, 1)
-        return q.astype(np.float32) * s  # (K, d)
-    return np.frombuffer(act, dtype=np.float16).reshape(k, d).astype(np.float32)  # (K, d)
+    """A stored sample's bytes -> float32 (K, d), dequantized as the wire format says."""
+    q = np.frombuffer(act, dtype=np.int8 if encoding == "int8" else np.float16).reshape(k, d)
+    s = None if scales is None else np.frombuffer(scales, dtype=np.float32)  # (K,)
+    return dequantize(q, s)  # (K, d)
