@@ -1,0 +1,74 @@
+"""Operations: liveness, fleet and trainer status (admin), Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import PlainTextResponse
+
+from fedmobillm.device_runtime.messages import ROUTE_HEALTHZ, ROUTE_METRICS, ROUTE_STATUS
+from fedmobillm.server.routes.deps import ERRORS, AdminAuth, ServiceDep
+from fedmobillm.server.service import Service
+
+router = APIRouter(tags=["ops"])
+
+
+@router.get(ROUTE_HEALTHZ)
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get(ROUTE_STATUS, responses=ERRORS)
+def status(request: Request, _: AdminAuth, service: ServiceDep) -> dict[str, Any]:
+    out = service.fleet()
+    trainer = request.app.state.trainer
+    out["trainer"] = trainer.status() if trainer is not None else {"running": False}
+    return out
+
+
+@router.get(ROUTE_METRICS, response_class=PlainTextResponse)
+def metrics(request: Request, service: ServiceDep) -> str:
+    return _metrics_text(service, request.app.state.trainer)
+
+
+def _metrics_text(service: Service, trainer: Any) -> str:
+    c = service.counters
+    totals = service.store.totals()
+    lines = [
+        "# TYPE fedmobillm_acked_batches_total counter",
+        f"fedmobillm_acked_batches_total {c.acked_batches}",
+        "# TYPE fedmobillm_acked_samples_total counter",
+        f"fedmobillm_acked_samples_total {c.acked_samples}",
+        "# TYPE fedmobillm_duplicate_batches_total counter",
+        f"fedmobillm_duplicate_batches_total {c.duplicate_batches}",
+        "# TYPE fedmobillm_skipped_samples_total counter",
+        f"fedmobillm_skipped_samples_total {c.skipped_samples}",
+        "# TYPE fedmobillm_ingest_bytes_total counter",
+        f"fedmobillm_ingest_bytes_total {c.ingest_bytes}",
+        "# TYPE fedmobillm_rejected_requests_total counter",
+    ]
+    lines += [
+        f'fedmobillm_rejected_requests_total{{status="{s}"}} {n}'
+        for s, n in sorted(c.rejected.items())
+    ]
+    lines += [
+        "# TYPE fedmobillm_devices gauge",
+        f"fedmobillm_devices {totals['devices']}",
+        "# TYPE fedmobillm_stored_samples gauge",
+        f"fedmobillm_stored_samples {totals['samples']}",
+    ]
+    if trainer is not None:
+        st = trainer.status()
+        lines += [
+            "# TYPE fedmobillm_trainer_step gauge",
+            f"fedmobillm_trainer_step {st.get('step', 0)}",
+            "# TYPE fedmobillm_trainer_samples_total counter",
+            f"fedmobillm_trainer_samples_total {st.get('samples_seen', 0)}",
+        ]
+        if st.get("loss") is not None:
+            lines += [
+                "# TYPE fedmobillm_trainer_loss gauge",
+                f"fedmobillm_trainer_loss {st['loss']}",
+            ]
+    return "\n".join(lines) + "\n"
