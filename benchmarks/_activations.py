@@ -46,13 +46,13 @@ class BundleSpec:
     """Export options of one benchmark bundle."""
 
     model: str
-    taps: int = 3
+    num_taps: int = 3
     quant: str = "int8"
     max_seq_len: int = 64
     formats: tuple[str, ...] = ("onnx",)
 
     def key(self) -> str:
-        raw = json.dumps([self.model, self.taps, self.quant, self.max_seq_len, self.formats])
+        raw = json.dumps([self.model, self.num_taps, self.quant, self.max_seq_len, self.formats])
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
@@ -113,14 +113,14 @@ def _export_cached(spec: BundleSpec) -> Path:
     log.info(
         "exporting %s (taps %d, %s, seq %d) ...",
         spec.model,
-        spec.taps,
+        spec.num_taps,
         spec.quant,
         spec.max_seq_len,
     )
     export_bundle(
         spec.model,
         out,
-        taps=spec.taps,
+        num_taps=spec.num_taps,
         quant=spec.quant,
         formats=spec.formats,
         max_seq_len=spec.max_seq_len,

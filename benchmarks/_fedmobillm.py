@@ -52,7 +52,7 @@ def bundle_for(cfg: BenchConfig, quant: str) -> Path:
     export_bundle(
         cfg.model,
         out,
-        taps=cfg.taps,
+        num_taps=cfg.taps,
         quant=quant,
         formats=("onnx",),
         max_seq_len=cfg.max_seq_len,

@@ -131,7 +131,7 @@ def choose_for_budget(opts, budget_mb: float):
                     opts, quant=quant, out_dir=scratch / "b", stage_seconds={}
                 )
                 if taps_plan is not None:
-                    trial = dataclasses.replace(trial, taps=None, layers=taps_plan)
+                    trial = dataclasses.replace(trial, num_taps=None, layers=taps_plan)
                 manifest = build_bundle(trial)
                 peak = max(
                     measure_process(trial.out_dir / _graph(fmt), fmt, 1, opts.max_seq_len)[

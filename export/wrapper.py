@@ -263,8 +263,10 @@ def default_taps(depth: int, k: int) -> list[int]:
     return sorted({max(1, round(depth * (i + 1) / k)) for i in range(k)})
 
 
-def resolve_taps(depth: int, taps: int | None, layers: list[int] | None) -> list[int]:
-    if taps is not None and layers is not None:
+def resolve_taps(depth: int, num_taps: int | None, layers: list[int] | None) -> list[int]:
+    """The 1-based blocks to tap: ``layers``, else ``num_taps`` (default: every block) by
+    average-interval block sampling."""
+    if num_taps is not None and layers is not None:
         raise FedMobiLLMError("give either --taps or --layers, not both")
     if layers is not None:
         chosen = sorted(set(int(x) for x in layers))
@@ -274,7 +276,7 @@ def resolve_taps(depth: int, taps: int | None, layers: list[int] | None) -> list
                 hint=f"pick 1-based block indices between 1 and {depth}",
             )
         return chosen
-    k = depth if taps is None else int(taps)
+    k = depth if num_taps is None else int(num_taps)
     if k < 1 or k > depth:
         raise FedMobiLLMError(
             f"--taps {k} is not possible: the model has {depth} blocks",
@@ -325,7 +327,7 @@ def auto_pivot(kind: str, pooling: str | None) -> str:
 
 def wrap_backbone(
     model: nn.Module,
-    taps_arg: int | None,
+    num_taps: int | None,
     layers: list[int] | None,
     pivot: str,
     pooling: str | None = None,
@@ -336,7 +338,7 @@ def wrap_backbone(
     vocab = int(getattr(cfg, "vocab_size", 1000))
     path, blocks = find_blocks(model)
     depth = len(blocks)
-    taps = resolve_taps(depth, taps_arg, layers)
+    taps = resolve_taps(depth, num_taps, layers)
     kind = detect_kind(model, blocks, vocab)
     if pivot == "auto":
         pivot = auto_pivot(kind, pooling)

@@ -17,7 +17,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 @pytest.fixture(scope="session")
 def make_bundle():
-    """`make_bundle("minilm-l6", taps=3, quant="int8", formats=("onnx",))` -> bundle dir.
+    """`make_bundle("minilm-l6", num_taps=3, quant="int8", formats=("onnx",))` -> bundle dir.
 
     Built with fedmobillm.export.pipeline.export_bundle once per option set and cached;
     a cached bundle that fails verification is rebuilt."""

@@ -231,17 +231,17 @@ class Demo:
 
     def export_bundles(self) -> dict[str, Path]:
         cfg = self.cfg
-        taps = cfg.taps or self._shallowest_depth()
+        num_taps = cfg.taps or self._shallowest_depth()
         bundles: dict[str, Path] = {}
         for backbone in cfg.backbones:
-            bundle = self._export_one(backbone, taps)
+            bundle = self._export_one(backbone, num_taps)
             if bundle is not None:
                 bundles[backbone] = bundle
         if not bundles:
             raise FedMobiLLMError("no backbone could be exported; see the errors above")
         return bundles
 
-    def _export_one(self, backbone: str, taps: int) -> Path | None:
+    def _export_one(self, backbone: str, num_taps: int) -> Path | None:
         """Pre-scale one backbone: the configured quant, else fp32 when the quantized graph
         fails verification (SmolLM2's outlier activations defeat int8 dynamic ONNX)."""
         from fedmobillm.export.pipeline import export_bundle, failed_before, remember_failure
@@ -251,7 +251,7 @@ class Demo:
         quants = [cfg.quant] + (["fp32"] if cfg.quant != "fp32" else [])
         errors = []
         for quant in quants:
-            key = f"{backbone}-{quant}-k{taps}-s{cfg.max_seq_len}".replace("/", "_")
+            key = f"{backbone}-{quant}-k{num_taps}-s{cfg.max_seq_len}".replace("/", "_")
             out = cache_dir() / "bundles" / key
             if _bundle_ok(out, backbone):
                 log.info("bundle for %s (%s) is cached at %s", backbone, quant, out)
@@ -262,12 +262,12 @@ class Demo:
                 errors.append(f"{quant}: {before}")
                 log.info("skipping %s at %s: failed before (%s)", backbone, quant, failed)
                 continue
-            log.info("exporting %s (%s, %d taps, onnx) -> %s", backbone, quant, taps, out)
+            log.info("exporting %s (%s, %d taps, onnx) -> %s", backbone, quant, num_taps, out)
             try:
                 export_bundle(
                     backbone,
                     out,
-                    taps=taps,
+                    num_taps=num_taps,
                     quant=quant,
                     formats=("onnx",),
                     max_seq_len=cfg.max_seq_len,

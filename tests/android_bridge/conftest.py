@@ -131,7 +131,7 @@ def phone(emulate) -> Emulated:
 def pte_bundle(make_bundle) -> Path:
     """A real MiniLM-L6 bundle with backbone.pte and backbone.onnx (the same option set as
     tests/export, so CI exports it once)."""
-    return make_bundle("minilm-l6", taps=3, formats=("onnx", "pte"))
+    return make_bundle("minilm-l6", num_taps=3, formats=("onnx", "pte"))
 
 
 @pytest.fixture(scope="session")

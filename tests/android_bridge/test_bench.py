@@ -187,7 +187,7 @@ def test_bad_options_and_bad_bundle(adb_server, phone, pte_bundle, make_bundle, 
     assert res.returncode == 1 and "--iterations" in res.stderr and "--seq" in res.stderr
     res = adb_server.cli("android", "bench", phone.serial, str(tmp_path))
     assert res.returncode == 1 and "not a bundle" in res.stderr
-    onnx_only = make_bundle("minilm-l3", taps=3, formats=("onnx",))  # shared with device tests
+    onnx_only = make_bundle("minilm-l3", num_taps=3, formats=("onnx",))  # shared with device tests
     res = adb_server.cli("android", "bench", phone.serial, str(onnx_only), "--backend", "pte")
     assert res.returncode == 1 and "no backbone.pte" in res.stderr
 

@@ -29,7 +29,7 @@ METHODS = {
 
 @pytest.fixture(scope="module")
 def result(make_bundle, tmp_path_factory) -> tuple[dict, Path]:
-    bundles = {b: make_bundle(b, taps=3, quant="int8", formats=("onnx",)) for b in BACKBONES}
+    bundles = {b: make_bundle(b, num_taps=3, quant="int8", formats=("onnx",)) for b in BACKBONES}
     out = tmp_path_factory.mktemp("accuracy")
     cmd = [
         sys.executable, "-m", "benchmarks.bench_accuracy", "--quick", "--out", str(out),

@@ -11,7 +11,7 @@ import pytest
 from fedmobillm.device_runtime.backbone import Backbone
 from fedmobillm.errors import FedMobiLLMError
 
-L3 = {"taps": 3, "formats": ("onnx",)}
+L3 = {"num_taps": 3, "formats": ("onnx",)}
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_unknown_backend(bundle):
 @pytest.mark.slow
 def test_pte_agrees_with_onnx(make_bundle):
     """ExecuTorch and onnxruntime run the same exported backbone to the same taps."""
-    both = make_bundle("minilm-l3", taps=3, formats=("onnx", "pte"))
+    both = make_bundle("minilm-l3", num_taps=3, formats=("onnx", "pte"))
     texts = ["a gripping, well acted thriller", "dull and far too long"]
     onnx = Backbone(both, backend="onnx")(texts)  # (2, K, d)
     pte = Backbone(both, backend="pte")(texts)  # (2, K, d)
@@ -131,7 +131,7 @@ def test_pte_agrees_with_onnx(make_bundle):
 def test_decoder_bundle_last_token_pivot_ignores_padding(make_bundle):
     """SmolLM2 (decoder, pivot = last real token): a text's taps are the same alone and
     right-padded beside a longer text."""
-    bundle = make_bundle("smollm2-135m", taps=3, formats=("onnx",), max_seq_len=64)
+    bundle = make_bundle("smollm2-135m", num_taps=3, formats=("onnx",), max_seq_len=64)
     bb = Backbone(bundle, threads=2)
     assert bb.manifest.kind == "decoder" and bb.manifest.pivot == "last"
     alone = bb(["The capital of France is"])  # (1, K, d)

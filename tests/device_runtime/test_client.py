@@ -166,7 +166,7 @@ class Rec:
 
 @pytest.fixture(scope="module")
 def bundle(make_bundle) -> Path:
-    return make_bundle("minilm-l3", taps=3, formats=("onnx",))
+    return make_bundle("minilm-l3", num_taps=3, formats=("onnx",))
 
 
 def _client(bundle: Path, state: Path, batch_size: int) -> DeviceClient:

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 
 ADMIN = "e2e-admin-token-0123456789abcdefghij"
 LABELS = ["negative", "positive"]
-L3 = {"taps": 3, "formats": ("onnx",)}
-L6 = {"taps": 4, "formats": ("onnx",)}
+L3 = {"num_taps": 3, "formats": ("onnx",)}
+L6 = {"num_taps": 4, "formats": ("onnx",)}
 WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy", "warm", "cold"]  # +, -
 CAST = ["large", "young", "new", "local"]
 
@@ -194,7 +194,7 @@ def test_pte_and_onnx_devices_upload_the_same_activations(server, make_bundle, t
     the server stores (nearly) the same int8 activations from each."""
     import numpy as np
 
-    bundle = make_bundle("minilm-l3", taps=3, formats=("onnx", "pte"))
+    bundle = make_bundle("minilm-l3", num_taps=3, formats=("onnx", "pte"))
     data = write_data(tmp_path / "d.jsonl", 32, seed=11)
     acts = {}
     for backend in ("onnx", "pte"):

@@ -60,7 +60,7 @@ def run_graph(bundle: Path, fmt: str, ids, mask) -> np.ndarray:
 
 @pytest.mark.parametrize("model,taps", [("minilm-l6", 3), ("minilm-l3", 3)])
 def test_fp32_matches_eager(make_bundle, model, taps):
-    bundle = make_bundle(model, taps=taps, formats=("onnx", "pte"))
+    bundle = make_bundle(model, num_taps=taps, formats=("onnx", "pte"))
     ids, mask = encode(bundle, TEXTS)
     ref = reference(bundle, ids, mask)
     for fmt in ("onnx", "pte"):
@@ -72,7 +72,7 @@ def test_fp32_matches_eager(make_bundle, model, taps):
 def test_manifest_describes_the_bundle(make_bundle):
     from fedmobillm.device_runtime.protocol import verify_bundle
 
-    bundle = make_bundle("minilm-l6", taps=3, formats=("onnx", "pte"))
+    bundle = make_bundle("minilm-l6", num_taps=3, formats=("onnx", "pte"))
     manifest, problems = verify_bundle(bundle)
     assert problems == []
     assert (manifest.family, manifest.kind, manifest.depth) == ("bert", "encoder", 6)
@@ -97,7 +97,7 @@ def test_onnx_int8_close_to_eager(make_bundle, model):
     beside others loses resolution: MiniLM-L6's last tap measured 0.9877 for "Smart and
     funny." alone, 0.9783 in this batch and 0.9782 beside one sentence of similar length
     (so it is the batch-mates' ranges, not the padding)."""
-    bundle = make_bundle(model, taps=3, quant="int8", formats=("onnx",))
+    bundle = make_bundle(model, num_taps=3, quant="int8", formats=("onnx",))
     ids, mask = encode(bundle, TEXTS)
     for i in range(len(TEXTS)):
         n = int(mask[i].sum())
@@ -111,7 +111,7 @@ def test_onnx_int8_close_to_eager(make_bundle, model):
 
 
 def test_truncation_removes_weights(make_bundle):
-    full = json.loads((make_bundle("minilm-l6", taps=3) / "manifest.json").read_text())
+    full = json.loads((make_bundle("minilm-l6", num_taps=3) / "manifest.json").read_text())
     short = json.loads((make_bundle("minilm-l6", layers=[2]) / "manifest.json").read_text())
     assert short["graph_params"] < full["graph_params"] - 3 * 1.7e6  # 4 blocks of ~1.77M gone
     weights = "backbone.onnx.data"
@@ -121,7 +121,7 @@ def test_truncation_removes_weights(make_bundle):
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["int8", "8da4w"])
 def test_pte_quantized_close_to_eager(make_bundle, quant):
-    bundle = make_bundle("minilm-l6", taps=3, quant=quant, formats=("pte",))
+    bundle = make_bundle("minilm-l6", num_taps=3, quant=quant, formats=("pte",))
     ids, mask = encode(bundle, TEXTS)
     _, cos = errors(run_graph(bundle, "pte", ids, mask), reference(bundle, ids, mask))
     # 8da4w: 4-bit weights lose accuracy in the quantization itself (eager torchao alike);

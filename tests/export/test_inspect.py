@@ -8,7 +8,7 @@ from fedmobillm.cli import main
 
 
 def test_inspect_prints_table_and_verifies(make_bundle, capsys):
-    bundle = make_bundle("minilm-l6", taps=3, formats=("onnx", "pte"))
+    bundle = make_bundle("minilm-l6", num_taps=3, formats=("onnx", "pte"))
     rc = main(["inspect", str(bundle)])
     out = capsys.readouterr().out
     assert rc == 0
@@ -19,7 +19,7 @@ def test_inspect_prints_table_and_verifies(make_bundle, capsys):
 
 def test_inspect_reports_tampered_file(make_bundle, tmp_path, capsys):
     bundle = tmp_path / "copy"
-    shutil.copytree(make_bundle("minilm-l6", taps=3, formats=("onnx", "pte")), bundle)
+    shutil.copytree(make_bundle("minilm-l6", num_taps=3, formats=("onnx", "pte")), bundle)
     with open(bundle / "tokenizer.json", "a") as f:
         f.write(" ")
     (bundle / "backbone.pte").unlink()

@@ -33,7 +33,7 @@ def taps_of(bundle, texts: list[str]) -> np.ndarray:
 def test_real_minilm_bundle_trains_and_personal_model_predicts(make_bundle, server_factory):
     from fedmobillm.data import load_dataset
 
-    bundle = make_bundle("minilm-l6", taps=3, quant="int8", formats=("onnx",))
+    bundle = make_bundle("minilm-l6", num_taps=3, quant="int8", formats=("onnx",))
     manifest = read_manifest(bundle)
     ds = load_dataset("movie-snippets", seed=0)
     rng = np.random.default_rng(0)  # the splits are not shuffled: draw a seeded sample

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = export_bundle(
         args.model,
         args.out,
-        taps=args.taps,
+        num_taps=args.taps,
         layers=args.layers,
         pivot=args.pivot,
         quant=args.quant,
