@@ -23,6 +23,16 @@ from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
 from fedmobillm.device_runtime.journal import Entry, Journal, records_hash
 from fedmobillm.device_runtime.memory import peak_rss_mb
+from fedmobillm.device_runtime.messages import (
+    ROUTE_ANCHORS,
+    ROUTE_DEVICES,
+    Ack,
+    AnchorShare,
+    RegisterRequest,
+    RegisterResponse,
+    device_route,
+)
+from fedmobillm.device_runtime.messages import DeviceState as ServerDeviceState
 from fedmobillm.device_runtime.protocol import (
     ENCODINGS,
     SPLITS,
@@ -114,19 +124,19 @@ def register(
             "another --state / --name",
         )
     manifest = load_verified_bundle(Path(bundle_dir))
-    body = {"name": name, "manifest": manifest.to_dict(), "label_names": list(label_names)}
+    body = RegisterRequest(name, manifest.to_dict(), list(label_names))
     with Uploader(server, admin_token, retry or RetryPolicy()) as up:
-        resp = up.request("POST", "/v1/devices", json=body)
+        resp = up.request("POST", ROUTE_DEVICES, json=body.to_dict())
     if resp.status_code != 201:
         raise rejected(resp, f"registration of device {name!r}")
-    ack = resp.json()
+    reg = RegisterResponse.from_dict(resp.json())
     state = DeviceState(
         server=server.rstrip("/"),
         name=name,
-        device_id=str(ack["device_id"]),
-        token=str(ack["token"]),
-        bundle_sha256=str(ack.get("bundle_sha256") or bundle_digest(manifest)),
-        architecture=str(ack.get("architecture") or manifest.architecture),
+        device_id=reg.device_id,
+        token=reg.token,
+        bundle_sha256=reg.bundle_sha256 or bundle_digest(manifest),
+        architecture=reg.architecture or manifest.architecture,
         label_names=list(label_names),
     )
     return state, state.save(state_dir)
@@ -314,28 +324,30 @@ class DeviceClient:
 
         server = self.config.server or self.state.server
         with Uploader(server, self.state.token, self.config.retry) as up:
-            resp = up.request("GET", "/v1/anchors")
+            resp = up.request("GET", ROUTE_ANCHORS)
         if resp.status_code != 200:
             raise rejected(resp, "fetching the anchor set")
-        share = resp.json()
-        records: list[Any] = [None] * int(share["total"])
-        for i, text in zip(share["ids"], share["texts"], strict=True):
-            records[int(i)] = Record(str(text), -1)
+        share = AnchorShare.from_dict(resp.json())
+        records: list[Any] = [None] * share.total
+        for i, text in zip(share.ids, share.texts, strict=True):
+            records[i] = Record(text, -1)
         log.info(
             "anchor set %s: %d of %d texts are this device's share",
-            str(share["anchor_set"])[:12],
-            len(share["ids"]),
-            share["total"],
+            share.anchor_set[:12],
+            len(share.ids),
+            share.total,
         )
         return records
 
     def server_counts(self, up: Uploader) -> dict[str, int]:
         """The server's sample counts for this device (empty if it cannot say)."""
         try:
-            resp = up.request("GET", f"/v1/devices/{self.state.device_id}")
-        except FedMobiLLMError:
+            resp = up.request("GET", device_route(self.state.device_id))
+            if resp.status_code != 200:
+                return {}
+            return ServerDeviceState.from_dict(resp.json()).samples.to_dict()
+        except (FedMobiLLMError, ValueError):
             return {}
-        return dict(resp.json().get("samples") or {}) if resp.status_code == 200 else {}
 
     def _check_labels(self, records: Sequence[Any]) -> None:
         n = len(self.state.label_names)
@@ -391,7 +403,7 @@ class DeviceClient:
         body, entry, forward_s = self.encode(records, ids)
         self.journal.pending(entry)
         try:
-            ack = up.post_batch(body)
+            ack = Ack.from_dict(up.post_batch(body))
         except ServerUnavailable as exc:
             raise ServerUnavailable(
                 f"{exc.message}; {self.last_acked_text()}",
@@ -400,9 +412,9 @@ class DeviceClient:
         self.journal.ack(
             entry,
             {
-                "batch_id": ack.get("batch_id"),
+                "batch_id": ack.batch_id,
                 "bytes": len(body),
-                "duplicate": bool(ack.get("duplicate")),
+                "duplicate": ack.duplicate,
             },
         )
         tracker.batch_done(len(ids), forward_s, len(body), ack)
@@ -430,14 +442,14 @@ class _Progress:
     start: float = field(default_factory=time.perf_counter)
     _last_log: float = 0.0
 
-    def batch_done(self, n: int, forward_s: float, nbytes: int, ack: dict[str, Any]) -> None:
+    def batch_done(self, n: int, forward_s: float, nbytes: int, ack: Ack) -> None:
         self.done += n
         self.forward_s += forward_s
         self.bytes += nbytes
-        self.duplicates += int(bool(ack.get("duplicate")))
-        if ack.get("skipped"):
-            log.warning("server skipped %s samples it already held (same ids)", ack["skipped"])
-        self.server_samples = dict(ack.get("device_samples") or {})
+        self.duplicates += int(ack.duplicate)
+        if ack.skipped:
+            log.warning("server skipped %s samples it already held (same ids)", ack.skipped)
+        self.server_samples = ack.device_samples.to_dict()
         now = time.perf_counter()
         if now - self._last_log >= self.every_s or self.done == self.total:
             self._last_log = now

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from fedmobillm.device_runtime.messages import ROUTE_BATCHES, ErrorBody, MessageError
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
@@ -79,17 +80,19 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def server_message(resp: httpx.Response) -> str:
-    """The server's error text: FastAPI's {"detail": ...} or the raw body."""
+    """The server's error text: an ErrorBody, FastAPI's own {"detail": [...]} (422) or the
+    raw body."""
     try:
         data = resp.json()
     except ValueError:
         return resp.text.strip()[:500] or resp.reason_phrase
-    if isinstance(data, dict) and "detail" in data:
-        detail = data["detail"]
-        text = detail if isinstance(detail, str) else str(detail)
-        hint = data.get("hint")
-        return f"{text} (server hint: {hint})" if hint else text
-    return str(data)[:500]
+    try:
+        err = ErrorBody.from_dict(data)
+    except MessageError:
+        if isinstance(data, dict) and "detail" in data:
+            return str(data["detail"])
+        return str(data)[:500]
+    return f"{err.detail} (server hint: {err.hint})" if err.hint else err.detail
 
 
 @dataclass
@@ -175,7 +178,7 @@ class Uploader:
         start = time.perf_counter()
         resp = self.request(
             "POST",
-            "/v1/batches",
+            ROUTE_BATCHES,
             content=body,
             headers={"Content-Type": "application/octet-stream"},
         )
