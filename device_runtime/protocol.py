@@ -77,11 +77,12 @@ T_LABELS = "labels"
 T_SAMPLE_IDS = "sample_ids"
 
 # Personal model (what the server hands a device): a zip of a folder with
-PERSONAL_ONNX = "personal.onnx"  # input "activations" float32 [B, K, d] -> "logits" [B, C]
+PERSONAL_ONNX = "personal.onnx"  # PERSONAL_INPUT float32 [B, K, d] -> PERSONAL_OUTPUT [B, C]
 PERSONAL_PTE = "personal.pte"  # same graph for ExecuTorch, when it lowers
 PERSONAL_WEIGHTS = "personal.safetensors"
-PERSONAL_MANIFEST = "personal.json"  # {"format_version", "architecture", "bundle_sha256s",
-#   "taps", "hidden_size", "num_labels", "label_names", "trainer_step", "files": {...}}
+PERSONAL_MANIFEST = "personal.json"  # messages.PersonalManifest
+PERSONAL_INPUT = "activations"  # the personal graph's input and output names
+PERSONAL_OUTPUT = "logits"
 
 
 @dataclass
