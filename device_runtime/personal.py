@@ -18,9 +18,17 @@ import numpy as np
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
+from fedmobillm.device_runtime.messages import (
+    ROUTE_PERSONAL_MODEL,
+    ErrorBody,
+    MessageError,
+    PersonalManifest,
+)
 from fedmobillm.device_runtime.protocol import (
+    PERSONAL_INPUT,
     PERSONAL_MANIFEST,
     PERSONAL_ONNX,
+    PERSONAL_OUTPUT,
     Manifest,
     bundle_digest,
 )
@@ -69,10 +77,12 @@ class PersonalModel:
 
         members = _read_members(Path(path))
         try:
-            self.info: dict[str, Any] = json.loads(members[PERSONAL_MANIFEST])
+            self.info = PersonalManifest.from_dict(json.loads(members[PERSONAL_MANIFEST]))
         except ValueError as exc:
             raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST} is not JSON: {exc}") from exc
-        self.label_names: list[str] = list(self.info.get("label_names") or [])
+        except MessageError as exc:
+            raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST}: {exc.message}") from exc
+        self.label_names: list[str] = list(self.info.label_names)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
         try:
@@ -83,18 +93,18 @@ class PersonalModel:
             raise FedMobiLLMError(f"onnxruntime cannot load {path}/{PERSONAL_ONNX}: {exc}") from exc
         self._scales: np.ndarray | None = None
         if activations == "auto":
-            activations = "fp32" if self.info.get("encoding") in ("fp16", "fp32") else "int8"
+            activations = "fp32" if self.info.encoding in ("fp16", "fp32") else "int8"
         self.trained_on_int8 = activations == "int8"
 
     def check_compatible(self, manifest: Manifest) -> None:
-        arch = self.info.get("architecture")
+        arch = self.info.architecture
         if arch and arch != manifest.architecture:
             raise FedMobiLLMError(
                 f"this personal model is for architecture {arch}, the bundle is "
                 f"{manifest.architecture}",
                 hint="fetch the personal model with this bundle's registered device",
             )
-        digests = self.info.get("bundle_sha256s") or []
+        digests = self.info.bundle_sha256s
         if digests and bundle_digest(manifest) not in digests:
             log.warning("personal model was trained on other bundles of architecture %s", arch)
         self._scales = np.asarray(manifest.activation_scales, np.float32)  # (K,)
@@ -104,7 +114,8 @@ class PersonalModel:
         if self.trained_on_int8 and self._scales is not None:
             q = serde.quantize_int8(taps, self._scales)  # (B, K, d) int8, as uploaded
             taps = serde.dequantize(q, self._scales)  # (B, K, d) float32
-        (logits,) = self._sess.run(["logits"], {"activations": taps.astype(np.float32)})
+        feed = {PERSONAL_INPUT: taps.astype(np.float32)}
+        (logits,) = self._sess.run([PERSONAL_OUTPUT], feed)
         return logits  # (B, C)
 
     def label_of(self, index: int) -> str:
@@ -173,11 +184,11 @@ def fetch_personal_model(
 
     state = DeviceState.load(state_dir)
     with Uploader(server or state.server, state.token) as up:
-        resp = up.request("GET", "/v1/personal-model", params={"graph": graph})
+        resp = up.request("GET", ROUTE_PERSONAL_MODEL, params={"graph": graph})
     if resp.status_code == 409:
         raise FedMobiLLMError(
             f"the server has no personal model for {state.architecture} yet: "
-            f"{resp.json().get('detail', '') if resp.content else ''}",
+            f"{ErrorBody.from_dict(resp.json()).detail if resp.content else ''}",
             hint="wait until the trainer has taken steps (see `fedmobillm server status`)",
         )
     if resp.status_code != 200:
