@@ -15,7 +15,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from fedmobillm.device_runtime.protocol import PERSONAL_ONNX, PERSONAL_PTE, PERSONAL_WEIGHTS
+from fedmobillm.device_runtime.messages import PERSONAL_FORMAT_VERSION, PersonalManifest
+from fedmobillm.device_runtime.protocol import (
+    PERSONAL_INPUT,
+    PERSONAL_ONNX,
+    PERSONAL_OUTPUT,
+    PERSONAL_PTE,
+    PERSONAL_WEIGHTS,
+)
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
@@ -154,33 +161,35 @@ def export_personal_model(
             files.append(PERSONAL_PTE)
         except Exception as exc:  # lowering is best effort; ONNX is the contract
             log.warning("personal .pte export failed for %s: %s", spec.name, exc)
-    manifest = {
-        "format_version": 1,
-        "architecture": spec.name,
-        "bundle_sha256s": list(bundle_sha256s),
-        "taps": list(spec.taps),
-        "hidden_size": spec.hidden,
-        "num_labels": len(label_names),
-        "label_names": list(label_names),
-        "trainer_step": step,
-        "encoding": getattr(spec, "encoding", "int8"),
-        "inputs": [
+    manifest = PersonalManifest(
+        format_version=PERSONAL_FORMAT_VERSION,
+        architecture=spec.name,
+        bundle_sha256s=list(bundle_sha256s),
+        taps=list(spec.taps),
+        hidden_size=spec.hidden,
+        num_labels=len(label_names),
+        label_names=list(label_names),
+        trainer_step=step,
+        encoding=getattr(spec, "encoding", "int8"),
+        inputs=[
             {
-                "name": "activations",
+                "name": PERSONAL_INPUT,
                 "dtype": "float32",
                 "shape": ["batch", len(spec.taps), spec.hidden],
             }
         ],
-        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", len(label_names)]}],
-        "onnx_max_abs_diff": max_diff,
-        "weights": quant,
-        "int8_max_abs_logit_diff": int8_diff,
-        "files": {
+        outputs=[
+            {"name": PERSONAL_OUTPUT, "dtype": "float32", "shape": ["batch", len(label_names)]}
+        ],
+        onnx_max_abs_diff=max_diff,
+        weights=quant,
+        int8_max_abs_logit_diff=int8_diff,
+        files={
             f: {"sha256": sha256_file(out_dir / f), "bytes": (out_dir / f).stat().st_size}
             for f in files
         },
-    }
-    (out_dir / PERSONAL_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    )
+    (out_dir / PERSONAL_MANIFEST).write_text(json.dumps(manifest.to_dict(), indent=1))
     return out_dir
 
 
