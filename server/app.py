@@ -76,4 +76,3 @@ def _add_error_handlers(app: FastAPI) -> None:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         body = ErrorBody(exc.message, exc.hint).to_dict()
         return JSONResponse(body, status_code=status, headers=headers)
-
