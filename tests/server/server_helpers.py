@@ -9,6 +9,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from fedmobillm.device_runtime.messages import (
+    ROUTE_BATCHES,
+    ROUTE_DEVICES,
+    RegisterRequest,
+    RegisterResponse,
+)
 from fedmobillm.device_runtime.protocol import BUNDLE_FORMAT_VERSION
 from fedmobillm.device_runtime.serde import Batch, encode_batch, quantize_int8
 from fedmobillm.server.local import LocalServer
@@ -109,18 +115,16 @@ def admin_headers() -> dict:
 
 
 def register(url: str, name: str, manifest: dict, labels=LABELS) -> dict:
-    r = httpx.post(
-        f"{url}/v1/devices",
-        headers=admin_headers(),
-        json={"name": name, "manifest": manifest, "label_names": labels},
-    )
+    """POST a RegisterRequest; the RegisterResponse as a dict."""
+    body = RegisterRequest(name, manifest, labels).to_dict()
+    r = httpx.post(f"{url}{ROUTE_DEVICES}", headers=admin_headers(), json=body)
     assert r.status_code == 201, r.text
-    return r.json()
+    return RegisterResponse.from_dict(r.json()).to_dict()
 
 
 def upload(url: str, reg: dict, payload: bytes, timeout: float = 30) -> httpx.Response:
     return httpx.post(
-        f"{url}/v1/batches",
+        f"{url}{ROUTE_BATCHES}",
         content=payload,
         timeout=timeout,
         headers={
