@@ -29,6 +29,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from fedmobillm.device_runtime.messages import (
+    ROUTE_BATCHES,
+    ROUTE_DEVICES,
+    ROUTE_STATUS,
+    RegisterRequest,
+    RegisterResponse,
+)
 from fedmobillm.device_runtime.protocol import BUNDLE_FORMAT_VERSION
 from fedmobillm.device_runtime.serde import Batch, encode_batch, quantize_int8
 from fedmobillm.server.local import LocalServer
@@ -68,7 +75,7 @@ class SimDevice:
     """One simulated device: fixed int8 activations, a fresh key and sample ids per batch
     (encoding a 37 KB payload takes ~50 us, so it is done on the fly)."""
 
-    def __init__(self, reg: dict, m: dict, n: int, seed: int) -> None:
+    def __init__(self, reg: RegisterResponse, m: dict, n: int, seed: int) -> None:
         rng = np.random.default_rng(seed)
         k, d = len(m["taps"]), m["hidden_size"]
         self.reg, self.n, self.next_id = reg, n, 0
@@ -82,8 +89,8 @@ class SimDevice:
         self.next_id += self.n
         return encode_batch(
             Batch(
-                self.reg["device_id"],
-                self.reg["bundle_sha256"],
+                self.reg.device_id,
+                self.reg.bundle_sha256,
                 uuid.uuid4().hex,
                 "train",
                 "int8",
@@ -114,7 +121,8 @@ class Server(LocalServer):
         return {"Authorization": f"Bearer {self.admin_token}"}
 
     def trainer(self) -> dict:
-        return httpx.get(f"{self.url}/v1/status", headers=self.admin, timeout=30).json()["trainer"]
+        r = httpx.get(f"{self.url}{ROUTE_STATUS}", headers=self.admin, timeout=30)
+        return r.json()["trainer"]
 
 
 async def device_loop(
@@ -127,7 +135,7 @@ async def device_loop(
     max_batches: int,
 ) -> None:
     headers = {
-        "Authorization": f"Bearer {dev.reg['token']}",
+        "Authorization": f"Bearer {dev.reg.token}",
         "Content-Type": "application/octet-stream",
     }
     for _ in range(max_batches):
@@ -135,7 +143,7 @@ async def device_loop(
             return
         body = dev.payload()
         t0 = time.perf_counter()
-        r = await client.post(f"{url}/v1/batches", content=body, headers=headers)
+        r = await client.post(f"{url}{ROUTE_BATCHES}", content=body, headers=headers)
         if r.status_code != 200:
             raise RuntimeError(f"upload refused: {r.status_code} {r.text[:200]}")
         lat.append(time.perf_counter() - t0)
@@ -173,14 +181,10 @@ def register_fleet(srv: Server, devices: int, n: int, id0: int) -> list[SimDevic
     for i in range(devices):
         name, depth, hidden, taps = ARCHS[i % len(ARCHS)]
         m = manifest(name, depth, hidden, taps)
-        r = httpx.post(
-            f"{srv.url}/v1/devices",
-            headers=srv.admin,
-            timeout=30,
-            json={"name": f"dev-{id0}-{i}", "manifest": m, "label_names": LABELS},
-        )
+        body = RegisterRequest(f"dev-{id0}-{i}", m, LABELS).to_dict()
+        r = httpx.post(f"{srv.url}{ROUTE_DEVICES}", headers=srv.admin, timeout=30, json=body)
         r.raise_for_status()
-        reg = r.json()
+        reg = RegisterResponse.from_dict(r.json())
         fleet.append(SimDevice(reg, m, n, seed=id0 + i))
     return fleet
 

@@ -393,6 +393,8 @@ class Demo:
     ) -> None:
         import httpx
 
+        from fedmobillm.device_runtime.messages import ROUTE_STATUS
+
         cfg = self.cfg
         deadline = time.monotonic() + cfg.time_limit_s
         self.dead: dict[str, int] = {}
@@ -414,7 +416,7 @@ class Demo:
                             rc,
                             self.out / "logs" / f"{n}.log",
                         )
-                st = http.get("/v1/status").json()
+                st = http.get(ROUTE_STATUS).json()
                 row = _progress_row(st, len(running), len(done), time.monotonic() - self.t_start)
                 self.history.append(row)
                 log.info(

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 
+from fedmobillm.device_runtime.messages import ROUTE_STATUS
 from fedmobillm.errors import FedMobiLLMError
 
 NAME = "server"
@@ -28,7 +29,7 @@ def fetch_status(server: str, token: str, timeout: float = 10.0) -> dict:
 
     try:
         r = httpx.get(
-            f"{server.rstrip('/')}/v1/status",
+            f"{server.rstrip('/')}{ROUTE_STATUS}",
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
         )
