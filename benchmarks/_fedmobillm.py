@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._common import BenchConfig, DeviceProfile, FleetData
+from fedmobillm.device_runtime.messages import ROUTE_STATUS
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks")
@@ -112,7 +113,7 @@ def _status(url: str, token: str) -> dict[str, Any]:
     import httpx
 
     return httpx.get(
-        url + "/v1/status", headers={"Authorization": f"Bearer {token}"}, timeout=30
+        url + ROUTE_STATUS, headers={"Authorization": f"Bearer {token}"}, timeout=30
     ).json()
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._report import headline_table, mb
+from fedmobillm.device_runtime.messages import ROUTE_PERSONAL_MODEL
 
 
 def _g(x: float) -> str:
@@ -134,7 +135,7 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         f"was reached (each device's measured bytes times the share of its records whose upload "
         f"had begun by then), as FedAvg is cut at its target round; the whole run: "
         f"{mb(fm.get('whole_run', {}).get('bytes_per_device', float('nan')))} per device. Delivery of the trained personal model afterwards (GET "
-        f"/v1/personal-model, measured): {mb(fm['delivery_bytes_per_device'])} per device. "
+        f"{ROUTE_PERSONAL_MODEL}, measured): {mb(fm['delivery_bytes_per_device'])} per device. "
         "Validation records were uploaded by a separate 'validator' device, not counted.\n"
     )
     add(

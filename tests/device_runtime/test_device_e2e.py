@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from fedmobillm.device_runtime.messages import DeviceState, device_route
 from fedmobillm.server.local import LocalServer, free_port
 
 pytestmark = pytest.mark.integration
@@ -40,9 +41,9 @@ class Server:
 
     def device(self, device_id: str) -> dict:
         auth = {"Authorization": f"Bearer {ADMIN}"}
-        resp = httpx.get(f"{self.url}/v1/devices/{device_id}", headers=auth, timeout=10)
+        resp = httpx.get(f"{self.url}{device_route(device_id)}", headers=auth, timeout=10)
         resp.raise_for_status()
-        return resp.json()
+        return DeviceState.from_dict(resp.json()).to_dict()
 
     def stored(self, device_id: str, split: str = "train") -> tuple[int, int]:
         """(rows, distinct sample ids) the server's SQLite holds for a device."""
