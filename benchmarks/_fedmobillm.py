@@ -8,10 +8,11 @@ byte-counting proxy, then downloads its personal model; test accuracy is on-devi
 inference (bundle + personal.onnx). Bytes up/down per device are measured on the wire.
 
 Simulated clock (replay): the same activations, the server's learning core
-(`fedmobillm.server.side.SideTrainer`, the server's side-network settings) and its sampling
-rule (uniform device, then uniform sample), driven by an event clock: a device's batch
-arrives after its forward FLOPs / device speed plus its measured upload bytes / uplink; the
-trainer steps continuously (each step costs its measured host time) on what has arrived.
+(`fedmobillm.server.side.SideTrainer`, the server's side-network settings) and its policies
+(`fedmobillm.server.policies`: balanced sampling, idle rule), driven by an event clock: a
+device's batch arrives after its forward FLOPs / device speed plus its measured upload bytes
+/ uplink; the trainer steps continuously (each step costs its measured host time) on what
+has arrived.
 
 Centralised side-tuning: SideTrainer on the pooled fp32 activations of all train records.
 """
@@ -83,7 +84,7 @@ def server_settings(cfg: BenchConfig) -> dict[str, Any]:
         if "idle_after_epochs" in fields:
             s["idle_after_epochs"] = 0
     if cfg.side_lr is not None:
-        s["learning_rate"] = cfg.side_lr
+        s["side"] = {"lr": cfg.side_lr}
     if cfg.side_batch is not None:
         s["batch_size"] = cfg.side_batch
     return {k: v for k, v in s.items() if k in fields}
@@ -287,15 +288,10 @@ def activations(
 
 
 def _side(cfg: BenchConfig, label_names: list[str], manifest: Any) -> Any:
-    """A SideTrainer configured as the real server configures its own."""
-    from fedmobillm.server.settings import ServerSettings
-    from fedmobillm.server.side import SideConfig, SideTrainer
+    """A SideTrainer configured as the real server configures its own (ServerSettings.side)."""
+    from fedmobillm.server.side import SideTrainer
 
-    s = ServerSettings(**{k: v for k, v in server_settings(cfg).items() if k != "seed"})
-    sc = SideConfig(
-        width=s.side_width, blocks=s.side_blocks, block=s.side_block, lr=s.learning_rate
-    )
-    tr = SideTrainer(sc, label_names, seed=cfg.seed)
+    tr = SideTrainer(_settings(cfg).side, label_names, seed=cfg.seed)
     tr.add_architecture(
         manifest.architecture, list(manifest.taps), manifest.depth, manifest.hidden_size
     )
@@ -310,20 +306,6 @@ def _settings(cfg: BenchConfig) -> Any:
 
 def _batch_size(cfg: BenchConfig) -> int:
     return int(_settings(cfg).batch_size)
-
-
-def should_idle(s: Any, since: int, total: int) -> bool:
-    """The server trainer's idle rule (fedmobillm.server.trainer.Trainer._should_idle)."""
-    try:
-        from fedmobillm.server.trainer import MIN_STEPS_BEFORE_IDLE as min_steps
-    except ImportError:
-        min_steps = 50
-    if getattr(s, "idle_after_steps", 0) and since >= s.idle_after_steps:
-        return True
-    epochs = getattr(s, "idle_after_epochs", 0)
-    if not epochs or since < min_steps:
-        return False
-    return since * s.batch_size >= epochs * total
 
 
 # -- replay on the simulated clock -----------------------------------------------------------
@@ -373,6 +355,8 @@ def replay(
     fwd_flops: float,
     bytes_per_sample: float,
 ) -> dict[str, Any]:
+    from fedmobillm.server.policies import balanced_sample, should_idle
+
     rng = np.random.default_rng(cfg.seed)
     dev_x, dev_y, manifest = [], [], None
     for recs, prof in zip(data.devices, profiles, strict=True):
@@ -409,12 +393,11 @@ def replay(
                 break  # idle with every upload in: the server's training is done
             clock = events[ei][0]  # idle until the next upload wakes the trainer
             continue
-        picks = rng.choice(ready, batch)
-        idx = [rng.integers(have[d]) for d in picks]
-        xb = np.stack([dev_x[d][i] for d, i in zip(picks, idx, strict=True)])  # (B, K, d)
-        yb = np.asarray([dev_y[d][i] for d, i in zip(picks, idx, strict=True)])  # (B,)
+        groups = balanced_sample(  # [(arch, x (B, K, d), y (B,))]
+            rng, batch, {arch: ready}, lambda _, d: (dev_x[d][: have[d]], dev_y[d][: have[d]])
+        )
         t0 = time.perf_counter()
-        tr.train_step([(arch, xb, yb)])
+        tr.train_step(groups)
         step_times.append(time.perf_counter() - t0)
         clock += float(np.median(step_times[-50:]))
         since += 1

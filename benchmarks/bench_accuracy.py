@@ -50,6 +50,8 @@ log = logging.getLogger("benchmarks.accuracy")
 BACKBONES = ("minilm-l3", "minilm-l6", "smollm2-135m")
 METHODS = ("fedmobillm", "centralised", "single", "linear-probe", "full-ft")
 TARGET_GAP = 0.01  # fedmobillm within 1.0 accuracy point of centralised (IID)
+# the side network's learning rate of the measured runs (README); the server's is SideConfig.lr
+SIDE_LR = 2e-3
 
 
 @dataclass
@@ -117,7 +119,7 @@ class AccuracyConfig:
         from fedmobillm.server.side import SideConfig
 
         try:
-            return SideConfig(**self.side)
+            return SideConfig(**{"lr": SIDE_LR, **self.side})
         except TypeError as exc:
             raise FedMobiLLMError(f"unknown side-network option: {exc}") from exc
 

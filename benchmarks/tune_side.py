@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.bench_accuracy import SIDE_LR  # the base: the measured defaults
+
 log = logging.getLogger("benchmarks.tune_side")
 
 GRID: dict[str, dict] = {
@@ -71,7 +73,7 @@ def run_config(name: str, overrides: dict, data: dict, steps: int, batch: int, s
 
     if overrides.get("schedule") == "cosine":
         overrides = {**overrides, "total_steps": steps}
-    cfg = replace(SideConfig(), **overrides)
+    cfg = replace(SideConfig(lr=SIDE_LR), **overrides)
     t = SideTrainer(cfg, ["negative", "positive"], seed=seed)
     for arch, (tr, _) in data.items():
         t.add_architecture(arch, tr.taps, tr.depth, tr.hidden)
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedmobillm.server.side import SideConfig
 
     report = {
-        "base": asdict(SideConfig()),
+        "base": asdict(SideConfig(lr=SIDE_LR)),
         "steps": args.steps,
         "batch": args.batch,
         "train": args.train,

@@ -3,25 +3,59 @@ command-line overrides, in increasing priority. Built by the entry point, never 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.side import SideConfig
 
 # Values that are never accepted as an admin token outside --dev.
 DEFAULT_TOKENS = {"", "changeme", "change-me", "admin", "secret", "token", "password", "dev"}
 MIN_TOKEN_CHARS = 16
 
+# The side network's settings of earlier versions, flat (env FEDMOBILLM_LEARNING_RATE, config
+# file learning_rate = ..., overrides): still accepted, as side.<field>
+FLAT_SIDE_FIELDS = {
+    "side_width": "width",
+    "side_blocks": "blocks",
+    "side_block": "block",
+    "learning_rate": "lr",
+    "anchor_kl": "anchor_kl",
+    "anchor_feature": "anchor_feature",
+    "anchor_batch": "anchor_batch",
+}
+
+
+class _FlatSideEnv(PydanticBaseSettingsSource):
+    """FEDMOBILLM_<flat name> environment variables (FLAT_SIDE_FIELDS) as {"side": {...}}."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # unused: __call__ reads them all at once
+
+    def __call__(self) -> dict[str, Any]:
+        env = {k.lower(): v for k, v in os.environ.items()}
+        side = {
+            name: env[f"fedmobillm_{flat}"]
+            for flat, name in FLAT_SIDE_FIELDS.items()
+            if f"fedmobillm_{flat}" in env
+        }
+        return {"side": side} if side else {}
+
 
 class ServerSettings(BaseSettings):
-    """Everything the server reads at start. Env vars: FEDMOBILLM_ADMIN_TOKEN, ..."""
+    """Everything the server reads at start. Env vars: FEDMOBILLM_ADMIN_TOKEN, ...,
+    FEDMOBILLM_SIDE__LR (nested fields: ``__``)."""
 
-    model_config = SettingsConfigDict(env_prefix="FEDMOBILLM_", extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix="FEDMOBILLM_", env_nested_delimiter="__", extra="forbid"
+    )
 
     admin_token: SecretStr = SecretStr("")
     data_dir: Path = Path("fedmobillm-server")
@@ -47,26 +81,44 @@ class ServerSettings(BaseSettings):
     idle_after_steps: int = Field(0, ge=0)
     trainer_threads: int = Field(1, gt=0)  # torch threads of the trainer
     step_sleep_s: float = Field(0.0, ge=0)  # pause between steps (leave CPU to ingest)
-    side_width: int = Field(128, gt=0)
-    side_blocks: int = Field(3, gt=0)
-    side_block: str = "mlp"
-    learning_rate: float = Field(1e-3, gt=0)
     # Anchor set (server/anchors.py): public unlabelled texts, one per line or .jsonl
     # {"text"}; each device forwards its share of anchors_per_device of them (`fedmobillm
     # device run --split anchor`). Keep the file fixed for a data dir: ids are positions.
     anchors: Path | None = None
     anchors_per_device: int = Field(500, gt=0)
-    # anchor-alignment weights and batch (SideConfig.anchor_kl / anchor_feature / anchor_batch)
-    anchor_kl: float = Field(3.0, ge=0)
-    anchor_feature: float = Field(5.0, ge=0)
-    anchor_batch: int = Field(64, gt=0)
+    # The side network, its alignment (anchor_kl, anchor_feature, anchor_batch) and its
+    # optimisation: server/side.py SideConfig, whose defaults are the server's. Config file
+    # [server.side] / {"side": {"lr": 0.001}}, env FEDMOBILLM_SIDE__LR; the flat names of
+    # FLAT_SIDE_FIELDS (learning_rate, side_width, ...) work too.
+    side: SideConfig = Field(default_factory=SideConfig)
 
-    @field_validator("side_block")
+    @model_validator(mode="before")
     @classmethod
-    def _block(cls, v: str) -> str:
-        if v not in ("mlp", "transformer"):
-            raise ValueError("side_block must be 'mlp' or 'transformer'")
-        return v
+    def _flat_side_fields(cls, data: Any) -> Any:
+        """Fold the flat names (FLAT_SIDE_FIELDS) into ``side``; they win over it."""
+        if not isinstance(data, dict) or not FLAT_SIDE_FIELDS.keys() & data.keys():
+            return data
+        data = dict(data)
+        side = data.get("side") or {}
+        side = dataclasses.asdict(side) if isinstance(side, SideConfig) else dict(side)
+        for flat, name in FLAT_SIDE_FIELDS.items():
+            if flat in data:
+                side[name] = data.pop(flat)
+        data["side"] = side
+        return data
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """The usual sources, with the flat side-network env names below the nested ones."""
+        flat = _FlatSideEnv(settings_cls)
+        return init_settings, env_settings, flat, dotenv_settings, file_secret_settings
 
     @property
     def db_path(self) -> Path:

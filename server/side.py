@@ -45,7 +45,8 @@ FORMAT_VERSION = 1
 
 @dataclass
 class SideConfig:
-    """Side network, alignment and optimisation. Defaults chosen by measurement (README)."""
+    """Side network, alignment and optimisation. Defaults chosen by measurement (README);
+    they are the server's (ServerSettings.side)."""
 
     width: int = 128  # d_s
     blocks: int = 3  # K_s side blocks
@@ -62,7 +63,7 @@ class SideConfig:
     # normalised per input distribution (MLP blocks only)
     arch_norms: bool = False
     # Optimisation
-    lr: float = 2e-3
+    lr: float = 1e-3  # the server's; benchmarks/bench_accuracy.py measures with 2e-3
     align_lr_scale: float = 1.0  # alignment lr = lr * this
     weight_decay: float = 0.1
     warmup_steps: int = 50
@@ -109,6 +110,8 @@ class SideConfig:
             problems.append("anchor_batch must be positive, anchor_kl and anchor_feature >= 0")
         if min(self.width, self.blocks, self.expansion) <= 0 or self.gate_temperature <= 0:
             problems.append("width, blocks, expansion and gate_temperature must be positive")
+        if not self.lr > 0:
+            problems.append(f"lr must be positive, not {self.lr}")
         if problems:
             raise FedMobiLLMError("invalid side-network config: " + "; ".join(problems))
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.personal import fsync_dir, publish_folder, write_atomic
+from fedmobillm.server.policies import balanced_sample, should_idle
 from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.side import SideConfig, SideTrainer
 from fedmobillm.server.store import Store
@@ -36,7 +37,6 @@ LATEST = "LATEST"
 TRAINER_STATE = "trainer.json"
 KEEP_CHECKPOINTS = 2
 HISTORY_LIMIT = 1000
-MIN_STEPS_BEFORE_IDLE = 50
 # The best-validation snapshot is re-baselined once the training set has grown by this
 # fraction since it was taken (see Trainer._keep_best)
 REBASE_GROWTH = 0.1
@@ -147,24 +147,15 @@ class TrainingCache:
         return [(k, np.stack([a.anchor_x[i] for i in pick])) for k, a in archs]
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> list[tuple]:
-        """Balanced mini-batch: an equal share per architecture; within one, a device is
-        drawn uniformly for every sample, then a sample of that device uniformly."""
-        ready = {k: a for k, a in self.archs.items() if a.num_train > 0}
-        if not ready:
-            return []
-        share = max(1, batch_size // len(ready))
-        groups = []
-        for name, a in sorted(ready.items()):
-            devices = sorted(d for d, ys in a.train_y.items() if ys)
-            picks = rng.integers(len(devices), size=share)
-            xs, ys = [], []
-            for di in np.unique(picks):
-                x, y = a.device_arrays(devices[di])  # (n, K, d), (n,)
-                idx = rng.integers(len(y), size=int((picks == di).sum()))
-                xs.append(x[idx])
-                ys.append(y[idx])
-            groups.append((name, np.concatenate(xs), np.concatenate(ys)))  # (share, K, d)
-        return groups
+        """Balanced mini-batch over everything cached (``policies.balanced_sample``)."""
+        devices = {
+            k: sorted(d for d, ys in a.train_y.items() if ys)
+            for k, a in self.archs.items()
+            if a.num_train > 0
+        }
+        return balanced_sample(
+            rng, batch_size, devices, lambda k, d: self.archs[k].device_arrays(d)
+        )
 
 
 class Trainer:
@@ -282,13 +273,8 @@ class Trainer:
         return True
 
     def _should_idle(self) -> bool:
-        s, since = self.settings, self._steps_since_data
-        if s.idle_after_steps and since >= s.idle_after_steps:
-            return True
-        if not s.idle_after_epochs or since < MIN_STEPS_BEFORE_IDLE:
-            return False
         total = sum(a.num_train for a in self.cache.archs.values())
-        return since * s.batch_size >= s.idle_after_epochs * total
+        return should_idle(self.settings, self._steps_since_data, total)
 
     def _step(self, groups: list[tuple], anchors: list[tuple] | None = None) -> None:
         assert self.side is not None
@@ -318,16 +304,7 @@ class Trainer:
     # -- model --
 
     def _side_config(self) -> SideConfig:
-        s = self.settings
-        return SideConfig(
-            width=s.side_width,
-            blocks=s.side_blocks,
-            block=s.side_block,
-            lr=s.learning_rate,
-            anchor_kl=s.anchor_kl,
-            anchor_feature=s.anchor_feature,
-            anchor_batch=s.anchor_batch,
-        )
+        return self.settings.side
 
     def _create(self, store: Store) -> bool:
         labels = store.label_names()
