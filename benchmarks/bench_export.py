@@ -114,9 +114,10 @@ def eager_reference(model: str, manifest: dict, ids, mask):
 
 
 def measure_variant(model: str, opts: dict, fmt: str, quant: str) -> Row:
-    from fedmobillm.export.backends import FILE_NAMES, run_format
+    from fedmobillm.device_runtime.graph import run_taps
     from fedmobillm.export.budget import measure_process
     from fedmobillm.export.calibrate import compare
+    from fedmobillm.export.graphs import FILE_NAMES
 
     bundle = bundle_for(model, {**opts, "quant": quant, "formats": (fmt,)})
     manifest = json.loads((bundle / "manifest.json").read_text())
@@ -124,7 +125,7 @@ def measure_variant(model: str, opts: dict, fmt: str, quant: str) -> Row:
     run = measure_process(graph, fmt, BATCH, SEQ, THREADS, repeats=WARMUP + REPEATS)
     timed = run["seconds"][WARMUP:]
     ids, mask = encode(bundle)
-    err = compare(run_format(fmt, graph, ids, mask), eager_reference(model, manifest, ids, mask))
+    err = compare(run_taps(graph, ids, mask, fmt), eager_reference(model, manifest, ids, mask))
     return Row(
         model,
         fmt,

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
+from fedmobillm.device_runtime.graph import Graph
 from fedmobillm.device_runtime.protocol import Manifest, load_verified_bundle
 from fedmobillm.errors import FedMobiLLMError
 
@@ -99,61 +99,6 @@ class _Tokenizer:
         return ids, mask
 
 
-class _OnnxRunner:
-    def __init__(self, path: Path, threads: int | None) -> None:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-            opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        # A phone's memory is the scarce resource: initializers go straight to the CPU
-        # allocator and are not prepacked (a second copy of every int8 weight). Measured on
-        # the int8 MiniLM-L6 bundle: peak 109 -> 105 MiB, batch forward time unchanged.
-        opts.add_session_config_entry("session.use_device_allocator_for_initializers", "1")
-        opts.add_session_config_entry("session.disable_prepacking", "1")
-        try:
-            self._sess = ort.InferenceSession(
-                str(path), sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise FedMobiLLMError(f"onnxruntime cannot load {path}: {exc}") from exc
-        self._inputs = {i.name for i in self._sess.get_inputs()}
-
-    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        feed = {"input_ids": ids, "attention_mask": mask}
-        feed = {k: v for k, v in feed.items() if k in self._inputs}
-        (taps,) = self._sess.run(["taps"], feed)
-        return taps
-
-
-class _PteRunner:
-    """ExecuTorch's Python runtime. It takes and returns torch tensors, so torch is
-    imported here, and only here."""
-
-    def __init__(self, path: Path) -> None:
-        try:
-            import executorch.kernels.quantized  # noqa: F401 - embedding_byte (8da4w bundles)
-            from executorch.runtime import Runtime
-        except ImportError as exc:
-            raise FedMobiLLMError(
-                "the .pte backend needs the ExecuTorch runtime (and torch)",
-                hint="pip install 'fedmobillm[export]', or use --backend onnx",
-            ) from exc
-        try:
-            program = Runtime.get().load_program(Path(path))
-            self._method = program.load_method("forward")
-        except Exception as exc:  # pybind errors are RuntimeError or bare Exception
-            raise FedMobiLLMError(f"ExecuTorch cannot load {path}: {exc}") from exc
-
-    def __call__(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        import torch
-
-        outputs = self._method.execute((torch.from_numpy(ids), torch.from_numpy(mask)))
-        return np.asarray(outputs[0].detach().numpy(), dtype=np.float32)
-
-
 class Backbone:
     """A verified bundle, ready to turn texts into tapped activations ``(B, K, d)``."""
 
@@ -173,8 +118,8 @@ class Backbone:
         self.max_batch: int | None = max_batch if isinstance(max_batch, int) else None
         self._tokenize = _Tokenizer(self.bundle_dir, self.manifest, self.static_seq)
         graph = self.bundle_dir / GRAPH_FILES[self.backend]
-        self._run: Any = (
-            _OnnxRunner(graph, threads) if self.backend == "onnx" else _PteRunner(graph)
+        self._forward_graph = Graph(
+            graph, fmt=self.backend, threads=threads, low_memory=True, quiet=True
         )
         log.debug("backbone %s (%s) loaded from %s", self.architecture, self.backend, graph)
 
@@ -194,9 +139,13 @@ class Backbone:
             self.max_batch and input_ids.shape[0] > self.max_batch
         ):
             return self._forward_chunked(input_ids, attention_mask)
-        taps = np.asarray(self._run(input_ids, attention_mask), dtype=np.float32)  # (B, K, d)
+        taps = self._run(input_ids, attention_mask)  # (B, K, d)
         self._check(taps, input_ids.shape[0])
         return taps
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        (taps,) = self._forward_graph.run({"input_ids": ids, "attention_mask": mask})
+        return np.asarray(taps, dtype=np.float32)  # (B, K, d)
 
     def _forward_chunked(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """A graph with a fixed or bounded batch size: run in chunks; with a fixed size,
@@ -208,7 +157,7 @@ class Backbone:
             if n < b and self.static_batch:
                 chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], b - n, 0)])
                 chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], b - n, 0)])
-            taps = np.asarray(self._run(chunk_ids, chunk_mask), dtype=np.float32)  # (b, K, d)
+            taps = self._run(chunk_ids, chunk_mask)  # (b, K, d)
             out.append(taps[:n])
         taps = np.concatenate(out)  # (B, K, d)
         self._check(taps, ids.shape[0])

@@ -25,35 +25,6 @@ QUANT_ORDER = ("fp32", "int8", "8da4w")
 PROFILE_RAM_SHARE = 0.25  # of total RAM, when the profile gives no explicit budget
 PROFILE_AVAILABLE_SHARE = 0.5  # of available RAM
 
-MEASURE_SCRIPT = r"""
-import json, resource, sys
-import numpy as np
-path, fmt, batch, seq, threads, repeats = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-vocab_hi = 1000
-ids = np.random.default_rng(0).integers(5, vocab_hi, size=(batch, seq)).astype(np.int64)
-mask = np.ones((batch, seq), dtype=np.int64)
-import time
-times = []
-if fmt == "onnx":
-    import onnxruntime as ort
-    o = ort.SessionOptions(); o.intra_op_num_threads = threads; o.inter_op_num_threads = 1
-    s = ort.InferenceSession(path, o, providers=["CPUExecutionProvider"])
-    run = lambda: s.run(["taps"], {"input_ids": ids, "attention_mask": mask})[0]
-else:
-    import torch
-    torch.set_num_threads(threads)
-    import executorch.kernels.quantized  # embedding_byte for 8da4w graphs
-    from executorch.runtime import Runtime
-    m = Runtime.get().load_program(path).load_method("forward")
-    ti, tm = torch.from_numpy(ids), torch.from_numpy(mask)
-    run = lambda: m.execute([ti, tm])[0]
-for _ in range(repeats):
-    t = time.perf_counter(); run(); times.append(time.perf_counter() - t)
-from fedmobillm.device_runtime.memory import peak_rss_mb
-peak = peak_rss_mb()
-print(json.dumps({"peak_rss_mib": peak, "seconds": times}))
-"""
-
 
 def measure_process(
     graph: Path,
@@ -64,18 +35,10 @@ def measure_process(
     repeats: int = 1,
     timeout: float = 600,
 ) -> dict:
-    """Run a bundle graph in a fresh Python process; returns peak RSS (MiB) and run times."""
-    cmd = [
-        sys.executable,
-        "-c",
-        MEASURE_SCRIPT,
-        str(graph),
-        fmt,
-        str(batch),
-        str(seq),
-        str(threads),
-        str(repeats),
-    ]
+    """Run a bundle graph in a fresh Python process (``fedmobillm.device_runtime.measure``);
+    returns its peak RSS (MiB) and run times."""
+    args = [str(graph), fmt, *(str(n) for n in (batch, seq, threads, repeats))]
+    cmd = [sys.executable, "-m", "fedmobillm.device_runtime.measure", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise FedMobiLLMError(f"measuring {graph.name} failed: {proc.stderr.strip()[-800:]}")
@@ -109,7 +72,7 @@ def budget_from_profile(path: Path, budget_mb: float | None) -> float:
 
 
 def candidate_quants(opts) -> list[str]:
-    from fedmobillm.export.backends import UNSUPPORTED
+    from fedmobillm.export.graphs import UNSUPPORTED
 
     start = QUANT_ORDER.index(opts.quant)
     return [q for q in QUANT_ORDER[start:] if not any((q, f) in UNSUPPORTED for f in opts.formats)]
@@ -162,7 +125,7 @@ def choose_for_budget(opts, budget_mb: float):
 
 
 def _graph(fmt: str) -> str:
-    from fedmobillm.export.backends import FILE_NAMES
+    from fedmobillm.export.graphs import FILE_NAMES
 
     return FILE_NAMES[fmt]
 

@@ -1,9 +1,16 @@
-"""Graph writers: ONNX (torch.onnx dynamo + onnxruntime dynamic int8) and ExecuTorch .pte
-(torch.export -> XNNPACK lowering; fp32, PT2E int8, torchao 8da4w) and their runtimes."""
+"""Write and quantise graphs: ONNX (torch.onnx dynamo for backbones, the TorchScript exporter
+for personal models; onnxruntime dynamic int8) and ExecuTorch .pte (torch.export -> XNNPACK
+lowering; fp32, PT2E int8, torchao 8da4w). The one place graphs are written: the bundle
+exporter and the server's personal-model export call it. They run through
+``fedmobillm.device_runtime.graph``.
+
+Imports torch: import this module lazily from anything that must start without it."""
 
 from __future__ import annotations
 
 import logging
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,13 +19,12 @@ import torch
 from torch import nn
 
 from fedmobillm.device_runtime.backbone import GRAPH_DATA, GRAPH_FILES
+from fedmobillm.device_runtime.files import replacing
+from fedmobillm.device_runtime.graph import BACKBONE_INPUTS, BACKBONE_OUTPUT, FORMATS, onnx_session
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
 
-INPUT_NAMES = ["input_ids", "attention_mask"]
-OUTPUT_NAME = "taps"
-FORMATS = ("onnx", "pte")
 FILE_NAMES = GRAPH_FILES  # the device runtime's names, which the manifest lists
 # The ONNX graph's weights live beside it (ONNX external data): onnxruntime maps this file
 # into memory instead of parsing the weights out of the graph and copying them, which takes
@@ -91,13 +97,36 @@ def write_onnx(ep: torch.export.ExportedProgram, path: Path, args: tuple, shapes
         ep,
         args,
         dynamo=True,
-        input_names=INPUT_NAMES,
-        output_names=[OUTPUT_NAME],
+        input_names=list(BACKBONE_INPUTS),
+        output_names=[BACKBONE_OUTPUT],
         external_data=False,
         optimize=True,
         verbose=False,
     )
     program.save(str(path), external_data=False)
+
+
+def write_onnx_torchscript(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: Sequence[str],
+    output_names: Sequence[str],
+    dynamic_axes: dict[str, dict[int, str]],
+) -> None:
+    """The TorchScript exporter (opset 17), for small modules such as a personal model."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_axes=dynamic_axes,
+            opset_version=17,
+            dynamo=False,
+        )
 
 
 def externalize_onnx(path: Path, data_name: str) -> None:
@@ -126,31 +155,53 @@ def externalize_onnx(path: Path, data_name: str) -> None:
 OUTLIER_RATIO = 6.0
 
 
-def quantize_onnx_int8(
+BACKBONE_QUANT_OPS = ("MatMul", "Gemm", "Gather")
+
+
+def quantize_backbone_onnx(
     src: Path, dst: Path, ids: np.ndarray | None = None, mask: np.ndarray | None = None
 ) -> None:
-    """Dynamic int8 (per-channel weights). With calibration inputs, MatMuls whose
-    activation range is an outlier are kept in fp32 (see OUTLIER_RATIO)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
+    """A backbone's int8 graph. With calibration inputs, MatMuls whose activation range is
+    an outlier are kept in fp32 (see OUTLIER_RATIO)."""
     exclude = outlier_matmuls(src, ids, mask) if ids is not None and mask is not None else []
     if exclude:
         log.info("quantize: %d MatMul(s) with outlier inputs stay fp32", len(exclude))
-    quantize_dynamic(
-        str(src),
-        str(dst),
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul", "Gemm", "Gather"],
-        nodes_to_exclude=exclude,
-    )
+    quantize_onnx_int8(src, dst, op_types=BACKBONE_QUANT_OPS, exclude=exclude)
+
+
+def quantize_onnx_int8(
+    src: Path,
+    dst: Path,
+    op_types: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    quiet: bool = False,
+) -> None:
+    """Dynamic int8 with per-channel weights (onnxruntime ``quantize_dynamic``).
+    ``op_types``: node types to quantize (None: every type onnxruntime can); ``exclude``:
+    node names kept fp32; ``quiet``: silence the quantizer's line per tensor."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    if quiet:
+        root.setLevel(max(level, logging.ERROR))
+    try:
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=list(op_types) if op_types else None,
+            nodes_to_exclude=list(exclude),
+        )
+    finally:
+        root.setLevel(level)
 
 
 def outlier_matmuls(src: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 8) -> list[str]:
     """Names of weight MatMul/Gemm nodes whose input max |x| on the calibration inputs is
     more than OUTLIER_RATIO times the median over all such nodes."""
     import onnx
-    import onnxruntime as ort
 
     model = onnx.load(str(src))
     weights = {init.name for init in model.graph.initializer}
@@ -164,7 +215,7 @@ def outlier_matmuls(src: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 8
     known = {o.name for o in model.graph.output}
     tensors = sorted(set(inputs.values()) - known)
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = onnx_session(model.SerializeToString(), name=f"{src} with its MatMul inputs")
     del model
     names = [o.name for o in sess.get_outputs()]
     amax = dict.fromkeys(names, 0.0)
@@ -177,26 +228,14 @@ def outlier_matmuls(src: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 8
     return sorted(n for n, r in ranges.items() if median > 0 and r > OUTLIER_RATIO * median)
 
 
-def run_onnx(
-    path: Path, input_ids: np.ndarray, attention_mask: np.ndarray, threads: int = 2
-) -> np.ndarray:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    feeds = {
-        "input_ids": input_ids.astype(np.int64),
-        "attention_mask": attention_mask.astype(np.int64),
-    }
-    return sess.run([OUTPUT_NAME], feeds)[0]
-
-
 # ---------------------------------------------------------------- ExecuTorch
 
 
-def write_pte(ep: torch.export.ExportedProgram, path: Path) -> None:
+def write_pte(ep: torch.export.ExportedProgram, path: Path, split_dynamic: bool = True) -> None:
+    """Lower to XNNPACK and write the ExecuTorch program to ``path`` atomically.
+    ``split_dynamic``: lower dynamically quantized linears first, as partitions of their own
+    (what backbones need, below); False lowers with the one plain partitioner (the
+    personal model, an fp32 graph whose program the split makes larger)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
         XnnpackDynamicallyQuantizedPartitioner,
         XnnpackPartitioner,
@@ -205,29 +244,9 @@ def write_pte(ep: torch.export.ExportedProgram, path: Path) -> None:
 
     # Dynamically quantized linears first, as their own partitions, then everything else:
     # one partitioner over both makes cyclic partitions on dynamic-shape PT2E int8 graphs.
-    partitioners = [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()]
+    partitioners = [XnnpackDynamicallyQuantizedPartitioner()] if split_dynamic else []
+    partitioners.append(XnnpackPartitioner())
     edge = to_edge_transform_and_lower(ep, partitioner=partitioners)
     program = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True))
-    with open(path, "wb") as f:
+    with replacing(path) as tmp, open(tmp, "wb") as f:
         program.write_to_file(f)
-
-
-def run_pte(path: Path, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-    import executorch.kernels.quantized  # noqa: F401 - registers embedding_byte etc.
-    from executorch.runtime import Runtime
-
-    runtime = Runtime.get()
-    method = runtime.load_program(str(path)).load_method("forward")
-    outputs = method.execute(
-        [
-            torch.from_numpy(input_ids.astype(np.int64)),
-            torch.from_numpy(attention_mask.astype(np.int64)),
-        ]
-    )
-    return outputs[0].numpy()
-
-
-def run_format(fmt: str, path: Path, input_ids: np.ndarray, attention_mask: np.ndarray):
-    if fmt == "onnx":
-        return run_onnx(path, input_ids, attention_mask)
-    return run_pte(path, input_ids, attention_mask)

@@ -90,7 +90,7 @@ class ExportOptions:
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from fedmobillm.export.backends import check_combination
+        from fedmobillm.export.graphs import check_combination
 
         self.out_dir = Path(self.out_dir)
         self.formats = tuple(dict.fromkeys(f.strip().lower() for f in self.formats if f))
@@ -368,7 +368,8 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
     import numpy as np
     import torch
 
-    from fedmobillm.export import backends, calibrate, wrapper
+    from fedmobillm.device_runtime.graph import run_taps
+    from fedmobillm.export import calibrate, graphs, wrapper
 
     t = opts.stage_seconds
     with stage("load", t):
@@ -396,14 +397,14 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
         log.info("calibrate: %d texts, int8 scales %s", len(texts), [round(s, 5) for s in scales])
         vids, vmask = _trim(ids[:VERIFY_SENTENCES], mask[:VERIFY_SENTENCES])
         vref = calibrate.eager_taps(wrapped, vids, vmask)  # eager fp32, before quantization
-    shapes = backends.Shapes(opts.max_batch, opts.max_seq_len)
+    shapes = graphs.Shapes(opts.max_batch, opts.max_seq_len)
     example = (
         torch.from_numpy(ids[:2, : max(2, min(ids.shape[1], opts.max_seq_len))]),
         torch.from_numpy(mask[:2, : max(2, min(ids.shape[1], opts.max_seq_len))]),
     )
     with stage("export", t):
-        ep = backends.torch_export(wrapped, example, shapes)
-        graph_params = backends.graph_param_count(ep)
+        ep = graphs.torch_export(wrapped, example, shapes)
+        graph_params = graphs.graph_param_count(ep)
         log.info("export: %s parameters in the graph", f"{graph_params:,}")
     if "onnx" in opts.formats:
         _write_onnx(opts, ep, example, shapes, tmp, ids, mask)
@@ -412,7 +413,7 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
     errors = {}
     with stage("verify", t):
         for fmt in opts.formats:
-            got = backends.run_format(fmt, tmp / backends.FILE_NAMES[fmt], vids, vmask)
+            got = run_taps(tmp / graphs.FILE_NAMES[fmt], vids, vmask, fmt)  # (n, K, d)
             err = calibrate.compare(got, np.asarray(vref))
             errors[fmt] = err.to_dict()
             log.info(
@@ -449,24 +450,24 @@ def _check_error(fmt: str, quant: str, err) -> None:
 
 
 def _write_onnx(opts, ep, example, shapes, tmp: Path, ids, mask) -> None:
-    from fedmobillm.export import backends
+    from fedmobillm.export import graphs
 
-    target = tmp / backends.FILE_NAMES["onnx"]
+    target = tmp / graphs.FILE_NAMES["onnx"]
     fp32_path = tmp / "fp32.onnx.tmp" if opts.quant != "fp32" else target
     with stage("export", opts.stage_seconds):
         log.info("export: ONNX (torch.onnx dynamo)")
-        backends.write_onnx(ep, fp32_path, example, shapes)
+        graphs.write_onnx(ep, fp32_path, example, shapes)
     if opts.quant != "fp32":
         with stage("quantize", opts.stage_seconds):
             log.info("quantize: ONNX %s (onnxruntime quantize_dynamic)", opts.quant)
-            backends.quantize_onnx_int8(fp32_path, target, ids, mask)
+            graphs.quantize_backbone_onnx(fp32_path, target, ids, mask)
             fp32_path.unlink()
     with stage("export", opts.stage_seconds):
-        backends.externalize_onnx(target, backends.ONNX_DATA)  # weights mapped, not copied
+        graphs.externalize_onnx(target, graphs.ONNX_DATA)  # weights mapped, not copied
 
 
 def _write_pte(opts, wrapped, ep, example, shapes, tmp: Path, ids, mask) -> None:
-    from fedmobillm.export import backends, quantize
+    from fedmobillm.export import graphs, quantize
 
     program = ep
     if opts.quant != "fp32":
@@ -475,7 +476,7 @@ def _write_pte(opts, wrapped, ep, example, shapes, tmp: Path, ids, mask) -> None
             program = quantize.quantize_for_pte(wrapped, opts.quant, example, shapes, ids, mask)
     with stage("lower", opts.stage_seconds):
         log.info("lower: ExecuTorch (XNNPACK partitioner)")
-        backends.write_pte(program, tmp / backends.FILE_NAMES["pte"])
+        graphs.write_pte(program, tmp / graphs.FILE_NAMES["pte"])
 
 
 def _manifest(

@@ -53,9 +53,10 @@ def errors(got: np.ndarray, ref: np.ndarray) -> tuple[float, np.ndarray]:
 
 
 def run_graph(bundle: Path, fmt: str, ids, mask) -> np.ndarray:
-    from fedmobillm.export.backends import FILE_NAMES, run_format
+    from fedmobillm.device_runtime.graph import run_taps
+    from fedmobillm.export.graphs import FILE_NAMES
 
-    return run_format(fmt, bundle / FILE_NAMES[fmt], ids, mask)
+    return run_taps(bundle / FILE_NAMES[fmt], ids, mask, fmt)
 
 
 @pytest.mark.parametrize("model,taps", [("minilm-l6", 3), ("minilm-l3", 3)])

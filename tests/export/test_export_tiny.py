@@ -89,14 +89,15 @@ def _inputs():
 
 
 def _check(bundle: Path, fmt: str, tol_cos: float = 0.9999):
-    from fedmobillm.export.backends import FILE_NAMES, run_format
+    from fedmobillm.device_runtime.graph import run_taps
     from fedmobillm.export.calibrate import compare
+    from fedmobillm.export.graphs import FILE_NAMES
     from fedmobillm.export.wrapper import eager_reference
 
     m = json.loads((bundle / "manifest.json").read_text())
     ids, mask = _inputs()
     ref = eager_reference(Path(m["source_model"]), m["taps"], m["pivot"], ids, mask).numpy()
-    got = run_format(fmt, bundle / FILE_NAMES[fmt], ids.numpy(), mask.numpy())
+    got = run_taps(bundle / FILE_NAMES[fmt], ids.numpy(), mask.numpy(), fmt)
     err = compare(got, ref)
     assert min(err.cosine) >= tol_cos, err
     if tol_cos >= 0.9999:
@@ -134,19 +135,21 @@ def test_final_norm_and_head_not_in_graph(make_bundle, tiny_model):
 
 
 def test_pivot_last_ignores_padding(make_bundle, tiny_model):
-    from fedmobillm.export.backends import FILE_NAMES, run_format
+    from fedmobillm.device_runtime.graph import run_taps
+    from fedmobillm.export.graphs import FILE_NAMES
 
     bundle = make_bundle(str(tiny_model("qwen2")), layers=[1, 2], formats=("onnx",))
     ids, mask = (t.numpy() for t in _inputs())
-    batch = run_format("onnx", bundle / FILE_NAMES["onnx"], ids, mask)  # (3, K, d)
-    alone = run_format("onnx", bundle / FILE_NAMES["onnx"], ids[2:, :3], mask[2:, :3])
+    batch = run_taps(bundle / FILE_NAMES["onnx"], ids, mask, "onnx")  # (3, K, d)
+    alone = run_taps(bundle / FILE_NAMES["onnx"], ids[2:, :3], mask[2:, :3], "onnx")
     np.testing.assert_allclose(batch[2], alone[0], atol=1e-5)
 
 
 def test_pivot_mean_averages_real_tokens_only(make_bundle, tiny_model):
     """Mean pivot: the masked mean over real tokens; padding changes nothing, and the
     exported graph matches the eager mean of the untouched model."""
-    from fedmobillm.export.backends import FILE_NAMES, run_format
+    from fedmobillm.device_runtime.graph import run_taps
+    from fedmobillm.export.graphs import FILE_NAMES
 
     bundle = make_bundle(
         str(tiny_model("bert")), layers=[1, 3], pivot="mean", formats=("onnx", "pte")
@@ -155,11 +158,11 @@ def test_pivot_mean_averages_real_tokens_only(make_bundle, tiny_model):
     m = _check(bundle, "onnx")
     assert m["pivot"] == "mean" and m["outputs"][0]["shape"] == ["batch", 2, 32]
     ids, mask = (t.numpy() for t in _inputs())
-    batch = run_format("onnx", bundle / FILE_NAMES["onnx"], ids, mask)  # (3, K, d)
-    alone = run_format("onnx", bundle / FILE_NAMES["onnx"], ids[2:, :3], mask[2:, :3])
+    batch = run_taps(bundle / FILE_NAMES["onnx"], ids, mask, "onnx")  # (3, K, d)
+    alone = run_taps(bundle / FILE_NAMES["onnx"], ids[2:, :3], mask[2:, :3], "onnx")
     np.testing.assert_allclose(batch[2], alone[0], atol=1e-5)
     first = make_bundle(str(tiny_model("bert")), layers=[1, 3], pivot="first", formats=("onnx",))
-    cls = run_format("onnx", first / FILE_NAMES["onnx"], ids, mask)
+    cls = run_taps(first / FILE_NAMES["onnx"], ids, mask, "onnx")
     assert not np.allclose(cls, batch, atol=1e-3)  # a different readout, not the CLS token
 
 
