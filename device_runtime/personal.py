@@ -18,6 +18,7 @@ import numpy as np
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
+from fedmobillm.device_runtime.graph import Graph
 from fedmobillm.device_runtime.messages import (
     ROUTE_PERSONAL_MODEL,
     ErrorBody,
@@ -70,8 +71,6 @@ class PersonalModel:
         see: "int8" (quantize/dequantize with the bundle's scales, as uploads do),
         "fp32", or "auto" (personal.json's "encoding" if it says, else int8, the default
         upload encoding)."""
-        import onnxruntime as ort
-
         if activations not in ("auto", "int8", "fp32"):
             raise FedMobiLLMError(f"activations must be auto, int8 or fp32, not {activations!r}")
 
@@ -83,14 +82,13 @@ class PersonalModel:
         except MessageError as exc:
             raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST}: {exc.message}") from exc
         self.label_names: list[str] = list(self.info.label_names)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        try:
-            self._sess = ort.InferenceSession(
-                members[PERSONAL_ONNX], sess_options=opts, providers=["CPUExecutionProvider"]
-            )
-        except Exception as exc:  # onnxruntime's own exception types
-            raise FedMobiLLMError(f"onnxruntime cannot load {path}/{PERSONAL_ONNX}: {exc}") from exc
+        self._graph = Graph(
+            members[PERSONAL_ONNX],
+            [PERSONAL_INPUT],
+            [PERSONAL_OUTPUT],
+            quiet=True,
+            name=f"{path}/{PERSONAL_ONNX}",
+        )
         self._scales: np.ndarray | None = None
         if activations == "auto":
             activations = "fp32" if self.info.encoding in ("fp16", "fp32") else "int8"
@@ -114,8 +112,7 @@ class PersonalModel:
         if self.trained_on_int8 and self._scales is not None:
             q = serde.quantize_int8(taps, self._scales)  # (B, K, d) int8, as uploaded
             taps = serde.dequantize(q, self._scales)  # (B, K, d) float32
-        feed = {PERSONAL_INPUT: taps.astype(np.float32)}
-        (logits,) = self._sess.run([PERSONAL_OUTPUT], feed)
+        (logits,) = self._graph.run({PERSONAL_INPUT: taps.astype(np.float32)})
         return logits  # (B, C)
 
     def label_of(self, index: int) -> str:

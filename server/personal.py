@@ -15,6 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from fedmobillm.device_runtime.files import sha256_file, write_atomic
 from fedmobillm.device_runtime.messages import PERSONAL_FORMAT_VERSION, PersonalManifest
 from fedmobillm.device_runtime.protocol import (
     PERSONAL_INPUT,
@@ -60,26 +61,6 @@ def read_personal_zip(
             if info.filename not in drop:
                 dst.writestr(info, src.read(info.filename))
     return buf.getvalue()
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename over ``path``, fsync the folder."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def publish_folder(folder: Path, root: Path, architecture: str) -> Path:
@@ -136,12 +117,7 @@ def export_personal_model(
     import torch
     from safetensors.torch import save_file
 
-    from fedmobillm.device_runtime.protocol import (
-        PERSONAL_MANIFEST,
-        PERSONAL_ONNX,
-        PERSONAL_PTE,
-        sha256_file,
-    )
+    from fedmobillm.device_runtime.protocol import PERSONAL_MANIFEST
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,34 +170,22 @@ def export_personal_model(
 
 
 def _export_onnx(model: Any, example: Any, path: Path) -> None:
-    import warnings
+    from fedmobillm.export.graphs import write_onnx_torchscript
 
-    import torch
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            str(path),
-            input_names=["activations"],
-            output_names=["logits"],
-            dynamic_axes={"activations": {0: "batch"}, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    axes = {PERSONAL_INPUT: {0: "batch"}, PERSONAL_OUTPUT: {0: "batch"}}
+    write_onnx_torchscript(model, (example,), path, [PERSONAL_INPUT], [PERSONAL_OUTPUT], axes)
 
 
 def _logit_diff(model: Any, path: Path, n: int, k: int, d: int) -> float:
     """Max |logit difference| between the graph at ``path`` (onnxruntime) and ``model``
     (torch) on ``n`` seeded unit-normal activations (n, K, d)."""
     import numpy as np
-    import onnxruntime as ort
     import torch
 
+    from fedmobillm.device_runtime.graph import Graph
+
     x = np.random.default_rng(0).normal(size=(n, k, d)).astype(np.float32)  # (n, K, d)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(["logits"], {"activations": x})[0]  # (n, C)
+    (got,) = Graph(path, [PERSONAL_INPUT], [PERSONAL_OUTPUT]).run({PERSONAL_INPUT: x})  # (n, C)
     with torch.no_grad():
         want = model(torch.from_numpy(x)).numpy()  # (n, C)
     return float(np.abs(got - want).max())
@@ -240,26 +204,19 @@ def _quantize_onnx(model: Any, path: Path, k: int, d: int) -> float:
     per channel); returns the max |logit diff| against torch on unit-normal activations
     (recorded in personal.json; accuracy through the int8 graph is what the benchmarks and
     the device measure)."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from fedmobillm.export.graphs import quantize_onnx_int8
 
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.int8")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(max(level, logging.ERROR))  # the quantizer logs a line per tensor
-    try:
-        quantize_dynamic(str(path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
-    finally:
-        root.setLevel(level)
+    quantize_onnx_int8(path, tmp, quiet=True)  # every op type onnxruntime quantizes
     os.replace(tmp, path)
     return _logit_diff(model, path, 64, k, d)
 
 
 def _export_pte(model: Any, example: Any, path: Path) -> None:
     import torch
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import to_edge_transform_and_lower
+
+    from fedmobillm.export.graphs import write_pte
 
     batch = torch.export.Dim("batch", min=1, max=64)
     ep = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-    prog = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).to_executorch()
-    write_atomic(path, prog.buffer)
+    write_pte(ep, path, split_dynamic=False)

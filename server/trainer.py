@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from fedmobillm.device_runtime.files import fsync_dir, write_atomic
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.personal import fsync_dir, publish_folder, write_atomic
+from fedmobillm.server.personal import publish_folder
 from fedmobillm.server.policies import balanced_sample, should_idle
 from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.side import SideConfig, SideTrainer
