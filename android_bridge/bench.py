@@ -115,9 +115,9 @@ def onnx_free_dims(graph: Path) -> tuple[str, str]:
         inp = next(i for i in model.graph.input if i.name == "input_ids")
         names = [d.dim_param for d in inp.type.tensor_type.shape.dim]
     except ImportError:
-        import onnxruntime as ort
+        from fedmobillm.device_runtime.graph import onnx_session
 
-        sess = ort.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        sess = onnx_session(graph)
         names = [str(d) for d in next(i for i in sess.get_inputs() if i.name == "input_ids").shape]
     except StopIteration as exc:
         raise FedMobiLLMError(f"{graph} has no input named input_ids") from exc

@@ -1,5 +1,6 @@
-"""Fallback host runner over executorch.runtime (Python), used only when the C++ runner
-(executor_runner.cpp) cannot be built here (no C++ compiler). Same flags and log lines as
+"""Fallback host runner over executorch.runtime (Python, loaded through
+``fedmobillm.device_runtime.graph``), used only when the C++ runner (executor_runner.cpp)
+cannot be built here (no C++ compiler). Same flags and log lines as
 ExecuTorch's executor_runner; it carries torch in the process, so its peak memory is much
 higher than the native runner's.
 """
@@ -10,7 +11,6 @@ import argparse
 import resource
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -64,13 +64,13 @@ def _inputs(method, args) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    from executorch.runtime import Runtime
+    from fedmobillm.device_runtime.graph import pte_method
 
     t0 = time.perf_counter()
-    program = Runtime.get().load_program(Path(args.model_path))
+    # quantized kernels not registered (the C++ build links them: 8da4w graphs need it)
+    method = pte_method(args.model_path, args.method_name, quantized_kernels=False)
     et_log(f"Model file {args.model_path} is loaded.")
     et_log(f"Using method {args.method_name}")
-    method = program.load_method(args.method_name)
     et_log(f"Model loaded in {(time.perf_counter() - t0) * 1000:f} ms.")
     inputs = _inputs(method, args)
     total = 0.0

@@ -53,15 +53,10 @@ def _inputs(sess, free: dict[str, int], seed: int) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    import onnxruntime as ort
+    from fedmobillm.device_runtime.graph import onnx_session
 
-    opts = ort.SessionOptions()
-    if args.intra:
-        opts.intra_op_num_threads = args.intra
-    if args.inter:
-        opts.inter_op_num_threads = args.inter
     t0 = time.perf_counter()
-    sess = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
+    sess = onnx_session(args.model, args.intra or None, inter_threads=args.inter or None)
     created = time.perf_counter() - t0
     free = dict((kv.split(":")[0], int(kv.split(":")[1])) for kv in args.free_dims)
     feed = _inputs(sess, free, args.seed)
