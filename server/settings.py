@@ -19,6 +19,10 @@ from fedmobillm.server.side import SideConfig
 # Values that are never accepted as an admin token outside --dev.
 DEFAULT_TOKENS = {"", "changeme", "change-me", "admin", "secret", "token", "password", "dev"}
 MIN_TOKEN_CHARS = 16
+# An admin token must take an attacker at least 10^15 guesses (about 50 bits) by zxcvbn's
+# estimate, which sees through repeats ("aaaa..."), sequences, keyboard walks and dictionary
+# words ("changemechangeme"). secrets.token_urlsafe(32) scores about 10^43.
+MIN_TOKEN_GUESSES_LOG10 = 15.0
 
 # The side network's settings of earlier versions, flat (env FEDMOBILLM_LEARNING_RATE, config
 # file learning_rate = ..., overrides): still accepted, as side.<field>
@@ -154,6 +158,23 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def token_weakness(token: str) -> str | None:
+    """Why ``token`` is too weak to be the admin token, or None when it is strong enough."""
+    if token.strip().lower() in DEFAULT_TOKENS:
+        return "is empty or a default"
+    if len(token) < MIN_TOKEN_CHARS:
+        return f"is shorter than {MIN_TOKEN_CHARS} characters"
+    from zxcvbn import zxcvbn  # only at start-up
+
+    guesses = float(zxcvbn(token[:100])["guesses_log10"])  # zxcvbn is slow on long input
+    if guesses < MIN_TOKEN_GUESSES_LOG10:
+        return (
+            f"is guessable (about 10^{guesses:.0f} guesses; repeats, sequences or "
+            f"dictionary words; at least 10^{MIN_TOKEN_GUESSES_LOG10:.0f} needed)"
+        )
+    return None
+
+
 def load_settings(
     config_file: Path | None = None, dev: bool = False, **overrides: Any
 ) -> tuple[ServerSettings, str | None]:
@@ -169,12 +190,12 @@ def load_settings(
         )
         raise FedMobiLLMError(f"invalid server settings: {problems}") from exc
     token = settings.admin_token.get_secret_value()
-    if token.strip().lower() not in DEFAULT_TOKENS and len(token) >= MIN_TOKEN_CHARS:
+    weakness = token_weakness(token)
+    if weakness is None:
         return settings, None
     if not dev:
         raise FedMobiLLMError(
-            "the admin token is empty, a default, or shorter than "
-            f"{MIN_TOKEN_CHARS} characters: the server refuses to start",
+            f"the admin token {weakness}: the server refuses to start",
             hint="set FEDMOBILLM_ADMIN_TOKEN (e.g. `export FEDMOBILLM_ADMIN_TOKEN=$(python -c "
             "'import secrets; print(secrets.token_urlsafe(32))')`), put admin_token in the "
             "config file, or pass --dev for a throwaway token",

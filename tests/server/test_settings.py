@@ -10,11 +10,18 @@ from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.settings import load_settings
 
 
-@pytest.mark.parametrize("token", ["", "changeme", "admin", "short-token"])
+STRONG = "settings-test-admin-token-7f3a9c1e5b"
+
+
+@pytest.mark.parametrize(
+    "token",
+    ["", "changeme", "admin", "short-token", "aaaaaaaaaaaaaaaa", "changemechangeme", "x" * 40],
+)
 def test_default_or_weak_admin_token_is_refused(monkeypatch, token):
     monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", token)
-    with pytest.raises(FedMobiLLMError, match="refuses to start"):
+    with pytest.raises(FedMobiLLMError, match="refuses to start") as err:
         load_settings()
+    assert "token_urlsafe" in (err.value.hint or "")
 
 
 def test_dev_generates_a_token_once(monkeypatch):
@@ -25,7 +32,7 @@ def test_dev_generates_a_token_once(monkeypatch):
 
 
 def test_config_file_and_overrides(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", "x" * 40)
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", STRONG)
     cfg = tmp_path / "server.toml"
     cfg.write_text("[server]\ncheckpoint_every = 7\nport = 9000\n")
     settings, generated = load_settings(cfg, port=9100)
@@ -34,7 +41,7 @@ def test_config_file_and_overrides(tmp_path, monkeypatch):
 
 
 def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", "x" * 40)
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", STRONG)
     cfg = tmp_path / "server.json"
     cfg.write_text('{"batch_size": -1, "nonsense": 1}')
     with pytest.raises(FedMobiLLMError, match="batch_size"):
@@ -44,7 +51,7 @@ def test_bad_config_value_is_a_clear_error(tmp_path, monkeypatch):
 def test_anchor_settings_reach_the_side_network(tmp_path, monkeypatch):
     from fedmobillm.server.trainer import Trainer
 
-    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", "x" * 40)
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", STRONG)
     monkeypatch.setenv("FEDMOBILLM_ANCHOR_KL", "1.5")
     cfg = tmp_path / "server.json"
     cfg.write_text(json.dumps({"anchor_feature": 0, "anchor_batch": 16, "data_dir": str(tmp_path)}))
