@@ -34,7 +34,7 @@ from fedmobillm.android_bridge.session import (
     device_abis,
 )
 from fedmobillm.device_runtime.backbone import GRAPH_DATA, GRAPH_FILES
-from fedmobillm.device_runtime.protocol import Manifest, load_verified_bundle
+from fedmobillm.device_runtime.protocol import TOKENIZER_NAME, Manifest, load_verified_bundle
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def sample_inputs(bundle: Path, manifest: Manifest, batch: int, seq: int) -> np.
     from tokenizers import Tokenizer
 
     spec = manifest.tokenizer
-    tok = Tokenizer.from_file(str(bundle / str(spec.get("file", "tokenizer.json"))))
+    tok = Tokenizer.from_file(str(bundle / str(spec.get("file", TOKENIZER_NAME))))
     enc = tok.encode(SAMPLE_TEXT, add_special_tokens=bool(spec.get("add_special_tokens", True)))
     ids = np.full(seq, int(spec.get("pad_token_id", 0)), dtype=np.int64)  # (S,)
     mask = np.zeros(seq, dtype=np.int64)  # (S,)
@@ -234,7 +234,7 @@ def approx_flops(bundle: Path, manifest: Manifest, batch: int, seq: int) -> floa
     from tokenizers import Tokenizer
 
     spec = manifest.tokenizer
-    vocab = Tokenizer.from_file(str(bundle / str(spec.get("file", "tokenizer.json"))))
+    vocab = Tokenizer.from_file(str(bundle / str(spec.get("file", TOKENIZER_NAME))))
     d, layers = manifest.hidden_size, max(manifest.taps)
     embedding = (vocab.get_vocab_size() + manifest.max_seq_len) * d
     body = max(manifest.graph_params - embedding, 0)

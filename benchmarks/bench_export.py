@@ -74,7 +74,7 @@ class Row:
 
 def bundle_for(model: str, opts: dict) -> Path:
     """Same cache keys as tests/conftest.py make_bundle."""
-    from fedmobillm.device_runtime.protocol import verify_bundle
+    from fedmobillm.device_runtime.protocol import MANIFEST_NAME, verify_bundle
     from fedmobillm.export.pipeline import export_bundle
     from fedmobillm.paths import cache_dir
 
@@ -82,7 +82,7 @@ def bundle_for(model: str, opts: dict) -> Path:
     opts["formats"] = tuple(opts["formats"])
     key = hashlib.sha256(json.dumps([model, opts], sort_keys=True, default=str).encode())
     out = cache_dir() / "test-bundles" / key.hexdigest()[:16]
-    if (out / "manifest.json").is_file() and not verify_bundle(out)[1]:
+    if (out / MANIFEST_NAME).is_file() and not verify_bundle(out)[1]:
         return out
     shutil.rmtree(out, ignore_errors=True)
     export_bundle(model, out, **opts)
@@ -93,7 +93,9 @@ def encode(bundle: Path):
     import numpy as np
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    from fedmobillm.device_runtime.protocol import TOKENIZER_NAME
+
+    tok = Tokenizer.from_file(str(bundle / TOKENIZER_NAME))
     enc = tok.encode_batch(TEXTS)
     ids = np.array([e.ids for e in enc], dtype=np.int64)  # (8, T)
     mask = np.array([e.attention_mask for e in enc], dtype=np.int64)  # (8, T)
@@ -115,12 +117,13 @@ def eager_reference(model: str, manifest: dict, ids, mask):
 
 def measure_variant(model: str, opts: dict, fmt: str, quant: str) -> Row:
     from fedmobillm.device_runtime.graph import run_taps
+    from fedmobillm.device_runtime.protocol import MANIFEST_NAME
     from fedmobillm.export.budget import measure_process
     from fedmobillm.export.calibrate import compare
     from fedmobillm.export.graphs import FILE_NAMES
 
     bundle = bundle_for(model, {**opts, "quant": quant, "formats": (fmt,)})
-    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest = json.loads((bundle / MANIFEST_NAME).read_text())
     graph = bundle / FILE_NAMES[fmt]
     run = measure_process(graph, fmt, BATCH, SEQ, THREADS, repeats=WARMUP + REPEATS)
     timed = run["seconds"][WARMUP:]

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from fedmobillm.device_runtime.graph import Graph
-from fedmobillm.device_runtime.protocol import Manifest, load_verified_bundle
+from fedmobillm.device_runtime.protocol import TOKENIZER_NAME, Manifest, load_verified_bundle
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class _Tokenizer:
         from tokenizers import Tokenizer
 
         spec = manifest.tokenizer
-        path = bundle_dir / str(spec.get("file", "tokenizer.json"))
+        path = bundle_dir / str(spec.get("file", TOKENIZER_NAME))
         try:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad files

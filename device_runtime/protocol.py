@@ -64,6 +64,7 @@ from fedmobillm.errors import FedMobiLLMError
 PROTOCOL_VERSION = 1
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+TOKENIZER_NAME = "tokenizer.json"  # a bundle's tokenizer, unless the manifest names another
 
 PIVOTS = ("first", "last", "mean", "none")
 QUANTS = ("fp32", "int8", "8da4w")

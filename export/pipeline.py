@@ -27,13 +27,13 @@ from fedmobillm.device_runtime.protocol import (
     MANIFEST_NAME,
     PIVOTS,
     QUANTS,
+    TOKENIZER_NAME,
     Manifest,
 )
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
 MAX_BATCH = 32
 VERIFY_SENTENCES = 4
 FP32_MIN_COSINE = 0.999
@@ -425,7 +425,7 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
             )
             _check_error(fmt, opts.quant, err)
     with stage("write", t):
-        tokenizer = save_tokenizer(tok, tmp / TOKENIZER_FILE, opts.max_seq_len)
+        tokenizer = save_tokenizer(tok, tmp / TOKENIZER_NAME, opts.max_seq_len)
         manifest = _manifest(
             opts, folder, info, taps, pivot, scales, graph_params, tokenizer, errors, tmp
         )
