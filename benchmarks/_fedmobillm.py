@@ -160,79 +160,16 @@ def run_real(
 ) -> RealRun:
     """Bundles: quant -> bundle dir (each device runs the one of its profile's quant)."""
     from benchmarks._wire import WireMeter
-    from fedmobillm.device_runtime.backbone import Backbone
-    from fedmobillm.device_runtime.client import DeviceClient, RunConfig, register
-    from fedmobillm.device_runtime.personal import (
-        PersonalModel,
-        fetch_personal_model,
-        predict_records,
-    )
 
     t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
     with real_server(cfg, workdir / "server") as (url, token, _):
         port = int(url.rsplit(":", 1)[1])
         meter = WireMeter("127.0.0.1", port)
         try:
-            names = [f"dev{i:02d}-{p.name}" for i, p in enumerate(profiles)]
-            # the validator uploads the server's validation split first, as in a deployment
-            # where it is set up before the fleet: the trainer evaluates (and keeps its best
-            # snapshot) from its first steps, as the replay below assumes
-            jobs = [("validator", profiles[0], data.validation, "validation")]
-            jobs += [
-                (n, p, data.devices[i], "train")
-                for i, (n, p) in enumerate(zip(names, profiles, strict=True))
-            ]
-            for name, prof, records, split in jobs:
-                bundle = bundles[prof.quant]
-                state = workdir / "devices" / name
-                register(meter.url(name), token, name, bundle, data.label_names, state_dir=state)
-                client = DeviceClient(
-                    state,
-                    bundle,
-                    RunConfig(
-                        threads=1, batch_size=cfg.upload_batch, split=split, server=meter.url(name)
-                    ),
-                )
-                summary = client.run(records)
-                rows.append(
-                    {
-                        "device": name,
-                        "profile": prof.name,
-                        "quant": prof.quant,
-                        "split": split,
-                        "samples": summary.samples,
-                        "batches": summary.batches,
-                        "http_body_bytes_up": summary.bytes_uploaded,
-                        "forward_ms_per_sample_host": summary.forward_ms_per_sample,
-                    }
-                )
-                log.info(
-                    "device %s uploaded %d samples (%d body bytes)",
-                    name,
-                    summary.samples,
-                    summary.bytes_uploaded,
-                )
+            rows = _upload_all(cfg, data, profiles, bundles, workdir, meter, token)
             st = wait_trained(url, token, 1, timeout_s=1200)
             trained_wire = meter.snapshot()  # training traffic: before the model delivery
-            test = {}
-            for row in rows:
-                if row["split"] != "train":
-                    continue
-                state = workdir / "devices" / row["device"]
-                out = workdir / "personal" / row["device"]
-                fetch_personal_model(state, out, server=meter.url(row["device"]))
-                if row["quant"] not in test:
-                    res = predict_records(
-                        Backbone(bundles[row["quant"]], "onnx", threads=1),
-                        _checked(PersonalModel(out), bundles[row["quant"]]),
-                        data.test,
-                    )
-                    test[row["quant"]] = {
-                        "accuracy": res.accuracy,
-                        "samples": res.samples,
-                        "ms_per_sample_host": res.ms_per_sample,
-                    }
+            test = _personal_test(rows, data, bundles, workdir, meter)
             wire = meter.snapshot()
         finally:
             meter.close()
@@ -256,6 +193,97 @@ def run_real(
     return RealRun(
         rows, test, tr.get("history", []), int(tr.get("step", 0)), time.perf_counter() - t0, info
     )
+
+
+def _upload_all(
+    cfg: BenchConfig,
+    data: FleetData,
+    profiles: list[DeviceProfile],
+    bundles: dict[str, Path],
+    workdir: Path,
+    meter: Any,
+    token: str,
+) -> list[dict[str, Any]]:
+    """Register every device and upload its records, each through its own meter port; one
+    row per device."""
+    from fedmobillm.device_runtime.client import DeviceClient, RunConfig, register
+
+    rows: list[dict[str, Any]] = []
+    names = [f"dev{i:02d}-{p.name}" for i, p in enumerate(profiles)]
+    # the validator uploads the server's validation split first, as in a deployment
+    # where it is set up before the fleet: the trainer evaluates (and keeps its best
+    # snapshot) from its first steps, as the replay below assumes
+    jobs = [("validator", profiles[0], data.validation, "validation")]
+    jobs += [
+        (n, p, data.devices[i], "train")
+        for i, (n, p) in enumerate(zip(names, profiles, strict=True))
+    ]
+    for name, prof, records, split in jobs:
+        bundle = bundles[prof.quant]
+        state = workdir / "devices" / name
+        register(meter.url(name), token, name, bundle, data.label_names, state_dir=state)
+        client = DeviceClient(
+            state,
+            bundle,
+            RunConfig(threads=1, batch_size=cfg.upload_batch, split=split, server=meter.url(name)),
+        )
+        summary = client.run(records)
+        rows.append(
+            {
+                "device": name,
+                "profile": prof.name,
+                "quant": prof.quant,
+                "split": split,
+                "samples": summary.samples,
+                "batches": summary.batches,
+                "http_body_bytes_up": summary.bytes_uploaded,
+                "forward_ms_per_sample_host": summary.forward_ms_per_sample,
+            }
+        )
+        log.info(
+            "device %s uploaded %d samples (%d body bytes)",
+            name,
+            summary.samples,
+            summary.bytes_uploaded,
+        )
+    return rows
+
+
+def _personal_test(
+    rows: list[dict[str, Any]],
+    data: FleetData,
+    bundles: dict[str, Path],
+    workdir: Path,
+    meter: Any,
+) -> dict[str, Any]:
+    """Every training device downloads its personal model; the test split through the
+    first one of each quant (on-device inference: bundle + personal.onnx)."""
+    from fedmobillm.device_runtime.backbone import Backbone
+    from fedmobillm.device_runtime.personal import (
+        PersonalModel,
+        fetch_personal_model,
+        predict_records,
+    )
+
+    test = {}
+    for row in rows:
+        if row["split"] != "train":
+            continue
+        state = workdir / "devices" / row["device"]
+        out = workdir / "personal" / row["device"]
+        fetch_personal_model(state, out, server=meter.url(row["device"]))
+        if row["quant"] not in test:
+            res = predict_records(
+                Backbone(bundles[row["quant"]], "onnx", threads=1),
+                _checked(PersonalModel(out), bundles[row["quant"]]),
+                data.test,
+            )
+            test[row["quant"]] = {
+                "accuracy": res.accuracy,
+                "samples": res.samples,
+                "ms_per_sample_host": res.ms_per_sample,
+            }
+    return test
 
 
 def _checked(pm: Any, bundle: Path) -> Any:
@@ -358,11 +386,7 @@ def replay(
     from fedmobillm.server.policies import balanced_sample, should_idle
 
     rng = np.random.default_rng(cfg.seed)
-    dev_x, dev_y, manifest = [], [], None
-    for recs, prof in zip(data.devices, profiles, strict=True):
-        x, y, manifest = activations(bundles[prof.quant], recs)
-        dev_x.append(x)
-        dev_y.append(y)
+    dev_x, dev_y, manifest = _device_activations(data, profiles, bundles)
     vx, vy, _ = activations(bundles[profiles[0].quant], data.validation)
     tx = {q: activations(b, data.test) for q, b in bundles.items()}
     timelines = [
@@ -402,23 +426,14 @@ def replay(
         clock += float(np.median(step_times[-50:]))
         since += 1
         if tr.step % cfg.eval_every == 0:
-            ev = tr.evaluate(arch, vx, vy)
-            curve.append(
-                {
-                    "step": tr.step,
-                    "time_s": clock,
-                    "accuracy": ev["accuracy"],
-                    "loss": ev["loss"],
-                    "samples_arrived": int(sum(have)),
-                }
-            )
+            curve.append(_replay_point(tr, arch, vx, vy, clock, int(sum(have))))
             if tr.step % (10 * cfg.eval_every) == 0:
                 log.info(
                     "replay step %d: sim clock %.1f s, %d samples in, validation %.4f",
                     tr.step,
                     clock,
                     int(sum(have)),
-                    ev["accuracy"],
+                    curve[-1]["accuracy"],
                 )
     test = {q: tr.evaluate(arch, x, y) for q, (x, y, _) in tx.items()}
     return {
@@ -429,6 +444,32 @@ def replay(
         "steps": tr.step,
         "test": test,
         "side_params": tr.num_parameters(arch),
+    }
+
+
+def _device_activations(
+    data: FleetData, profiles: list[DeviceProfile], bundles: dict[str, Path]
+) -> tuple[list[np.ndarray], list[np.ndarray], Any]:
+    """Each device's (x (n, K, d), y (n,)) through the bundle of its quant, and a manifest."""
+    dev_x, dev_y, manifest = [], [], None
+    for recs, prof in zip(data.devices, profiles, strict=True):
+        x, y, manifest = activations(bundles[prof.quant], recs)
+        dev_x.append(x)
+        dev_y.append(y)
+    return dev_x, dev_y, manifest
+
+
+def _replay_point(
+    tr: Any, arch: str, vx: np.ndarray, vy: np.ndarray, clock: float, arrived: int
+) -> dict[str, Any]:
+    """One point of the replay's validation curve."""
+    ev = tr.evaluate(arch, vx, vy)
+    return {
+        "step": tr.step,
+        "time_s": clock,
+        "accuracy": ev["accuracy"],
+        "loss": ev["loss"],
+        "samples_arrived": arrived,
     }
 
 

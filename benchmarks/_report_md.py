@@ -14,14 +14,24 @@ def _g(x: float) -> str:
 
 
 def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: list[str]) -> None:
-    cfg, fl, mem = res["config"], res["flops_per_sample"], res["memory"]
-    fm, real, rep = (
-        res["fedmobillm"]["to_target"],
-        res["fedmobillm"]["real"],
-        res["fedmobillm"]["replay"],
-    )
-    lora, full = res["fedavg_to_target"]["lora"], res["fedavg_to_target"]["full"]
-    fa, cen, fwd = res["fedavg"], res["centralised"], res["fwdgrad"]
+    L = [
+        *_intro(res, head),
+        *_fleet(res),
+        *_compute(res),
+        *_memory(res),
+        *_communication(res),
+        *_per_class(res),
+        *_time_to_target(res),
+        *_accuracy(res),
+        *_fwdgrad(res),
+        *_tail(res, pngs),
+    ]
+    path.write_text("\n".join(L) + "\n")
+
+
+def _intro(res: dict[str, Any], head: dict[str, Any]) -> list[str]:
+    """Title, command, data, the headline table, the target and test accuracies."""
+    cfg = res["config"]
     L: list[str] = []
     add = L.append
     add(f"# Headline benchmark ({cfg['mode']} mode, seed {cfg['seed']})\n")
@@ -53,6 +63,13 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         + ", ".join(f"{k} {100 * v:.2f}%" for k, v in head["test_accuracy"].items())
         + ".\n"
     )
+    return L
+
+
+def _fleet(res: dict[str, Any]) -> list[str]:
+    """The device classes of the simulated fleet."""
+    L: list[str] = []
+    add = L.append
     add("## Fleet (simulated clock)\n")
     add(
         "| class | devices | compute factor | effective GFLOP/s | up / down Mbit/s | bundle quant |"
@@ -71,7 +88,18 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         "from `fedmobillm android profile`). Device compute time = counted FLOPs / effective "
         "GFLOP/s; transfer time = bytes x 8 / link rate. These are the only simulated inputs.\n"
     )
+    return L
 
+
+def _compute(res: dict[str, Any]) -> list[str]:
+    """1. On-device compute (counted)."""
+    cfg = res["config"]
+    fl = res["flops_per_sample"]
+    fm = res["fedmobillm"]["to_target"]
+    lora = res["fedavg_to_target"]["lora"]
+    full = res["fedavg_to_target"]["full"]
+    L: list[str] = []
+    add = L.append
     add("## 1. On-device compute (counted)\n")
     add(
         f"`torch.utils.flop_counter.FlopCounterMode` on the real model, over {fl['samples']} real "
@@ -110,7 +138,15 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         f"{lora['round']}), FedAvg full {_g(full['flops_per_device'])}. "
         f"compute_reduction = 1 - fedmobillm / FedAvg-LoRA.\n"
     )
+    return L
 
+
+def _memory(res: dict[str, Any]) -> list[str]:
+    """2. On-device peak memory (measured)."""
+    cfg = res["config"]
+    mem = res["memory"]
+    L: list[str] = []
+    add = L.append
     add("## 2. On-device peak memory (measured)\n")
     add(
         f"Peak RSS (`VmHWM` of /proc/self/status) of a fresh `python -m benchmarks._device_step` process doing one "
@@ -124,7 +160,17 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         "encoding, with no torch in the process (checked). memory_ratio = LoRA peak / the largest "
         "fedmobillm peak across the fleet's quants.\n"
     )
+    return L
 
+
+def _communication(res: dict[str, Any]) -> list[str]:
+    """3. Communication (measured on the wire / counted)."""
+    fm = res["fedmobillm"]["to_target"]
+    lora = res["fedavg_to_target"]["lora"]
+    full = res["fedavg_to_target"]["full"]
+    fa = res["fedavg"]
+    L: list[str] = []
+    add = L.append
     add("## 3. Communication (fedmobillm measured on the wire; FedAvg counted from the arrays)\n")
     add(
         f"fedmobillm: every byte through a per-device TCP proxy in front of the real server "
@@ -153,7 +199,13 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         "would be "
         f"{100 * (1 - (fm['bytes_per_device'] + fm['delivery_bytes_per_device']) / (lora['bytes_per_device'] + fa['lora']['trainable_bytes'])):.1f}%.\n"
     )
+    return L
 
+
+def _per_class(res: dict[str, Any]) -> list[str]:
+    """Compute, bytes and memory per device class."""
+    L: list[str] = []
+    add = L.append
     if res.get("per_class"):
         add("### Per device class (mean per device of the class, to the target)\n")
         add(
@@ -173,7 +225,19 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
             "\nA slow phone forwards fewer records before the target is reached (the fast ones "
             "deliver first), and a synchronous round selects a device whatever its class.\n"
         )
+    return L
 
+
+def _time_to_target(res: dict[str, Any]) -> list[str]:
+    """4. Time to target (simulated clock)."""
+    cfg = res["config"]
+    fm = res["fedmobillm"]["to_target"]
+    rep = res["fedmobillm"]["replay"]
+    lora = res["fedavg_to_target"]["lora"]
+    full = res["fedavg_to_target"]["full"]
+    fa = res["fedavg"]
+    L: list[str] = []
+    add = L.append
     add("## 4. Time to target (simulated clock)\n")
     add(
         f"FedAvg ({fa['lora'].get('engine')}): synchronous rounds; each selected device "
@@ -195,7 +259,18 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         f"arrived). "
         "time_to_target_speedup = FedAvg-LoRA time / fedmobillm time.\n"
     )
+    return L
 
+
+def _accuracy(res: dict[str, Any]) -> list[str]:
+    """5. Accuracy."""
+    cfg = res["config"]
+    real = res["fedmobillm"]["real"]
+    rep = res["fedmobillm"]["replay"]
+    fa = res["fedavg"]
+    cen = res["centralised"]
+    L: list[str] = []
+    add = L.append
     add("## 5. Accuracy\n")
     add(
         f"fedmobillm test accuracy {100 * real['test']['accuracy']:.2f}%: on-device inference "
@@ -215,7 +290,14 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         f"{len(fa['full']['rounds'])} rounds (fraction {cfg['fraction_train']} of devices per round, "
         f"{cfg['local_epochs']} local epoch).\n"
     )
+    return L
 
+
+def _fwdgrad(res: dict[str, Any]) -> list[str]:
+    """6. Forward-gradient per-step cost."""
+    fwd = res["fwdgrad"]
+    L: list[str] = []
+    add = L.append
     add("## 6. Forward-gradient (FwdLLM-style) per-step cost\n")
     add(
         f"Per device step of {fwd['batch']} samples: {fwd['perturbations']} random perturbations of "
@@ -228,14 +310,20 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         )
         + ". Its accuracy run is not part of this benchmark.\n"
     )
+    return L
 
+
+def _tail(res: dict[str, Any], pngs: list[str]) -> list[str]:
+    """Plots, versions, stage times."""
+    L: list[str] = []
+    add = L.append
     add("## Plots\n")
     for p in pngs:
         add(f"![{p}]({p})")
     add("\n## Versions\n")
     add(", ".join(f"{k} {v}" for k, v in res["versions"].items()))
     add("\nStages (host seconds): " + ", ".join(f"{k} {v:.0f}" for k, v in res["stages_s"].items()))
-    path.write_text("\n".join(L) + "\n")
+    return L
 
 
 def _cut(ours: float, theirs: float) -> str:

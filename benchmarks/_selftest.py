@@ -67,7 +67,6 @@ def main() -> int:
     args = p.parse_args()
     import torch
 
-    from benchmarks import _fedavg as FA
     from benchmarks import _models as M
     from benchmarks._common import BenchConfig, fleet_profiles
     from benchmarks._fedmobillm import device_arrivals
@@ -91,7 +90,22 @@ def main() -> int:
 
     cfg = BenchConfig.for_mode("quick")
     profiles = fleet_profiles(cfg)[:1] + fleet_profiles(cfg)[-1:]  # one fast, one slow
-    data = args.out / "fedavg-data"
+    out["fedavg"] = _fedavg_round(args.out, model, profiles, out["flops"]["lora_train_step"])
+    out["arrivals"] = {p.name: device_arrivals(40, p, 1e9, 16, 2000.0) for p in profiles}
+
+    step = _device_step(args.out, model, texts)
+    if step is None:
+        return 1
+    out["device_step"] = step
+    print(json.dumps(out, default=float))
+    return 0
+
+
+def _fedavg_round(work: Path, model: str, profiles: list, lora_step_flops: float) -> dict:
+    """One in-process FedAvg-LoRA round over two tiny devices."""
+    from benchmarks import _fedavg as FA
+
+    data = work / "fedavg-data"
     data.mkdir(parents=True, exist_ok=True)
     for i in range(2):
         FA.write_records(data / f"device-{i}.jsonl", records(8, i))
@@ -104,7 +118,7 @@ def main() -> int:
         data_dir=str(data),
         num_devices=2,
         profiles=[asdict(p) for p in profiles],
-        train_flops_per_sample=out["flops"]["lora_train_step"],
+        train_flops_per_sample=lora_step_flops,
         rounds=1,
         fraction_train=1.0,
         local_epochs=1,
@@ -114,15 +128,18 @@ def main() -> int:
         max_seq_len=32,
         seed=0,
     )
-    out["fedavg"] = FA.run_inprocess(job)
-    out["arrivals"] = {p.name: device_arrivals(40, p, 1e9, 16, 2000.0) for p in profiles}
+    return FA.run_inprocess(job)
 
+
+def _device_step(work: Path, model: str, texts: list[str]) -> dict | None:
+    """One fedmobillm device step on an int8 bundle of ``model`` in a fresh process (its
+    JSON line), or None (stderr printed) when it failed."""
     from fedmobillm.export.pipeline import export_bundle
 
-    bundle = args.out / "bundle"
+    bundle = work / "bundle"
     if not (bundle / "manifest.json").is_file():
         export_bundle(model, bundle, quant="int8", formats=("onnx",), max_seq_len=32)
-    (args.out / "texts.json").write_text(json.dumps(texts))
+    (work / "texts.json").write_text(json.dumps(texts))
     r = subprocess.run(
         [
             sys.executable,
@@ -132,7 +149,7 @@ def main() -> int:
             "--bundle",
             str(bundle),
             "--texts",
-            str(args.out / "texts.json"),
+            str(work / "texts.json"),
             "--batch",
             "4",
         ],
@@ -142,10 +159,8 @@ def main() -> int:
     )
     if r.returncode != 0:
         print(r.stderr[-2000:], file=sys.stderr)
-        return 1
-    out["device_step"] = json.loads(r.stdout.strip().splitlines()[-1])
-    print(json.dumps(out, default=float))
-    return 0
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -241,22 +241,22 @@ def majority(y: np.ndarray) -> float:
     return float(np.bincount(y).max() / len(y))
 
 
-def side_rows(
-    cfg: AccuracyConfig,
-    dataset: str,
-    label_names: list[str],
-    data: dict[str, Split],
-    bundles: dict[str, Path],
-    work: Path,
-) -> list[dict]:
-    rows: list[dict] = []
-    backbones = list(cfg.backbones)
-    n_train = len(data[backbones[0]].train.y)
+@dataclass
+class SideRuns:
+    """What the side-network rows of one data set share: where snapshots go and how a
+    trained side network becomes a row."""
 
-    def snap(method: str, partition: str) -> Path | None:
-        return work / f"snap-{method}-{partition}" if cfg.select == "best-val" else None
+    cfg: AccuracyConfig
+    dataset: str
+    data: dict[str, Split]
+    bundles: dict[str, Path]
+    work: Path
 
-    def emit(
+    def snap(self, method: str, partition: str) -> Path | None:
+        return self.work / f"snap-{method}-{partition}" if self.cfg.select == "best-val" else None
+
+    def row(
+        self,
         method: str,
         partition: str,
         trainer: Any,
@@ -265,50 +265,63 @@ def side_rows(
         n: int,
         seconds: float,
         anchors: int = 0,
-    ) -> None:
+    ) -> dict:
+        """Backbone ``b``'s row: test accuracy of its personal model (the best-validation
+        snapshot or the last step), logged."""
+        cfg, data, work = self.cfg, self.data, self.work
         t = data[b].test
         final = trainer.evaluate(t.architecture, t.x, t.y)["accuracy"]  # (torch) last step
         chosen, selected_step = trainer, cfg.steps
         if cfg.select == "best-val":
             from fedmobillm.server.side import SideTrainer
 
-            chosen = SideTrainer.load(snap(method, partition) / b)
+            chosen = SideTrainer.load(self.snap(method, partition) / b)
             selected_step = chosen.step
-        acc = personal_accuracy(chosen, t, bundles[b], work / f"{method}-{partition}-{b}")
-        rows.append(
-            {
-                "method": method,
-                "backbone": b,
-                "partition": partition,
-                "dataset": dataset,
-                "seed": cfg.seed,
-                **acc,
-                "selection": cfg.select,
-                "selected_step": selected_step,
-                "accuracy_final_step_torch": final,
-                "val_accuracy": next(p[b] for p in curve if p["step"] == selected_step),
-                "curve": [
-                    {"step": p["step"], "loss": p["loss"], "val_accuracy": p[b]} for p in curve
-                ],
-                "train_samples": n,
-                "anchor_samples": anchors,  # unlabelled anchor texts this backbone forwarded
-                "test_samples": int(len(data[b].test.y)),
-                "steps": cfg.steps,
-                "batch_per_arch": cfg.batch_per_arch,
-                "seconds": seconds,
-            }
-        )
+        acc = personal_accuracy(chosen, t, self.bundles[b], work / f"{method}-{partition}-{b}")
+        row = {
+            "method": method,
+            "backbone": b,
+            "partition": partition,
+            "dataset": self.dataset,
+            "seed": cfg.seed,
+            **acc,
+            "selection": cfg.select,
+            "selected_step": selected_step,
+            "accuracy_final_step_torch": final,
+            "val_accuracy": next(p[b] for p in curve if p["step"] == selected_step),
+            "curve": [{"step": p["step"], "loss": p["loss"], "val_accuracy": p[b]} for p in curve],
+            "train_samples": n,
+            "anchor_samples": anchors,  # unlabelled anchor texts this backbone forwarded
+            "test_samples": int(len(data[b].test.y)),
+            "steps": cfg.steps,
+            "batch_per_arch": cfg.batch_per_arch,
+            "seconds": seconds,
+        }
         log.info(
             "%-12s %-13s %-14s %s acc %.4f (torch %.4f, val %.4f)",
             method,
             partition,
             b,
-            dataset,
+            self.dataset,
             acc["accuracy"],
             acc["accuracy_torch"],
             curve[-1][b],
         )
+        return row
 
+
+def side_rows(
+    cfg: AccuracyConfig,
+    dataset: str,
+    label_names: list[str],
+    data: dict[str, Split],
+    bundles: dict[str, Path],
+    work: Path,
+) -> list[dict]:
+    runs = SideRuns(cfg, dataset, data, bundles, work)
+    rows: list[dict] = []
+    backbones = list(cfg.backbones)
+    n_train = len(data[backbones[0]].train.y)
     for partition in cfg.partitions:
         devices = fleet(
             data[backbones[0]].train.y, backbones, cfg.devices_per_backbone, partition, cfg.seed
@@ -319,26 +332,35 @@ def side_rows(
         for method, use_anchors in variants:
             t0 = time.perf_counter()
             trainer, curve = train_side(
-                cfg, label_names, data, devices, snap(method, partition), anchors=use_anchors
+                cfg, label_names, data, devices, runs.snap(method, partition), anchors=use_anchors
             )
             dt = time.perf_counter() - t0
             for b in backbones:
                 n = sum(len(r) for r in devices[b].values())
                 pool = data[b].anchors if use_anchors else None
-                emit(method, partition, trainer, curve, b, n, dt, 0 if pool is None else len(pool))
+                anchors = 0 if pool is None else len(pool)
+                rows.append(runs.row(method, partition, trainer, curve, b, n, dt, anchors))
         for b in backbones:
             t0 = time.perf_counter()
             trainer, curve = train_side(
-                cfg, label_names, data, {b: devices[b]}, snap("single", partition)
+                cfg, label_names, data, {b: devices[b]}, runs.snap("single", partition)
             )
             n = sum(len(r) for r in devices[b].values())
-            emit("single", partition, trainer, curve, b, n, time.perf_counter() - t0)
+            rows.append(
+                runs.row("single", partition, trainer, curve, b, n, time.perf_counter() - t0)
+            )
     for b in backbones:
         t0 = time.perf_counter()
         trainer, curve = train_side(
-            cfg, label_names, data, {b: {"all": np.arange(n_train)}}, snap("centralised", "central")
+            cfg,
+            label_names,
+            data,
+            {b: {"all": np.arange(n_train)}},
+            runs.snap("centralised", "central"),
         )
-        emit("centralised", "central", trainer, curve, b, n_train, time.perf_counter() - t0)
+        rows.append(
+            runs.row("centralised", "central", trainer, curve, b, n_train, time.perf_counter() - t0)
+        )
     return rows
 
 
@@ -786,6 +808,29 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    try:
+        cfg = _config(a)
+        cfg.side_config()
+        if cfg.repeats < 1:
+            raise FedMobiLLMError(
+                f"--repeats {cfg.repeats} trains nothing", hint="use --repeats 1 or more"
+            )
+        for p_ in cfg.partitions:
+            alpha_of(p_)
+        result = run(cfg, a.out)
+    except FedMobiLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_accuracy", description=__doc__.split("\n\n")[0]
     )
@@ -828,46 +873,32 @@ def main(argv: list[str] | None = None) -> int:
         help="SideConfig override, e.g. --side width=256 --side lr=0.001",
     )
     p.add_argument("-v", "--verbose", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
+    return p
+
+
+def _config(a: argparse.Namespace) -> AccuracyConfig:
+    """The run's AccuracyConfig: the mode's, with the options given."""
+    return AccuracyConfig.for_mode(
+        a.quick,
+        datasets=_csv(a.datasets),
+        backbones=_csv(a.backbones),
+        steps=a.steps,
+        batch_per_arch=a.batch_per_arch,
+        train_limit=a.train_limit,
+        anchors=a.anchors,
+        val_limit=a.val_limit,
+        test_limit=a.test_limit,
+        devices_per_backbone=a.devices_per_backbone,
+        partitions=_csv(a.partitions),
+        seed=a.seed,
+        repeats=a.repeats,
+        select=a.select,
+        full_ft=False if a.no_full_ft else None,
+        full_ft_model=a.full_ft_model,
+        full_ft_train=a.full_ft_train,
+        bundles=dict(parse_pairs(a.bundle, "--bundle")) or None,
+        side=parse_side(a.side) or None,
     )
-    try:
-        cfg = AccuracyConfig.for_mode(
-            a.quick,
-            datasets=_csv(a.datasets),
-            backbones=_csv(a.backbones),
-            steps=a.steps,
-            batch_per_arch=a.batch_per_arch,
-            train_limit=a.train_limit,
-            anchors=a.anchors,
-            val_limit=a.val_limit,
-            test_limit=a.test_limit,
-            devices_per_backbone=a.devices_per_backbone,
-            partitions=_csv(a.partitions),
-            seed=a.seed,
-            repeats=a.repeats,
-            select=a.select,
-            full_ft=False if a.no_full_ft else None,
-            full_ft_model=a.full_ft_model,
-            full_ft_train=a.full_ft_train,
-            bundles=dict(parse_pairs(a.bundle, "--bundle")) or None,
-            side=parse_side(a.side) or None,
-        )
-        cfg.side_config()
-        if cfg.repeats < 1:
-            raise FedMobiLLMError(
-                f"--repeats {cfg.repeats} trains nothing", hint="use --repeats 1 or more"
-            )
-        for p_ in cfg.partitions:
-            alpha_of(p_)
-        result = run(cfg, a.out)
-    except FedMobiLLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import platform
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -298,9 +299,6 @@ def main(argv: list[str] | None = None) -> int:
 def _main(a: argparse.Namespace) -> int:
     import torch
 
-    from benchmarks import _fedmobillm as F
-    from benchmarks import _models as M
-
     torch.set_num_threads(1)  # 2 shared cores: more threads only spin (OpenMP)
     t_start = time.perf_counter()
     cfg, profile_files = make_config(a)
@@ -308,6 +306,71 @@ def _main(a: argparse.Namespace) -> int:
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
     profiles = fleet_profiles(cfg, profile_files)
+    m = _measure(cfg, profiles, work, a.install_flower)
+
+    # -- target and headline --
+    target, best, majority = _target(cfg, m)
+    fm = R.fedmobillm_to_target(m.rep, m.real, m.flops["fedmobillm_forward"], target)
+    lora = R.fedavg_to_target(m.fedavg["lora"], target, len(profiles))
+    full = R.fedavg_to_target(m.fedavg["full"], target, len(profiles))
+    head = _headline(m, fm, lora)
+    results = _results(cfg, m, target, best, majority, fm, lora, full)
+    warning = R.not_learning_warning(best, majority, MIN_LEARNED)
+    if warning:
+        head["warning"] = results["warning"] = warning
+        log.warning("%s", warning)
+    write_json(out / "results.json", results)
+    headline_json = _headline_json(cfg, m, head, target, results["versions"], t_start)
+    write_json(out / "headline.json", headline_json)
+    pngs = _plots(out, m, fm, lora, full, target)
+    from benchmarks._report_md import write_report
+
+    write_report(out / "report.md", results, headline_json, pngs)
+    print(
+        json.dumps(
+            {
+                k: (v["value"] if isinstance(v, dict) and "value" in v else v)
+                for k, v in headline_json.items()
+                if k not in ("versions",)
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    log.info("wrote %s (%.0f s)", out / "headline.json", time.perf_counter() - t_start)
+    return (
+        0
+        if all(
+            not (isinstance(v, dict) and "value" in v and math.isnan(v["value"]))
+            for v in head.values()
+        )
+        else 1
+    )
+
+
+@dataclass
+class Measured:
+    """Every method's measurements on one fleet (``_measure``)."""
+
+    profiles: list[DeviceProfile]
+    data: FleetData
+    flops: dict[str, Any]
+    mem: dict[str, Any]
+    real: Any  # benchmarks._fedmobillm.RealRun
+    rep: dict[str, Any]
+    cen: dict[str, Any]
+    fedavg: dict[str, Any]
+    fwd: dict[str, Any]
+    stages: dict[str, float]
+
+
+def _measure(
+    cfg: BenchConfig, profiles: list[DeviceProfile], work: Path, install_flower: bool
+) -> Measured:
+    """Data, bundles, FLOPs, memory, then each method in turn, timing every stage."""
+    from benchmarks import _fedmobillm as F
+    from benchmarks import _models as M
+
     stages: dict[str, float] = {}
     with Timer("data") as t:
         data = load_fleet_data(cfg)
@@ -356,81 +419,117 @@ def _main(a: argparse.Namespace) -> int:
     for method in ("lora", "full"):
         with Timer(f"FedAvg-{method}") as t:
             fedavg[method] = run_fedavg(
-                cfg, method, model_dir, data, profiles, flops, work, a.install_flower
+                cfg, method, model_dir, data, profiles, flops, work, install_flower
             )
         stages[f"fedavg_{method}"] = t.s
     fwd = fwdgrad_cost(flops, mem, profiles, cfg.local_batch)
+    return Measured(profiles, data, flops, mem, real, rep, cen, fedavg, fwd, stages)
 
-    # -- target and headline --
+
+def _target(cfg: BenchConfig, m: Measured) -> tuple[float, dict[str, float], float]:
+    """(target validation accuracy, each method's best, the validation majority rate)."""
     best = {
-        "fedmobillm": max(p["accuracy"] for p in R.smoothed(rep["curve"])),
+        "fedmobillm": max(p["accuracy"] for p in R.smoothed(m.rep["curve"])),
         "fedavg-lora": max(
-            (p["accuracy"] for p in fedavg["lora"]["curve"] if p["round"] > 0), default=0.0
+            (p["accuracy"] for p in m.fedavg["lora"]["curve"] if p["round"] > 0), default=0.0
         ),
     }
+    data = m.data
     counts = [sum(r.label == c for r in data.validation) for c in range(len(data.label_names))]
     majority = max(counts) / max(1, len(data.validation))
     if isinstance(cfg.target, float):
         target = cfg.target
     else:  # a fraction of the weaker method's best, but above always guessing one class
         target = max(cfg.target_fraction * min(best.values()), majority + MIN_LEARNED)
-    fm = R.fedmobillm_to_target(rep, real, flops["fedmobillm_forward"], target)
-    lora = R.fedavg_to_target(fedavg["lora"], target, len(profiles))
-    full = R.fedavg_to_target(fedavg["full"], target, len(profiles))
-    fleet_quants = {p.quant for p in profiles}
-    by_class = class_breakdown(fm, lora, mem, profiles)
-    head = R.headline(
+    return target, best, majority
+
+
+def _headline(m: Measured, fm: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
+    """The headline metrics; memory over the bundle quants the fleet runs."""
+    fleet_quants = {p.quant for p in m.profiles}
+    return R.headline(
         fm,
         lora,
         {
             k: v
-            for k, v in mem.items()
+            for k, v in m.mem.items()
             if not k.startswith("fedmobillm-") or k.split("-", 1)[1] in fleet_quants
         },
-        real.test["accuracy"],
-        cen["test"]["accuracy"],
+        m.real.test["accuracy"],
+        m.cen["test"]["accuracy"],
     )
-    results = {
+
+
+def _results(
+    cfg: BenchConfig,
+    m: Measured,
+    target: float,
+    best: dict[str, float],
+    majority: float,
+    fm: dict[str, Any],
+    lora: dict[str, Any],
+    full: dict[str, Any],
+) -> dict[str, Any]:
+    """results.json: every measurement."""
+    by_class = class_breakdown(fm, lora, m.mem, m.profiles)
+    return {
         "config": cfg.to_dict(),
-        "profiles": [p.__dict__ for p in profiles],
-        "data": data.summary(),
+        "profiles": [p.__dict__ for p in m.profiles],
+        "data": m.data.summary(),
         "target": target,
         "best_validation": best,
         "validation_majority_rate": majority,
-        "flops_per_sample": flops,
-        "memory": mem,
-        "fedmobillm": {"real": real.__dict__, "replay": rep, "to_target": fm},
-        "centralised": cen,
-        "fedavg": fedavg,
+        "flops_per_sample": m.flops,
+        "memory": m.mem,
+        "fedmobillm": {"real": m.real.__dict__, "replay": m.rep, "to_target": fm},
+        "centralised": m.cen,
+        "fedavg": m.fedavg,
         "fedavg_to_target": {"lora": lora, "full": full},
         "per_class": by_class,
-        "fwdgrad": fwd,
-        "stages_s": stages,
+        "fwdgrad": m.fwd,
+        "stages_s": m.stages,
         "versions": versions(),
     }
-    warning = R.not_learning_warning(best, majority, MIN_LEARNED)
-    if warning:
-        head["warning"] = results["warning"] = warning
-        log.warning("%s", warning)
-    write_json(out / "results.json", results)
-    headline_json = {
+
+
+def _headline_json(
+    cfg: BenchConfig,
+    m: Measured,
+    head: dict[str, Any],
+    target: float,
+    versions_: dict[str, str],
+    t_start: float,
+) -> dict[str, Any]:
+    """headline.json: the headline metrics, test accuracies, command and wall time."""
+    return {
         **{k: v for k, v in head.items()},
         "seed": cfg.seed,
         "mode": cfg.mode,
         "target_accuracy": target,
         "test_accuracy": {
-            "fedmobillm": real.test["accuracy"],
-            "centralised": cen["test"]["accuracy"],
-            "fedavg_lora": fedavg["lora"]["test"]["accuracy"],
-            "fedavg_full": fedavg["full"]["test"]["accuracy"],
+            "fedmobillm": m.real.test["accuracy"],
+            "centralised": m.cen["test"]["accuracy"],
+            "fedavg_lora": m.fedavg["lora"]["test"]["accuracy"],
+            "fedavg_full": m.fedavg["full"]["test"]["accuracy"],
         },
-        "versions": results["versions"],
+        "versions": versions_,
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - t_start,
     }
-    write_json(out / "headline.json", headline_json)
+
+
+def _plots(
+    out: Path,
+    m: Measured,
+    fm: dict[str, Any],
+    lora: dict[str, Any],
+    full: dict[str, Any],
+    target: float,
+) -> list[str]:
+    """The accuracy curves and the per-device bars as PNGs in ``out``; their file names."""
+    fedavg, flops = m.fedavg, m.flops
     curves = {
-        "fedmobillm (async, 3-eval mean)": R.smoothed(rep["curve"]),
+        "fedmobillm (async, 3-eval mean)": R.smoothed(m.rep["curve"]),
         "FedAvg-LoRA (sync)": fedavg["lora"]["curve"],
         "FedAvg full FT (sync)": fedavg["full"]["curve"],
     }
@@ -440,7 +539,7 @@ def _main(a: argparse.Namespace) -> int:
             "FedAvg-LoRA": lora["bytes_per_device"] / 1e6,
             "FedAvg-full": full["bytes_per_device"] / 1e6,
         },
-        "memory": {k: v["peak_rss_mb"] for k, v in mem.items()},
+        "memory": {k: v["peak_rss_mb"] for k, v in m.mem.items()},
         "compute": {
             "fedmobillm": fm["flops_per_device"] / 1e9,
             "FedAvg-LoRA": lora["flops_per_device"] / 1e9,
@@ -453,30 +552,7 @@ def _main(a: argparse.Namespace) -> int:
             f"fwd-grad step (P={flops['fwdgrad_perturbations']})": flops["fwdgrad_step"] / 1e9,
         },
     }
-    pngs = R.plots(out, curves, target, cen["test"]["accuracy"], bars)
-    from benchmarks._report_md import write_report
-
-    write_report(out / "report.md", results, headline_json, pngs)
-    print(
-        json.dumps(
-            {
-                k: (v["value"] if isinstance(v, dict) and "value" in v else v)
-                for k, v in headline_json.items()
-                if k not in ("versions",)
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    log.info("wrote %s (%.0f s)", out / "headline.json", time.perf_counter() - t_start)
-    return (
-        0
-        if all(
-            not (isinstance(v, dict) and "value" in v and math.isnan(v["value"]))
-            for v in head.values()
-        )
-        else 1
-    )
+    return R.plots(out, curves, target, m.cen["test"]["accuracy"], bars)
 
 
 if __name__ == "__main__":

@@ -144,23 +144,8 @@ class Demo:
         cfg = self.cfg
         ds = load_dataset(cfg.data, seed=cfg.seed)
         self.dataset = ds
-        import numpy as np
-
-        train = list(ds.splits["train"])
         anchors = cfg.anchors or 0
-        if anchors:  # held out of the devices' records, labels dropped
-            n_lab = min(cfg.train_limit or len(train), len(train) - anchors)
-            if n_lab < cfg.devices:
-                raise FedMobiLLMError(
-                    f"{len(train)} train records leave too few for the devices after "
-                    f"{anchors} anchors",
-                    hint="pass a smaller --anchors (or 0)",
-                )
-            order = np.random.default_rng(cfg.seed).permutation(len(train))
-            self.anchor_texts = [train[i].text for i in order[n_lab : n_lab + anchors]]
-            train = [train[i] for i in sorted(order[:n_lab])]
-        elif cfg.train_limit:
-            train = _subsample(train, cfg.train_limit, cfg.seed)
+        train = self._train_records(list(ds.splits["train"]), anchors)
         parts = partition(train, cfg.devices, alpha=cfg.alpha, seed=cfg.seed)
         data_dir = self.out / "data"
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -174,38 +159,9 @@ class Demo:
                     if t
                 )
             )
-        specs = []
-        for i, part in enumerate(parts):
-            backbone = cfg.backbones[i % len(cfg.backbones)]
-            klass, slowdown, mbps = DEVICE_CLASSES[(i // len(cfg.backbones)) % 3]
-            name = f"dev{i:02d}-{backbone}-{klass}"
-            f = data_dir / f"{name}.jsonl"
-            _write_jsonl(f, part)
-            specs.append(
-                DeviceSpec(
-                    name, backbone, klass, slowdown, mbps, f, self.out / "devices" / name, len(part)
-                )
-            )
-        val = list(ds.splits["validation"])
-        if cfg.val_limit:
-            val = _subsample(val, cfg.val_limit, cfg.seed)
-        for backbone in cfg.backbones:
-            name = f"val-{backbone}"
-            f = data_dir / f"{name}.jsonl"
-            _write_jsonl(f, val)
-            specs.append(
-                DeviceSpec(
-                    name,
-                    backbone,
-                    "validator",
-                    1.0,
-                    50.0,
-                    f,
-                    self.out / "devices" / name,
-                    len(val),
-                    split="validation",
-                )
-            )
+        specs = self._training_specs(parts, data_dir)
+        val, validators = self._validator_specs(list(ds.splits["validation"]), data_dir)
+        specs += validators
         test = list(ds.splits["test"])
         if cfg.eval_limit:
             test = _subsample(test, cfg.eval_limit, cfg.seed)
@@ -227,6 +183,72 @@ class Demo:
             100 * self.majority_rate,
             anchors,
         )
+        return specs
+
+    def _validator_specs(
+        self, val: list[Any], data_dir: Path
+    ) -> tuple[list[Any], list[DeviceSpec]]:
+        """The validation records (--val-limit) and one validator device per backbone."""
+        cfg = self.cfg
+        specs = []
+        if cfg.val_limit:
+            val = _subsample(val, cfg.val_limit, cfg.seed)
+        for backbone in cfg.backbones:
+            name = f"val-{backbone}"
+            f = data_dir / f"{name}.jsonl"
+            _write_jsonl(f, val)
+            specs.append(
+                DeviceSpec(
+                    name,
+                    backbone,
+                    "validator",
+                    1.0,
+                    50.0,
+                    f,
+                    self.out / "devices" / name,
+                    len(val),
+                    split="validation",
+                )
+            )
+        return val, specs
+
+    def _train_records(self, train: list[Any], anchors: int) -> list[Any]:
+        """The devices' labelled records: ``anchors`` records held out as unlabelled anchor
+        texts (``self.anchor_texts``), else --train-limit of them."""
+        import numpy as np
+
+        cfg = self.cfg
+        if anchors:  # held out of the devices' records, labels dropped
+            n_lab = min(cfg.train_limit or len(train), len(train) - anchors)
+            if n_lab < cfg.devices:
+                raise FedMobiLLMError(
+                    f"{len(train)} train records leave too few for the devices after "
+                    f"{anchors} anchors",
+                    hint="pass a smaller --anchors (or 0)",
+                )
+            order = np.random.default_rng(cfg.seed).permutation(len(train))
+            self.anchor_texts = [train[i].text for i in order[n_lab : n_lab + anchors]]
+            train = [train[i] for i in sorted(order[:n_lab])]
+        elif cfg.train_limit:
+            train = _subsample(train, cfg.train_limit, cfg.seed)
+        return train
+
+    def _training_specs(self, parts: list[list[Any]], data_dir: Path) -> list[DeviceSpec]:
+        """One training device per partition, backbones and device classes in turn; each
+        device's records in ``data_dir``."""
+        cfg = self.cfg
+        specs = []
+        for i, part in enumerate(parts):
+            backbone = cfg.backbones[i % len(cfg.backbones)]
+            klass, slowdown, mbps = DEVICE_CLASSES[(i // len(cfg.backbones)) % 3]
+            name = f"dev{i:02d}-{backbone}-{klass}"
+            f = data_dir / f"{name}.jsonl"
+            _write_jsonl(f, part)
+            specs.append(
+                DeviceSpec(
+                    name, backbone, klass, slowdown, mbps, f, self.out / "devices" / name, len(part)
+                )
+            )
         return specs
 
     def export_bundles(self) -> dict[str, Path]:
