@@ -16,11 +16,15 @@ from fedmobillm.device_runtime.protocol import Manifest, bundle_digest
 from fedmobillm.device_runtime.serde import Batch, PayloadError, decode_batch
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.anchors import AnchorSet
+from fedmobillm.server.checks import ValueRejected, batch_content, check_resent, check_values
 from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound
 from fedmobillm.server.store import Device, Store
 
 MAX_NAME_CHARS = 100
 MAX_LABELS = 1000
+# Refused uploads of impossible values (ValueRejected) and non-finite training steps traced to
+# a device count as offences; at this many the device is quarantined (an admin releases it).
+QUARANTINE_AFTER = 3
 
 
 @dataclass
@@ -32,6 +36,8 @@ class Counters:
     duplicate_batches: int = 0
     skipped_samples: int = 0
     ingest_bytes: int = 0
+    conflicts: int = 0  # 409s for re-sent keys or sample ids with other content
+    offences: int = 0  # uploads refused for values the registered bundle cannot produce
     rejected: dict[int, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -117,12 +123,32 @@ class Service:
     # -- ingest ------------------------------------------------------------------------
 
     def ingest(self, device: Device, payload: bytes) -> dict:
+        if device.device_id in self.store.quarantined():
+            raise Forbidden(
+                f"device {device.device_id} is quarantined: its uploads are refused and its "
+                "samples are out of training",
+                hint="an admin sees why with `fedmobillm server quarantine` and can release it "
+                "with `fedmobillm server quarantine --release DEVICE_ID`",
+            )
         try:
             batch = decode_batch(payload)
         except PayloadError as exc:
             raise BadRequest(exc.message) from exc
         self._check_batch(device, batch)
-        ack = self._commit(device, batch)
+        try:
+            check_values(device, batch)
+        except ValueRejected as exc:
+            with self.counters.lock:
+                self.counters.offences += 1
+            if self.store.add_offence(device.device_id, exc.message, QUARANTINE_AFTER):
+                exc.hint = f"{exc.hint}; this device is now quarantined"
+            raise
+        try:
+            ack = self._commit(device, batch)
+        except Conflict:
+            with self.counters.lock:
+                self.counters.conflicts += 1
+            raise
         with self.counters.lock:
             if ack["duplicate"]:
                 self.counters.duplicate_batches += 1
@@ -156,8 +182,6 @@ class Service:
                 f"{n} samples in one batch; at most {self.max_samples}",
                 hint="split the upload into smaller batches",
             )
-        if batch.encoding == "fp16" and not np.isfinite(batch.activations).all():
-            raise BadRequest("activations contain NaN or infinity")
         if batch.split == "anchor":
             if self.anchors is None:
                 raise BadRequest(
@@ -184,10 +208,22 @@ class Service:
             )
 
     def _commit(self, device: Device, batch: Batch) -> dict:
+        content = batch_content(batch)
         with self.store.transaction() as db:
-            ack = self.store.find_ack(db, device.device_id, batch.idempotency_key)
-            if ack is not None:
+            found = self.store.find_ack(db, device.device_id, batch.idempotency_key)
+            stored = self.store.stored_samples(db, device, batch.split, batch.sample_ids)
+            if found is not None:
+                ack, was = found
+                if was is not None and was != content:
+                    raise Conflict(
+                        f"idempotency key {batch.idempotency_key!r} was acknowledged for other "
+                        "samples or labels; the first upload is kept",
+                        hint="use a new idempotency key for new content (fedmobillm device run "
+                        "derives it from the sample ids)",
+                    )
+                check_resent(device, batch, stored)
                 return {**ack, "duplicate": True}
+            check_resent(device, batch, stored)
             batch_id = "b-" + uuid.uuid4().hex[:20]
             new = self.store.insert_samples(
                 db,
@@ -209,7 +245,14 @@ class Service:
                 "device_samples": self.store.device_samples(device.device_id, db),
             }
             self.store.add_batch(
-                db, batch_id, device.device_id, batch.idempotency_key, batch.split, new, ack
+                db,
+                batch_id,
+                device.device_id,
+                batch.idempotency_key,
+                batch.split,
+                new,
+                ack,
+                content,
             )
         return ack
 

@@ -72,6 +72,12 @@ CREATE TABLE IF NOT EXISTS samples (
     scales BLOB,
     UNIQUE (device_id, split, sample_id)
 );
+CREATE TABLE IF NOT EXISTS device_flags (
+    device_id TEXT PRIMARY KEY,
+    offences INTEGER NOT NULL DEFAULT 0,
+    last_reason TEXT NOT NULL DEFAULT '',
+    quarantined REAL
+);
 CREATE TABLE IF NOT EXISTS device_counts (
     device_id TEXT NOT NULL,
     split TEXT NOT NULL,
@@ -127,6 +133,13 @@ class Store:
         for stmt in SCHEMA.strip().split(";\n"):
             if stmt.strip():
                 self._db.execute(stmt)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added since a store was created (SQLite has no ADD COLUMN IF NOT EXISTS)."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(batches)")}
+        if "content" not in cols:  # digest of (split, sample ids, labels); NULL for old rows
+            self._db.execute("ALTER TABLE batches ADD COLUMN content TEXT")
 
     def close(self) -> None:
         with self._lock:
@@ -206,12 +219,32 @@ class Store:
 
     # -- batches -----------------------------------------------------------------------
 
-    def find_ack(self, db: sqlite3.Connection, device_id: str, key: str) -> dict | None:
+    def find_ack(
+        self, db: sqlite3.Connection, device_id: str, key: str
+    ) -> tuple[dict, str | None] | None:
+        """(acknowledgement, content digest) of the batch the device sent under ``key``."""
         row = db.execute(
-            "SELECT ack FROM batches WHERE device_id = ? AND idempotency_key = ?",
+            "SELECT ack, content FROM batches WHERE device_id = ? AND idempotency_key = ?",
             (device_id, key),
         ).fetchone()
-        return json.loads(row[0]) if row else None
+        return (json.loads(row[0]), row[1]) if row else None
+
+    def stored_samples(
+        self, db: sqlite3.Connection, device: Device, split: str, sample_ids: np.ndarray
+    ) -> dict[int, tuple[int, np.ndarray]]:
+        """sample id -> (label, float32 (K, d)) for the ids of ``sample_ids`` already stored."""
+        out: dict[int, tuple[int, np.ndarray]] = {}
+        ids = [int(i) for i in sample_ids]
+        for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
+            part = ids[start : start + 900]
+            rows = db.execute(
+                "SELECT sample_id, label, encoding, act, scales FROM samples WHERE device_id = ? "
+                f"AND split = ? AND sample_id IN ({','.join('?' * len(part))})",
+                (device.device_id, split, *part),
+            ).fetchall()
+            for sid, label, enc, act, scales in rows:
+                out[sid] = (label, _dequantize(enc, act, scales, device.num_taps, device.hidden_size))
+        return out
 
     def insert_samples(
         self,
@@ -263,11 +296,55 @@ class Store:
         split: str,
         samples: int,
         ack: dict,
+        content: str | None = None,
     ) -> None:
         db.execute(
-            "INSERT INTO batches VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (batch_id, device_id, key, split, samples, json.dumps(ack), time.time()),
+            "INSERT INTO batches (batch_id, device_id, idempotency_key, split, samples, ack, "
+            "created, content) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (batch_id, device_id, key, split, samples, json.dumps(ack), time.time(), content),
         )
+
+    # -- offences and quarantine -------------------------------------------------------
+
+    def add_offence(self, device_id: str, reason: str, quarantine_after: int) -> bool:
+        """Count one offence (a refused upload or a non-finite training step traced to the
+        device); quarantine the device at ``quarantine_after``. True if it is quarantined."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO device_flags (device_id, offences, last_reason) VALUES (?, 1, ?) "
+                "ON CONFLICT (device_id) DO UPDATE SET offences = offences + 1, "
+                "last_reason = excluded.last_reason",
+                (device_id, reason[:500]),
+            )
+            db.execute(
+                "UPDATE device_flags SET quarantined = ? WHERE device_id = ? AND offences >= ? "
+                "AND quarantined IS NULL",
+                (time.time(), device_id, quarantine_after),
+            )
+            row = db.execute(
+                "SELECT quarantined FROM device_flags WHERE device_id = ?", (device_id,)
+            ).fetchone()
+        return row is not None and row[0] is not None
+
+    def flags(self) -> list[dict[str, Any]]:
+        """Every device with offences: id, offences, last reason, quarantined (time or None)."""
+        rows = self._query(
+            "SELECT f.device_id, d.name, d.architecture, f.offences, f.last_reason, "
+            "f.quarantined FROM device_flags f JOIN devices d ON f.device_id = d.device_id "
+            "ORDER BY f.device_id"
+        )
+        keys = ("device_id", "name", "architecture", "offences", "last_reason", "quarantined")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def quarantined(self) -> set[str]:
+        rows = self._query("SELECT device_id FROM device_flags WHERE quarantined IS NOT NULL")
+        return {r[0] for r in rows}
+
+    def release(self, device_id: str) -> bool:
+        """Lift a quarantine and forget the device's offences. False if it was not flagged."""
+        with self.transaction() as db:
+            n = db.execute("DELETE FROM device_flags WHERE device_id = ?", (device_id,)).rowcount
+        return n > 0
 
     def device_samples(self, device_id: str, db: sqlite3.Connection | None = None) -> dict:
         sql = "SELECT split, n FROM device_counts WHERE device_id = ?"

@@ -23,6 +23,12 @@ ADMIN = "test-admin-token-0123456789abcdef"
 LABELS = ["negative", "positive"]
 
 
+def synthetic_by_id(ids: np.ndarray, k: int, d: int, seed: int, num_labels: int = 2):
+    """``synthetic``, one record per sample id: a re-sent id carries the same content."""
+    rows = [synthetic(1, k, d, seed * 1_000_003 + int(i), num_labels) for i in ids]
+    return np.concatenate([r[0] for r in rows]), np.concatenate([r[1] for r in rows])
+
+
 def make_manifest(
     name: str = "tiny-a",
     depth: int = 4,
@@ -73,7 +79,7 @@ def make_payload(
 ) -> bytes:
     ids = np.asarray(sample_ids, dtype=np.int64)
     k, d = len(manifest["taps"]), manifest["hidden_size"]
-    x, y = synthetic(len(ids), k, d, seed)
+    x, y = synthetic_by_id(ids, k, d, seed)
     if labels is not None:
         y = np.asarray(labels, dtype=np.int64)
     scales = np.full(k, 0.05, np.float32)
