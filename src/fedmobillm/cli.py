@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _available_commands():
-        p = sub.add_parser(module.NAME, help=module.HELP, description=module.HELP)
+        # an alias (LISTED = False) parses and runs the same but is not listed again
+        listed = {"help": module.HELP} if getattr(module, "LISTED", True) else {}
+        p = sub.add_parser(module.NAME, description=module.HELP, **listed)
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -26,6 +26,17 @@ def test_help_lists_the_workflows():
         assert f"    {name}" in result.stdout
 
 
+def test_server_is_listed_once_and_serve_is_its_alias():
+    """Execute the top-level help and both spellings of starting the server; Assert the
+    help lists `server` and not `serve`, and `serve` takes exactly `server start`'s options."""
+    top = cli("--help").stdout
+    start = cli("server", "start", "--help")
+    alias = cli("serve", "--help")
+    assert "    server " in top and "    serve " not in top and "fedmobillm serve" in top
+    assert start.returncode == alias.returncode == 0
+    assert start.stdout.split("options:")[1] == alias.stdout.split("options:")[1]
+
+
 def test_version():
     result = cli("--version")
     assert result.returncode == 0 and __version__ in result.stdout

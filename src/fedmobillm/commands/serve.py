@@ -1,4 +1,6 @@
-"""`fedmobillm serve`: run the training server (FastAPI under uvicorn)."""
+"""`fedmobillm server start`, alias `fedmobillm serve`: run the training server (FastAPI under
+uvicorn). Both spellings take the same options and do the same; `fedmobillm --help` lists
+the server once, under `server`."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ from pathlib import Path
 
 NAME = "serve"
 HELP = "run the training server: ingest activations, train the side network, serve personal models"
+# an alias of `server start`: not listed by `fedmobillm --help` (see commands/server.py)
+LISTED = False
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""`fedmobillm server status`: ask a running server for its fleet and trainer state."""
+"""`fedmobillm server start` (alias `fedmobillm serve`, in commands/serve.py): run the training
+server; `fedmobillm server status`: ask a running server for its fleet and trainer state."""
 
 from __future__ import annotations
 
@@ -6,15 +7,23 @@ import argparse
 import json
 import os
 
+from fedmobillm.commands import serve
 from fedmobillm.device_runtime.messages import ROUTE_STATUS
 from fedmobillm.errors import FedMobiLLMError
 
 NAME = "server"
-HELP = "talk to a running training server (status: devices, samples, trainer, validation)"
+HELP = (
+    "the training server: start it (alias: `fedmobillm serve`), or ask a running one for "
+    "its status (devices, samples, trainer, validation)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    start = sub.add_parser(
+        "start", help=serve.HELP + " (alias: `fedmobillm serve`)", description=serve.HELP
+    )
+    serve.add_arguments(start)
     st = sub.add_parser("status", help="devices, samples per device/architecture, trainer state")
     st.add_argument("--server", default="http://127.0.0.1:8000", help="server URL")
     st.add_argument(
@@ -82,6 +91,8 @@ def _fmt(x: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.action == "start":
+        return serve.run(args)
     token = args.admin_token or os.environ.get("FEDMOBILLM_ADMIN_TOKEN")
     if not token:
         raise FedMobiLLMError(
