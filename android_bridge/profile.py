@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmobillm.android_bridge.adb import Device
+from fedmobillm.device_runtime.files import write_atomic
 from fedmobillm.errors import FedMobiLLMError
 
 SCHEMA = "fedmobillm.device-profile/1"
@@ -213,9 +214,7 @@ def attach_fleet_figures(
 def write_profile(profile: dict[str, Any], out: Path) -> None:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(profile, indent=2) + "\n")
-    tmp.replace(out)
+    write_atomic(out, json.dumps(profile, indent=2) + "\n")
 
 
 def summary_lines(p: dict[str, Any]) -> list[str]:

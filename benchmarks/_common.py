@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmobillm.device_runtime.files import write_atomic
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks")
@@ -262,9 +263,7 @@ def first_reach(curve: list[dict[str, float]], target: float, key: str = "accura
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=_json_default))
-    tmp.replace(path)
+    write_atomic(path, json.dumps(data, indent=2, default=_json_default))
 
 
 def _json_default(o: Any) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ import numpy as np
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
+from fedmobillm.device_runtime.files import write_atomic
 from fedmobillm.device_runtime.journal import Entry, Journal, records_hash
 from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.device_runtime.messages import (
@@ -73,13 +73,7 @@ class DeviceState:
         state_dir = Path(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
         path = state_dir / STATE_NAME
-        tmp = path.with_suffix(".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(asdict(self), f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(asdict(self), indent=2), mode=0o600)
         return path
 
     @classmethod

@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from fedmobillm.device_runtime.files import sha256_file, write_atomic
+from fedmobillm.device_runtime.files import replacing, sha256_file, write_atomic
 from fedmobillm.device_runtime.messages import PERSONAL_FORMAT_VERSION, PersonalManifest
 from fedmobillm.device_runtime.protocol import (
     PERSONAL_INPUT,
@@ -206,9 +206,8 @@ def _quantize_onnx(model: Any, path: Path, k: int, d: int) -> float:
     the device measure)."""
     from fedmobillm.export.graphs import quantize_onnx_int8
 
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.int8")
-    quantize_onnx_int8(path, tmp, quiet=True)  # every op type onnxruntime quantizes
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        quantize_onnx_int8(path, tmp, quiet=True)  # every op type onnxruntime quantizes
     return _logit_diff(model, path, 64, k, d)
 
 

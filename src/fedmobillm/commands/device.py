@@ -182,10 +182,10 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _write_json(path: Path, text: str) -> None:
+    from fedmobillm.device_runtime.files import write_atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    write_atomic(path, text)
 
 
 def _predict(args: argparse.Namespace) -> int:
