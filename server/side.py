@@ -43,6 +43,14 @@ WEIGHTS_FILE = "side.safetensors"
 FORMAT_VERSION = 1
 
 
+class NonFiniteStep(FedMobiLLMError):
+    """A training step whose loss or gradients are not finite: it was not applied."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"non-finite {where}: the step was skipped, the weights are unchanged")
+        self.where = where
+
+
 @dataclass
 class SideConfig:
     """Side network, alignment and optimisation. Defaults chosen by measurement (README);
@@ -361,6 +369,12 @@ class SideTrainer:
             for pa, pl in zip(avg.parameters(), live.parameters(), strict=True):
                 pa.lerp_(pl, 1.0 - decay)
 
+    @torch.no_grad()
+    def is_finite(self) -> bool:
+        """Every weight (live and averaged) is finite: the only state worth keeping."""
+        mods = [self.side, self.aligns, self.ema_side, self.ema_aligns]
+        return all(bool(torch.isfinite(p).all()) for m in mods if m is not None for p in m.parameters())
+
     def num_parameters(self, arch: str | None = None) -> int:
         mods = [self.side] if arch is None else [self.side, self.aligns[self.archs[arch].key]]
         return sum(p.numel() for m in mods for p in m.parameters())
@@ -385,7 +399,8 @@ class SideTrainer:
         Unlabelled samples (y = -1) are ignored. ``anchors``: [(arch, x (M, K, d))], row i
         of every array the same anchor text through that architecture's backbone; with two
         or more architectures they add the anchor-alignment loss (``SideConfig``). Returns
-        the mean loss (classification + anchor terms)."""
+        the mean loss (classification + anchor terms). Raises ``NonFiniteStep`` (nothing
+        applied) when the loss or the gradients are not finite."""
         self.side.train()
         self.aligns.train()
         logits, targets, archs = [], [], []
@@ -410,13 +425,18 @@ class SideTrainer:
         )
         if anchors is not None and len(anchors) > 1:
             loss = loss + self._anchor_loss(anchors)
+        if not torch.isfinite(loss):
+            raise NonFiniteStep("loss")
         lr = self.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        if not torch.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise NonFiniteStep("gradients")
         self.optimizer.step()
         self.step += 1
         self._update_ema()

@@ -27,9 +27,11 @@ import numpy as np
 from fedmobillm.device_runtime.files import fsync_dir, write_atomic
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.personal import publish_folder
+from fedmobillm.server.checks import FP16_RANGE
 from fedmobillm.server.policies import balanced_sample, should_idle
 from fedmobillm.server.settings import ServerSettings
-from fedmobillm.server.side import SideConfig, SideTrainer
+from fedmobillm.server.service import QUARANTINE_AFTER
+from fedmobillm.server.side import NonFiniteStep, SideConfig, SideTrainer
 from fedmobillm.server.store import Store
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ HISTORY_LIMIT = 1000
 # The best-validation snapshot is re-baselined once the training set has grown by this
 # fraction since it was taken (see Trainer._keep_best)
 REBASE_GROWTH = 0.1
+QUARANTINE_POLL_S = 1.0
 
 
 @dataclass
@@ -58,6 +61,7 @@ class ArchData:
     val_y: list[int] = field(default_factory=list)
     # anchor id -> (K, d): the server's public anchor texts through this architecture
     anchor_x: dict[int, np.ndarray] = field(default_factory=dict)
+    anchor_from: dict[int, str] = field(default_factory=dict)  # anchor id -> device
     _stacked: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def device_arrays(self, device: str) -> tuple[np.ndarray, np.ndarray]:
@@ -73,15 +77,29 @@ class ArchData:
         return sum(len(v) for v in list(self.train_y.values()))
 
 
+# (arch, device, split, sample id, label, x (K, d)): one cached sample
+Row = tuple[str, str, str, int, int, np.ndarray]
+
+
 class TrainingCache:
-    """Everything acknowledged, read incrementally from the store (row id watermark)."""
+    """Everything acknowledged, read incrementally from the store (row id watermark).
+
+    Never trusts the store: a row whose values its device's bundle cannot produce (non-finite,
+    or beyond ``checks.FP16_RANGE`` x the tap's int8 clip, e.g. stored before uploads were
+    checked) is dropped and counted in ``dropped`` / ``offences``; the samples of quarantined
+    devices are held out of training until released."""
 
     def __init__(self) -> None:
         self.archs: dict[str, ArchData] = {}
         self.watermark = 0
         self._known_devices: set[str] = set()
+        self._bounds: dict[str, np.ndarray] = {}  # device -> (K, 1) largest |value| per tap
         # (key, ids): the shared anchor ids, recomputed only when the key changes
         self._common: tuple[tuple, list[int]] = ((), [])
+        self.quarantined: set[str] = set()
+        self.held: dict[str, list[Row]] = {}  # quarantined device -> its rows
+        self.dropped: dict[str, int] = {}  # device -> rows dropped as impossible
+        self.offences: dict[str, str] = {}  # device -> reason, for the trainer to record
 
     def refresh(self, store: Store) -> int:
         """Pull new rows; returns how many labelled training and anchor samples arrived."""
@@ -90,27 +108,66 @@ class TrainingCache:
             return 0
         if set(rows.device_ids) - self._known_devices:
             self._ensure_archs(store)
-        new = 0
+        new, bad = 0, {}
         for i in range(len(rows.ids)):
-            a = self.archs[rows.architectures[i]]
-            y = int(rows.labels[i])
-            a.encodings.add(rows.encodings[i])
-            if rows.splits[i] == "validation":
-                a.val_x.append(rows.activations[i])
-                a.val_y.append(y)
-            elif rows.splits[i] == "anchor":
-                a.anchor_x[int(rows.sample_ids[i])] = rows.activations[i]
-                new += 1  # wakes an idle trainer: the alignment has more to learn from
-            elif y >= 0:
-                a.train_x.setdefault(rows.device_ids[i], []).append(rows.activations[i])
-                a.train_y.setdefault(rows.device_ids[i], []).append(y)
-                new += 1
+            device, x = rows.device_ids[i], rows.activations[i]  # x (K, d)
+            if not _within(x, self._bounds[device]):
+                bad[device] = bad.get(device, 0) + 1
+                continue
+            self.archs[rows.architectures[i]].encodings.add(rows.encodings[i])
+            row = (rows.architectures[i], device, rows.splits[i], int(rows.sample_ids[i]))
+            new += self._add((*row, int(rows.labels[i]), x))
+        for device, n in bad.items():
+            self.dropped[device] = self.dropped.get(device, 0) + n
+            self.offences[device] = f"{n} stored samples outside the bundle's range dropped"
+            log.warning("dropped %d stored samples of %s: values outside its bundle's range", n, device)
         self.watermark = int(rows.ids[-1])
         return new
+
+    def _add(self, row: Row) -> int:
+        """Cache one row (held if its device is quarantined); 1 if it is new training data."""
+        arch, device, split, sid, y, x = row
+        if device in self.quarantined:
+            self.held.setdefault(device, []).append(row)
+            return 0
+        a = self.archs[arch]
+        if split == "validation":
+            a.val_x.append(x)
+            a.val_y.append(y)
+        elif split == "anchor":
+            a.anchor_x[sid] = x
+            a.anchor_from[sid] = device
+            return 1  # wakes an idle trainer: the alignment has more to learn from
+        elif y >= 0:
+            a.train_x.setdefault(device, []).append(x)
+            a.train_y.setdefault(device, []).append(y)
+            return 1
+        return 0
+
+    def set_quarantined(self, devices: set[str]) -> None:
+        """Hold the training and anchor samples of newly quarantined devices out of
+        training; give released devices' samples back."""
+        for device in sorted(devices - self.quarantined):
+            self.quarantined.add(device)
+            held = self.held.setdefault(device, [])
+            for arch, a in self.archs.items():
+                xs, ys = a.train_x.pop(device, []), a.train_y.pop(device, [])
+                a._stacked.pop(device, None)
+                held += [(arch, device, "train", -1, y, x) for x, y in zip(xs, ys, strict=True)]
+                for sid in [i for i, d in a.anchor_from.items() if d == device]:
+                    held.append((arch, device, "anchor", sid, -1, a.anchor_x.pop(sid)))
+                    del a.anchor_from[sid]
+            log.warning("device %s quarantined: %d samples held out of training", device, len(held))
+        for device in sorted(self.quarantined - devices):
+            self.quarantined.discard(device)
+            for row in self.held.pop(device, []):
+                self._add(row)
+            log.info("device %s released: its samples are back in training", device)
 
     def _ensure_archs(self, store: Store) -> None:
         for d in store.devices():
             self._known_devices.add(d.device_id)
+            self._bounds[d.device_id] = value_bound(d.manifest)
             if d.architecture not in self.archs:
                 m = d.manifest
                 self.archs[d.architecture] = ArchData(m["taps"], m["depth"], m["hidden_size"])
@@ -159,6 +216,17 @@ class TrainingCache:
         )
 
 
+def value_bound(manifest: dict) -> np.ndarray:
+    """(K, 1) the largest |value| per tap an upload of this bundle may carry."""
+    scales = np.asarray(manifest["activation_scales"], np.float32).reshape(-1, 1)  # (K, 1)
+    return FP16_RANGE * 127.0 * scales
+
+
+def _within(x: np.ndarray, bound: np.ndarray) -> bool:
+    """x (K, d) finite and within bound (K, 1)."""
+    return bool(np.isfinite(x).all()) and bool((np.abs(x) <= bound).all())
+
+
 class Trainer:
     """Owns the trainer thread. ``start()`` / ``stop()`` (final checkpoint + export)."""
 
@@ -186,6 +254,11 @@ class Trainer:
         self._wanted_archs: set[str] = set()
         self._export_done = threading.Condition(self._lock)
         self._thread = threading.Thread(target=self._run, name="trainer", daemon=True)
+        # Non-finite steps skipped (never applied), the last one, and the quarantine as read
+        # from the store (polled every QUARANTINE_POLL_S)
+        self.skipped_steps = 0
+        self.last_nonfinite: dict[str, Any] | None = None
+        self._quarantine_polled = 0.0
 
     # -- lifecycle --
 
@@ -244,8 +317,10 @@ class Trainer:
             with self._lock:
                 wanted, self._wanted_archs = self._wanted_archs, set()
             self._export(wanted)
+        self._sync_quarantine(store)
         if self.cache.refresh(store):
             self._steps_since_data = 0
+        self._record_offences(store)
         if self.side is None and not self._create(store):
             return False
         self._sync_archs()
@@ -279,7 +354,11 @@ class Trainer:
 
     def _step(self, groups: list[tuple], anchors: list[tuple] | None = None) -> None:
         assert self.side is not None
-        loss = self.side.train_step(groups, anchors)
+        try:
+            loss = self.side.train_step(groups, anchors)
+        except NonFiniteStep as exc:
+            self._skip(exc, groups)
+            return
         self._steps_since_data += 1
         step = self.side.step
         with self._lock:
@@ -292,6 +371,50 @@ class Trainer:
             self._checkpoint()
         if step % s.export_every == 0 or not self.exported:
             self._export()
+
+    # -- untrusted data --
+
+    def _sync_quarantine(self, store: Store) -> None:
+        now = time.monotonic()
+        if now - self._quarantine_polled >= QUARANTINE_POLL_S:
+            self._quarantine_polled = now
+            self.cache.set_quarantined(store.quarantined())
+
+    def _record_offences(self, store: Store) -> None:
+        """Offences the cache found (impossible stored rows, blamed steps) go to the store,
+        which quarantines a repeated offender; the next poll holds its samples out."""
+        offences, self.cache.offences = self.cache.offences, {}
+        for device, reason in sorted(offences.items()):
+            if store.add_offence(device, reason, QUARANTINE_AFTER):
+                self._quarantine_polled = 0.0
+
+    def _skip(self, exc: NonFiniteStep, groups: list[tuple]) -> None:
+        """A non-finite step was not applied: count it and blame the devices whose cached
+        samples give non-finite outputs on their own."""
+        assert self.side is not None
+        self._steps_since_data += 1  # an endless run of skips still ends in idle
+        blamed = []
+        for arch, *_ in groups:
+            a = self.cache.archs[arch]
+            for device in sorted(a.train_x):
+                x, _ = a.device_arrays(device)  # (n, K, d)
+                if not np.isfinite(self.side.predict(arch, x)).all():
+                    blamed.append(device)
+                    self.cache.offences[device] = f"samples give a non-finite {exc.where}"
+        with self._lock:
+            self.skipped_steps += 1
+            self.last_nonfinite = {
+                "step": self.side.step,
+                "time": time.time(),
+                "where": exc.where,
+                "devices": blamed,
+            }
+        log.warning(
+            "skipped a non-finite training step at step %d (%s); blamed: %s",
+            self.side.step,
+            exc.where,
+            blamed or "no device (every sample is finite on its own)",
+        )
 
     def _rng(self) -> np.random.Generator:
         step = self.side.step if self.side else 0
@@ -384,6 +507,9 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         assert self.side is not None
+        if not self.side.is_finite():  # never written, so never the one resumed from
+            log.error("weights are not finite at step %d: not checkpointed", self.side.step)
+            return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         step = self.side.step
         final = self.ckpt_dir / f"step-{step:09d}"
@@ -422,6 +548,9 @@ class Trainer:
             except (FedMobiLLMError, OSError, ValueError, KeyError) as exc:
                 log.warning("checkpoint %s unusable (%s); trying an older one", d.name, exc)
                 continue
+            if not side.is_finite():
+                log.warning("checkpoint %s holds non-finite weights; trying an older one", d.name)
+                continue
             self.side = side
             self.history = state.get("history", [])
             self.exported = state.get("exported", {})
@@ -448,6 +577,9 @@ class Trainer:
         """Export every architecture's personal model (or only those in ``only``). Without
         ``force``, an architecture with a best-validation snapshot keeps that snapshot."""
         assert self.side is not None
+        if not self.side.is_finite():
+            log.error("weights are not finite at step %d: no personal model exported", self.side.step)
+            return
         root = self.settings.personal_dir
         for name, a in sorted(self.cache.archs.items()):
             if a.num_train == 0 or name not in self.side.archs or (only and name not in only):
@@ -504,6 +636,12 @@ class Trainer:
                 # anchors every architecture with anchors holds: what alignment trains on
                 "shared_anchors": self.cache.shared_anchors(),
                 "personal_models": dict(self.exported),
+                # what was kept out of training: never a silent NaN
+                "weights_finite": side.is_finite() if side else True,
+                "skipped_steps": self.skipped_steps,
+                "last_nonfinite": self.last_nonfinite,
+                "quarantined": sorted(self.cache.quarantined),
+                "dropped_samples": dict(self.cache.dropped),
                 "best_validation": {n: dict(b) for n, b in self.best.items()},
                 "history": self.history[-50:],
             }
