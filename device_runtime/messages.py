@@ -197,7 +197,7 @@ def _build(cls: type[M], data: Any, where: str) -> M:
 
 
 @cache
-def _hints(cls: type) -> dict[str, Any]:
+def _hints(cls: Any) -> dict[str, Any]:
     return get_type_hints(cls)
 
 
