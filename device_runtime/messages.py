@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import types
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from fedmobillm.errors import FedMobiLLMError
@@ -174,7 +173,7 @@ class PersonalManifest(Message):
 def _build(cls: type[M], data: Any, where: str) -> M:
     if not isinstance(data, dict):
         raise _error(where, "a JSON object", data)
-    hints = _hints(cls)
+    hints = get_type_hints(cls)
     fields = dataclasses.fields(cls)  # type: ignore[arg-type]
     missing = [
         f.name
@@ -194,11 +193,6 @@ def _build(cls: type[M], data: Any, where: str) -> M:
         if f.name in data
     }
     return cls(**kwargs)
-
-
-@cache
-def _hints(cls: Any) -> dict[str, Any]:
-    return get_type_hints(cls)
 
 
 def _check(value: Any, tp: Any, where: str) -> Any:
