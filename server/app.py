@@ -17,6 +17,7 @@ from fedmobillm import __version__
 from fedmobillm.device_runtime.messages import ErrorBody
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.errors import ServerError
+from fedmobillm.server.limits import AuthThrottle, RequestLimits, TooManyRequests
 from fedmobillm.server.routes import devices, ingest, ops, personal
 from fedmobillm.server.service import Service
 from fedmobillm.server.settings import ServerSettings
@@ -62,6 +63,13 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.settings = settings
     app.state.service = service
     app.state.trainer = None
+    app.state.throttle = AuthThrottle(settings.auth_failures_per_minute)
+    app.add_middleware(
+        RequestLimits,
+        max_request_bytes=settings.max_request_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        on_refuse=service.counters.reject,
+    )
     _add_error_handlers(app)
     for router in (ops.router, devices.router, ingest.router, personal.router):
         app.include_router(router)
@@ -74,5 +82,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         status = exc.status if isinstance(exc, ServerError) else 400
         app.state.service.counters.reject(status)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, TooManyRequests):
+            headers = {"Retry-After": str(exc.retry_after)}
         body = ErrorBody(exc.message, exc.hint).to_dict()
         return JSONResponse(body, status_code=status, headers=headers)

@@ -67,6 +67,11 @@ class ServerSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)  # one upload, bytes
     max_samples_per_batch: int = Field(4096, gt=0)
+    # Bounds before authentication (server/limits.py): the body of any other request, the
+    # request headers, and wrong tokens one client may present per minute before 429s
+    max_request_bytes: int = Field(1024 * 1024, gt=0)
+    max_header_bytes: int = Field(16 * 1024, gt=0)
+    auth_failures_per_minute: int = Field(30, gt=0)
     # Trainer
     train: bool = True  # run the trainer thread beside ingest
     seed: int = 0

@@ -17,7 +17,7 @@ from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.store import Device
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409, 413, 415)
+    s: {"model": ErrorBody} for s in (400, 401, 403, 404, 409, 413, 415, 429)
 }
 
 
@@ -45,11 +45,15 @@ def _authenticate(
     if creds is None or not creds.credentials:
         raise Unauthorized("missing credentials: send `Authorization: Bearer <token>`")
     token = creds.credentials
+    client = request.client.host if request.client else "unknown"
+    throttle = request.app.state.throttle
+    throttle.check(client)  # 429 while this client is over its budget of wrong tokens
     admin_token = request.app.state.settings.admin_token.get_secret_value()
     if hmac.compare_digest(token.encode(), admin_token.encode()):
         return Principal(admin=True)
     device = request.app.state.service.store.device_by_token(token)
     if device is None:
+        throttle.failed(client)
         raise Unauthorized("unknown token", hint="register the device to get a token")
     return Principal(admin=False, device=device)
 

@@ -71,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
     )
     app = create_app(settings)
     uvicorn.run(
-        app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=30
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=30,
+        h11_max_incomplete_event_size=settings.max_header_bytes,  # headers, under h11
     )
     return 0
