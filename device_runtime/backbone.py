@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmobillm.device_runtime.graph import Graph
+from fedmobillm.device_runtime.graph import Graph, OnnxOptions
 from fedmobillm.device_runtime.protocol import TOKENIZER_NAME, Manifest, load_verified_bundle
 from fedmobillm.errors import FedMobiLLMError
 
@@ -118,9 +118,8 @@ class Backbone:
         self.max_batch: int | None = max_batch if isinstance(max_batch, int) else None
         self._tokenize = _Tokenizer(self.bundle_dir, self.manifest, self.static_seq)
         graph = self.bundle_dir / GRAPH_FILES[self.backend]
-        self._forward_graph = Graph(
-            graph, fmt=self.backend, threads=threads, low_memory=True, quiet=True
-        )
+        options = OnnxOptions(threads, low_memory=True, quiet=True)
+        self._forward_graph = Graph(graph, fmt=self.backend, options=options)
         log.debug("backbone %s (%s) loaded from %s", self.architecture, self.backend, graph)
 
     @property

@@ -10,6 +10,7 @@ and the Android bridge's Python runners. ``fedmobillm.export.graphs`` writes the
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,30 +23,33 @@ BACKBONE_INPUTS = ("input_ids", "attention_mask")  # int64 (B, S) each
 BACKBONE_OUTPUT = "taps"  # float32 (B, K, d)
 
 
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How onnxruntime runs a graph (None and False: onnxruntime's defaults)."""
+
+    threads: int | None = None  # intra-op threads; then one inter-op thread
+    inter_threads: int | None = None  # inter-op threads, when not one
+    low_memory: bool = False  # initializers neither copied nor prepacked (onnx_session)
+    quiet: bool = False  # onnxruntime logs errors only
+
+
 def onnx_session(
-    model: str | Path | bytes,
-    threads: int | None = None,
-    *,
-    inter_threads: int | None = None,
-    low_memory: bool = False,
-    quiet: bool = False,
-    name: str | None = None,
+    model: str | Path | bytes, options: OnnxOptions | None = None, name: str | None = None
 ) -> Any:
     """An onnxruntime CPU session over a graph file (its external data beside it) or the
-    graph's bytes. ``threads``: intra-op threads, and then one inter-op thread unless
-    ``inter_threads`` says otherwise; None leaves onnxruntime's defaults. ``low_memory``: see
-    below. ``quiet``: onnxruntime logs errors only. ``name``: the graph in error messages."""
+    graph's bytes. ``name``: the graph in error messages."""
     import onnxruntime as ort
 
+    o = options or OnnxOptions()
     opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+    if o.threads:
+        opts.intra_op_num_threads = o.threads
         opts.inter_op_num_threads = 1
-    if inter_threads:
-        opts.inter_op_num_threads = inter_threads
-    if quiet:
+    if o.inter_threads:
+        opts.inter_op_num_threads = o.inter_threads
+    if o.quiet:
         opts.log_severity_level = 3
-    if low_memory:
+    if o.low_memory:
         # A phone's memory is the scarce resource: initializers go straight to the CPU
         # allocator and are not prepacked (a second copy of every int8 weight). Measured on
         # the int8 MiniLM-L6 bundle: peak 109 -> 105 MiB, batch forward time unchanged.
@@ -97,20 +101,15 @@ class Graph:
         outputs: Sequence[str] = (BACKBONE_OUTPUT,),
         *,
         fmt: str | None = None,
-        threads: int | None = None,
-        low_memory: bool = False,
-        quiet: bool = False,
+        options: OnnxOptions | None = None,
         name: str | None = None,
     ) -> None:
         """``source``: a graph file, or an ONNX graph's bytes. ``fmt``: "onnx" or "pte",
-        else from the file name. ``threads``, ``low_memory``, ``quiet``, ``name``: see
-        ``onnx_session`` (ONNX only)."""
+        else from the file name. ``options``, ``name``: see ``onnx_session`` (ONNX only)."""
         self.format = fmt or ("onnx" if isinstance(source, bytes) else graph_format(source))
         self.inputs, self.outputs = list(inputs), list(outputs)
         if self.format == "onnx":
-            self._sess = onnx_session(
-                source, threads, low_memory=low_memory, quiet=quiet, name=name
-            )
+            self._sess = onnx_session(source, options, name)
             self._takes = {i.name for i in self._sess.get_inputs()}
         elif self.format == "pte" and not isinstance(source, bytes):
             self._method = pte_method(source)
@@ -141,4 +140,4 @@ def run_taps(
         "input_ids": input_ids.astype(np.int64),  # (B, S)
         "attention_mask": attention_mask.astype(np.int64),  # (B, S)
     }
-    return Graph(path, fmt=fmt, threads=threads).run(feeds)[0]  # (B, K, d)
+    return Graph(path, fmt=fmt, options=OnnxOptions(threads)).run(feeds)[0]  # (B, K, d)

@@ -17,7 +17,7 @@ import time
 
 import numpy as np
 
-from fedmobillm.device_runtime.graph import FORMATS, Graph
+from fedmobillm.device_runtime.graph import FORMATS, Graph, OnnxOptions
 from fedmobillm.device_runtime.memory import peak_rss_mb
 
 VOCAB_HI = 1000  # random token ids in [5, VOCAB_HI): valid for every bundled tokenizer
@@ -31,7 +31,7 @@ def measure(graph: str, fmt: str, batch: int, seq: int, threads: int, repeats: i
         import torch
 
         torch.set_num_threads(threads)
-    run = Graph(graph, fmt=fmt, threads=threads).run
+    run = Graph(graph, fmt=fmt, options=OnnxOptions(threads)).run
     feeds = {"input_ids": ids, "attention_mask": mask}
     times = []
     for _ in range(repeats):

@@ -18,7 +18,7 @@ import numpy as np
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
-from fedmobillm.device_runtime.graph import Graph
+from fedmobillm.device_runtime.graph import Graph, OnnxOptions
 from fedmobillm.device_runtime.messages import (
     ROUTE_PERSONAL_MODEL,
     ErrorBody,
@@ -86,7 +86,7 @@ class PersonalModel:
             members[PERSONAL_ONNX],
             [PERSONAL_INPUT],
             [PERSONAL_OUTPUT],
-            quiet=True,
+            options=OnnxOptions(quiet=True),
             name=f"{path}/{PERSONAL_ONNX}",
         )
         self._scales: np.ndarray | None = None

@@ -53,10 +53,10 @@ def _inputs(sess, free: dict[str, int], seed: int) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(sys.argv[1:] if argv is None else argv)
-    from fedmobillm.device_runtime.graph import onnx_session
+    from fedmobillm.device_runtime.graph import OnnxOptions, onnx_session
 
     t0 = time.perf_counter()
-    sess = onnx_session(args.model, args.intra or None, inter_threads=args.inter or None)
+    sess = onnx_session(args.model, OnnxOptions(args.intra or None, args.inter or None))
     created = time.perf_counter() - t0
     free = dict((kv.split(":")[0], int(kv.split(":")[1])) for kv in args.free_dims)
     feed = _inputs(sess, free, args.seed)
