@@ -24,22 +24,17 @@ log = logging.getLogger(__name__)
 QUANT_ORDER = ("fp32", "int8", "8da4w")
 PROFILE_RAM_SHARE = 0.25  # of total RAM, when the profile gives no explicit budget
 PROFILE_AVAILABLE_SHARE = 0.5  # of available RAM
+MEASURE_TIMEOUT_S = 600  # one measurement process, start to finish
 
 
 def measure_process(
-    graph: Path,
-    fmt: str,
-    batch: int,
-    seq: int,
-    threads: int = 2,
-    repeats: int = 1,
-    timeout: float = 600,
+    graph: Path, fmt: str, batch: int, seq: int, threads: int = 2, repeats: int = 1
 ) -> dict:
     """Run a bundle graph in a fresh Python process (``fedmobillm.device_runtime.measure``);
-    returns its peak RSS (MiB) and run times."""
+    returns its peak RSS (MiB) and run times. Gives up after MEASURE_TIMEOUT_S."""
     args = [str(graph), fmt, *(str(n) for n in (batch, seq, threads, repeats))]
     cmd = [sys.executable, "-m", "fedmobillm.device_runtime.measure", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=MEASURE_TIMEOUT_S)
     if proc.returncode != 0:
         raise FedMobiLLMError(f"measuring {graph.name} failed: {proc.stderr.strip()[-800:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
