@@ -98,10 +98,11 @@ def _zip(files: list[Path]) -> bytes:
 def export_personal_model(
     model: Any,
     spec: Any,
-    label_names: list[str],
-    step: int,
     out_dir: Path,
     bundle_sha256s: list[str],
+    *,
+    label_names: list[str],
+    step: int,
     pte: bool = False,
     quant: str = "int8",
 ) -> Path:

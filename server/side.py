@@ -603,10 +603,10 @@ class SideTrainer:
         return export_personal_model(
             self._model(arch, averaged=True),
             spec,
-            self.label_names,
-            self.step,
             Path(out_dir),
             bundle_sha256s,
+            label_names=self.label_names,
+            step=self.step,
             pte=pte,
             quant=quant,
         )
