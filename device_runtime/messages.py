@@ -37,6 +37,8 @@ ROUTE_PERSONAL_MODEL = "/v1/personal-model"
 ROUTE_STATUS = "/v1/status"
 ROUTE_HEALTHZ = "/healthz"
 ROUTE_METRICS = "/metrics"
+ROUTE_QUARANTINE = "/v1/quarantine"
+ROUTE_QUARANTINE_DEVICE = "/v1/quarantine/{device_id}"
 ROUTES = (
     ROUTE_DEVICES,
     ROUTE_DEVICE,
@@ -46,6 +48,8 @@ ROUTES = (
     ROUTE_STATUS,
     ROUTE_HEALTHZ,
     ROUTE_METRICS,
+    ROUTE_QUARANTINE,
+    ROUTE_QUARANTINE_DEVICE,
 )
 
 PERSONAL_FORMAT_VERSION = 1
@@ -134,6 +138,20 @@ class AnchorShare(Message):
     total: int  # texts in the set
     ids: list[int]  # this device's share: upload text i with sample id ids[i]
     texts: list[str]
+
+
+@dataclass
+class DeviceFlag(Message):
+    """A device with offences (refused impossible uploads, non-finite steps traced to it);
+    ``quarantined`` is the time it was quarantined (uploads refused, samples out of
+    training), or None while it is only counted."""
+
+    device_id: str
+    name: str
+    architecture: str
+    offences: int
+    last_reason: str
+    quarantined: float | None = None
 
 
 @dataclass

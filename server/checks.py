@@ -75,9 +75,7 @@ def batch_content(batch: Batch) -> str:
     return h.hexdigest()
 
 
-def check_resent(
-    device: Device, batch: Batch, stored: dict[int, tuple[int, np.ndarray]]
-) -> None:
+def check_resent(device: Device, batch: Batch, stored: dict[int, tuple[int, np.ndarray]]) -> None:
     """Raise ``Conflict`` if a sample the device already uploaded comes back different."""
     if not stored:
         return

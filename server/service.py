@@ -10,8 +10,6 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from fedmobillm.device_runtime.protocol import Manifest, bundle_digest
 from fedmobillm.device_runtime.serde import Batch, PayloadError, decode_batch
 from fedmobillm.errors import FedMobiLLMError
@@ -255,6 +253,13 @@ class Service:
                 content,
             )
         return ack
+
+    def release(self, device_id: str) -> None:
+        if not self.store.release(device_id):
+            raise NotFound(
+                f"device {device_id!r} has no offences and is not quarantined",
+                hint="list flagged devices with `fedmobillm server quarantine`",
+            )
 
     # -- reads -------------------------------------------------------------------------
 

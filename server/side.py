@@ -373,7 +373,9 @@ class SideTrainer:
     def is_finite(self) -> bool:
         """Every weight (live and averaged) is finite: the only state worth keeping."""
         mods = [self.side, self.aligns, self.ema_side, self.ema_aligns]
-        return all(bool(torch.isfinite(p).all()) for m in mods if m is not None for p in m.parameters())
+        return all(
+            bool(torch.isfinite(p).all()) for m in mods if m is not None for p in m.parameters()
+        )
 
     def num_parameters(self, arch: str | None = None) -> int:
         mods = [self.side] if arch is None else [self.side, self.aligns[self.archs[arch].key]]

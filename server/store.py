@@ -243,7 +243,10 @@ class Store:
                 (device.device_id, split, *part),
             ).fetchall()
             for sid, label, enc, act, scales in rows:
-                out[sid] = (label, _dequantize(enc, act, scales, device.num_taps, device.hidden_size))
+                out[sid] = (
+                    label,
+                    _dequantize(enc, act, scales, device.num_taps, device.hidden_size),
+                )
         return out
 
     def insert_samples(

@@ -26,11 +26,11 @@ import numpy as np
 
 from fedmobillm.device_runtime.files import fsync_dir, write_atomic
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.personal import publish_folder
 from fedmobillm.server.checks import FP16_RANGE
+from fedmobillm.server.personal import publish_folder
 from fedmobillm.server.policies import balanced_sample, should_idle
-from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.service import QUARANTINE_AFTER
+from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.side import NonFiniteStep, SideConfig, SideTrainer
 from fedmobillm.server.store import Store
 
@@ -120,7 +120,9 @@ class TrainingCache:
         for device, n in bad.items():
             self.dropped[device] = self.dropped.get(device, 0) + n
             self.offences[device] = f"{n} stored samples outside the bundle's range dropped"
-            log.warning("dropped %d stored samples of %s: values outside its bundle's range", n, device)
+            log.warning(
+                "dropped %d stored samples of %s: values outside its bundle's range", n, device
+            )
         self.watermark = int(rows.ids[-1])
         return new
 
@@ -578,7 +580,9 @@ class Trainer:
         ``force``, an architecture with a best-validation snapshot keeps that snapshot."""
         assert self.side is not None
         if not self.side.is_finite():
-            log.error("weights are not finite at step %d: no personal model exported", self.side.step)
+            log.error(
+                "weights are not finite at step %d: no personal model exported", self.side.step
+            )
             return
         root = self.settings.personal_dir
         for name, a in sorted(self.cache.archs.items()):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 
-from fedmobillm.device_runtime.messages import ROUTE_HEALTHZ, ROUTE_METRICS, ROUTE_STATUS
+from fedmobillm.device_runtime.messages import (
+    ROUTE_HEALTHZ,
+    ROUTE_METRICS,
+    ROUTE_QUARANTINE,
+    ROUTE_QUARANTINE_DEVICE,
+    ROUTE_STATUS,
+    DeviceFlag,
+)
 from fedmobillm.server.routes.deps import ERRORS, AdminAuth, ServiceDep
 from fedmobillm.server.service import Service
 
@@ -25,6 +32,20 @@ def status(request: Request, _: AdminAuth, service: ServiceDep) -> dict[str, Any
     trainer = request.app.state.trainer
     out["trainer"] = trainer.status() if trainer is not None else {"running": False}
     return out
+
+
+@router.get(ROUTE_QUARANTINE, responses=ERRORS)
+def quarantine(_: AdminAuth, service: ServiceDep) -> list[DeviceFlag]:
+    """Devices with offences: refused uploads of values their bundle cannot produce, or
+    non-finite training steps traced to them; ``quarantined`` ones are out of training."""
+    return [DeviceFlag(**f) for f in service.store.flags()]
+
+
+@router.delete(ROUTE_QUARANTINE_DEVICE, status_code=204, responses=ERRORS)
+def release(device_id: str, _: AdminAuth, service: ServiceDep) -> Response:
+    """Lift a device's quarantine and forget its offences: its samples rejoin training."""
+    service.release(device_id)
+    return Response(status_code=204)
 
 
 @router.get(ROUTE_METRICS, response_class=PlainTextResponse)
@@ -46,6 +67,12 @@ def _metrics_text(service: Service, trainer: Any) -> str:
         f"fedmobillm_skipped_samples_total {c.skipped_samples}",
         "# TYPE fedmobillm_ingest_bytes_total counter",
         f"fedmobillm_ingest_bytes_total {c.ingest_bytes}",
+        "# TYPE fedmobillm_conflict_requests_total counter",
+        f"fedmobillm_conflict_requests_total {c.conflicts}",
+        "# TYPE fedmobillm_refused_values_total counter",
+        f"fedmobillm_refused_values_total {c.offences}",
+        "# TYPE fedmobillm_quarantined_devices gauge",
+        f"fedmobillm_quarantined_devices {len(service.store.quarantined())}",
         "# TYPE fedmobillm_rejected_requests_total counter",
     ]
     lines += [
@@ -65,6 +92,12 @@ def _metrics_text(service: Service, trainer: Any) -> str:
             f"fedmobillm_trainer_step {st.get('step', 0)}",
             "# TYPE fedmobillm_trainer_samples_total counter",
             f"fedmobillm_trainer_samples_total {st.get('samples_seen', 0)}",
+            "# TYPE fedmobillm_trainer_skipped_steps_total counter",
+            f"fedmobillm_trainer_skipped_steps_total {st.get('skipped_steps', 0)}",
+            "# TYPE fedmobillm_trainer_weights_finite gauge",
+            f"fedmobillm_trainer_weights_finite {int(bool(st.get('weights_finite', True)))}",
+            "# TYPE fedmobillm_trainer_dropped_samples_total counter",
+            f"fedmobillm_trainer_dropped_samples_total {sum(st.get('dropped_samples', {}).values())}",
         ]
         if st.get("loss") is not None:
             lines += [

@@ -13,6 +13,7 @@ from fedmobillm.device_runtime.messages import (
     ROUTES,
     Ack,
     AnchorShare,
+    DeviceFlag,
     DeviceState,
     ErrorBody,
     Message,
@@ -33,6 +34,8 @@ EXAMPLES: list[Message] = [
     AnchorShare("cd" * 32, total=100, ids=[3, 7], texts=["a text", "another"]),
     ErrorBody("no such device", hint="register first"),
     ErrorBody("no hint"),
+    DeviceFlag("dev-1", "phone-a", "bert/tiny", 3, "int8 scales are not ...", 1.7e9),
+    DeviceFlag("dev-2", "phone-b", "bert/tiny", 1, "fp16 activations of tap 0 reach ..."),
     PersonalManifest(
         format_version=1,
         architecture="bert/tiny",

@@ -1,5 +1,6 @@
 """`fedmobillm server start` (alias `fedmobillm serve`, in commands/serve.py): run the training
-server; `fedmobillm server status`: ask a running server for its fleet and trainer state."""
+server; `fedmobillm server status`: ask a running server for its fleet and trainer state;
+`fedmobillm server quarantine [--release DEVICE_ID]`: devices with offences, and release."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import json
 import os
 
 from fedmobillm.commands import serve
-from fedmobillm.device_runtime.messages import ROUTE_STATUS
+from fedmobillm.device_runtime.messages import (
+    ROUTE_QUARANTINE,
+    ROUTE_QUARANTINE_DEVICE,
+    ROUTE_STATUS,
+    DeviceFlag,
+)
 from fedmobillm.errors import FedMobiLLMError
 
 NAME = "server"
@@ -25,20 +31,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     serve.add_arguments(start)
     st = sub.add_parser("status", help="devices, samples per device/architecture, trainer state")
-    st.add_argument("--server", default="http://127.0.0.1:8000", help="server URL")
-    st.add_argument(
+    _client_arguments(st)
+    q = sub.add_parser(
+        "quarantine",
+        help="devices with offences (refused impossible uploads, non-finite steps) and the "
+        "quarantined ones; --release lifts a quarantine",
+    )
+    q.add_argument("--release", metavar="DEVICE_ID", default=None, help="release this device")
+    _client_arguments(q)
+
+
+def _client_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="server URL")
+    p.add_argument(
         "--admin-token", default=None, help="admin token (default: $FEDMOBILLM_ADMIN_TOKEN)"
     )
-    st.add_argument("--json", action="store_true", help="print the raw JSON")
-    st.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    p.add_argument("--json", action="store_true", help="print the raw JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds")
 
 
 def fetch_status(server: str, token: str, timeout: float = 10.0) -> dict:
+    return _admin_request("GET", server, ROUTE_STATUS, token, timeout).json()
+
+
+def _admin_request(method: str, server: str, route: str, token: str, timeout: float):
     import httpx
 
     try:
-        r = httpx.get(
-            f"{server.rstrip('/')}{ROUTE_STATUS}",
+        r = httpx.request(
+            method,
+            f"{server.rstrip('/')}{route}",
             headers={"Authorization": f"Bearer {token}"},
             timeout=timeout,
         )
@@ -51,9 +73,12 @@ def fetch_status(server: str, token: str, timeout: float = 10.0) -> dict:
             f"{server} refused the admin token ({r.status_code})",
             hint="pass the token the server was started with",
         )
-    if r.status_code != 200:
+    if r.status_code == 404:
+        body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        raise FedMobiLLMError(body.get("detail", f"{route}: not found"), hint=body.get("hint"))
+    if r.status_code not in (200, 204):
         raise FedMobiLLMError(f"{server} answered {r.status_code}: {r.text[:300]}")
-    return r.json()
+    return r
 
 
 def format_status(st: dict) -> str:
@@ -77,6 +102,9 @@ def format_status(st: dict) -> str:
         f"loss={_fmt(t.get('loss'))} samples/s={_fmt(t.get('samples_per_s'))} "
         f"checkpoint_step={t.get('checkpoint_step')} "
         f"shared_anchors={t.get('shared_anchors', 0)}",
+        f"  weights finite={t.get('weights_finite')} skipped non-finite steps="
+        f"{t.get('skipped_steps', 0)} quarantined={t.get('quarantined', [])} "
+        f"dropped samples={sum((t.get('dropped_samples') or {}).values())}",
     ]
     for h in (t.get("history") or [])[-5:]:
         accs = ", ".join(
@@ -98,6 +126,29 @@ def run(args: argparse.Namespace) -> int:
         raise FedMobiLLMError(
             "no admin token", hint="pass --admin-token or set FEDMOBILLM_ADMIN_TOKEN"
         )
+    if args.action == "quarantine":
+        return _quarantine(args, token)
     st = fetch_status(args.server, token, args.timeout)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
+    return 0
+
+
+def _quarantine(args: argparse.Namespace, token: str) -> int:
+    if args.release:
+        route = ROUTE_QUARANTINE_DEVICE.format(device_id=args.release)
+        _admin_request("DELETE", args.server, route, token, args.timeout)
+        print(json.dumps({"released": args.release}) if args.json else f"released {args.release}")
+        return 0
+    rows = _admin_request("GET", args.server, ROUTE_QUARANTINE, token, args.timeout).json()
+    flags = [DeviceFlag.from_dict(r) for r in rows]
+    if args.json:
+        print(json.dumps([f.to_dict() for f in flags], indent=2))
+        return 0
+    if not flags:
+        print("no device has offences")
+    for f in flags:
+        state = "QUARANTINED" if f.quarantined is not None else "counted"
+        print(
+            f"{f.device_id:<22} {f.name:<20} {state:<11} offences {f.offences:>3}  {f.last_reason}"
+        )
     return 0
