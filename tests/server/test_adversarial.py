@@ -27,6 +27,7 @@ from server_helpers import (
     upload,
 )
 
+from benchmarks.bench_robustness import overlapping
 from fedmobillm.device_runtime.messages import (
     ROUTE_BATCHES,
     ROUTE_DEVICES,
@@ -300,20 +301,8 @@ def test_poisoned_store_and_attacks_never_reach_the_model(server_factory, tmp_pa
     assert "fedmobillm_trainer_dropped_samples_total 50" in metrics
 
 
-def _hard(ids, k: int, d: int, seed: int, flip: bool = False):
-    """Overlapping classes (about 88% Bayes accuracy), one record per sample id."""
-    direction = np.random.default_rng(1234 + d).normal(size=(2, k, d))  # (2, K, d)
-    xs, ys = [], []
-    for i in ids:
-        rng = np.random.default_rng([seed, int(i)])
-        y = int(rng.integers(2))
-        xs.append(rng.normal(size=(k, d)) + 0.3 * direction[y])
-        ys.append(1 - y if flip else y)
-    return np.stack(xs).astype(np.float32), np.asarray(ys, np.int64)
-
-
 def _upload_hard(url, reg, m, ids, seed, split="train", flip=False):
-    x, y = _hard(ids, len(m["taps"]), m["hidden_size"], seed, flip)
+    x, y = overlapping(ids, len(m["taps"]), m["hidden_size"], seed, flip)
     s = np.full(len(m["taps"]), SCALE, np.float32)
     batch = Batch(
         reg["device_id"],
