@@ -16,6 +16,8 @@ Routes (all JSON unless noted; auth: ``Authorization: Bearer <token>``)::
     GET  ROUTE_PERSONAL_MODEL   device  -> zip (personal graph(s) + PersonalManifest)
     GET  ROUTE_STATUS           admin   -> fleet and trainer status (free-form object)
     GET  ROUTE_HEALTHZ, ROUTE_METRICS   no auth (Prometheus text)
+    GET  ROUTE_DASHBOARD        no auth (HTML page; it asks for the admin token and reads
+                                ROUTE_STATUS and ROUTE_QUARANTINE with it)
 
 Any error: ErrorBody, with the HTTP status saying which.
 """
@@ -39,6 +41,7 @@ ROUTE_HEALTHZ = "/healthz"
 ROUTE_METRICS = "/metrics"
 ROUTE_QUARANTINE = "/v1/quarantine"
 ROUTE_QUARANTINE_DEVICE = "/v1/quarantine/{device_id}"
+ROUTE_DASHBOARD = "/dashboard"
 ROUTES = (
     ROUTE_DEVICES,
     ROUTE_DEVICE,
@@ -50,6 +53,7 @@ ROUTES = (
     ROUTE_METRICS,
     ROUTE_QUARANTINE,
     ROUTE_QUARANTINE_DEVICE,
+    ROUTE_DASHBOARD,
 )
 
 PERSONAL_FORMAT_VERSION = 1

@@ -18,7 +18,7 @@ from fedmobillm.device_runtime.messages import ErrorBody
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.errors import ServerError
 from fedmobillm.server.limits import AuthThrottle, RequestLimits, TooManyRequests
-from fedmobillm.server.routes import devices, ingest, ops, personal
+from fedmobillm.server.routes import dashboard, devices, ingest, ops, personal
 from fedmobillm.server.service import Service
 from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.store import Store
@@ -71,7 +71,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         on_refuse=service.counters.reject,
     )
     _add_error_handlers(app)
-    for router in (ops.router, devices.router, ingest.router, personal.router):
+    for router in (ops.router, devices.router, ingest.router, personal.router, dashboard.router):
         app.include_router(router)
     return app
 

@@ -43,6 +43,17 @@ class Counters:
         with self.lock:
             self.rejected[status] = self.rejected.get(status, 0) + 1
 
+    def requests(self) -> dict[str, Any]:
+        """What the status shows of the requests since start: rejected ones by HTTP status."""
+        with self.lock:
+            return {
+                "acked_batches": self.acked_batches,
+                "duplicate_batches": self.duplicate_batches,
+                "conflicts": self.conflicts,
+                "refused_values": self.offences,
+                "rejected": {str(s): n for s, n in sorted(self.rejected.items())},
+            }
+
 
 class Service:
     def __init__(
@@ -287,6 +298,8 @@ class Service:
             a = per_arch.setdefault(arch, {"train": 0, "validation": 0, "devices": 0})
             a.setdefault(split, 0)
             a[split] += n
+        last = self.store.last_uploads()
+        quarantined = self.store.quarantined()
         devices = []
         for d in self.store.devices():
             per_arch.setdefault(d.architecture, {"train": 0, "validation": 0, "devices": 0})
@@ -297,6 +310,9 @@ class Service:
                     "name": d.name,
                     "architecture": d.architecture,
                     "samples": per_device.get(d.device_id, {"train": 0, "validation": 0}),
+                    "registered": d.created,
+                    "last_upload": last.get(d.device_id),  # None until its first batch
+                    "quarantined": d.device_id in quarantined,
                 }
             )
         return {
@@ -304,6 +320,8 @@ class Service:
             "devices": devices,
             "architectures": per_arch,
             "totals": self.store.totals(),
+            # cumulative stored samples per architecture over time (the dashboard's chart)
+            "samples_over_time": self.store.sample_series(),
         }
 
 

@@ -380,6 +380,37 @@ class Store:
         d, b, s = rows[0]
         return {"devices": d, "batches": b, "samples": s}
 
+    def last_uploads(self) -> dict[str, float]:
+        """device_id -> time of its latest acknowledged batch (devices that uploaded)."""
+        rows = self._query("SELECT device_id, max(created) FROM batches GROUP BY device_id")
+        return {device_id: t for device_id, t in rows}
+
+    def sample_series(self, points: int = 200) -> list[dict[str, Any]]:
+        """Stored samples per architecture and split over time, cumulative, from the ack times
+        of the batches (durable: right after a restart too). Batches are bucketed by time into
+        at most ``points`` points: ``[{"time", "architectures": {arch: {split: n}}}]``."""
+        lo, hi = self._query("SELECT min(created), max(created) FROM batches")[0]
+        if lo is None:
+            return []
+        width = max((hi - lo) / points, 1e-6)
+        rows = self._query(
+            "SELECT min(CAST((b.created - ?) / ? AS INTEGER), ?) AS k, max(b.created), "
+            "d.architecture, b.split, sum(b.samples) FROM batches b JOIN devices d "
+            "ON b.device_id = d.device_id GROUP BY k, d.architecture, b.split ORDER BY k",
+            (lo, width, points - 1),
+        )
+        totals: dict[str, dict[str, int]] = {}
+        series: list[dict[str, Any]] = []
+        for k, t, arch, split, n in rows:
+            arch_totals = totals.setdefault(arch, {"train": 0, "validation": 0})
+            arch_totals[split] = arch_totals.get(split, 0) + n
+            if series and series[-1]["bucket"] == k:
+                series[-1]["time"] = max(series[-1]["time"], t)
+            else:
+                series.append({"bucket": k, "time": t})
+            series[-1]["architectures"] = {a: dict(c) for a, c in totals.items()}
+        return [{"time": p["time"], "architectures": p["architectures"]} for p in series]
+
     # -- training reads ----------------------------------------------------------------
 
     def read_samples(self, after_id: int, limit: int = 10_000) -> SampleRows:

@@ -29,6 +29,7 @@ def healthz() -> dict[str, str]:
 @router.get(ROUTE_STATUS, responses=ERRORS)
 def status(request: Request, _: AdminAuth, service: ServiceDep) -> dict[str, Any]:
     out = service.fleet()
+    out["requests"] = service.counters.requests()
     trainer = request.app.state.trainer
     out["trainer"] = trainer.status() if trainer is not None else {"running": False}
     return out
