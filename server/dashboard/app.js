@@ -205,13 +205,15 @@ function renderSummary(status, tr, flags) {
     stat("stat-rate", "Throughput", Number.isFinite(tr.samples_per_s)
       ? `${tr.samples_per_s.toFixed(0)}/s` : "—", "samples per second"),
     stat("stat-quarantined", "Quarantined", int(quarantined),
-      `${flags.length} devices with offences`),
+      `${flags.length} device${flags.length === 1 ? "" : "s"} with offences`),
   );
   $("stat-quarantined").classList.toggle("alert", quarantined > 0);
   $("stat-step").classList.toggle("alert", Boolean(tr.error) || tr.weights_finite === false);
 }
 
 function renderSamplesChart(points, colors) {
+  const now = Date.now() / 1000;
+  if (points.length && now > points.at(-1).time) points = [...points, { ...points.at(-1), time: now }];
   const series = [];
   for (const [arch, color] of colors) {
     for (const split of ["train", "validation"]) {
@@ -353,9 +355,13 @@ function drawAxes(svg, g, opt) {
     svg.append(svgEl("text", { x: g.L - 6, y: g.sy(v) + 4, class: "tick", "text-anchor": "end" },
       tickText(v, false, opt.unit)));
   }
+  let previous = "";
   for (const v of ticks(g.x0, g.x1, opt.time ? 3 : 5)) {
+    const text = tickText(v, opt.time);
+    if (text === previous) continue; // a time axis shorter than its ticks: one label each
+    previous = text;
     svg.append(svgEl("text", { x: g.sx(v), y: g.H - g.B + 16, class: "tick", "text-anchor": "middle" },
-      tickText(v, opt.time)));
+      text));
   }
   svg.append(svgEl("line", { x1: g.L, x2: g.W - g.R, y1: g.H - g.B, y2: g.H - g.B, class: "axis" }));
   if (opt.xLabel) {
