@@ -1,0 +1,48 @@
+"""The store's aggregate views that the status (and the dashboard) reads."""
+
+from __future__ import annotations
+
+from server_helpers import make_manifest
+
+from fedmobillm.server.store import Store
+
+
+def _fleet(store: Store) -> tuple[str, str]:
+    with store.transaction() as db:
+        a = store.add_device(db, "a", "token-a", "arch-a", "sha-a", make_manifest("tiny-a"))
+        b = store.add_device(db, "b", "token-b", "arch-b", "sha-b", make_manifest("tiny-b"))
+    return a, b
+
+
+def _batch(store: Store, device_id: str, split: str, n: int, created: float) -> None:
+    with store.transaction() as db:
+        batch_id = f"b-{device_id}-{split}-{created}"
+        store.add_batch(db, batch_id, device_id, batch_id, split, n, {})
+        db.execute("UPDATE batches SET created = ? WHERE batch_id = ?", (created, batch_id))
+
+
+def test_sample_series_is_cumulative_per_architecture_and_bounded(tmp_path):
+    """Prepare batches of two architectures at known times; the series counts them
+    cumulatively, in time order, in at most ``points`` points; last uploads per device."""
+    store = Store(tmp_path / "store.sqlite3")
+    a, b = _fleet(store)
+    assert store.sample_series() == [] and store.last_uploads() == {}
+    for t in range(9):
+        _batch(store, a, "train", 10, 1000.0 + t)
+    _batch(store, a, "validation", 5, 1004.5)
+    _batch(store, b, "train", 7, 1009.0)
+
+    series = store.sample_series(points=4)
+    last = store.last_uploads()
+
+    assert len(series) <= 4
+    assert [p["time"] for p in series] == sorted(p["time"] for p in series)
+    assert series[-1]["time"] == 1009.0
+    assert series[-1]["architectures"] == {
+        "arch-a": {"train": 90, "validation": 5},
+        "arch-b": {"train": 7, "validation": 0},
+    }
+    trains = [p["architectures"]["arch-a"]["train"] for p in series]
+    assert trains == sorted(trains) and trains[0] < 90
+    assert last == {a: 1008.0, b: 1009.0}
+    store.close()
