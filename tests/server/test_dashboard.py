@@ -138,6 +138,7 @@ def test_dashboard_shows_the_fleet_training_and_quarantine(server_factory, brows
     page.click("#login-button")
     expect(page.locator("#login-error")).to_contain_text("Wrong admin token", timeout=WAIT_MS)
     wrong = page.locator("#login-error").inner_text()
+    assert page.locator("#main").is_hidden() and page.locator("#logout").is_hidden()
     page.fill("#token", ADMIN)
     page.click("#login-button")
     expect(page.locator("#main")).to_be_visible(timeout=WAIT_MS)
