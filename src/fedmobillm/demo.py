@@ -19,17 +19,21 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedmobillm.demo_report import model_name, plot_validation, quant_change, table_lines
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.local import LocalServer, free_port, stop_process_group
 
@@ -41,6 +45,27 @@ DEVICE_CLASSES = (
     ("mid", 3.0, 10.0),
     ("slow", 10.0, 2.0),
 )
+
+# What a run writes in its folder; a new run in the same folder removes them first
+RUN_STATE = (
+    "server", "devices", "personal", "logs", "data", "server.log", "summary.json",
+    "validation.png",
+)  # fmt: skip
+RUN_MARKER = "demo-run.json"  # {"pid": the demo running there, or null once it ended}
+
+# Unless --debug: libraries log below ERROR, warn (deprecations, user warnings) and draw
+# progress bars into the demo's output; these loggers and the children's environment quiet them
+THIRD_PARTY_LOGGERS = (
+    "transformers", "torch", "torchao", "onnx", "onnxruntime", "onnxscript", "executorch",
+    "huggingface_hub", "urllib3", "filelock", "httpx", "matplotlib", "PIL",
+)  # fmt: skip
+QUIET_CHILD_ENV = {
+    "PYTHONWARNINGS": "ignore",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+}
+EVAL_HEARTBEAT_S = 15.0  # a progress line while one evaluation step runs
 
 
 @dataclass
@@ -66,6 +91,7 @@ class DemoConfig:
     # unlabelled; the first device of each backbone forwards them all. None: 400 quick,
     # 1,000 full; 0: no anchors
     anchors: int | None = None
+    debug: bool = False  # keep third-party warnings and log lines (quiet otherwise)
 
     def __post_init__(self) -> None:
         if not self.backbones:
@@ -128,6 +154,114 @@ def _write_jsonl(path: Path, records: list[Any]) -> None:
             f.write(json.dumps({"text": r.text, "label": int(r.label)}) + "\n")
 
 
+def fresh_run_dir(out: Path) -> list[str]:
+    """Make ``out`` ready for a new run; returns what of an earlier run it removed.
+
+    An earlier run leaves its server data, device states and tokens there: a run on top of
+    them would find its devices registered already. So every run starts afresh: what
+    RUN_STATE names is removed when a demo wrote it (RUN_MARKER, or, from before the marker,
+    the server log or the test split). Refused while another demo runs there, and when the
+    folder holds those names but no demo wrote them."""
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / RUN_MARKER
+    present = [n for n in RUN_STATE if (out / n).exists() or (out / n).is_symlink()]
+    earlier = _read_json(marker) or {}
+    if _demo_alive(earlier.get("pid")):
+        raise FedMobiLLMError(
+            f"another fedmobillm demo (pid {earlier['pid']}) is running in {out}",
+            hint="wait for it, stop it (Ctrl-C), or pass another --out",
+        )
+    ours = marker.exists() or (out / "server.log").is_file() or (out / "data/test.jsonl").is_file()
+    if present and not ours:
+        raise FedMobiLLMError(
+            f"{out} holds {', '.join(present)}, which no demo run wrote",
+            hint="pass a new or empty folder as --out",
+        )
+    for name in present:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    _mark_run(out, running=True)
+    return present
+
+
+def _mark_run(out: Path, running: bool) -> None:
+    info = {"pid": os.getpid() if running else None, "time": time.time()}
+    (out / RUN_MARKER).write_text(json.dumps(info) + "\n")
+
+
+def _demo_alive(pid: Any) -> bool:
+    """Whether ``pid`` is another process running a fedmobillm demo (where /proc tells)."""
+    if not isinstance(pid, int) or pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        return b"demo" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        if Path("/proc/self").exists():
+            return False  # no such process
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def quiet_third_party(debug: bool) -> Iterator[None]:
+    """Unless ``debug``: while the demo runs, warnings are ignored, log records of other
+    libraries below ERROR are dropped and transformers draws no progress bars; as it was
+    afterwards, but for the loggers of libraries imported meanwhile, which stay quiet (their
+    exit hooks log too). Loggers that libraries reset on import are quieted again by
+    ``quiet_loggers``."""
+    if debug:
+        yield
+        return
+    keep_ours = _OursOrErrors()
+    handlers = list(logging.getLogger().handlers)
+    known = logging.root.manager.loggerDict
+    levels = {n: logging.getLogger(n).level for n in THIRD_PARTY_LOGGERS if n in known}
+    bars_on = "transformers" not in sys.modules or _hf_logging().is_progress_bar_enabled()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for h in handlers:
+            h.addFilter(keep_ours)
+        try:
+            quiet_loggers()
+            yield
+        finally:
+            for h in handlers:
+                h.removeFilter(keep_ours)
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+            if bars_on and "transformers" in sys.modules:
+                _hf_logging().enable_progress_bar()
+
+
+def quiet_loggers() -> None:
+    """Third-party loggers to ERROR; transformers' progress bars off (once it is imported)."""
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    if "transformers" in sys.modules:
+        _hf_logging().disable_progress_bar()
+
+
+def _hf_logging() -> Any:
+    from transformers.utils import logging as hf_logging
+
+    return hf_logging
+
+
+class _OursOrErrors(logging.Filter):
+    """fedmobillm's own records, and errors from anyone."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.startswith("fedmobillm") or record.levelno >= logging.ERROR
+
+
 class Demo:
     def __init__(self, cfg: DemoConfig) -> None:
         self.cfg = cfg
@@ -136,6 +270,11 @@ class Demo:
         self.t_start = time.monotonic()
         self.history: list[dict[str, Any]] = []
         self.failed_backbones: dict[str, str] = {}
+        self.quants: dict[str, dict[str, Any]] = {}  # backbone -> quant_change(...)
+        self.architectures: dict[str, str] = {}  # backbone -> its bundle's architecture
+        self.kept: dict[str, dict[str, Any]] = {}  # server's best_validation, last seen
+        # the environment of every process the demo starts
+        self.child_env = {**os.environ, **({} if cfg.debug else QUIET_CHILD_ENV)}
 
     # ---- stages -------------------------------------------------------------------
     def prepare_data(self) -> list[DeviceSpec]:
@@ -277,7 +416,7 @@ class Demo:
             out = cache_dir() / "bundles" / key
             if _bundle_ok(out, backbone):
                 log.info("bundle for %s (%s) is cached at %s", backbone, quant, out)
-                return out
+                return self._exported(backbone, out, errors)
             failed = out.with_name(out.name + ".failed")
             before = failed_before(failed)
             if before:  # an earlier demo found this variant unusable with this exporter
@@ -285,6 +424,10 @@ class Demo:
                 log.info("skipping %s at %s: failed before (%s)", backbone, quant, failed)
                 continue
             log.info("exporting %s (%s, %d taps, onnx) -> %s", backbone, quant, num_taps, out)
+            if not cfg.debug:  # torch sets its loggers' levels on import: quiet them after
+                import torch  # noqa: F401
+
+                quiet_loggers()
             try:
                 export_bundle(
                     backbone,
@@ -294,7 +437,7 @@ class Demo:
                     formats=("onnx",),
                     max_seq_len=cfg.max_seq_len,
                 )
-                return out
+                return self._exported(backbone, out, errors)
             except FedMobiLLMError as exc:
                 errors.append(f"{quant}: {exc}")
                 log.warning("export of %s at %s failed: %s", backbone, quant, exc)
@@ -303,6 +446,24 @@ class Demo:
         self.failed_backbones[backbone] = "; ".join(errors)
         log.error("backbone %s could not be exported; carrying on without it", backbone)
         return None
+
+    def _exported(self, backbone: str, bundle: Path, errors: list[str]) -> Path:
+        """Note the bundle's architecture and quantization (from its manifest), and why the
+        quantization is not the one asked for, if it is not: never a silent fallback."""
+        from fedmobillm.device_runtime.protocol import MANIFEST_NAME, Manifest
+
+        manifest = Manifest.from_dict(json.loads((bundle / MANIFEST_NAME).read_text()))
+        self.architectures[backbone] = manifest.architecture
+        self.quants[backbone] = change = quant_change(self.cfg.quant, manifest.quant, errors)
+        if change["quant_fallback"]:
+            log.warning(
+                "%s runs at %s, not %s: %s",
+                backbone,
+                manifest.quant,
+                self.cfg.quant,
+                change["quant_fallback"],
+            )
+        return bundle
 
     def _shallowest_depth(self) -> int:
         from transformers import AutoConfig
@@ -320,10 +481,11 @@ class Demo:
     def server(self) -> Iterator[str]:
         self.admin_token = secrets.token_urlsafe(24)
         self.server_log = self.out / "server.log"
-        anchor_args, anchor_env = [], {}
+        anchor_args: list[str] = []
+        anchor_env = {} if self.cfg.debug else dict(QUIET_CHILD_ENV)
         if self.anchor_file is not None:  # one device per backbone forwards every anchor
             anchor_args = ["--anchors", str(self.anchor_file)]
-            anchor_env = {"FEDMOBILLM_ANCHORS_PER_DEVICE": str(self.cfg.anchors)}
+            anchor_env["FEDMOBILLM_ANCHORS_PER_DEVICE"] = str(self.cfg.anchors)
         srv = LocalServer(
             self.out / "server",
             admin_token=self.admin_token,
@@ -403,7 +565,11 @@ class Demo:
                 cmd = ["/bin/sh", "-c", f"{shlex.join(anchor)} && exec {shlex.join(cmd)}"]
             with open(logs / f"{s.name}.log", "wb") as f:
                 p = subprocess.Popen(
-                    cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+                    cmd,
+                    stdout=f,
+                    stderr=subprocess.STDOUT,
+                    env=self.child_env,
+                    start_new_session=True,
                 )
             self.procs.append(p)
             running[s.name] = p
@@ -439,6 +605,7 @@ class Demo:
                             self.out / "logs" / f"{n}.log",
                         )
                 st = http.get(ROUTE_STATUS).json()
+                self.kept = (st.get("trainer") or {}).get("best_validation") or self.kept
                 row = _progress_row(st, len(running), len(done), time.monotonic() - self.t_start)
                 self.history.append(row)
                 log.info(
@@ -479,59 +646,84 @@ class Demo:
     def evaluate(
         self, url: str, specs: list[DeviceSpec], bundles: dict[str, Path]
     ) -> list[dict[str, Any]]:
+        """Each backbone's personal model on the test split, one progress line per backbone."""
         rows = []
-        for backbone, bundle in bundles.items():
+        t0 = time.monotonic()
+        todo = [b for b in bundles if any(s.backbone == b and s.split == "train" for s in specs)]
+        for i, backbone in enumerate(todo, 1):
             devs = [s for s in specs if s.backbone == backbone and s.split == "train"]
-            if not devs:
-                continue
-            side = self.out / "personal" / backbone
-            pred_json = self.out / "personal" / f"{backbone}-predict.json"
-            steps = [
-                ("downloading the personal model",
-                 ["fetch-model", "--state", str(devs[0].state_dir), "--server", url,
-                  "--out", str(side)]),
-                ("on-device inference",
-                 ["predict", "--bundle", str(bundle), "--side", str(side),
-                  "--data", str(self.test_file), "--json", str(pred_json)]),
-            ]  # fmt: skip
-            error = None
-            for what, args in steps:
-                r = subprocess.run(_cli("device", *args), capture_output=True, text=True)
-                if r.returncode != 0:
-                    error = f"{what} failed: {r.stderr.strip()}"
-                    break
-            if error:
-                log.error("%s: %s", backbone, error)
-                rows.append({"name": backbone, "error": error})
-                continue
-            pred = json.loads(pred_json.read_text())
-            sums = [_read_json(s.state_dir / "summary.json") for s in devs]
-            sums = [x for x in sums if x]
-            anchor_sums = [_read_json(s.state_dir / "anchor-summary.json") for s in devs]
-            anchor_sums = [x for x in anchor_sums if x]
-            rows.append(
-                {
-                    "name": backbone,
-                    "accuracy": pred["accuracy"],
-                    "test_samples": pred.get("samples"),
-                    "devices": len(devs),
-                    "bytes_uploaded": _mean([x.get("bytes_uploaded", 0) for x in sums]),
-                    "bytes_per_sample": _mean(
-                        [x.get("bytes_uploaded", 0) / max(1, x.get("samples", 1)) for x in sums]
-                    ),
-                    "forward_ms_per_sample": _mean(
-                        [x.get("forward_ms_per_sample", 0) for x in sums]
-                    ),
-                    "peak_mb": max([x.get("peak_rss_mb", 0) for x in sums] or [0]),
-                    # the anchor texts this backbone's devices forwarded and uploaded, in all
-                    "anchor_samples": sum(x.get("samples", 0) for x in anchor_sums),
-                    "anchor_bytes_uploaded": sum(x.get("bytes_uploaded", 0) for x in anchor_sums),
-                    "device_failures": [n for n in self.dead if n in {d.name for d in devs}],
-                }
-            )
+            t1 = time.monotonic()
+            row = {"name": backbone, **self.quants.get(backbone, {})}
+            row.update(self._evaluate_one(url, backbone, bundles[backbone], devs))
+            rows.append(row)
+            took, since = time.monotonic() - t1, time.monotonic() - t0
+            if "error" in row:
+                log.error("[evaluate] %s (%d/%d): %s", backbone, i, len(todo), row["error"])
+            else:
+                log.info(
+                    "[evaluate] %s (%d/%d): test accuracy %.1f%% over %d records on device "
+                    "in %.1f s (%.0f s since evaluation began)",
+                    backbone, i, len(todo), 100 * row["accuracy"], row["test_samples"] or 0,
+                    took, since,
+                )  # fmt: skip
         return rows
 
+    def _evaluate_one(
+        self, url: str, backbone: str, bundle: Path, devs: list[DeviceSpec]
+    ) -> dict[str, Any]:
+        """Download ``backbone``'s personal model with a device token, run `device predict`
+        over the test split; its test accuracy and its devices' upload statistics."""
+        side = self.out / "personal" / backbone
+        pred_json = self.out / "personal" / f"{backbone}-predict.json"
+        steps = [
+            ("downloading the personal model",
+             ["fetch-model", "--state", str(devs[0].state_dir), "--server", url,
+              "--out", str(side)]),
+            (f"on-device inference over {self.test_file.name}",
+             ["predict", "--bundle", str(bundle), "--side", str(side),
+              "--data", str(self.test_file), "--json", str(pred_json)]),
+        ]  # fmt: skip
+        for what, args in steps:
+            error = self._run_step(backbone, what, _cli("device", *args))
+            if error:
+                return {"error": error}
+        pred = json.loads(pred_json.read_text())
+        return {
+            "accuracy": pred["accuracy"],
+            "test_samples": pred.get("samples"),
+            "devices": len(devs),
+            **_upload_stats(devs),
+            "device_failures": [n for n in self.dead if n in {d.name for d in devs}],
+        }
+
+    def _run_step(self, backbone: str, what: str, cmd: list[str]) -> str | None:
+        """Run one evaluation step as a child process, a line every EVAL_HEARTBEAT_S while it
+        runs; None, or what failed with the child's stderr."""
+        t0 = time.monotonic()
+        p = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.child_env,
+            start_new_session=True,
+        )
+        self.procs.append(p)
+        while True:
+            try:
+                _, err = p.communicate(timeout=EVAL_HEARTBEAT_S)
+                break
+            except subprocess.TimeoutExpired:
+                log.info("[evaluate] %s: %s, %.0f s so far", backbone, what, time.monotonic() - t0)
+        return None if p.returncode == 0 else f"{what} failed: {err.strip()}"
+
     def report(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """summary.json, validation.png and the final table; each backbone's quantization,
+        and why it is not the one asked for, in all three."""
+        arch = self.architectures
+        for r in rows:
+            r.update(model=model_name(r["name"]), architecture=arch.get(r["name"]))
+            r["kept_snapshot"] = self.kept.get(arch.get(r["name"], ""))
         summary = {
             "config": {
                 k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self.cfg).items()
@@ -544,23 +736,17 @@ class Demo:
             "wall_s": time.monotonic() - self.t_start,
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
-        _plot(self.history, self.out / "validation.png")
+        plot_validation(
+            self.history,
+            self.out / "validation.png",
+            names={a: model_name(b) for b, a in arch.items()},
+            kept=self.kept,
+            test_accuracy={arch[r["name"]]: r["accuracy"] for r in rows if "accuracy" in r},
+            majority_rate=self.majority_rate,
+        )
         print()
-        print(
-            f"{'backbone':<16} {'accuracy':>9} {'bytes up/device':>16} {'fwd ms/sample':>14} {'peak MB':>8}"
-        )
-        for r in rows:
-            if "error" in r:
-                print(f"{r['name']:<16} error: {r['error'][:60]}")
-                continue
-            print(
-                f"{r['name']:<16} {100 * r['accuracy']:>8.1f}% {r['bytes_uploaded']:>16,.0f} "
-                f"{r['forward_ms_per_sample']:>14.2f} {r['peak_mb']:>8.0f}"
-            )
-        print(
-            f"majority-class rate: {100 * self.majority_rate:.1f}%  |  "
-            f"summary: {self.out / 'summary.json'}  |  plot: {self.out / 'validation.png'}"
-        )
+        print("\n".join(table_lines(rows, self.majority_rate, self.failed_backbones)))
+        print(f"summary: {self.out / 'summary.json'}  |  plot: {self.out / 'validation.png'}")
         return summary
 
     def stop_all(self) -> None:
@@ -570,28 +756,39 @@ class Demo:
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    cfg.out.mkdir(parents=True, exist_ok=True)
+    """One run in ``cfg.out``: a new run each time, what an earlier one left there removed."""
+    removed = fresh_run_dir(cfg.out)
+    if removed:
+        log.info(
+            "new run in %s: removed the previous run's %s", cfg.out, ", ".join(sorted(removed))
+        )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
     demo = Demo(cfg)
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        with Stage("data"):
-            specs = demo.prepare_data()
-        with Stage("export"):
-            bundles = demo.export_bundles()
-        with demo.server() as url:
-            with Stage("register"):
-                specs = demo.register(url, specs, bundles)
-            with Stage("devices + train"):
-                running = demo.launch(url, specs, bundles)
-                demo.train(url, specs, running)
-            with Stage("evaluate"):
-                rows = demo.evaluate(url, specs, bundles)
-        return demo.report(rows)
+        with quiet_third_party(cfg.debug):
+            return _stages(demo)
     finally:
         demo.stop_all()
         signal.signal(signal.SIGTERM, previous)
+        _mark_run(cfg.out, running=False)
+
+
+def _stages(demo: Demo) -> dict[str, Any]:
+    with Stage("data"):
+        specs = demo.prepare_data()
+    with Stage("export"):
+        bundles = demo.export_bundles()
+    with demo.server() as url:
+        with Stage("register"):
+            specs = demo.register(url, specs, bundles)
+        with Stage("devices + train"):
+            running = demo.launch(url, specs, bundles)
+            demo.train(url, specs, running)
+        with Stage("evaluate"):
+            rows = demo.evaluate(url, specs, bundles)
+    return demo.report(rows)
 
 
 # ---- helpers ---------------------------------------------------------------------------
@@ -619,9 +816,11 @@ def _progress_row(st: dict[str, Any], n_dev: int, n_done: int, t: float) -> dict
             per_arch = {a: v["accuracy"] for a, v in h["validation"].items()}
             break
     samples = sum(int(d["samples"].get("train", 0)) for d in st.get("devices", []))
+    uploaded = sum(int(n) for d in st.get("devices", []) for n in d["samples"].values())
     return {
         "t": round(t, 1),
         "samples": samples,
+        "uploaded": uploaded,  # every split: train, validation, anchor
         "step": int(trainer.get("step", 0)),
         "trainer_idle": bool(trainer.get("idle")),
         "loss": trainer.get("loss"),
@@ -629,6 +828,23 @@ def _progress_row(st: dict[str, Any], n_dev: int, n_done: int, t: float) -> dict
         "val_per_architecture": per_arch,
         "devices_running": n_dev - n_done,
         "devices_done": n_done,
+    }
+
+
+def _upload_stats(devs: list[DeviceSpec]) -> dict[str, Any]:
+    """What the devices' summaries say: bytes uploaded, forward time and peak memory, and the
+    anchor texts they forwarded and uploaded, in all."""
+    sums = [x for x in (_read_json(s.state_dir / "summary.json") for s in devs) if x]
+    anchors = [x for x in (_read_json(s.state_dir / "anchor-summary.json") for s in devs) if x]
+    return {
+        "bytes_uploaded": _mean([x.get("bytes_uploaded", 0) for x in sums]),
+        "bytes_per_sample": _mean(
+            [x.get("bytes_uploaded", 0) / max(1, x.get("samples", 1)) for x in sums]
+        ),
+        "forward_ms_per_sample": _mean([x.get("forward_ms_per_sample", 0) for x in sums]),
+        "peak_mb": max([x.get("peak_rss_mb", 0) for x in sums] or [0]),
+        "anchor_samples": sum(x.get("samples", 0) for x in anchors),
+        "anchor_bytes_uploaded": sum(x.get("bytes_uploaded", 0) for x in anchors),
     }
 
 
@@ -645,32 +861,3 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _plot(history: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
-        return
-    archs = sorted({a for h in history for a in h.get("val_per_architecture", {})})
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for arch in archs:
-        pts = [
-            (h["t"], h["val_per_architecture"][arch])
-            for h in history
-            if arch in h.get("val_per_architecture", {})
-        ]
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker=".", label=arch)
-    if archs:
-        ax.legend(fontsize=7)
-    ax.set_xlabel("wall time since start (s)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("fedmobillm demo: shared side network, validation accuracy")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

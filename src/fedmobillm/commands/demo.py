@@ -31,7 +31,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a slice of the data, done in under 10 minutes (default)",
     )
     m.add_argument("--full", action="store_true", help="all the data")
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/demo"),
+        help="run folder (default runs/demo). Running the demo again in the same folder, also "
+        "after Ctrl-C, starts a new run: the previous run's server data, device states, logs "
+        "and results there are removed first (bundles stay cached elsewhere); pass another "
+        "folder to keep them",
+    )
     parser.add_argument(
         "--time-limit",
         type=float,
@@ -55,6 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, help="server port (another is picked if in use)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,  # not to hide `fedmobillm --debug demo`
+        help="as `fedmobillm --debug`: also show the libraries' warnings and log lines, "
+        "in the demo and in the processes it starts",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
         settle_steps=args.settle_steps,
         anchors=args.anchors,
         port=args.port,
+        debug=bool(getattr(args, "debug", False)),
     )
     run_demo(cfg)
     return 0
