@@ -5,7 +5,7 @@
   Python fallback ``runner/executor_runner.py`` (same flags and output) is installed instead.
 - onnx: ``runner/ort_perf_test.py``, a Python stand-in for onnxruntime_perf_test.
 
-Host builds are right for the emulated device only; a phone needs NDK builds (README).
+Host builds are right for the emulated device only; a phone needs NDK builds (docs/android.md).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def executorch_root() -> Path:
 
 
 def compile_command(source: Path, out: Path, et: Path, cxx: str = "c++") -> list[str]:
-    """The host build line (the NDK build for a phone uses the same flags; see README)."""
+    """The host build line (the NDK build for a phone uses the same flags; see docs/android.md)."""
     libs = [f"-l{lib}" for lib in BACKEND_LIBS if (et / "lib" / f"lib{lib}.so").exists()]
     return [
         cxx,

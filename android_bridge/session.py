@@ -32,7 +32,7 @@ def runner_abi(path: Path) -> str | None:
     if not path.is_file():
         raise FedMobiLLMError(
             f"runner {path} does not exist",
-            hint="build it (README: Android phones) or omit --runner",
+            hint="build it (docs/android.md) or omit --runner",
         )
     head = path.read_bytes()[:20]
     if head[:2] == b"#!":
@@ -59,7 +59,7 @@ def check_runner_abi(path: Path, abilist: list[str]) -> None:
         raise FedMobiLLMError(
             f"runner {path} is built for {abi}, the device runs {', '.join(abilist)}",
             hint=f"build the runner for {abilist[0]} with the Android NDK "
-            "(README: Android phones) and pass it with --runner",
+            "(docs/android.md) and pass it with --runner",
         )
 
 

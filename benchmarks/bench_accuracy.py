@@ -50,7 +50,7 @@ log = logging.getLogger("benchmarks.accuracy")
 BACKBONES = ("minilm-l3", "minilm-l6", "smollm2-135m")
 METHODS = ("fedmobillm", "centralised", "single", "linear-probe", "full-ft")
 TARGET_GAP = 0.01  # fedmobillm within 1.0 accuracy point of centralised (IID)
-# the side network's learning rate of the measured runs (README); the server's is SideConfig.lr
+# the side network's learning rate of the measured runs (docs/accuracy.md); the server's is SideConfig.lr
 SIDE_LR = 2e-3
 
 
@@ -66,7 +66,7 @@ class AccuracyConfig:
     # anchor set: this many further records of the train split, unlabelled, which every
     # backbone's devices forward (server/anchors.py); with train_limit None at most a quarter
     # of the split, held out of the labelled records. 0 = no anchors. --quick: as many as
-    # the labelled records (750 per device); 1,000 and 2,000 were measured too (README)
+    # the labelled records (750 per device); 1,000 and 2,000 were measured too (docs/accuracy.md)
     anchors: int = 3000
     val_limit: int | None = 500
     test_limit: int | None = None  # None = the whole test split

@@ -53,7 +53,7 @@ class NonFiniteStep(FedMobiLLMError):
 
 @dataclass
 class SideConfig:
-    """Side network, alignment and optimisation. Defaults chosen by measurement (README);
+    """Side network, alignment and optimisation. Defaults chosen by measurement (docs/accuracy.md);
     they are the server's (ServerSettings.side)."""
 
     width: int = 128  # d_s
@@ -84,7 +84,7 @@ class SideConfig:
     # of one architecture's devices is absorbed there instead of being learnt by the shared
     # side network (which anchor alignment makes every architecture read alike); prediction
     # and export use the plain logits, i.e. the fleet's label distribution. 0 = off (the
-    # default: on Dirichlet(0.1) it helped the --quick run but not the full one, README).
+    # default: on Dirichlet(0.1) it helped the --quick run but not the full one, docs/accuracy.md).
     logit_adjust: float = 0.0
     max_grad_norm: float = 1.0
     ema: float = 0.99  # > 0: evaluate/export an exponential moving average of the weights
