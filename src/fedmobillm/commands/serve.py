@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--config",
         type=Path,
         default=None,
-        help="TOML or JSON file of server settings (see README, ## Server)",
+        help="TOML or JSON file of server settings (see docs/server.md and docs/deploy/server.toml)",
     )
     parser.add_argument(
         "--dev",
