@@ -42,14 +42,14 @@ def choose_backend(manifest: Manifest, bundle_dir: Path, backend: str) -> str:
         if not present:
             raise FedMobiLLMError(
                 f"bundle {bundle_dir} has neither backbone.onnx nor backbone.pte",
-                hint="re-export it with `fedmobillm export MODEL --formats onnx`",
+                hint="re-export it with `fedmobillm export MODEL --format onnx`",
             )
         return present[0]
     if backend not in present:
         raise FedMobiLLMError(
             f"bundle {bundle_dir} has no {GRAPH_FILES[backend]} (it has: "
             f"{', '.join(GRAPH_FILES[b] for b in present) or 'no graph'})",
-            hint=f"use --backend auto, or re-export with --formats {backend}",
+            hint=f"use --backend auto, or re-export with --format {backend}",
         )
     return backend
 

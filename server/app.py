@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from fedmobillm import __version__
 from fedmobillm.device_runtime.messages import ErrorBody
 from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.paths import ensure_dir
 from fedmobillm.server.errors import ServerError
 from fedmobillm.server.limits import AuthThrottle, RequestLimits, TooManyRequests
 from fedmobillm.server.routes import dashboard, devices, ingest, ops, personal
@@ -28,7 +29,11 @@ log = logging.getLogger(__name__)
 
 def create_app(settings: ServerSettings) -> FastAPI:
     """Build the app. The store opens now; the trainer thread starts with the app's lifespan."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(
+        settings.data_dir,
+        "server data dir",
+        hint="pass --data-dir (or data_dir in the config file) a folder, or a path to create",
+    )
     anchors = None
     if settings.anchors is not None:
         from fedmobillm.server.anchors import load_anchor_set

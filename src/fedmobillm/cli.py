@@ -35,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("--version", action="version", version=f"fedmobillm {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show full tracebacks and debug logs (accepted anywhere on the command line)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module in _available_commands():
         # an alias (LISTED = False) parses and runs the same but is not listed again
@@ -54,9 +58,20 @@ class _QuietThirdPartyRoot(logging.Filter):
         return record.name != "root" or record.levelno >= logging.WARNING
 
 
+def _take_debug(argv: Sequence[str]) -> tuple[list[str], bool]:
+    """``argv`` without its ``--debug`` flags (before a ``--``), and whether there was one:
+    ``--debug`` works after the subcommand too, at any depth."""
+    argv = list(argv)
+    end = argv.index("--") if "--" in argv else len(argv)
+    rest = [a for a in argv[:end] if a != "--debug"]
+    return rest + argv[end:], len(rest) < end
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv, debug = _take_debug(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.debug = args.debug or debug
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -39,6 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from fedmobillm import data
+    from fedmobillm.data.partition import OUT_HINT
+    from fedmobillm.paths import ensure_dir
 
     if args.action == "list":
         print(f"{'name':<16} {'source':<22} what")
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         print(_counts_table(ds))
         return 0
     parts = data.partition(ds.splits[args.split], args.devices, args.alpha, args.seed)
+    ensure_dir(args.out, "output folder", hint=OUT_HINT)
     summary = data.write_partition(parts, ds.label_names, args.out)
     rule = f"Dirichlet(alpha={args.alpha})" if args.alpha is not None else "IID"
     print(f"{ds.name} {args.split} split -> {args.devices} devices, {rule}, seed {args.seed}")

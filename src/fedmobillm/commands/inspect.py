@@ -34,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
-    print(f"ok: all {len(manifest.files)} files match their sha256")
+    # with --json, stdout holds the JSON alone
+    print(
+        f"ok: all {len(manifest.files)} files match their sha256",
+        file=sys.stderr if args.json else sys.stdout,
+    )
     return 0
 
 

@@ -13,6 +13,9 @@ import numpy as np
 from fedmobillm.data.catalogue import label_counts, write_jsonl
 from fedmobillm.device_runtime.records import Record
 from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.paths import ensure_dir
+
+OUT_HINT = "pass --out a folder (created if missing), not a file"
 
 
 def partition(
@@ -78,7 +81,7 @@ def write_partition(
     parts: list[list[Record]], label_names: list[str], out: Path
 ) -> PartitionSummary:
     """device_00.jsonl ... (text, int label), labels.json and summary.json in ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out, "output folder", hint=OUT_HINT)
     summary = PartitionSummary()
     for d, recs in enumerate(parts):
         write_jsonl(out / f"device_{d:02d}.jsonl", recs)
