@@ -241,6 +241,25 @@ def approx_flops(bundle: Path, manifest: Manifest, batch: int, seq: int) -> floa
     return float(2 * body * batch * seq + 4 * layers * batch * seq * seq * d)
 
 
+def default_backend(bundle: Path) -> tuple[str, str]:
+    """The backend to bench when none is asked for: pte if the bundle has its graph, else
+    onnx; and a line saying so (the user did not choose it)."""
+    from fedmobillm.device_runtime.protocol import read_manifest
+
+    files = read_manifest(Path(bundle)).files
+    if GRAPHS["pte"] in files:
+        return "pte", f"backend: pte (the bundle has {GRAPHS['pte']}; --backend onnx for ONNX)"
+    if GRAPHS["onnx"] in files:
+        return "onnx", (
+            f"backend: onnx (the bundle has no {GRAPHS['pte']}, only {GRAPHS['onnx']}; "
+            "re-export with --format pte to bench ExecuTorch)"
+        )
+    raise FedMobiLLMError(
+        f"bundle {bundle} has neither {GRAPHS['pte']} nor {GRAPHS['onnx']}",
+        hint="re-export it with `fedmobillm export MODEL --format onnx,pte`",
+    )
+
+
 def resolve_runner(cfg: BenchConfig) -> Path:
     if cfg.runner:
         return Path(cfg.runner)
@@ -260,7 +279,7 @@ def run_bench(
     if GRAPHS[cfg.backend] not in manifest.files:
         raise FedMobiLLMError(
             f"bundle {bundle} has no {GRAPHS[cfg.backend]}",
-            hint=f"re-export with --formats {cfg.backend}, or pick the other --backend",
+            hint=f"re-export with --format {cfg.backend}, or pick the other --backend",
         )
     device = Adb(server_port=adb_port).device(serial)
     abis = device_abis(device)

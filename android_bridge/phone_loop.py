@@ -145,8 +145,8 @@ class PhoneRunSummary:
 
 
 def _state_dir(cfg: PhoneRunConfig, serial: str, bundle: Path) -> Path:
-    from fedmobillm.device_runtime.client import STATE_NAME, register
-    from fedmobillm.device_runtime.records import label_names_from, resolve_state_dir
+    from fedmobillm.device_runtime.client import STATE_NAME, register, registration_labels
+    from fedmobillm.device_runtime.records import resolve_state_dir
 
     name = cfg.name or "android-" + re.sub(r"[^A-Za-z0-9_.-]", "-", serial)
     state_dir = resolve_state_dir(cfg.state, name)
@@ -158,7 +158,8 @@ def _state_dir(cfg: PhoneRunConfig, serial: str, bundle: Path) -> Path:
             hint="pass --admin-token to register it now, or run `fedmobillm device register "
             f"--state {state_dir} ...` first",
         )
-    labels = label_names_from(None, cfg.data)
+    # the labels `device register --data` would take: a 0/1 file indexes the server's task
+    labels = registration_labels(cfg.server, cfg.admin_token, None, cfg.data)
     state, _ = register(cfg.server, cfg.admin_token, name, bundle, labels, state_dir)
     log.info("registered the phone as device %s (%s)", state.name, state.device_id)
     return state_dir
@@ -176,7 +177,7 @@ def run_on_phone(
     if GRAPH_FILES["pte"] not in manifest.files:
         raise FedMobiLLMError(
             f"bundle {bundle} has no backbone.pte: the phone runs .pte",
-            hint="re-export with --formats pte (or onnx,pte)",
+            hint="re-export with --format pte (or onnx,pte)",
         )
     device: Device = Adb(server_port=adb_port).device(serial)
     runner = Path(cfg.runner) if cfg.runner else host_pte_runner()

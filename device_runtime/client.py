@@ -26,6 +26,7 @@ from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.device_runtime.messages import (
     ROUTE_ANCHORS,
     ROUTE_DEVICES,
+    ROUTE_STATUS,
     Ack,
     AnchorShare,
     RegisterRequest,
@@ -41,9 +42,11 @@ from fedmobillm.device_runtime.protocol import (
 )
 from fedmobillm.device_runtime.uploader import (
     RetryPolicy,
+    ServerRejected,
     ServerUnavailable,
     Uploader,
     rejected,
+    server_message,
 )
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.paths import cache_dir
@@ -92,6 +95,44 @@ class DeviceState:
             raise FedMobiLLMError(f"{path} is damaged: {exc}", hint="register again") from exc
 
 
+def registration_labels(
+    server: str,
+    admin_token: str,
+    labels_csv: str | None,
+    data: str | None,
+    retry: RetryPolicy | None = None,
+) -> list[str]:
+    """The label names to register with: ``--labels``, else the data's. A local file whose
+    labels are bare indices (0/1, no labels.json beside it) names no labels: its indices
+    index the server's task labels, as ``device run`` reads the same file, so those are
+    taken when the server has them (GET ROUTE_STATUS with the admin token)."""
+    from fedmobillm.device_runtime.records import label_names_from
+
+    names = label_names_from(labels_csv, data)
+    if labels_csv or names != [str(i) for i in range(len(names))]:
+        return names
+    with Uploader(server, admin_token, retry or RetryPolicy()) as up:
+        resp = up.request("GET", ROUTE_STATUS)
+    if resp.status_code in (401, 403):
+        raise admin_refused(resp, server, "reading the task's label names")
+    task = resp.json().get("label_names") if resp.status_code == 200 else None
+    if isinstance(task, list) and len(task) >= len(names):
+        log.info("%s labels are indices: registering with the server's labels %s", data, task)
+        return [str(n) for n in task]
+    return names
+
+
+def admin_refused(resp: Any, server: str, what: str) -> ServerRejected:
+    """A 401/403 answer to a request sent with the admin token."""
+    return ServerRejected(
+        f"server {server} refused the admin token (HTTP {resp.status_code}) {what}: "
+        f"{server_message(resp)}",
+        resp.status_code,
+        hint="pass --admin-token the token the server was started with "
+        "(FEDMOBILLM_ADMIN_TOKEN or admin_token in its config; `serve --dev` prints one)",
+    )
+
+
 def register(
     server: str,
     admin_token: str,
@@ -121,6 +162,8 @@ def register(
     body = RegisterRequest(name, manifest.to_dict(), list(label_names))
     with Uploader(server, admin_token, retry or RetryPolicy()) as up:
         resp = up.request("POST", ROUTE_DEVICES, json=body.to_dict())
+    if resp.status_code in (401, 403):
+        raise admin_refused(resp, server, f"when registering device {name!r}")
     if resp.status_code != 201:
         raise rejected(resp, f"registration of device {name!r}")
     reg = RegisterResponse.from_dict(resp.json())
@@ -288,6 +331,7 @@ class DeviceClient:
         with Uploader(
             server, self.state.token, self.config.retry, self.config.bandwidth_mbps
         ) as up:
+            self.check_token(up)
             for ids in batches:
                 self._one_batch(up, records, ids, tracker)
             stats = up.stats
@@ -332,6 +376,30 @@ class DeviceClient:
             share.total,
         )
         return records
+
+    def check_token(self, up: Uploader) -> None:
+        """GET this device's state before any forward pass or upload: a token the server
+        no longer knows (revoked, or a server started on another data dir) is an error
+        here, even when the journal says everything was acknowledged."""
+        try:
+            resp = up.request("GET", device_route(self.state.device_id))
+        except ServerUnavailable as exc:
+            raise ServerUnavailable(
+                f"{exc.message}; {self.last_acked_text()}",
+                hint="run the same command again when the server is back: it resumes there",
+            ) from exc
+        if resp.status_code == 200:
+            return
+        if resp.status_code in (401, 403, 404):
+            raise ServerRejected(
+                f"server {up.server} does not accept device {self.state.name!r} "
+                f"({self.state.device_id}) (HTTP {resp.status_code}): {server_message(resp)}",
+                resp.status_code,
+                hint="its token is unknown or revoked there: register the device again "
+                f"(`fedmobillm device register` with a new --name and --state; "
+                f"{self.state_dir} keeps the old registration)",
+            )
+        raise rejected(resp, f"check of device {self.state.device_id}")
 
     def server_counts(self, up: Uploader) -> dict[str, int]:
         """The server's sample counts for this device (empty if it cannot say)."""

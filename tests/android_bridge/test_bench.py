@@ -234,3 +234,18 @@ def test_onnx_free_dimension_names_come_from_the_graph(pte_bundle):
 
     assert list(dims) == [str(d) for d in shape]
     assert f"{dims[0]}:2" in argv and f"{dims[1]}:48" in argv
+
+
+def test_backend_defaults_to_what_the_bundle_has(adb_server, phone, make_bundle):
+    """An ONNX-only bundle with no --backend: benched with onnx, and the output says it was
+    picked because the bundle has no backbone.pte."""
+    onnx_only = make_bundle("minilm-l3", num_taps=3, formats=("onnx",))  # shared with device tests
+
+    res = adb_server.cli(
+        "android", "bench", phone.serial, str(onnx_only), "--iterations", "3", "--seq", "32",
+        "--threads", "1",
+    )  # fmt: skip
+
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "backend: onnx (the bundle has no backbone.pte" in res.stdout
+    assert "latency p90" in res.stdout and phone.pushed_leftovers() == []

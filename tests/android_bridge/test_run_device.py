@@ -181,3 +181,30 @@ def test_run_device_needs_a_registration_or_a_token(
         str(tmp_path / "nostate"),
     )
     assert res.returncode == 1 and "not registered" in res.stderr and "--admin-token" in res.stderr
+
+
+def test_run_device_takes_a_01_file_as_device_run_does(
+    adb_server, phone, pte_bundle, host_runner, server, tmp_path
+):
+    """Prepare: the server's task has named labels; a data file labels its records 0/1.
+    Execute: `android run-device --admin-token` registers the phone and uploads. Assert: it
+    is accepted (the indices index the server's labels), as `device run` accepts the file."""
+    url, data_dir = server
+    named = _cli("device", "register", "--server", url, "--admin-token", ADMIN, "--name",
+                 "named-labels", "--bundle", pte_bundle, "--state", tmp_path / "named",
+                 "--labels", "negative,positive")  # fmt: skip
+    assert named.returncode == 0, named.stderr
+    data = tmp_path / "d01.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"film {i}", "label": i % 2}) + "\n" for i in range(3))
+    )
+
+    res = adb_server.cli(
+        "android", "run-device", phone.serial, str(pte_bundle), "--data", str(data),
+        "--server", url, "--admin-token", ADMIN, "--state", str(tmp_path / "phone"),
+        "--name", "phone-01", "--runner", str(host_runner),
+    )  # fmt: skip
+
+    assert res.returncode == 0, res.stderr[-3000:]
+    device_id = json.loads((tmp_path / "phone" / "device.json").read_text())["device_id"]
+    assert [r[1] for r in _stored(data_dir, device_id)] == [0, 1, 0]

@@ -120,7 +120,12 @@ def _add_bench(sub) -> None:
         "onnxruntime_perf_test for onnx); default: the host runner, built on "
         "demand (right only for the emulated device)",
     )
-    p.add_argument("--backend", choices=("pte", "onnx"), default="pte")
+    p.add_argument(
+        "--backend",
+        choices=("pte", "onnx"),
+        default=None,
+        help="graph to bench (default: pte if the bundle has it, else onnx)",
+    )
     p.add_argument("--iterations", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="CPU threads for the runner")
@@ -285,10 +290,19 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from fedmobillm.android_bridge.bench import BenchConfig, print_table, run_bench
+    from fedmobillm.android_bridge.bench import (
+        BenchConfig,
+        default_backend,
+        print_table,
+        run_bench,
+    )
 
+    backend = args.backend
+    if backend is None:
+        backend, why = default_backend(args.bundle)
+        print(why, flush=True)
     cfg = BenchConfig(
-        backend=args.backend,
+        backend=backend,
         iterations=args.iterations,
         warmup=args.warmup,
         threads=args.threads,

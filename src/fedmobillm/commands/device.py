@@ -124,10 +124,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _register(args: argparse.Namespace) -> int:
-    from fedmobillm.device_runtime.client import register
-    from fedmobillm.device_runtime.records import label_names_from
+    from fedmobillm.device_runtime.client import register, registration_labels
 
-    labels = label_names_from(args.labels, args.data)
+    labels = registration_labels(args.server, args.admin_token, args.labels, args.data)
     state, path = register(
         args.server, args.admin_token, args.name, args.bundle, labels, args.state
     )
