@@ -10,6 +10,8 @@ uses these same classes as FastAPI request bodies and response models.
 Routes (all JSON unless noted; auth: ``Authorization: Bearer <token>``)::
 
     POST ROUTE_DEVICES          admin   RegisterRequest -> 201 RegisterResponse
+    GET  ROUTE_DEVICES          admin   -> list[DeviceInfo] (revoked ones too)
+    POST ROUTE_DEVICE_REVOKE    admin   RevokeRequest -> Revoked (the token stops working)
     GET  ROUTE_DEVICE           device  -> DeviceState (a device reads only its own)
     POST ROUTE_BATCHES          device  serde payload (application/octet-stream) -> Ack
     GET  ROUTE_ANCHORS          device  -> AnchorShare
@@ -33,6 +35,7 @@ from fedmobillm.errors import FedMobiLLMError
 
 ROUTE_DEVICES = "/v1/devices"
 ROUTE_DEVICE = "/v1/devices/{device_id}"
+ROUTE_DEVICE_REVOKE = "/v1/devices/{device_id}/revoke"
 ROUTE_BATCHES = "/v1/batches"
 ROUTE_ANCHORS = "/v1/anchors"
 ROUTE_PERSONAL_MODEL = "/v1/personal-model"
@@ -45,6 +48,7 @@ ROUTE_DASHBOARD = "/dashboard"
 ROUTES = (
     ROUTE_DEVICES,
     ROUTE_DEVICE,
+    ROUTE_DEVICE_REVOKE,
     ROUTE_BATCHES,
     ROUTE_ANCHORS,
     ROUTE_PERSONAL_MODEL,
@@ -156,6 +160,35 @@ class DeviceFlag(Message):
     offences: int
     last_reason: str
     quarantined: float | None = None
+
+
+@dataclass
+class DeviceInfo(Message):
+    """One registered device as an admin lists it (GET ROUTE_DEVICES)."""
+
+    device_id: str
+    name: str
+    architecture: str
+    samples: SampleCounts  # what the store holds of it (0 once its data is deleted)
+    registered: float  # unix time
+    last_upload: float | None = None  # its latest acknowledged batch; None before any
+    quarantined: bool = False
+    revoked: float | None = None  # when its token was revoked; None while it works
+    data_deleted: bool = False  # its samples were removed from the store
+
+
+@dataclass
+class RevokeRequest(Message):
+    delete_data: bool = False  # also remove its samples from the store (and from training)
+
+
+@dataclass
+class Revoked(Message):
+    """The answer to a revocation: the device's token is refused (401) from now on."""
+
+    device_id: str
+    revoked: float  # when it was first revoked
+    deleted_samples: int = 0  # samples removed from the store by this request
 
 
 @dataclass

@@ -4,6 +4,7 @@ exceptions; knows nothing about HTTP."""
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 import threading
 import uuid
@@ -17,6 +18,8 @@ from fedmobillm.server.anchors import AnchorSet
 from fedmobillm.server.checks import ValueRejected, batch_content, check_resent, check_values
 from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound
 from fedmobillm.server.store import Device, Store
+
+log = logging.getLogger(__name__)
 
 MAX_NAME_CHARS = 100
 MAX_LABELS = 1000
@@ -272,7 +275,43 @@ class Service:
                 hint="list flagged devices with `fedmobillm server quarantine`",
             )
 
+    def revoke(self, device_id: str, delete_data: bool) -> dict:
+        """Revoke a device's token at once; with ``delete_data`` remove its samples too (the
+        trainer drops them at its next poll). A Revoked message as a dict."""
+        done = self.store.revoke(device_id, delete_data)
+        if done is None:
+            raise NotFound(
+                f"no device {device_id!r}", hint="list devices with `fedmobillm server devices`"
+            )
+        revoked, deleted = done
+        log.warning(
+            "device %s revoked%s", device_id, f"; {deleted} samples deleted" if delete_data else ""
+        )
+        return {"device_id": device_id, "revoked": revoked, "deleted_samples": deleted}
+
     # -- reads -------------------------------------------------------------------------
+
+    def devices(self) -> list[dict]:
+        """Every registered device (revoked ones too) as DeviceInfo dicts."""
+        samples: dict[str, dict[str, int]] = {}
+        for device_id, _, split, n in self.store.sample_counts():
+            samples.setdefault(device_id, {"train": 0, "validation": 0})[split] = n
+        last = self.store.last_uploads()
+        quarantined = self.store.quarantined()
+        return [
+            {
+                "device_id": d.device_id,
+                "name": d.name,
+                "architecture": d.architecture,
+                "samples": samples.get(d.device_id, {"train": 0, "validation": 0}),
+                "registered": d.created,
+                "last_upload": last.get(d.device_id),
+                "quarantined": d.device_id in quarantined,
+                "revoked": d.revoked,
+                "data_deleted": d.data_deleted,
+            }
+            for d in self.store.devices()
+        ]
 
     def device_state(self, device_id: str) -> dict:
         device = self.store.device(device_id)

@@ -101,6 +101,8 @@ class Device:
     hidden_size: int
     manifest: dict[str, Any]
     created: float
+    revoked: float | None = None  # when its token was revoked (refused from then on)
+    data_deleted: bool = False  # its samples were removed from the store
 
 
 @dataclass
@@ -140,6 +142,13 @@ class Store:
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(batches)")}
         if "content" not in cols:  # digest of (split, sample ids, labels); NULL for old rows
             self._db.execute("ALTER TABLE batches ADD COLUMN content TEXT")
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+        if "revoked" not in cols:  # time its token was revoked; NULL while it works
+            self._db.execute("ALTER TABLE devices ADD COLUMN revoked REAL")
+        if "data_deleted" not in cols:  # 1 once its samples were removed
+            self._db.execute(
+                "ALTER TABLE devices ADD COLUMN data_deleted INTEGER NOT NULL DEFAULT 0"
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -181,7 +190,8 @@ class Store:
         """Insert within an open transaction; returns the new device id."""
         device_id = "dev-" + uuid.uuid4().hex[:16]
         db.execute(
-            "INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO devices (device_id, name, token_hash, architecture, bundle_sha256, "
+            "num_taps, hidden_size, manifest, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device_id,
                 name,
@@ -199,16 +209,18 @@ class Store:
     def _device(self, where: str, arg: str) -> Device | None:
         rows = self._query(
             "SELECT device_id, name, architecture, bundle_sha256, num_taps, hidden_size, "
-            f"manifest, created FROM devices WHERE {where} = ?",
+            f"manifest, created, revoked, data_deleted FROM devices WHERE {where} = ?",
             (arg,),
         )
         if not rows:
             return None
         r = rows[0]
-        return Device(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7])
+        return Device(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], bool(r[9]))
 
     def device_by_token(self, token: str) -> Device | None:
-        return self._device("token_hash", hash_token(token))
+        """The device holding ``token``; None if no device does or its token was revoked."""
+        device = self._device("token_hash", hash_token(token))
+        return device if device is not None and device.revoked is None else None
 
     def device(self, device_id: str) -> Device | None:
         return self._device("device_id", device_id)
@@ -348,6 +360,34 @@ class Store:
         with self.transaction() as db:
             n = db.execute("DELETE FROM device_flags WHERE device_id = ?", (device_id,)).rowcount
         return n > 0
+
+    # -- revocation --------------------------------------------------------------------
+
+    def revoke(self, device_id: str, delete_data: bool) -> tuple[float, int] | None:
+        """Revoke a device's token (at once: the next request with it is unknown); with
+        ``delete_data`` also remove its samples, counts and batches. (time first revoked,
+        samples removed), or None if there is no such device. Repeating it is harmless."""
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE devices SET revoked = coalesce(revoked, ?) WHERE device_id = ?",
+                (time.time(), device_id),
+            )
+            row = db.execute(
+                "SELECT revoked FROM devices WHERE device_id = ?", (device_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            if not delete_data:
+                return row[0], 0
+            n = db.execute("DELETE FROM samples WHERE device_id = ?", (device_id,)).rowcount
+            db.execute("DELETE FROM device_counts WHERE device_id = ?", (device_id,))
+            db.execute("DELETE FROM batches WHERE device_id = ?", (device_id,))
+            db.execute("UPDATE devices SET data_deleted = 1 WHERE device_id = ?", (device_id,))
+        return row[0], n
+
+    def data_deleted(self) -> set[str]:
+        """Devices whose samples were removed: the trainer drops what it cached of them."""
+        return {r[0] for r in self._query("SELECT device_id FROM devices WHERE data_deleted")}
 
     def device_samples(self, device_id: str, db: sqlite3.Connection | None = None) -> dict:
         sql = "SELECT split, n FROM device_counts WHERE device_id = ?"

@@ -59,6 +59,7 @@ class ArchData:
     train_y: dict[str, list[int]] = field(default_factory=dict)
     val_x: list[np.ndarray] = field(default_factory=list)
     val_y: list[int] = field(default_factory=list)
+    val_from: list[str] = field(default_factory=list)  # the device of each validation row
     # anchor id -> (K, d): the server's public anchor texts through this architecture
     anchor_x: dict[int, np.ndarray] = field(default_factory=dict)
     anchor_from: dict[int, str] = field(default_factory=dict)  # anchor id -> device
@@ -87,7 +88,8 @@ class TrainingCache:
     Never trusts the store: a row whose values its device's bundle cannot produce (non-finite,
     or beyond ``checks.FP16_RANGE`` x the tap's int8 clip, e.g. stored before uploads were
     checked) is dropped and counted in ``dropped`` / ``offences``; the samples of quarantined
-    devices are held out of training until released."""
+    devices are held out of training until released; those of devices whose data was
+    deleted (revocation with deletion) are dropped for good."""
 
     def __init__(self) -> None:
         self.archs: dict[str, ArchData] = {}
@@ -98,6 +100,7 @@ class TrainingCache:
         self._common: tuple[tuple, list[int]] = ((), [])
         self.quarantined: set[str] = set()
         self.held: dict[str, list[Row]] = {}  # quarantined device -> its rows
+        self.deleted: set[str] = set()  # devices whose data was deleted: never cached again
         self.dropped: dict[str, int] = {}  # device -> rows dropped as impossible
         self.offences: dict[str, str] = {}  # device -> reason, for the trainer to record
 
@@ -129,6 +132,8 @@ class TrainingCache:
     def _add(self, row: Row) -> int:
         """Cache one row (held if its device is quarantined); 1 if it is new training data."""
         arch, device, split, sid, y, x = row
+        if device in self.deleted:
+            return 0
         if device in self.quarantined:
             self.held.setdefault(device, []).append(row)
             return 0
@@ -136,6 +141,7 @@ class TrainingCache:
         if split == "validation":
             a.val_x.append(x)
             a.val_y.append(y)
+            a.val_from.append(device)
         elif split == "anchor":
             a.anchor_x[sid] = x
             a.anchor_from[sid] = device
@@ -165,6 +171,27 @@ class TrainingCache:
             for row in self.held.pop(device, []):
                 self._add(row)
             log.info("device %s released: its samples are back in training", device)
+
+    def set_deleted(self, devices: set[str]) -> None:
+        """Drop every cached sample (train, validation, anchor, held) of devices whose data
+        was deleted from the store; rows of theirs read later are never cached."""
+        for device in sorted(devices - self.deleted):
+            self.deleted.add(device)
+            n = len(self.held.pop(device, []))
+            for a in self.archs.values():
+                n += len(a.train_y.pop(device, []))
+                a.train_x.pop(device, None)
+                a._stacked.pop(device, None)
+                keep = [i for i, d in enumerate(a.val_from) if d != device]
+                n += len(a.val_from) - len(keep)
+                a.val_x = [a.val_x[i] for i in keep]
+                a.val_y = [a.val_y[i] for i in keep]
+                a.val_from = [a.val_from[i] for i in keep]
+                for sid in [i for i, d in a.anchor_from.items() if d == device]:
+                    del a.anchor_x[sid], a.anchor_from[sid]
+                    n += 1
+            self._common = ((), [])  # anchors were removed: recompute the shared ids
+            log.warning("device %s data deleted: %d cached samples dropped", device, n)
 
     def _ensure_archs(self, store: Store) -> None:
         for d in store.devices():
@@ -381,6 +408,7 @@ class Trainer:
         if now - self._quarantine_polled >= QUARANTINE_POLL_S:
             self._quarantine_polled = now
             self.cache.set_quarantined(store.quarantined())
+            self.cache.set_deleted(store.data_deleted())
 
     def _record_offences(self, store: Store) -> None:
         """Offences the cache found (impossible stored rows, blamed steps) go to the store,
@@ -645,6 +673,7 @@ class Trainer:
                 "skipped_steps": self.skipped_steps,
                 "last_nonfinite": self.last_nonfinite,
                 "quarantined": sorted(self.cache.quarantined),
+                "data_deleted": sorted(self.cache.deleted),
                 "dropped_samples": dict(self.cache.dropped),
                 "best_validation": {n: dict(b) for n, b in self.best.items()},
                 "history": self.history[-50:],

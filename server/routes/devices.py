@@ -1,4 +1,5 @@
-"""Devices: registration (admin), a device's state, its share of the anchor set."""
+"""Devices: registration, the list and revocation (admin), a device's state, its share of
+the anchor set."""
 
 from __future__ import annotations
 
@@ -10,7 +11,14 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from fedmobillm.device_runtime import messages
-from fedmobillm.device_runtime.messages import AnchorShare, DeviceState, RegisterResponse
+from fedmobillm.device_runtime.messages import (
+    AnchorShare,
+    DeviceInfo,
+    DeviceState,
+    RegisterResponse,
+    Revoked,
+    RevokeRequest,
+)
 from fedmobillm.server.errors import Forbidden
 from fedmobillm.server.routes.deps import ERRORS, AdminAuth, AnyAuth, DeviceAuth, ServiceDep
 
@@ -32,6 +40,19 @@ def register(body: RegisterRequest, _: AdminAuth, service: ServiceDep) -> Regist
     out = RegisterResponse.from_dict(service.register(body.name, body.manifest, body.label_names))
     log.info("registered %s (%s) as %s", body.name, out.architecture, out.device_id)
     return out
+
+
+@router.get(messages.ROUTE_DEVICES)
+def list_devices(_: AdminAuth, service: ServiceDep) -> list[DeviceInfo]:
+    """Every registered device, revoked ones too: samples held, last upload, quarantine."""
+    return [DeviceInfo.from_dict(d) for d in service.devices()]
+
+
+@router.post(messages.ROUTE_DEVICE_REVOKE)
+def revoke(device_id: str, body: RevokeRequest, _: AdminAuth, service: ServiceDep) -> Revoked:
+    """Refuse the device's token from now on (401); ``delete_data`` also removes its
+    samples from the store and from training."""
+    return Revoked.from_dict(service.revoke(device_id, body.delete_data))
 
 
 @router.get(messages.ROUTE_DEVICE)

@@ -14,6 +14,7 @@ from fedmobillm.device_runtime.messages import (
     Ack,
     AnchorShare,
     DeviceFlag,
+    DeviceInfo,
     DeviceState,
     ErrorBody,
     Message,
@@ -21,6 +22,8 @@ from fedmobillm.device_runtime.messages import (
     PersonalManifest,
     RegisterRequest,
     RegisterResponse,
+    Revoked,
+    RevokeRequest,
     SampleCounts,
 )
 
@@ -36,6 +39,10 @@ EXAMPLES: list[Message] = [
     ErrorBody("no hint"),
     DeviceFlag("dev-1", "phone-a", "bert/tiny", 3, "int8 scales are not ...", 1.7e9),
     DeviceFlag("dev-2", "phone-b", "bert/tiny", 1, "fp16 activations of tap 0 reach ..."),
+    DeviceInfo("dev-1", "phone-a", "bert/tiny", COUNTS, 1.7e9, 1.71e9, False, 1.72e9, True),
+    DeviceInfo("dev-2", "phone-b", "bert/tiny", COUNTS, 1.7e9),
+    RevokeRequest(delete_data=True),
+    Revoked("dev-1", revoked=1.72e9, deleted_samples=15),
     PersonalManifest(
         format_version=1,
         architecture="bert/tiny",
@@ -151,7 +158,8 @@ def test_openapi_schema_has_the_routes_and_messages(tmp_path):
 
     assert set(ROUTES) <= set(schema["paths"])
     components = schema["components"]["schemas"]
-    for cls in (RegisterRequest, RegisterResponse, SampleCounts, Ack, DeviceState, AnchorShare):
+    shared = (RegisterRequest, RegisterResponse, SampleCounts, Ack, DeviceState, AnchorShare)
+    for cls in (*shared, DeviceInfo, RevokeRequest, Revoked):
         fields = {f.name for f in dataclasses.fields(cls)}
         assert set(components[cls.__name__]["properties"]) == fields, cls.__name__
     assert set(components["ErrorBody"]["properties"]) == {"detail", "hint"}

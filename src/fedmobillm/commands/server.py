@@ -1,6 +1,8 @@
 """`fedmobillm server start` (alias `fedmobillm serve`, in commands/serve.py): run the training
 server; `fedmobillm server status`: ask a running server for its fleet and trainer state;
-`fedmobillm server quarantine [--release DEVICE_ID]`: devices with offences, and release."""
+`fedmobillm server quarantine [--release DEVICE_ID]`: devices with offences, and release;
+`fedmobillm server devices`: every registered device; `fedmobillm server revoke DEVICE_ID
+[--delete-data]`: refuse a device's token from now on (and delete its samples)."""
 
 from __future__ import annotations
 
@@ -10,10 +12,15 @@ import os
 
 from fedmobillm.commands import serve
 from fedmobillm.device_runtime.messages import (
+    ROUTE_DEVICE_REVOKE,
+    ROUTE_DEVICES,
     ROUTE_QUARANTINE,
     ROUTE_QUARANTINE_DEVICE,
     ROUTE_STATUS,
     DeviceFlag,
+    DeviceInfo,
+    Revoked,
+    RevokeRequest,
 )
 from fedmobillm.errors import FedMobiLLMError
 
@@ -39,6 +46,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     q.add_argument("--release", metavar="DEVICE_ID", default=None, help="release this device")
     _client_arguments(q)
+    d = sub.add_parser(
+        "devices",
+        help="every registered device: id, name, architecture, samples, last upload, "
+        "quarantined or revoked",
+    )
+    _client_arguments(d)
+    r = sub.add_parser(
+        "revoke",
+        help="revoke a device: its token is refused (401) from now on; its samples stay "
+        "in the store unless --delete-data",
+    )
+    r.add_argument("device_id", metavar="DEVICE_ID", help="the device (see `server devices`)")
+    r.add_argument(
+        "--delete-data",
+        action="store_true",
+        help="also delete its samples from the store; the trainer stops using them",
+    )
+    _client_arguments(r)
 
 
 def _client_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +79,9 @@ def fetch_status(server: str, token: str, timeout: float = 10.0) -> dict:
     return _admin_request("GET", server, ROUTE_STATUS, token, timeout).json()
 
 
-def _admin_request(method: str, server: str, route: str, token: str, timeout: float):
+def _admin_request(
+    method: str, server: str, route: str, token: str, timeout: float, body: dict | None = None
+):
     import httpx
 
     try:
@@ -62,6 +89,7 @@ def _admin_request(method: str, server: str, route: str, token: str, timeout: fl
             method,
             f"{server.rstrip('/')}{route}",
             headers={"Authorization": f"Bearer {token}"},
+            json=body,
             timeout=timeout,
         )
     except httpx.HTTPError as exc:
@@ -128,6 +156,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.action == "quarantine":
         return _quarantine(args, token)
+    if args.action == "devices":
+        return _devices(args, token)
+    if args.action == "revoke":
+        return _revoke(args, token)
     st = fetch_status(args.server, token, args.timeout)
     print(json.dumps(st, indent=2) if args.json else format_status(st))
     return 0
@@ -151,4 +183,55 @@ def _quarantine(args: argparse.Namespace, token: str) -> int:
         print(
             f"{f.device_id:<22} {f.name:<20} {state:<11} offences {f.offences:>3}  {f.last_reason}"
         )
+    return 0
+
+
+def _devices(args: argparse.Namespace, token: str) -> int:
+    rows = _admin_request("GET", args.server, ROUTE_DEVICES, token, args.timeout).json()
+    devices = [DeviceInfo.from_dict(r) for r in rows]
+    if args.json:
+        print(json.dumps([d.to_dict() for d in devices], indent=2))
+        return 0
+    print(format_devices(devices))
+    return 0
+
+
+def format_devices(devices: list[DeviceInfo]) -> str:
+    if not devices:
+        return "no devices registered"
+    lines = [
+        f"{'DEVICE':<22} {'NAME':<20} {'TRAIN':>6} {'VAL':>5} {'LAST UPLOAD':<19} "
+        f"{'STATE':<11} ARCHITECTURE"
+    ]
+    for d in devices:
+        state = "revoked" if d.revoked is not None else "active"
+        state = "quarantined" if d.quarantined and d.revoked is None else state
+        state += " (data deleted)" if d.data_deleted else ""
+        lines.append(
+            f"{d.device_id:<22} {d.name:<20} {d.samples.train:>6} {d.samples.validation:>5} "
+            f"{_when(d.last_upload):<19} {state:<11} {d.architecture}"
+        )
+    return "\n".join(lines)
+
+
+def _when(t: float | None) -> str:
+    import time
+
+    return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+def _revoke(args: argparse.Namespace, token: str) -> int:
+    route = ROUTE_DEVICE_REVOKE.format(device_id=args.device_id)
+    body = RevokeRequest(delete_data=args.delete_data).to_dict()
+    out = Revoked.from_dict(
+        _admin_request("POST", args.server, route, token, args.timeout, body).json()
+    )
+    if args.json:
+        print(json.dumps(out.to_dict(), indent=2))
+        return 0
+    print(f"revoked {out.device_id}: its token is refused from now on")
+    if args.delete_data:
+        print(f"deleted {out.deleted_samples} samples from the store (the trainer drops them)")
+    else:
+        print("its samples stay in the store (--delete-data removes them)")
     return 0
