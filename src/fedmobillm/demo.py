@@ -54,7 +54,8 @@ RUN_STATE = (
 RUN_MARKER = "demo-run.json"  # {"pid": the demo running there, or null once it ended}
 
 # Unless --debug: libraries log below ERROR, warn (deprecations, user warnings) and draw
-# progress bars into the demo's output; these loggers and the children's environment quiet them
+# progress bars into the demo's output; records of these loggers (and their children) below
+# ERROR are dropped, and the children's environment quiets them
 THIRD_PARTY_LOGGERS = (
     "transformers", "torch", "torchao", "onnx", "onnxruntime", "onnxscript", "executorch",
     "huggingface_hub", "urllib3", "filelock", "httpx", "matplotlib", "PIL",
@@ -212,41 +213,45 @@ def _demo_alive(pid: Any) -> bool:
 
 @contextlib.contextmanager
 def quiet_third_party(debug: bool) -> Iterator[None]:
-    """Unless ``debug``: while the demo runs, warnings are ignored, log records of other
-    libraries below ERROR are dropped and transformers draws no progress bars; as it was
-    afterwards, but for the loggers of libraries imported meanwhile, which stay quiet (their
-    exit hooks log too). Loggers that libraries reset on import are quieted again by
-    ``quiet_loggers``."""
+    """Unless ``debug``: while the demo runs, warnings are ignored, other libraries' log
+    records below ERROR are dropped (``quiet_loggers``) and transformers draws no progress
+    bars; all as it was afterwards. Libraries that add their own handlers on import are
+    quieted by calling ``quiet_loggers`` again once they are imported."""
     if debug:
         yield
         return
-    keep_ours = _OursOrErrors()
-    handlers = list(logging.getLogger().handlers)
-    known = logging.root.manager.loggerDict
-    levels = {n: logging.getLogger(n).level for n in THIRD_PARTY_LOGGERS if n in known}
     bars_on = "transformers" not in sys.modules or _hf_logging().is_progress_bar_enabled()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for h in handlers:
-            h.addFilter(keep_ours)
         try:
             quiet_loggers()
             yield
         finally:
-            for h in handlers:
-                h.removeFilter(keep_ours)
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
+            for h in _log_handlers():
+                h.removeFilter(_OURS_OR_ERRORS)
             if bars_on and "transformers" in sys.modules:
                 _hf_logging().enable_progress_bar()
 
 
 def quiet_loggers() -> None:
-    """Third-party loggers to ERROR; transformers' progress bars off (once it is imported)."""
-    for name in THIRD_PARTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+    """Drop third-party records below ERROR at every handler they reach: the root's and the
+    libraries' own (torch and transformers log through their own handlers and set their
+    loggers' levels themselves, so levels would not hold); transformers' progress bars off."""
+    for h in _log_handlers():
+        if _OURS_OR_ERRORS not in h.filters:
+            h.addFilter(_OURS_OR_ERRORS)
     if "transformers" in sys.modules:
         _hf_logging().disable_progress_bar()
+
+
+def _log_handlers() -> set[logging.Handler]:
+    """The root's handlers and those of the THIRD_PARTY_LOGGERS and their children."""
+    loggers = [logging.getLogger()] + [
+        lg
+        for name, lg in list(logging.root.manager.loggerDict.items())
+        if isinstance(lg, logging.Logger) and name.split(".")[0] in THIRD_PARTY_LOGGERS
+    ]
+    return {h for lg in loggers for h in lg.handlers}
 
 
 def _hf_logging() -> Any:
@@ -260,6 +265,9 @@ class _OursOrErrors(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.name.startswith("fedmobillm") or record.levelno >= logging.ERROR
+
+
+_OURS_OR_ERRORS = _OursOrErrors()
 
 
 class Demo:
@@ -424,7 +432,7 @@ class Demo:
                 log.info("skipping %s at %s: failed before (%s)", backbone, quant, failed)
                 continue
             log.info("exporting %s (%s, %d taps, onnx) -> %s", backbone, quant, num_taps, out)
-            if not cfg.debug:  # torch sets its loggers' levels on import: quiet them after
+            if not cfg.debug:  # torch adds its own log handlers on import: quiet them too
                 import torch  # noqa: F401
 
                 quiet_loggers()
