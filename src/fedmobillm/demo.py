@@ -457,10 +457,14 @@ class Demo:
 
     def _exported(self, backbone: str, bundle: Path, errors: list[str]) -> Path:
         """Note the bundle's architecture and quantization (from its manifest), and why the
-        quantization is not the one asked for, if it is not: never a silent fallback."""
+        quantization is not the one asked for, if it is not: never a silent fallback. The
+        reason: the variants this demo tried first, and the manifest's ``quant_fallback``
+        (when the exporter fell back by itself)."""
         from fedmobillm.device_runtime.protocol import MANIFEST_NAME, Manifest
 
         manifest = Manifest.from_dict(json.loads((bundle / MANIFEST_NAME).read_text()))
+        if manifest.extra.get("quant_fallback"):
+            errors = [*errors, str(manifest.extra["quant_fallback"])]
         self.architectures[backbone] = manifest.architecture
         self.quants[backbone] = change = quant_change(self.cfg.quant, manifest.quant, errors)
         if change["quant_fallback"]:
@@ -747,7 +751,7 @@ class Demo:
         plot_validation(
             self.history,
             self.out / "validation.png",
-            names={a: model_name(b) for b, a in arch.items()},
+            names={a: _legend_name(b, self.quants.get(b, {})) for b, a in arch.items()},
             kept=self.kept,
             test_accuracy={arch[r["name"]]: r["accuracy"] for r in rows if "accuracy" in r},
             majority_rate=self.majority_rate,
@@ -837,6 +841,12 @@ def _progress_row(st: dict[str, Any], n_dev: int, n_done: int, t: float) -> dict
         "devices_running": n_dev - n_done,
         "devices_done": n_done,
     }
+
+
+def _legend_name(backbone: str, quant: dict[str, Any]) -> str:
+    """The model name, with its quantization when that fell back ("SmolLM2-135M, fp32")."""
+    name = model_name(backbone)
+    return f"{name}, {quant['quant']}" if quant.get("quant_fallback") else name
 
 
 def _upload_stats(devs: list[DeviceSpec]) -> dict[str, Any]:
