@@ -178,7 +178,14 @@ def quantize_onnx_int8(
 ) -> None:
     """Dynamic int8 with per-channel weights (onnxruntime ``quantize_dynamic``).
     ``op_types``: node types to quantize (None: every type onnxruntime can); ``exclude``:
-    node names kept fp32; ``quiet``: silence the quantizer's line per tensor."""
+    node names kept fp32; ``quiet``: silence the quantizer's line per tensor.
+
+    Weights use 7 bits (``reduce_range``): on x86 CPUs without VNNI (AVX2, AVX-512 without
+    VNNI) onnxruntime multiplies uint8 activations by int8 weights with VPMADDUBSW, which
+    sums pairs of products into int16 and saturates past 32,767 (255 * 127 * 2 = 64,770).
+    With 8-bit weights SmolLM2's int8 graph fell to min cosine 0.49 on such a CPU and passed
+    on one with VNNI; with 7-bit weights no pair can saturate (255 * 63 * 2 = 32,130).
+    See docs/export.md, "int8 on CPUs without VNNI"."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root = logging.getLogger()
@@ -191,6 +198,7 @@ def quantize_onnx_int8(
             str(dst),
             weight_type=QuantType.QInt8,
             per_channel=True,
+            reduce_range=True,  # no int16 saturation without VNNI (see above)
             op_types_to_quantize=list(op_types) if op_types else None,
             nodes_to_exclude=list(exclude),
         )

@@ -8,6 +8,7 @@ when every stage passed, so a failed export never leaves a broken bundle behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -42,9 +43,10 @@ STAGES = ("load", "wrap", "calibrate", "export", "quantize", "lower", "verify")
 
 
 # Bumped whenever an exporter change may turn a variant that failed its verification into
-# one that passes (2: ONNX int8 keeps outlier-range MatMuls in fp32). Callers that remember
-# failed variants (the demo, the benchmarks) record it and retry when it has moved on.
-EXPORTER_REVISION = 2
+# one that passes (2: ONNX int8 keeps outlier-range MatMuls in fp32; 3: ONNX int8 weights
+# use 7 bits, no int16 saturation on CPUs without VNNI). Callers that remember failed
+# variants (the demo, the benchmarks) record it and retry when it has moved on.
+EXPORTER_REVISION = 3
 
 
 def failed_before(marker: Path) -> str | None:
@@ -87,6 +89,7 @@ class ExportOptions:
     max_seq_len: int = 128
     calibration: str | None = None
     max_batch: int = MAX_BATCH
+    fallback_quant: str | None = None  # exported instead when `quant` fails verification
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,7 +111,14 @@ class ExportOptions:
             raise FedMobiLLMError(
                 f"--max-seq-len {self.max_seq_len} is out of range", hint="use 2..8192"
             )
+        if self.fallback_quant not in (None, *QUANTS):
+            raise FedMobiLLMError(
+                f"unknown fallback quantization {self.fallback_quant!r}",
+                hint=f"use one of {', '.join(QUANTS)}",
+            )
         check_combination(self.quant, self.formats)
+        if self.fallback_quant:
+            check_combination(self.fallback_quant, self.formats)
 
 
 @contextlib.contextmanager
@@ -265,8 +275,13 @@ def export_bundle(
     max_seq_len: int = 128,
     calibration: str | None = None,
     budget_mb: float | None = None,
+    fallback_quant: str | None = None,
 ) -> Manifest:
-    """Export `model` to a bundle in `out_dir`; returns its (validated) manifest."""
+    """Export `model` to a bundle in `out_dir`; returns its (validated) manifest.
+
+    ``fallback_quant`` (e.g. "fp32"): when the ``quant`` graph fails its verification,
+    export this quantization instead; manifest.json says so (``quant``: the one used,
+    ``quant_requested``: the one asked for, ``quant_fallback``: why, else null)."""
     opts = ExportOptions(
         model,
         Path(out_dir),
@@ -277,6 +292,7 @@ def export_bundle(
         tuple(formats),
         int(max_seq_len),
         calibration,
+        fallback_quant=fallback_quant,
     )
     check_out_dir(opts.out_dir)
     quiet_libraries()
@@ -337,7 +353,7 @@ def build_bundle(opts: ExportOptions) -> Manifest:
     opts.out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{opts.out_dir.name}.", dir=opts.out_dir.parent))
     try:
-        manifest = _build_into(opts, tmp)
+        manifest = _build_with_fallback(opts, tmp)
         _replace_dir(tmp, opts.out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -349,6 +365,29 @@ def build_bundle(opts: ExportOptions) -> Manifest:
             f"{k} {v / 1e6:.1f} MB" for k, v in ((n, i["bytes"]) for n, i in manifest.files.items())
         ),
     )
+    return manifest
+
+
+def _build_with_fallback(opts: ExportOptions, tmp: Path) -> Manifest:
+    """``_build_into`` at ``opts.quant``; when that graph fails its verification and a
+    different ``opts.fallback_quant`` is given, again at the fallback, saying why (never a
+    silent fallback: a warning, and ``quant_requested`` / ``quant_fallback`` in the
+    manifest)."""
+    fallback = opts.fallback_quant
+    try:
+        return _build_into(opts, tmp)
+    except FedMobiLLMError as exc:
+        if not fallback or fallback == opts.quant or not exc.message.startswith("stage verify"):
+            raise
+        reason = exc.message
+    log.warning("export: %s failed verification (%s); exporting %s", opts.quant, reason, fallback)
+    for leftover in tmp.iterdir():
+        shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    retry = dataclasses.replace(opts, quant=fallback, fallback_quant=None, stage_seconds={})
+    manifest = _build_into(retry, tmp)
+    opts.stage_seconds.update(retry.stage_seconds)
+    manifest.extra.update(quant_requested=opts.quant, quant_fallback=f"{opts.quant}: {reason}")
+    _write_manifest(manifest, tmp)
     return manifest
 
 
@@ -429,8 +468,13 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
         manifest = _manifest(
             opts, folder, info, taps, pivot, scales, graph_params, tokenizer, errors, tmp
         )
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
+        _write_manifest(manifest, tmp)
     return manifest
+
+
+def _write_manifest(manifest: Manifest, folder: Path) -> None:
+    manifest.validate()
+    (folder / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
 
 
 def _trim(ids, mask):
@@ -512,6 +556,8 @@ def _manifest(
             "max_batch": opts.max_batch,
             "formats": list(opts.formats),
             "verification": errors,
+            "quant_requested": opts.quant,  # the bundle's is `quant`; they differ after a
+            "quant_fallback": None,  # fallback (`fallback_quant`), and this says why
             "export_seconds": {k: round(v, 2) for k, v in opts.stage_seconds.items()},
         },
     )
