@@ -276,3 +276,24 @@ def test_budget_too_small_names_what_was_tried(tiny_model, tmp_path):
         )
     assert not (tmp_path / "b").exists()
     assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_fallback_quant_is_recorded_not_silent(tiny_model, tmp_path, monkeypatch, caplog):
+    """Prepare: an int8 check no graph can pass (floor above 1). Execute: export int8 with
+    fallback fp32. Assert: the bundle is fp32 and its manifest names the quant asked for
+    and why it fell back; without a fallback the export fails."""
+    from fedmobillm.errors import FedMobiLLMError
+    from fedmobillm.export import pipeline
+
+    monkeypatch.setattr(pipeline, "QUANT_MIN_COSINE", 1.01)
+    folder = str(tiny_model("llama"))
+    manifest = pipeline.export_bundle(
+        folder, tmp_path / "b", layers=[1], quant="int8", formats=("onnx",), fallback_quant="fp32"
+    )
+    saved = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert saved["quant"] == manifest.quant == "fp32" and saved["quant_requested"] == "int8"
+    assert saved["quant_fallback"].startswith("int8: stage verify failed: onnx int8 graph")
+    assert "min cosine" in saved["quant_fallback"]
+    assert "failed verification" in caplog.text
+    with pytest.raises(FedMobiLLMError, match="stage verify failed"):
+        pipeline.export_bundle(folder, tmp_path / "c", layers=[1], quant="int8", formats=("onnx",))
