@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-FAMILIES = ["bert", "roberta", "llama", "qwen2", "gpt2", "opt"]
+FAMILIES = ["bert", "roberta", "llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt"]
 VOCAB = 30522  # the MiniLM (bert-base-uncased) tokenizer is reused for every family
 
 
@@ -28,8 +28,9 @@ def _config(family: str):
             **common,
             **extra,
         )
-    if family in ("llama", "qwen2"):
-        cls = tf.LlamaConfig if family == "llama" else tf.Qwen2Config
+    if family in ("llama", "qwen2", "mistral"):
+        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}
+        cls = cls[family]
         return cls(
             hidden_size=32,
             num_hidden_layers=3,
@@ -41,6 +42,15 @@ def _config(family: str):
         )
     if family == "gpt2":
         return tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=256, **common)
+    if family == "gpt_neox":  # fused qkv projection, split in the graph
+        return tf.GPTNeoXConfig(
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=256,
+            **common,
+        )
     return tf.OPTConfig(
         hidden_size=32,
         num_hidden_layers=3,
@@ -105,20 +115,54 @@ def _check(bundle: Path, fmt: str, tol_cos: float = 0.9999):
     return m
 
 
+def _check_shapes(bundle: Path, fmt: str, tol_cos: float = 0.9999) -> None:
+    """The graph at other batch sizes and lengths than it was exported and calibrated with
+    (example batch 2; calibration sentences shorter than max_seq_len): batch 1 at length 3,
+    and batch 5 at max_seq_len with one right-padded row, each against eager."""
+    import torch
+
+    from fedmobillm.device_runtime.graph import run_taps
+    from fedmobillm.export.calibrate import compare
+    from fedmobillm.export.graphs import FILE_NAMES
+    from fedmobillm.export.wrapper import eager_reference
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    for batch, seq in ((1, 3), (5, m["max_seq_len"])):
+        g = torch.Generator().manual_seed(batch * seq)
+        ids = torch.randint(1000, VOCAB, (batch, seq), generator=g)  # (B, T)
+        mask = torch.ones(batch, seq, dtype=torch.int64)  # (B, T)
+        if batch > 1:
+            mask[1, seq // 2 :] = 0
+        ref = eager_reference(Path(m["source_model"]), m["taps"], m["pivot"], ids, mask)
+        got = run_taps(bundle / FILE_NAMES[fmt], ids.numpy(), mask.numpy(), fmt)
+        err = compare(got, ref.numpy())
+        assert min(err.cosine) >= tol_cos, (batch, seq, err)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_exports_to_onnx_and_matches(make_bundle, tiny_model, family):
     bundle = make_bundle(str(tiny_model(family)), layers=[1, 2], formats=("onnx",))
     m = _check(bundle, "onnx")
+    _check_shapes(bundle, "onnx")
     expected = "encoder" if family in ("bert", "roberta") else "decoder"
     assert m["kind"] == expected
     assert m["pivot"] == ("first" if expected == "encoder" else "last")
     assert m["family"] == family and m["depth"] == 3 and m["taps"] == [1, 2]
 
 
-@pytest.mark.parametrize("family,quant", [("bert", "fp32"), ("llama", "fp32"), ("llama", "int8")])
+# GPT-2's .pte is not lowered (XNNPACK lowering: "Cannot view a tensor with shape
+# [batch, seq, d] and strides (d, d*batch, 1)"); its ONNX graph is. RoBERTa is BERT's graph.
+PTE_CASES = [(f, "fp32") for f in FAMILIES if f not in ("roberta", "gpt2")] + [("llama", "int8")]
+
+
+@pytest.mark.parametrize("family,quant", PTE_CASES)
 def test_family_exports_to_pte_and_matches(make_bundle, tiny_model, family, quant):
+    """Each family's .pte at the export's shapes and at two others (dynamic batch and
+    length held through the ExecuTorch lowering, see export/graphs.py write_pte)."""
     bundle = make_bundle(str(tiny_model(family)), layers=[1], quant=quant, formats=("pte",))
-    _check(bundle, "pte", tol_cos=0.9999 if quant == "fp32" else 0.98)
+    tol = 0.9999 if quant == "fp32" else 0.98
+    _check(bundle, "pte", tol_cos=tol)
+    _check_shapes(bundle, "pte", tol_cos=tol)
 
 
 def test_final_norm_and_head_not_in_graph(make_bundle, tiny_model):
