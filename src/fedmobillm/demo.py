@@ -400,6 +400,10 @@ class Demo:
 
     def export_bundles(self) -> dict[str, Path]:
         cfg = self.cfg
+        if not cfg.debug:  # torch adds its own log handlers on import (before the models are
+            import torch  # noqa: F401  # resolved, which imports torchao): quiet them too
+
+            quiet_loggers()
         num_taps = cfg.taps or self._shallowest_depth()
         bundles: dict[str, Path] = {}
         for backbone in cfg.backbones:
@@ -432,10 +436,6 @@ class Demo:
                 log.info("skipping %s at %s: failed before (%s)", backbone, quant, failed)
                 continue
             log.info("exporting %s (%s, %d taps, onnx) -> %s", backbone, quant, num_taps, out)
-            if not cfg.debug:  # torch adds its own log handlers on import: quiet them too
-                import torch  # noqa: F401
-
-                quiet_loggers()
             try:
                 export_bundle(
                     backbone,
