@@ -286,6 +286,8 @@ class Trainer:
         # Non-finite steps skipped (never applied), the last one, and the quarantine as read
         # from the store (polled every QUARANTINE_POLL_S)
         self.skipped_steps = 0
+        # checked on the trainer thread (which owns the weights), read by status()
+        self.weights_finite = True
         self.last_nonfinite: dict[str, Any] | None = None
         self._quarantine_polled = 0.0
 
@@ -446,6 +448,13 @@ class Trainer:
             blamed or "no device (every sample is finite on its own)",
         )
 
+    def _check_finite(self) -> bool:
+        """Whether the weights are finite; only on the trainer thread (status reads the
+        result: the weights may not be iterated while the thread adds an architecture)."""
+        assert self.side is not None
+        self.weights_finite = self.side.is_finite()
+        return self.weights_finite
+
     def _rng(self) -> np.random.Generator:
         step = self.side.step if self.side else 0
         return np.random.default_rng([self.settings.seed, step])
@@ -481,6 +490,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         assert self.side is not None
+        self._check_finite()
         self._evaluated_on = self._validation_size()
         val = {}
         for name, a in sorted(self.cache.archs.items()):
@@ -537,7 +547,7 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         assert self.side is not None
-        if not self.side.is_finite():  # never written, so never the one resumed from
+        if not self._check_finite():  # never written, so never the one resumed from
             log.error("weights are not finite at step %d: not checkpointed", self.side.step)
             return
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -607,7 +617,7 @@ class Trainer:
         """Export every architecture's personal model (or only those in ``only``). Without
         ``force``, an architecture with a best-validation snapshot keeps that snapshot."""
         assert self.side is not None
-        if not self.side.is_finite():
+        if not self._check_finite():
             log.error(
                 "weights are not finite at step %d: no personal model exported", self.side.step
             )
@@ -669,7 +679,7 @@ class Trainer:
                 "shared_anchors": self.cache.shared_anchors(),
                 "personal_models": dict(self.exported),
                 # what was kept out of training: never a silent NaN
-                "weights_finite": side.is_finite() if side else True,
+                "weights_finite": self.weights_finite,
                 "skipped_steps": self.skipped_steps,
                 "last_nonfinite": self.last_nonfinite,
                 "quarantined": sorted(self.cache.quarantined),
