@@ -21,6 +21,16 @@ from fedmobillm.server.local import LocalServer
 
 ADMIN = "test-admin-token-0123456789abcdef"
 LABELS = ["negative", "positive"]
+# Trainer settings that make a real server train, evaluate and export within seconds
+FAST = {
+    "train": True,
+    "batch_size": 32,
+    "checkpoint_every": 20,
+    "eval_every": 20,
+    "export_every": 40,
+    "idle_after_epochs": 0,
+    "side_width": 32,
+}
 
 
 def synthetic_by_id(ids: np.ndarray, k: int, d: int, seed: int, num_labels: int = 2):

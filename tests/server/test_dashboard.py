@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from server_helpers import (
     ADMIN,
+    FAST,
     admin_headers,
     make_manifest,
     make_payload,
@@ -42,15 +43,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-FAST = {
-    "train": True,
-    "batch_size": 32,
-    "checkpoint_every": 20,
-    "eval_every": 20,
-    "export_every": 40,
-    "idle_after_epochs": 0,
-    "side_width": 32,
-}
 WAIT_MS = 30_000
 
 

@@ -9,7 +9,6 @@ import pytest
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.settings import load_settings
 
-
 STRONG = "settings-test-admin-token-7f3a9c1e5b"
 
 

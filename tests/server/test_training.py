@@ -11,19 +11,17 @@ import zipfile
 import httpx
 import onnxruntime as ort
 import pytest
-from server_helpers import admin_headers, make_manifest, make_payload, register, synthetic, upload
+from server_helpers import (
+    FAST,
+    admin_headers,
+    make_manifest,
+    make_payload,
+    register,
+    synthetic,
+    upload,
+)
 
 pytestmark = pytest.mark.integration
-
-FAST = {
-    "train": True,
-    "batch_size": 32,
-    "checkpoint_every": 20,
-    "eval_every": 20,
-    "export_every": 40,
-    "idle_after_epochs": 0,
-    "side_width": 32,
-}
 
 
 def wait_status(url: str, pred, timeout: float = 90.0) -> dict:
