@@ -42,10 +42,28 @@ octet-stream``). Its ``__metadata__`` is the JSON header (all values strings)::
 and its tensors::
 
     activations  int8 or float16  [N, K, d]   pivot activations, one vector per tap
-    scales       float32          [K]         int8 only: value = int8 * scale
+                                  [N, K, T, d] token activations (with ``lengths``)
+    scales       float32          [K]         int8 only: value = int8 * scale (per tap)
     labels       int64            [N]         class index; -1 = unlabelled
     sample_ids   int64            [N]         device-local record index, unique per split
                                               (anchor: the anchor id)
+    lengths      int64            [N]         token batches only: real tokens per sample
+
+Two layouts, one per bundle kind (a federation is either pivot or tokens):
+
+- pivot bundle (manifest ``pivot`` first/last/mean): no ``lengths``; ``activations`` is
+  ``[N, K, d]``, one vector per tap per sample.
+- token bundle (manifest ``pivot == "none"``): ``lengths`` is present, ``1 <= lengths[i]
+  <= T`` and ``T = max(lengths)`` (a batch is padded only to its longest sample);
+  ``activations`` is ``[N, K, T, d]`` with the taps at every real token in the sample's
+  token order (padding side of the tokenizer removed: position 0 is the first real
+  token), and every position ``t >= lengths[i]`` is exactly zero (the server refuses
+  non-zero padding). ``scales`` stays ``[K]``.
+
+Bytes per sample (what ``bytes_per_sample`` reports): ``K * d * b`` for a pivot sample and
+``K * lengths[i] * d * b`` for a token sample, b = 1 for int8 and 2 for fp16; padding is
+not counted (the server stores each sample unpadded). The bound for a token sample is
+``K * max_seq_len * d * b``.
 
 The ``Authorization: Bearer <device token>`` header authenticates the device.
 """
@@ -70,20 +88,26 @@ PIVOTS = ("first", "last", "mean", "none")
 QUANTS = ("fp32", "int8", "8da4w")
 ENCODINGS = ("int8", "fp16")
 SPLITS = ("train", "validation", "anchor")
+TOKEN_PIVOT = "none"  # manifest pivot of a token bundle (taps at every token)
+BYTES_PER_VALUE = {"int8": 1, "fp16": 2}  # per encoding
 
 # Tensor names in an upload payload.
 T_ACTIVATIONS = "activations"
 T_SCALES = "scales"
 T_LABELS = "labels"
 T_SAMPLE_IDS = "sample_ids"
+T_LENGTHS = "lengths"  # token batches only: int64 [N], real tokens per sample
 
 # Personal model (what the server hands a device): a zip of a folder with
 PERSONAL_ONNX = "personal.onnx"  # PERSONAL_INPUT float32 [B, K, d] -> PERSONAL_OUTPUT [B, C]
+#   token personal model (personal.json inputs == "tokens"): PERSONAL_INPUT float32
+#   [B, K, T, d] and PERSONAL_MASK int64 [B, T] (1 = real token) -> PERSONAL_OUTPUT [B, C]
 PERSONAL_PTE = "personal.pte"  # same graph for ExecuTorch, when it lowers
 PERSONAL_WEIGHTS = "personal.safetensors"
 PERSONAL_MANIFEST = "personal.json"  # messages.PersonalManifest
 PERSONAL_INPUT = "activations"  # the personal graph's input and output names
 PERSONAL_OUTPUT = "logits"
+PERSONAL_MASK = "attention_mask"  # token personal models only: int64 [B, T]
 
 
 @dataclass
@@ -114,6 +138,11 @@ class Manifest:
     @property
     def num_taps(self) -> int:
         return len(self.taps)
+
+    @property
+    def tokens(self) -> bool:
+        """A token bundle (``pivot == "none"``): its graph emits taps at every token."""
+        return self.pivot == TOKEN_PIVOT
 
     @property
     def architecture(self) -> str:
@@ -188,6 +217,18 @@ class Manifest:
             problems.append("hidden_size and max_seq_len must be positive")
         if problems:
             raise FedMobiLLMError("invalid manifest: " + "; ".join(problems))
+
+
+def bytes_per_sample(
+    num_taps: int, hidden_size: int, encoding: str = "int8", tokens: int | None = None
+) -> int:
+    """Upload bytes of one sample's activations: ``K * d * b`` for a pivot sample, ``K *
+    tokens * d * b`` for a token sample with ``tokens`` real tokens (b = 1 for int8, 2 for
+    fp16). Padding is not counted. With ``tokens = max_seq_len`` it is the T x K x d bound."""
+    if encoding not in BYTES_PER_VALUE:
+        raise FedMobiLLMError(f"encoding must be one of {ENCODINGS}, not {encoding!r}")
+    per_token = int(num_taps) * int(hidden_size) * BYTES_PER_VALUE[encoding]
+    return per_token if tokens is None else per_token * int(tokens)
 
 
 def bundle_digest(manifest: Manifest | dict[str, Any]) -> str:
