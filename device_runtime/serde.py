@@ -14,11 +14,13 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from fedmobillm.device_runtime.protocol import (
+    BYTES_PER_VALUE,
     ENCODINGS,
     PROTOCOL_VERSION,
     SPLITS,
     T_ACTIVATIONS,
     T_LABELS,
+    T_LENGTHS,
     T_SAMPLE_IDS,
     T_SCALES,
 )
@@ -31,50 +33,125 @@ class PayloadError(FedMobiLLMError):
 
 @dataclass
 class Batch:
-    """One upload: N samples, K taps, width d."""
+    """One upload: N samples, K taps, width d; a token batch (``lengths`` set) also has T
+    positions, T = max(lengths), padding (t >= lengths[i]) exactly zero."""
 
     device_id: str
     bundle_sha256: str
     idempotency_key: str
     split: str
     encoding: str
-    activations: np.ndarray  # (N, K, d) int8 or float16
+    activations: np.ndarray  # (N, K, d) int8 or float16; token batch: (N, K, T, d)
     labels: np.ndarray  # (N,) int64, -1 = unlabelled
     sample_ids: np.ndarray  # (N,) int64
     scales: np.ndarray | None = None  # (K,) float32, int8 only
     protocol: int = PROTOCOL_VERSION
+    lengths: np.ndarray | None = None  # (N,) int64 real tokens per sample: token batch only
 
     @property
     def num_samples(self) -> int:
         return int(self.activations.shape[0])
 
+    @property
+    def tokens(self) -> bool:
+        """A token batch: activations (N, K, T, d) with ``lengths``."""
+        return self.lengths is not None
+
     def dequantized(self) -> np.ndarray:
-        """float32 (N, K, d)."""
-        return dequantize(self.activations, self.scales)
+        """float32 (N, K, d), or (N, K, T, d) for a token batch."""
+        return dequantize(self.activations, self.scales, tokens=self.tokens)
+
+    def bytes_per_sample(self) -> np.ndarray:
+        """(N,) int64 activation bytes of each sample as stored: K * d * b, or K *
+        lengths[i] * d * b for a token batch (padding not counted; b = 1 int8, 2 fp16)."""
+        k, d = self.activations.shape[1], self.activations.shape[-1]
+        per = k * d * BYTES_PER_VALUE[self.encoding]
+        if self.lengths is None:
+            return np.full(self.num_samples, per, dtype=np.int64)
+        return np.asarray(self.lengths, dtype=np.int64) * per
+
+
+def _per_tap(scales: np.ndarray, ndim: int) -> np.ndarray:
+    """(K,) scales shaped to broadcast over axis 1 of an (N, K, ...) array of ``ndim``."""
+    return np.asarray(scales, dtype=np.float32).reshape((1, -1) + (1,) * (ndim - 2))
 
 
 def quantize_int8(x: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """Symmetric per-tap int8: x (N, K, d) float, scales (K,) -> int8 (N, K, d)."""
-    s = np.asarray(scales, dtype=np.float32).reshape(1, -1, 1)  # (1, K, 1)
-    return np.clip(np.rint(x / s), -127, 127).astype(np.int8)
+    """Symmetric per-tap int8: x (N, K, d) or token taps (N, K, T, d) float, scales (K,) ->
+    int8 of the same shape. Zero stays exactly zero (token padding)."""
+    if x.ndim not in (3, 4):
+        raise FedMobiLLMError(f"quantize_int8 takes (N, K, d) or (N, K, T, d), got {x.shape}")
+    return np.clip(np.rint(x / _per_tap(scales, x.ndim)), -127, 127).astype(np.int8)
 
 
-def dequantize(q: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
-    """int8 ``(..., K, d)`` times per-tap ``scales`` (K,), or float16 as it is -> float32
-    ``(..., K, d)``: a batch (N, K, d) or one stored sample (K, d)."""
+def dequantize(q: np.ndarray, scales: np.ndarray | None, tokens: bool = False) -> np.ndarray:
+    """int8 times per-tap ``scales`` (K,), or float16 as it is -> float32, same shape.
+
+    Pivot (``tokens=False``): ``(..., K, d)``: a batch (N, K, d) or one stored sample (K, d).
+    Tokens (``tokens=True``, implied by 4-D): ``(..., K, T, d)``: a batch (N, K, T, d) or one
+    stored sample (K, L, d)."""
     if q.dtype == np.int8:
         if scales is None:
             raise PayloadError("int8 activations need scales")
-        return q.astype(np.float32) * np.asarray(scales, np.float32).reshape(-1, 1)  # (K, 1)
+        tail = (1, 1) if tokens or q.ndim == 4 else (1,)
+        s = np.asarray(scales, np.float32).reshape((-1,) + tail)  # (K, 1[, 1])
+        return q.astype(np.float32) * s
     return q.astype(np.float32)
 
 
+def check_layout(act: np.ndarray, lengths: np.ndarray | None) -> None:
+    """The activations' layout: [N, K, d] without lengths; with lengths (int64 [N]) a token
+    batch [N, K, T, d] with 1 <= lengths[i] <= T, T = max(lengths) and zeros at every
+    position t >= lengths[i]. Raises PayloadError saying what is wrong."""
+    if lengths is None:
+        if act.ndim == 4:
+            raise PayloadError(
+                f"activations {list(act.shape)} are token taps [N, K, T, d] but the payload "
+                f"has no '{T_LENGTHS}' tensor (int64 [N], real tokens per sample)"
+            )
+        if act.ndim != 3 or act.shape[0] == 0:
+            raise PayloadError(f"activations must be [N, K, d] with N > 0, got {list(act.shape)}")
+        return
+    if act.ndim != 4 or act.shape[0] == 0:
+        raise PayloadError(
+            f"a payload with '{T_LENGTHS}' carries token taps [N, K, T, d] with N > 0, got "
+            f"activations {list(act.shape)}"
+        )
+    n, _, t, _ = act.shape
+    if lengths.dtype != np.int64 or lengths.shape != (n,):
+        raise PayloadError(
+            f"{T_LENGTHS} must be int64 [{n}], got {lengths.dtype} {list(lengths.shape)}"
+        )
+    if (lengths < 1).any() or (lengths > t).any():
+        raise PayloadError(
+            f"{T_LENGTHS} must lie in 1..T = 1..{t}, got {lengths.min()}..{lengths.max()}"
+        )
+    if int(lengths.max()) != t:
+        raise PayloadError(
+            f"activations are padded to T = {t} but the longest sample has {int(lengths.max())} "
+            f"tokens: pad a batch only to its longest sample"
+        )
+    padding = np.arange(t)[None, :] >= lengths[:, None]  # (N, T) True at padding
+    bad = np.flatnonzero(((act != 0).any(axis=(1, 3)) & padding).any(axis=1))  # samples
+    if len(bad):
+        i = int(bad[0])
+        raise PayloadError(
+            f"token padding must be zero: sample {i} has non-zero values past its "
+            f"{int(lengths[i])} tokens ({len(bad)} such samples)"
+        )
+
+
 def encode_batch(batch: Batch) -> bytes:
+    """A Batch -> safetensors bytes; checks the layout first (a token batch: lengths)."""
+    lengths = None if batch.lengths is None else np.asarray(batch.lengths)
+    check_layout(np.asarray(batch.activations), lengths)
     tensors = {
         T_ACTIVATIONS: np.ascontiguousarray(batch.activations),
         T_LABELS: np.ascontiguousarray(batch.labels, dtype=np.int64),
         T_SAMPLE_IDS: np.ascontiguousarray(batch.sample_ids, dtype=np.int64),
     }
+    if lengths is not None:
+        tensors[T_LENGTHS] = np.ascontiguousarray(lengths)
     if batch.encoding == "int8":
         if batch.scales is None:
             raise PayloadError("int8 encoding needs per-tap scales")
@@ -106,9 +183,8 @@ def _read_metadata(payload: bytes) -> dict[str, str]:
     return meta
 
 
-def decode_batch(payload: bytes) -> Batch:
-    """Parse and validate a payload's structure. Raises PayloadError with a clear message."""
-    meta = _read_metadata(payload)
+def _check_header(meta: dict[str, str]) -> None:
+    """The JSON header's fields (see ``protocol``)."""
     missing = [
         k
         for k in ("protocol", "device_id", "bundle_sha256", "idempotency_key", "split", "encoding")
@@ -127,24 +203,23 @@ def decode_batch(payload: bytes) -> Batch:
         raise PayloadError(f"encoding must be one of {ENCODINGS}, not {meta['encoding']!r}")
     if len(meta["idempotency_key"]) > 200:
         raise PayloadError("idempotency_key is longer than 200 characters")
-    try:
-        tensors = st_load(payload)
-    except Exception as exc:  # safetensors raises its own error types
-        raise PayloadError(f"payload is not a valid safetensors file: {exc}") from exc
+
+
+def _check_tensors(tensors: dict[str, np.ndarray], encoding: str) -> None:
+    """Tensor names, dtypes and shapes (activations [N, K, d] or [N, K, T, d] + lengths)."""
     expected = {T_ACTIVATIONS, T_LABELS, T_SAMPLE_IDS}
-    if meta["encoding"] == "int8":
+    if encoding == "int8":
         expected.add(T_SCALES)
+    if T_LENGTHS in tensors:
+        expected.add(T_LENGTHS)
     if set(tensors) != expected:
         raise PayloadError(f"payload tensors are {sorted(tensors)}, expected {sorted(expected)}")
     act = tensors[T_ACTIVATIONS]
-    want = np.int8 if meta["encoding"] == "int8" else np.float16
+    want = np.int8 if encoding == "int8" else np.float16
     if act.dtype != want:
-        raise PayloadError(
-            f"activations dtype {act.dtype} does not match encoding {meta['encoding']}"
-        )
-    if act.ndim != 3 or act.shape[0] == 0:
-        raise PayloadError(f"activations must be [N, K, d] with N > 0, got {list(act.shape)}")
-    n, k, _ = act.shape
+        raise PayloadError(f"activations dtype {act.dtype} does not match encoding {encoding}")
+    check_layout(act, tensors.get(T_LENGTHS))
+    n, k = act.shape[:2]
     labels, ids = tensors[T_LABELS], tensors[T_SAMPLE_IDS]
     for name, t in ((T_LABELS, labels), (T_SAMPLE_IDS, ids)):
         if t.dtype != np.int64 or t.shape != (n,):
@@ -163,15 +238,28 @@ def decode_batch(payload: bytes) -> Batch:
             raise PayloadError("scales must be finite and positive")
     elif not np.isfinite(act).all():
         raise PayloadError("activations contain NaN or infinity")
+
+
+def decode_batch(payload: bytes) -> Batch:
+    """Parse and validate a payload's structure (both layouts: pivot [N, K, d]; tokens
+    [N, K, T, d] + lengths [N], zero padding). Raises PayloadError with a clear message."""
+    meta = _read_metadata(payload)
+    _check_header(meta)
+    try:
+        tensors = st_load(payload)
+    except Exception as exc:  # safetensors raises its own error types
+        raise PayloadError(f"payload is not a valid safetensors file: {exc}") from exc
+    _check_tensors(tensors, meta["encoding"])
     return Batch(
         device_id=meta["device_id"],
         bundle_sha256=meta["bundle_sha256"],
         idempotency_key=meta["idempotency_key"],
         split=meta["split"],
         encoding=meta["encoding"],
-        activations=act,
-        labels=labels,
-        sample_ids=ids,
-        scales=scales,
+        activations=tensors[T_ACTIVATIONS],
+        labels=tensors[T_LABELS],
+        sample_ids=tensors[T_SAMPLE_IDS],
+        scales=tensors.get(T_SCALES),
         protocol=int(meta["protocol"]),
+        lengths=tensors.get(T_LENGTHS),
     )
