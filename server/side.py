@@ -12,8 +12,15 @@ Side network: ``h_j = g_j * h_{j-1} + (1 - g_j) * u_j`` with ``g_j = sigmoid(alp
 and ``u_j`` the aligned tap input, then ``h_j = block_j(h_j)`` (a residual MLP, or a small
 transformer layer over the ladder states ``h_0..h_j``); a swappable head reads ``h_{K_s-1}``.
 
+Token mode (``SideConfig.inputs == "tokens"``): the taps of every real token come in,
+``(N, K, T, d)`` zero-padded with a mask ``(N, T)`` (1 = real token). The same alignment
+applies at every token, ``h`` is ``(B, T, d_s)``, each side block is a pre-LN transformer
+layer over the tokens (keys masked at padding; ``causal``: never at later positions), and the
+head reads the masked mean (or a learned attention pooling) of the last block's states.
+
 ``SideTrainer`` trains it from the activations devices upload (dequantized float32
-``(N, K, d)``), saves/loads (safetensors + JSON, atomic) and exports personal models.
+``(N, K, d)``, or ``(N, K, T, d)`` + mask), saves/loads (safetensors + JSON, atomic) and
+exports personal models.
 """
 
 from __future__ import annotations
@@ -58,7 +65,17 @@ class SideConfig:
 
     width: int = 128  # d_s
     blocks: int = 3  # K_s side blocks
-    block: str = "mlp"  # "mlp" | "transformer"
+    block: str = "mlp"  # "mlp" | "transformer" (pivot mode)
+    # What the side network reads: "pivot" (one vector per tap, (N, K, d)) or "tokens" (every
+    # real token's taps, (N, K, T, d) + mask (N, T)); a federation is one or the other.
+    inputs: str = "pivot"
+    # Token mode only: side blocks ("transformer": pre-LN attention over the tokens + MLP;
+    # "mlp": the MLP alone at each token, no mixing before pooling), the pooling the head
+    # reads ("mean": masked mean over real tokens; "attention": a learned query), and
+    # ``causal``: attention never looks at later positions (the lm task)
+    token_block: str = "transformer"
+    pool: str = "mean"
+    causal: bool = False
     expansion: int = 2  # MLP hidden = expansion * d_s
     heads: int = 4  # transformer blocks only
     dropout: float = 0.3
@@ -99,7 +116,7 @@ class SideConfig:
     anchor_feature: float = 5.0
 
     def __post_init__(self) -> None:
-        problems = []
+        problems = self._token_problems()
         if self.block not in ("mlp", "transformer"):
             problems.append(f"block must be 'mlp' or 'transformer', not {self.block!r}")
         if self.head not in HEADS:
@@ -122,6 +139,28 @@ class SideConfig:
             problems.append(f"lr must be positive, not {self.lr}")
         if problems:
             raise FedMobiLLMError("invalid side-network config: " + "; ".join(problems))
+
+    @property
+    def tokens(self) -> bool:
+        """Token mode: the side network reads every token's taps."""
+        return self.inputs == "tokens"
+
+    def _token_problems(self) -> list[str]:
+        problems = []
+        if self.inputs not in ("pivot", "tokens"):
+            problems.append(f"inputs must be 'pivot' or 'tokens', not {self.inputs!r}")
+        if self.token_block not in ("transformer", "mlp"):
+            problems.append(f"token_block must be 'transformer' or 'mlp', not {self.token_block!r}")
+        if self.pool not in ("mean", "attention"):
+            problems.append(f"pool must be 'mean' or 'attention', not {self.pool!r}")
+        if self.causal and self.inputs != "tokens":
+            problems.append("causal needs inputs 'tokens' (pivot inputs have no token order)")
+        if self.inputs == "tokens":
+            if self.arch_norms:
+                problems.append("arch_norms is for pivot inputs only (MLP side blocks)")
+            if self.token_block == "transformer" and self.width % self.heads:
+                problems.append(f"width {self.width} must be divisible by heads {self.heads}")
+        return problems
 
 
 @dataclass
@@ -167,14 +206,16 @@ class Alignment(nn.Module):
         self.register_buffer("has_input", (counts > 0).float(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B, K, d_a)
+        # x: (B, K, d_a) pivot, or (B, K, T, d_a) tokens: the same map at every token
         z = torch.stack(
             [
                 proj(norm(x[:, k]))
                 for k, (norm, proj) in enumerate(zip(self.norms, self.projs, strict=True))
             ],
             dim=1,
-        )  # (B, K, d_s)
+        )  # (B, K, d_s) or (B, K, T, d_s)
+        if z.dim() == 4:
+            return torch.einsum("bktd,kj->bjtd", z, self.mix)  # (B, K_s, T, d_s)
         return torch.einsum("bkd,kj->bjd", z, self.mix)  # (B, K_s, d_s)
 
 
@@ -276,20 +317,151 @@ class SideNetwork(nn.Module):
         return self.head(h, None if scale is None else (scale[-1], shift[-1]))  # (B, C)
 
 
-class PersonalModel(nn.Module):
-    """Alignment of one architecture + the shared side network: (B, K, d) -> logits (B, C)."""
+# -- token mode ----------------------------------------------------------------------------
 
-    def __init__(self, align: Alignment, side: SideNetwork) -> None:
+# Additive bias at masked attention scores: finite, so a row with every key masked softmaxes
+# to uniform weights instead of NaN, and exp(score - 1e9) is exactly 0 beside a real key.
+MASK_BIAS = -1e9
+
+
+def attention_bias(mask: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Additive attention bias from a (B, T) 0/1 mask: (B, 1, 1, T) keys masked at padding,
+    or (B, 1, T, T) with ``causal`` also at later positions. Dynamic B and T (ONNX)."""
+    m = mask.to(torch.float32)  # (B, T)
+    bias = ((1.0 - m) * MASK_BIAS)[:, None, None, :]  # (B, 1, 1, T)
+    if causal:
+        pos = torch.cumsum(torch.ones_like(m[0]), 0)  # (T,) 1..T
+        later = (pos[None, :] > pos[:, None]).to(torch.float32)  # (T, T) key after query
+        bias = bias + (later * MASK_BIAS)[None, None]  # (B, 1, T, T)
+    return bias
+
+
+def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of h (B, T, d) over real tokens (mask (B, T) 0/1): (B, d); 0 for no real token."""
+    m = mask.to(h.dtype)[..., None]  # (B, T, 1)
+    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+class TokenBlock(nn.Module):
+    """Pre-LN transformer layer over the token states (attention written out: explicit
+    additive mask, exports to ONNX with dynamic B and T); ``attention`` False: MLP only."""
+
+    def __init__(
+        self, width: int, expansion: int, heads: int, dropout: float, attention: bool = True
+    ) -> None:
+        super().__init__()
+        self.heads = heads
+        self.attention = attention
+        if attention:
+            self.norm_attn = nn.LayerNorm(width)
+            self.qkv = nn.Linear(width, 3 * width)
+            self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, expansion * width)
+        self.fc2 = nn.Linear(expansion * width, width)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # h: (B, T, d_s); bias: (B, 1, 1|T, T) additive
+        if self.attention:
+            h = h + self.drop(self.attend(self.norm_attn(h), bias))
+        return h + self.drop(self.fc2(F.gelu(self.fc1(self.norm(h)))))  # (B, T, d_s)
+
+    def attend(self, n: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, t, d = n.shape
+        q, k, v = self.qkv(n).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias  # (B, H, T, T)
+        weights = self.drop(torch.softmax(scores, dim=-1))
+        return self.out((weights @ v).transpose(1, 2).reshape(b, t, d))  # (B, T, d_s)
+
+
+class AttentionPool(nn.Module):
+    """A learned query reads the real tokens: softmax(LN(h) q / sqrt(d)) weighted sum of h."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.query = nn.Parameter(torch.zeros(width))  # start: the masked mean
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # h: (B, T, d_s), mask: (B, T) -> (B, d_s)
+        scores = self.norm(h) @ self.query / math.sqrt(h.shape[-1])  # (B, T)
+        scores = scores + (1.0 - mask.to(h.dtype)) * MASK_BIAS
+        return (torch.softmax(scores, dim=-1)[..., None] * h).sum(1)
+
+
+class TokenSideNetwork(nn.Module):
+    """The shared ladder over tokens: gates, token blocks, pooling, head.
+    Input: aligned taps u (B, K_s, T, d_s) and the mask (B, T)."""
+
+    def __init__(self, config: SideConfig, num_labels: int) -> None:
+        super().__init__()
+        c = config
+        self.temperature = c.gate_temperature
+        self.causal = c.causal
+        self.input_drop = nn.Dropout(c.input_dropout)
+        self.alpha = nn.Parameter(torch.full((c.blocks,), float(c.gate_init)))
+        attention = c.token_block == "transformer"
+        self.blocks = nn.ModuleList(
+            TokenBlock(c.width, c.expansion, c.heads, c.dropout, attention) for _ in range(c.blocks)
+        )
+        self.pool = AttentionPool(c.width) if c.pool == "attention" else None
+        self.head = HEADS[c.head](c.width, num_labels)
+
+    def gates(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha / self.temperature)  # (K_s,)
+
+    def token_states(
+        self, u: torch.Tensor, mask: torch.Tensor, has_input: torch.Tensor
+    ) -> torch.Tensor:
+        """The last block's state at every token: (B, T, d_s). Padding positions hold
+        values that nothing reads; with ``causal`` position t depends on tokens <= t only."""
+        g = self.gates()
+        u = self.input_drop(u)  # (B, K_s, T, d_s)
+        bias = attention_bias(mask, self.causal)
+        h = torch.zeros_like(u[:, 0])  # (B, T, d_s)
+        for j, block in enumerate(self.blocks):
+            gj = 1.0 - has_input[j] * (1.0 - g[j])  # no input: keep the state
+            h = block(gj * h + (1.0 - gj) * u[:, j], bias)  # (B, T, d_s)
+        return h
+
+    def pooled(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_s) states -> (B, d_s) over the real tokens."""
+        return masked_mean(h, mask) if self.pool is None else self.pool(h, mask)
+
+    def forward(self, u: torch.Tensor, mask: torch.Tensor, has_input: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pooled(self.token_states(u, mask, has_input), mask))  # (B, C)
+
+
+class PersonalModel(nn.Module):
+    """Alignment of one architecture + the shared side network: (B, K, d) -> logits (B, C),
+    or in token mode (B, K, T, d) + mask (B, T) -> logits (B, C)."""
+
+    def __init__(self, align: Alignment, side: SideNetwork | TokenSideNetwork) -> None:
         super().__init__()
         self.align = align
         self.side = side
+        self.tokens = isinstance(side, TokenSideNetwork)
 
-    def forward(self, activations: torch.Tensor) -> torch.Tensor:
-        return self.head(self.align(activations))  # (B, C)
+    def forward(
+        self, activations: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.head(self.align(activations), attention_mask)  # (B, C)
 
-    def head(self, u: torch.Tensor) -> torch.Tensor:
-        """Side network + head over already aligned taps u (B, K_s, d_s)."""
+    def head(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Side network + head over already aligned taps u (B, K_s, d_s), or in token mode
+        u (B, K_s, T, d_s) with mask (B, T)."""
+        if isinstance(self.side, TokenSideNetwork):
+            if mask is None:
+                raise FedMobiLLMError("a token-mode side network needs the attention mask")
+            return self.side(u, mask, self.align.has_input)
         return self.side(u, self.align.has_input, self.align.norm_scale, self.align.norm_shift)
+
+    def token_states(self, activations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Token mode: the last side block's state per token, (B, T, d_s)."""
+        if not isinstance(self.side, TokenSideNetwork):
+            raise FedMobiLLMError("token_states needs a token-mode side network")
+        return self.side.token_states(self.align(activations), mask, self.align.has_input)
 
 
 # -- trainer -------------------------------------------------------------------------------
@@ -308,7 +480,8 @@ class SideTrainer:
         self.samples_seen = 0
         self.label_counts: dict[str, np.ndarray] = {}  # arch -> labels drawn so far, (C,)
         torch.manual_seed(seed)
-        self.side = SideNetwork(config, len(label_names))
+        side_cls = TokenSideNetwork if config.tokens else SideNetwork
+        self.side: SideNetwork | TokenSideNetwork = side_cls(config, len(label_names))
         self.aligns = nn.ModuleDict()
         # Averaged copies (config.ema > 0): what evaluation, prediction and export use.
         self.ema_side = copy.deepcopy(self.side).requires_grad_(False) if config.ema else None
@@ -392,29 +565,82 @@ class SideTrainer:
             return c.lr * 0.5 * (1.0 + math.cos(math.pi * t))
         return c.lr
 
+    @property
+    def tokens(self) -> bool:
+        """Token mode (``SideConfig.inputs == "tokens"``)."""
+        return self.config.tokens
+
+    def _unpack(self, item: tuple, what: str) -> tuple:
+        """(arch, x, y, mask) from a group, or (arch, x, mask) from an anchor ("anchor"):
+        pivot mode takes them without the mask (None), token mode with it."""
+        size = (3 if what == "group" else 2) + int(self.tokens)
+        if len(item) != size:
+            form = "(arch, x, y" if what == "group" else "(arch, x"
+            form += ", mask)" if self.tokens else ")"
+            raise FedMobiLLMError(
+                f"a {self.config.inputs}-mode {what} is {form}, got a {len(item)}-tuple",
+                hint="token inputs need their mask (pad_tokens makes x and mask)"
+                if self.tokens
+                else "pivot inputs take no mask",
+            )
+        return (*item, None) if not self.tokens else tuple(item)
+
+    def _tensors_in(
+        self, x: np.ndarray, mask: np.ndarray | None, keep: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Checked float32 x and int64 mask tensors (rows ``keep``). Token mode trims the
+        padding past the longest real sequence: x (N, K, T', d), mask (N, T')."""
+        x = np.asarray(x)
+        if not self.tokens:
+            if mask is not None:
+                raise FedMobiLLMError("pivot inputs take no mask", hint="side.inputs is 'pivot'")
+            if x.ndim != 3:
+                raise FedMobiLLMError(f"pivot inputs are (N, K, d), got shape {x.shape}")
+            x = x if keep is None else x[keep]
+            return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), None
+        if mask is None:
+            raise FedMobiLLMError(
+                "token inputs need their mask (N, T)", hint="pad_tokens returns x and mask"
+            )
+        mask = np.asarray(mask)
+        if x.ndim != 4 or mask.shape != (x.shape[0], x.shape[2]):
+            raise FedMobiLLMError(
+                f"token inputs are x (N, K, T, d) and mask (N, T), got {x.shape} and {mask.shape}"
+            )
+        if keep is not None:
+            x, mask = x[keep], mask[keep]
+        real = mask != 0
+        t = int(np.flatnonzero(real.any(0)).max(initial=0)) + 1  # through the last real token
+        xt = torch.from_numpy(np.ascontiguousarray(x[:, :, :t], dtype=np.float32))
+        return xt, torch.from_numpy(np.ascontiguousarray(real[:, :t], dtype=np.int64))
+
     def train_step(
         self,
-        groups: list[tuple[str, np.ndarray, np.ndarray]],
-        anchors: list[tuple[str, np.ndarray]] | None = None,
+        groups: list[tuple],
+        anchors: list[tuple] | None = None,
     ) -> float:
-        """One optimiser step over mini-batch groups [(arch, x (N, K, d), y (N,))].
-        Unlabelled samples (y = -1) are ignored. ``anchors``: [(arch, x (M, K, d))], row i
-        of every array the same anchor text through that architecture's backbone; with two
-        or more architectures they add the anchor-alignment loss (``SideConfig``). Returns
-        the mean loss (classification + anchor terms). Raises ``NonFiniteStep`` (nothing
-        applied) when the loss or the gradients are not finite."""
+        """One optimiser step over mini-batch groups [(arch, x (N, K, d), y (N,))], or in
+        token mode [(arch, x (N, K, T, d), y (N,), mask (N, T))] (x zero-padded, mask 1 at
+        real tokens; ``pad_tokens`` makes both). Unlabelled samples (y = -1) are ignored.
+        ``anchors``: [(arch, x (M, K, d))] (token mode: [(arch, x (M, K, T_a, d), mask
+        (M, T_a))], T_a per architecture), row i of every array the same anchor text through
+        that architecture's backbone; with two or more architectures they add the
+        anchor-alignment loss (``SideConfig``). Returns the mean loss (classification +
+        anchor terms). Raises ``NonFiniteStep`` (nothing applied) when the loss or the
+        gradients are not finite."""
         self.side.train()
         self.aligns.train()
         logits, targets, archs = [], [], []
-        for arch, x, y in groups:
+        for group in groups:
+            arch, x, y, mask = self._unpack(group, "group")
             keep = np.asarray(y) >= 0
             if not keep.any():
                 continue
             yk = np.asarray(y)[keep].astype(np.int64)  # (N,)
             counts = self.label_counts.setdefault(arch, np.zeros(len(self.label_names)))
             counts += np.bincount(yk, minlength=len(self.label_names))
-            xt = torch.from_numpy(np.ascontiguousarray(x[keep], dtype=np.float32))  # (N, K, d)
-            logits.append(self._model(arch)(xt))  # (N, C)
+            xt, mt = self._tensors_in(x, mask, keep)  # (N, K, d) | (N, K, T, d), (N, T)
+            logits.append(self._model(arch)(xt, mt))  # (N, C)
             targets.append(torch.from_numpy(yk))
             archs.append(arch)
         if not logits:
@@ -456,25 +682,33 @@ class SideTrainer:
             for a, c in self.label_counts.items()
         }
 
-    def _anchor_loss(self, anchors: list[tuple[str, np.ndarray]]) -> torch.Tensor:
-        """Agreement of the architectures on the same anchor texts (see ``SideConfig``)."""
+    def _anchor_loss(self, anchors: list[tuple]) -> torch.Tensor:
+        """Agreement of the architectures on the same anchor texts (see ``SideConfig``).
+        Token mode compares the masked mean over tokens of each block's aligned taps."""
         c = self.config
-        rows = {len(x) for _, x in anchors}
+        items = [self._unpack(item, "anchor") for item in anchors]  # (arch, x, mask)
+        rows = {len(x) for _, x, _ in items}
         if len(rows) != 1:
             raise FedMobiLLMError(f"anchor arrays must have one row count, not {sorted(rows)}")
-        models = [self._model(arch) for arch, _ in anchors]
-        us = [
-            m.align(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)))
-            for m, (_, x) in zip(models, anchors, strict=True)
-        ]  # each (M, K_s, d_s)
+        models = [self._model(arch) for arch, _, _ in items]
+        inputs = [self._tensors_in(x, mask) for _, x, mask in items]
+        us = [m.align(x) for m, (x, _) in zip(models, inputs, strict=True)]
+        # each (M, K_s, d_s), or (M, K_s, T_a, d_s) in token mode
         loss = torch.zeros(())
         if c.anchor_feature:
-            z = torch.stack(us)  # (A, M, K_s, d_s)
+            pooled = [
+                u if mt is None else _pool_blocks(u, mt)
+                for u, (_, mt) in zip(us, inputs, strict=True)
+            ]
+            z = torch.stack(pooled)  # (A, M, K_s, d_s)
             z = F.layer_norm(z, z.shape[-1:])
             loss = loss + c.anchor_feature * (z - z.mean(0, keepdim=True)).pow(2).mean()
         if c.anchor_kl:
             logp = torch.stack(
-                [F.log_softmax(m.head(u), -1) for m, u in zip(models, us, strict=True)]
+                [
+                    F.log_softmax(m.head(u, mt), -1)
+                    for m, u, (_, mt) in zip(models, us, inputs, strict=True)
+                ]
             )  # (A, M, C)
             target = logp.exp().mean(0, keepdim=True).detach()  # (1, M, C)
             kl = (target * (target.clamp_min(1e-8).log() - logp)).sum(-1)  # (A, M)
@@ -482,17 +716,27 @@ class SideTrainer:
         return loss
 
     @torch.no_grad()
-    def predict(self, arch: str, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    def predict(
+        self, arch: str, x: np.ndarray, mask: np.ndarray | None = None, batch: int = 0
+    ) -> np.ndarray:
+        """Logits (N, C) of the averaged model: x (N, K, d), or in token mode x (N, K, T, d)
+        with mask (N, T) (required). ``batch``: rows per forward (0: 1024, tokens 128)."""
         model = self._model(arch, averaged=True).eval()
-        outs = [
-            model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch], dtype=np.float32)))
-            for i in range(0, len(x), batch)
-        ]  # each (b, C)
+        batch = batch or (128 if self.tokens else 1024)
+        outs = []
+        for i in range(0, len(x), batch):
+            part = None if mask is None else np.asarray(mask)[i : i + batch]
+            outs.append(model(*self._tensors_in(np.asarray(x)[i : i + batch], part)))  # (b, C)
+        if not outs:
+            self._tensors_in(np.asarray(x), mask)  # the same errors for an empty x
         return torch.cat(outs).numpy() if outs else np.zeros((0, len(self.label_names)))
 
-    def evaluate(self, arch: str, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    def evaluate(
+        self, arch: str, x: np.ndarray, y: np.ndarray, mask: np.ndarray | None = None
+    ) -> dict[str, float]:
+        """Accuracy and loss on the labelled rows (y >= 0); token mode needs mask (N, T)."""
         keep = np.asarray(y) >= 0
-        logits = self.predict(arch, x[keep])  # (N, C)
+        logits = self.predict(arch, np.asarray(x)[keep], None if mask is None else mask[keep])
         yk = np.asarray(y)[keep]
         if len(yk) == 0:
             return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}
@@ -612,6 +856,33 @@ class SideTrainer:
             pte=pte,
             quant=quant,
         )
+
+
+def _pool_blocks(u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean over tokens of aligned taps u (M, K_s, T, d_s), mask (M, T): (M, K_s, d_s)."""
+    m = mask.to(u.dtype)[:, None, :, None]  # (M, 1, T, 1)
+    return (u * m).sum(2) / m.sum(2).clamp(min=1.0)
+
+
+def pad_tokens(arrays: list[np.ndarray], dtype: Any = np.float32) -> tuple[np.ndarray, np.ndarray]:
+    """Stack per-sample token taps, each (K, T_i, d), zero-padded at the end:
+    x (N, K, Tmax, d) of ``dtype`` and mask (N, Tmax) int64 (1 at the T_i real tokens)."""
+    if not arrays:
+        raise FedMobiLLMError("pad_tokens needs at least one array")
+    shapes = {(a.shape[0], a.shape[2]) if a.ndim == 3 else None for a in arrays}
+    if None in shapes or len(shapes) != 1:
+        raise FedMobiLLMError(
+            "pad_tokens takes arrays (K, T_i, d) with one K and d, got shapes "
+            f"{sorted({tuple(a.shape) for a in arrays})[:4]}"
+        )
+    ((k, d),) = shapes
+    lengths = [a.shape[1] for a in arrays]
+    x = np.zeros((len(arrays), k, max(lengths), d), dtype=dtype)
+    mask = np.zeros((len(arrays), max(lengths)), dtype=np.int64)
+    for i, (a, t) in enumerate(zip(arrays, lengths, strict=True)):
+        x[i, :, :t] = a
+        mask[i, :t] = 1
+    return x, mask
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

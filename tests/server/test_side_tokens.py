@@ -1,0 +1,226 @@
+"""The side network in token mode (issue 15): masked attention over every token's taps,
+padding and causal invariance, learning a label no single end token carries, save/load,
+anchors with a sequence length per architecture, the exported personal graph."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.side import SideConfig, SideTrainer, pad_tokens
+
+CFG = SideConfig(width=32, heads=4, blocks=2, inputs="tokens", warmup_steps=5, dropout=0.1)
+D_A, D_B = 16, 24
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def trainer(seed: int = 0, **config) -> SideTrainer:
+    t = SideTrainer(dataclasses.replace(CFG, **config), ["neg", "pos"], seed=seed)
+    t.add_architecture("A", [2, 4], 4, D_A)
+    t.add_architecture("B", [2, 4, 6], 6, D_B)
+    return t
+
+
+def marker_task(n: int, k: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sequences of 4..10 noise tokens; label 1 when a fixed marker vector (per architecture
+    width) was added at one position strictly inside the sequence (never the first or last
+    token). Returns x (N, K, T, d) zero-padded, mask (N, T), y (N,)."""
+    rng = np.random.default_rng(seed)
+    marker = np.random.default_rng(99 + d).normal(size=(k, d)) * 2.5
+    arrays, y = [], rng.integers(0, 2, size=n)
+    for label in y:
+        t = int(rng.integers(4, 11))
+        a = rng.normal(size=(k, t, d))
+        if label:
+            a[:, int(rng.integers(1, t - 1))] += marker
+        arrays.append(a.astype(np.float32))
+    x, mask = pad_tokens(arrays)
+    return x, mask, y.astype(np.int64)
+
+
+def train(t: SideTrainer, steps: int, seed: int = 0, anchors=None) -> list[float]:
+    xa, ma, ya = marker_task(400, 2, D_A, 1)
+    xb, mb, yb = marker_task(400, 3, D_B, 2)
+    rng = np.random.default_rng(seed)
+    losses = []
+    for _ in range(steps):
+        i = rng.integers(0, 400, 16)
+        groups = [("A", xa[i], ya[i], ma[i]), ("B", xb[i], yb[i], mb[i])]
+        losses.append(t.train_step(groups, anchors))
+    return losses
+
+
+def test_config_is_checked():
+    assert SideConfig().inputs == "pivot" and not SideConfig().tokens
+    for bad, match in (
+        ({"inputs": "words"}, "inputs must be"),
+        ({"inputs": "tokens", "pool": "max"}, "pool must be"),
+        ({"inputs": "tokens", "token_block": "lstm"}, "token_block must be"),
+        ({"inputs": "tokens", "width": 30, "heads": 4}, "divisible by heads"),
+        ({"inputs": "tokens", "arch_norms": True}, "arch_norms is for pivot"),
+        ({"causal": True}, "causal needs inputs 'tokens'"),
+    ):
+        with pytest.raises(FedMobiLLMError, match=match):
+            SideConfig(**bad)
+
+
+def test_pad_tokens():
+    x, mask = pad_tokens([np.ones((2, 3, 4)), 2 * np.ones((2, 1, 4))], dtype=np.float16)
+    assert x.shape == (2, 2, 3, 4) and x.dtype == np.float16
+    assert mask.tolist() == [[1, 1, 1], [1, 0, 0]] and mask.dtype == np.int64
+    assert (x[1, :, 0] == 2).all() and (x[1, :, 1:] == 0).all()
+    with pytest.raises(FedMobiLLMError, match="one K and d"):
+        pad_tokens([np.ones((2, 3, 4)), np.ones((3, 3, 4))])
+    with pytest.raises(FedMobiLLMError, match="at least one"):
+        pad_tokens([])
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"pool": "attention"}, {"causal": True}, {"token_block": "mlp"}],
+    ids=["mean", "attention-pool", "causal", "mlp-blocks"],
+)
+def test_padding_never_changes_the_output(config):
+    """Appending padding positions (holding arbitrary values) leaves the logits unchanged,
+    through the model itself (no trimming), also after training has moved the weights."""
+    t = trainer(**config)
+    train(t, 5)
+    model = t._model("B", averaged=True).eval()
+    x, mask, _ = marker_task(6, 3, D_B, 5)  # (6, 3, T, 24)
+    rng = np.random.default_rng(0)
+    pad = rng.normal(size=(6, 3, 4, D_B)).astype(np.float32) * 5  # not even zero
+    x2 = np.concatenate([x, pad], axis=2)
+    mask2 = np.concatenate([mask, np.zeros((6, 4), np.int64)], axis=1)
+    x2[:, :, : x.shape[2]][np.broadcast_to(mask[:, None, :, None] == 0, x.shape)] = 7.0
+    with torch.no_grad():
+        want = model(torch.from_numpy(x), torch.from_numpy(mask))
+        got = model(torch.from_numpy(x2), torch.from_numpy(mask2))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+    np.testing.assert_allclose(t.predict("B", x2, mask2), t.predict("B", x, mask), atol=1e-5)
+
+
+def test_a_row_without_real_tokens_is_finite():
+    t = trainer(pool="attention", causal=True)
+    x, mask, _ = marker_task(3, 2, D_A, 3)
+    mask[1] = 0
+    assert np.isfinite(t.predict("A", x, mask)).all()
+    model = t._model("A").eval()
+    with torch.no_grad():
+        h = model.token_states(torch.from_numpy(x), torch.from_numpy(mask))
+    assert torch.isfinite(h).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_causal_states_never_see_later_tokens(causal):
+    """With causal, changing tokens from position 4 on leaves the states at 0..3 unchanged;
+    without it they change (the test can tell the two apart)."""
+    t = trainer(causal=causal)
+    train(t, 3)
+    model = t._model("A").eval()
+    x, _, _ = marker_task(4, 2, D_A, 4)
+    mask = np.ones((4, x.shape[2]), np.int64)
+    x2 = x.copy()
+    x2[:, :, 4:] = np.random.default_rng(1).normal(size=x2[:, :, 4:].shape)
+    with torch.no_grad():
+        h1 = model.token_states(torch.from_numpy(x), torch.from_numpy(mask))  # (4, T, 32)
+        h2 = model.token_states(torch.from_numpy(x2), torch.from_numpy(mask))
+    early = float((h1[:, :4] - h2[:, :4]).abs().max())
+    assert float((h1[:, 4:] - h2[:, 4:]).abs().max()) > 1e-3
+    if causal:
+        assert early < 1e-5
+    else:
+        assert early > 1e-3
+
+
+def test_tokens_learn_a_marker_no_end_token_carries():
+    """The label is whether a marker sits inside the sequence. The token network learns it
+    on both architectures; a pivot network on the first token (what an encoder uploads)
+    stays near chance, since that token never holds the marker."""
+    t = trainer()
+    train(t, 150)
+    for arch, k, d in (("A", 2, D_A), ("B", 3, D_B)):
+        x, mask, y = marker_task(300, k, d, 11)
+        assert t.evaluate(arch, x, y, mask)["accuracy"] > 0.9, arch
+    pivot = SideTrainer(SideConfig(width=32, warmup_steps=5), ["neg", "pos"])
+    pivot.add_architecture("A", [2, 4], 4, D_A)
+    xa, _, ya = marker_task(400, 2, D_A, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(150):
+        i = rng.integers(0, 400, 32)
+        pivot.train_step([("A", xa[i, :, 0], ya[i])])
+    x, _, y = marker_task(300, 2, D_A, 11)
+    assert pivot.evaluate("A", x[:, :, 0], y)["accuracy"] < 0.65
+
+
+def test_inputs_are_checked():
+    t = trainer()
+    x, mask, y = marker_task(4, 2, D_A, 1)
+    with pytest.raises(FedMobiLLMError, match=r"\(arch, x, y, mask\)"):
+        t.train_step([("A", x, y)])
+    with pytest.raises(FedMobiLLMError, match="need their mask"):
+        t.predict("A", x)
+    with pytest.raises(FedMobiLLMError, match=r"mask \(N, T\)"):
+        t.evaluate("A", x, y, mask[:, :2])
+    with pytest.raises(FedMobiLLMError, match=r"\(N, K, T, d\)"):
+        t.predict("A", x[:, :, 0], mask)
+    p = SideTrainer(SideConfig(width=32), ["neg", "pos"])
+    p.add_architecture("A", [2, 4], 4, D_A)
+    with pytest.raises(FedMobiLLMError, match="take no mask"):
+        p.predict("A", x[:, :, 0], mask)
+    with pytest.raises(FedMobiLLMError, match=r"\(arch, x, y\)"):
+        p.train_step([("A", x[:, :, 0], y, mask)])
+
+
+def test_save_load_roundtrip_and_resume(tmp_path):
+    t = trainer(pool="attention", logit_adjust=1.0)
+    train(t, 12)
+    assert t.is_finite()
+    t.save(tmp_path / "ck")
+    u = SideTrainer.load(tmp_path / "ck")
+    assert u.tokens and u.config == t.config and u.step == 12
+    x, mask, _ = marker_task(20, 3, D_B, 9)
+    np.testing.assert_array_equal(t.predict("B", x, mask), u.predict("B", x, mask))
+    rng = torch.get_rng_state()  # load() restored the saved RNG: the same dropout masks
+    loss_t = train(t, 1, seed=7)[0]
+    torch.set_rng_state(rng)
+    assert loss_t == pytest.approx(train(u, 1, seed=7)[0], abs=1e-6)
+
+
+def test_anchors_with_a_sequence_length_per_architecture():
+    """The same anchor texts tokenise to other lengths per architecture: the feature term
+    compares per-block masked means, the KL term the heads; both fall with training."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(32, 6, 8))  # 32 anchor "texts" of 6 latent tokens
+
+    def view(k: int, d: int, split: int, seed: int):
+        maps = np.random.default_rng(seed).normal(size=(k, 8, d)) / np.sqrt(8)
+        arrays = []
+        for text in z:  # architecture B splits every latent token into `split` tokens
+            tokens = np.repeat(text, split, axis=0)  # (6 * split, 8)
+            arrays.append(np.einsum("tz,kzd->ktd", tokens, maps).astype(np.float32))
+        return pad_tokens(arrays)
+
+    (xa, ma), (xb, mb) = view(2, D_A, 1, 1), view(3, D_B, 2, 2)
+    assert xa.shape[2] != xb.shape[2]
+    anchors = [("A", xa, ma), ("B", xb, mb)]
+    t = trainer()
+    with torch.no_grad():
+        before = float(t._anchor_loss(anchors))
+    losses = train(t, 40, anchors=anchors)
+    with torch.no_grad():
+        after = float(t._anchor_loss(anchors))
+    assert np.isfinite(losses).all() and after < 0.7 * before, (before, after)
+    with pytest.raises(FedMobiLLMError, match=r"\(arch, x, mask\)"):
+        t.train_step([("A", xa, np.zeros(32, np.int64), ma)], [("A", xa), ("B", xb)])
