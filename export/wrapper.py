@@ -353,8 +353,33 @@ def wrap_backbone(
             type(model.get_submodule(name)).__name__,
         )
         set_submodule(model, name, Passthrough())
+    linearise_conv1d(model)
     paths = [f"{path}.{t - 1}" for t in taps]
     return TapWrapper(model, paths, taps, pivot).eval(), info, taps, pivot
+
+
+def linearise_conv1d(model: nn.Module) -> int:
+    """Swap transformers' ``Conv1D`` (GPT-2's linear layer with a transposed weight, applied
+    as ``addmm`` on ``x.view(-1, d)``) for the equal ``nn.Linear``: the view of its input
+    fails in the ExecuTorch lowering once the batch dimension is dynamic ("Cannot view a
+    tensor with shape [batch, seq, d] and strides (d, d*batch, 1)"), and weight
+    quantisation recognises only ``nn.Linear``. Returns how many were swapped."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers always has it
+        return 0
+    swaps = [(n, m) for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    for name, conv in swaps:
+        d_in, d_out = conv.weight.shape  # Conv1D keeps (in, out)
+        linear = nn.Linear(d_in, d_out, bias=conv.bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(conv.weight.t())
+            if conv.bias is not None:
+                linear.bias.copy_(conv.bias)
+        set_submodule(model, name, linear)
+    if swaps:
+        log.info("wrap: %d Conv1D layers replaced by the equal nn.Linear", len(swaps))
+    return len(swaps)
 
 
 def eager_reference(
