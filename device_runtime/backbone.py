@@ -1,6 +1,8 @@
 """Run a bundle's frozen backbone: tokenize with the bundle's tokenizer, forward with
 onnxruntime (no torch) or the ExecuTorch runtime (imports torch, lazily), return the
-tapped pivot activations ``(B, K, d)``.
+tapped pivot activations ``(B, K, d)`` (``Backbone(texts)``), or, for a token bundle
+(exported with ``--pivot none``), the taps at every real token ``(B, K, T, d)`` with the
+token count of each text (``Backbone.forward_tokens``).
 """
 
 from __future__ import annotations
@@ -100,7 +102,8 @@ class _Tokenizer:
 
 
 class Backbone:
-    """A verified bundle, ready to turn texts into tapped activations ``(B, K, d)``."""
+    """A verified bundle, ready to turn texts into tapped activations: ``(B, K, d)`` pivot
+    vectors, or ``(B, K, T, d)`` token taps for a token bundle (``tokens``)."""
 
     def __init__(
         self, bundle_dir: str | Path, backend: str = "auto", threads: int | None = None
@@ -126,6 +129,11 @@ class Backbone:
     def architecture(self) -> str:
         return self.manifest.architecture
 
+    @property
+    def tokens(self) -> bool:
+        """A token bundle (manifest pivot "none"): taps at every token, ``forward_tokens``."""
+        return self.manifest.tokens
+
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token ids and attention mask, int64 ``(B, S)``, right-padded."""
         if not texts:
@@ -133,18 +141,19 @@ class Backbone:
         return self._tokenize(texts)
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """float32 ``(B, K, d)``: the pivot activation at each tap."""
+        """float32 ``(B, K, d)``: the pivot activation at each tap; a token bundle: ``(B,
+        K, S, d)``, every position of the ``(B, S)`` inputs (padding not zeroed here)."""
         if (self.static_batch and input_ids.shape[0] != self.static_batch) or (
             self.max_batch and input_ids.shape[0] > self.max_batch
         ):
             return self._forward_chunked(input_ids, attention_mask)
-        taps = self._run(input_ids, attention_mask)  # (B, K, d)
-        self._check(taps, input_ids.shape[0])
+        taps = self._run(input_ids, attention_mask)  # (B, K, d) or (B, K, S, d)
+        self._check(taps, input_ids.shape)
         return taps
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         (taps,) = self._forward_graph.run({"input_ids": ids, "attention_mask": mask})
-        return np.asarray(taps, dtype=np.float32)  # (B, K, d)
+        return np.asarray(taps, dtype=np.float32)  # (B, K, d) or (B, K, S, d)
 
     def _forward_chunked(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """A graph with a fixed or bounded batch size: run in chunks; with a fixed size,
@@ -156,14 +165,20 @@ class Backbone:
             if n < b and self.static_batch:
                 chunk_ids = np.concatenate([chunk_ids, np.repeat(chunk_ids[-1:], b - n, 0)])
                 chunk_mask = np.concatenate([chunk_mask, np.repeat(chunk_mask[-1:], b - n, 0)])
-            taps = self._run(chunk_ids, chunk_mask)  # (b, K, d)
+            taps = self._run(chunk_ids, chunk_mask)  # (b, K, d) or (b, K, S, d)
             out.append(taps[:n])
-        taps = np.concatenate(out)  # (B, K, d)
-        self._check(taps, ids.shape[0])
+        taps = np.concatenate(out)  # (B, K, d) or (B, K, S, d)
+        self._check(taps, ids.shape)
         return taps
 
-    def _check(self, taps: np.ndarray, batch: int) -> None:
-        want = (batch, self.manifest.num_taps, self.manifest.hidden_size)
+    def _check(self, taps: np.ndarray, inputs: tuple[int, ...]) -> None:
+        """The graph's output against the manifest: ``(B, K, d)``, or ``(B, K, S, d)`` for
+        a token bundle, given the ``(B, S)`` shape of its inputs."""
+        m = self.manifest
+        if m.tokens:
+            want: tuple[int, ...] = (inputs[0], m.num_taps, inputs[1], m.hidden_size)
+        else:
+            want = (inputs[0], m.num_taps, m.hidden_size)
         if taps.shape != want:
             raise FedMobiLLMError(
                 f"backbone graph returned taps of shape {list(taps.shape)}, the manifest "
@@ -177,7 +192,14 @@ class Backbone:
         With ``forward_batch``, the texts are forwarded that many at a time in order of
         token length, each pass padded only to its own longest text: less padded compute
         (the order does not matter to a forward-only device). Without it, one pass padded
-        to the longest text."""
+        to the longest text. A token bundle: use ``forward_tokens``."""
+        if self.tokens:
+            raise FedMobiLLMError(
+                f"bundle {self.bundle_dir} is a token bundle (pivot none): its taps are "
+                "(B, K, T, d), one vector per token, not one per text",
+                hint="call Backbone.forward_tokens(texts) for token taps and lengths, or "
+                "export a pivot bundle (`fedmobillm export MODEL --pivot auto`)",
+            )
         ids, mask = self.encode(texts)  # (B, S)
         if forward_batch is not None and forward_batch < 1:
             raise FedMobiLLMError(f"forward_batch must be at least 1, not {forward_batch}")
@@ -191,3 +213,45 @@ class Backbone:
                 chunk_ids, chunk_mask = chunk_ids[:, :width], chunk_mask[:, :width]
             out[rows] = self.forward(chunk_ids, chunk_mask)  # (b, K, d)
         return out
+
+    def forward_tokens(
+        self, texts: list[str], forward_batch: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Texts -> (taps float32 ``(B, K, T, d)``, lengths int64 ``(B,)``), in the order
+        given: the taps at every real token of each text (position 0 = its first token),
+        zero at ``t >= lengths[i]``, T = the longest text's token count. A token bundle only.
+
+        Forward passes as ``__call__``'s: ``forward_batch`` texts at a time in order of
+        token length, each padded only to its own longest text (None: one pass)."""
+        if not self.tokens:
+            raise FedMobiLLMError(
+                f"bundle {self.bundle_dir} is a pivot bundle (pivot "
+                f"{self.manifest.pivot}): it emits one vector per tap and text, not per token",
+                hint="call the backbone (Backbone(texts)) for (B, K, d), or export a token "
+                "bundle with `fedmobillm export MODEL --pivot none`",
+            )
+        if forward_batch is not None and forward_batch < 1:
+            raise FedMobiLLMError(f"forward_batch must be at least 1, not {forward_batch}")
+        ids, mask = self.encode(texts)  # (B, S)
+        lengths = mask.sum(axis=1).astype(np.int64)  # (B,)
+        if (lengths < 1).any():
+            i = int(np.flatnonzero(lengths < 1)[0])
+            raise FedMobiLLMError(
+                f"text {i} ({texts[i][:40]!r}) has no tokens: a token bundle uploads at least "
+                "one per text",
+                hint="drop empty texts from the data",
+            )
+        m, t = self.manifest, int(lengths.max())
+        out = np.zeros((len(texts), m.num_taps, t, m.hidden_size), np.float32)  # (B, K, T, d)
+        rows_per_pass = forward_batch if forward_batch else len(texts)
+        for rows in forward_passes(lengths, rows_per_pass):
+            chunk_ids, chunk_mask = ids[rows], mask[rows]  # (b, S)
+            if not self.static_seq:  # right padding: drop the columns no text here reaches
+                width = max(MIN_SEQ, int(lengths[rows].max()))
+                chunk_ids, chunk_mask = chunk_ids[:, :width], chunk_mask[:, :width]
+            taps = self.forward(chunk_ids, chunk_mask)  # (b, K, S', d)
+            w = min(t, taps.shape[2])
+            out[rows, :, :w] = taps[:, :, :w]
+        padding = np.arange(t)[None, :] >= lengths[:, None]  # (B, T)
+        out.transpose(0, 2, 1, 3)[padding] = 0.0  # a view: padding exactly 0 (even if NaN)
+        return out, lengths
