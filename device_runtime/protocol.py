@@ -109,6 +109,25 @@ PERSONAL_INPUT = "activations"  # the personal graph's input and output names
 PERSONAL_OUTPUT = "logits"
 PERSONAL_MASK = "attention_mask"  # token personal models only: int64 [B, T]
 
+# Generation graphs of a decoder bundle (`fedmobillm export MODEL --generate`), listed in
+# the manifest under GEN_MANIFEST_KEY and in `files`; inputs and outputs are described in
+# fedmobillm.export.generate, run by fedmobillm.device_runtime.generate.
+GEN_MANIFEST_KEY = "generation"
+GEN_STEP_ONNX = "decoder_step.onnx"  # input_ids, attention_mask, past.* -> hidden, taps, present.*
+GEN_STEP_DATA = "decoder_step.onnx.data"
+GEN_HEAD_ONNX = "lm_head.onnx"  # hidden [B, S, d] -> logits [B, S, V]
+GEN_HEAD_DATA = "lm_head.onnx.data"
+
+
+def gen_past_names(depth: int) -> list[str]:
+    """The step graph's cache inputs: past.{i}.key, past.{i}.value for each layer i."""
+    return [f"past.{i}.{kv}" for i in range(int(depth)) for kv in ("key", "value")]
+
+
+def gen_present_names(depth: int) -> list[str]:
+    """The step graph's cache outputs, in the order of ``gen_past_names``."""
+    return [f"present.{i}.{kv}" for i in range(int(depth)) for kv in ("key", "value")]
+
 
 @dataclass
 class Manifest:

@@ -25,6 +25,7 @@ from fedmobillm import __version__
 from fedmobillm.device_runtime.files import sha256_file
 from fedmobillm.device_runtime.protocol import (
     BUNDLE_FORMAT_VERSION,
+    GEN_MANIFEST_KEY,
     MANIFEST_NAME,
     PIVOTS,
     QUANTS,
@@ -39,7 +40,7 @@ MAX_BATCH = 32
 VERIFY_SENTENCES = 4
 FP32_MIN_COSINE = 0.999
 QUANT_MIN_COSINE = 0.9
-STAGES = ("load", "wrap", "calibrate", "export", "quantize", "lower", "verify")
+STAGES = ("load", "wrap", "calibrate", "export", "quantize", "lower", "generate", "verify")
 
 
 # Bumped whenever an exporter change may turn a variant that failed its verification into
@@ -91,6 +92,7 @@ class ExportOptions:
     max_batch: int = MAX_BATCH
     fallback_quant: str | None = None  # exported instead when `quant` fails verification
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    generate: bool = False  # also the generation graphs (decoder step + LM head, ONNX)
 
     def __post_init__(self) -> None:
         from fedmobillm.export.graphs import check_combination
@@ -119,6 +121,11 @@ class ExportOptions:
         check_combination(self.quant, self.formats)
         if self.fallback_quant:
             check_combination(self.fallback_quant, self.formats)
+        if self.generate and ("onnx" not in self.formats or self.quant == "8da4w"):
+            raise FedMobiLLMError(
+                "--generate writes ONNX generation graphs (fp32 or int8)",
+                hint="add onnx to --format and use --quant fp32 or int8 with --generate",
+            )
 
 
 @contextlib.contextmanager
@@ -276,12 +283,15 @@ def export_bundle(
     calibration: str | None = None,
     budget_mb: float | None = None,
     fallback_quant: str | None = None,
+    generate: bool = False,
 ) -> Manifest:
     """Export `model` to a bundle in `out_dir`; returns its (validated) manifest.
 
     ``fallback_quant`` (e.g. "fp32"): when the ``quant`` graph fails its verification,
     export this quantization instead; manifest.json says so (``quant``: the one used,
-    ``quant_requested``: the one asked for, ``quant_fallback``: why, else null)."""
+    ``quant_requested``: the one asked for, ``quant_fallback``: why, else null).
+    ``generate``: also write a decoder's generation graphs (``fedmobillm.export.generate``),
+    listed under ``generation`` in manifest.json."""
     opts = ExportOptions(
         model,
         Path(out_dir),
@@ -293,6 +303,7 @@ def export_bundle(
         int(max_seq_len),
         calibration,
         fallback_quant=fallback_quant,
+        generate=generate,
     )
     check_out_dir(opts.out_dir)
     quiet_libraries()
@@ -463,13 +474,31 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
                 [f"{c:.5f}" for c in err.cosine],
             )
             _check_error(fmt, opts.quant, err)
+    generation = _generation(opts, folder, taps, tmp, ids, mask, tok) if opts.generate else None
     with stage("write", t):
         tokenizer = save_tokenizer(tok, tmp / TOKENIZER_NAME, opts.max_seq_len)
         manifest = _manifest(
             opts, folder, info, taps, pivot, scales, graph_params, tokenizer, errors, tmp
         )
+        if generation is not None:
+            manifest.extra[GEN_MANIFEST_KEY] = generation
         _write_manifest(manifest, tmp)
     return manifest
+
+
+def _generation(opts: ExportOptions, folder: Path, taps, tmp: Path, ids, mask, tok) -> dict:
+    """``--generate``: the decoder-step and LM-head graphs written into ``tmp`` and checked
+    against eager Hugging Face (a failed check is a ``stage verify`` error, so a fallback
+    quantization applies). Returns the manifest's generation entry."""
+    from fedmobillm.export import generate
+
+    with stage("generate", opts.stage_seconds):
+        cids, cmask = _trim(ids[:8], mask[:8])
+        made = generate.write_generation(folder, taps, opts.quant, tmp, cids, cmask, tok)
+    with stage("verify", opts.stage_seconds):
+        vids, vmask = _trim(ids[:VERIFY_SENTENCES], mask[:VERIFY_SENTENCES])
+        made.info["verification"] = generate.verify_generation(made, tmp, vids, vmask)
+    return made.info
 
 
 def _write_manifest(manifest: Manifest, folder: Path) -> None:

@@ -76,6 +76,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pick quantization, then fewer/shallower taps, to fit this peak memory",
     )
     parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="decoders: also write the generation graphs (decoder step with a KV cache, LM "
+        "head; ONNX, fp32 or int8) for `fedmobillm device generate`",
+    )
+    parser.add_argument(
         "--device-profile",
         type=Path,
         metavar="FILE",
@@ -114,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         max_seq_len=args.max_seq_len,
         calibration=args.calibration,
         budget_mb=budget,
+        generate=args.generate,
     )
     _print_summary(manifest, args.out)
     return 0
@@ -131,6 +138,13 @@ def _print_summary(manifest, out: Path) -> None:
         print(
             f"  verify {fmt}: max-abs {max(err['max_abs']):.2e}, "
             f"min cosine {min(err['min_cosine']):.5f} (vs eager fp32)"
+        )
+    gen = extra.get("generation")
+    if gen:
+        check = gen.get("verification", {})
+        print(
+            f"  generation: {gen['step']} ({gen['depth']} blocks, KV cache) + {gen['head']}, "
+            f"logits min cosine {check.get('logits_min_cosine', float('nan')):.5f} (vs eager fp32)"
         )
     if "budget" in extra:
         print(f"  budget: {json.dumps(extra['budget'])}")
