@@ -40,7 +40,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
         anchors = load_anchor_set(settings.anchors, settings.anchors_per_device)
     store = Store(settings.db_path)
-    service = Service(store, settings.max_samples_per_batch, anchors)
+    service = Service(store, settings.max_samples_per_batch, anchors, settings.side.inputs)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -12,8 +12,13 @@ A device is authenticated, not trusted. Its registration pins the bundle manifes
   values that only a forged upload has;
 - a re-sent sample (same split and sample id) must agree with the stored one: the same label,
   activations within ``RESEND_TOLERANCE`` int8 steps (a re-run forward with another batch
-  composition can move a value by one step). Anything else is a conflict (409), never a
-  silent drop of the new data.
+  composition can move a value by one step), and for a token sample the same number of
+  tokens. Anything else is a conflict (409), never a silent drop of the new data.
+
+Layout (``check_layout``): a token bundle (manifest pivot ``"none"``) uploads [N, K, T, d] with
+``lengths`` (1 <= lengths <= min(T, the manifest's max_seq_len), every position past a
+sample's length exactly zero); a pivot bundle uploads [N, K, d] without. K and d are the
+registered bundle's.
 """
 
 from __future__ import annotations
@@ -22,9 +27,10 @@ import hashlib
 
 import numpy as np
 
-from fedmobillm.device_runtime.serde import Batch, dequantize
+from fedmobillm.device_runtime.protocol import TOKEN_PIVOT
+from fedmobillm.device_runtime.serde import Batch
 from fedmobillm.server.errors import BadRequest, Conflict
-from fedmobillm.server.store import Device
+from fedmobillm.server.store import Device, dequantize_sample
 
 FP16_RANGE = 256.0
 RESEND_TOLERANCE = 2.0  # int8 steps (x the tap's pre-scale)
@@ -36,6 +42,64 @@ class ValueRejected(BadRequest):
 
 def manifest_scales(device: Device) -> np.ndarray:
     return np.asarray(device.manifest["activation_scales"], np.float32)  # (K,)
+
+
+def is_token_device(device: Device) -> bool:
+    """Whether the device registered a token bundle (taps at every token)."""
+    return device.manifest.get("pivot") == TOKEN_PIVOT
+
+
+def check_layout(device: Device, batch: Batch) -> None:
+    """Raise ``BadRequest`` unless the batch has the registered bundle's layout: [N, K, d]
+    for a pivot bundle; [N, K, T, d] + lengths, zero padding, for a token bundle."""
+    k, d = device.num_taps, device.hidden_size
+    lengths = batch.lengths
+    if is_token_device(device):
+        if lengths is None:
+            raise BadRequest(
+                "the registered bundle is a token bundle (pivot 'none'): upload every token's "
+                f"taps, [N, {k}, T, {d}] with lengths; got [{_dims(batch)}] without lengths",
+                hint="fedmobillm device run uploads token batches for a token bundle",
+            )
+    elif lengths is not None:
+        raise BadRequest(
+            f"the registered bundle is a pivot bundle (pivot {device.manifest.get('pivot')!r}): "
+            f"upload [N, {k}, {d}] without lengths; got a token batch [{_dims(batch)}]",
+            hint="upload with the registered bundle, or register a bundle exported with "
+            "--pivot none on a token federation",
+        )
+    shape = batch.activations.shape
+    if (shape[1], shape[-1]) != (k, d):
+        want = f"N, {k}, T, {d}" if lengths is not None else f"N, {k}, {d}"
+        raise BadRequest(f"activations are [{_dims(batch)}], the registered bundle emits [{want}]")
+    if lengths is not None:
+        _check_tokens(device, batch.activations, lengths)
+
+
+def _check_tokens(device: Device, act: np.ndarray, lengths: np.ndarray) -> None:
+    """lengths (N,) within the bundle's max_seq_len; act (N, K, T, d) zero past them."""
+    limit = int(device.manifest["max_seq_len"])
+    if int(lengths.max()) > limit:
+        raise BadRequest(
+            f"a sample has {int(lengths.max())} tokens; the registered bundle's max_seq_len is "
+            f"{limit}",
+            hint="truncate to the bundle's max_seq_len (its tokenizer does)",
+        )
+    t = act.shape[2]
+    pad = np.arange(t)[None, :] >= lengths[:, None]  # (N, T) True past a sample's length
+    if pad.any():
+        peak = np.abs(act).max(axis=(1, 3))  # (N, T)
+        bad = np.flatnonzero((peak * pad).any(axis=1))
+        if bad.size:
+            raise BadRequest(
+                f"{bad.size} sample(s) carry non-zero values past their length (padding must "
+                f"be exactly zero), e.g. row {int(bad[0])} of length {int(lengths[bad[0]])}",
+                hint="zero every position t >= lengths[i] (fedmobillm device run does)",
+            )
+
+
+def _dims(batch: Batch) -> str:
+    return ", ".join(str(n) for n in batch.activations.shape)
 
 
 def check_values(device: Device, batch: Batch) -> None:
@@ -51,11 +115,11 @@ def check_values(device: Device, batch: Batch) -> None:
                 "(fedmobillm device run does), or register the bundle you export with",
             )
         return
-    x = batch.activations.astype(np.float32)  # (N, K, d)
+    x = batch.activations.astype(np.float32)  # (N, K, d) or (N, K, T, d)
     if not np.isfinite(x).all():
         raise ValueRejected("activations contain NaN or infinity")
     bound = FP16_RANGE * 127.0 * scales  # (K,)
-    peak = np.abs(x).max(axis=(0, 2))  # (K,)
+    peak = np.abs(x).max(axis=tuple(i for i in range(x.ndim) if i != 1))  # (K,)
     over = np.flatnonzero(peak > bound)
     if over.size:
         k = int(over[0])
@@ -79,19 +143,23 @@ def check_resent(device: Device, batch: Batch, stored: dict[int, tuple[int, np.n
     """Raise ``Conflict`` if a sample the device already uploaded comes back different."""
     if not stored:
         return
-    tol = RESEND_TOLERANCE * manifest_scales(device).reshape(-1, 1) * 1.001  # (K, 1)
-    new = dequantize(batch.activations, batch.scales)  # (N, K, d)
+    scales = manifest_scales(device)
     bad = []
     for i, sid in enumerate(batch.sample_ids.tolist()):
         if sid not in stored:
             continue
-        label, x = stored[sid]  # int, (K, d)
-        if label != int(batch.labels[i]) or (np.abs(new[i] - x) > tol).any():
+        label, x = stored[sid]  # int, (K, d) or (K, L, d)
+        q = batch.activations[i]  # (K, d) or (K, T, d)
+        if batch.lengths is not None:
+            q = q[:, : int(batch.lengths[i])]  # (K, L_i, d)
+        new = dequantize_sample(q, batch.scales)
+        tol = RESEND_TOLERANCE * scales.reshape((-1,) + (1,) * (x.ndim - 1)) * 1.001
+        if label != int(batch.labels[i]) or new.shape != x.shape or (np.abs(new - x) > tol).any():
             bad.append(sid)
     if bad:
         raise Conflict(
             f"{len(bad)} sample id(s) of split {batch.split!r} were uploaded before with other "
-            f"content (label or activations), e.g. {bad[:5]}; the stored samples are kept",
+            f"content (label, activations or length), e.g. {bad[:5]}; the stored samples are kept",
             hint="sample ids name one record for good: give new records new ids, or register "
             "a new device for a new data set",
         )

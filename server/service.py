@@ -11,11 +11,18 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmobillm.device_runtime.protocol import Manifest, bundle_digest
+from fedmobillm.device_runtime.protocol import TOKEN_PIVOT, Manifest, bundle_digest
 from fedmobillm.device_runtime.serde import Batch, PayloadError, decode_batch
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.anchors import AnchorSet
-from fedmobillm.server.checks import ValueRejected, batch_content, check_resent, check_values
+from fedmobillm.server.checks import (
+    ValueRejected,
+    batch_content,
+    check_layout,
+    check_resent,
+    check_values,
+    is_token_device,
+)
 from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound
 from fedmobillm.server.store import Device, Store
 
@@ -58,16 +65,51 @@ class Counters:
             }
 
 
+INPUTS = ("pivot", "tokens")
+
+
 class Service:
+    """``inputs``: what this federation's devices upload, ``"pivot"`` (one vector per tap and
+    sample, pivot bundles) or ``"tokens"`` (every token's taps, bundles exported with
+    ``--pivot none``); settings ``side.inputs``. A data dir keeps the kind it started with."""
+
     def __init__(
-        self, store: Store, max_samples_per_batch: int = 4096, anchors: AnchorSet | None = None
+        self,
+        store: Store,
+        max_samples_per_batch: int = 4096,
+        anchors: AnchorSet | None = None,
+        inputs: str = "pivot",
     ) -> None:
+        if inputs not in INPUTS:
+            raise FedMobiLLMError(f"inputs must be one of {INPUTS}, not {inputs!r}")
         self.store = store
         self.max_samples = max_samples_per_batch
         self.anchors = anchors
+        self.inputs = inputs
         self.counters = Counters()
+        self._pin_inputs(inputs)
         if anchors is not None:
             self._pin_anchor_set(anchors.digest)
+
+    def _pin_inputs(self, inputs: str) -> None:
+        """A data dir keeps one input kind: its stored samples, checkpoints and personal models
+        are of that kind. A store from before token federations holds a pivot federation."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='inputs'").fetchone()
+            if row is None:
+                had_devices = db.execute("SELECT 1 FROM devices LIMIT 1").fetchone()
+                pinned = "pivot" if had_devices else inputs
+                db.execute("INSERT INTO meta VALUES ('inputs', ?)", (pinned,))
+            else:
+                pinned = row[0]
+        if pinned != inputs:
+            raise FedMobiLLMError(
+                f"this data dir holds a {pinned} federation; the server was started for "
+                f"{inputs} (side.inputs): stored samples, checkpoints and personal models are "
+                f"{pinned}",
+                hint=f"start with --inputs {pinned}, or use a new --data-dir for a {inputs} "
+                "federation",
+            )
 
     def _pin_anchor_set(self, digest: str) -> None:
         """A data dir keeps one anchor set: stored anchor activations are keyed by position."""
@@ -102,7 +144,13 @@ class Service:
 
     # -- registration ------------------------------------------------------------------
 
-    def register(self, name: str, manifest: dict[str, Any], label_names: list[str]) -> dict:
+    def register(
+        self,
+        name: str,
+        manifest: dict[str, Any],
+        label_names: list[str],
+        privacy: dict[str, Any] | None = None,  # its PrivacyDeclaration, checked by the route
+    ) -> dict:
         name = _check_name(name)
         labels = _check_labels(label_names)
         try:
@@ -111,6 +159,7 @@ class Service:
             raise BadRequest(f"invalid manifest: {exc.message}") from exc
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise BadRequest(f"invalid manifest: {exc}") from exc
+        self._check_kind(m)
         sha = bundle_digest(m)
         token = secrets.token_urlsafe(32)
         with self.store.transaction() as db:
@@ -124,13 +173,33 @@ class Service:
                 )
             if db.execute("SELECT 1 FROM devices WHERE name = ?", (name,)).fetchone():
                 raise Conflict(f"device name {name!r} is taken", hint="choose another name")
-            device_id = self.store.add_device(db, name, token, m.architecture, sha, m.to_dict())
+            device_id = self.store.add_device(
+                db, name, token, m.architecture, sha, m.to_dict(), privacy
+            )
         return {
             "device_id": device_id,
             "token": token,
             "architecture": m.architecture,
             "bundle_sha256": sha,
         }
+
+    def _check_kind(self, m: Manifest) -> None:
+        """Refuse (409) a bundle whose kind is not this federation's (``self.inputs``)."""
+        if self.inputs == "tokens" and m.pivot != TOKEN_PIVOT:
+            raise Conflict(
+                f"this server runs a token federation (side.inputs = tokens): devices upload "
+                f"every token's taps, and this bundle's pivot is {m.pivot!r} (one vector per "
+                "tap)",
+                hint="export the bundle with `fedmobillm export MODEL --pivot none`, or start "
+                "the server with --inputs pivot",
+            )
+        if self.inputs == "pivot" and m.pivot == TOKEN_PIVOT:
+            raise Conflict(
+                "this server runs a pivot federation (side.inputs = pivot): devices upload one "
+                "vector per tap, and this bundle's pivot is 'none' (every token's taps)",
+                hint="export the bundle with the default pivot (`fedmobillm export MODEL`, or "
+                "--pivot first/last/mean), or start the server with --inputs tokens",
+            )
 
     # -- ingest ------------------------------------------------------------------------
 
@@ -183,12 +252,15 @@ class Service:
                 f"registered bundle {device.bundle_sha256[:12]}...",
                 hint="upload with the registered bundle or register the device anew",
             )
-        n, k, d = batch.activations.shape
-        if (k, d) != (device.num_taps, device.hidden_size):
-            raise BadRequest(
-                f"activations are [N, {k}, {d}], the registered bundle emits "
-                f"[N, {device.num_taps}, {device.hidden_size}]"
+        if is_token_device(device) != (self.inputs == "tokens"):
+            raise Conflict(
+                f"device {device.device_id} registered a "
+                f"{'token' if is_token_device(device) else 'pivot'} bundle; this server runs a "
+                f"{self.inputs} federation",
+                hint="register the device again with a bundle of this federation's kind",
             )
+        check_layout(device, batch)
+        n = batch.num_samples
         if n > self.max_samples:
             raise BadRequest(
                 f"{n} samples in one batch; at most {self.max_samples}",
@@ -247,6 +319,7 @@ class Service:
                 batch.scales,
                 batch.labels,
                 batch.sample_ids,
+                batch.lengths,
             )
             ack = {
                 "batch_id": batch_id,
@@ -309,6 +382,7 @@ class Service:
                 "quarantined": d.device_id in quarantined,
                 "revoked": d.revoked,
                 "data_deleted": d.data_deleted,
+                "privacy": d.privacy,
             }
             for d in self.store.devices()
         ]

@@ -95,10 +95,15 @@ class ServerSettings(BaseSettings):
     # device run --split anchor`). Keep the file fixed for a data dir: ids are positions.
     anchors: Path | None = None
     anchors_per_device: int = Field(500, gt=0)
+    # Local differential privacy (docs/privacy.md): refuse (403) to register a device that
+    # declares no mechanism or an epsilon above this; None = no requirement
+    max_epsilon: float | None = Field(None, gt=0)
     # The side network, its alignment (anchor_kl, anchor_feature, anchor_batch) and its
     # optimisation: server/side.py SideConfig, whose defaults are the server's. Config file
     # [server.side] / {"side": {"lr": 0.001}}, env FEDMOBILLM_SIDE__LR; the flat names of
-    # FLAT_SIDE_FIELDS (learning_rate, side_width, ...) work too.
+    # FLAT_SIDE_FIELDS (learning_rate, side_width, ...) work too. side.inputs is the
+    # federation's kind: "pivot" (one vector per tap and sample) or "tokens" (every token's
+    # taps, bundles exported with --pivot none); `fedmobillm server start --inputs tokens`.
     side: SideConfig = Field(default_factory=SideConfig)
 
     @model_validator(mode="before")
@@ -183,10 +188,14 @@ def token_weakness(token: str) -> str | None:
 def load_settings(
     config_file: Path | None = None, dev: bool = False, **overrides: Any
 ) -> tuple[ServerSettings, str | None]:
-    """Settings from env < config file < overrides. Returns (settings, generated_token):
+    """Settings from env < config file < overrides (``side``: a dict of SideConfig fields,
+    merged into the config file's). Returns (settings, generated_token):
     with ``dev`` and no usable admin token, a random one is generated (print it once)."""
     values: dict[str, Any] = read_config_file(config_file) if config_file else {}
+    side = overrides.pop("side", None)
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if side:  # side-network overrides (e.g. --inputs) join the config file's [side] table
+        values["side"] = {**(values.get("side") or {}), **side}
     try:
         settings = ServerSettings(**values)
     except ValidationError as exc:

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from fedmobillm.device_runtime.serde import dequantize
+from fedmobillm.errors import FedMobiLLMError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -103,11 +103,14 @@ class Device:
     created: float
     revoked: float | None = None  # when its token was revoked (refused from then on)
     data_deleted: bool = False  # its samples were removed from the store
+    privacy: dict[str, Any] | None = None  # its declared mechanism (PrivacyDeclaration)
 
 
 @dataclass
 class SampleRows:
-    """Samples read back for training: dequantized float32 activations."""
+    """Samples read back for training, as stored: ``raw[i]`` int8 or float16, (K, d) for a
+    pivot sample or (K, L_i, d) for a token sample (``tokens[i] = L_i``, None for pivot),
+    with ``scales[i]`` (K,) float32 for int8 (None for fp16). ``activations`` dequantizes."""
 
     ids: np.ndarray  # (M,) int64 store row ids
     sample_ids: np.ndarray  # (M,) int64 device-local ids (anchor splits: the anchor's id)
@@ -116,7 +119,14 @@ class SampleRows:
     splits: list[str]
     encodings: list[str]
     labels: np.ndarray  # (M,) int64
-    activations: list[np.ndarray]  # M arrays (K, d) float32
+    raw: list[np.ndarray]  # M arrays (K, d) or (K, L_i, d), int8 / float16 as uploaded
+    scales: list[np.ndarray | None]  # M arrays (K,) float32 (int8) or None (fp16)
+    tokens: list[int | None]  # M real-token counts L_i; None for pivot samples
+
+    @property
+    def activations(self) -> list[np.ndarray]:
+        """M float32 arrays (K, d) or (K, L_i, d), dequantized."""
+        return [dequantize_sample(q, s) for q, s in zip(self.raw, self.scales, strict=True)]
 
 
 class Store:
@@ -149,6 +159,11 @@ class Store:
             self._db.execute(
                 "ALTER TABLE devices ADD COLUMN data_deleted INTEGER NOT NULL DEFAULT 0"
             )
+        if "privacy" not in cols:  # JSON of its declared privacy mechanism; NULL: none
+            self._db.execute("ALTER TABLE devices ADD COLUMN privacy TEXT")
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(samples)")}
+        if "tokens" not in cols:  # real tokens of a token sample (K, L, d); NULL = pivot (K, d)
+            self._db.execute("ALTER TABLE samples ADD COLUMN tokens INTEGER")
 
     def close(self) -> None:
         with self._lock:
@@ -186,12 +201,14 @@ class Store:
         architecture: str,
         bundle_sha256: str,
         manifest: dict[str, Any],
+        privacy: dict[str, Any] | None = None,
     ) -> str:
         """Insert within an open transaction; returns the new device id."""
         device_id = "dev-" + uuid.uuid4().hex[:16]
         db.execute(
             "INSERT INTO devices (device_id, name, token_hash, architecture, bundle_sha256, "
-            "num_taps, hidden_size, manifest, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "num_taps, hidden_size, manifest, created, privacy) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 device_id,
                 name,
@@ -202,6 +219,7 @@ class Store:
                 int(manifest["hidden_size"]),
                 json.dumps(manifest, sort_keys=True),
                 time.time(),
+                None if privacy is None else json.dumps(privacy, sort_keys=True),
             ),
         )
         return device_id
@@ -209,13 +227,16 @@ class Store:
     def _device(self, where: str, arg: str) -> Device | None:
         rows = self._query(
             "SELECT device_id, name, architecture, bundle_sha256, num_taps, hidden_size, "
-            f"manifest, created, revoked, data_deleted FROM devices WHERE {where} = ?",
+            f"manifest, created, revoked, data_deleted, privacy FROM devices WHERE {where} = ?",
             (arg,),
         )
         if not rows:
             return None
         r = rows[0]
-        return Device(r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], bool(r[9]))
+        privacy = json.loads(r[10]) if r[10] else None
+        return Device(
+            r[0], r[1], r[2], r[3], r[4], r[5], json.loads(r[6]), r[7], r[8], bool(r[9]), privacy
+        )
 
     def device_by_token(self, token: str) -> Device | None:
         """The device holding ``token``; None if no device does or its token was revoked."""
@@ -244,21 +265,20 @@ class Store:
     def stored_samples(
         self, db: sqlite3.Connection, device: Device, split: str, sample_ids: np.ndarray
     ) -> dict[int, tuple[int, np.ndarray]]:
-        """sample id -> (label, float32 (K, d)) for the ids of ``sample_ids`` already stored."""
+        """sample id -> (label, float32 (K, d), or (K, L, d) for a token sample) for the ids
+        of ``sample_ids`` already stored."""
         out: dict[int, tuple[int, np.ndarray]] = {}
         ids = [int(i) for i in sample_ids]
         for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
             part = ids[start : start + 900]
             rows = db.execute(
-                "SELECT sample_id, label, encoding, act, scales FROM samples WHERE device_id = ? "
-                f"AND split = ? AND sample_id IN ({','.join('?' * len(part))})",
+                "SELECT sample_id, label, encoding, act, scales, tokens FROM samples WHERE "
+                f"device_id = ? AND split = ? AND sample_id IN ({','.join('?' * len(part))})",
                 (device.device_id, split, *part),
             ).fetchall()
-            for sid, label, enc, act, scales in rows:
-                out[sid] = (
-                    label,
-                    _dequantize(enc, act, scales, device.num_taps, device.hidden_size),
-                )
+            for sid, label, enc, act, scales, tokens in rows:
+                q = _raw(enc, act, device.num_taps, device.hidden_size, tokens)
+                out[sid] = (label, dequantize_sample(q, _scales(scales)))
         return out
 
     def insert_samples(
@@ -268,30 +288,35 @@ class Store:
         split: str,
         batch_id: str,
         encoding: str,
-        activations: np.ndarray,  # (N, K, d) int8 or float16
+        activations: np.ndarray,  # (N, K, d) or token batch (N, K, T, d); int8 or float16
         scales: np.ndarray | None,  # (K,) float32
         labels: np.ndarray,  # (N,)
         sample_ids: np.ndarray,  # (N,)
+        lengths: np.ndarray | None = None,  # (N,) real tokens of a token batch
     ) -> int:
-        """INSERT OR IGNORE every sample; returns how many were new."""
+        """INSERT OR IGNORE every sample; returns how many were new. A token sample is stored
+        unpadded: its first ``lengths[i]`` positions, (K, L_i, d), K * L_i * d values."""
         scale_blob = None if scales is None else np.asarray(scales, np.float32).tobytes()
+        n = len(labels)
+        tokens = [None] * n if lengths is None else [int(t) for t in lengths]
         before = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO samples (device_id, architecture, split, sample_id, label, "
-            "batch_id, encoding, act, scales) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch_id, encoding, act, scales, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 (
                     device.device_id,
                     device.architecture,
                     split,
-                    int(sid),
-                    int(lab),
+                    int(sample_ids[i]),
+                    int(labels[i]),
                     batch_id,
                     encoding,
-                    np.ascontiguousarray(act).tobytes(),
+                    _sample_bytes(activations[i], tokens[i]),
                     scale_blob,
+                    tokens[i],
                 )
-                for act, lab, sid in zip(activations, labels, sample_ids, strict=True)
+                for i in range(n)
             ),
         )
         new = db.total_changes - before
@@ -454,14 +479,13 @@ class Store:
     # -- training reads ----------------------------------------------------------------
 
     def read_samples(self, after_id: int, limit: int = 10_000) -> SampleRows:
-        """Samples with row id > after_id, oldest first, dequantized to float32."""
+        """Samples with row id > after_id, oldest first, as stored (``SampleRows``)."""
         rows = self._query(
             "SELECT s.id, s.device_id, s.architecture, s.split, s.label, s.encoding, s.act, "
-            "s.scales, d.num_taps, d.hidden_size, s.sample_id FROM samples s JOIN devices d "
-            "ON s.device_id = d.device_id WHERE s.id > ? ORDER BY s.id LIMIT ?",
+            "s.scales, d.num_taps, d.hidden_size, s.sample_id, s.tokens FROM samples s JOIN "
+            "devices d ON s.device_id = d.device_id WHERE s.id > ? ORDER BY s.id LIMIT ?",
             (after_id, limit),
         )
-        acts = [_dequantize(r[5], r[6], r[7], r[8], r[9]) for r in rows]
         return SampleRows(
             ids=np.array([r[0] for r in rows], dtype=np.int64),
             sample_ids=np.array([r[10] for r in rows], dtype=np.int64),
@@ -470,12 +494,33 @@ class Store:
             splits=[r[3] for r in rows],
             encodings=[r[5] for r in rows],
             labels=np.array([r[4] for r in rows], dtype=np.int64),
-            activations=acts,
+            raw=[_raw(r[5], r[6], r[8], r[9], r[11]) for r in rows],
+            scales=[_scales(r[7]) for r in rows],
+            tokens=[r[11] for r in rows],
         )
 
 
-def _dequantize(encoding: str, act: bytes, scales: bytes | None, k: int, d: int) -> np.ndarray:
-    """A stored sample's bytes -> float32 (K, d), dequantized as the wire format says."""
-    q = np.frombuffer(act, dtype=np.int8 if encoding == "int8" else np.float16).reshape(k, d)
-    s = None if scales is None else np.frombuffer(scales, dtype=np.float32)  # (K,)
-    return dequantize(q, s)  # (K, d)
+def dequantize_sample(q: np.ndarray, scales: np.ndarray | None) -> np.ndarray:
+    """One sample, int8 (K, d) or (K, L, d) times per-tap ``scales`` (K,), or float16 as it
+    is -> float32 of the same shape."""
+    if q.dtype != np.int8:
+        return q.astype(np.float32)
+    if scales is None:
+        raise FedMobiLLMError("an int8 sample needs its per-tap scales")
+    s = np.asarray(scales, np.float32).reshape((-1,) + (1,) * (q.ndim - 1))  # (K, 1[, 1])
+    return q.astype(np.float32) * s
+
+
+def _sample_bytes(act: np.ndarray, tokens: int | None) -> bytes:
+    """One sample's stored bytes: (K, d) as is, or the real tokens (K, L, d) of (K, T, d)."""
+    return np.ascontiguousarray(act if tokens is None else act[:, :tokens]).tobytes()
+
+
+def _raw(encoding: str, act: bytes, k: int, d: int, tokens: int | None) -> np.ndarray:
+    """A stored sample's bytes -> int8/float16 (K, d), or (K, L, d) for a token sample."""
+    q = np.frombuffer(act, dtype=np.int8 if encoding == "int8" else np.float16)
+    return q.reshape(k, d) if tokens is None else q.reshape(k, tokens, d)
+
+
+def _scales(blob: bytes | None) -> np.ndarray | None:
+    return None if blob is None else np.frombuffer(blob, dtype=np.float32)  # (K,)

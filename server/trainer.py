@@ -6,6 +6,11 @@ Checkpoints: ``<data>/checkpoints/step-000000123/`` (side.safetensors + side.jso
 trainer.json), built in a temporary folder, fsynced and renamed into place; ``LATEST``
 (a JSON pointer, replaced atomically) names the newest. The last two are kept. After a
 crash the trainer resumes from ``LATEST`` (or the newest complete folder).
+
+Token federations (``side.inputs = "tokens"``): each cached sample stays as uploaded, a
+``TokenSample`` (int8 or float16 (K, L_i, d), plus the per-tap scales of int8), and is
+dequantized only when drawn: a mini-batch (and an anchor batch, and each validation chunk) is
+padded to its own longest sample with ``side.pad_tokens``, and the mask goes with it.
 """
 
 from __future__ import annotations
@@ -28,11 +33,11 @@ from fedmobillm.device_runtime.files import fsync_dir, write_atomic
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.checks import FP16_RANGE
 from fedmobillm.server.personal import publish_folder
-from fedmobillm.server.policies import balanced_sample, should_idle
+from fedmobillm.server.policies import balanced_sample, label_distribution, should_idle
 from fedmobillm.server.service import QUARANTINE_AFTER
 from fedmobillm.server.settings import ServerSettings
-from fedmobillm.server.side import NonFiniteStep, SideConfig, SideTrainer
-from fedmobillm.server.store import Store
+from fedmobillm.server.side import NonFiniteStep, SideConfig, SideTrainer, pad_tokens
+from fedmobillm.server.store import SampleRows, Store, dequantize_sample
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +49,30 @@ HISTORY_LIMIT = 1000
 # fraction since it was taken (see Trainer._keep_best)
 REBASE_GROWTH = 0.1
 QUARANTINE_POLL_S = 1.0
+# Token samples per forward when evaluating (each chunk padded to its own longest sample)
+EVAL_CHUNK = 128
+
+
+@dataclass(slots=True)
+class TokenSample:
+    """One cached token sample, as uploaded: q (K, L, d) int8 or float16; scales (K,)
+    float32 for int8 (None for fp16). Dequantized only when drawn."""
+
+    q: np.ndarray
+    scales: np.ndarray | None
+
+    @property
+    def tokens(self) -> int:
+        return int(self.q.shape[1])
+
+    def dequantized(self) -> np.ndarray:
+        """float32 (K, L, d)."""
+        return dequantize_sample(self.q, self.scales)
+
+
+def collate_tokens(samples: Any) -> tuple[np.ndarray, np.ndarray]:
+    """TokenSamples -> x float32 (N, K, T, d) zero-padded to the longest, mask (N, T) int64."""
+    return pad_tokens([s.dequantized() for s in samples])
 
 
 @dataclass
@@ -53,6 +82,7 @@ class ArchData:
     taps: list[int]
     depth: int
     hidden: int
+    tokens: bool = False  # token samples (TokenSample) instead of float32 (K, d) arrays
     bundle_sha256s: set[str] = field(default_factory=set)
     encodings: set[str] = field(default_factory=set)  # of the uploads: int8 / fp16
     train_x: dict[str, list[np.ndarray]] = field(default_factory=dict)  # device -> [(K, d)]
@@ -63,23 +93,48 @@ class ArchData:
     # anchor id -> (K, d): the server's public anchor texts through this architecture
     anchor_x: dict[int, np.ndarray] = field(default_factory=dict)
     anchor_from: dict[int, str] = field(default_factory=dict)  # anchor id -> device
+    # what was cached: samples, their real tokens and their stored (= uploaded) bytes
+    rows: int = 0
+    token_sum: int = 0
+    byte_sum: int = 0
     _stacked: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def device_arrays(self, device: str) -> tuple[np.ndarray, np.ndarray]:
+        """(x, y (n,)): x float32 (n, K, d), or for token samples an object array (n,) of
+        TokenSamples (indexable like x; ``collate_tokens`` turns a draw into arrays)."""
         xs = self.train_x[device]
         cached = self._stacked.get(device)
         if cached is None or len(cached[1]) != len(xs):
-            cached = (np.stack(xs), np.asarray(self.train_y[device], np.int64))  # (n, K, d)
+            if self.tokens:
+                x = np.empty(len(xs), dtype=object)
+                x[:] = xs
+            else:
+                x = np.stack(xs)  # (n, K, d)
+            cached = (x, np.asarray(self.train_y[device], np.int64))
             self._stacked[device] = cached
         return cached
+
+    def count(self, q: np.ndarray, tokens: int | None) -> None:
+        self.rows += 1
+        self.token_sum += tokens or 0
+        self.byte_sum += int(q.nbytes)
+
+    def upload_stats(self) -> dict[str, float | None]:
+        """Mean real tokens (None for pivot samples) and stored bytes per cached sample."""
+        n = max(self.rows, 1)
+        return {
+            "tokens_per_sample": self.token_sum / n if self.tokens and self.rows else None,
+            "bytes_per_sample": self.byte_sum / n if self.rows else None,
+        }
 
     @property
     def num_train(self) -> int:
         return sum(len(v) for v in list(self.train_y.values()))
 
 
-# (arch, device, split, sample id, label, x (K, d)): one cached sample
-Row = tuple[str, str, str, int, int, np.ndarray]
+# (arch, device, split, sample id, label, x): one cached sample; x float32 (K, d), or a
+# TokenSample in a token federation
+Row = tuple[str, str, str, int, int, Any]
 
 
 class TrainingCache:
@@ -89,9 +144,11 @@ class TrainingCache:
     or beyond ``checks.FP16_RANGE`` x the tap's int8 clip, e.g. stored before uploads were
     checked) is dropped and counted in ``dropped`` / ``offences``; the samples of quarantined
     devices are held out of training until released; those of devices whose data was
-    deleted (revocation with deletion) are dropped for good."""
+    deleted (revocation with deletion) are dropped for good. ``inputs``: the federation's
+    kind ("pivot" | "tokens"); a stored row of the other kind is skipped with a warning."""
 
-    def __init__(self) -> None:
+    def __init__(self, inputs: str = "pivot") -> None:
+        self.tokens = inputs == "tokens"
         self.archs: dict[str, ArchData] = {}
         self.watermark = 0
         self._known_devices: set[str] = set()
@@ -103,6 +160,7 @@ class TrainingCache:
         self.deleted: set[str] = set()  # devices whose data was deleted: never cached again
         self.dropped: dict[str, int] = {}  # device -> rows dropped as impossible
         self.offences: dict[str, str] = {}  # device -> reason, for the trainer to record
+        self.mismatched = 0  # rows of the other input kind, skipped
 
     def refresh(self, store: Store) -> int:
         """Pull new rows; returns how many labelled training and anchor samples arrived."""
@@ -113,11 +171,16 @@ class TrainingCache:
             self._ensure_archs(store)
         new, bad = 0, {}
         for i in range(len(rows.ids)):
-            device, x = rows.device_ids[i], rows.activations[i]  # x (K, d)
-            if not _within(x, self._bounds[device]):
+            device = rows.device_ids[i]
+            x = self._cached_form(rows, i)
+            if x is None:
+                continue
+            if x is False:
                 bad[device] = bad.get(device, 0) + 1
                 continue
-            self.archs[rows.architectures[i]].encodings.add(rows.encodings[i])
+            a = self.archs[rows.architectures[i]]
+            a.encodings.add(rows.encodings[i])
+            a.count(rows.raw[i], rows.tokens[i])
             row = (rows.architectures[i], device, rows.splits[i], int(rows.sample_ids[i]))
             new += self._add((*row, int(rows.labels[i]), x))
         for device, n in bad.items():
@@ -128,6 +191,25 @@ class TrainingCache:
             )
         self.watermark = int(rows.ids[-1])
         return new
+
+    def _cached_form(self, rows: SampleRows, i: int) -> Any:
+        """Row i as the cache keeps it: float32 (K, d) for a pivot row, a TokenSample for a
+        token row; False if its values are outside its bundle's range; None (skipped, with a
+        warning) if it is not of this federation's kind."""
+        token_row = rows.tokens[i] is not None
+        if token_row != self.tokens:
+            self.mismatched += 1
+            if self.mismatched == 1:
+                log.warning(
+                    "skipping stored %s samples: this server trains a %s federation",
+                    "token" if token_row else "pivot",
+                    "token" if self.tokens else "pivot",
+                )
+            return None
+        x = dequantize_sample(rows.raw[i], rows.scales[i])  # (K, d) or (K, L, d)
+        if not _within(x, self._bounds[rows.device_ids[i]]):
+            return False
+        return TokenSample(rows.raw[i], rows.scales[i]) if token_row else x
 
     def _add(self, row: Row) -> int:
         """Cache one row (held if its device is quarantined); 1 if it is new training data."""
@@ -199,7 +281,9 @@ class TrainingCache:
             self._bounds[d.device_id] = value_bound(d.manifest)
             if d.architecture not in self.archs:
                 m = d.manifest
-                self.archs[d.architecture] = ArchData(m["taps"], m["depth"], m["hidden_size"])
+                self.archs[d.architecture] = ArchData(
+                    m["taps"], m["depth"], m["hidden_size"], tokens=self.tokens
+                )
             self.archs[d.architecture].bundle_sha256s.add(d.bundle_sha256)
 
     def _anchor_archs(self) -> list[tuple[str, ArchData]]:
@@ -220,40 +304,53 @@ class TrainingCache:
     def shared_anchors(self) -> int:
         return len(self._common_anchor_ids(self._anchor_archs()))
 
-    def sample_anchors(
-        self, rng: np.random.Generator, batch_size: int
-    ) -> list[tuple[str, np.ndarray]] | None:
+    def sample_anchors(self, rng: np.random.Generator, batch_size: int) -> list[tuple] | None:
         """Up to ``batch_size`` anchor ids that every architecture with anchors holds, drawn
-        without replacement: [(arch, x (M, K, d))], rows in one id order. None when fewer
-        than two architectures share an anchor."""
+        without replacement: [(arch, x (M, K, d))], or in a token federation [(arch, x (M, K,
+        T_a, d), mask (M, T_a))] padded per architecture; rows in one id order. None when
+        fewer than two architectures share an anchor."""
         archs = self._anchor_archs()
         ids = self._common_anchor_ids(archs)
         if not ids:
             return None
         pick = [ids[i] for i in rng.choice(len(ids), min(batch_size, len(ids)), replace=False)]
+        if self.tokens:
+            return [(k, *collate_tokens([a.anchor_x[i] for i in pick])) for k, a in archs]
         return [(k, np.stack([a.anchor_x[i] for i in pick])) for k, a in archs]
 
-    def sample(self, rng: np.random.Generator, batch_size: int) -> list[tuple]:
-        """Balanced mini-batch over everything cached (``policies.balanced_sample``)."""
+    def sample(
+        self, rng: np.random.Generator, batch_size: int, balance: str = "device"
+    ) -> list[tuple]:
+        """Balanced mini-batch over everything cached (``policies.balanced_sample`` with
+        ``balance``): [(arch, x (B, K, d), y (B,))], or in a token federation [(arch, x (B,
+        K, T, d), y (B,), mask (B, T))], T the longest drawn sample of that architecture."""
         devices = {
             k: sorted(d for d, ys in a.train_y.items() if ys)
             for k, a in self.archs.items()
             if a.num_train > 0
         }
-        return balanced_sample(
-            rng, batch_size, devices, lambda k, d: self.archs[k].device_arrays(d)
+        groups = balanced_sample(
+            rng, batch_size, devices, lambda k, d: self.archs[k].device_arrays(d), balance
         )
+        if not self.tokens:
+            return groups
+        out = []
+        for arch, samples, y in groups:
+            x, mask = collate_tokens(samples)
+            out.append((arch, x, y, mask))
+        return out
 
 
 def value_bound(manifest: dict) -> np.ndarray:
-    """(K, 1) the largest |value| per tap an upload of this bundle may carry."""
-    scales = np.asarray(manifest["activation_scales"], np.float32).reshape(-1, 1)  # (K, 1)
+    """(K,) the largest |value| per tap an upload of this bundle may carry."""
+    scales = np.asarray(manifest["activation_scales"], np.float32)  # (K,)
     return FP16_RANGE * 127.0 * scales
 
 
 def _within(x: np.ndarray, bound: np.ndarray) -> bool:
-    """x (K, d) finite and within bound (K, 1)."""
-    return bool(np.isfinite(x).all()) and bool((np.abs(x) <= bound).all())
+    """x (K, d) or (K, L, d) finite and within bound (K,) per tap."""
+    b = bound.reshape((-1,) + (1,) * (x.ndim - 1))
+    return bool(np.isfinite(x).all()) and bool((np.abs(x) <= b).all())
 
 
 class Trainer:
@@ -262,7 +359,7 @@ class Trainer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.ckpt_dir = settings.checkpoint_dir
-        self.cache = TrainingCache()
+        self.cache = TrainingCache(settings.side.inputs)
         self.side: SideTrainer | None = None
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
@@ -429,8 +526,8 @@ class Trainer:
         for arch, *_ in groups:
             a = self.cache.archs[arch]
             for device in sorted(a.train_x):
-                x, _ = a.device_arrays(device)  # (n, K, d)
-                if not np.isfinite(self.side.predict(arch, x)).all():
+                x, _ = a.device_arrays(device)  # (n, K, d) or (n,) TokenSamples
+                if not np.isfinite(self._predict(arch, x)).all():
                     blamed.append(device)
                     self.cache.offences[device] = f"samples give a non-finite {exc.where}"
         with self._lock:
@@ -488,6 +585,43 @@ class Trainer:
     def _validation_size(self) -> int:
         return sum(len(a.val_y) for a in self.cache.archs.values())
 
+    def _predict(self, arch: str, x: Any) -> np.ndarray:
+        """Logits (n, C) of x float32 (n, K, d), or of TokenSamples in chunks of EVAL_CHUNK
+        (each padded to its own longest sample), in the order given."""
+        assert self.side is not None
+        if not self.cache.tokens:
+            return self.side.predict(arch, x)
+        out = [
+            self.side.predict(arch, *collate_tokens(x[i : i + EVAL_CHUNK]))
+            for i in range(0, len(x), EVAL_CHUNK)
+        ]
+        return np.concatenate(out) if out else np.zeros((0, len(self.side.label_names)))
+
+    def _evaluate_arch(self, name: str, a: ArchData) -> dict[str, float]:
+        """Accuracy, loss, n on the architecture's validation rows. Token samples are
+        evaluated in chunks of similar length (sorted by tokens), each padded to its longest."""
+        assert self.side is not None
+        y = np.asarray(a.val_y, np.int64)
+        if not self.cache.tokens:
+            return self.side.evaluate(name, np.stack(a.val_x), y)  # x (n, K, d)
+        order = sorted(range(len(y)), key=lambda i: a.val_x[i].tokens)
+        total = {"accuracy": 0.0, "loss": 0.0, "n": 0}
+        for start in range(0, len(order), EVAL_CHUNK):
+            idx = order[start : start + EVAL_CHUNK]
+            x, mask = collate_tokens([a.val_x[i] for i in idx])
+            r = self.side.evaluate(name, x, y[idx], mask)
+            if r["n"]:
+                total["accuracy"] += r["accuracy"] * r["n"]
+                total["loss"] += r["loss"] * r["n"]
+                total["n"] += r["n"]
+        n = total["n"]
+        nan = float("nan")
+        return {
+            "accuracy": total["accuracy"] / n if n else nan,
+            "loss": total["loss"] / n if n else nan,
+            "n": n,
+        }
+
     def _evaluate(self) -> None:
         assert self.side is not None
         self._check_finite()
@@ -495,8 +629,7 @@ class Trainer:
         val = {}
         for name, a in sorted(self.cache.archs.items()):
             if a.val_y and name in self.side.archs:
-                x = np.stack(a.val_x)  # (n, K, d)
-                val[name] = self.side.evaluate(name, x, np.asarray(a.val_y))
+                val[name] = self._evaluate_arch(name, a)
         entry = {
             "step": self.side.step,
             "time": time.time(),
@@ -591,6 +724,15 @@ class Trainer:
             if not side.is_finite():
                 log.warning("checkpoint %s holds non-finite weights; trying an older one", d.name)
                 continue
+            if side.config.inputs != self.settings.side.inputs:
+                log.warning(
+                    "checkpoint %s holds a %s side network; this server trains %s inputs: "
+                    "not resumed",
+                    d.name,
+                    side.config.inputs,
+                    self.settings.side.inputs,
+                )
+                continue
             self.side = side
             self.history = state.get("history", [])
             self.exported = state.get("exported", {})
@@ -666,12 +808,19 @@ class Trainer:
                 "checkpoint_step": self.checkpoint_step,
                 "resumed_from": self.resumed_from,
                 "parameters": side.num_parameters() if side else None,
+                # what the devices upload: "pivot" (one vector per tap) or "tokens"
+                "inputs": self.settings.side.inputs,
                 "architectures": {
                     n: {
                         "train": a.num_train,
                         "validation": len(a.val_y),
                         "anchors": len(a.anchor_x),
                         "devices": len(a.train_y),
+                        # training samples per label name: an architecture's label skew
+                        "labels": label_distribution(
+                            a.train_y, side.label_names if side else None
+                        ),
+                        **a.upload_stats(),
                     }
                     for n, a in list(self.cache.archs.items())  # copy: the thread adds archs
                 },

@@ -40,6 +40,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-train", action="store_true", help="ingest only: do not run the trainer thread"
     )
     parser.add_argument(
+        "--ssl-certfile",
+        type=Path,
+        default=None,
+        help="serve https with this PEM certificate (chain); devices verify it with "
+        "--ca-bundle or --pin-sha256 (docs/privacy.md)",
+    )
+    parser.add_argument(
+        "--ssl-keyfile", type=Path, default=None, help="the certificate's PEM private key"
+    )
+    parser.add_argument(
+        "--inputs",
+        choices=("pivot", "tokens"),
+        default=None,
+        help="what devices upload (side.inputs): pivot (one vector per tap and sample, the "
+        "default) or tokens (every token's taps; bundles exported with --pivot none)",
+    )
+    parser.add_argument(
         "--anchors",
         type=Path,
         default=None,
@@ -63,12 +80,18 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.no_train:
         overrides["train"] = False
+    if args.inputs:
+        overrides["side"] = {"inputs": args.inputs}
     settings, generated = load_settings(args.config, dev=args.dev, **overrides)
     if generated:
         print(f"admin token (--dev, shown once): {generated}", flush=True)
     log.info(
-        "data dir %s; trainer %s", settings.data_dir.resolve(), "on" if settings.train else "off"
+        "data dir %s; trainer %s; %s inputs",
+        settings.data_dir.resolve(),
+        "on" if settings.train else "off",
+        settings.side.inputs,
     )
+    tls = _tls_options(args, settings.host)
     app = create_app(settings)
     uvicorn.run(
         app,
@@ -77,5 +100,32 @@ def run(args: argparse.Namespace) -> int:
         log_level="info",
         timeout_graceful_shutdown=30,
         h11_max_incomplete_event_size=settings.max_header_bytes,  # headers, under h11
+        **tls,
     )
     return 0
+
+
+def _tls_options(args: argparse.Namespace, host: str) -> dict[str, str]:
+    """uvicorn's ssl_certfile/ssl_keyfile, both or neither; plaintext on a host other than
+    loopback is logged as a warning."""
+    from fedmobillm.errors import FedMobiLLMError
+
+    cert, key = args.ssl_certfile, args.ssl_keyfile
+    if (cert is None) != (key is None):
+        raise FedMobiLLMError(
+            "--ssl-certfile and --ssl-keyfile go together",
+            hint="pass both the PEM certificate and its private key",
+        )
+    if cert is None:
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            log.warning(
+                "PLAINTEXT on %s: activations, labels and tokens cross the network readable; "
+                "serve with --ssl-certfile/--ssl-keyfile (docs/privacy.md)",
+                host,
+            )
+        return {}
+    for path in (cert, key):
+        if not path.is_file():
+            raise FedMobiLLMError(f"{path} does not exist", hint="pass PEM files")
+    log.info("serving https with certificate %s", cert)
+    return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
