@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_run(sub.add_parser("run", help="forward local data and upload activations"))
     _add_predict(sub.add_parser("predict", help="on-device inference: backbone + personal model"))
     _add_fetch(sub.add_parser("fetch-model", help="download this device's personal model"))
+    _add_generate(sub.add_parser("generate", help="on-device text generation (decoder bundles)"))
 
 
 def _state_args(p: argparse.ArgumentParser) -> None:
@@ -119,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         "run": _run,
         "predict": _predict,
         "fetch-model": _fetch,
+        "generate": _generate,
     }
     return handlers[args.device_command](args)
 
@@ -220,4 +222,52 @@ def _fetch(args: argparse.Namespace) -> int:
         resolve_state_dir(args.state, args.name), args.out, args.server, args.graph
     )
     print(f"personal model unpacked into {folder}")
+    return 0
+
+
+def _add_generate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, type=Path, help="bundle exported with --generate")
+    p.add_argument("--prompt", required=True, help="the text to complete")
+    p.add_argument("--personal", type=Path, help="personal lm model (not built yet: refused)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute the whole context for every new token instead of using the KV cache",
+    )
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from fedmobillm.device_runtime.generate import Generator, Sampling
+    from fedmobillm.errors import FedMobiLLMError
+
+    if args.personal is not None:
+        raise FedMobiLLMError(
+            "--personal: the lm personal model is not built yet, so a personal model cannot "
+            "be applied to generation",
+            hint="drop --personal to generate with the frozen bundle",
+        )
+    generator = Generator(args.bundle, threads=args.threads)
+    result = generator.generate(
+        args.prompt,
+        args.max_new_tokens,
+        use_cache=not args.no_cache,
+        sampling=Sampling(args.temperature, args.top_k, args.seed),
+    )
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(f"{result.prompt}{result.text}")
+    print(
+        f"-- {len(result.token_ids)} new tokens ({result.stopped}) in {result.seconds:.2f} s: "
+        f"{result.tokens_per_s:.1f} tokens/s, first token {result.first_token_s:.2f} s, "
+        f"KV cache {'on' if result.use_cache else 'off'}, peak RSS {result.peak_rss_mib:.0f} MiB"
+    )
     return 0
