@@ -283,6 +283,7 @@ def run_bench(
         )
     device = Adb(server_port=adb_port).device(serial)
     abis = device_abis(device)
+    info = device_info(device)
     runner = resolve_runner(cfg)
     check_runner_abi(runner, abis)  # before anything is pushed
     with tempfile.TemporaryDirectory(prefix="fedmobillm-bench-") as tmp:
@@ -321,8 +322,71 @@ def run_bench(
         if parsed["latency_ms"].get("p50")
         else None,
         "pushed_bytes": pushed,
+        "device_info": info,
         "wall_s": time.perf_counter() - start,
     }
+
+
+# ---- ExecuTorch minibench's JSON schema ----------------------------------------------------
+
+MINIBENCH_PROPS = {"device": "ro.product.brand", "arch": "ro.product.model"}
+
+
+def device_info(device: Device) -> dict[str, Any]:
+    """What ExecuTorch's minibench app reports as ``deviceInfo``: brand, model, Android
+    release, total and available memory in bytes (None where the phone does not say)."""
+    from fedmobillm.android_bridge.profile import parse_meminfo
+
+    props = {k: device.getprop(v) or None for k, v in MINIBENCH_PROPS.items()}
+    release = device.getprop("ro.build.version.release")
+    mem = parse_meminfo(device.shell("cat /proc/meminfo", check=False).output)
+    return {
+        **props,
+        "os": f"Android {release}" if release else None,
+        "totalMem": mem["MemTotal"] * 1024 if "MemTotal" in mem else None,
+        "availMem": mem["MemAvailable"] * 1024 if "MemAvailable" in mem else None,
+    }
+
+
+def trimmed_mean(values: list[float]) -> float | None:
+    """Mean of the middle 80 % of the sorted values (minibench's trimmean 0.2)."""
+    s = sorted(values)
+    mid = s[len(s) // 10 : len(s) * 9 // 10]
+    return statistics.fmean(mid or s) if s else None
+
+
+def minibench_metrics(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The result as ExecuTorch minibench's list of BenchmarkMetric objects
+    (``benchmarkModel {name, backend, quantization}``, ``metric``, ``actualValue``,
+    ``targetValue``, ``deviceInfo {device, arch, os, totalMem, availMem}``), so these numbers
+    line up with ExecuTorch's own benchmark results. Backend: ``xnnpack`` for a .pte (this
+    project lowers to XNNPACK), ``onnxruntime-cpu`` for the ONNX graph."""
+    model = {
+        "name": result["architecture"],
+        "backend": "xnnpack" if result["backend"] == "pte" else "onnxruntime-cpu",
+        "quantization": result["quant"],
+    }
+    lat = result["latency_ms"]
+    per_iter = result.get("per_iteration_ms") or []
+    values = [
+        ("avg_inference_latency(ms)", lat.get("mean")),
+        ("trimmean_inference_latency(ms)", trimmed_mean(per_iter) if per_iter else None),
+        ("model_load_time(ms)", result.get("load_ms")),
+        ("load_status", 0),
+        ("peak_memory(mb)", result.get("peak_memory_mb")),
+    ]
+    info = result.get("device_info") or {}
+    return [
+        {
+            "benchmarkModel": model,
+            "metric": name,
+            "actualValue": float(value),
+            "targetValue": 0.0,
+            "deviceInfo": info,
+        }
+        for name, value in values
+        if value is not None
+    ]
 
 
 def _push_and_run(

@@ -52,12 +52,13 @@ def test_bench_on_the_phone_agrees_with_the_host(
 ):
     """Prepare: same runner, bundle, input and flags. Execute: bench via adb, then directly.
     Assert: median latencies agree within noise; JSON has every field; nothing left."""
-    out = tmp_path / "bench.json"
+    out, minibench = tmp_path / "bench.json", tmp_path / "minibench.json"
     args = [f"--{k}={v}" for k, v in CFG.items()]
     phone_p50s, host_p50s = [], []
     for _attempt in range(3):  # 2 cores shared by several jobs: retry a noisy pair
         res = adb_server.cli("android", "bench", phone.serial, str(pte_bundle), "--runner",
-                             str(host_runner), *args, "--json", str(out))  # fmt: skip
+                             str(host_runner), *args, "--json", str(out),
+                             "--minibench-json", str(minibench))  # fmt: skip
         assert res.returncode == 0, res.stderr[-3000:]
         direct, taps = _host_run(host_runner, pte_bundle, BenchConfig(**CFG))
         phone_p50s.append(json.loads(out.read_text())["latency_ms"]["p50"])
@@ -76,7 +77,27 @@ def test_bench_on_the_phone_agrees_with_the_host(
     assert taps.shape == (3 * 384,) and np.isfinite(taps).all()  # (1, K=3, d=384)
     assert phone.pushed_leftovers() == []
     assert 1 < r["effective_gflops"] < 1000 and r["flops_per_iteration"] > 1e8
+    _minibench_schema(minibench, r)
     _profile_feeds_the_fleet(adb_server, phone, out, tmp_path)
+
+
+def _minibench_schema(path: Path, result: dict) -> None:
+    """`--minibench-json`: ExecuTorch minibench's BenchmarkMetric list, same numbers."""
+    metrics = {m["metric"]: m for m in json.loads(path.read_text())}
+    assert {"avg_inference_latency(ms)", "trimmean_inference_latency(ms)"} <= set(metrics)
+    assert {"model_load_time(ms)", "load_status"} <= set(metrics)
+    avg = metrics["avg_inference_latency(ms)"]
+    assert avg["actualValue"] == result["latency_ms"]["mean"] and avg["targetValue"] == 0.0
+    assert avg["benchmarkModel"] == {
+        "name": result["architecture"],
+        "backend": "xnnpack",
+        "quantization": result["quant"],
+    }
+    info = avg["deviceInfo"]
+    assert info["device"] == "fedmobillm" and info["os"].startswith("Android ")
+    assert info["totalMem"] > info["availMem"] > 0
+    lat = sorted(result["per_iteration_ms"])
+    assert lat[0] <= metrics["trimmean_inference_latency(ms)"]["actualValue"] <= lat[-1]
 
 
 def _profile_feeds_the_fleet(adb_server, phone, bench_json: Path, tmp_path: Path) -> None:

@@ -134,6 +134,13 @@ def _add_bench(sub) -> None:
     p.add_argument(
         "--json", type=Path, default=None, dest="json_out", help="write the results as JSON here"
     )
+    p.add_argument(
+        "--minibench-json",
+        type=Path,
+        default=None,
+        help="also write the results in ExecuTorch minibench's JSON schema (a list of "
+        "BenchmarkMetric objects) here",
+    )
     p.add_argument("--timeout", type=float, default=600, help="seconds allowed for the run")
     _adb_port(p)
     p.set_defaults(_action=_bench)
@@ -317,6 +324,12 @@ def _bench(args: argparse.Namespace) -> int:
         args.json_out.parent.mkdir(parents=True, exist_ok=True)
         args.json_out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"results written to {args.json_out}")
+    if args.minibench_json:
+        from fedmobillm.android_bridge.bench import minibench_metrics
+
+        args.minibench_json.parent.mkdir(parents=True, exist_ok=True)
+        args.minibench_json.write_text(json.dumps(minibench_metrics(result), indent=2) + "\n")
+        print(f"minibench-schema results written to {args.minibench_json}")
     return 0
 
 
