@@ -99,10 +99,15 @@ class TapError:
         return {"max_abs": self.max_abs, "min_cosine": self.cosine}
 
 
-def compare(got: np.ndarray, ref: np.ndarray) -> TapError:
-    """Per-tap max-abs error and min cosine over samples; arrays (N, K, d) or (N, K, T, d)."""
+def compare(got: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None) -> TapError:
+    """Per-tap max-abs error and min cosine over samples; arrays (N, K, d) or (N, K, T, d).
+    ``mask`` (N, T), token taps only: padding positions are left out (zeroed in both), as a
+    device zeroes them before upload; their values mean nothing and int8 moves them most."""
     if got.shape != ref.shape:
         raise FedMobiLLMError(f"graph output shape {got.shape} differs from eager {ref.shape}")
+    if mask is not None and ref.ndim == 4:
+        keep = np.asarray(mask)[:, None, : ref.shape[2], None].astype(ref.dtype)  # (N,1,T,1)
+        got, ref = got * keep, ref * keep
     k = ref.shape[1]
     g = got.reshape(got.shape[0], k, -1).astype(np.float64)  # (N, K, F)
     r = ref.reshape(ref.shape[0], k, -1).astype(np.float64)  # (N, K, F)
