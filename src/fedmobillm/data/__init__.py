@@ -23,6 +23,10 @@ Split B (official train/test files): the official test file is the test split; t
 official train file is split stratified 90 / 10 % into train / validation with the seed.
 Local ``.jsonl`` / ``.csv`` files get split A. Within each split, records keep source order.
 
+Text for the ``lm`` task (no labels: friends transcripts by speaker, the same snippet sets as
+plain text, user jsonl with ``text`` or ``prompt``/``response``) and its per-device splits
+live in ``fedmobillm.data.lm``.
+
 Splits are cached as jsonl under ``cache_dir()/data/<name>/seed-<seed>/``; downloaded
 archives under ``cache_dir()/downloads/``.
 """
@@ -37,6 +41,17 @@ from fedmobillm.data.catalogue import (
     unknown_dataset_error,
     write_jsonl,
 )
+from fedmobillm.data.lm import (
+    LM_CORPORA,
+    LmCorpus,
+    LmDevice,
+    LmRecord,
+    fetch_lm_corpus,
+    lm_devices,
+    load_lm_corpus,
+    read_lm_records,
+    write_lm_devices,
+)
 from fedmobillm.data.partition import PartitionSummary, partition, write_partition
 from fedmobillm.data.splits import DATASET_SPLITS, stratified_split
 from fedmobillm.device_runtime.records import Record, read_records
@@ -46,15 +61,24 @@ __all__ = [
     "DATASET_SPLITS",
     "Dataset",
     "DatasetSpec",
+    "LM_CORPORA",
+    "LmCorpus",
+    "LmDevice",
+    "LmRecord",
     "PartitionSummary",
     "Record",
     "fetch_dataset",
+    "fetch_lm_corpus",
     "label_counts",
+    "lm_devices",
     "load_dataset",
+    "load_lm_corpus",
     "partition",
+    "read_lm_records",
     "read_records",
     "stratified_split",
     "unknown_dataset_error",
     "write_jsonl",
+    "write_lm_devices",
     "write_partition",
 ]
