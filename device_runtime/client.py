@@ -29,11 +29,21 @@ from fedmobillm.device_runtime.messages import (
     ROUTE_STATUS,
     Ack,
     AnchorShare,
+    PrivacyDeclaration,
     RegisterRequest,
     RegisterResponse,
     device_route,
 )
 from fedmobillm.device_runtime.messages import DeviceState as ServerDeviceState
+from fedmobillm.device_runtime.privacy import (
+    PrivacyBudgetExceeded,
+    device_secret,
+    effective_config,
+    int8_saturation,
+    privatize,
+    sample_sigma,
+    text_fingerprint,
+)
 from fedmobillm.device_runtime.protocol import (
     ENCODINGS,
     SPLITS,
@@ -44,6 +54,7 @@ from fedmobillm.device_runtime.uploader import (
     RetryPolicy,
     ServerRejected,
     ServerUnavailable,
+    TlsConfig,
     Uploader,
     rejected,
     server_message,
@@ -71,6 +82,14 @@ class DeviceState:
     bundle_sha256: str
     architecture: str = ""
     label_names: list[str] = field(default_factory=list)
+    # the privacy mechanism declared at registration (privacy.PrivacyConfig.declaration())
+    privacy: dict[str, Any] | None = None
+    # how the device verifies an https server (uploader.TlsConfig); None: system CAs
+    ca_bundle: str | None = None
+    pin_sha256: str | None = None
+
+    def tls(self) -> TlsConfig:
+        return TlsConfig(self.ca_bundle, self.pin_sha256)
 
     def save(self, state_dir: Path) -> Path:
         state_dir = Path(state_dir)
@@ -101,6 +120,7 @@ def registration_labels(
     labels_csv: str | None,
     data: str | None,
     retry: RetryPolicy | None = None,
+    tls: TlsConfig | None = None,
 ) -> list[str]:
     """The label names to register with: ``--labels``, else the data's. A local file whose
     labels are bare indices (0/1, no labels.json beside it) names no labels: its indices
@@ -111,7 +131,7 @@ def registration_labels(
     names = label_names_from(labels_csv, data)
     if labels_csv or names != [str(i) for i in range(len(names))]:
         return names
-    with Uploader(server, admin_token, retry or RetryPolicy()) as up:
+    with Uploader(server, admin_token, retry or RetryPolicy(), tls=tls or TlsConfig()) as up:
         resp = up.request("GET", ROUTE_STATUS)
     if resp.status_code in (401, 403):
         raise admin_refused(resp, server, "reading the task's label names")
@@ -141,8 +161,12 @@ def register(
     label_names: Sequence[str],
     state_dir: Path | None = None,
     retry: RetryPolicy | None = None,
+    privacy: Any = None,
+    tls: TlsConfig | None = None,
 ) -> tuple[DeviceState, Path]:
-    """POST /v1/devices; saves and returns the device state and where it was saved."""
+    """POST /v1/devices; saves and returns the device state and where it was saved.
+    ``privacy`` (a privacy.PrivacyConfig) is declared to the server and kept in the state:
+    ``device run`` applies it."""
     if not name or "/" in name or name.startswith("."):
         raise FedMobiLLMError(f"device name {name!r} is not valid: use letters, digits, -_.")
     if not label_names:
@@ -159,8 +183,11 @@ def register(
             "another --state / --name",
         )
     manifest = load_verified_bundle(Path(bundle_dir))
-    body = RegisterRequest(name, manifest.to_dict(), list(label_names))
-    with Uploader(server, admin_token, retry or RetryPolicy()) as up:
+    declared = privacy.declaration() if privacy is not None else None
+    declaration = PrivacyDeclaration.from_dict(declared) if declared is not None else None
+    body = RegisterRequest(name, manifest.to_dict(), list(label_names), privacy=declaration)
+    tls = tls or TlsConfig()
+    with Uploader(server, admin_token, retry or RetryPolicy(), tls=tls) as up:
         resp = up.request("POST", ROUTE_DEVICES, json=body.to_dict())
     if resp.status_code in (401, 403):
         raise admin_refused(resp, server, f"when registering device {name!r}")
@@ -175,6 +202,9 @@ def register(
         bundle_sha256=reg.bundle_sha256 or bundle_digest(manifest),
         architecture=reg.architecture or manifest.architecture,
         label_names=list(label_names),
+        privacy=declared,
+        ca_bundle=str(Path(tls.ca_bundle).resolve()) if tls.ca_bundle else None,
+        pin_sha256=tls.pin_sha256,
     )
     return state, state.save(state_dir)
 
@@ -194,6 +224,9 @@ class RunConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     progress_every_s: float = 2.0
     slowdown: float = 1.0  # simulate a slower device: each forward takes this many times longer
+    # privacy.PrivacyConfig: clip + Gaussian noise + accounting; None = as registered
+    privacy: Any = None
+    tls: TlsConfig | None = None  # overrides the registered --ca-bundle / --pin-sha256
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.forward_batch < 1:
@@ -223,6 +256,7 @@ class RunSummary:
     retries: int
     wall_s: float
     server_samples: dict[str, int] = field(default_factory=dict)
+    privacy: dict[str, Any] = field(default_factory=dict)  # DeviceClient.privacy_status()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -239,7 +273,7 @@ class RunSummary:
             f"{self.upload_measured_s:.2f} s, {self.retries} retries)",
             f"server now holds:   {self.server_samples}",
             f"wall time:          {self.wall_s:.1f} s",
-        ]
+        ] + ([f"privacy:            {self.privacy['text']}"] if self.privacy else [])
 
 
 def idempotency_key(device_id: str, digest: str, split: str, ids: Sequence[int]) -> str:
@@ -271,6 +305,9 @@ class DeviceClient:
             )
         self.journal = Journal(self.state_dir)
         self.scales = np.asarray(self.backbone.manifest.activation_scales, np.float32)  # (K,)
+        self.privacy = effective_config(self.config.privacy, self.state.privacy)
+        self._secret = device_secret(self.state_dir) if self.privacy is not None else b""
+        self.ledger: Any = None  # privacy.PrivacyLedger, read from the journal when needed
 
     # -- planning -------------------------------------------------------------------------
 
@@ -329,7 +366,11 @@ class DeviceClient:
         server = self.config.server or self.state.server
         tracker = _Progress(total, self.config.progress_every_s)
         with Uploader(
-            server, self.state.token, self.config.retry, self.config.bandwidth_mbps
+            server,
+            self.state.token,
+            self.config.retry,
+            self.config.bandwidth_mbps,
+            tls=self.config.tls or self.state.tls(),
         ) as up:
             self.check_token(up)
             for ids in batches:
@@ -352,6 +393,7 @@ class DeviceClient:
             retries=stats.retries,
             wall_s=time.perf_counter() - tracker.start,
             server_samples=tracker.server_samples,
+            privacy=self.privacy_status(),
         )
 
     def anchor_records(self) -> list[Any]:
@@ -361,7 +403,8 @@ class DeviceClient:
         from fedmobillm.device_runtime.records import Record
 
         server = self.config.server or self.state.server
-        with Uploader(server, self.state.token, self.config.retry) as up:
+        tls = self.config.tls or self.state.tls()
+        with Uploader(server, self.state.token, self.config.retry, tls=tls) as up:
             resp = up.request("GET", ROUTE_ANCHORS)
         if resp.status_code != 200:
             raise rejected(resp, "fetching the anchor set")
@@ -439,6 +482,8 @@ class DeviceClient:
             raise FedMobiLLMError(
                 f"the backbone produced NaN/inf activations for samples {ids[0]}..{ids[-1]}"
             )
+        if self.privacy is not None:  # clip + noise before quantisation
+            taps, labels = self._privatize(taps, labels, ids)
         if self.config.encoding == "int8":
             acts, scales = serde.quantize_int8(taps, self.scales), self.scales  # (N, K, d) int8
         else:
@@ -462,7 +507,10 @@ class DeviceClient:
     def _one_batch(
         self, up: Uploader, records: Sequence[Any], ids: list[int], tracker: _Progress
     ) -> None:
+        release = self._spend(records, ids)  # raises past the privacy budget
         body, entry, forward_s = self.encode(records, ids)
+        if release is not None:
+            self.journal.release(entry, release)
         self.journal.pending(entry)
         try:
             ack = Ack.from_dict(up.post_batch(body))
@@ -480,6 +528,83 @@ class DeviceClient:
             },
         )
         tracker.batch_done(len(ids), forward_s, len(body), ack)
+
+    # -- privacy (privacy.py) ------------------------------------------------------------
+
+    def _privatize(
+        self, taps: np.ndarray, labels: np.ndarray, ids: list[int], lengths: Any = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Clip + noise the taps (N, K, d) / (N, K, T, d), randomised response on labels."""
+        key = idempotency_key(self.state.device_id, self.digest, self.config.split, ids)
+        taps, labels = privatize(
+            self.privacy, self._secret, key, taps, labels, len(self.state.label_names), lengths
+        )
+        if self.config.encoding == "int8":
+            frac = int8_saturation(taps, self.scales)
+            if frac > 0.01:  # saturating is still private (post-processing) but loses signal
+                std = float(sample_sigma(self.privacy.z, taps.shape[1])[0])
+                log.warning(
+                    "%.1f%% of the noisy values saturate the int8 range (clip %g, noise std "
+                    "%.3g x clip): lower --clip or upload fp16",
+                    100 * frac, self.privacy.clip, std,
+                )  # fmt: skip
+        return taps, labels
+
+    def privacy_status(self) -> dict[str, Any]:
+        """The mechanism and the journal's spending (empty without a mechanism)."""
+        if self.privacy is None:
+            return {}
+        ledger = self.ledger or self.journal.ledger(self.privacy.delta)
+        worst = max((ledger.text_epsilon(fp) for fp in ledger.per_text), default=0.0)
+        out = {
+            **self.privacy.declaration(),
+            "budget": self.privacy.text_budget,
+            "texts": len(ledger.per_text),
+            "max_text_epsilon": worst,
+            "device_epsilon": ledger.device_epsilon(),
+        }
+        label = (
+            f", labels by randomised response at epsilon {self.privacy.label_epsilon:g}"
+            if self.privacy.label_epsilon is not None
+            else ", labels as they are"
+        )
+        out["text"] = (
+            f"clip {self.privacy.clip:g} + Gaussian noise, epsilon {self.privacy.epsilon:g} "
+            f"per text at delta {self.privacy.delta:g}{label}; {len(ledger.per_text)} texts "
+            f"released, the most-spent at epsilon {worst:.3g} of budget "
+            f"{self.privacy.text_budget:g}; all of them as one secret: epsilon "
+            f"{out['device_epsilon']:.3g}"
+        )
+        return out
+
+    def _spend(self, records: Sequence[Any], ids: list[int]) -> dict[str, Any] | None:
+        """Check and charge this batch against the privacy budget (anchor texts are public:
+        not charged). Returns the journal's release info, or None without a mechanism.
+        Past the budget: a ``refused`` journal line and PrivacyBudgetExceeded."""
+        if self.privacy is None or self.config.split == "anchor":
+            return None
+        if self.ledger is None:
+            self.ledger = self.journal.ledger(self.privacy.delta)
+        key = idempotency_key(self.state.device_id, self.digest, self.config.split, ids)
+        fps = [text_fingerprint(self._secret, records[i].text) for i in ids]
+        try:
+            eps = self.ledger.check(self.privacy, key, fps)
+        except PrivacyBudgetExceeded as exc:
+            data = records_hash([(i, records[i].text, records[i].label) for i in ids])
+            entry = Entry("refused", key, self.config.split, self.digest, list(ids), data)
+            self.journal.refused(entry, exc.message)
+            raise
+        z = self.privacy.z
+        self.ledger.add(key, z, fps)
+        return {
+            "z": z,
+            "delta": self.privacy.delta,
+            "clip": self.privacy.clip,
+            "label_epsilon": self.privacy.label_epsilon,
+            "epsilon": eps,
+            "device_epsilon": self.ledger.device_epsilon(),
+            "fingerprints": fps,
+        }
 
     def last_acked_text(self) -> str:
         last = self.journal.last_ack(self.config.split)

@@ -1,7 +1,10 @@
 """The device's journal of uploads: an append-only, fsynced JSON-lines file.
 
 Before a batch is sent, a ``pending`` line names its idempotency key and sample ids;
-after the server acknowledges it, an ``ack`` line follows. A device killed at any moment
+after the server acknowledges it, an ``ack`` line follows. With local differential privacy
+(``privacy``), a ``release`` line precedes the ``pending`` one: the batch's noise
+multiplier and its texts' keyed fingerprints, from which ``ledger()`` rebuilds the
+device's spending; a batch refused for the budget leaves a ``refused`` line. A device killed at any moment
 restarts by re-sending the one pending batch (same key: the server answers
 ``duplicate``), then continues after the last acknowledged sample. A line cut short by
 the kill is ignored.
@@ -32,7 +35,7 @@ def records_hash(items: list[tuple[int, str, int]]) -> str:
 
 @dataclass
 class Entry:
-    event: str  # "pending" | "ack"
+    event: str  # "pending" | "ack" | "release" | "refused"
     key: str
     split: str
     bundle_sha256: str
@@ -93,6 +96,28 @@ class Journal:
             if e.event == "pending" and e.split == split and e.bundle_sha256 == bundle_sha256:
                 return None if e.key in acked else e
         return None
+
+    def release(self, entry: Entry, info: dict[str, Any]) -> None:
+        """Record a privacy release (before the batch is sent): ``info`` holds ``z``,
+        ``delta``, ``fingerprints`` and the epsilons after it."""
+        self._append(Entry(**{**entry.__dict__, "event": "release", "info": info}))
+
+    def refused(self, entry: Entry, reason: str) -> None:
+        """Record a batch refused on the device (privacy budget): nothing was sent."""
+        self._append(Entry(**{**entry.__dict__, "event": "refused", "info": {"reason": reason}}))
+
+    def releases(self) -> list[Entry]:
+        return [e for e in self.entries if e.event == "release"]
+
+    def ledger(self, delta: float) -> Any:
+        """The device's privacy spending (``privacy.PrivacyLedger``) from its release
+        lines, every split and bundle together."""
+        from fedmobillm.device_runtime.privacy import PrivacyLedger
+
+        ledger = PrivacyLedger(delta)
+        for e in self.releases():
+            ledger.add(e.key, float(e.info["z"]), list(e.info["fingerprints"]))
+        return ledger
 
     def last_ack(self, split: str | None = None) -> Entry | None:
         for e in reversed(self.entries):

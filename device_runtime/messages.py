@@ -91,10 +91,26 @@ class Message:
 
 
 @dataclass
+class PrivacyDeclaration(Message):
+    """The local differential privacy a device applies before uploading (privacy.py):
+    every tap vector clipped to L2 norm ``clip``, Gaussian noise of ``noise_multiplier`` x
+    the per-sample sensitivity, (epsilon, delta) per sample; labels by randomised response
+    at ``label_epsilon`` (None: labels as they are)."""
+
+    mechanism: str  # "gaussian-rdp"
+    epsilon: float
+    delta: float
+    clip: float
+    noise_multiplier: float = 0.0
+    label_epsilon: float | None = None
+
+
+@dataclass
 class RegisterRequest(Message):
     name: str  # 1..100 characters
     manifest: dict[str, Any]  # the bundle's manifest.json (protocol.Manifest.to_dict())
     label_names: list[str]  # 2..1000: the task's labels, fixed by the first registration
+    privacy: PrivacyDeclaration | None = None  # None: uploads without a privacy mechanism
 
 
 @dataclass
@@ -175,6 +191,7 @@ class DeviceInfo(Message):
     quarantined: bool = False
     revoked: float | None = None  # when its token was revoked; None while it works
     data_deleted: bool = False  # its samples were removed from the store
+    privacy: PrivacyDeclaration | None = None  # what it declared at registration
 
 
 @dataclass

@@ -170,7 +170,7 @@ def predict_records(
 
 
 def fetch_personal_model(
-    state_dir: Path, out: Path, server: str | None = None, graph: str = "onnx"
+    state_dir: Path, out: Path, server: str | None = None, graph: str = "onnx", tls: Any = None
 ) -> Path:
     """GET /v1/personal-model with the device token; unpack into ``out``. ``graph``: which
     graph to download, "onnx" (what ``PersonalModel`` runs), "pte" or "all"."""
@@ -180,7 +180,7 @@ def fetch_personal_model(
     from fedmobillm.device_runtime.uploader import Uploader, rejected
 
     state = DeviceState.load(state_dir)
-    with Uploader(server or state.server, state.token) as up:
+    with Uploader(server or state.server, state.token, tls=tls or state.tls()) as up:
         resp = up.request("GET", ROUTE_PERSONAL_MODEL, params={"graph": graph})
     if resp.status_code == 409:
         raise FedMobiLLMError(

@@ -1,13 +1,24 @@
 """HTTP to the server, with explicit timeouts and retries: exponential backoff with full
 jitter on connection errors, 5xx and 429 (honouring Retry-After); any other 4xx is final
 and ends with the server's own message. Optional bandwidth throttling simulates a phone
-link. Torch-free."""
+link. Torch-free.
+
+TLS (``TlsConfig``): an ``https://`` server is verified against the system's CAs, a CA
+bundle (``--ca-bundle FILE``) or a pinned certificate (``--pin-sha256 HEX``: the SHA-256 of
+the server certificate's DER bytes, checked during the handshake, before a byte of the
+request, the bearer token included, is sent). A certificate that fails is an error at
+once, never retried. A device configured for TLS refuses an ``http://`` URL; plaintext to
+a host other than loopback is allowed but warned about loudly (activations, labels and the
+token would cross the network readable)."""
 
 from __future__ import annotations
 
 import email.utils
+import hashlib
+import ipaddress
 import logging
 import random
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +34,126 @@ log = logging.getLogger(__name__)
 
 class ServerUnavailable(FedMobiLLMError):
     """The server could not be reached (or kept failing) after every retry."""
+
+
+class TlsRefused(ServerUnavailable):
+    """The server's certificate failed verification (unknown CA, wrong host, wrong pin), or
+    TLS was required and the URL is plaintext."""
+
+
+class PinMismatch(ssl.SSLCertVerificationError):
+    """The server's certificate is not the pinned one."""
+
+
+class _PinnedContext(ssl.SSLContext):
+    """An SSL context that accepts exactly one certificate: the one whose DER bytes hash to
+    ``pin`` (sha256 hex), checked when the handshake completes (inside wrap_socket, which
+    httpx calls before it sends anything)."""
+
+    pin: str = ""
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:  # type: ignore[override]
+        sock = super().wrap_socket(*args, **kwargs)
+        der = sock.getpeercert(binary_form=True) or b""
+        got = hashlib.sha256(der).hexdigest()
+        if got != self.pin:
+            sock.close()
+            raise PinMismatch(
+                f"the server's certificate has sha256 {got}, not the pinned {self.pin}"
+            )
+        return sock
+
+
+def normalise_pin(pin: str) -> str:
+    """A certificate's SHA-256 fingerprint as 64 lower-case hex digits (colons and spaces, as
+    `openssl x509 -fingerprint -sha256` prints them, are dropped)."""
+    hexpin = pin.replace(":", "").replace(" ", "").strip().lower()
+    if len(hexpin) != 64 or any(c not in "0123456789abcdef" for c in hexpin):
+        raise FedMobiLLMError(
+            f"--pin-sha256 {pin!r} is not a SHA-256 fingerprint (64 hex digits)",
+            hint="print it with `openssl x509 -in server.crt -noout -fingerprint -sha256`",
+        )
+    return hexpin
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """How a device verifies an https server: ``ca_bundle`` (a PEM file of trusted CAs),
+    ``pin_sha256`` (the server certificate's sha256: exactly that certificate is accepted,
+    whoever signed it), or neither (the system's CAs)."""
+
+    ca_bundle: str | None = None
+    pin_sha256: str | None = None
+
+    @property
+    def required(self) -> bool:
+        return bool(self.ca_bundle or self.pin_sha256)
+
+    def verify(self) -> ssl.SSLContext | bool:
+        """httpx's ``verify=``: an SSL context for a CA bundle or a pin, else True."""
+        if self.pin_sha256:
+            ctx = _PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False  # the pin names the certificate itself
+            ctx.verify_mode = ssl.CERT_NONE
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.pin = normalise_pin(self.pin_sha256)
+            return ctx
+        if self.ca_bundle:
+            try:
+                return ssl.create_default_context(cafile=self.ca_bundle)
+            except (OSError, ssl.SSLError) as exc:
+                raise FedMobiLLMError(
+                    f"--ca-bundle {self.ca_bundle} cannot be read as PEM certificates: {exc}",
+                    hint="pass the PEM file of the CA that signed the server's certificate",
+                ) from exc
+        return True
+
+    def to_dict(self) -> dict[str, str | None]:
+        return {"ca_bundle": self.ca_bundle, "pin_sha256": self.pin_sha256}
+
+
+def check_transport(server: str, tls: TlsConfig) -> None:
+    """Refuse plaintext when TLS is configured; warn loudly about plaintext to a host that
+    is not loopback."""
+    url = httpx.URL(server)
+    if url.scheme == "https":
+        return
+    if tls.required:
+        raise TlsRefused(
+            f"server {server} is plaintext http, but this device verifies the server "
+            "(--ca-bundle / --pin-sha256): refusing to send activations and the token "
+            "unencrypted",
+            hint="use the https:// URL of the server (`fedmobillm serve --ssl-certfile ... "
+            "--ssl-keyfile ...`)",
+        )
+    if not _loopback(url.host):
+        log.warning(
+            "PLAINTEXT: %s is not loopback and not https: activations, labels and the device "
+            "token cross the network readable by anyone on the path. Serve with "
+            "--ssl-certfile/--ssl-keyfile and use https:// (docs/privacy.md)",
+            server,
+        )
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def tls_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error behind an httpx transport error, if any."""
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        if isinstance(cur, ssl.SSLCertVerificationError):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 class ServerRejected(FedMobiLLMError):
@@ -115,15 +246,18 @@ class Uploader:
     sleep: Callable[[float], None] = time.sleep
     seed: int | None = None
     stats: UploadStats = field(default_factory=UploadStats)
+    tls: TlsConfig = field(default_factory=TlsConfig)
 
     def __post_init__(self) -> None:
         if self.bandwidth_mbps is not None and self.bandwidth_mbps <= 0:
             raise FedMobiLLMError("--bandwidth-mbps must be positive")
         self._rng = random.Random(self.seed)
+        check_transport(self.server, self.tls)
         self._http = httpx.Client(
             base_url=self.server.rstrip("/"),
             timeout=self.retry.timeout(),
             headers={"Authorization": f"Bearer {self.token}"},
+            verify=self.tls.verify(),
         )
 
     def close(self) -> None:
@@ -146,6 +280,14 @@ class Uploader:
                 self.stats.requests += 1
                 resp = self._http.request(method, path, **kwargs)
             except httpx.TransportError as exc:  # connect/read/write errors and timeouts
+                bad_cert = tls_failure(exc)
+                if bad_cert is not None:  # never retried: it will not get better
+                    raise TlsRefused(
+                        f"server {self.server} failed TLS verification: {bad_cert}; nothing "
+                        "was sent",
+                        hint="pass --ca-bundle with the CA that signed the server's "
+                        "certificate, or --pin-sha256 with its fingerprint (docs/privacy.md)",
+                    ) from exc
                 last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             else:
                 if resp.status_code != 429 and resp.status_code < 500:

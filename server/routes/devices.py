@@ -3,6 +3,7 @@ the anchor set."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Annotated
 
@@ -20,7 +21,15 @@ from fedmobillm.device_runtime.messages import (
     RevokeRequest,
 )
 from fedmobillm.server.errors import Forbidden
-from fedmobillm.server.routes.deps import ERRORS, AdminAuth, AnyAuth, DeviceAuth, ServiceDep
+from fedmobillm.server.privacy import check_declaration
+from fedmobillm.server.routes.deps import (
+    ERRORS,
+    AdminAuth,
+    AnyAuth,
+    DeviceAuth,
+    ServiceDep,
+    SettingsDep,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +45,15 @@ class RegisterRequest(messages.RegisterRequest):
 
 
 @router.post(messages.ROUTE_DEVICES, status_code=201)
-def register(body: RegisterRequest, _: AdminAuth, service: ServiceDep) -> RegisterResponse:
-    out = RegisterResponse.from_dict(service.register(body.name, body.manifest, body.label_names))
+def register(
+    body: RegisterRequest, _: AdminAuth, service: ServiceDep, settings: SettingsDep
+) -> RegisterResponse:
+    """403 when the server requires ``max_epsilon`` and the device declares more or none."""
+    privacy = None if body.privacy is None else dataclasses.asdict(body.privacy)
+    check_declaration(privacy, settings.max_epsilon)
+    out = RegisterResponse.from_dict(
+        service.register(body.name, body.manifest, body.label_names, privacy)
+    )
     log.info("registered %s (%s) as %s", body.name, out.architecture, out.device_id)
     return out
 

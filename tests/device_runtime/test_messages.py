@@ -20,6 +20,7 @@ from fedmobillm.device_runtime.messages import (
     Message,
     MessageError,
     PersonalManifest,
+    PrivacyDeclaration,
     RegisterRequest,
     RegisterResponse,
     Revoked,
@@ -28,8 +29,11 @@ from fedmobillm.device_runtime.messages import (
 )
 
 COUNTS = SampleCounts(train=12, validation=3, anchor=1)
+PRIVACY = PrivacyDeclaration("gaussian-rdp", 8.0, 1e-5, 2.0, 0.64, label_epsilon=1.0)
 EXAMPLES: list[Message] = [
     RegisterRequest("phone-a", {"format_version": 1, "taps": [2, 4]}, ["neg", "pos"]),
+    RegisterRequest("phone-b", {"taps": [2]}, ["neg", "pos"], privacy=PRIVACY),
+    PRIVACY,
     RegisterResponse("dev-1", "secret", "bert/tiny/d16/L4/taps2,4", "ab" * 32),
     COUNTS,
     Ack("b1", samples=10, split="train", duplicate=False, device_samples=COUNTS, skipped=2),
@@ -41,6 +45,7 @@ EXAMPLES: list[Message] = [
     DeviceFlag("dev-2", "phone-b", "bert/tiny", 1, "fp16 activations of tap 0 reach ..."),
     DeviceInfo("dev-1", "phone-a", "bert/tiny", COUNTS, 1.7e9, 1.71e9, False, 1.72e9, True),
     DeviceInfo("dev-2", "phone-b", "bert/tiny", COUNTS, 1.7e9),
+    DeviceInfo("dev-3", "phone-c", "bert/tiny", COUNTS, 1.7e9, privacy=PRIVACY),
     RevokeRequest(delete_data=True),
     Revoked("dev-1", revoked=1.72e9, deleted_samples=15),
     PersonalManifest(

@@ -24,6 +24,83 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_generate(sub.add_parser("generate", help="on-device text generation (decoder bundles)"))
 
 
+def _privacy_args(p: argparse.ArgumentParser, run: bool) -> None:
+    g = p.add_argument_group(
+        "local differential privacy (docs/privacy.md)",
+        "clip every tap vector, add Gaussian noise for (epsilon, delta) per text, account the "
+        "spending in the journal"
+        + ("; default: as registered" if run else "; declared to the server and kept"),
+    )
+    g.add_argument("--epsilon", type=float, help="per-text epsilon of the activations")
+    g.add_argument("--delta", type=float, default=1e-5, help="per-text delta (default 1e-5)")
+    g.add_argument("--clip", type=float, help="L2 bound of each tap vector (with --epsilon)")
+    g.add_argument(
+        "--label-epsilon",
+        type=float,
+        help="also randomise labels (randomised response at this epsilon); default: labels "
+        "are uploaded as they are",
+    )
+    if run:
+        g.add_argument(
+            "--budget",
+            type=float,
+            help="the most any one text may spend over all its uploads (default: --epsilon, "
+            "i.e. each text is uploaded once)",
+        )
+        g.add_argument(
+            "--device-budget",
+            type=float,
+            help="cap on the device-level epsilon (all its uploads composed); default: none",
+        )
+
+
+def _tls_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--ca-bundle", type=Path, help="verify the https server against this CA (PEM)")
+    g.add_argument(
+        "--pin-sha256",
+        help="accept only the server certificate with this SHA-256 fingerprint (hex)",
+    )
+
+
+def _privacy_config(args: argparse.Namespace):  # -> PrivacyConfig | None
+    from fedmobillm.errors import FedMobiLLMError
+
+    if args.epsilon is None:
+        extra = [f for f in ("clip", "label_epsilon", "budget", "device_budget")
+                 if getattr(args, f, None) is not None]  # fmt: skip
+        if extra:
+            raise FedMobiLLMError(
+                f"--{extra[0].replace('_', '-')} needs --epsilon",
+                hint="pass --epsilon E --clip C to add noise before uploading",
+            )
+        return None
+    if args.clip is None:
+        raise FedMobiLLMError(
+            "--epsilon needs --clip: the L2 bound of each tap vector",
+            hint="see docs/privacy.md for how to choose it (noise std grows with it)",
+        )
+    from fedmobillm.device_runtime.privacy import PrivacyConfig
+
+    return PrivacyConfig(
+        epsilon=args.epsilon,
+        delta=args.delta,
+        clip=args.clip,
+        label_epsilon=args.label_epsilon,
+        budget=getattr(args, "budget", None),
+        device_budget=getattr(args, "device_budget", None),
+    )
+
+
+def _tls_config(args: argparse.Namespace):  # -> TlsConfig | None
+    if args.ca_bundle is None and args.pin_sha256 is None:
+        return None
+    from fedmobillm.device_runtime.uploader import TlsConfig
+
+    ca = str(args.ca_bundle) if args.ca_bundle is not None else None
+    return TlsConfig(ca_bundle=ca, pin_sha256=args.pin_sha256)
+
+
 def _state_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", type=Path, help="device state folder (default: cache/devices/NAME)")
     p.add_argument("--name", help="device name (picks the default state folder)")
@@ -38,6 +115,8 @@ def _add_register(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--labels", help="the task's label names, comma-separated, in index order")
     g.add_argument("--data", help="a dataset name or local file to read the label names from")
+    _privacy_args(p, run=False)
+    _tls_args(p)
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -78,6 +157,8 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         help="simulate a slower phone: each forward takes X times as long (default 1)",
     )
     p.add_argument("--summary-json", type=Path, help="also write the summary to this JSON file")
+    _privacy_args(p, run=True)
+    _tls_args(p)
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -111,6 +192,7 @@ def _add_fetch(p: argparse.ArgumentParser) -> None:
         help="which graph to download: onnx (what `device predict` runs), pte (ExecuTorch "
         "on a phone) or all",
     )
+    _tls_args(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,13 +210,27 @@ def run(args: argparse.Namespace) -> int:
 def _register(args: argparse.Namespace) -> int:
     from fedmobillm.device_runtime.client import register, registration_labels
 
-    labels = registration_labels(args.server, args.admin_token, args.labels, args.data)
+    tls, privacy = _tls_config(args), _privacy_config(args)
+    labels = registration_labels(args.server, args.admin_token, args.labels, args.data, tls=tls)
     state, path = register(
-        args.server, args.admin_token, args.name, args.bundle, labels, args.state
+        args.server,
+        args.admin_token,
+        args.name,
+        args.bundle,
+        labels,
+        args.state,
+        privacy=privacy,
+        tls=tls,
     )
     print(f"registered device {state.name!r} as {state.device_id} on {state.server}")
     print(f"architecture {state.architecture}, bundle {state.bundle_sha256[:16]}")
     print(f"labels: {', '.join(state.label_names)}")
+    if privacy is not None:
+        print(
+            f"privacy: clip {privacy.clip:g} + Gaussian noise, epsilon {privacy.epsilon:g} per "
+            f"text at delta {privacy.delta:g} (noise multiplier {privacy.z:.4g})"
+            + (f", labels at epsilon {privacy.label_epsilon:g}" if privacy.label_epsilon else "")
+        )
     print(f"state (keeps the device token; mode 600): {path}")
     return 0
 
@@ -157,6 +253,8 @@ def _run(args: argparse.Namespace) -> int:
         server=args.server,
         retry=RetryPolicy(attempts=args.retries),
         slowdown=args.slowdown,
+        privacy=_privacy_config(args),
+        tls=_tls_config(args),
     )
     if args.split == "anchor" and args.data is not None:
         raise FedMobiLLMError(
@@ -219,7 +317,11 @@ def _fetch(args: argparse.Namespace) -> int:
     from fedmobillm.device_runtime.records import resolve_state_dir
 
     folder = fetch_personal_model(
-        resolve_state_dir(args.state, args.name), args.out, args.server, args.graph
+        resolve_state_dir(args.state, args.name),
+        args.out,
+        args.server,
+        args.graph,
+        tls=_tls_config(args),
     )
     print(f"personal model unpacked into {folder}")
     return 0

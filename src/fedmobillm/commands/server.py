@@ -201,7 +201,7 @@ def format_devices(devices: list[DeviceInfo]) -> str:
         return "no devices registered"
     lines = [
         f"{'DEVICE':<22} {'NAME':<20} {'TRAIN':>6} {'VAL':>5} {'LAST UPLOAD':<19} "
-        f"{'STATE':<11} ARCHITECTURE"
+        f"{'STATE':<11} {'EPSILON':<8} ARCHITECTURE"
     ]
     for d in devices:
         state = "revoked" if d.revoked is not None else "active"
@@ -209,9 +209,17 @@ def format_devices(devices: list[DeviceInfo]) -> str:
         state += " (data deleted)" if d.data_deleted else ""
         lines.append(
             f"{d.device_id:<22} {d.name:<20} {d.samples.train:>6} {d.samples.validation:>5} "
-            f"{_when(d.last_upload):<19} {state:<11} {d.architecture}"
+            f"{_when(d.last_upload):<19} {state:<11} {_epsilon(d):<8} {d.architecture}"
         )
     return "\n".join(lines)
+
+
+def _epsilon(d: DeviceInfo) -> str:
+    """The device's declared epsilon (with "+L" for label randomised response), "none"."""
+    p = d.privacy
+    if p is None:
+        return "none"
+    return f"{p.epsilon:g}" + (f"+L{p.label_epsilon:g}" if p.label_epsilon is not None else "")
 
 
 def _when(t: float | None) -> str:

@@ -1,0 +1,229 @@
+"""Local differential privacy on the device (device_runtime/privacy.py): the accountant
+against dp-accounting's own figures, the clipping bound, the noise's standard deviation,
+randomised response, and end to end against a real server on loopback: a server that
+requires epsilon <= X refuses a device declaring more, and a device past its budget
+uploads nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import dp_accounting
+import numpy as np
+import pytest
+from dp_accounting.rdp import RdpAccountant
+
+from fedmobillm.device_runtime import privacy as P
+from fedmobillm.device_runtime.journal import Entry, Journal
+from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.server.local import LocalServer
+
+ADMIN = "privacy-test-admin-token-7f3a9c1e5b"
+LABELS = ["negative", "positive"]
+
+
+def library_epsilon(z: float, n: int, delta: float) -> float:
+    """A fresh dp-accounting RDP accountant, composed n times: the reference figure."""
+    acc = RdpAccountant()
+    for _ in range(n):
+        acc.compose(dp_accounting.GaussianDpEvent(z))
+    return acc.get_epsilon(delta)
+
+
+@pytest.mark.parametrize("epsilon", [16.0, 8.0, 4.0, 2.0, 1.0])
+def test_noise_multiplier_meets_epsilon_tightly(epsilon):
+    z = P.noise_multiplier(epsilon, 1e-5)
+
+    got = library_epsilon(z, 1, 1e-5)
+
+    assert got <= epsilon * (1 + 1e-6)
+    assert got >= epsilon * 0.99  # calibrated, not merely safe
+    assert library_epsilon(z * 0.98, 1, 1e-5) > epsilon  # less noise would not do
+
+
+def test_journal_ledger_composes_as_the_library(tmp_path):
+    """Prepare: a journal where one text is released 1..5 times (another bundle each time,
+    z = noise_multiplier(8)) beside 40 texts released once. Execute: rebuild the ledger
+    from the journal after each release. Assert: that text's epsilon and the device-level
+    epsilon equal a fresh library accountant composed n and 40 + n times."""
+    z = P.noise_multiplier(8.0, 1e-5)
+    journal = Journal(tmp_path)
+    others = [f"fp-{i}" for i in range(40)]
+    journal.release(Entry("pending", "k0", "train", "b0", list(range(40)), "d"),
+                    {"z": z, "fingerprints": others})  # fmt: skip
+    for n in range(1, 6):
+        entry = Entry("pending", f"k{n}", "train", f"bundle-{n}", [0], "d")
+        journal.release(entry, {"z": z, "fingerprints": ["the-text"]})
+        ledger = Journal(tmp_path).ledger(1e-5)  # re-read from disk, as a restart does
+
+        assert ledger.text_epsilon("the-text") == pytest.approx(
+            library_epsilon(z, n, 1e-5), rel=1e-9
+        )
+        assert ledger.text_epsilon("fp-3") == pytest.approx(library_epsilon(z, 1, 1e-5))
+        assert ledger.device_epsilon() == pytest.approx(library_epsilon(z, 40 + n, 1e-5), rel=1e-9)
+    assert ledger.text_epsilon("the-text") > 8.0 * 1.5  # composition grows
+
+
+def test_ledger_refuses_past_the_budget_and_a_resend_is_free():
+    config = P.PrivacyConfig(epsilon=4.0, clip=1.0)
+    ledger = P.PrivacyLedger(1e-5)
+    first = ledger.check(config, "key-1", ["a", "b"])
+    ledger.add("key-1", config.z, ["a", "b"])
+
+    assert first <= 4.0 * (1 + 1e-6)
+    assert ledger.check(config, "key-1", ["a", "b"]) == pytest.approx(first)  # a re-send
+    ledger.check(config, "key-2", ["c"])  # a new text costs the old ones nothing
+    with pytest.raises(P.PrivacyBudgetExceeded, match="budget 4"):
+        ledger.check(config, "key-3", ["c", "a"])  # "a" again: past its budget
+    roomy = P.PrivacyConfig(epsilon=4.0, clip=1.0, budget=8.0)
+    assert 4.0 < ledger.check(roomy, "key-3", ["a"]) <= 8.0
+    capped = P.PrivacyConfig(epsilon=4.0, clip=1.0, device_budget=5.0)
+    with pytest.raises(P.PrivacyBudgetExceeded, match="device-level"):
+        ledger.check(capped, "key-4", ["d", "e", "f"])
+
+
+@pytest.mark.parametrize("shape", [(64, 3, 48), (16, 2, 7, 24)])
+def test_clipping_bound_holds(shape):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape) * rng.uniform(0.01, 30, size=shape[:-1] + (1,))
+    mask = None if len(shape) == 3 else np.arange(7)[None, :] < rng.integers(1, 8, (16, 1))
+
+    out = P.clip_and_noise(x, 2.5, 0.0, rng, mask)  # no noise: the clipping alone
+
+    norms = np.linalg.norm(out, axis=-1)
+    assert norms.max() <= 2.5 * (1 + 1e-5)
+    small = np.linalg.norm(x, axis=-1) < 2.5  # vectors already inside are untouched
+    kept = small if mask is None else small & mask[:, None, :]
+    assert np.allclose(out[kept], x[kept], atol=1e-5)
+    assert (norms > 2.5 * 0.999).mean() > 0.3  # the bound binds: this is a real test
+    if mask is not None:
+        assert not out[~np.broadcast_to(mask[:, None, :], out.shape[:-1])].any()
+
+
+def test_noise_std_matches_sigma_times_clip():
+    rng = np.random.default_rng(1)
+    x = np.zeros((400, 3, 64))
+    sigma = np.where(np.arange(400) < 200, 0.5, 2.0)  # per sample
+
+    out = P.clip_and_noise(x, 3.0, sigma, rng)
+
+    assert out[:200].std() == pytest.approx(0.5 * 3.0, rel=0.02)
+    assert out[200:].std() == pytest.approx(2.0 * 3.0, rel=0.02)
+    assert abs(out.mean()) < 0.05
+
+
+def test_sample_sigma_is_z_times_the_replace_one_sensitivity():
+    z = P.noise_multiplier(8.0, 1e-5)
+    assert P.sample_sigma(z, 3)[0] == pytest.approx(z * 2 * math.sqrt(3))
+    tok = P.sample_sigma(z, 3, np.array([1, 4]))
+    assert tok == pytest.approx([z * 2 * math.sqrt(3), z * 2 * math.sqrt(12)])
+
+
+def test_randomized_response_keeps_at_the_documented_rate():
+    rng = np.random.default_rng(2)
+    labels = np.tile(np.array([0, 1, 2, -1]), 25_000)
+
+    out = P.randomized_response(labels, 3, 1.0, rng)
+
+    real = labels >= 0
+    kept = (out[real] == labels[real]).mean()
+    assert kept == pytest.approx(P.keep_probability(1.0, 3), abs=0.01)  # e / (e + 2)
+    assert (out[~real] == -1).all() and set(np.unique(out[real])) == {0, 1, 2}
+
+
+def test_a_resent_batch_carries_the_same_noise_and_secrets_differ(tmp_path):
+    config = P.PrivacyConfig(epsilon=8.0, clip=1.0, label_epsilon=1.0)
+    secret = P.device_secret(tmp_path)
+    taps = np.random.default_rng(3).normal(size=(8, 3, 16)).astype(np.float32)
+    labels = np.arange(8) % 2
+
+    a = P.privatize(config, secret, "key", taps, labels, 2)
+    b = P.privatize(config, P.device_secret(tmp_path), "key", taps, labels, 2)
+    c = P.privatize(config, secret, "other-key", taps, labels, 2)
+
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.allclose(a[0], c[0])
+    assert (tmp_path / P.SECRET_NAME).stat().st_mode & 0o777 == 0o600
+
+
+def test_a_run_may_not_loosen_what_was_declared():
+    declared = P.PrivacyConfig(epsilon=4.0, clip=1.0).declaration()
+
+    assert P.effective_config(None, declared).epsilon == 4.0
+    assert P.effective_config(P.PrivacyConfig(2.0, clip=1.0), declared).epsilon == 2.0
+    with pytest.raises(FedMobiLLMError, match="looser than the device declared"):
+        P.effective_config(P.PrivacyConfig(8.0, clip=1.0), declared)
+    with pytest.raises(FedMobiLLMError, match="--delta"):
+        P.PrivacyConfig(8.0, delta=2.0)
+
+
+# -- end to end: real server, real bundle, the CLI ---------------------------------------
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def journal_lines(state: Path) -> list[dict]:
+    return [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines()]
+
+
+def stored(data_dir: Path, split: str) -> list[bytes]:
+    with sqlite3.connect(data_dir / "store.sqlite3", timeout=10) as db:
+        sql = "SELECT act FROM samples WHERE split = ? ORDER BY sample_id"
+        return [r[0] for r in db.execute(sql, (split,))]
+
+
+@pytest.mark.integration
+def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
+    """Prepare: `fedmobillm serve` requiring max_epsilon 8, a MiniLM-L3 bundle, 6 texts.
+    Execute: register without noise, at epsilon 16, at epsilon 8; run train; run validation
+    on the same texts. Assert: the first two are refused (403, named); the third is listed
+    with epsilon 8; train uploads 6 noisy samples with release lines; validation (the same
+    texts again: past their budget) exits non-zero, journals the refusal, uploads nothing."""
+    bundle = make_bundle("minilm-l3", num_taps=3, formats=("onnx",))
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(
+        json.dumps({"text": f"my private note {i} about the film", "label": LABELS[i % 2]}) + "\n"
+        for i in range(6)))  # fmt: skip
+    with LocalServer(tmp_path / "srv", admin_token=ADMIN, config={"max_epsilon": 8.0},
+                     args=["--no-train"]) as srv:  # fmt: skip
+        reg = ["device", "register", "--server", srv.url, "--admin-token", ADMIN,
+               "--bundle", bundle, "--labels", ",".join(LABELS)]  # fmt: skip
+        none = cli(*reg, "--name", "plain", "--state", tmp_path / "plain")
+        loose = cli(*reg, "--name", "loose", "--state", tmp_path / "loose",
+                    "--epsilon", 16, "--clip", 2)  # fmt: skip
+        state = tmp_path / "phone"
+        ok = cli(*reg, "--name", "phone", "--state", state, "--epsilon", 8, "--clip", 2)
+        listed = cli("server", "devices", "--server", srv.url, "--admin-token", ADMIN)
+        run = ["device", "run", "--bundle", bundle, "--data", data, "--state", state,
+               "--batch-size", 4]  # fmt: skip
+        train = cli(*run)
+        again = cli(*run, "--split", "validation")
+        train_rows, val_rows = stored(srv.data_dir, "train"), stored(srv.data_dir, "validation")
+
+    assert none.returncode == 1 and "403" in none.stderr and "no privacy mechanism" in none.stderr
+    assert loose.returncode == 1 and "epsilon <= 8" in loose.stderr and "16" in loose.stderr
+    assert ok.returncode == 0, ok.stderr
+    assert "privacy: clip 2 + Gaussian noise, epsilon 8" in ok.stdout
+    assert listed.returncode == 0 and "phone" in listed.stdout
+    assert "EPSILON" in listed.stdout and " 8 " in listed.stdout.splitlines()[1]
+    assert train.returncode == 0, train.stderr
+    assert "epsilon 8 per text" in train.stdout and len(train_rows) == 6
+    assert again.returncode == 1 and "privacy budget spent" in again.stderr
+    assert val_rows == []
+    lines = journal_lines(state)
+    releases = [x for x in lines if x["event"] == "release"]
+    assert [len(x["ids"]) for x in releases] == [4, 2]
+    assert all(x["info"]["epsilon"] <= 8.0 * (1 + 1e-6) for x in releases)
+    refused = [x for x in lines if x["event"] == "refused"]
+    assert len(refused) == 1 and refused[0]["split"] == "validation"
+    assert not [x for x in lines if x["split"] == "validation" and x["event"] != "refused"]
