@@ -341,3 +341,17 @@ def test_fallback_quant_is_recorded_not_silent(tiny_model, tmp_path, monkeypatch
     assert "failed verification" in caplog.text
     with pytest.raises(FedMobiLLMError, match="stage verify failed"):
         pipeline.export_bundle(folder, tmp_path / "c", layers=[1], quant="int8", formats=("onnx",))
+
+
+def test_fallback_quant_from_the_command_line(tiny_model, tmp_path, monkeypatch, capsys):
+    """`export --fallback-quant fp32`: the same fallback, said in the printed summary."""
+    from fedmobillm.cli import main
+    from fedmobillm.export import pipeline
+
+    monkeypatch.setattr(pipeline, "QUANT_MIN_COSINE", 1.01)
+    args = ["export", str(tiny_model("llama")), "--out", str(tmp_path / "b"), "--layers", "1"]
+    args += ["--quant", "int8", "--format", "onnx", "--fallback-quant", "fp32"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "quant: int8 was asked for but failed its check; exported fp32 instead" in out
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["quant"] == "fp32"

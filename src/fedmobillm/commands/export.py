@@ -76,6 +76,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pick quantization, then fewer/shallower taps, to fit this peak memory",
     )
     parser.add_argument(
+        "--fallback-quant",
+        choices=["fp32", "int8", "8da4w"],
+        default=None,
+        metavar="QUANT",
+        help="when the --quant graph fails its check against eager fp32, export this one "
+        "instead (said in the output and in the manifest's quant_fallback); default: fail",
+    )
+    parser.add_argument(
         "--generate",
         action="store_true",
         help="decoders: also write the generation graphs (decoder step with a KV cache, LM "
@@ -121,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         budget_mb=budget,
         generate=args.generate,
+        fallback_quant=args.fallback_quant,
     )
     _print_summary(manifest, args.out)
     return 0
@@ -145,6 +154,11 @@ def _print_summary(manifest, out: Path) -> None:
         print(
             f"  generation: {gen['step']} ({gen['depth']} blocks, KV cache) + {gen['head']}, "
             f"logits min cosine {check.get('logits_min_cosine', float('nan')):.5f} (vs eager fp32)"
+        )
+    if extra.get("quant_fallback"):
+        print(
+            f"  quant: {extra.get('quant_requested')} was asked for but failed its check; "
+            f"exported {manifest.quant} instead ({extra['quant_fallback']})"
         )
     if "budget" in extra:
         print(f"  budget: {json.dumps(extra['budget'])}")
