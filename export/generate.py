@@ -325,12 +325,23 @@ def write_generation(
         "head_dim": shape.head_dim,
         "hidden_size": shape.hidden_size,
         "vocab_size": shape.vocab_size,
-        "max_context": int(getattr(model.config, "max_position_embeddings", 2048)),
+        "max_context": max_context(model.config),
         "eos_token_ids": eos_token_ids(model, tokenizer),
         "tied_head": bool(getattr(model.config, "tie_word_embeddings", False)),
         "int8_fp32_matmuls": len(excluded),
     }
     return GenerationExport(info, model, [int(t) for t in taps])
+
+
+def max_context(config) -> int:
+    """Longest context the step graph reproduces: the model's positions, and no more than
+    a sliding attention window (the graph attends to the whole context)."""
+    limit = int(getattr(config, "max_position_embeddings", None) or 2048)
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", True)
+    if isinstance(window, int) and window > 0 and uses_window:
+        limit = min(limit, window)
+    return limit
 
 
 def quantize_step_int8(

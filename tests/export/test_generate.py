@@ -173,3 +173,23 @@ def test_bundle_without_generation_graphs_is_refused(tmp_path):
     with pytest.raises(FedMobiLLMError, match="no generation graphs") as err:
         Generator(out)
     assert "--generate" in str(err.value.hint)
+
+
+@pytest.mark.slow
+def test_smollm2_generates_the_tokens_hf_generates(make_bundle):
+    """Real SmolLM2-135M (fp32): the ONNX step with its cache, and without it, give Hugging
+    Face's own greedy tokens; its perplexity on plain English is that of a language model."""
+    from fedmobillm.device_runtime.generate import Generator
+    from fedmobillm.export.generate import hf_greedy, load_causal_lm
+    from fedmobillm.export.models import fetch_model
+
+    bundle = make_bundle("smollm2-135m", num_taps=3, generate=True)
+    gen, model = Generator(bundle), load_causal_lm(fetch_model("smollm2-135m"))
+    prompts = ["The capital of France is", "Once upon a time, a small robot", "def fibonacci(n):"]
+    for prompt in prompts:
+        ids = gen.encode(prompt)
+        want = hf_greedy(model, ids, 16, sorted(gen.eos))
+        assert gen.generate_ids(ids, 16)[0] == want
+        assert gen.generate_ids(ids, 16, use_cache=False)[0] == want
+    ppl = gen.perplexity(["The cat sat on the mat and looked out of the window at the rain."])
+    assert 2 < ppl.perplexity < 200
