@@ -381,11 +381,12 @@ class AttentionPool(nn.Module):
     def __init__(self, width: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width)
-        self.query = nn.Parameter(torch.zeros(width))  # start: the masked mean
+        self.query = nn.Linear(width, 1, bias=False)  # a (d_s, 1) weight: int8-quantizable
+        nn.init.zeros_(self.query.weight)  # start: the masked mean
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # h: (B, T, d_s), mask: (B, T) -> (B, d_s)
-        scores = self.norm(h) @ self.query / math.sqrt(h.shape[-1])  # (B, T)
+        scores = self.query(self.norm(h))[..., 0] / math.sqrt(h.shape[-1])  # (B, T)
         scores = scores + (1.0 - mask.to(h.dtype)) * MASK_BIAS
         return (torch.softmax(scores, dim=-1)[..., None] * h).sum(1)
 
