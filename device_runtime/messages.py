@@ -233,6 +233,8 @@ class PersonalManifest(Message):
     encoding: str = "int8"  # what the side network saw: "int8" or "fp16" uploads
     inputs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[dict[str, Any]] = field(default_factory=list)
+    # "pivot": activations (B, K, d); "tokens": activations (B, K, T, d) + attention_mask (B, T)
+    side_inputs: str = "pivot"
     onnx_max_abs_diff: float | None = None  # fp32 graph against torch
     weights: str = "fp32"  # personal.onnx weights: "int8" or "fp32"
     int8_max_abs_logit_diff: float | None = None  # int8 graph against torch

@@ -5,8 +5,10 @@ anchors with a sequence length per architecture, the exported personal graph."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 
@@ -224,3 +226,46 @@ def test_anchors_with_a_sequence_length_per_architecture():
     assert np.isfinite(losses).all() and after < 0.7 * before, (before, after)
     with pytest.raises(FedMobiLLMError, match=r"\(arch, x, mask\)"):
         t.train_step([("A", xa, np.zeros(32, np.int64), ma)], [("A", xa), ("B", xb)])
+
+
+def test_exported_personal_onnx_takes_token_taps(tmp_path):
+    """personal.onnx: activations (B, K, T, d) + attention_mask (B, T) -> logits; dynamic
+    B and T; the same logits as the trainer for two batch sizes and lengths."""
+    t = trainer(pool="attention")
+    train(t, 30)
+    out = t.export_personal("B", tmp_path / "p", ["sha-b"], quant="fp32")
+    meta = json.loads((out / "personal.json").read_text())
+    assert meta["side_inputs"] == "tokens"
+    assert [i["name"] for i in meta["inputs"]] == ["activations", "attention_mask"]
+    assert meta["inputs"][0]["shape"] == ["batch", 3, "seq", D_B]
+    sess = ort.InferenceSession(str(out / "personal.onnx"), providers=["CPUExecutionProvider"])
+    for n, seed in ((3, 1), (17, 2)):
+        x, mask, _ = marker_task(n, 3, D_B, seed)
+        got = sess.run(["logits"], {"activations": x, "attention_mask": mask})[0]  # (n, 2)
+        np.testing.assert_allclose(got, t.predict("B", x, mask), atol=1e-4)
+    q = t.export_personal("B", tmp_path / "q", ["sha-b"])
+    assert json.loads((q / "personal.json").read_text())["weights"] == "int8"
+    sq = ort.InferenceSession(str(q / "personal.onnx"), providers=["CPUExecutionProvider"])
+    x, mask, _ = marker_task(200, 3, D_B, 12)
+    got_q = sq.run(["logits"], {"activations": x, "attention_mask": mask})[0]
+    assert (got_q.argmax(1) == t.predict("B", x, mask).argmax(1)).mean() >= 0.97
+
+
+@pytest.mark.slow
+def test_token_personal_pte_runs_one_text_at_a_time(tmp_path):
+    """XNNPACK lowers no reshape with two dynamic dimensions: the token .pte has batch 1 and
+    a dynamic length, says so in personal.json, and matches the trainer row by row."""
+    from fedmobillm.device_runtime.graph import Graph
+
+    t = trainer(causal=True)
+    train(t, 10)
+    out = t.export_personal("A", tmp_path / "p", ["sha-a"], pte=True)
+    meta = json.loads((out / "personal.json").read_text())
+    assert meta["files"]["personal.pte"]["batch"] == 1
+    graph = Graph(out / "personal.pte", ["activations", "attention_mask"], ["logits"], fmt="pte")
+    x, mask, _ = marker_task(4, 2, D_A, 3)
+    got = [
+        graph.run({"activations": x[i : i + 1], "attention_mask": mask[i : i + 1]})[0]
+        for i in range(4)
+    ]  # each (1, 2)
+    np.testing.assert_allclose(np.concatenate(got), t.predict("A", x, mask), atol=1e-4)
