@@ -183,7 +183,7 @@ def register(
             "another --state / --name",
         )
     manifest = load_verified_bundle(Path(bundle_dir))
-    declared = privacy.declaration() if privacy is not None else None
+    declared = privacy.resolved(manifest).declaration() if privacy is not None else None
     declaration = PrivacyDeclaration.from_dict(declared) if declared is not None else None
     body = RegisterRequest(name, manifest.to_dict(), list(label_names), privacy=declaration)
     tls = tls or TlsConfig()
@@ -306,6 +306,8 @@ class DeviceClient:
         self.journal = Journal(self.state_dir)
         self.scales = np.asarray(self.backbone.manifest.activation_scales, np.float32)  # (K,)
         self.privacy = effective_config(self.config.privacy, self.state.privacy)
+        if self.privacy is not None:  # --clip auto: from the bundle's int8 scales
+            self.privacy = self.privacy.resolved(self.backbone.manifest)
         self._secret = device_secret(self.state_dir) if self.privacy is not None else b""
         self.ledger: Any = None  # privacy.PrivacyLedger, read from the journal when needed
 

@@ -41,7 +41,7 @@ import hmac
 import math
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -60,13 +60,13 @@ class PrivacyBudgetExceeded(FedMobiLLMError):
 class PrivacyConfig:
     """epsilon, delta: the per-sample guarantee of the activations over ``releases``
     releases of a sample (normally 1); clip: the L2 bound of each tap vector (activation
-    units); label_epsilon: randomised response on labels (None = labels as they are);
+    units; None = ``int8_clip`` of the bundle, set by ``resolved``); label_epsilon: randomised response on labels (None = labels as they are);
     budget: the most any one text may spend in all (default: epsilon); device_budget:
     optional cap on the device-level epsilon (all its releases composed)."""
 
     epsilon: float
     delta: float = 1e-5
-    clip: float = 1.0
+    clip: float | None = None
     label_epsilon: float | None = None
     budget: float | None = None
     device_budget: float | None = None
@@ -74,7 +74,8 @@ class PrivacyConfig:
 
     def __post_init__(self) -> None:
         _positive("--epsilon", self.epsilon)
-        _positive("--clip", self.clip)
+        if self.clip is not None:
+            _positive("--clip", self.clip)
         if not 0.0 < self.delta < 1.0:
             raise FedMobiLLMError(
                 f"--delta must be in (0, 1), got {self.delta}",
@@ -103,8 +104,19 @@ class PrivacyConfig:
         """Noise multiplier (std per unit of L2 sensitivity) for this config."""
         return noise_multiplier(self.epsilon, self.delta, self.releases)
 
+    def resolved(self, manifest: Any) -> PrivacyConfig:
+        """This config with ``clip`` set: as given, or ``int8_clip`` of the bundle's
+        manifest (protocol.Manifest) when None."""
+        if self.clip is not None:
+            return self
+        max_tokens = int(manifest.max_seq_len) if getattr(manifest, "tokens", False) else None
+        clip = int8_clip(manifest.activation_scales, self.z, len(manifest.taps), max_tokens)
+        return replace(self, clip=clip)
+
     def declaration(self) -> dict[str, Any]:
         """What registration declares to the server (messages.PrivacyDeclaration)."""
+        if self.clip is None:
+            raise FedMobiLLMError("the privacy config's clip is not resolved (see resolved())")
         return {
             "mechanism": MECHANISM,
             "epsilon": self.epsilon,
@@ -184,6 +196,20 @@ def sample_sigma(z: float, num_taps: int, lengths: np.ndarray | None = None) -> 
     K * lengths[i] (tokens). Returns (N,) when ``lengths`` (N,) is given, else shape (1,)."""
     n = np.asarray([1] if lengths is None else lengths, dtype=np.float64) * num_taps
     return z * 2.0 * np.sqrt(n)
+
+
+def int8_clip(
+    scales: Sequence[float], z: float, num_taps: int, max_tokens: int | None = None,
+    margin: float = 4.0,
+) -> float:  # fmt: skip
+    """The default clip: the largest with ``margin`` noise standard deviations inside every
+    tap's int8 range (127 x scale), for the noisiest sample (``max_tokens`` real tokens for a
+    token bundle). When the clip is below the tap vectors' norms (it is, by far, for every
+    bundle measured: docs/privacy.md) each vector is scaled onto the sphere of radius clip,
+    so the signal-to-noise ratio does not depend on the clip at all, and this one keeps the
+    noisy values unsaturated by int8."""
+    sigma = float(sample_sigma(z, num_taps, None if max_tokens is None else [max_tokens])[0])
+    return float(127.0 * min(float(s) for s in scales) / (margin * sigma))
 
 
 def clip_and_noise(

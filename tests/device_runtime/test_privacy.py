@@ -117,6 +117,22 @@ def test_noise_std_matches_sigma_times_clip():
     assert abs(out.mean()) < 0.05
 
 
+@pytest.mark.parametrize("max_tokens", [None, 32])
+def test_default_clip_keeps_the_noise_inside_int8(max_tokens):
+    scales = np.array([0.015, 0.015, 0.0056])  # MiniLM-L3's, 3 taps
+    z = P.noise_multiplier(4.0, 1e-5)
+    clip = P.int8_clip(scales, z, 3, max_tokens)
+    n = 1 if max_tokens is None else max_tokens
+    x = np.random.default_rng(4).normal(size=(2000, 3, 64)) * 10  # norms far above the clip
+
+    noisy = P.clip_and_noise(
+        x, clip, P.sample_sigma(z, 3, None if n == 1 else [n]), np.random.default_rng(5)
+    )
+
+    assert P.int8_saturation(noisy, scales) < 1e-3
+    assert P.int8_saturation(noisy * 4, scales) > 0.1  # a 4x larger clip would saturate
+
+
 def test_sample_sigma_is_z_times_the_replace_one_sensitivity():
     z = P.noise_multiplier(8.0, 1e-5)
     assert P.sample_sigma(z, 3)[0] == pytest.approx(z * 2 * math.sqrt(3))
@@ -202,7 +218,7 @@ def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
         loose = cli(*reg, "--name", "loose", "--state", tmp_path / "loose",
                     "--epsilon", 16, "--clip", 2)  # fmt: skip
         state = tmp_path / "phone"
-        ok = cli(*reg, "--name", "phone", "--state", state, "--epsilon", 8, "--clip", 2)
+        ok = cli(*reg, "--name", "phone", "--state", state, "--epsilon", 8)  # clip: auto
         listed = cli("server", "devices", "--server", srv.url, "--admin-token", ADMIN)
         run = ["device", "run", "--bundle", bundle, "--data", data, "--state", state,
                "--batch-size", 4]  # fmt: skip
@@ -213,11 +229,16 @@ def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
     assert none.returncode == 1 and "403" in none.stderr and "no privacy mechanism" in none.stderr
     assert loose.returncode == 1 and "epsilon <= 8" in loose.stderr and "16" in loose.stderr
     assert ok.returncode == 0, ok.stderr
-    assert "privacy: clip 2 + Gaussian noise, epsilon 8" in ok.stdout
+    declared = json.loads((state / "device.json").read_text())["privacy"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    z = P.noise_multiplier(8.0, 1e-5)
+    assert declared["clip"] == pytest.approx(P.int8_clip(manifest["activation_scales"], z, 3))
+    assert f"privacy: clip {declared['clip']:g} + Gaussian noise, epsilon 8" in ok.stdout
     assert listed.returncode == 0 and "phone" in listed.stdout
     assert "EPSILON" in listed.stdout and " 8 " in listed.stdout.splitlines()[1]
     assert train.returncode == 0, train.stderr
     assert "epsilon 8 per text" in train.stdout and len(train_rows) == 6
+    assert "saturate" not in train.stderr  # the default clip keeps the noise inside int8
     assert again.returncode == 1 and "privacy budget spent" in again.stderr
     assert val_rows == []
     lines = journal_lines(state)

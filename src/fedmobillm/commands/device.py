@@ -33,7 +33,12 @@ def _privacy_args(p: argparse.ArgumentParser, run: bool) -> None:
     )
     g.add_argument("--epsilon", type=float, help="per-text epsilon of the activations")
     g.add_argument("--delta", type=float, default=1e-5, help="per-text delta (default 1e-5)")
-    g.add_argument("--clip", type=float, help="L2 bound of each tap vector (with --epsilon)")
+    g.add_argument(
+        "--clip",
+        type=float,
+        help="L2 bound of each tap vector (default: the largest whose noise fits the bundle's "
+        "int8 range; the signal-to-noise ratio does not depend on it, see docs/privacy.md)",
+    )
     g.add_argument(
         "--label-epsilon",
         type=float,
@@ -75,11 +80,6 @@ def _privacy_config(args: argparse.Namespace):  # -> PrivacyConfig | None
                 hint="pass --epsilon E --clip C to add noise before uploading",
             )
         return None
-    if args.clip is None:
-        raise FedMobiLLMError(
-            "--epsilon needs --clip: the L2 bound of each tap vector",
-            hint="see docs/privacy.md for how to choose it (noise std grows with it)",
-        )
     from fedmobillm.device_runtime.privacy import PrivacyConfig
 
     return PrivacyConfig(
@@ -225,11 +225,13 @@ def _register(args: argparse.Namespace) -> int:
     print(f"registered device {state.name!r} as {state.device_id} on {state.server}")
     print(f"architecture {state.architecture}, bundle {state.bundle_sha256[:16]}")
     print(f"labels: {', '.join(state.label_names)}")
-    if privacy is not None:
+    p = state.privacy  # as declared: the clip resolved against the bundle
+    if p is not None:
+        label = p["label_epsilon"]
         print(
-            f"privacy: clip {privacy.clip:g} + Gaussian noise, epsilon {privacy.epsilon:g} per "
-            f"text at delta {privacy.delta:g} (noise multiplier {privacy.z:.4g})"
-            + (f", labels at epsilon {privacy.label_epsilon:g}" if privacy.label_epsilon else "")
+            f"privacy: clip {p['clip']:g} + Gaussian noise, epsilon {p['epsilon']:g} per "
+            f"text at delta {p['delta']:g} (noise multiplier {p['noise_multiplier']:.4g})"
+            + (f", labels at epsilon {label:g}" if label is not None else "")
         )
     print(f"state (keeps the device token; mode 600): {path}")
     return 0
