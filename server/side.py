@@ -58,6 +58,9 @@ class NonFiniteStep(FedMobiLLMError):
         self.where = where
 
 
+ANCHOR_TARGETS = ("mean", "quality")
+
+
 @dataclass
 class SideConfig:
     """Side network, alignment and optimisation. Defaults chosen by measurement (docs/accuracy.md);
@@ -114,9 +117,30 @@ class SideConfig:
     anchor_batch: int = 64
     anchor_kl: float = 3.0
     anchor_feature: float = 5.0
+    # Which architectures the anchor terms pull, and towards what (issue 23, docs/skew.md).
+    # ``SideTrainer.arch_quality`` (each architecture's latest validation accuracy, set by
+    # whoever evaluates) ranks them; without it every architecture is treated alike.
+    #   anchor_target "mean": the KL target is the architectures' mean prediction;
+    #                 "quality": their mean weighted by validation accuracy above chance
+    #                 (an architecture no better than chance, e.g. one whose devices hold a
+    #                 single label, teaches nothing);
+    #   anchor_protect_best: the architecture with the best validation accuracy is a
+    #                 teacher only: no anchor term moves it (its prediction and features
+    #                 are targets, detached), so the weaker ones never pull the strongest.
+    #   anchor_shared: the anchor terms train the shared side network too (True), or only
+    #                 the alignments (False: the shared network and head are held fixed
+    #                 for them, so with anchor_protect_best the best architecture's model
+    #                 is moved by the labelled loss alone).
+    anchor_target: str = "mean"
+    anchor_protect_best: bool = False
+    anchor_shared: bool = True
 
     def __post_init__(self) -> None:
         problems = self._token_problems()
+        if self.anchor_target not in ANCHOR_TARGETS:
+            problems.append(
+                f"anchor_target must be one of {list(ANCHOR_TARGETS)}, not {self.anchor_target!r}"
+            )
         if self.block not in ("mlp", "transformer"):
             problems.append(f"block must be 'mlp' or 'transformer', not {self.block!r}")
         if self.head not in HEADS:
@@ -480,6 +504,11 @@ class SideTrainer:
         self.step = 0
         self.samples_seen = 0
         self.label_counts: dict[str, np.ndarray] = {}  # arch -> labels drawn so far, (C,)
+        # arch -> its latest validation accuracy, set by whoever evaluates (the server's
+        # trainer, the benchmarks); the anchor terms read it (SideConfig.anchor_target,
+        # anchor_protect_best). Not saved: it is refreshed at the next evaluation.
+        self.arch_quality: dict[str, float] = {}
+        self._quality_warned = False
         torch.manual_seed(seed)
         side_cls = TokenSideNetwork if config.tokens else SideNetwork
         self.side: SideNetwork | TokenSideNetwork = side_cls(config, len(label_names))
@@ -685,36 +714,92 @@ class SideTrainer:
 
     def _anchor_loss(self, anchors: list[tuple]) -> torch.Tensor:
         """Agreement of the architectures on the same anchor texts (see ``SideConfig``).
-        Token mode compares the masked mean over tokens of each block's aligned taps."""
+        Token mode compares the masked mean over tokens of each block's aligned taps. With
+        ``anchor_protect_best`` the best architecture's terms are detached (a teacher only);
+        ``anchor_target`` "quality" weights the KL target by ``anchor_weights``."""
         c = self.config
         items = [self._unpack(item, "anchor") for item in anchors]  # (arch, x, mask)
         rows = {len(x) for _, x, _ in items}
         if len(rows) != 1:
             raise FedMobiLLMError(f"anchor arrays must have one row count, not {sorted(rows)}")
-        models = [self._model(arch) for arch, _, _ in items]
+        archs = [arch for arch, _, _ in items]
+        models = [self._model(arch) for arch in archs]
         inputs = [self._tensors_in(x, mask) for _, x, mask in items]
         us = [m.align(x) for m, (x, _) in zip(models, inputs, strict=True)]
         # each (M, K_s, d_s), or (M, K_s, T_a, d_s) in token mode
+        best = self.anchor_teacher(archs) if c.anchor_protect_best else None
+        pulled = torch.tensor([0.0 if a == best else 1.0 for a in archs])  # (A,)
         loss = torch.zeros(())
         if c.anchor_feature:
             pooled = [
                 u if mt is None else _pool_blocks(u, mt)
                 for u, (_, mt) in zip(us, inputs, strict=True)
             ]
-            z = torch.stack(pooled)  # (A, M, K_s, d_s)
-            z = F.layer_norm(z, z.shape[-1:])
+            z = torch.stack([p if a != best else p.detach() for p, a in zip(pooled, archs)])
+            z = F.layer_norm(z, z.shape[-1:])  # (A, M, K_s, d_s)
             loss = loss + c.anchor_feature * (z - z.mean(0, keepdim=True)).pow(2).mean()
         if c.anchor_kl:
             logp = torch.stack(
                 [
-                    F.log_softmax(m.head(u, mt), -1)
+                    F.log_softmax(self._anchor_head(m, u, mt), -1)
                     for m, u, (_, mt) in zip(models, us, inputs, strict=True)
                 ]
             )  # (A, M, C)
-            target = logp.exp().mean(0, keepdim=True).detach()  # (1, M, C)
+            w = torch.from_numpy(self.anchor_weights(archs)).float()  # (A,), sums to 1
+            target = (logp.exp() * w[:, None, None]).sum(0, keepdim=True).detach()  # (1, M, C)
             kl = (target * (target.clamp_min(1e-8).log() - logp)).sum(-1)  # (A, M)
-            loss = loss + c.anchor_kl * kl.mean()
+            loss = loss + c.anchor_kl * (kl.mean(1) * pulled).sum() / len(archs)
         return loss
+
+    def _anchor_head(
+        self, model: PersonalModel, u: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits (M, C) of aligned anchors u; with ``anchor_shared`` off the shared side
+        network's weights are detached (the gradient reaches u, i.e. the alignment, only)."""
+        if self.config.anchor_shared:
+            return model.head(u, mask)
+        frozen = {k: v.detach() for k, v in self.side.named_parameters()}
+        a = model.align
+        args = (
+            (u, mask, a.has_input) if self.tokens else (u, a.has_input, a.norm_scale, a.norm_shift)
+        )
+        return torch.func.functional_call(self.side, frozen, args)
+
+    def anchor_teacher(self, archs: list[str]) -> str | None:
+        """The architecture of ``archs`` with the best validation accuracy
+        (``arch_quality``), or None while none of them has been evaluated."""
+        known = [a for a in archs if a in self.arch_quality]
+        if not known:
+            self._say_no_quality()
+            return None
+        return max(known, key=lambda a: (self.arch_quality[a], a))
+
+    def anchor_weights(self, archs: list[str]) -> np.ndarray:
+        """(A,) weights of the architectures' predictions in the anchor KL target, summing
+        to 1: equal ("mean"), or ("quality") proportional to validation accuracy above
+        chance (1 / labels); equal when none is known or none is above chance."""
+        n = len(archs)
+        if self.config.anchor_target == "mean":
+            return np.full(n, 1.0 / n)
+        if not any(a in self.arch_quality for a in archs):
+            self._say_no_quality()
+            return np.full(n, 1.0 / n)
+        chance = 1.0 / len(self.label_names)
+        # an architecture not yet evaluated counts as the mean of those that were
+        mean_q = float(np.mean([q for a, q in self.arch_quality.items() if a in archs]))
+        q = np.asarray([self.arch_quality.get(a, mean_q) for a in archs], np.float64)
+        w = np.clip(q - chance, 0.0, None)
+        return w / w.sum() if w.sum() > 0 else np.full(n, 1.0 / n)
+
+    def _say_no_quality(self) -> None:
+        if not self._quality_warned:
+            self._quality_warned = True
+            log.info(
+                "anchor_target %r / anchor_protect_best %s: no validation accuracy yet, "
+                "the anchor terms treat every architecture alike until the first evaluation",
+                self.config.anchor_target,
+                self.config.anchor_protect_best,
+            )
 
     @torch.no_grad()
     def predict(
