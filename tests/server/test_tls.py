@@ -158,3 +158,32 @@ def test_plaintext_to_a_remote_host_is_warned_about(caplog):
 
     warnings = [r.getMessage() for r in caplog.records if "PLAINTEXT" in r.getMessage()]
     assert len(warnings) == 1 and "192.0.2.1" in warnings[0]
+
+
+def cli(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def test_device_cli_over_tls_with_a_pin(tls_server, make_bundle, tmp_path):
+    """`device register --pin-sha256` keeps the pin in the device state; `device run` then
+    uploads over https with it; the admin CLI trusts the server through SSL_CERT_FILE."""
+    bundle = make_bundle("minilm-l3", num_taps=3, formats=("onnx",))
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(f'{{"text": "note {i}", "label": {i % 2}}}\n' for i in range(5)))
+    state = tmp_path / "phone"
+
+    reg = cli("device", "register", "--server", tls_server["url"], "--admin-token", ADMIN,
+              "--name", "cli-phone", "--bundle", bundle, "--state", state,
+              "--labels", "negative,positive", "--pin-sha256", tls_server["pin"])  # fmt: skip
+    run = cli("device", "run", "--bundle", bundle, "--data", data, "--state", state)
+    listed = cli("server", "devices", "--server", tls_server["url"], "--admin-token", ADMIN,
+                 env={"SSL_CERT_FILE": str(tls_server["cert"])})  # fmt: skip
+
+    assert reg.returncode == 0, reg.stderr
+    assert '"pin_sha256": "' + tls_server["pin"] in (state / "device.json").read_text()
+    assert run.returncode == 0, run.stderr
+    assert "samples uploaded:   5" in run.stdout
+    assert listed.returncode == 0 and "cli-phone" in listed.stdout
