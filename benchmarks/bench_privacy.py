@@ -1,0 +1,833 @@
+# Owner: G2.
+"""What an inversion attacker recovers from pivot uploads, and what the device-side defence
+costs in accuracy (issue 19).
+
+    python -m benchmarks.bench_privacy [--quick] --out DIR
+
+writes DIR/privacy.json, DIR/privacy.md and DIR/privacy.png.
+
+Victim: movie-snippets (the devices' data) through a real MiniLM-L6 int8 bundle (3 taps,
+the model's default mean pivot), uploaded as devices upload: float taps -> [clip each tap
+vector to a norm bound, Gaussian noise calibrated to (epsilon, delta) by the device runtime's
+``privacy`` module] -> int8 with the manifest's scales. The attacker (an honest-but-curious
+server) holds the bundle and public text of other corpora (``_privacy_data``) and knows the
+mechanism. For each epsilon:
+
+- inversion: the bag-of-words MLP of ``_privacy_attack`` trained on the attacker's public
+  activations passed through the same mechanism (noise-aware), against the nearest public
+  sentence's words and the unigram prior; micro token precision / recall / F1, stop words
+  removed;
+- re-identification: top-1 of the true sentence among ``reid_candidates`` victim sentences
+  the attacker forwards itself (clipped as the device clips);
+- task quality: the side network (``bench_accuracy.train_side``, its SideConfig with
+  lr 2e-3, one architecture, all uploads: the ``centralised`` row) trained on the noised
+  train uploads; model selection and the noise-aware learning rate on the devices' clean
+  validation records (a device evaluates the personal model locally); test accuracy through
+  the exported personal model on the device's clean taps (the device path).
+
+Per-token ``lm`` uploads: the attack on them is not built (no row is reported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks._privacy_attack import InverterConfig
+from fedmobillm.errors import FedMobiLLMError
+
+log = logging.getLogger("benchmarks.privacy")
+
+EPSILONS = (math.inf, 16.0, 8.0, 4.0, 2.0, 1.0)
+TARGET_EPSILON = 8.0
+TARGET_ACC_GAP = 0.02  # accuracy within 2 points of non-private at epsilon 8
+TARGET_F1_RATIO = 0.25  # attack token F1 at most a quarter of undefended
+REID_LIMIT = 0.10
+LM_NOTE = (
+    "per-token `lm` uploads: the attack (token recovery, exact-sentence rate) is not built; "
+    "no row is reported"
+)
+
+
+@dataclass
+class PrivacyConfig:
+    mode: str = "quick"
+    seed: int = 0
+    model: str = "minilm-l6"
+    dataset: str = "movie-snippets"
+    taps: int = 3
+    quant: str = "int8"
+    max_seq_len: int = 64
+    delta: float = 1e-5
+    epsilons: tuple[float, ...] = EPSILONS
+    # re-identification only (cheap): more points to find where it falls under 10%
+    reid_epsilons: tuple[float, ...] = (1024.0, 512.0, 256.0, 128.0, 64.0, 32.0)
+    train_limit: int | None = 2000  # victim uploads (train split), seeded subset
+    val_limit: int | None = 300
+    test_limit: int | None = 500
+    public_limit: int | None = 4000  # the attacker's public sentences
+    public_val: float = 0.1  # share of public text the attacker holds out
+    attack_eval: int = 1000  # victim uploads the attack is scored on
+    reid_candidates: int = 1000
+    # clip bound rules (see setting_for), the one with the best validation accuracy at
+    # TARGET_EPSILON is used at every epsilon
+    clip_rules: tuple[str, ...] = ("int8", "q0.5")
+    side_lrs: tuple[float, ...] = (2e-3, 5e-4)  # noise-aware choice on validation, per eps
+    steps: int = 300
+    batch: int = 32
+    eval_every: int = 50
+    inverter: InverterConfig = field(
+        default_factory=lambda: InverterConfig(hidden=512, vocab=1500, epochs=10)
+    )
+    threads: int = 1
+    bundle: str | None = None  # an existing bundle folder instead of exporting
+
+    @classmethod
+    def for_mode(cls, quick: bool, **overrides: Any) -> PrivacyConfig:
+        cfg = (
+            cls()
+            if quick
+            else cls(
+                mode="full",
+                train_limit=None,
+                val_limit=None,
+                test_limit=None,
+                public_limit=None,
+                attack_eval=2000,
+                steps=1000,
+                inverter=InverterConfig(hidden=1024, vocab=2000, epochs=20),
+            )
+        )
+        return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    """Float taps (N, K, d) of the victim's splits and of the attacker's public text."""
+
+    bundle: Path
+    scales: np.ndarray  # (K,)
+    meta: dict[str, Any]  # architecture, taps, depth, hidden, bundle_sha256
+    label_names: list[str]
+    taps: dict[str, np.ndarray]  # train / validation / test / public / public_val
+    labels: dict[str, np.ndarray]  # train / validation / test: (N,) int64
+    sets: dict[str, list[frozenset[str]]]  # content words: train / validation / public / public_val
+
+
+def prepare(cfg: PrivacyConfig) -> Data:
+    from benchmarks._activations import BundleSpec, bundle_for
+    from benchmarks._privacy_attack import stop_words, words
+    from benchmarks._privacy_data import float_taps, public_texts, victim_split
+    from fedmobillm.data import load_dataset
+    from fedmobillm.device_runtime.backbone import load_verified_bundle
+    from fedmobillm.device_runtime.protocol import bundle_digest
+
+    if cfg.bundle:
+        bundle = Path(cfg.bundle)
+    else:
+        bundle = bundle_for(BundleSpec(cfg.model, cfg.taps, cfg.quant, cfg.max_seq_len))
+    m = load_verified_bundle(bundle)
+    limits = {"train": cfg.train_limit, "validation": cfg.val_limit, "test": cfg.test_limit}
+    victim = {s: victim_split(cfg.dataset, s, n, cfg.seed) for s, n in limits.items()}
+    full = load_dataset(cfg.dataset, seed=cfg.seed)
+    every = {r.text for recs in full.splits.values() for r in recs}
+    public = public_texts(every, cfg.public_limit, cfg.seed)
+    texts = {s: v.texts for s, v in victim.items()}
+    texts["public_all"] = public.texts
+    taps = {}
+    for s, t in texts.items():  # one list per corpus: a quick run's chunks are a full run's
+        t0 = time.perf_counter()
+        taps[s] = float_taps(bundle, t, cfg.threads)
+        log.info("%s: %d texts forwarded in %.0f s", s, len(t), time.perf_counter() - t0)
+    n_val = max(1, int(round(cfg.public_val * len(public.texts))))
+    both, every_public = taps.pop("public_all"), texts.pop("public_all")
+    taps["public"], taps["public_val"] = both[n_val:], both[:n_val]
+    texts["public"], texts["public_val"] = every_public[n_val:], every_public[:n_val]
+    stop = stop_words()
+    return Data(
+        bundle=bundle,
+        scales=np.asarray(m.activation_scales, np.float32),
+        meta={
+            "architecture": m.architecture,
+            "taps": list(m.taps),
+            "depth": int(m.depth),
+            "hidden": int(m.hidden_size),
+            "bundle_sha256": bundle_digest(m),
+            "pivot": m.pivot,
+            "quant": m.quant,
+            "public_source": public.source,
+        },
+        label_names=list(full.label_names),
+        taps=taps,
+        labels={s: v.labels for s, v in victim.items()},
+        sets={
+            s: [words(x, stop) for x in texts[s]]
+            for s in ("train", "validation", "public", "public_val")
+        },
+    )
+
+
+@dataclass
+class Setting:
+    """One defence setting (``device_runtime.privacy``): epsilon (inf: none), the clip
+    bound of every tap vector, the noise std in units of the clip (``sample_sigma``)."""
+
+    epsilon: float
+    clip: float | None  # None: no clipping (no defence)
+    sigma: float  # noise std / clip (0: none)
+    noise_multiplier: float
+    scales: np.ndarray  # (K,) the manifest's int8 scales
+
+    @property
+    def std(self) -> float:
+        """The noise standard deviation per coordinate, in activation units."""
+        return 0.0 if self.clip is None else self.sigma * self.clip
+
+    def upload(self, taps: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Float taps (N, K, d) -> what the server stores, dequantized (N, K, d): the
+        device's ``clip_and_noise``, then int8 with the manifest's scales."""
+        from fedmobillm.device_runtime.privacy import clip_and_noise
+        from fedmobillm.device_runtime.serde import dequantize, quantize_int8
+
+        x = taps if self.clip is None else clip_and_noise(taps, self.clip, self.sigma, rng)
+        return dequantize(quantize_int8(x, self.scales), self.scales)
+
+    def clipped(self, taps: np.ndarray) -> np.ndarray:
+        """The clipping alone, as the attacker computes it for texts it forwards (N, K, d)."""
+        if self.clip is None:
+            return self.upload(taps, np.random.default_rng(0))
+        norms = np.linalg.norm(taps, axis=-1, keepdims=True)  # (N, K, 1)
+        return taps * np.minimum(1.0, self.clip / np.maximum(norms, 1e-12))
+
+
+def setting_for(epsilon: float, clip_rule: str, data: Data, delta: float) -> Setting:
+    """The device's setting at ``epsilon`` (one release per sample): the accountant's noise
+    multiplier z, the clip by ``clip_rule`` ("int8": the device's default ``int8_clip``, the
+    largest clip keeping 4 noise std inside every tap's int8 range; "qX": the X quantile of
+    the public text's tap-vector norms), sigma = z * 2 * sqrt(K)."""
+    if math.isinf(epsilon):
+        return Setting(epsilon, None, 0.0, 0.0, data.scales)
+    from fedmobillm.device_runtime.privacy import int8_clip, noise_multiplier, sample_sigma
+
+    k = data.taps["public"].shape[1]
+    z = float(noise_multiplier(epsilon, delta, 1))
+    if clip_rule == "int8":
+        clip = int8_clip(data.scales.tolist(), z, k)
+    else:
+        norms = np.linalg.norm(data.taps["public"], axis=2)  # (N, K)
+        clip = float(np.quantile(norms, float(clip_rule[1:])))
+    return Setting(epsilon, float(clip), float(sample_sigma(z, k)[0]), z, data.scales)
+
+
+def saturation(setting: Setting, uploads: np.ndarray) -> float:
+    """Fraction of upload values at the int8 limits (+-127 x scale)."""
+    limit = 127.0 * setting.scales.reshape(1, -1, 1)  # (1, K, 1)
+    return float((np.abs(uploads) >= limit * (1 - 1e-6)).mean())
+
+
+# -- task quality ----------------------------------------------------------------------------
+
+
+def train_side_network(
+    cfg: PrivacyConfig, data: Data, uploads: np.ndarray, lr: float, work: Path
+) -> dict:
+    """The side network (SideConfig defaults, learning rate ``lr``; the ``centralised`` row
+    of bench_accuracy: one architecture, every upload) trained ``steps`` steps on uniform
+    mini-batches of the noised train uploads (N, K, d); every ``eval_every`` steps the
+    devices' clean validation records pick the snapshot (saved under ``work``)."""
+    from fedmobillm.server.side import SideConfig, SideTrainer
+
+    m, t0 = data.meta, time.perf_counter()
+    trainer = SideTrainer(SideConfig(lr=lr), data.label_names, seed=cfg.seed)
+    trainer.add_architecture(m["architecture"], m["taps"], m["depth"], m["hidden"])
+    y, val = data.labels["train"], clean(data, "validation")
+    rng = np.random.default_rng([cfg.seed, 29])
+    best = {"val_accuracy": -1.0, "selected_step": 0}
+    for step in range(cfg.steps):
+        rows = rng.integers(0, len(y), cfg.batch)  # (B,)
+        trainer.train_step([(m["architecture"], uploads[rows], y[rows])])
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            acc = trainer.evaluate(m["architecture"], val, data.labels["validation"])["accuracy"]
+            if acc > best["val_accuracy"]:
+                best = {"val_accuracy": float(acc), "selected_step": step + 1}
+                trainer.save(work)
+    return {"lr": lr, **best, "snapshot": work, "seconds": time.perf_counter() - t0}
+
+
+def clean(data: Data, split: str) -> np.ndarray:
+    """(N, K, d) the device's own int8 taps of ``split``, dequantized (no defence)."""
+    from fedmobillm.device_runtime.serde import dequantize, quantize_int8
+
+    return dequantize(quantize_int8(data.taps[split], data.scales), data.scales)
+
+
+def device_accuracy(data: Data, run: dict, work: Path) -> dict:
+    """Test accuracy of the selected snapshot through the exported personal model
+    (personal.onnx on onnxruntime, as a device runs it) on the device's clean taps."""
+    from fedmobillm.device_runtime.backbone import load_verified_bundle
+    from fedmobillm.device_runtime.personal import PersonalModel
+    from fedmobillm.server.side import SideTrainer
+
+    m = data.meta
+    chosen = SideTrainer.load(run["snapshot"])
+    model = PersonalModel(chosen.export_personal(m["architecture"], work, [m["bundle_sha256"]]))
+    model.check_compatible(load_verified_bundle(data.bundle))
+    x, y = data.taps["test"], data.labels["test"]
+    logits = np.concatenate([model.logits(x[s : s + 256]) for s in range(0, len(y), 256)])
+    torch_acc = chosen.evaluate(m["architecture"], clean(data, "test"), y)["accuracy"]
+    return {
+        "accuracy": float((logits.argmax(1) == y).mean()),
+        "accuracy_torch": float(torch_acc),
+        "majority_class_rate": float(np.bincount(y).max() / len(y)),
+    }
+
+
+# -- attacks ---------------------------------------------------------------------------------
+
+
+def attack(
+    cfg: PrivacyConfig, data: Data, setting: Setting, uploads: dict[str, np.ndarray]
+) -> dict:
+    """The noise-aware inversion attack and its baselines on ``uploads`` (train: the scored
+    uploads; validation: for choosing the default), and re-identification."""
+    from benchmarks._privacy_attack import (
+        Inverter,
+        bow_scores,
+        build_vocab,
+        nearest_sets,
+    )
+
+    t0 = time.perf_counter()
+    vocab = build_vocab(data.sets["public"], cfg.inverter.vocab)
+    features = int(np.prod(data.taps["public"].shape[1:]))
+    inv = Inverter(cfg.inverter, vocab, features, cfg.seed)
+    fit = inv.fit(
+        data.taps["public"], data.sets["public"], data.taps["public_val"], data.sets["public_val"],
+        setting.upload,
+    )  # fmt: skip
+    n = min(cfg.attack_eval, len(uploads["train"]))
+    truth = data.sets["train"][:n]
+    x = uploads["train"][:n]
+    public_clipped = setting.clipped(data.taps["public"])
+    out = {
+        "inverter": bow_scores(inv.predict(x), truth),
+        "nearest_neighbour": bow_scores(
+            nearest_sets(x, public_clipped, data.sets["public"]), truth
+        ),
+        "inverter_validation": bow_scores(
+            inv.predict(uploads["validation"]), data.sets["validation"]
+        ),
+        "inverter_fit": fit,
+        "vocab": len(vocab),
+    }
+    out["reid_top1"] = reid(cfg, data, setting, uploads["train"])
+    out["attack_seconds"] = time.perf_counter() - t0
+    log.info(
+        "eps %s: inversion F1 %.3f (P %.3f R %.3f), nearest F1 %.3f, re-id %.3f",
+        setting.epsilon, out["inverter"]["f1"], out["inverter"]["precision"],
+        out["inverter"]["recall"], out["nearest_neighbour"]["f1"], out["reid_top1"],
+    )  # fmt: skip
+    return out
+
+
+def reid(cfg: PrivacyConfig, data: Data, setting: Setting, uploads: np.ndarray) -> float:
+    """Top-1 re-identification among the first ``reid_candidates`` victim sentences: the
+    attacker forwards them itself and clips them as the device does."""
+    from benchmarks._privacy_attack import reidentify
+
+    n = min(cfg.reid_candidates, len(uploads))
+    return reidentify(uploads[:n], setting.clipped(data.taps["train"][:n]))
+
+
+def prior_scores(data: Data, n: int) -> dict:
+    from benchmarks._privacy_attack import bow_scores, build_vocab, prior_set
+
+    vocab = build_vocab(data.sets["public"], 10**9)
+    guess = prior_set(data.sets["public"], data.sets["public_val"], vocab)
+    out = bow_scores([guess] * n, data.sets["train"][:n])
+    out["words"] = sorted(guess)
+    return out
+
+
+# -- the sweep -------------------------------------------------------------------------------
+
+
+def victim_uploads(cfg: PrivacyConfig, data: Data, setting: Setting) -> dict[str, np.ndarray]:
+    """One noise draw of the train and validation uploads at ``setting`` (seeded per eps)."""
+    tag = 0 if math.isinf(setting.epsilon) else int(round(setting.epsilon * 1000))
+    rng = np.random.default_rng([cfg.seed, 23, tag])
+    return {s: setting.upload(data.taps[s], rng) for s in ("train", "validation")}
+
+
+def choose_clip(cfg: PrivacyConfig, data: Data, work: Path) -> tuple[str, dict, list[dict]]:
+    """The clip rule with the best validation accuracy at TARGET_EPSILON (first side
+    learning rate). Returns (rule, its run, every candidate's summary)."""
+    tried, best = [], None
+    for rule in cfg.clip_rules:
+        s = setting_for(TARGET_EPSILON, rule, data, cfg.delta)
+        up = victim_uploads(cfg, data, s)["train"]
+        run = train_side_network(cfg, data, up, cfg.side_lrs[0], work / f"clip-{rule}")
+        tried.append(
+            {
+                "rule": rule,
+                "clip": s.clip,
+                "lr": cfg.side_lrs[0],
+                "val_accuracy": run["val_accuracy"],
+            }
+        )
+        log.info(
+            "clip %s (%.4g): val accuracy %.4f at eps %g",
+            rule,
+            s.clip,
+            run["val_accuracy"],
+            TARGET_EPSILON,
+        )
+        if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
+            best = (rule, run)
+    if best is None:
+        raise FedMobiLLMError("no clip rule to try", hint="give --clip-rules, e.g. int8,q0.5")
+    return best[0], best[1], tried
+
+
+def sweep_row(
+    cfg: PrivacyConfig, data: Data, setting: Setting, work: Path, reuse: dict | None
+) -> dict:
+    """Task quality and attacks at one setting."""
+    uploads = victim_uploads(cfg, data, setting)
+    work.mkdir(parents=True, exist_ok=True)
+    runs = [] if reuse is None else [reuse]
+    for lr in cfg.side_lrs:
+        if reuse is None or lr != reuse["lr"]:
+            runs.append(train_side_network(cfg, data, uploads["train"], lr, work / f"lr-{lr}"))
+    best = max(runs, key=lambda r: r["val_accuracy"])
+    row = {
+        "epsilon": setting.epsilon,
+        "delta": None if math.isinf(setting.epsilon) else cfg.delta,
+        "clip": setting.clip,
+        "noise_multiplier": setting.noise_multiplier,
+        "sigma": setting.sigma,  # noise std / clip
+        "noise_std": setting.std,  # per coordinate, activation units
+        "int8_saturation": saturation(setting, uploads["train"]),
+        "side_lr": best["lr"],
+        "val_accuracy": best["val_accuracy"],
+        "side_runs": [
+            {"lr": r["lr"], "val_accuracy": r["val_accuracy"], "selected_step": r["selected_step"]}
+            for r in runs
+        ],
+        **device_accuracy(data, best, work / "personal"),
+        **attack(cfg, data, setting, uploads),
+    }
+    log.info(
+        "eps %s: test accuracy %.4f (val %.4f, lr %g)",
+        setting.epsilon,
+        row["accuracy"],
+        row["val_accuracy"],
+        row["side_lr"],
+    )
+    return row
+
+
+def run(cfg: PrivacyConfig, out: Path) -> dict:
+    import torch
+
+    from benchmarks.bench_accuracy import versions
+
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    data = prepare(cfg)
+    timings = {"data": time.perf_counter() - t_start}
+    rows, reid_curve = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-privacy-") as tmp:
+        work = Path(tmp)
+        t0 = time.perf_counter()
+        rule, clip_run, clip_tried = choose_clip(cfg, data, work)
+        timings["clip_choice"] = time.perf_counter() - t0
+        for eps in cfg.epsilons:
+            t0 = time.perf_counter()
+            s = setting_for(eps, rule, data, cfg.delta)
+            reuse = clip_run if eps == TARGET_EPSILON else None
+            rows.append(sweep_row(cfg, data, s, work / f"eps-{eps}", reuse))
+            timings[f"eps-{eps}"] = time.perf_counter() - t0
+        for eps in sorted({*cfg.epsilons, *cfg.reid_epsilons}, reverse=True):
+            s = setting_for(eps, rule, data, cfg.delta)
+            reid_curve.append(
+                {
+                    "epsilon": eps,
+                    "noise_std": s.std,
+                    "reid_top1": reid(cfg, data, s, victim_uploads(cfg, data, s)["train"]),
+                }
+            )
+    n_eval = min(cfg.attack_eval, len(data.labels["train"]))
+    result = {
+        "rows": rows,
+        "prior": prior_scores(data, n_eval),
+        "reid_curve": reid_curve,
+        "reid_below_10pct_under": reid_threshold(reid_curve),
+        "clip_choice": {
+            "rule": rule,
+            "tried": clip_tried,
+            "how": (
+                f"the clip rule with the best clean-validation accuracy at epsilon "
+                f"{TARGET_EPSILON:g} (side lr {cfg.side_lrs[0]:g}), used at every epsilon"
+            ),
+        },
+        "targets": targets(rows),
+        "default": choose_default(rows),
+        "lm": LM_NOTE,
+        "data": {
+            "victim": cfg.dataset,
+            "public": data.meta["public_source"],
+            "train_uploads": int(len(data.labels["train"])),
+            "validation": int(len(data.labels["validation"])),
+            "test": int(len(data.labels["test"])),
+            "public_train": len(data.sets["public"]),
+            "public_val": len(data.sets["public_val"]),
+            "attack_eval": n_eval,
+            "reid_candidates": min(cfg.reid_candidates, len(data.labels["train"])),
+        },  # fmt: skip
+        "bundle": {
+            "path": str(data.bundle),
+            **{k: v for k, v in data.meta.items() if k != "public_source"},
+        },
+        "config": asdict(cfg),
+        "timings_s": {**timings, "total": time.perf_counter() - t_start},
+        "versions": versions(),
+    }
+    write_outputs(result, out)
+    return result
+
+
+def _row(rows: list[dict], eps: float) -> dict | None:
+    return next((r for r in rows if r["epsilon"] == eps), None)
+
+
+def reid_threshold(curve: list[dict]) -> float | None:
+    """The largest epsilon at which re-identification is under REID_LIMIT with every smaller
+    epsilon of the curve also under it (None: never under)."""
+    best = None
+    for p in sorted(curve, key=lambda p: p["epsilon"]):
+        if p["reid_top1"] >= REID_LIMIT:
+            break
+        best = p["epsilon"]
+    return best
+
+
+def targets(rows: list[dict]) -> dict:
+    """Issue 19's target at epsilon 8 against the undefended row."""
+    base, at = _row(rows, math.inf), _row(rows, TARGET_EPSILON)
+    if base is None or at is None:
+        return {}
+    gap = base["accuracy"] - at["accuracy"]
+    ratio = (
+        at["inverter"]["f1"] / base["inverter"]["f1"] if base["inverter"]["f1"] else float("nan")
+    )
+    return {
+        "epsilon": TARGET_EPSILON,
+        "accuracy_gap": gap,
+        "accuracy_within_2pt": bool(gap <= TARGET_ACC_GAP + 1e-9),
+        "attack_f1_ratio": ratio,
+        "attack_f1_at_most_quarter": bool(ratio <= TARGET_F1_RATIO + 1e-9),
+    }
+
+
+def choose_default(rows: list[dict]) -> dict:
+    """The default from the curve on validation data: the smallest epsilon whose validation
+    accuracy is within 2 points of the non-private one and whose inversion F1 on the
+    validation uploads is at most a quarter of the undefended one. If no epsilon keeps the
+    accuracy, the default is no noise (privacy opt-in per device, its cost in the table)."""
+    base = _row(rows, math.inf)
+    if base is None:
+        return {}
+    f1_base = base["inverter_validation"]["f1"]
+    both = [
+        r
+        for r in rows
+        if not math.isinf(r["epsilon"])
+        and r["inverter_validation"]["f1"] <= TARGET_F1_RATIO * f1_base
+        and base["val_accuracy"] - r["val_accuracy"] <= TARGET_ACC_GAP
+    ]
+    summary = {
+        "val_accuracy_non_private": base["val_accuracy"],
+        "val_inversion_f1_undefended": f1_base,
+    }
+    if not both:
+        return {
+            "epsilon": None,
+            "why": "no epsilon of the grid keeps validation accuracy within 2 points of "
+            "non-private: no noise by default, a device opts in with its epsilon",
+            **summary,
+        }
+    pick = min(both, key=lambda r: r["epsilon"])
+    return {
+        "epsilon": pick["epsilon"],
+        "clip": pick["clip"],
+        "side_lr": pick["side_lr"],
+        "why": "the smallest epsilon meeting both bounds on validation",
+        "val_accuracy": pick["val_accuracy"],
+        "val_inversion_f1": pick["inverter_validation"]["f1"],
+        **summary,
+    }
+
+
+# -- outputs ---------------------------------------------------------------------------------
+
+
+def _eps(e: float | None) -> str:
+    return "∞" if e is not None and math.isinf(e) else ("-" if e is None else f"{e:g}")
+
+
+def markdown(result: dict) -> str:
+    d, p = result["data"], result["prior"]
+    lines = [
+        f"### Inversion of pivot uploads ({result['bundle'].get('architecture')}, "
+        f"{result['config']['model']}, pivot {result['bundle'].get('pivot')}, "
+        f"{d['victim']} -> attacker's public text {d['public']})",
+        "",
+        f"Token F1 etc. on {d['attack_eval']} victim uploads (content words, stop words removed); "
+        f"re-identification top-1 among {d['reid_candidates']}; accuracy on {d['test']} test "
+        f"records through the personal model; delta = {result['config']['delta']:g}.",
+        "",
+        "| epsilon | z | clip | noise std | test acc (%) | val acc (%) | side lr | inversion P / R / F1 | "
+        "nearest-neighbour F1 | unigram prior F1 | re-id top-1 (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        inv = r["inverter"]
+        lines.append(
+            f"| {_eps(r['epsilon'])} | {r['noise_multiplier']:.3g} | "
+            f"{'-' if r['clip'] is None else format(r['clip'], '.3g')} | {r['noise_std']:.3g} | "
+            f"{100 * r['accuracy']:.2f} | "
+            f"{100 * r['val_accuracy']:.2f} | {r['side_lr']:g} | "
+            f"{inv['precision']:.3f} / {inv['recall']:.3f} / {inv['f1']:.3f} | "
+            f"{r['nearest_neighbour']['f1']:.3f} | {p['f1']:.3f} | {100 * r['reid_top1']:.1f} |"
+        )
+    lines += ["", "Re-identification: " + ", ".join(
+        f"eps {_eps(c['epsilon'])}: {100 * c['reid_top1']:.1f}%" for c in result["reid_curve"]
+    ) + f". Under 10% for every epsilon <= {_eps(result['reid_below_10pct_under'])}.", ""]  # fmt: skip
+    t = result["targets"]
+    if t:
+        lines.append(
+            f"Target at epsilon {t['epsilon']:g}: accuracy gap {100 * t['accuracy_gap']:+.2f} pt "
+            f"({'met' if t['accuracy_within_2pt'] else 'NOT met'}: within 2), inversion F1 ratio "
+            f"{t['attack_f1_ratio']:.2f} ({'met' if t['attack_f1_at_most_quarter'] else 'NOT met'}: <= 0.25)."
+        )
+    c, df = result["clip_choice"], result["default"]
+    lines += [
+        "",
+        f"Clip: rule {c['rule']} ("
+        + ", ".join(
+            f"{t['rule']}: clip {t['clip']:.3g}, val {100 * t['val_accuracy']:.2f}%"
+            for t in c["tried"]
+        )
+        + f" at epsilon {TARGET_EPSILON:g}); {c['how']}.",
+        f"Default: {'no noise' if df.get('epsilon') is None else 'epsilon ' + _eps(df['epsilon'])} "
+        f"({df.get('why', '')}).",
+        "",
+        f"Note: {result['lm']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    finite = [r["epsilon"] for r in rows if not math.isinf(r["epsilon"])]
+    inf_x = 2 * max(
+        finite
+        + [c["epsilon"] for c in result["reid_curve"] if not math.isinf(c["epsilon"])]
+        + [1.0]
+    )
+
+    def xs(eps: list[float]) -> list[float]:
+        return [inf_x if math.isinf(e) else e for e in eps]
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a1.plot(
+        xs([r["epsilon"] for r in rows]),
+        [100 * r["accuracy"] for r in rows],
+        "o-",
+        label="test accuracy",
+    )
+    a1.plot(
+        xs([r["epsilon"] for r in rows]),
+        [100 * r["val_accuracy"] for r in rows],
+        "s--",
+        label="validation accuracy",
+    )
+    a1.axhline(100 * rows[0]["majority_class_rate"], color="grey", ls=":", label="majority class")
+    a1.set_ylabel("accuracy (%)")
+    a2.plot(
+        xs([r["epsilon"] for r in rows]),
+        [r["inverter"]["f1"] for r in rows],
+        "o-",
+        label="inversion F1",
+    )
+    a2.plot(
+        xs([r["epsilon"] for r in rows]),
+        [r["nearest_neighbour"]["f1"] for r in rows],
+        "^-",
+        label="nearest-neighbour F1",
+    )
+    a2.axhline(result["prior"]["f1"], color="grey", ls=":", label="unigram prior F1")
+    c = result["reid_curve"]
+    a2.plot(xs([p["epsilon"] for p in c]), [p["reid_top1"] for p in c], "s-", label="re-id top-1")
+    a2.set_ylabel("F1 / top-1 rate")
+    for ax in (a1, a2):
+        ax.set_xscale("log")
+        ax.set_xlabel("epsilon (rightmost: no defence)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "privacy.json").write_text(
+        json.dumps(result, indent=1, default=_jsonable, allow_nan=True)
+    )
+    (out / "privacy.md").write_text(markdown(result))
+    plot(result, out / "privacy.png")
+    log.info("wrote %s/privacy.{json,md,png}", out)
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o))
+
+
+# -- command line ----------------------------------------------------------------------------
+
+
+def _floats(value: str | None) -> tuple[float, ...] | None:
+    if not value:
+        return None
+    try:
+        return tuple(
+            math.inf if v.strip() in ("inf", "∞") else float(v)
+            for v in value.split(",")
+            if v.strip()
+        )
+    except ValueError as exc:
+        raise FedMobiLLMError(f"not a list of numbers: {value!r}", hint="e.g. inf,16,8,4") from exc
+
+
+def _csv(value: str | None) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def _quantile(text: str) -> bool:
+    try:
+        return 0.0 < float(text) <= 1.0
+    except ValueError:
+        return False
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_privacy", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--quick", action="store_true", help="subsets of the data, small budgets")
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    p.add_argument("--epsilons", help="comma-separated, inf = no defence (default inf,16,8,4,2,1)")
+    p.add_argument("--reid-epsilons", help="further epsilons for the re-identification curve")
+    p.add_argument("--delta", type=float)
+    p.add_argument("--train-limit", type=int, help="victim uploads (train records)")
+    p.add_argument("--val-limit", type=int)
+    p.add_argument("--test-limit", type=int)
+    p.add_argument("--public-limit", type=int, help="the attacker's public sentences")
+    p.add_argument("--attack-eval", type=int, help="victim uploads the attack is scored on")
+    p.add_argument("--reid-candidates", type=int)
+    p.add_argument(
+        "--clip-rules",
+        help="comma-separated: int8 (the device default), qX (quantile X of public tap norms)",
+    )
+    p.add_argument("--side-lrs", help="comma-separated side-network learning rates")
+    p.add_argument("--steps", type=int, help="side-network steps")
+    p.add_argument("--inverter-epochs", type=int)
+    p.add_argument("--inverter-vocab", type=int)
+    p.add_argument("--inverter-hidden", type=int)
+    p.add_argument("--bundle", help="an existing MiniLM-L6 int8 bundle folder instead of exporting")
+    p.add_argument("--seed", type=int)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _config(a: argparse.Namespace) -> PrivacyConfig:
+    cfg = PrivacyConfig.for_mode(
+        a.quick, epsilons=_floats(a.epsilons), reid_epsilons=_floats(a.reid_epsilons), delta=a.delta,
+        train_limit=a.train_limit, val_limit=a.val_limit, test_limit=a.test_limit,
+        public_limit=a.public_limit, attack_eval=a.attack_eval, reid_candidates=a.reid_candidates,
+        clip_rules=_csv(a.clip_rules), side_lrs=_floats(a.side_lrs), steps=a.steps,
+        bundle=a.bundle, seed=a.seed,
+    )  # fmt: skip
+    inv = {"epochs": a.inverter_epochs, "vocab": a.inverter_vocab, "hidden": a.inverter_hidden}
+    cfg = dataclasses.replace(
+        cfg,
+        inverter=dataclasses.replace(
+            cfg.inverter, **{k: v for k, v in inv.items() if v is not None}
+        ),
+    )
+    check(cfg)
+    return cfg
+
+
+def check(cfg: PrivacyConfig) -> None:
+    """Options that would make the run meaningless, refused before any work."""
+    if math.inf not in cfg.epsilons:
+        raise FedMobiLLMError("--epsilons must include inf (the undefended reference)")
+    if any(e <= 0 for e in cfg.epsilons + cfg.reid_epsilons):
+        raise FedMobiLLMError("every epsilon must be positive")
+    for rule in cfg.clip_rules:
+        if rule != "int8" and not (rule.startswith("q") and _quantile(rule[1:])):
+            raise FedMobiLLMError(f"unknown clip rule {rule!r}", hint="int8 or qX, 0 < X <= 1")
+    if not cfg.clip_rules:
+        raise FedMobiLLMError("--clip-rules is empty", hint="e.g. int8,q0.5")
+    if not cfg.side_lrs or any(lr <= 0 for lr in cfg.side_lrs):
+        raise FedMobiLLMError("--side-lrs must be positive", hint="e.g. 0.002,0.0005")
+    if not 0 < cfg.delta < 1:
+        raise FedMobiLLMError(f"--delta {cfg.delta} must be in (0, 1)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    try:
+        result = run(_config(a), a.out)
+    except FedMobiLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
