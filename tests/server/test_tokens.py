@@ -347,3 +347,16 @@ def test_token_federation_trains_on_a_real_server(server_factory):
     assert a["bytes_per_sample"] == pytest.approx(a["tokens_per_sample"] * K * D)
     assert st["best_validation"][arch]["accuracy"] >= 0.9, st["history"][-3:]
     assert arch in st["personal_models"]
+
+
+def test_inputs_flag_joins_the_config_files_side_table(tmp_path, monkeypatch):
+    """`server start --inputs tokens` (the side override) keeps the config file's other side
+    settings."""
+    from fedmobillm.server.settings import load_settings
+
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", "k3Vq9-tokens-settings-Zp7wXr2mT4")
+    config = tmp_path / "server.toml"
+    config.write_text("[server.side]\nwidth = 64\nheads = 2\n")
+    settings, _ = load_settings(config, side={"inputs": "tokens"})
+    assert settings.side.inputs == "tokens" and settings.side.width == 64
+    assert load_settings(config)[0].side.inputs == "pivot"
