@@ -1,5 +1,8 @@
 """The device role: register once, then forward local records through the frozen backbone
-in batches, quantize the tapped pivot activations and upload them, exactly once.
+in batches, quantize the tapped pivot activations and upload them, exactly once. A token
+bundle (``--pivot none``) uploads every real token's taps ``[N, K, T, d]`` with the
+lengths (see ``protocol``); the summary reports the bytes per sample against the
+T x K x d bound.
 
 State lives in a folder (default ``cache_dir()/devices/<name>``): ``device.json`` (server,
 device id, token, bundle digest, label names) and ``journal.jsonl`` (see ``journal``).
@@ -48,6 +51,7 @@ from fedmobillm.device_runtime.protocol import (
     ENCODINGS,
     SPLITS,
     bundle_digest,
+    bytes_per_sample,
     load_verified_bundle,
 )
 from fedmobillm.device_runtime.uploader import (
@@ -256,10 +260,34 @@ class RunSummary:
     retries: int
     wall_s: float
     server_samples: dict[str, int] = field(default_factory=dict)
+    inputs: str = "pivot"  # "pivot": one vector per tap; "tokens": every real token
+    # activations of one sample as the server stores them (K * d * b, tokens: K * L * d * b,
+    # padding not counted), mean over this run's samples
+    activation_bytes_per_sample: float = 0.0
+    tokens_per_sample: float | None = None  # tokens: mean real tokens L per sample
+    # tokens: K * max_seq_len * d * b, the T x K x d bound of one sample at this encoding
+    token_bound_bytes: int | None = None
+    num_taps: int = 0
+    hidden_size: int = 0
+    encoding: str = "int8"
     privacy: dict[str, Any] = field(default_factory=dict)  # DeviceClient.privacy_status()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
+
+    def activation_line(self) -> str:
+        """Bytes per sample, and for tokens the mean L x K x d x b against the bound."""
+        b = 1 if self.encoding == "int8" else 2
+        size = f"K={self.num_taps} x d={self.hidden_size} x {b} B ({self.encoding})"
+        if self.inputs != "tokens":
+            return f"activations:        {self.activation_bytes_per_sample:.0f} B/sample = {size}"
+        bound = self.token_bound_bytes or 0
+        share = 100 * self.activation_bytes_per_sample / bound if bound else 0.0
+        return (
+            f"activations:        {self.activation_bytes_per_sample:,.0f} B/sample = "
+            f"{self.tokens_per_sample or 0:.1f} tokens x {size}; {share:.1f}% of the "
+            f"T x K x d bound {bound:,} B (T = max_seq_len)"
+        )
 
     def lines(self) -> list[str]:
         link = f" at {self.bandwidth_mbps:g} Mbit/s (simulated)" if self.bandwidth_mbps else ""
@@ -269,6 +297,7 @@ class RunSummary:
             f"forward:            {self.forward_ms_per_sample:.2f} ms/sample",
             f"peak memory (RSS):  {self.peak_rss_mb:.0f} MB",
             f"bytes uploaded:     {self.bytes_uploaded:,} ({self.bytes_per_sample:.0f} B/sample)",
+            self.activation_line(),
             f"upload time:        {self.upload_s:.2f} s{link} (measured "
             f"{self.upload_measured_s:.2f} s, {self.retries} retries)",
             f"server now holds:   {self.server_samples}",
@@ -379,6 +408,7 @@ class DeviceClient:
                 self._one_batch(up, records, ids, tracker)
             stats = up.stats
             tracker.server_samples = self.server_counts(up) or tracker.server_samples
+        m = self.backbone.manifest
         return RunSummary(
             split=self.config.split,
             samples=tracker.done,
@@ -395,6 +425,17 @@ class DeviceClient:
             retries=stats.retries,
             wall_s=time.perf_counter() - tracker.start,
             server_samples=tracker.server_samples,
+            inputs="tokens" if m.tokens else "pivot",
+            activation_bytes_per_sample=tracker.activation_bytes / max(1, tracker.done),
+            tokens_per_sample=tracker.tokens / max(1, tracker.done) if m.tokens else None,
+            token_bound_bytes=(
+                bytes_per_sample(m.num_taps, m.hidden_size, self.config.encoding, m.max_seq_len)
+                if m.tokens
+                else None
+            ),
+            num_taps=m.num_taps,
+            hidden_size=m.hidden_size,
+            encoding=self.config.encoding,
             privacy=self.privacy_status(),
         )
 
@@ -472,10 +513,23 @@ class DeviceClient:
 
     def encode(self, records: Sequence[Any], ids: list[int]) -> tuple[bytes, Entry, float]:
         """Forward and encode one batch: (payload, journal entry, forward seconds)."""
+        enc = self.encode_batch(records, ids)
+        return enc.body, enc.entry, enc.forward_s
+
+    def _forward(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """float32 taps (N, K, d) and None; a token bundle: (N, K, T, d) zero-padded and
+        the real token count of each text, int64 (N,)."""
+        if self.backbone.tokens:
+            return self.backbone.forward_tokens(texts, self.config.forward_batch)
+        return self.backbone(texts, self.config.forward_batch), None
+
+    def encode_batch(self, records: Sequence[Any], ids: list[int]) -> Encoded:
+        """Forward, quantize (int8 per tap with the bundle's scales: token padding stays
+        exactly 0) and encode one batch, with what it costs."""
         texts = [records[i].text for i in ids]
         labels = np.array([int(records[i].label) for i in ids], dtype=np.int64)  # (N,)
         start = time.perf_counter()
-        taps = self.backbone(texts, self.config.forward_batch)  # (N, K, d) float32
+        taps, lengths = self._forward(texts)  # (N, K, d) or (N, K, T, d) float32; (N,)
         forward_s = time.perf_counter() - start
         if self.config.slowdown > 1.0:  # a simulated slower phone
             time.sleep((self.config.slowdown - 1.0) * forward_s)
@@ -485,11 +539,11 @@ class DeviceClient:
                 f"the backbone produced NaN/inf activations for samples {ids[0]}..{ids[-1]}"
             )
         if self.privacy is not None:  # clip + noise before quantisation
-            taps, labels = self._privatize(taps, labels, ids)
+            taps, labels = self._privatize(taps, labels, ids, lengths)
         if self.config.encoding == "int8":
-            acts, scales = serde.quantize_int8(taps, self.scales), self.scales  # (N, K, d) int8
+            acts, scales = serde.quantize_int8(taps, self.scales), self.scales  # int8
         else:
-            acts, scales = taps.astype(np.float16), None  # (N, K, d) fp16
+            acts, scales = taps.astype(np.float16), None  # fp16, same shape as taps
         key = idempotency_key(self.state.device_id, self.digest, self.config.split, ids)
         batch = serde.Batch(
             device_id=self.state.device_id,
@@ -501,16 +555,21 @@ class DeviceClient:
             labels=labels,
             sample_ids=np.asarray(ids, dtype=np.int64),
             scales=scales,
+            lengths=lengths,
         )
         data = records_hash([(i, records[i].text, records[i].label) for i in ids])
         entry = Entry("pending", key, self.config.split, self.digest, list(ids), data)
-        return serde.encode_batch(batch), entry, forward_s
+        tokens = int(lengths.sum()) if lengths is not None else 0
+        return Encoded(
+            serde.encode_batch(batch), entry, forward_s, int(batch.bytes_per_sample().sum()), tokens
+        )
 
     def _one_batch(
         self, up: Uploader, records: Sequence[Any], ids: list[int], tracker: _Progress
     ) -> None:
         release = self._spend(records, ids)  # raises past the privacy budget
-        body, entry, forward_s = self.encode(records, ids)
+        enc = self.encode_batch(records, ids)
+        body, entry, forward_s = enc.body, enc.entry, enc.forward_s
         if release is not None:
             self.journal.release(entry, release)
         self.journal.pending(entry)
@@ -530,6 +589,8 @@ class DeviceClient:
             },
         )
         tracker.batch_done(len(ids), forward_s, len(body), ack)
+        tracker.activation_bytes += enc.activation_bytes
+        tracker.tokens += enc.tokens
 
     # -- privacy (privacy.py) ------------------------------------------------------------
 
@@ -620,6 +681,19 @@ class DeviceClient:
 
 
 @dataclass
+class Encoded:
+    """One encoded batch: the payload, its journal entry, the forward seconds, the
+    activation bytes of its samples as stored (padding not counted) and its real tokens
+    (token bundles; 0 for pivot)."""
+
+    body: bytes
+    entry: Entry
+    forward_s: float
+    activation_bytes: int
+    tokens: int
+
+
+@dataclass
 class _Progress:
     total: int
     every_s: float
@@ -627,6 +701,8 @@ class _Progress:
     duplicates: int = 0
     forward_s: float = 0.0
     bytes: int = 0
+    activation_bytes: int = 0  # K * d * b per sample, or K * L * d * b (tokens)
+    tokens: int = 0  # real tokens uploaded (token bundles)
     server_samples: dict[str, int] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
     _last_log: float = 0.0

@@ -1,6 +1,8 @@
 """On-device inference with the personal model the server trained: the backbone bundle's
 taps ``(B, K, d)`` go through ``personal.onnx`` (alignment + side network + head) to
-logits ``(B, C)``. Torch-free (onnxruntime)."""
+logits ``(B, C)``. A token personal model (personal.json ``side_inputs`` "tokens") takes a
+token bundle's taps ``(B, K, T, d)`` and their ``attention_mask`` ``(B, T)`` instead.
+Torch-free (onnxruntime)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ from fedmobillm.device_runtime.messages import (
 from fedmobillm.device_runtime.protocol import (
     PERSONAL_INPUT,
     PERSONAL_MANIFEST,
+    PERSONAL_MASK,
     PERSONAL_ONNX,
     PERSONAL_OUTPUT,
     Manifest,
@@ -63,8 +66,41 @@ def _read_members(path: Path) -> dict[str, bytes]:
         raise FedMobiLLMError(f"{path} is neither a folder nor a zip file: {exc}") from exc
 
 
+def side_inputs(info: PersonalManifest) -> str:
+    """What the personal graph takes, "tokens" or "pivot", as personal.json says
+    (``side_inputs``; older files: an ``attention_mask`` among its input specs)."""
+    declared = getattr(info, "side_inputs", None)
+    if declared in ("pivot", "tokens"):
+        return str(declared)
+    if declared is not None:
+        raise FedMobiLLMError(
+            f"{PERSONAL_MANIFEST}: side_inputs must be pivot or tokens, not {declared!r}"
+        )
+    names = {spec.get("name") for spec in info.inputs if isinstance(spec, dict)}
+    return "tokens" if PERSONAL_MASK in names else "pivot"
+
+
+def token_mask(lengths: np.ndarray, t: int | None = None) -> np.ndarray:
+    """int64 ``(B, T)`` attention mask, 1 at the first ``lengths[i]`` positions."""
+    t = int(lengths.max()) if t is None else t
+    return (np.arange(t)[None, :] < np.asarray(lengths)[:, None]).astype(np.int64)
+
+
+def backbone_taps(
+    backbone: Backbone, texts: list[str], forward_batch: int | None = FORWARD_BATCH
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Texts -> (taps, mask): pivot bundle ``(B, K, d)`` and None; token bundle ``(B, K,
+    T, d)`` zero-padded and its attention mask int64 ``(B, T)``."""
+    if backbone.tokens:
+        x, lengths = backbone.forward_tokens(texts, forward_batch)  # (B, K, T, d), (B,)
+        return x, token_mask(lengths, x.shape[2])
+    return backbone(texts, forward_batch), None
+
+
 class PersonalModel:
-    """personal.onnx: input "activations" float32 ``(B, K, d)`` -> "logits" ``(B, C)``."""
+    """personal.onnx: input "activations" float32 ``(B, K, d)`` -> "logits" ``(B, C)``;
+    a token model (``tokens``): "activations" ``(B, K, T, d)`` and "attention_mask" int64
+    ``(B, T)`` -> "logits" ``(B, C)``."""
 
     def __init__(self, path: str | Path, activations: str = "auto") -> None:
         """``activations``: what the side network was trained on and so what it should
@@ -82,9 +118,10 @@ class PersonalModel:
         except MessageError as exc:
             raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST}: {exc.message}") from exc
         self.label_names: list[str] = list(self.info.label_names)
+        self.tokens = side_inputs(self.info) == "tokens"
         self._graph = Graph(
             members[PERSONAL_ONNX],
-            [PERSONAL_INPUT],
+            [PERSONAL_INPUT, PERSONAL_MASK] if self.tokens else [PERSONAL_INPUT],
             [PERSONAL_OUTPUT],
             options=OnnxOptions(quiet=True),
             name=f"{path}/{PERSONAL_ONNX}",
@@ -95,6 +132,18 @@ class PersonalModel:
         self.trained_on_int8 = activations == "int8"
 
     def check_compatible(self, manifest: Manifest) -> None:
+        """Refuses a bundle this model cannot read: another architecture, or pivot taps
+        for a token model (and token taps for a pivot model)."""
+        if self.tokens != manifest.tokens:
+            have = "token taps (B, K, T, d)" if self.tokens else "pivot taps (B, K, d)"
+            bundle = "a token bundle (pivot none)" if manifest.tokens else "a pivot bundle"
+            raise FedMobiLLMError(
+                f"this personal model reads {have}, but the bundle is {bundle} (pivot "
+                f"{manifest.pivot})",
+                hint="use the bundle the device registered with: a token federation "
+                "(`serve --inputs tokens`) trains on bundles exported with --pivot none, a "
+                "pivot federation on the others",
+            )
         arch = self.info.architecture
         if arch and arch != manifest.architecture:
             raise FedMobiLLMError(
@@ -107,19 +156,41 @@ class PersonalModel:
             log.warning("personal model was trained on other bundles of architecture %s", arch)
         self._scales = np.asarray(manifest.activation_scales, np.float32)  # (K,)
 
-    def logits(self, taps: np.ndarray) -> np.ndarray:
-        """taps float32 (B, K, d) -> logits (B, C)."""
+    def logits(self, taps: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """taps float32 (B, K, d) -> logits (B, C); a token model: taps (B, K, T, d) and
+        mask int (B, T) (1 = real token; see ``token_mask``) -> logits (B, C)."""
+        feeds = self._feeds(taps, mask)
         if self.trained_on_int8 and self._scales is not None:
-            q = serde.quantize_int8(taps, self._scales)  # (B, K, d) int8, as uploaded
-            taps = serde.dequantize(q, self._scales)  # (B, K, d) float32
-        (logits,) = self._graph.run({PERSONAL_INPUT: taps.astype(np.float32)})
+            q = serde.quantize_int8(taps, self._scales)  # int8, as uploaded (padding 0)
+            feeds[PERSONAL_INPUT] = serde.dequantize(q, self._scales, tokens=self.tokens)
+        (logits,) = self._graph.run(feeds)
         return logits  # (B, C)
+
+    def _feeds(self, taps: np.ndarray, mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        """The graph's inputs, shapes checked against what the model reads."""
+        if not self.tokens:
+            if mask is not None or taps.ndim != 3:
+                raise FedMobiLLMError(
+                    f"this personal model reads pivot taps (B, K, d) without a mask, got "
+                    f"taps {list(taps.shape)}{' and a mask' if mask is not None else ''}",
+                    hint="token taps need a personal model trained by a token federation",
+                )
+            return {PERSONAL_INPUT: taps.astype(np.float32)}
+        if mask is None or taps.ndim != 4 or mask.shape != (taps.shape[0], taps.shape[2]):
+            raise FedMobiLLMError(
+                f"this personal model reads token taps (B, K, T, d) with an attention mask "
+                f"(B, T), got taps {list(taps.shape)} and mask "
+                f"{None if mask is None else list(mask.shape)}",
+                hint="get both from a token bundle: personal.backbone_taps(backbone, texts)",
+            )
+        return {PERSONAL_INPUT: taps.astype(np.float32), PERSONAL_MASK: mask.astype(np.int64)}
 
     def label_of(self, index: int) -> str:
         return self.label_names[index] if index < len(self.label_names) else str(index)
 
     def predict_texts(self, backbone: Backbone, texts: list[str]) -> list[str]:
-        pred = self.logits(backbone(texts, FORWARD_BATCH)).argmax(-1)  # (B,)
+        """Label names of texts, through the backbone (pivot or token bundle) and this."""
+        pred = self.logits(*backbone_taps(backbone, texts)).argmax(-1)  # (B,)
         return [self.label_of(int(i)) for i in pred]
 
 
@@ -159,8 +230,8 @@ def predict_records(
     start = time.perf_counter()
     for s in range(0, len(records), batch_size):
         chunk = records[s : s + batch_size]
-        taps = backbone([r.text for r in chunk], forward_batch)  # (B, K, d)
-        pred = personal.logits(taps).argmax(-1)  # (B,)
+        taps, mask = backbone_taps(backbone, [r.text for r in chunk], forward_batch)
+        pred = personal.logits(taps, mask).argmax(-1)  # (B,)
         labels = np.array([int(r.label) for r in chunk])  # (B,)
         mask = labels >= 0
         labelled += int(mask.sum())

@@ -6,15 +6,13 @@ Tiny random BERT and Llama models (seeded), exported to ONNX as the exporter doe
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
+from token_helpers import tiny_folder
 
 from fedmobillm.device_runtime.backbone import Backbone
 from fedmobillm.errors import FedMobiLLMError
 
-VOCAB = 30522  # the MiniLM tokenizer is reused (as in tests/export/test_export_tiny.py)
 TEXTS = [
     "a long and winding review of a film that never seems to end " * 2,
     "ok",
@@ -22,43 +20,6 @@ TEXTS = [
     "good " * 9,
     "meh, not for me",
 ]
-
-
-def _config(family: str):
-    import transformers as tf
-
-    if family == "bert":
-        return tf.BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-            intermediate_size=64,
-        )  # fmt: skip
-    return tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-    )  # fmt: skip
-
-
-def tiny_folder(family: str) -> Path:
-    """A saved HF folder with seeded random weights, cached under the fedmobillm cache."""
-    import torch
-    from transformers import AutoModel, AutoTokenizer
-
-    from fedmobillm.export.pipeline import resolve_model_folder
-    from fedmobillm.paths import cache_dir
-
-    out = cache_dir() / "test-models" / f"tiny-tokens-{family}-v1"
-    if (out / "model.safetensors").is_file():
-        return out
-    torch.manual_seed(0)
-    model = AutoModel.from_config(_config(family))
-    tmp = out.with_name(f"{out.name}.tmp{np.random.randint(1 << 30)}")
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(resolve_model_folder("minilm-l6")).save_pretrained(tmp)
-    try:
-        tmp.rename(out)
-    except OSError:  # another process made it first
-        pass
-    return out
 
 
 @pytest.fixture(scope="module", params=["bert", "llama"])
