@@ -141,6 +141,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA foreign_keys=ON")
+        # deleted rows (revoke --delete-data) are overwritten with zeros, not left in free
+        # pages (many builds default to this already; docs/privacy.md)
+        self._db.execute("PRAGMA secure_delete=ON")
         self._db.execute("PRAGMA busy_timeout=30000")
         for stmt in SCHEMA.strip().split(";\n"):
             if stmt.strip():
@@ -408,7 +411,16 @@ class Store:
             db.execute("DELETE FROM device_counts WHERE device_id = ?", (device_id,))
             db.execute("DELETE FROM batches WHERE device_id = ?", (device_id,))
             db.execute("UPDATE devices SET data_deleted = 1 WHERE device_id = ?", (device_id,))
+        self._forget_wal()
         return row[0], n
+
+    def _forget_wal(self) -> None:
+        """Copy the WAL into the database file and truncate it, so that the pages holding
+        deleted rows (zeroed by secure_delete) replace the old copies everywhere. Best
+        effort: a reader's open snapshot (the trainer mid-read) can keep it from finishing;
+        the next automatic checkpoint and a clean shutdown do it then."""
+        with self._lock:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
 
     def data_deleted(self) -> set[str]:
         """Devices whose samples were removed: the trainer drops what it cached of them."""

@@ -6,6 +6,7 @@ the running process."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import time
@@ -38,7 +39,8 @@ def test_revoked_device_gets_401_and_leaves_the_training_cache(server_factory):
     """Prepare: two devices, 40 train + 8 validation samples each, a trainer stepping on
     them. Execute: revoke one with --delete-data. Assert: its token answers 401 at once;
     the trainer's cache drops to the other device's 40 + 8 and lists the deletion; the
-    trainer keeps stepping; the other device still uploads."""
+    trainer keeps stepping; the other device still uploads; after shutdown no byte string
+    of the deleted samples' activations is left in any of the store's files."""
     srv = server_factory(FAST)
     m = make_manifest()
     keep, wipe = register(srv.url, "keep", m), register(srv.url, "wipe", m)
@@ -50,6 +52,10 @@ def test_revoked_device_gets_401_and_leaves_the_training_cache(server_factory):
                                     "Content-Type": "application/octet-stream"})  # fmt: skip
             assert r.status_code == 200, r.text
     arch = keep["architecture"]
+    with sqlite3.connect(srv.data_dir / "store.sqlite3", timeout=10) as db:
+        sql = "SELECT device_id, act FROM samples"
+        blobs = {d: [a for i, a in db.execute(sql) if i == d] for d in (keep["device_id"],
+                                                                       wipe["device_id"])}  # fmt: skip
     wait_trainer(srv.url, lambda t: t["step"] > 0
                  and t["architectures"].get(arch, {}).get("train") == 80)  # fmt: skip
 
@@ -75,3 +81,9 @@ def test_revoked_device_gets_401_and_leaves_the_training_cache(server_factory):
     assert keep["device_id"] not in after["data_deleted"]
     assert later["architectures"][arch]["train"] == 40  # never read back
     assert more.status_code == 200
+    srv.stop()  # then read every file of the store: database, WAL, shared memory
+    files = b"".join(p.read_bytes() for p in srv.data_dir.glob("store.sqlite3*"))
+    assert len(blobs[wipe["device_id"]]) == 48 and len(blobs[keep["device_id"]]) == 48
+    assert all(a in files for a in blobs[keep["device_id"]])  # the search finds stored rows
+    # zeroed by secure_delete, and the WAL's older copies truncated at the deletion
+    assert not any(a in files for a in blobs[wipe["device_id"]])
