@@ -172,6 +172,7 @@ function render({ status, flags }) {
   renderSamplesChart(status.samples_over_time || [], colors);
   renderTrainingCharts(tr.history || [], colors);
   renderPersonal(tr, colors);
+  renderLabels(tr, colors);
   renderDevices(status.devices || [], flags, colors);
   renderQuarantine(flags);
   renderRequests(status.requests || {});
@@ -268,6 +269,22 @@ function renderPersonal(tr, colors) {
     el("td", { class: "num" }, last[n] ? pct(last[n].accuracy) : "—")));
   table("personal", ["Architecture", "Exported at step", "Best validation", "at step", "Latest"],
     rows, "no personal model yet");
+}
+
+// Label skew at a glance: each architecture's training samples per label name and the
+// share of its most frequent label (flagged when one label holds 90% or more).
+function renderLabels(tr, colors) {
+  const archs = Object.entries(tr.architectures || {}).filter(([, a]) => a.labels).sort();
+  const names = [...new Set(archs.flatMap(([, a]) => Object.keys(a.labels)))];
+  const rows = archs.map(([n, a]) => {
+    const counts = names.map((k) => a.labels[k] || 0);
+    const total = counts.reduce((x, y) => x + y, 0);
+    const top = total ? Math.max(...counts) / total : NaN;
+    const skew = top >= 0.9 ? el("span", { class: "badge warn" }, `${pct(top)} one label`) : pct(top);
+    return el("tr", { "data-arch": n }, el("td", {}, swatch(colors.get(n) || "#999"), " ", n),
+      ...counts.map((c) => el("td", { class: "num" }, int(c))), el("td", { class: "num" }, skew));
+  });
+  table("labels", ["Architecture", ...names, "Largest label"], rows, "no training samples yet");
 }
 
 function deviceState(d, flag) {

@@ -119,7 +119,7 @@ def test_dashboard_shows_the_fleet_training_and_quarantine(server_factory, brows
 
     srv = server_factory(FAST)
     ra, rb, rm = fleet(srv.url)
-    wait_trained(srv.url)
+    trained = wait_trained(srv.url)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
@@ -150,6 +150,11 @@ def test_dashboard_shows_the_fleet_training_and_quarantine(server_factory, brows
     assert cells_b[:6] == ["phone-b", rb["device_id"], "active", "300", "100", "0"], cells_b
     assert row_cells(page, rm["device_id"])[:4] == ["mallory", rm["device_id"], "quarantined", "0"]
     assert "mallory" in page.locator("#quarantine").inner_text()
+    for reg in (ra, rb):  # the label distribution of each architecture's training samples
+        want = trained["architectures"][reg["architecture"]]["labels"]
+        cells = page.locator(f'#labels tr[data-arch="{reg["architecture"]}"] td').all_inner_texts()
+        assert sum(want.values()) == 300, want
+        assert cells[1:3] == [f"{want['negative']:,}", f"{want['positive']:,}"], cells
     assert "activation pre-scales" in page.locator("#quarantine").inner_text()
     assert page.locator("#stat-quarantined .value").inner_text() == "1"
     step = int(page.locator("#stat-step .value").inner_text().replace(",", ""))
