@@ -359,10 +359,25 @@ class DeviceClient:
                 batches.append(list(pending.ids))
         # None: not this device's (an anchor set holds every device's share)
         todo = [i for i in range(len(records)) if i not in done and records[i] is not None]
+        if self.backbone.tokens:  # a token batch is padded to its longest text on the wire
+            todo = self._by_length(records, todo)
         b = self.config.batch_size
         batches += [todo[s : s + b] for s in range(0, len(todo), b)]
         already = sum(len(e.ids) for e in self.journal.acked(split, digest))
         return batches, already
+
+    def _by_length(self, records: Sequence[Any], ids: list[int]) -> list[int]:
+        """``ids`` in order of token length (stable: ties keep id order), so each upload
+        batch of a token bundle holds texts of similar length and its [N, K, T, d] payload
+        carries little padding. Deterministic for the same records: a resumed run plans
+        the same batches; keys stay unique (a batch's ids are never in another batch)."""
+        lengths = np.empty(len(ids), dtype=np.int64)  # (n,)
+        for s in range(0, len(ids), 1024):
+            chunk = ids[s : s + 1024]
+            _, mask = self.backbone.encode([records[i].text for i in chunk])  # (c, S)
+            lengths[s : s + len(chunk)] = mask.sum(axis=1)
+        order = np.argsort(lengths, kind="stable")  # (n,)
+        return [ids[int(j)] for j in order]
 
     def _check_same_data(self, e: Entry, records: Sequence[Any]) -> None:
         if any(i >= len(records) for i in e.ids):

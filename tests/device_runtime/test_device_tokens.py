@@ -21,10 +21,12 @@ from token_helpers import tiny_folder, write_personal
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import Backbone
-from fedmobillm.device_runtime.client import DeviceState
+from fedmobillm.device_runtime.client import DeviceClient, DeviceState, RunConfig
+from fedmobillm.device_runtime.journal import Entry, records_hash
 from fedmobillm.device_runtime.messages import ROUTE_BATCHES, device_route
 from fedmobillm.device_runtime.personal import PersonalModel, token_mask
 from fedmobillm.device_runtime.protocol import bundle_digest, read_manifest
+from fedmobillm.device_runtime.records import Record
 from fedmobillm.errors import FedMobiLLMError
 
 LABELS = ["negative", "positive"]
@@ -168,7 +170,11 @@ def test_device_run_uploads_token_taps_without_torch(token_bundle, tmp_path):
         assert np.abs(batch.activations.astype(int) - want).max() <= 1
         np.testing.assert_array_equal(batch.scales, scales)
         all_lengths += list(lengths)
-    assert min(all_lengths) < max(all_lengths)  # real padding inside batches
+    assert min(all_lengths) < max(all_lengths)
+    # upload batches in order of token length: each padded only to similar lengths
+    for a, b in zip(server.batches, server.batches[1:], strict=False):
+        assert a.lengths.max() <= b.lengths.min()
+    assert sorted(int(i) for b in server.batches for i in b.sample_ids) == list(range(40))
 
     summary = json.loads((tmp_path / "s.json").read_text())
     k, d = m.num_taps, m.hidden_size
@@ -235,3 +241,33 @@ def test_personal_model_and_bundle_of_other_kinds_are_refused(make_bundle, token
     assert "--pivot none" in r.stderr  # the hint
     # a pivot personal model still runs on its pivot bundle
     assert PersonalModel(tmp_path / "piv").predict_texts(Backbone(pivot_bundle), ["great"])
+
+
+def test_token_plan_batches_by_length_and_resumes(token_bundle, tmp_path):
+    """Prepare 30 records and a journal with one acknowledged and one pending batch;
+    Execute plan with batch size 8; Assert the pending batch goes first as it was, then the
+    rest in batches of ascending token length, every record exactly once, and the same plan
+    again (a resumed run keys the same batches)."""
+    m = read_manifest(token_bundle)
+    recs = [Record(t, y) for t, y in texts(30, seed=5)]
+    DeviceState("http://127.0.0.1:9", "d", "dev-1", "t", bundle_digest(m), "", LABELS).save(
+        tmp_path
+    )
+    client = DeviceClient(tmp_path, token_bundle, RunConfig(batch_size=8))
+    for ids, acked in (([3, 7, 11], True), ([0, 5], False)):
+        data = records_hash([(i, recs[i].text, recs[i].label) for i in ids])
+        e = Entry("pending", f"key-{ids[0]}", "train", client.digest, ids, data)
+        client.journal.pending(e)
+        if acked:
+            client.journal.ack(e, {})
+    batches, already = client.plan(recs)
+    assert already == 3 and batches[0] == [0, 5]
+    flat = [i for b in batches for i in b]
+    assert sorted(flat) == [i for i in range(30) if i not in (3, 7, 11)]
+    _, mask = client.backbone.encode([r.text for r in recs])
+    lengths = mask.sum(axis=1)
+    rest = batches[1:]
+    assert [len(b) for b in rest] == [8, 8, 8, 1]
+    for a, b in zip(rest, rest[1:], strict=False):
+        assert lengths[a].max() <= lengths[b].min()
+    assert client.plan(recs) == (batches, already)
