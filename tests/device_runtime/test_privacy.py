@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sqlite3
 import subprocess
 import sys
@@ -176,6 +177,28 @@ def test_a_run_may_not_loosen_what_was_declared():
         P.effective_config(P.PrivacyConfig(8.0, clip=1.0), declared)
     with pytest.raises(FedMobiLLMError, match="--delta"):
         P.PrivacyConfig(8.0, delta=2.0)
+
+
+def test_accounting_runs_with_torch_blocked(tmp_path):
+    """The phone role has no torch: dp-accounting calibrates and composes without it."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class B:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'executorch'):\n"
+        "            raise ImportError(name + ' is blocked')\n"
+        "sys.meta_path.insert(0, B())\n"
+    )
+    code = (
+        "import sys; from fedmobillm.device_runtime import privacy as P; "
+        "z = P.noise_multiplier(8.0, 1e-5); print(P.epsilon_of([(z, 1)], 1e-5)); "
+        "assert 'torch' not in sys.modules"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout) == pytest.approx(8.0, rel=1e-6)
 
 
 # -- end to end: real server, real bundle, the CLI ---------------------------------------
