@@ -106,6 +106,12 @@ class SideConfig:
     # and export use the plain logits, i.e. the fleet's label distribution. 0 = off (the
     # default: on Dirichlet(0.1) it helped the --quick run but not the full one, docs/accuracy.md).
     logit_adjust: float = 0.0
+    # The reference p of the logit adjustment: "fleet" (the label distribution of every
+    # architecture's draws together) or "uniform" (balanced softmax per architecture:
+    # prediction assumes balanced labels). The fleet's draws are the devices' mix, not the
+    # population's: under skew they are themselves skewed, and "fleet" then biases every
+    # architecture's prediction towards them (issue 23, docs/skew.md).
+    logit_adjust_prior: str = "fleet"
     max_grad_norm: float = 1.0
     ema: float = 0.99  # > 0: evaluate/export an exponential moving average of the weights
     # Anchor alignment (used only when devices of two or more architectures uploaded
@@ -137,6 +143,10 @@ class SideConfig:
 
     def __post_init__(self) -> None:
         problems = self._token_problems()
+        if self.logit_adjust_prior not in ("fleet", "uniform"):
+            problems.append(
+                f"logit_adjust_prior must be 'fleet' or 'uniform', not {self.logit_adjust_prior!r}"
+            )
         if self.anchor_target not in ANCHOR_TARGETS:
             problems.append(
                 f"anchor_target must be one of {list(ANCHOR_TARGETS)}, not {self.anchor_target!r}"
@@ -486,7 +496,8 @@ class PersonalModel(nn.Module):
         """Token mode: the last side block's state per token, (B, T, d_s)."""
         if not isinstance(self.side, TokenSideNetwork):
             raise FedMobiLLMError("token_states needs a token-mode side network")
-        return self.side.token_states(self.align(activations), mask, self.align.has_input)
+        has_input: torch.Tensor = self.align.has_input  # type: ignore[assignment]
+        return self.side.token_states(self.align(activations), mask, has_input)
 
 
 # -- trainer -------------------------------------------------------------------------------
@@ -661,8 +672,8 @@ class SideTrainer:
         self.side.train()
         self.aligns.train()
         logits, targets, archs = [], [], []
-        for group in groups:
-            arch, x, y, mask = self._unpack(group, "group")
+        for item in groups:
+            arch, x, y, mask = self._unpack(item, "group")
             keep = np.asarray(y) >= 0
             if not keep.any():
                 continue
@@ -702,9 +713,12 @@ class SideTrainer:
         return float(loss.detach())
 
     def _label_shift(self) -> dict[str, torch.Tensor]:
-        """logit_adjust * (log p_a - log p) per architecture, (C,) each (add-one smoothed)."""
+        """logit_adjust * (log p_a - log p) per architecture, (C,) each (add-one smoothed);
+        p the fleet's draws or uniform (``SideConfig.logit_adjust_prior``)."""
         total = sum(self.label_counts.values())
-        log_p = np.log((total + 1.0) / (total.sum() + len(total)))
+        log_p = np.log((total + 1.0) / (total.sum() + len(total)))  # (C,)
+        if self.config.logit_adjust_prior == "uniform":
+            log_p = np.full(len(total), -np.log(len(total)))
         return {
             a: torch.from_numpy(
                 self.config.logit_adjust * (np.log((c + 1.0) / (c.sum() + len(c))) - log_p)
@@ -955,8 +969,8 @@ def pad_tokens(arrays: list[np.ndarray], dtype: Any = np.float32) -> tuple[np.nd
     x (N, K, Tmax, d) of ``dtype`` and mask (N, Tmax) int64 (1 at the T_i real tokens)."""
     if not arrays:
         raise FedMobiLLMError("pad_tokens needs at least one array")
-    shapes = {(a.shape[0], a.shape[2]) if a.ndim == 3 else None for a in arrays}
-    if None in shapes or len(shapes) != 1:
+    shapes = {(a.shape[0], a.shape[2]) for a in arrays if a.ndim == 3}
+    if len(shapes) != 1 or any(a.ndim != 3 for a in arrays):
         raise FedMobiLLMError(
             "pad_tokens takes arrays (K, T_i, d) with one K and d, got shapes "
             f"{sorted({tuple(a.shape) for a in arrays})[:4]}"
