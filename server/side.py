@@ -836,7 +836,8 @@ class SideTrainer:
     ) -> dict[str, float]:
         """Accuracy and loss on the labelled rows (y >= 0); token mode needs mask (N, T)."""
         keep = np.asarray(y) >= 0
-        logits = self.predict(arch, np.asarray(x)[keep], None if mask is None else mask[keep])
+        part = None if mask is None else np.asarray(mask)[keep]
+        logits = self.predict(arch, np.asarray(x)[keep], part)
         yk = np.asarray(y)[keep]
         if len(yk) == 0:
             return {"accuracy": float("nan"), "loss": float("nan"), "n": 0}

@@ -166,6 +166,18 @@ def test_tokens_learn_a_marker_no_end_token_carries():
     assert pivot.evaluate("A", x[:, :, 0], y)["accuracy"] < 0.65
 
 
+def test_unlabelled_rows_and_boolean_masks():
+    """y = -1 rows are skipped in training and evaluation; a bool mask reads like 0/1."""
+    t = trainer()
+    x, mask, y = marker_task(8, 2, D_A, 1)
+    y[:3] = -1
+    assert np.isfinite(t.train_step([("A", x, y, mask.astype(bool))]))
+    assert t.samples_seen == 5
+    ev = t.evaluate("A", x, y, mask.astype(bool))
+    assert ev["n"] == 5 and 0.0 <= ev["accuracy"] <= 1.0
+    np.testing.assert_array_equal(t.predict("A", x, mask.astype(bool)), t.predict("A", x, mask))
+
+
 def test_inputs_are_checked():
     t = trainer()
     x, mask, y = marker_task(4, 2, D_A, 1)
