@@ -18,7 +18,16 @@ log = logging.getLogger("fedmobillm.device")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="device_command", metavar="ACTION", required=True)
     _add_register(sub.add_parser("register", help="register this device and its bundle"))
-    _add_run(sub.add_parser("run", help="forward local data and upload activations"))
+    _add_run(
+        sub.add_parser(
+            "run",
+            help="forward local data and upload activations",
+            description="Forward local data through the bundle and upload the tapped "
+            "activations: one vector per tap and text, or, with a token bundle (exported "
+            "with --pivot none), every real token's taps; the summary reports the bytes per "
+            "sample (against the T x K x d bound for tokens).",
+        )
+    )
     _add_predict(sub.add_parser("predict", help="on-device inference: backbone + personal model"))
     _add_fetch(sub.add_parser("fetch-model", help="download this device's personal model"))
     _add_generate(sub.add_parser("generate", help="on-device text generation (decoder bundles)"))
