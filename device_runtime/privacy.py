@@ -49,7 +49,6 @@ import numpy as np
 from fedmobillm.errors import FedMobiLLMError
 
 MECHANISM = "gaussian-rdp"  # per-tap clip + Gaussian noise, dp-accounting RdpAccountant
-LABEL_MECHANISM = "randomized-response"
 
 
 class PrivacyBudgetExceeded(FedMobiLLMError):
@@ -60,9 +59,10 @@ class PrivacyBudgetExceeded(FedMobiLLMError):
 class PrivacyConfig:
     """epsilon, delta: the per-sample guarantee of the activations over ``releases``
     releases of a sample (normally 1); clip: the L2 bound of each tap vector (activation
-    units; None = ``int8_clip`` of the bundle, set by ``resolved``); label_epsilon: randomised response on labels (None = labels as they are);
-    budget: the most any one text may spend in all (default: epsilon); device_budget:
-    optional cap on the device-level epsilon (all its releases composed)."""
+    units; None = ``int8_clip`` of the bundle, set by ``resolved``); label_epsilon:
+    randomised response on labels (None = labels as they are); budget: the most any one
+    text may spend in all (default: epsilon); device_budget: optional cap on the
+    device-level epsilon (all its releases composed)."""
 
     epsilon: float
     delta: float = 1e-5
@@ -204,10 +204,10 @@ def int8_clip(
 ) -> float:  # fmt: skip
     """The default clip: the largest with ``margin`` noise standard deviations inside every
     tap's int8 range (127 x scale), for the noisiest sample (``max_tokens`` real tokens for a
-    token bundle). When the clip is below the tap vectors' norms (it is, by far, for every
-    bundle measured: docs/privacy.md) each vector is scaled onto the sphere of radius clip,
-    so the signal-to-noise ratio does not depend on the clip at all, and this one keeps the
-    noisy values unsaturated by int8."""
+    token bundle). When the clip is below the tap vectors' norms (it is, by far, on the
+    MiniLM-L3 bundle measured in docs/privacy.md) each vector is scaled onto the sphere of
+    radius clip, so the signal-to-noise ratio does not depend on the clip at all, and this
+    one keeps the noisy values unsaturated by int8."""
     sigma = float(sample_sigma(z, num_taps, None if max_tokens is None else [max_tokens])[0])
     return float(127.0 * min(float(s) for s in scales) / (margin * sigma))
 
