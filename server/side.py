@@ -749,7 +749,9 @@ class SideTrainer:
                 u if mt is None else _pool_blocks(u, mt)
                 for u, (_, mt) in zip(us, inputs, strict=True)
             ]
-            z = torch.stack([p if a != best else p.detach() for p, a in zip(pooled, archs)])
+            z = torch.stack(
+                [p if a != best else p.detach() for p, a in zip(pooled, archs, strict=True)]
+            )
             z = F.layer_norm(z, z.shape[-1:])  # (A, M, K_s, d_s)
             loss = loss + c.anchor_feature * (z - z.mean(0, keepdim=True)).pow(2).mean()
         if c.anchor_kl:
@@ -939,9 +941,10 @@ class SideTrainer:
         pte: bool = False,
         quant: str = "int8",
     ) -> Path:
-        """personal.onnx (activations (B, K, d) -> logits (B, C)), personal.safetensors,
-        personal.json [+ personal.pte]. ``quant``: personal.onnx weights, int8 or fp32.
-        Returns out_dir."""
+        """personal.onnx (activations (B, K, d) -> logits (B, C); token mode: activations
+        (B, K, T, d) + attention_mask (B, T) -> logits (B, C)), personal.safetensors,
+        personal.json [+ personal.pte; token mode: batch 1]. ``quant``: personal.onnx
+        weights, int8 or fp32. Returns out_dir."""
         from fedmobillm.server.personal import export_personal_model
 
         spec = self.archs.get(arch)
