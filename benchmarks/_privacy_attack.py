@@ -8,7 +8,8 @@ backbone bundle and public text, facing pivot uploads.
 - ``Inverter``: an MLP (activation (K*d) -> 1024 -> vocabulary logits, sigmoid) trained on
   the attacker's (public activation, bag of words) pairs; noise-aware: it is trained on
   public activations passed through the same mechanism as the uploads (fresh noise every
-  epoch). Its threshold is chosen on the attacker's own held-out public text.
+  epoch). Its decision rule (a probability threshold, or the k most probable words of each
+  sentence) is chosen on the attacker's own held-out public text.
 - ``nearest_sets``: the words of the nearest public sentence (Euclidean); ``prior_set``: the
   k most frequent public words (k chosen on public text), the same for every sentence.
 - ``reidentify``: top-1 rate of the true sentence among candidates the attacker forwarded
@@ -33,6 +34,7 @@ log = logging.getLogger("benchmarks.privacy.attack")
 
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 THRESHOLDS = (0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6)
+TOP_K = (1, 2, 3, 4, 5, 6, 8, 10)
 
 # noise: float taps (N, K, d) -> uploads as the server sees them (N, K, d), fresh each call
 Mechanism = Callable[[np.ndarray, np.random.Generator], np.ndarray]
@@ -168,7 +170,7 @@ class Inverter:
         )
         self.mean = np.zeros(features, np.float32)
         self.std = np.ones(features, np.float32)
-        self.threshold = 0.5
+        self.rule: tuple[str, float] = ("threshold", 0.5)  # or ("top-k", k)
 
     def _inputs(self, x: np.ndarray) -> object:
         import torch
@@ -187,7 +189,15 @@ class Inverter:
             ).numpy()
 
     def predict(self, x: np.ndarray) -> list[frozenset[str]]:
-        keep = 1.0 / (1.0 + np.exp(-self.logits(x))) >= self.threshold  # (N, V)
+        return self._decide(self.logits(x), self.rule)
+
+    def _decide(self, logits: np.ndarray, rule: tuple[str, float]) -> list[frozenset[str]]:
+        """Word sets from logits (N, V) by ``rule``."""
+        kind, value = rule
+        if kind == "top-k":
+            top = np.argsort(-logits, axis=1)[:, : int(value)]  # (N, k)
+            return [frozenset(self.vocab[j] for j in row) for row in top]
+        keep = logits >= np.log(value / (1.0 - value))  # (N, V): sigmoid(logit) >= value
         return [frozenset(self.vocab[j] for j in np.flatnonzero(row)) for row in keep]
 
     def fit(
@@ -234,15 +244,11 @@ class Inverter:
                     break
         if best_state is not None:
             self.net.load_state_dict(best_state)
-        self.threshold = self._choose_threshold(xv, val_sets)
-        return {"epochs": epochs, "val_bce": best, "threshold": self.threshold}
+        self.rule = self._choose_rule(xv, val_sets)
+        return {"epochs": epochs, "val_bce": best, "rule": list(self.rule)}
 
-    def _choose_threshold(self, xv: np.ndarray, val_sets: Sequence[frozenset[str]]) -> float:
-        prob = 1.0 / (1.0 + np.exp(-self.logits(xv)))  # (n, V)
-        best_t, best_f = 0.5, -1.0
-        for t in THRESHOLDS:
-            pred = [frozenset(self.vocab[j] for j in np.flatnonzero(r >= t)) for r in prob]
-            f = bow_scores(pred, val_sets)["f1"]
-            if f > best_f:
-                best_t, best_f = float(t), f
-        return best_t
+    def _choose_rule(self, xv: np.ndarray, val_sets: Sequence[frozenset[str]]) -> tuple[str, float]:
+        """The threshold or top-k with the best micro F1 on the attacker's public ``xv``."""
+        logits = self.logits(xv)  # (n, V)
+        rules = [("threshold", float(t)) for t in THRESHOLDS] + [("top-k", float(k)) for k in TOP_K]
+        return max(rules, key=lambda r: bow_scores(self._decide(logits, r), val_sets)["f1"])

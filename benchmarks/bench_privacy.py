@@ -19,11 +19,17 @@ mechanism. For each epsilon:
   removed;
 - re-identification: top-1 of the true sentence among ``reid_candidates`` victim sentences
   the attacker forwards itself (clipped as the device clips);
-- task quality: the side network (``bench_accuracy.train_side``, its SideConfig with
-  lr 2e-3, one architecture, all uploads: the ``centralised`` row) trained on the noised
-  train uploads; model selection and the noise-aware learning rate on the devices' clean
-  validation records (a device evaluates the personal model locally); test accuracy through
-  the exported personal model on the device's clean taps (the device path).
+- task quality: the side network (``server.side.SideTrainer``, SideConfig defaults with
+  bench_accuracy's lr 2e-3, one architecture, all uploads: bench_accuracy's
+  ``centralised`` row, uniform mini-batches of 32) trained on the noised train uploads;
+  model selection and the noise-aware learning rate (2e-3 or 5e-4) on the devices' clean
+  validation records (a device evaluates the personal model locally); test accuracy
+  through the exported personal model on the device's clean taps (the device path).
+- labels: the accuracy cost of the device's label randomised response alone (activations
+  undefended) at each ``label_epsilons``.
+
+The clip rule is chosen on validation accuracy at epsilon 8 and used at every epsilon; the
+default setting is chosen from the curve on validation data (``choose_default``).
 
 Per-token ``lm`` uploads: the attack on them is not built (no row is reported).
 """
@@ -73,6 +79,8 @@ class PrivacyConfig:
     epsilons: tuple[float, ...] = EPSILONS
     # re-identification only (cheap): more points to find where it falls under 10%
     reid_epsilons: tuple[float, ...] = (1024.0, 512.0, 256.0, 128.0, 64.0, 32.0)
+    # label randomised response alone (activations undefended): its accuracy cost
+    label_epsilons: tuple[float, ...] = (2.0,)
     train_limit: int | None = 2000  # victim uploads (train split), seeded subset
     val_limit: int | None = 300
     test_limit: int | None = 500
@@ -105,8 +113,9 @@ class PrivacyConfig:
                 test_limit=None,
                 public_limit=None,
                 attack_eval=2000,
-                steps=1000,
-                inverter=InverterConfig(hidden=1024, vocab=2000, epochs=20),
+                label_epsilons=(4.0, 2.0, 1.0),
+                steps=800,
+                inverter=InverterConfig(hidden=512, vocab=2000, epochs=12),
             )
         )
         return dataclasses.replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
@@ -243,18 +252,25 @@ def saturation(setting: Setting, uploads: np.ndarray) -> float:
 
 
 def train_side_network(
-    cfg: PrivacyConfig, data: Data, uploads: np.ndarray, lr: float, work: Path
+    cfg: PrivacyConfig,
+    data: Data,
+    uploads: np.ndarray,
+    lr: float,
+    work: Path,
+    labels: np.ndarray | None = None,
 ) -> dict:
     """The side network (SideConfig defaults, learning rate ``lr``; the ``centralised`` row
     of bench_accuracy: one architecture, every upload) trained ``steps`` steps on uniform
     mini-batches of the noised train uploads (N, K, d); every ``eval_every`` steps the
-    devices' clean validation records pick the snapshot (saved under ``work``)."""
+    devices' clean validation records pick the snapshot (saved under ``work``). ``labels``
+    (N,): the uploaded labels when they differ from the true ones (randomised response)."""
     from fedmobillm.server.side import SideConfig, SideTrainer
 
     m, t0 = data.meta, time.perf_counter()
     trainer = SideTrainer(SideConfig(lr=lr), data.label_names, seed=cfg.seed)
     trainer.add_architecture(m["architecture"], m["taps"], m["depth"], m["hidden"])
-    y, val = data.labels["train"], clean(data, "validation")
+    y = data.labels["train"] if labels is None else labels
+    val = clean(data, "validation")
     rng = np.random.default_rng([cfg.seed, 29])
     best = {"val_accuracy": -1.0, "selected_step": 0}
     for step in range(cfg.steps):
@@ -471,12 +487,17 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
                     "reid_top1": reid(cfg, data, s, victim_uploads(cfg, data, s)["train"]),
                 }
             )
+        t0 = time.perf_counter()
+        labels = label_rows(cfg, data, work)
+        timings["labels"] = time.perf_counter() - t0
     n_eval = min(cfg.attack_eval, len(data.labels["train"]))
+    prior = prior_scores(data, n_eval)
     result = {
         "rows": rows,
-        "prior": prior_scores(data, n_eval),
+        "prior": prior,
         "reid_curve": reid_curve,
         "reid_below_10pct_under": reid_threshold(reid_curve),
+        "label_rows": labels,
         "clip_choice": {
             "rule": rule,
             "tried": clip_tried,
@@ -485,7 +506,7 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
                 f"{TARGET_EPSILON:g} (side lr {cfg.side_lrs[0]:g}), used at every epsilon"
             ),
         },
-        "targets": targets(rows),
+        "targets": targets(rows, prior["f1"]),
         "default": choose_default(rows),
         "lm": LM_NOTE,
         "data": {
@@ -511,6 +532,34 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
     return result
 
 
+def label_rows(cfg: PrivacyConfig, data: Data, work: Path) -> list[dict]:
+    """The accuracy cost of label randomised response alone (activations undefended, first
+    side learning rate): the device's ``randomized_response`` at each label epsilon."""
+    from fedmobillm.device_runtime.privacy import keep_probability, randomized_response
+
+    out = []
+    if not cfg.label_epsilons:
+        return out
+    s = setting_for(math.inf, "int8", data, cfg.delta)
+    x = victim_uploads(cfg, data, s)["train"]
+    k = len(data.label_names)
+    for eps in cfg.label_epsilons:
+        rng = np.random.default_rng([cfg.seed, 31, int(round(eps * 1000))])
+        y = randomized_response(data.labels["train"], k, eps, rng)
+        run = train_side_network(cfg, data, x, cfg.side_lrs[0], work / f"label-{eps}", y)
+        row = {
+            "label_epsilon": eps,
+            "keep_probability": keep_probability(eps, k),
+            "labels_flipped": float((y != data.labels["train"]).mean()),
+            "side_lr": cfg.side_lrs[0],
+            "val_accuracy": run["val_accuracy"],
+            **device_accuracy(data, run, work / f"label-{eps}-personal"),
+        }
+        log.info("label epsilon %g: test accuracy %.4f", eps, row["accuracy"])
+        out.append(row)
+    return out
+
+
 def _row(rows: list[dict], eps: float) -> dict | None:
     return next((r for r in rows if r["epsilon"] == eps), None)
 
@@ -526,21 +575,23 @@ def reid_threshold(curve: list[dict]) -> float | None:
     return best
 
 
-def targets(rows: list[dict]) -> dict:
-    """Issue 19's target at epsilon 8 against the undefended row."""
+def targets(rows: list[dict], prior_f1: float) -> dict:
+    """Issue 19's target at epsilon 8 against the undefended row; also the attack's
+    advantage over the unigram prior, (F1 - prior) / (F1 undefended - prior)."""
     base, at = _row(rows, math.inf), _row(rows, TARGET_EPSILON)
     if base is None or at is None:
         return {}
     gap = base["accuracy"] - at["accuracy"]
-    ratio = (
-        at["inverter"]["f1"] / base["inverter"]["f1"] if base["inverter"]["f1"] else float("nan")
-    )
+    f1, f1_base = at["inverter"]["f1"], base["inverter"]["f1"]
+    ratio = f1 / f1_base if f1_base else float("nan")
+    lift = f1_base - prior_f1
     return {
         "epsilon": TARGET_EPSILON,
         "accuracy_gap": gap,
         "accuracy_within_2pt": bool(gap <= TARGET_ACC_GAP + 1e-9),
         "attack_f1_ratio": ratio,
         "attack_f1_at_most_quarter": bool(ratio <= TARGET_F1_RATIO + 1e-9),
+        "attack_advantage_over_prior_ratio": (f1 - prior_f1) / lift if lift > 0 else float("nan"),
     }
 
 
@@ -623,8 +674,23 @@ def markdown(result: dict) -> str:
         lines.append(
             f"Target at epsilon {t['epsilon']:g}: accuracy gap {100 * t['accuracy_gap']:+.2f} pt "
             f"({'met' if t['accuracy_within_2pt'] else 'NOT met'}: within 2), inversion F1 ratio "
-            f"{t['attack_f1_ratio']:.2f} ({'met' if t['attack_f1_at_most_quarter'] else 'NOT met'}: <= 0.25)."
+            f"{t['attack_f1_ratio']:.2f} ({'met' if t['attack_f1_at_most_quarter'] else 'NOT met'}: <= 0.25); "
+            f"its advantage over the unigram prior, (F1 - prior) / (F1 undefended - prior): "
+            f"{t['attack_advantage_over_prior_ratio']:.2f}."
         )
+    if result.get("label_rows"):
+        lines += [
+            "",
+            "Labels by randomised response alone (activations undefended):",
+            "",
+            "| label epsilon | labels flipped (%) | test acc (%) | val acc (%) |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['label_epsilon']:g} | {100 * r['labels_flipped']:.1f} | "
+            f"{100 * r['accuracy']:.2f} | {100 * r['val_accuracy']:.2f} |"
+            for r in result["label_rows"]
+        ]
     c, df = result["clip_choice"], result["default"]
     lines += [
         "",
@@ -757,6 +823,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--epsilons", help="comma-separated, inf = no defence (default inf,16,8,4,2,1)")
     p.add_argument("--reid-epsilons", help="further epsilons for the re-identification curve")
     p.add_argument("--delta", type=float)
+    p.add_argument(
+        "--label-epsilons", help="label randomised-response epsilons to measure alone, or none"
+    )
     p.add_argument("--train-limit", type=int, help="victim uploads (train records)")
     p.add_argument("--val-limit", type=int)
     p.add_argument("--test-limit", type=int)
@@ -783,7 +852,8 @@ def _config(a: argparse.Namespace) -> PrivacyConfig:
         a.quick, epsilons=_floats(a.epsilons), reid_epsilons=_floats(a.reid_epsilons), delta=a.delta,
         train_limit=a.train_limit, val_limit=a.val_limit, test_limit=a.test_limit,
         public_limit=a.public_limit, attack_eval=a.attack_eval, reid_candidates=a.reid_candidates,
-        clip_rules=_csv(a.clip_rules), side_lrs=_floats(a.side_lrs), steps=a.steps,
+        clip_rules=_csv(a.clip_rules),
+        label_epsilons=() if a.label_epsilons == "none" else _floats(a.label_epsilons), side_lrs=_floats(a.side_lrs), steps=a.steps,
         bundle=a.bundle, seed=a.seed,
     )  # fmt: skip
     inv = {"epochs": a.inverter_epochs, "vocab": a.inverter_vocab, "hidden": a.inverter_hidden}
@@ -801,7 +871,7 @@ def check(cfg: PrivacyConfig) -> None:
     """Options that would make the run meaningless, refused before any work."""
     if math.inf not in cfg.epsilons:
         raise FedMobiLLMError("--epsilons must include inf (the undefended reference)")
-    if any(e <= 0 for e in cfg.epsilons + cfg.reid_epsilons):
+    if any(e <= 0 for e in cfg.epsilons + cfg.reid_epsilons + cfg.label_epsilons):
         raise FedMobiLLMError("every epsilon must be positive")
     for rule in cfg.clip_rules:
         if rule != "int8" and not (rule.startswith("q") and _quantile(rule[1:])):
