@@ -271,3 +271,34 @@ def test_token_plan_batches_by_length_and_resumes(token_bundle, tmp_path):
     for a, b in zip(rest, rest[1:], strict=False):
         assert lengths[a].max() <= lengths[b].min()
     assert client.plan(recs) == (batches, already)
+
+
+@pytest.mark.parametrize("encoding,private", [("fp16", False), ("int8", True)])
+def test_token_batch_encodings_and_privacy(token_bundle, tmp_path, encoding, private):
+    """Prepare a device on the token bundle, fp16 uploads or int8 with local differential
+    privacy; Execute encode_batch; Assert a valid token payload (padding exactly zero after
+    the noise too), its lengths, and activation bytes = sum(L) x K x d x b."""
+    from fedmobillm.device_runtime.privacy import PrivacyConfig
+
+    m = read_manifest(token_bundle)
+    recs = [Record(t, y) for t, y in texts(6, seed=6)]
+    DeviceState("http://127.0.0.1:9", "d", "dev-1", "t", bundle_digest(m), "", LABELS).save(
+        tmp_path
+    )
+    privacy = PrivacyConfig(epsilon=8.0) if private else None
+    config = RunConfig(encoding=encoding, privacy=privacy)
+    client = DeviceClient(tmp_path, token_bundle, config)
+    enc = client.encode_batch(recs, list(range(6)))
+    batch = serde.decode_batch(enc.body)  # checks the layout and the zero padding
+    _, lengths = client.backbone.forward_tokens([r.text for r in recs])
+    np.testing.assert_array_equal(batch.lengths, lengths)
+    assert batch.activations.dtype == (np.float16 if encoding == "fp16" else np.int8)
+    b = 2 if encoding == "fp16" else 1
+    assert enc.activation_bytes == int(lengths.sum()) * m.num_taps * m.hidden_size * b
+    assert enc.tokens == int(lengths.sum())
+    if private:  # noise on every real token, none on the padding
+        x, _ = client.backbone.forward_tokens([r.text for r in recs])
+        plain = serde.quantize_int8(x, np.asarray(m.activation_scales, np.float32))
+        real = np.arange(x.shape[2])[None, None, :, None] < lengths[:, None, None, None]
+        changed = batch.activations != plain  # (N, K, T, d)
+        assert changed[np.broadcast_to(real, changed.shape)].mean() > 0.5
