@@ -168,6 +168,23 @@ def test_a_resent_batch_carries_the_same_noise_and_secrets_differ(tmp_path):
     assert (tmp_path / P.SECRET_NAME).stat().st_mode & 0o777 == 0o600
 
 
+def test_token_batches_get_noise_per_their_length_and_zero_padding(tmp_path):
+    """A token batch (N, K, T, d) + lengths: padding stays exactly zero (the server refuses
+    anything else), each sample's noise is z * 2 * sqrt(K * t) x clip."""
+    config = P.PrivacyConfig(epsilon=4.0, clip=0.5)
+    lengths = np.array([2, 8])
+    taps = np.zeros((2, 3, 8, 256), dtype=np.float32)
+
+    noisy, _ = P.privatize(config, P.device_secret(tmp_path), "k", taps, np.zeros(2), 2, lengths)
+
+    assert not noisy[0, :, 2:].any() and noisy[0, :, :2].all() and noisy[1].all()
+    for i, t in enumerate(lengths):
+        want = float(P.sample_sigma(config.z, 3, [t])[0]) * 0.5
+        assert noisy[i, :, :t].std() == pytest.approx(want, rel=0.05)
+    with pytest.raises(FedMobiLLMError, match="lengths"):
+        P.privatize(config, b"s" * 32, "k", taps, np.zeros(2), 2)
+
+
 def test_a_run_may_not_loosen_what_was_declared():
     declared = P.PrivacyConfig(epsilon=4.0, clip=1.0).declaration()
 
