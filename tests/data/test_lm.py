@@ -76,7 +76,7 @@ def test_user_jsonl_with_text_and_prompt_response(tmp_path):
     a, b, c = corpus.records
     assert a == lm.LmRecord("a note to self")
     assert b.prompt == "how are you?" and b.text == "fine, thanks" and b.author == "me"
-    assert b.scored() == ("how are you?", "fine, thanks") and a.scored() == "a note to self"
+    assert b.scored() == ("how are you?\n", "fine, thanks") and a.scored() == "a note to self"
     assert c.group == "day1"
     out = tmp_path / "devices"
     lm.write_lm_devices(lm.lm_devices(corpus.records, by="iid", num_devices=1), out)

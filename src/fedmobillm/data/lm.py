@@ -43,6 +43,9 @@ from fedmobillm.paths import cache_dir, ensure_dir
 log = logging.getLogger(__name__)
 
 LM_FORMAT_VERSION = 1
+# Between a prompt and its response when a model reads them as one text (a new line, as in
+# a transcript); the response's tokens follow it and alone carry the loss.
+PROMPT_SEPARATOR = "\n"
 # Speaker labels of the friends transcripts that name several people at once, not one
 # person: no device of their own.
 COLLECTIVE = re.compile(r"^(all|both|everyone|everybody|together|guys)$|\band\b|&|,|/", re.I)
@@ -67,8 +70,9 @@ class LmRecord:
         return row
 
     def scored(self) -> str | tuple[str, str]:
-        """What ``device_runtime.generate.Generator.perplexity`` takes for this record."""
-        return self.text if self.prompt is None else (self.prompt, self.text)
+        """What ``device_runtime.generate.Generator.perplexity`` takes for this record:
+        the text, or (prompt + ``PROMPT_SEPARATOR``, response)."""
+        return self.text if self.prompt is None else (self.prompt + PROMPT_SEPARATOR, self.text)
 
 
 @dataclass
@@ -439,6 +443,7 @@ def corpus_summary(corpus: LmCorpus, top: int = 10) -> dict:
 
 __all__ = [
     "LM_CORPORA",
+    "PROMPT_SEPARATOR",
     "LmCorpus",
     "LmDevice",
     "LmRecord",
