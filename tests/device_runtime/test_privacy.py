@@ -244,7 +244,9 @@ def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
     Execute: register without noise, at epsilon 16, at epsilon 8; run train; run validation
     on the same texts. Assert: the first two are refused (403, named); the third is listed
     with epsilon 8; train uploads 6 noisy samples with release lines; validation (the same
-    texts again: past their budget) exits non-zero, journals the refusal, uploads nothing."""
+    texts again: past their budget) exits non-zero, journals the refusal, uploads nothing;
+    with --budget 16 the same run uploads them, each text at the library's epsilon of two
+    releases."""
     bundle = make_bundle("minilm-l3", num_taps=3, formats=("onnx",))
     data = tmp_path / "texts.jsonl"
     data.write_text("".join(
@@ -265,6 +267,8 @@ def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
         train = cli(*run)
         again = cli(*run, "--split", "validation")
         train_rows, val_rows = stored(srv.data_dir, "train"), stored(srv.data_dir, "validation")
+        roomier = cli(*run, "--split", "validation", "--budget", 16)  # knowingly: twice
+        val_after = stored(srv.data_dir, "validation")
 
     assert none.returncode == 1 and "403" in none.stderr and "no privacy mechanism" in none.stderr
     assert loose.returncode == 1 and "epsilon <= 8" in loose.stderr and "16" in loose.stderr
@@ -282,9 +286,14 @@ def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
     assert again.returncode == 1 and "privacy budget spent" in again.stderr
     assert val_rows == []
     lines = journal_lines(state)
-    releases = [x for x in lines if x["event"] == "release"]
+    releases = [x for x in lines if x["event"] == "release" and x["split"] == "train"]
     assert [len(x["ids"]) for x in releases] == [4, 2]
     assert all(x["info"]["epsilon"] <= 8.0 * (1 + 1e-6) for x in releases)
     refused = [x for x in lines if x["event"] == "refused"]
     assert len(refused) == 1 and refused[0]["split"] == "validation"
-    assert not [x for x in lines if x["split"] == "validation" and x["event"] != "refused"]
+    assert roomier.returncode == 0, roomier.stderr
+    assert len(val_after) == 6
+    second = [x for x in lines if x["event"] == "release" and x["split"] == "validation"]
+    assert len(second) == 2  # each text now composed twice: the library's figure
+    assert second[0]["info"]["epsilon"] == pytest.approx(library_epsilon(z, 2, 1e-5))
+    assert 8.0 < second[0]["info"]["epsilon"] <= 16.0

@@ -77,17 +77,31 @@ def _tls_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _privacy_config(args: argparse.Namespace):  # -> PrivacyConfig | None
+def _privacy_config(args: argparse.Namespace, state_dir: Path | None = None):
+    """The run's PrivacyConfig from the flags (None: as registered). ``device run --budget``
+    / ``--device-budget`` alone apply to the mechanism the device registered with."""
     from fedmobillm.errors import FedMobiLLMError
 
+    budgets = {f: getattr(args, f, None) for f in ("budget", "device_budget")}
+    if args.epsilon is None and state_dir is not None and any(budgets.values()):
+        import dataclasses
+
+        from fedmobillm.device_runtime.client import DeviceState
+        from fedmobillm.device_runtime.privacy import declared_config
+
+        registered = declared_config(DeviceState.load(state_dir).privacy)
+        if registered is not None:
+            return dataclasses.replace(registered, **budgets)
     if args.epsilon is None:
         extra = [f for f in ("clip", "label_epsilon", "budget", "device_budget")
                  if getattr(args, f, None) is not None]  # fmt: skip
         if extra:
             raise FedMobiLLMError(
+                f"--{extra[0].replace('_', '-')} needs --epsilon (this device registered "
+                "without a privacy mechanism)" if state_dir else
                 f"--{extra[0].replace('_', '-')} needs --epsilon",
-                hint="pass --epsilon E --clip C to add noise before uploading",
-            )
+                hint="pass --epsilon E to add noise before uploading",
+            )  # fmt: skip
         return None
     from fedmobillm.device_runtime.privacy import PrivacyConfig
 
@@ -264,7 +278,7 @@ def _run(args: argparse.Namespace) -> int:
         server=args.server,
         retry=RetryPolicy(attempts=args.retries),
         slowdown=args.slowdown,
-        privacy=_privacy_config(args),
+        privacy=_privacy_config(args, state_dir),
         tls=_tls_config(args),
     )
     if args.split == "anchor" and args.data is not None:
@@ -341,7 +355,11 @@ def _fetch(args: argparse.Namespace) -> int:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, type=Path, help="bundle exported with --generate")
     p.add_argument("--prompt", required=True, help="the text to complete")
-    p.add_argument("--personal", type=Path, help="personal lm model (not built yet: refused)")
+    p.add_argument(
+        "--personal",
+        type=Path,
+        help="personal lm model (folder or zip): its residual is added before the frozen head",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
     p.add_argument(
         "--no-cache",
@@ -359,20 +377,22 @@ def _generate(args: argparse.Namespace) -> int:
     import json
 
     from fedmobillm.device_runtime.generate import Generator, Sampling
-    from fedmobillm.errors import FedMobiLLMError
 
-    if args.personal is not None:
-        raise FedMobiLLMError(
-            "--personal: the lm personal model is not built yet, so a personal model cannot "
-            "be applied to generation",
-            hint="drop --personal to generate with the frozen bundle",
-        )
     generator = Generator(args.bundle, threads=args.threads)
+    delta, context = None, "new"
+    if args.personal is not None:
+        from fedmobillm.device_runtime.lm_personal import DELTA_CONTEXT, PersonalLM
+
+        personal = PersonalLM(args.personal, threads=args.threads)
+        personal.check_compatible(generator.manifest)
+        delta, context = personal.delta, DELTA_CONTEXT
     result = generator.generate(
         args.prompt,
         args.max_new_tokens,
         use_cache=not args.no_cache,
         sampling=Sampling(args.temperature, args.top_k, args.seed),
+        delta=delta,
+        delta_context=context,
     )
     if args.json:
         print(json.dumps(result.to_dict()))
