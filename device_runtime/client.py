@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -231,8 +232,13 @@ class RunConfig:
     # privacy.PrivacyConfig: clip + Gaussian noise + accounting; None = as registered
     privacy: Any = None
     tls: TlsConfig | None = None  # overrides the registered --ca-bundle / --pin-sha256
+    # wait uniform(0, start_jitter_s) before the first upload, so that a fleet started at
+    # once does not reach the server at once (0 = start at once)
+    start_jitter_s: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.start_jitter_s < 0:
+            raise FedMobiLLMError("start_jitter_s must be >= 0")
         if self.batch_size < 1 or self.forward_batch < 1:
             raise FedMobiLLMError("--batch-size and --forward-batch must be at least 1")
         if self.slowdown < 1.0:
@@ -419,6 +425,10 @@ class DeviceClient:
             tls=self.config.tls or self.state.tls(),
         ) as up:
             self.check_token(up)
+            if batches and self.config.start_jitter_s > 0:
+                wait = random.uniform(0.0, self.config.start_jitter_s)
+                log.info("device %s: start jitter, first upload in %.2f s", self.state.name, wait)
+                time.sleep(wait)
             for ids in batches:
                 self._one_batch(up, records, ids, tracker)
             stats = up.stats

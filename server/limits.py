@@ -10,15 +10,25 @@
   tokens within a moving minute gets 429 with ``Retry-After`` on every authenticated route
   until the window has room again. Requests without a token are not counted: they guess
   nothing.
+- ``IngestGate``: back-pressure on batch uploads. An authenticated upload is answered 429
+  with ``Retry-After`` (seconds, with jitter) when ``max_inflight_uploads`` uploads are
+  already in flight, when the trainer's unread backlog is past ``max_backlog_samples``, or
+  when it waited ``max_write_wait_s`` for the store's write slot; always before anything of
+  it is stored, so a 429 never loses an acknowledged sample and a retry is safe. Uploads run
+  on their own thread limiter, so ``/v1/status`` and the other routes keep their threads.
 """
 
 from __future__ import annotations
 
 import json
+import random
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
+import anyio
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -63,6 +73,89 @@ class AuthThrottle:
 
     def failed(self, client: str) -> None:
         self.limiter.hit(self.item, "auth-failures", client)
+
+
+class IngestGate:
+    """Back-pressure on batch uploads (see the module docstring). ``admit()`` runs on the
+    event loop around the whole upload; ``write_slot()`` on the upload's worker thread
+    around the store commit (``write_slots`` commits at once: 1 for SQLite's one writer).
+    ``backlog()``: stored samples the trainer has not read (0 without a trainer)."""
+
+    def __init__(
+        self,
+        max_inflight: int,
+        max_write_wait_s: float,
+        max_backlog: int,
+        retry_after_s: int,
+        backlog: Callable[[], int] = lambda: 0,
+        write_slots: int = 1,
+        seed: int | None = None,
+    ) -> None:
+        self.max_inflight = max_inflight
+        self.max_write_wait_s = max_write_wait_s
+        self.max_backlog = max_backlog
+        self.retry_after_s = retry_after_s
+        self.backlog = backlog
+        self.inflight = 0
+        self.limiter = anyio.CapacityLimiter(max_inflight)  # the uploads' own threads
+        self.refused = {"inflight": 0, "backlog": 0, "write_wait": 0}
+        self._slots = threading.BoundedSemaphore(write_slots)
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def retry_after(self) -> int:
+        """Seconds a refused device waits: the base plus uniform jitter of up to as much
+        again, so that refused devices do not come back all at once."""
+        with self._lock:
+            return self.retry_after_s + self._rng.randint(0, self.retry_after_s)
+
+    def _refuse(self, why: str, message: str) -> TooManyRequests:
+        with self._lock:
+            self.refused[why] += 1
+        wait = self.retry_after()
+        return TooManyRequests(
+            f"{message}: retry in {wait} s (nothing of this upload was stored)",
+            retry_after=wait,
+            hint="the device client retries on its own after Retry-After; an operator can "
+            "raise max_inflight_uploads / max_backlog_samples or add ingest workers",
+        )
+
+    @contextmanager
+    def admit(self) -> Iterator[None]:
+        """Count one upload in flight, or raise TooManyRequests (on the event loop)."""
+        if self.inflight >= self.max_inflight:
+            raise self._refuse(
+                "inflight", f"the server is busy ({self.inflight} uploads in flight)"
+            )
+        backlog = self.backlog()
+        if self.max_backlog and backlog > self.max_backlog:
+            raise self._refuse(
+                "backlog", f"the trainer is {backlog} samples behind (bound {self.max_backlog})"
+            )
+        self.inflight += 1
+        try:
+            yield
+        finally:
+            self.inflight -= 1
+
+    @contextmanager
+    def write_slot(self) -> Iterator[None]:
+        """Hold one of the store's write slots, or raise TooManyRequests after waiting
+        ``max_write_wait_s`` (on a worker thread)."""
+        if not self._slots.acquire(timeout=self.max_write_wait_s):
+            raise self._refuse(
+                "write_wait",
+                f"the store's writer is busy (waited {self.max_write_wait_s:g} s)",
+            )
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def stats(self) -> dict[str, Any]:
+        """In flight now and refusals since start, by reason."""
+        with self._lock:
+            return {"inflight": self.inflight, "refused": dict(self.refused)}
 
 
 class RequestLimits:

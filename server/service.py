@@ -8,6 +8,8 @@ import logging
 import secrets
 import threading
 import uuid
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,7 +205,15 @@ class Service:
 
     # -- ingest ------------------------------------------------------------------------
 
-    def ingest(self, device: Device, payload: bytes) -> dict:
+    def ingest(
+        self,
+        device: Device,
+        payload: bytes,
+        write_slot: Callable[[], AbstractContextManager[Any]] | None = None,
+    ) -> dict:
+        """Decode, check and commit one upload; its acknowledgement. ``write_slot``: held
+        around the commit (``limits.IngestGate.write_slot``: bounded wait, else 429 before
+        anything is stored)."""
         if device.device_id in self.store.quarantined():
             raise Forbidden(
                 f"device {device.device_id} is quarantined: its uploads are refused and its "
@@ -225,7 +235,8 @@ class Service:
                 exc.hint = f"{exc.hint}; this device is now quarantined"
             raise
         try:
-            ack = self._commit(device, batch)
+            with write_slot() if write_slot is not None else nullcontext():
+                ack = self._commit(device, batch)
         except Conflict:
             with self.counters.lock:
                 self.counters.conflicts += 1

@@ -72,6 +72,16 @@ class ServerSettings(BaseSettings):
     max_request_bytes: int = Field(1024 * 1024, gt=0)
     max_header_bytes: int = Field(16 * 1024, gt=0)
     auth_failures_per_minute: int = Field(30, gt=0)
+    # Back-pressure (server/limits.py IngestGate): an upload past one of these bounds is
+    # answered 429 with Retry-After (retry_after_s plus up to as much again of jitter) before
+    # anything of it is stored. max_inflight_uploads: uploads being read, checked or committed
+    # at once (per process); max_write_wait_s: how long one waits for the store's write slot;
+    # max_backlog_samples: stored samples the trainer of this process has not read yet (0 = no
+    # bound; workers without a trainer do not check it).
+    max_inflight_uploads: int = Field(64, gt=0)
+    max_write_wait_s: float = Field(1.0, gt=0)
+    max_backlog_samples: int = Field(200_000, ge=0)
+    retry_after_s: int = Field(1, gt=0)
     # Trainer
     train: bool = True  # run the trainer thread beside ingest
     seed: int = 0
@@ -89,6 +99,10 @@ class ServerSettings(BaseSettings):
     idle_after_epochs: float = Field(5.0, ge=0)
     idle_after_steps: int = Field(0, ge=0)
     trainer_threads: int = Field(1, gt=0)  # torch threads of the trainer
+    # Cap on the trainer's cached samples (held as uploaded: int8 + scales or fp16); past it
+    # the cache keeps a uniform random subset per (architecture, device) and the rest stays in
+    # the store (server/trainer.py TrainingCache). 0 = no cap.
+    trainer_memory_mb: float = Field(1024.0, ge=0)
     step_sleep_s: float = Field(0.0, ge=0)  # pause between steps (leave CPU to ingest)
     # Anchor set (server/anchors.py): public unlabelled texts, one per line or .jsonl
     # {"text"}; each device forwards its share of anchors_per_device of them (`fedmobillm

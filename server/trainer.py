@@ -161,12 +161,14 @@ class TrainingCache:
         self.dropped: dict[str, int] = {}  # device -> rows dropped as impossible
         self.offences: dict[str, str] = {}  # device -> reason, for the trainer to record
         self.mismatched = 0  # rows of the other input kind, skipped
+        self.rows_read = 0  # store rows read so far (cached, held, dropped or skipped)
 
     def refresh(self, store: Store) -> int:
         """Pull new rows; returns how many labelled training and anchor samples arrived."""
         rows = store.read_samples(self.watermark)
         if len(rows.ids) == 0:
             return 0
+        self.rows_read += len(rows.ids)
         if set(rows.device_ids) - self._known_devices:
             self._ensure_archs(store)
         new, bad = 0, {}
@@ -387,6 +389,9 @@ class Trainer:
         self.weights_finite = True
         self.last_nonfinite: dict[str, Any] | None = None
         self._quarantine_polled = 0.0
+        # stored samples not read yet (ingest's back-pressure reads it; limits.IngestGate)
+        self.backlog = 0
+        self._backlog_polled = 0.0
 
     # -- lifecycle --
 
@@ -448,6 +453,7 @@ class Trainer:
         self._sync_quarantine(store)
         if self.cache.refresh(store):
             self._steps_since_data = 0
+        self._poll_backlog(store)
         self._record_offences(store)
         if self.side is None and not self._create(store):
             return False
@@ -508,6 +514,16 @@ class Trainer:
             self._quarantine_polled = now
             self.cache.set_quarantined(store.quarantined())
             self.cache.set_deleted(store.data_deleted())
+
+    def _poll_backlog(self, store: Store) -> None:
+        """``backlog`` = samples the store counts minus rows read (at most every
+        QUARANTINE_POLL_S; 0 once caught up; rows of deleted devices make it an
+        underestimate, never a refusal too many)."""
+        now = time.monotonic()
+        if now - self._backlog_polled >= QUARANTINE_POLL_S:
+            self._backlog_polled = now
+            stored = sum(int(n) for *_, n in store.sample_counts())
+            self.backlog = max(0, stored - self.cache.rows_read)
 
     def _record_offences(self, store: Store) -> None:
         """Offences the cache found (impossible stored rows, blamed steps) go to the store,

@@ -1,12 +1,22 @@
-"""Ingest: a device uploads one serde batch; the answer is the acknowledgement."""
+"""Ingest: a device uploads one serde batch; the answer is the acknowledgement.
+
+Back-pressure (``limits.IngestGate``): the gate is the route's first dependency, so an
+upload past a bound is answered 429 + Retry-After before its token is even looked up, and
+the commit waits a bounded time for the store's write slot; uploads run on the gate's own
+thread limiter, so the other routes keep the default thread pool."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
+import functools
+from collections.abc import AsyncIterator
+from typing import Annotated
+
+import anyio.to_thread
+from fastapi import APIRouter, Depends, Request
 
 from fedmobillm.device_runtime.messages import ROUTE_BATCHES, Ack
 from fedmobillm.server.errors import PayloadTooLarge, UnsupportedMediaType
+from fedmobillm.server.limits import IngestGate
 from fedmobillm.server.routes.deps import ERRORS, DeviceAuth, ServiceDep, SettingsDep
 
 router = APIRouter(tags=["ingest"], responses=ERRORS)
@@ -19,12 +29,44 @@ BATCH_BODY = {
 }
 
 
+def ingest_gate(request: Request) -> IngestGate:
+    """The app's IngestGate, made on first use (the trainer, whose backlog it reads, is
+    started by the app's lifespan)."""
+    state = request.app.state
+    gate = getattr(state, "ingest_gate", None)
+    if gate is None:
+        s = state.settings
+        trainer = getattr(state, "trainer", None)
+        sqlite = getattr(state.service.store, "backend", "sqlite") == "sqlite"
+        gate = IngestGate(
+            s.max_inflight_uploads,
+            s.max_write_wait_s,
+            s.max_backlog_samples,
+            s.retry_after_s,
+            backlog=(lambda: trainer.backlog) if trainer is not None else (lambda: 0),
+            write_slots=1 if sqlite else s.max_inflight_uploads,  # SQLite: one writer
+        )
+        state.ingest_gate = gate
+    return gate
+
+
+async def _admitted(request: Request) -> AsyncIterator[IngestGate]:
+    gate = ingest_gate(request)
+    with gate.admit():
+        yield gate
+
+
 @router.post(ROUTE_BATCHES, openapi_extra=BATCH_BODY)
 async def upload(
-    request: Request, device: DeviceAuth, service: ServiceDep, settings: SettingsDep
+    gate: Annotated[IngestGate, Depends(_admitted)],  # first: 429 before auth when busy
+    request: Request,
+    device: DeviceAuth,
+    service: ServiceDep,
+    settings: SettingsDep,
 ) -> Ack:
     body = await _read_body(request, settings.max_body_bytes)
-    ack = await run_in_threadpool(service.ingest, device, body)
+    ingest = functools.partial(service.ingest, device, body, write_slot=gate.write_slot)
+    ack = await anyio.to_thread.run_sync(ingest, limiter=gate.limiter)
     return Ack.from_dict(ack)
 
 
