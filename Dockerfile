@@ -1,4 +1,5 @@
-# The fedmobillm training server (ingest + trainer), SQLite under /var/lib/fedmobillm.
+# The fedmobillm training server (ingest + trainer), SQLite under /var/lib/fedmobillm
+# (or PostgreSQL with --database, see compose.yaml).
 #   docker build -t fedmobillm-server .
 #   docker run -e FEDMOBILLM_ADMIN_TOKEN=... -p 8000:8000 -v fedmobillm:/var/lib/fedmobillm fedmobillm-server
 # See docs/deploy.md. Versions are the ones the project is tested with (constraints.txt).
@@ -17,7 +18,7 @@ COPY export ./export
 COPY device_runtime ./device_runtime
 COPY server ./server
 COPY android_bridge ./android_bridge
-RUN pip install ".[server]" -c constraints.txt
+RUN pip install ".[server,postgres]" -c constraints.txt
 
 RUN useradd --system --home /var/lib/fedmobillm fedmobillm \
     && mkdir -p /var/lib/fedmobillm /etc/fedmobillm \

@@ -22,13 +22,18 @@ from fedmobillm.server.limits import AuthThrottle, RequestLimits, TooManyRequest
 from fedmobillm.server.routes import dashboard, devices, ingest, ops, personal
 from fedmobillm.server.service import Service
 from fedmobillm.server.settings import ServerSettings
-from fedmobillm.server.store import Store
+from fedmobillm.server.store import open_store
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    """Build the app. The store opens now; the trainer thread starts with the app's lifespan."""
+# `serve --workers N`: the settings every worker process builds its app from (JSON, secrets
+# included; only in the environment of the server's own processes)
+WORKER_SETTINGS_ENV = "_FEDMOBILLM_WORKER_SETTINGS"
+
+
+def open_service(settings: ServerSettings) -> Service:
+    """The data dir, the anchor set and the store, checked: the Service the app serves."""
     ensure_dir(
         settings.data_dir,
         "server data dir",
@@ -39,8 +44,28 @@ def create_app(settings: ServerSettings) -> FastAPI:
         from fedmobillm.server.anchors import load_anchor_set
 
         anchors = load_anchor_set(settings.anchors, settings.anchors_per_device)
-    store = Store(settings.db_path)
-    service = Service(store, settings.max_samples_per_batch, anchors, settings.side.inputs)
+    store = open_store(settings)  # SQLite in data_dir, or PostgreSQL at settings.database
+    try:
+        return Service(store, settings.max_samples_per_batch, anchors, settings.side.inputs)
+    except BaseException:
+        store.close()
+        raise
+
+
+def worker_app() -> FastAPI:
+    """The app of one `serve --workers N` worker process (uvicorn's factory): the settings
+    the parent put in WORKER_SETTINGS_ENV; no trainer (the parent process runs the one)."""
+    import json
+    import os
+
+    settings = ServerSettings(**json.loads(os.environ[WORKER_SETTINGS_ENV]))
+    return create_app(settings)
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    """Build the app. The store opens now; the trainer thread starts with the app's lifespan."""
+    service = open_service(settings)
+    store = service.store
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

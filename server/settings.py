@@ -10,7 +10,7 @@ import secrets
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fedmobillm.errors import FedMobiLLMError
@@ -63,6 +63,11 @@ class ServerSettings(BaseSettings):
 
     admin_token: SecretStr = SecretStr("")
     data_dir: Path = Path("fedmobillm-server")
+    # The store: None = the embedded SQLite file in data_dir; a postgresql://user@host:port/db
+    # URL = PostgreSQL (server/store_pg.py), which several ingest workers can share
+    database: SecretStr | None = None
+    database_pool: int = Field(8, gt=0)  # PostgreSQL connections per process
+    workers: int = Field(1, gt=0)  # ingest worker processes (more than 1 needs `database`)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)  # one upload, bytes
@@ -134,6 +139,18 @@ class ServerSettings(BaseSettings):
                 side[name] = data.pop(flat)
         data["side"] = side
         return data
+
+    @field_validator("database")
+    @classmethod
+    def _database_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().startswith(
+            ("postgresql://", "postgres://")
+        ):
+            raise ValueError(
+                "must be a postgresql://user@host:port/dbname URL (leave it unset for the "
+                "embedded SQLite store)"
+            )
+        return value
 
     @classmethod
     def settings_customise_sources(

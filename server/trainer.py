@@ -37,7 +37,7 @@ from fedmobillm.server.policies import balanced_sample, label_distribution, shou
 from fedmobillm.server.service import QUARANTINE_AFTER
 from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.side import NonFiniteStep, SideConfig, SideTrainer, pad_tokens
-from fedmobillm.server.store import SampleRows, Store, dequantize_sample
+from fedmobillm.server.store import SampleRows, Store, dequantize_sample, open_store
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ class TrainingCache:
             log.warning(
                 "dropped %d stored samples of %s: values outside its bundle's range", n, device
             )
-        self.watermark = int(rows.ids[-1])
+        self.watermark = rows.cursor  # SQLite: the last row id; PostgreSQL: see store_pg
         return new
 
     def _cached_form(self, rows: SampleRows, i: int) -> Any:
@@ -406,7 +406,7 @@ class Trainer:
         import torch
 
         torch.set_num_threads(self.settings.trainer_threads)
-        store = Store(self.settings.db_path)
+        store = open_store(self.settings, trainer=True)  # the one trainer of a database
         try:
             self._resume()
             while not self._stop.is_set():

@@ -7,6 +7,10 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedmobillm.server.settings import ServerSettings
 
 NAME = "serve"
 HELP = "run the training server: ingest activations, train the side network, serve personal models"
@@ -57,6 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default) or tokens (every token's taps; bundles exported with --pivot none)",
     )
     parser.add_argument(
+        "--database",
+        default=None,
+        metavar="postgresql://USER@HOST:PORT/DB",
+        help="store in PostgreSQL instead of the embedded SQLite file of --data-dir (which "
+        "still holds checkpoints and personal models); needed for --workers above 1",
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="ingest worker processes (default 1); more than 1 needs --database: they share "
+        "it, and this process runs the one trainer beside them",
+    )
+    parser.add_argument(
         "--anchors",
         type=Path,
         default=None,
@@ -77,6 +95,8 @@ def run(args: argparse.Namespace) -> int:
         "port": args.port,
         "data_dir": args.data_dir,
         "anchors": args.anchors,
+        "database": args.database,
+        "workers": args.workers,
     }
     if args.no_train:
         overrides["train"] = False
@@ -86,22 +106,76 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         print(f"admin token (--dev, shown once): {generated}", flush=True)
     log.info(
-        "data dir %s; trainer %s; %s inputs",
+        "data dir %s; store %s; trainer %s; %s inputs; %d worker(s)",
         settings.data_dir.resolve(),
+        _store_name(settings),
         "on" if settings.train else "off",
         settings.side.inputs,
+        settings.workers,
     )
     tls = _tls_options(args, settings.host)
-    app = create_app(settings)
-    uvicorn.run(
-        app,
-        host=settings.host,
-        port=settings.port,
-        log_level="info",
-        timeout_graceful_shutdown=30,
-        h11_max_incomplete_event_size=settings.max_header_bytes,  # headers, under h11
+    options = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": "info",
+        "timeout_graceful_shutdown": 30,
+        "h11_max_incomplete_event_size": settings.max_header_bytes,  # headers, under h11
         **tls,
+    }
+    if settings.workers > 1:
+        return _run_workers(settings, options)
+    uvicorn.run(create_app(settings), **options)
+    return 0
+
+
+def _store_name(settings: ServerSettings) -> str:
+    if settings.database is None:
+        return f"SQLite {settings.db_path}"
+    from fedmobillm.server.store_pg import describe
+
+    return describe(settings.database.get_secret_value())
+
+
+def _run_workers(settings: ServerSettings, options: dict[str, Any]) -> int:
+    """``settings.workers`` uvicorn worker processes (uvicorn's own supervisor: a worker that
+    dies is replaced) on the PostgreSQL store, and the trainer thread in this process: one
+    trainer, whatever the workers do (the store also refuses a second trainer per database)."""
+    import json
+    import os
+
+    import uvicorn
+
+    from fedmobillm.errors import FedMobiLLMError
+    from fedmobillm.server.app import WORKER_SETTINGS_ENV, open_service
+
+    if settings.database is None:
+        raise FedMobiLLMError(
+            f"--workers {settings.workers} needs --database postgresql://...: the embedded "
+            "SQLite store has one writer, so one process serves it",
+            hint="leave --workers at 1, or store in PostgreSQL (docs/deploy.md)",
+        )
+    open_service(settings).store.close()  # schema, task and data-dir checks, once, here
+    worker = settings.model_dump(mode="json")
+    worker.update(
+        admin_token=settings.admin_token.get_secret_value(),
+        database=settings.database.get_secret_value(),
+        train=False,
+        workers=1,
     )
+    os.environ[WORKER_SETTINGS_ENV] = json.dumps(worker)
+    trainer = None
+    if settings.train:
+        from fedmobillm.server.trainer import Trainer
+
+        trainer = Trainer(settings)
+        trainer.start()
+    try:
+        uvicorn.run(
+            "fedmobillm.server.app:worker_app", factory=True, workers=settings.workers, **options
+        )
+    finally:
+        if trainer is not None:
+            trainer.stop()  # final checkpoint and export
     return 0
 
 
