@@ -139,10 +139,12 @@ def test_cli_prints_the_completion_and_tokens_per_second(bundle, gen):
     assert result["tokens_per_s"] > 0
 
 
-def test_cli_refuses_personal_until_the_lm_personal_model_exists(bundle, tmp_path):
+def test_cli_refuses_a_folder_that_is_not_a_personal_model(bundle, tmp_path):
+    # --personal runs the lm personal model (tests/server/test_lm.py); a folder without
+    # personal.json / personal.onnx is refused, never ignored
     done = _cli("--bundle", str(bundle), "--prompt", "hi", "--personal", str(tmp_path))
     assert done.returncode != 0
-    assert "lm personal model is not built yet" in done.stderr
+    assert "is not a personal model" in done.stderr
 
 
 def test_generation_runs_with_torch_unimportable(bundle, tmp_path):

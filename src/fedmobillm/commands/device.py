@@ -355,7 +355,11 @@ def _fetch(args: argparse.Namespace) -> int:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, type=Path, help="bundle exported with --generate")
     p.add_argument("--prompt", required=True, help="the text to complete")
-    p.add_argument("--personal", type=Path, help="personal lm model (not built yet: refused)")
+    p.add_argument(
+        "--personal",
+        type=Path,
+        help="personal lm model (folder or zip): its residual is added before the frozen head",
+    )
     p.add_argument("--max-new-tokens", type=int, default=32, help="default 32")
     p.add_argument(
         "--no-cache",
@@ -373,20 +377,22 @@ def _generate(args: argparse.Namespace) -> int:
     import json
 
     from fedmobillm.device_runtime.generate import Generator, Sampling
-    from fedmobillm.errors import FedMobiLLMError
 
-    if args.personal is not None:
-        raise FedMobiLLMError(
-            "--personal: the lm personal model is not built yet, so a personal model cannot "
-            "be applied to generation",
-            hint="drop --personal to generate with the frozen bundle",
-        )
     generator = Generator(args.bundle, threads=args.threads)
+    delta, context = None, "new"
+    if args.personal is not None:
+        from fedmobillm.device_runtime.lm_personal import DELTA_CONTEXT, PersonalLM
+
+        personal = PersonalLM(args.personal, threads=args.threads)
+        personal.check_compatible(generator.manifest)
+        delta, context = personal.delta, DELTA_CONTEXT
     result = generator.generate(
         args.prompt,
         args.max_new_tokens,
         use_cache=not args.no_cache,
         sampling=Sampling(args.temperature, args.top_k, args.seed),
+        delta=delta,
+        delta_context=context,
     )
     if args.json:
         print(json.dumps(result.to_dict()))

@@ -1,0 +1,279 @@
+"""The lm side network (server/lm.py) on a tiny random Llama bundle exported with --generate
+and --pivot none: zero init is exactly the frozen model, causality, the loss mask, training
+lowers held-out loss, the personal lm graph equals torch, and generation with it runs on
+the device path with torch unimportable (and scores what the trainer scores)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+from gen_helpers import gen_bundle, tiny_llama  # noqa: E402
+
+from fedmobillm.errors import FedMobiLLMError  # noqa: E402
+from fedmobillm.server.lm import (  # noqa: E402
+    FrozenLMHead,
+    LMGroup,
+    LMSideTrainer,
+    lm_config,
+    lm_logits,
+    lm_loss,
+    next_token_targets,
+)
+from fedmobillm.server.side import pad_tokens  # noqa: E402
+
+SUBJECTS = ["the quick fox", "a lazy dog", "the model", "my phone"]
+VERBS = ["jumps over", "writes to", "talks with", "waits for"]
+OBJECTS = ["the lazy dog", "a brown fox", "the world", "you today"]
+
+
+def corpus(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [
+        f"{SUBJECTS[rng.integers(4)]} {VERBS[rng.integers(4)]} {OBJECTS[rng.integers(4)]}"
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def bundle() -> Path:
+    return gen_bundle()
+
+
+@pytest.fixture(scope="module")
+def head() -> FrozenLMHead:
+    return FrozenLMHead.from_model(tiny_llama())
+
+
+@pytest.fixture(scope="module")
+def backbone(bundle):
+    from fedmobillm.device_runtime.backbone import Backbone
+
+    return Backbone(bundle, backend="onnx", threads=1)
+
+
+def encode(backbone, texts: list[str]) -> LMGroup:
+    """Token taps through the bundle, int8 round-tripped as uploaded, with their ids."""
+    from fedmobillm.device_runtime import serde
+
+    x, lengths = backbone.forward_tokens(texts)  # (B, K, T, d), (B,)
+    scales = np.asarray(backbone.manifest.activation_scales, np.float32)
+    xq = serde.dequantize(serde.quantize_int8(x, scales), scales, tokens=True)
+    ids_list = [backbone.encode([t])[0][0, : int(n)] for t, n in zip(texts, lengths, strict=True)]
+    xs, mask = pad_tokens([xq[i, :, : int(n)] for i, n in enumerate(lengths)])
+    ids = np.zeros_like(mask)
+    for i, row in enumerate(ids_list):
+        ids[i, : len(row)] = row
+    m = backbone.manifest
+    return LMGroup(m.architecture, xs, ids, mask, extra={"fp32": x})
+
+
+def new_trainer(backbone, head, **cfg) -> LMSideTrainer:
+    m = backbone.manifest
+    trainer = LMSideTrainer(lm_config(width=32, heads=4, blocks=2, lr=3e-3, **cfg), seed=0)
+    trainer.add_architecture(
+        m.architecture, m.taps, m.depth, m.hidden_size, head, str(tiny_llama())
+    )
+    return trainer
+
+
+def test_zero_init_is_exactly_the_frozen_model(backbone, head):
+    trainer = new_trainer(backbone, head)
+    g = encode(backbone, corpus(6, 0))
+    x, mask = torch.from_numpy(g.x), torch.from_numpy(g.mask)
+    personal = trainer.model(g.arch).eval()
+    with torch.no_grad():
+        assert torch.equal(personal(x, mask), torch.zeros(*g.ids.shape, x.shape[-1]))
+        got = lm_logits(personal, head, x, mask)
+        assert torch.equal(got, lm_logits(None, head, x, mask))
+    # ... and the frozen model is the Hugging Face model's own logits (full depth, fp32 taps)
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama(), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = hf(input_ids=torch.from_numpy(g.ids), attention_mask=mask).logits
+        mine = lm_logits(None, head, torch.from_numpy(g.extra["fp32"]), mask)
+    real = mask.bool()
+    assert torch.allclose(mine[real], want[real], atol=2e-3, rtol=1e-4)
+
+
+def test_later_tokens_never_change_earlier_predictions(backbone, head):
+    trainer = new_trainer(backbone, head)
+    g = encode(backbone, corpus(8, 1))
+    for _ in range(5):  # delta no longer zero
+        trainer.train_step([g])
+    personal = trainer.model(g.arch, averaged=True).eval()
+    x, mask = torch.from_numpy(g.x), torch.from_numpy(g.mask)
+    cut = 3
+    x2 = x.clone()
+    x2[:, :, cut:] = torch.randn_like(x2[:, :, cut:]) * 5
+    with torch.no_grad():
+        a, b = personal(x, mask), personal(x2, mask)
+    assert a[:, cut:].abs().max() > 0  # the model is not trivially zero
+    assert torch.equal(a[:, :cut], b[:, :cut])
+    assert not torch.allclose(a[:, cut:], b[:, cut:])
+
+
+def test_loss_mask_puts_the_loss_on_the_marked_tokens_only(backbone, head):
+    ids = torch.tensor([[5, 6, 7, 8, 0], [9, 10, 11, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    scored, target = next_token_targets(ids, mask)
+    assert scored.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    assert target[0, :3].tolist() == [6, 7, 8] and target[1, :2].tolist() == [10, 11]
+    response = torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 0, 0]])  # prompt then response
+    scored, _ = next_token_targets(ids, mask, response)
+    assert scored.tolist() == [[0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
+    # the loss ignores the ids of prompt tokens it does not predict
+    g = encode(backbone, corpus(4, 2))
+    x, m = torch.from_numpy(g.x), torch.from_numpy(g.mask)
+    lm = m.clone()
+    lm[:, :3] = 0
+    base, n = lm_loss(None, head, x, torch.from_numpy(g.ids), m, lm)
+    changed = torch.from_numpy(g.ids).clone()
+    changed[:, :3] = 7  # prompt tokens: targets of nothing scored
+    again, n2 = lm_loss(None, head, x, changed, m, lm)
+    assert n == n2 == int((lm[:, 1:] * m[:, 1:]).sum()) and torch.equal(base, again)
+    full, nf = lm_loss(None, head, x, changed, m)
+    assert nf > n and not torch.equal(full, base)
+    with pytest.raises(FedMobiLLMError, match="loss_mask"):
+        new_trainer(backbone, head).evaluate([LMGroup(g.arch, g.x, g.ids, g.mask, g.mask[:, :2])])
+
+
+def test_training_lowers_held_out_loss_and_survives_save_load(backbone, head, tmp_path):
+    trainer = new_trainer(backbone, head, ema=0.9)
+    train = encode(backbone, corpus(48, 3))
+    held = encode(backbone, corpus(16, 4))
+    frozen = trainer.evaluate([held], frozen=True)
+    assert trainer.evaluate([held]) == frozen  # zero init
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        rows = rng.choice(48, 12, replace=False)
+        trainer.train_step([LMGroup(train.arch, train.x[rows], train.ids[rows], train.mask[rows])])
+    after = trainer.evaluate([held])
+    assert after["perplexity"] < 0.5 * frozen["perplexity"], (frozen, after)
+    assert after["next_token_top1"] > frozen["next_token_top1"]
+    trainer.save(tmp_path / "lm")
+    again = LMSideTrainer.load(tmp_path / "lm", head_for=lambda spec: head)
+    assert again.step == 60 and again.evaluate([held]) == after
+    (tmp_path / "lm" / "lm.safetensors").write_bytes(b"torn")
+    with pytest.raises(FedMobiLLMError, match="torn"):
+        LMSideTrainer.load(tmp_path / "lm", head_for=lambda spec: head)
+
+
+def test_config_must_be_causal_tokens():
+    from fedmobillm.server.side import SideConfig
+
+    with pytest.raises(FedMobiLLMError, match="causal"):
+        LMSideTrainer(SideConfig(inputs="tokens"))
+
+
+@pytest.fixture(scope="module")
+def trained(backbone, head, tmp_path_factory):
+    """A briefly trained trainer and its exported personal lm model (fp32)."""
+    trainer = new_trainer(backbone, head, ema=0.0)
+    train = encode(backbone, corpus(48, 5))
+    for _ in range(40):
+        trainer.train_step([train])
+    out = tmp_path_factory.mktemp("personal-lm")
+    m = backbone.manifest
+    from fedmobillm.device_runtime.protocol import bundle_digest
+
+    trainer.export_personal(m.architecture, out, [bundle_digest(m)])
+    return trainer, out
+
+
+def test_personal_lm_onnx_equals_torch(trained, backbone):
+    from fedmobillm.device_runtime.lm_personal import PersonalLM
+
+    trainer, out = trained
+    info = json.loads((out / "personal.json").read_text())
+    assert info["onnx_max_abs_diff"] <= 1e-4 and info["outputs"][0]["name"] == "delta"
+    assert "lm_head" not in " ".join(info["files"])  # the head is never shipped
+    g = encode(backbone, corpus(5, 6))
+    personal = PersonalLM(out)
+    personal.check_compatible(backbone.manifest)
+    got = personal.run(g.extra["fp32"], g.mask)  # int8 round trip inside, as trained
+    with torch.no_grad():
+        want = trainer.model(g.arch).eval()(torch.from_numpy(g.x), torch.from_numpy(g.mask))
+    real = g.mask.astype(bool)
+    assert np.abs(got[real] - want.numpy()[real]).max() < 1e-4
+    assert np.abs(got[real]).max() > 1e-3  # trained: not the zero residual
+
+
+def test_device_perplexity_with_the_personal_model_matches_the_trainer(trained, bundle, backbone):
+    """Generator.perplexity (ONNX step graph + head + personal.onnx through the delta hook)
+    scores held-out text as the trainer's torch evaluation does with the phone's hidden."""
+    from fedmobillm.device_runtime.generate import Generator
+    from fedmobillm.device_runtime.lm_personal import PersonalLM
+
+    trainer, out = trained
+    texts = corpus(6, 7)
+    gen = Generator(bundle, threads=1)
+    personal = PersonalLM(out)
+    personal.check_compatible(gen.manifest)
+    device = gen.perplexity(texts, delta=personal.delta)
+    frozen = gen.perplexity(texts)
+    g = encode(backbone, texts)
+    fp32 = torch.from_numpy(g.extra["fp32"][:, -1])
+    with torch.no_grad():
+        g.extra["hidden"] = trainer.heads[g.arch].hidden(fp32).numpy()
+    torch_eval = trainer.evaluate([g], averaged=False)
+    assert device.tokens == torch_eval["tokens"]
+    assert device.perplexity == pytest.approx(torch_eval["perplexity"], rel=1e-3)
+    assert device.perplexity < frozen.perplexity
+
+
+def test_generate_with_the_personal_model_runs_without_torch(trained, bundle, tmp_path):
+    _, out = trained
+    blocker = (
+        "import sys\n"
+        "class _B:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'executorch', 'torchao'):\n"
+        "            raise ImportError(name + ' is blocked in this test')\n"
+        "sys.meta_path.insert(0, _B())\n"
+    )
+    (tmp_path / "sitecustomize.py").write_text(blocker)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    args = ["--bundle", str(bundle), "--prompt", "the quick fox", "--max-new-tokens", "6"]
+    runs = {}
+    for name, extra in (("frozen", []), ("personal", ["--personal", str(out)])):
+        done = subprocess.run(
+            [sys.executable, "-m", "fedmobillm.cli", "device", "generate", *args, *extra, "--json"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        runs[name] = json.loads(done.stdout.strip().splitlines()[-1])
+    assert runs["personal"]["tokens_per_s"] > 0
+    assert runs["personal"]["token_ids"] != runs["frozen"]["token_ids"]
+    # a classification personal model is refused with a clear message
+    bad = tmp_path / "not-lm"
+    bad.mkdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedmobillm.cli",
+            "device",
+            "generate",
+            *args,
+            "--personal",
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode != 0 and "not a personal model" in done.stderr
