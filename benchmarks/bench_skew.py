@@ -172,7 +172,7 @@ def train(
     for b, devs in devices.items():
         tr = data[b].train
         trainer.add_architecture(tr.architecture, tr.taps, tr.depth, tr.hidden)
-        a = ArchData(tr.taps, tr.depth, tr.hidden, {tr.bundle_sha256})
+        a = ArchData(tr.taps, tr.depth, tr.hidden, bundle_sha256s={tr.bundle_sha256})
         for dev, rows in devs.items():
             if len(rows):
                 a.train_x[dev] = list(tr.x[rows])  # [(K, d)]
@@ -542,6 +542,7 @@ def config_from(a: argparse.Namespace) -> SkewConfig:
         "steps": a.steps,
         "anchors": a.anchors,
         "train_limit": a.train_limit,
+        "test_limit": a.test_limit,
         "side": parse_side(a.side) or None,
         "balance": a.balance,
         "onnx": a.onnx or None,
@@ -573,7 +574,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int)
     p.add_argument("--steps", type=int)
     p.add_argument("--anchors", type=int)
-    p.add_argument("--train-limit", type=int)
+    p.add_argument("--train-limit", type=int, help="labelled train records (default 3000)")
+    p.add_argument("--test-limit", type=int, help="test records (default: the whole split)")
     p.add_argument("--side", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--balance", help="the sampler's balance: device (default), sample, label")
     p.add_argument("--onnx", action="store_true", help="test accuracy through personal.onnx")

@@ -178,3 +178,38 @@ def test_status_reports_each_architectures_label_distribution(server_factory):
     a, b = archs[ra["architecture"]]["labels"], archs[rb["architecture"]]["labels"]
     assert set(a) == {"negative", "positive"} and min(a.values()) > 10
     assert b == {"negative": 0, "positive": 40}
+
+
+def skewed_fleet_train(steps: int, **config) -> SideTrainer:
+    """A holds both labels, B only label 1 (a single-label architecture); no anchors."""
+    t = trainer(**config)
+    xa, ya = synthetic(400, 2, 16, 1)
+    xb, yb = synthetic(400, 3, 24, 2)
+    ones = np.flatnonzero(yb == 1)
+    rng = np.random.default_rng(0)
+    for _ in range(steps):
+        i, j = rng.integers(0, 400, 16), rng.choice(ones, 16)
+        t.train_step([("A", xa[i], ya[i]), ("B", xb[j], yb[j])])
+    return t
+
+
+def share_of_label_1(t: SideTrainer, arch: str, x: np.ndarray) -> float:
+    return float(torch.softmax(torch.from_numpy(t.predict(arch, x)), -1)[:, 1].mean())
+
+
+def test_logit_adjustment_against_a_uniform_prior_keeps_other_architectures_balanced():
+    """Prepare a fleet where B's devices hold label 1 only: plain training makes B call
+    everything 1. With the logit adjustment against the fleet's drawn labels (75% label 1),
+    A's predictions on balanced data lean to label 1 too; against a uniform prior
+    (balanced softmax per architecture) A's stay closer to its data's real mix."""
+    xa, ya = synthetic(400, 2, 16, 9)  # held-out data of A, about balanced
+    xb, _ = synthetic(400, 3, 24, 9)
+    plain = skewed_fleet_train(60)
+    fleet = skewed_fleet_train(60, logit_adjust=1.0)
+    uniform = skewed_fleet_train(60, logit_adjust=1.0, logit_adjust_prior="uniform")
+    assert share_of_label_1(plain, "B", xb) > 0.9
+    real = float(ya.mean())
+    a_fleet, a_uniform = share_of_label_1(fleet, "A", xa), share_of_label_1(uniform, "A", xa)
+    assert abs(a_uniform - real) < abs(a_fleet - real), (a_uniform, a_fleet, real)
+    with pytest.raises(FedMobiLLMError, match="logit_adjust_prior"):
+        SideConfig(logit_adjust_prior="population")
