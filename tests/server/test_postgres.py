@@ -254,10 +254,39 @@ def _upload_while(devices: list[Device], url: str, stop: threading.Event) -> lis
     return threads
 
 
+def _kill_one_worker(srv: PgServer, devices: list[Device]) -> None:
+    """SIGKILL one uvicorn worker process (not the group) while devices upload; uvicorn's
+    supervisor replaces it. An upload that died with it stays pending: the caller re-sends."""
+    import psutil
+
+    workers = [
+        p
+        for p in psutil.Process(srv.proc.pid).children()
+        if "resource_tracker" not in " ".join(p.cmdline())
+    ]
+    assert len(workers) == 2, [p.cmdline() for p in workers]
+    acked = _acked(devices)
+    stop = threading.Event()
+    threads = _upload_while(devices, srv.url, stop)
+    wait_for(lambda: _acked(devices) >= acked + 16, 120, "uploads before the worker kill")
+    workers[0].kill()
+    wait_for(
+        lambda: (
+            workers[0].pid not in [p.pid for p in psutil.Process(srv.proc.pid).children()]
+            and len(psutil.Process(srv.proc.pid).children()) >= len(workers)
+        ),
+        120,
+        "the worker replaced",
+    )
+    stop.set()
+    for t in threads:
+        t.join(30)
+
+
 @pytest.mark.integration
 def test_serve_workers_on_postgres_ingests_trains_and_survives_kill9(postgres, tmp_path):
     """Two ingest workers and one trainer on PostgreSQL: four devices upload concurrently;
-    the server is SIGKILLed mid-upload (KILLS times) and restarted; the trainer checkpoints;
+    the server is SIGKILLed mid-upload (KILLS times) and restarted, then one worker alone; the trainer checkpoints;
     afterwards every acknowledged sample is stored exactly once and the per-device counts
     match the rows."""
     url = postgres.database()
@@ -288,7 +317,8 @@ def test_serve_workers_on_postgres_ingests_trains_and_survives_kill9(postgres, t
             for t in threads:
                 t.join(30)
         srv.start()
-        for d in devices:  # re-send what was pending at the last kill
+        _kill_one_worker(srv, devices)
+        for d in devices:  # re-send what was pending at the kills
             while d.pending is not None:
                 assert d.upload_one(srv.url)
         log = srv.log_path.read_text()
