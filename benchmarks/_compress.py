@@ -55,11 +55,12 @@ def fit_pca(x: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
     n, k, d = x.shape
     if not 0 < dims <= min(n, d):
         raise FedMobiLLMError(f"PCA to {dims} dims needs 0 < dims <= min(tokens {n}, d {d})")
-    means = x.mean(0)  # (K, d)
+    means = x.mean(0, dtype=np.float64)  # (K, d)
     proj = np.empty((k, d, dims), np.float32)
     for t in range(k):
-        _, _, vt = np.linalg.svd(x[:, t] - means[t], full_matrices=False)  # vt (d, d)
-        proj[t] = vt[:dims].T
+        c = x[:, t].astype(np.float64) - means[t]  # (n, d)
+        _, vecs = np.linalg.eigh(c.T @ c)  # (d, d), eigenvalues ascending
+        proj[t] = vecs[:, ::-1][:, :dims]
     return means.astype(np.float32), proj
 
 

@@ -20,8 +20,10 @@ Centralised side-tuning: SideTrainer on the pooled fp32 activations of all train
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import math
 import secrets
 import shutil
 import time
@@ -503,3 +505,193 @@ def activations_fp32(bundle: Path, records: list[Any]) -> tuple[np.ndarray, np.n
     bb = Backbone(bundle, "onnx", threads=1)
     xs = [bb([r.text for r in records[s : s + 32]]) for s in range(0, len(records), 32)]
     return np.concatenate(xs), np.asarray([r.label for r in records], np.int64), bb.manifest
+
+
+# -- the per-token path (issue 15) on the simulated clock ------------------------------------
+
+
+def token_bundle_for(cfg: BenchConfig, quant: str) -> Path:
+    """The ``pivot="none"`` bundle of ``cfg.model`` at ``quant`` (cached, like ``bundle_for``;
+    an int8 export that fails its check falls back to fp32 weights, logged, see
+    ``benchmarks._activations.bundle_for``)."""
+    from benchmarks._activations import BundleSpec
+    from benchmarks._activations import bundle_for as spec_bundle
+
+    return spec_bundle(
+        BundleSpec(cfg.model, cfg.taps or 0, quant, cfg.max_seq_len, pivot="none")
+        if cfg.taps
+        else BundleSpec(cfg.model, quant=quant, max_seq_len=cfg.max_seq_len, pivot="none")
+    )
+
+
+def token_activations(bundle: Path, records: list[Any], batch: int = 32) -> Any:
+    """``TokenActivations`` of ``records`` (int8 as uploaded, each sample unpadded)."""
+    from benchmarks._activations import TokenActivations, _token_chunk
+    from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
+    from fedmobillm.device_runtime.protocol import bundle_digest
+
+    bb = Backbone(bundle, "onnx", threads=1)
+    m = bb.manifest
+    scales = np.asarray(m.activation_scales, np.float32)  # (K,)
+    q, lengths = _token_chunk(bb, records, scales, batch, FORWARD_BATCH)
+    return TokenActivations(
+        q=q,
+        lengths=lengths,
+        y=np.asarray([r.label for r in records], np.int64),
+        index=np.arange(len(records), dtype=np.int64),
+        scales=scales,
+        architecture=m.architecture,
+        taps=list(m.taps),
+        depth=int(m.depth),
+        hidden=int(m.hidden_size),
+        bundle_sha256=bundle_digest(m),
+    )
+
+
+def token_upload_bytes(acts: Any, upload_batch: int) -> list[int]:
+    """serde-encoded body bytes of each upload batch of ``acts`` (in order), as the device
+    sends it: int8 (N, K, T, d) padded to the batch's longest sample, lengths, scales,
+    labels, ids and the JSON header."""
+    from fedmobillm.device_runtime import serde
+
+    out = []
+    for s in range(0, len(acts), upload_batch):
+        rows = np.arange(s, min(s + upload_batch, len(acts)))
+        q = np.stack([_pad_q(x, int(acts.lengths[rows].max())) for x in acts.samples(rows)])
+        b = serde.Batch(
+            device_id="d" * 22,
+            bundle_sha256=acts.bundle_sha256,
+            idempotency_key="k" * 32,
+            split="train",
+            encoding="int8",
+            activations=q,  # (n, K, T, d) int8
+            labels=acts.y[rows],
+            sample_ids=rows.astype(np.int64),
+            scales=acts.scales,
+            lengths=acts.lengths[rows],
+        )
+        out.append(len(serde.encode_batch(b)))
+    return out
+
+
+def _pad_q(x: np.ndarray, t: int) -> np.ndarray:
+    """int8 (K, L, d) -> (K, t, d) zero-padded."""
+    return np.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0)))
+
+
+def replay_tokens(
+    cfg: BenchConfig,
+    data: FleetData,
+    profiles: list[DeviceProfile],
+    bundles: dict[str, Path],
+    fwd_flops: float,
+    side: dict[str, Any],
+) -> dict[str, Any]:
+    """``replay`` for a token federation: each device's token taps (``bundles``: quant ->
+    pivot-none bundle) arrive after its forward and its upload (its measured serde body
+    bytes over its uplink); the server's token side network (``side``: SideConfig
+    overrides on top of the server's settings, inputs "tokens") steps on what arrived, with
+    the same sampler and idle rule as the pivot replay."""
+    from fedmobillm.server.policies import balanced_sample, should_idle
+
+    rng = np.random.default_rng(cfg.seed)
+    devs = [
+        token_activations(bundles[p.quant], recs)
+        for recs, p in zip(data.devices, profiles, strict=True)
+    ]
+    val = token_activations(bundles[profiles[0].quant], data.validation)
+    test = {q: token_activations(b, data.test) for q, b in bundles.items()}
+    bodies = [token_upload_bytes(a, cfg.upload_batch) for a in devs]
+    timelines = [
+        _token_timeline(len(a), prof, fwd_flops, cfg.upload_batch, body)
+        for a, prof, body in zip(devs, profiles, bodies, strict=True)
+    ]
+    events = sorted((t, d, s, e) for d, tl in enumerate(timelines) for _, _, t, s, e in tl)
+    tr = _token_side(cfg, data.label_names, devs[0], side)
+    settings = _settings(cfg)
+    arch = devs[0].architecture
+    have = [0] * len(profiles)
+    clock, ei, since, step_times, curve = 0.0, 0, 0, [], []
+    while True:
+        arrived = False
+        while ei < len(events) and events[ei][0] <= clock:
+            have[events[ei][1]] = max(have[events[ei][1]], events[ei][3])
+            ei += 1
+            arrived = True
+        since = 0 if arrived else since
+        ready = [d for d in range(len(profiles)) if have[d] > 0]
+        if not ready or should_idle(settings, since, int(sum(have))):
+            if ei >= len(events):
+                break
+            clock = events[ei][0]
+            continue
+        ((_, ids, y),) = balanced_sample(  # row ids of each device's arrived samples
+            rng, settings.batch_size, {arch: ready},
+            lambda _, d: (np.arange(have[d]) * len(profiles) + d, devs[d].y[: have[d]]),
+        )  # fmt: skip
+        x, mask = _token_batch(devs, ids, len(profiles))
+        t0 = time.perf_counter()
+        tr.train_step([(arch, x, y, mask)])
+        step_times.append(time.perf_counter() - t0)
+        clock += float(np.median(step_times[-50:]))
+        since += 1
+        if tr.step % cfg.eval_every == 0:
+            acc = _token_accuracy(tr, val)
+            curve.append(
+                {"step": tr.step, "time_s": clock, "accuracy": acc, "samples_arrived": sum(have)}
+            )
+    return {
+        "curve": curve,
+        "timelines": timelines,
+        "all_data_in_s": events[-1][0] if events else 0.0,
+        "server_step_s": float(np.median(step_times)) if step_times else math.nan,
+        "steps": tr.step,
+        "test": {q: {"accuracy": _token_accuracy(tr, a), "n": len(a)} for q, a in test.items()},
+        "side_params": tr.num_parameters(arch),
+        "upload_body_bytes": [int(sum(b)) for b in bodies],
+        "samples": [len(a) for a in devs],
+        "mean_tokens": float(np.mean(np.concatenate([a.lengths for a in devs]))),
+        "stored_bytes_per_sample": float(np.mean([a.bytes_per_sample() for a in devs])),
+    }
+
+
+def _token_timeline(
+    n: int, prof: DeviceProfile, fwd_flops: float, upload_batch: int, bodies: list[int]
+) -> list[tuple[float, float, float, int, int]]:
+    """``device_timeline`` with each batch's own upload bytes (token batches differ)."""
+    out, t_fwd, t_link = [], 0.0, 0.0
+    for j, s in enumerate(range(0, n, upload_batch)):
+        b = min(upload_batch, n - s)
+        start = t_fwd
+        t_fwd += prof.compute_s(fwd_flops * b)
+        t_link = max(t_link, t_fwd) + prof.up_s(bodies[j])
+        out.append((start, t_fwd, t_link, s, s + b))
+    return out
+
+
+def _token_side(cfg: BenchConfig, label_names: list[str], acts: Any, side: dict[str, Any]) -> Any:
+    """A token-mode SideTrainer: the server's side settings with ``side`` on top."""
+    from fedmobillm.server.side import SideConfig, SideTrainer
+
+    base = dataclasses.asdict(_settings(cfg).side)
+    tr = SideTrainer(SideConfig(**{**base, **side, "inputs": "tokens"}), label_names, seed=cfg.seed)
+    tr.add_architecture(acts.architecture, acts.taps, acts.depth, acts.hidden)
+    return tr
+
+
+def _token_batch(devs: list[Any], ids: np.ndarray, n_dev: int) -> tuple[np.ndarray, np.ndarray]:
+    """Padded x (B, K, T, d) and mask (B, T) of encoded ids (row * n_dev + device)."""
+    from fedmobillm.server.side import pad_tokens
+
+    parts = [
+        devs[i % n_dev].samples(np.array([i // n_dev]))[0].astype(np.float32)
+        * devs[i % n_dev].scales.reshape(-1, 1, 1)
+        for i in ids
+    ]  # (K, L, d) each
+    return pad_tokens(parts)
+
+
+def _token_accuracy(tr: Any, acts: Any) -> float:
+    from benchmarks._tokens import evaluate
+
+    return evaluate(tr, acts)

@@ -48,8 +48,24 @@ from fedmobillm.errors import FedMobiLLMError
 log = logging.getLogger("benchmarks.accuracy")
 
 BACKBONES = ("minilm-l3", "minilm-l6", "smollm2-135m")
-METHODS = ("fedmobillm", "centralised", "single", "linear-probe", "full-ft")
+METHODS = (
+    "fedmobillm",
+    "fedmobillm-no-anchors",
+    "fedmobillm-tokens",
+    "centralised",
+    "single",
+    "linear-probe",
+    "full-ft",
+)
+PIVOT_METHODS = ("fedmobillm", "fedmobillm-no-anchors", "centralised", "single", "linear-probe")
 TARGET_GAP = 0.01  # fedmobillm within 1.0 accuracy point of centralised (IID)
+# fedmobillm-tokens (IID): within 2 points of full-ft of the same backbone, and at least 3
+# points above the linear probe (issue 15)
+TOKEN_GAP_FULL_FT = 0.02
+TOKEN_MARGIN_PROBE = 0.03
+# the token side network of the measured runs (SideConfig overrides on top of
+# inputs="tokens"), chosen on the validation split (docs/accuracy.md, token sweep)
+TOKEN_SIDE: dict[str, Any] = {"width": 64, "blocks": 1}
 # the side network's learning rate of the measured runs (docs/accuracy.md); the server's is SideConfig.lr
 SIDE_LR = 2e-3
 
@@ -85,17 +101,31 @@ class AccuracyConfig:
     # seed, seed+1, ...; rows report the mean and standard deviation (one run's test accuracy
     # on ~1,000 records moves by +-1.5 points from the seed alone)
     repeats: int = 3
+    # the first repeat's index: runs of one configuration side by side (--repeat-offset 1
+    # --repeats 1 trains seed seed+1 on the same data), joined with --merge
+    repeat_offset: int = 0
+    # which methods run (METHODS); fedmobillm-tokens is the per-token path (issue 15)
+    methods: tuple[str, ...] = METHODS
+    token_side: dict[str, Any] = field(default_factory=lambda: dict(TOKEN_SIDE))
+    # sweeps: read the validation split only (token rows carry val_accuracy, no test)
+    validation_only: bool = False
     # linear probe
     probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)
     # full fine-tuning reference
     full_ft: bool = True
-    full_ft_model: str = "minilm-l6"
-    full_ft_train: int | None = 1000
+    # one fully fine-tuned model per backbone listed, on the same labelled records as the
+    # side networks (full_ft_train None: all of them)
+    full_ft_models: tuple[str, ...] = ("minilm-l6", "smollm2-135m")
+    full_ft_train: int | None = None
     full_ft_epochs: int = 1
     full_ft_lr: float = 1e-4
     full_ft_batch: int = 16
     threads: int = 1  # torch + onnxruntime threads (2 threads on a shared 2-core box spin)
     bundles: dict[str, str] = field(default_factory=dict)  # backbone -> existing bundle dir
+    token_bundles: dict[str, str] = field(default_factory=dict)  # backbone -> pivot-none bundle
+
+    def runs(self, method: str) -> bool:
+        return method in self.methods and (method != "full-ft" or self.full_ft)
 
     @classmethod
     def for_mode(cls, quick: bool, **overrides: Any) -> AccuracyConfig:
@@ -185,7 +215,7 @@ def train_side(
     for b, devs in devices.items():
         tr = data[b].train
         trainer.add_architecture(tr.architecture, tr.taps, tr.depth, tr.hidden)
-        a = ArchData(tr.taps, tr.depth, tr.hidden, {tr.bundle_sha256})
+        a = ArchData(tr.taps, tr.depth, tr.hidden, bundle_sha256s={tr.bundle_sha256})
         for dev, rows in devs.items():
             if len(rows):
                 a.train_x[dev] = list(tr.x[rows])  # [(K, d)]
@@ -293,6 +323,8 @@ class SideRuns:
             "train_samples": n,
             "anchor_samples": anchors,  # unlabelled anchor texts this backbone forwarded
             "test_samples": int(len(data[b].test.y)),
+            # upload bytes per sample at int8: K * d (one pivot vector per tap)
+            "bytes_per_sample": int(t.x.shape[1] * t.x.shape[2]),
             "steps": cfg.steps,
             "batch_per_arch": cfg.batch_per_arch,
             "seconds": seconds,
@@ -310,6 +342,15 @@ class SideRuns:
         return row
 
 
+def fleets(cfg: AccuracyConfig, labels: np.ndarray) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """partition -> backbone -> device -> rows of the labelled train records (one fleet for
+    every federated method of a seed, pivot and tokens alike)."""
+    backbones = list(cfg.backbones)
+    return {
+        p: fleet(labels, backbones, cfg.devices_per_backbone, p, cfg.seed) for p in cfg.partitions
+    }
+
+
 def side_rows(
     cfg: AccuracyConfig,
     dataset: str,
@@ -317,19 +358,43 @@ def side_rows(
     data: dict[str, Split],
     bundles: dict[str, Path],
     work: Path,
+    tokens: tuple[dict, dict[str, Path]] | None = None,
+) -> list[dict]:
+    """The side-network rows of one seed; ``tokens``: (backbone -> TokenSplit, backbone ->
+    token bundle) for the fedmobillm-tokens rows."""
+    rows: list[dict] = []
+    backbones = list(cfg.backbones)
+    if not data and tokens is None:
+        return rows  # only probe / full-ft in this run
+    labels = (data[backbones[0]].train if data else tokens[0][backbones[0]].train).y
+    by_partition = fleets(cfg, labels)
+    if data:
+        rows += _pivot_rows(cfg, dataset, label_names, data, bundles, work, by_partition)
+    if tokens is not None:
+        from benchmarks._tokens import token_rows
+
+        rows += token_rows(cfg, dataset, label_names, tokens[0], by_partition, tokens[1], work)
+    return rows
+
+
+def _pivot_rows(
+    cfg: AccuracyConfig,
+    dataset: str,
+    label_names: list[str],
+    data: dict[str, Split],
+    bundles: dict[str, Path],
+    work: Path,
+    by_partition: dict[str, dict[str, dict[str, np.ndarray]]],
 ) -> list[dict]:
     runs = SideRuns(cfg, dataset, data, bundles, work)
     rows: list[dict] = []
     backbones = list(cfg.backbones)
     n_train = len(data[backbones[0]].train.y)
-    for partition in cfg.partitions:
-        devices = fleet(
-            data[backbones[0]].train.y, backbones, cfg.devices_per_backbone, partition, cfg.seed
-        )
+    for partition, devices in by_partition.items():
         variants = [("fedmobillm", cfg.anchors > 0)]
         if cfg.anchors > 0 and partition == "iid":
             variants.append(("fedmobillm-no-anchors", False))
-        for method, use_anchors in variants:
+        for method, use_anchors in [v for v in variants if cfg.runs(v[0])]:
             t0 = time.perf_counter()
             trainer, curve = train_side(
                 cfg, label_names, data, devices, runs.snap(method, partition), anchors=use_anchors
@@ -340,7 +405,7 @@ def side_rows(
                 pool = data[b].anchors if use_anchors else None
                 anchors = 0 if pool is None else len(pool)
                 rows.append(runs.row(method, partition, trainer, curve, b, n, dt, anchors))
-        for b in backbones:
+        for b in backbones if cfg.runs("single") else []:
             t0 = time.perf_counter()
             trainer, curve = train_side(
                 cfg, label_names, data, {b: devices[b]}, runs.snap("single", partition)
@@ -349,7 +414,7 @@ def side_rows(
             rows.append(
                 runs.row("single", partition, trainer, curve, b, n, time.perf_counter() - t0)
             )
-    for b in backbones:
+    for b in backbones if cfg.runs("centralised") else []:
         t0 = time.perf_counter()
         trainer, curve = train_side(
             cfg,
@@ -394,15 +459,18 @@ def linear_probe(cfg: AccuracyConfig, dataset: str, b: str, s: Split) -> dict:
         "majority_class_rate": majority(s.test.y),
         "val_accuracy": val,
         "C": c,
+        "bytes_per_sample": int(s.train.x.shape[2]),  # reads the last tap's pivot only (int8)
         "train_samples": int(len(s.train.y)),
         "test_samples": int(len(s.test.y)),
         "seconds": time.perf_counter() - t0,
     }
 
 
-def full_finetune(cfg: AccuracyConfig, dataset: str) -> dict:
-    """Full fine-tuning of the real pretrained model (HF sequence classifier, AdamW),
-    evaluated on the test split (the same records as the other methods)."""
+def full_finetune(cfg: AccuracyConfig, dataset: str, model_name: str) -> dict:
+    """Full fine-tuning of the real pretrained model (HF sequence classifier, AdamW) on the
+    labelled records the side networks train on (all of them, or ``full_ft_train``),
+    evaluated on the test split (the same records as the other methods). Decoders read the
+    last real token (the classifier's pad token: the tokenizer's, else its EOS)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -417,12 +485,16 @@ def full_finetune(cfg: AccuracyConfig, dataset: str) -> dict:
     limit = labelled if cfg.full_ft_train is None else min(cfg.full_ft_train, labelled)
     train = _subset(ds.splits["train"], limit, cfg.seed)
     test = _subset(ds.splits["test"], cfg.test_limit, cfg.seed)
-    folder = str(resolve_model(cfg.full_ft_model))
+    folder = str(resolve_model(model_name))
     tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:  # decoders: pad with EOS (the classifier skips pad positions)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
     torch.manual_seed(cfg.seed)
     model = AutoModelForSequenceClassification.from_pretrained(
         folder, num_labels=len(ds.label_names)
     )
+    model.config.pad_token_id = tok.pad_token_id
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.full_ft_lr, weight_decay=0.01)
     rng = np.random.default_rng(cfg.seed)
     steps = 0
@@ -461,10 +533,10 @@ def full_finetune(cfg: AccuracyConfig, dataset: str) -> dict:
             pred = model(**enc).logits.argmax(-1)  # (B,)
             correct += int((pred == torch.tensor([r.label for r in chunk])).sum())
     acc = correct / len(test)
-    log.info("full-ft %s %s acc %.4f (%d steps)", cfg.full_ft_model, dataset, acc, steps)
+    log.info("full-ft %s %s acc %.4f (%d steps)", model_name, dataset, acc, steps)
     return {
         "method": "full-ft",
-        "backbone": cfg.full_ft_model,
+        "backbone": model_name,
         "partition": "central",
         "dataset": dataset,
         "accuracy": acc,
@@ -521,12 +593,10 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    bundles = {
-        b: Path(cfg.bundles[b])
-        if b in cfg.bundles
-        else bundle_for(BundleSpec(b, cfg.taps, cfg.quant, cfg.max_seq_len))
-        for b in cfg.backbones
-    }
+    pivot = any(cfg.runs(m) for m in PIVOT_METHODS)
+    bundles = _bundles(cfg) if pivot else {}
+    tokens = cfg.runs("fedmobillm-tokens")
+    token_bundles = _token_bundles(cfg) if tokens else {}
     rows: list[dict] = []  # one per method, backbone, partition, data set (seeds averaged)
     runs: list[dict] = []  # side-network methods: one per seed, with curves
     timings: dict[str, float] = {}
@@ -534,32 +604,41 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
         ds = load_dataset(dataset, seed=cfg.seed)
         label_names, n_train = list(ds.label_names), len(ds.splits["train"])
         t0 = time.perf_counter()
-        data = {b: load_split(cfg, bundles[b], dataset, n_train) for b in cfg.backbones}
+        data = {b: load_split(cfg, bundles[b], dataset, n_train) for b in bundles}
+        tok = _token_data(cfg, token_bundles, dataset, n_train) if tokens else None
         timings[f"{dataset}/activations"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        for r in range(cfg.repeats):
+        for r in range(cfg.repeat_offset, cfg.repeat_offset + cfg.repeats):
             run_cfg = dataclasses.replace(cfg, seed=cfg.seed + r)
-            log.info(
-                "%s: side networks, seed %d (%d/%d)", dataset, run_cfg.seed, r + 1, cfg.repeats
-            )
+            log.info("%s: side networks, seed %d", dataset, run_cfg.seed)
             with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as work:
-                runs += side_rows(run_cfg, dataset, label_names, data, bundles, Path(work))
+                runs += side_rows(
+                    run_cfg, dataset, label_names, data, bundles, Path(work),
+                    (tok, token_bundles) if tok is not None else None,
+                )  # fmt: skip
         rows += summarise(runs, dataset)
         timings[f"{dataset}/side"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        rows += [linear_probe(cfg, dataset, b, data[b]) for b in cfg.backbones]
+        if cfg.runs("linear-probe"):
+            rows += [linear_probe(cfg, dataset, b, data[b]) for b in cfg.backbones]
         timings[f"{dataset}/linear-probe"] = time.perf_counter() - t0
-        if cfg.full_ft:
+        for model in cfg.full_ft_models if cfg.runs("full-ft") else ():
             t0 = time.perf_counter()
-            rows.append(full_finetune(cfg, dataset))
-            timings[f"{dataset}/full-ft"] = time.perf_counter() - t0
+            rows.append(full_finetune(cfg, dataset, model))
+            timings[f"{dataset}/full-ft/{model}"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     result = {
         "rows": rows,
         "runs": runs,
         "targets": targets(rows),
-        "config": {**asdict(cfg), "side_config": asdict(cfg.side_config())},
+        "token_targets": token_targets(rows),
+        "config": {
+            **asdict(cfg),
+            "side_config": asdict(cfg.side_config()),
+            **({"token_side_config": asdict(_token_side(cfg))} if tokens else {}),
+        },
         "bundles": {b: str(p) for b, p in bundles.items()},
+        "token_bundles": {b: str(p) for b, p in token_bundles.items()},
         "timings_s": timings,
         "versions": versions(),
     }
@@ -567,40 +646,93 @@ def run(cfg: AccuracyConfig, out: Path) -> dict:
     return result
 
 
+def _bundles(cfg: AccuracyConfig) -> dict[str, Path]:
+    return {
+        b: Path(cfg.bundles[b])
+        if b in cfg.bundles
+        else bundle_for(BundleSpec(b, cfg.taps, cfg.quant, cfg.max_seq_len))
+        for b in cfg.backbones
+    }
+
+
+def _token_bundles(cfg: AccuracyConfig) -> dict[str, Path]:
+    """backbone -> its pivot-none bundle (``--token-bundle``, else exported and cached)."""
+    return {
+        b: Path(cfg.token_bundles[b])
+        if b in cfg.token_bundles
+        else bundle_for(BundleSpec(b, cfg.taps, cfg.quant, cfg.max_seq_len, pivot="none"))
+        for b in cfg.backbones
+    }
+
+
+def _token_side(cfg: AccuracyConfig) -> Any:
+    from benchmarks._tokens import side_config
+
+    return side_config(cfg)
+
+
+def _token_data(
+    cfg: AccuracyConfig, bundles: dict[str, Path], dataset: str, n_train: int
+) -> dict[str, Any]:
+    from benchmarks._tokens import load_token_split
+
+    layout = train_layout(cfg, n_train)
+    return {
+        b: load_token_split(cfg, p, dataset, layout, with_test=not cfg.validation_only)
+        for b, p in bundles.items()
+    }
+
+
 def summarise(runs: list[dict], dataset: str) -> list[dict]:
     """One row per (method, backbone, partition) of ``dataset``: the mean test accuracy over
-    the seeds (``accuracy``), its standard deviation and the per-seed values."""
+    the seeds (``accuracy``), its standard deviation and the per-seed values (validation-only
+    sweeps: the mean best validation accuracy, ``val_accuracy``, and no test figures)."""
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for r in runs:
         if r["dataset"] == dataset:
             groups.setdefault((r["method"], r["backbone"], r["partition"]), []).append(r)
     out = []
     for (method, backbone, partition), rs in groups.items():
-        accs = np.asarray([r["accuracy"] for r in rs], float)
-        out.append(
-            {
-                "method": method,
-                "backbone": backbone,
-                "partition": partition,
-                "dataset": dataset,
-                "accuracy": float(accs.mean()),
-                "accuracy_sd": float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
-                "seeds": [r["seed"] for r in rs],
-                "accuracy_per_seed": accs.tolist(),
-                "accuracy_torch": float(np.mean([r["accuracy_torch"] for r in rs])),
-                "majority_class_rate": rs[0]["majority_class_rate"],
-                "selected_steps": [r["selected_step"] for r in rs],
-                "side_params": rs[0]["side_params"],
-                "personal_params": rs[0]["personal_params"],
-                "personal_onnx_bytes": rs[0]["personal_onnx_bytes"],
-                "train_samples": rs[0]["train_samples"],
-                "anchor_samples": rs[0].get("anchor_samples", 0),
-                "test_samples": rs[0]["test_samples"],
-                "steps": rs[0]["steps"],
-                "seconds": float(sum(r["seconds"] for r in rs)),
-            }
-        )
+        vals = np.asarray([r["val_accuracy"] for r in rs], float)
+        row: dict[str, Any] = {
+            "method": method,
+            "backbone": backbone,
+            "partition": partition,
+            "dataset": dataset,
+            "seeds": [r["seed"] for r in rs],
+            "val_accuracy": float(vals.mean()),
+            "val_accuracy_per_seed": vals.tolist(),
+            "selected_steps": [r["selected_step"] for r in rs],
+            **{k: rs[0][k] for k in _SAME_OVER_SEEDS if k in rs[0]},
+            "seconds": float(sum(r["seconds"] for r in rs)),
+        }
+        if "accuracy" in rs[0]:
+            accs = np.asarray([r["accuracy"] for r in rs], float)
+            row.update(
+                accuracy=float(accs.mean()),
+                accuracy_sd=float(accs.std(ddof=1)) if len(accs) > 1 else 0.0,
+                accuracy_per_seed=accs.tolist(),
+                accuracy_torch=float(np.mean([r["accuracy_torch"] for r in rs])),
+            )
+        out.append(row)
     return out
+
+
+# what one (method, backbone, partition) row takes from its first seed's run
+_SAME_OVER_SEEDS = (
+    "majority_class_rate",
+    "side_params",
+    "personal_params",
+    "personal_onnx_bytes",
+    "train_samples",
+    "anchor_samples",
+    "test_samples",
+    "steps",
+    "bytes_per_sample",
+    "wire_bytes_per_sample",
+    "mean_tokens",
+    "token_side",
+)
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -641,6 +773,46 @@ def targets(rows: list[dict]) -> list[dict]:
     return out
 
 
+def token_targets(rows: list[dict]) -> list[dict]:
+    """Per data set and backbone with fedmobillm-tokens (IID) test rows: its gap to full
+    fine-tuning of the same backbone (target: within TOKEN_GAP_FULL_FT) and its margin over
+    the linear probe (target: at least TOKEN_MARGIN_PROBE); None where a reference is absent."""
+
+    def find(method: str, ds: str, b: str) -> dict | None:
+        return next(
+            (r for r in rows if (r["method"], r["dataset"], r["backbone"]) == (method, ds, b)
+             and "accuracy" in r), None,
+        )  # fmt: skip
+
+    out = []
+    for r in rows:
+        if r["method"] != "fedmobillm-tokens" or r["partition"] != "iid" or "accuracy" not in r:
+            continue
+        ds, b, tok = r["dataset"], r["backbone"], r["accuracy"]
+        ft, probe, piv = find("full-ft", ds, b), find("linear-probe", ds, b), None
+        piv = next((x for x in rows if (x["method"], x["dataset"], x["backbone"], x["partition"])
+                    == ("fedmobillm", ds, b, "iid") and "accuracy" in x), None)  # fmt: skip
+        gap = None if ft is None else ft["accuracy"] - tok
+        margin = None if probe is None else tok - probe["accuracy"]
+        out.append(
+            {
+                "dataset": ds,
+                "backbone": b,
+                "fedmobillm_tokens_iid": tok,
+                "full_ft": None if ft is None else ft["accuracy"],
+                "linear_probe": None if probe is None else probe["accuracy"],
+                "fedmobillm_iid": None if piv is None else piv["accuracy"],
+                "gap_to_full_ft": gap,
+                "within_2pt_of_full_ft": None if gap is None else gap <= TOKEN_GAP_FULL_FT + 1e-9,
+                "margin_over_probe": margin,
+                "3pt_above_probe": None if margin is None else margin >= TOKEN_MARGIN_PROBE - 1e-9,
+                "bytes_per_sample": r.get("bytes_per_sample"),
+                "pivot_bytes_per_sample": None if piv is None else piv.get("bytes_per_sample"),
+            }
+        )
+    return out
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata as md
 
@@ -660,6 +832,8 @@ COLUMNS = [
     ("fedmobillm", "iid"),
     ("fedmobillm-no-anchors", "iid"),
     ("fedmobillm", "dirichlet-0.1"),
+    ("fedmobillm-tokens", "iid"),
+    ("fedmobillm-tokens", "dirichlet-0.1"),
     ("centralised", "central"),
     ("single", "iid"),
     ("single", "dirichlet-0.1"),
@@ -680,18 +854,26 @@ def markdown(result: dict) -> str:
     for ds in dict.fromkeys(r["dataset"] for r in rows):
         lines += [f"### {ds} (test accuracy, %)", ""]
         head = ["backbone"] + [m if p == "central" else f"{m} {p}" for m, p in cols]
+        head += ["bytes/sample pivot", "bytes/sample tokens", "tokens on the wire"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for b in dict.fromkeys(r["backbone"] for r in rows if r["dataset"] == ds):
             cells = [b]
+            mine = [r for r in rows if (r["dataset"], r["backbone"]) == (ds, b)]
             for m, p in cols:
-                hit = [
-                    r
-                    for r in rows
-                    if (r["dataset"], r["backbone"], r["method"], r["partition"]) == (ds, b, m, p)
-                ]
+                hit = [r for r in mine if (r["method"], r["partition"]) == (m, p)]
                 cells.append(_cell(hit[0]) if hit else "")
+            for kind, key in (
+                ("fedmobillm", "bytes_per_sample"),
+                ("fedmobillm-tokens", "bytes_per_sample"),
+                ("fedmobillm-tokens", "wire_bytes_per_sample"),
+            ):
+                got = [r[key] for r in mine if r["method"] == kind and r.get(key)]
+                cells.append(f"{got[0]:,.0f}" if got else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+        if any("accuracy" not in r for r in rows if r["dataset"] == ds):
+            lines += ["(val): validation-only run, best validation accuracy; no test read.", ""]
+    lines += _token_target_lines(result.get("token_targets") or [])
     t = result.get("targets") or []
     if t:
         lines += [
@@ -709,7 +891,40 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _token_target_lines(tt: list[dict]) -> list[str]:
+    if not tt:
+        return []
+
+    def pt(v: float | None) -> str:
+        return "" if v is None else f"{100 * v:+.2f}"
+
+    def yn(v: bool | None) -> str:
+        return "" if v is None else _yn(v)
+
+    lines = [
+        "| data set | backbone | full-ft - tokens (pt) | within 2 pt | tokens - probe (pt) | "
+        ">= 3 pt | tokens - fedmobillm (pt) | bytes/sample tokens / pivot |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for x in tt:
+        piv = x["fedmobillm_iid"]
+        lift = None if piv is None else x["fedmobillm_tokens_iid"] - piv
+        ratio = (
+            f"{x['bytes_per_sample']:,.0f} / {x['pivot_bytes_per_sample']:,.0f}"
+            if x.get("pivot_bytes_per_sample")
+            else f"{x['bytes_per_sample']:,.0f}"
+        )
+        lines.append(
+            f"| {x['dataset']} | {x['backbone']} | {pt(x['gap_to_full_ft'])} | "
+            f"{yn(x['within_2pt_of_full_ft'])} | {pt(x['margin_over_probe'])} | "
+            f"{yn(x['3pt_above_probe'])} | {pt(lift)} | {ratio} |"
+        )
+    return lines + [""]
+
+
 def _cell(row: dict) -> str:
+    if "accuracy" not in row:
+        return f"{100 * row['val_accuracy']:.2f} (val)"
     if len(row.get("seeds", [])) > 1:
         return f"{100 * row['accuracy']:.2f} ± {100 * row['accuracy_sd']:.2f}"
     return f"{100 * row['accuracy']:.2f}"
@@ -740,7 +955,7 @@ def plot(result: dict, path: Path) -> None:
                     for r in rows
                     if (r["dataset"], r["backbone"], r["method"], r["partition"]) == (ds, b, m, p)
                 ]
-                vals.append(100 * hit[0]["accuracy"] if hit else np.nan)
+                vals.append(100 * hit[0].get("accuracy", np.nan) if hit else np.nan)
                 errs.append(100 * hit[0].get("accuracy_sd", 0.0) if hit else 0.0)
             label = m if p == "central" else f"{m} {p}"
             ax.bar(
@@ -755,7 +970,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xticks(np.arange(len(bbs)), bbs)
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(ds)
-        finite = [100 * r["accuracy"] for r in rows if r["dataset"] == ds]
+        finite = [100 * r["accuracy"] for r in rows if r["dataset"] == ds and "accuracy" in r]
+        finite = finite or [50.0, 100.0]
         ax.set_ylim(max(0.0, min(finite) - 5), min(100.0, max(finite) + 3))
         ax.grid(axis="y", alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -793,9 +1009,9 @@ def parse_pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
-def parse_side(items: list[str]) -> dict[str, Any]:
+def parse_side(items: list[str], flag: str = "--side") -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key, raw in parse_pairs(items, "--side"):
+    for key, raw in parse_pairs(items, flag):
         try:
             out[key] = json.loads(raw)
         except ValueError:
@@ -808,6 +1024,13 @@ def _csv(value: str | None) -> tuple[str, ...] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--merge"]:
+        if len(argv) != 4 or argv[2] != "--out":
+            print("usage: --merge DIR1,DIR2,... --out DIR", file=sys.stderr)
+            return 2
+        print(markdown(merge([Path(f) for f in argv[1].split(",")], Path(argv[3]))))
+        return 0
     a = _parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
@@ -822,12 +1045,61 @@ def main(argv: list[str] | None = None) -> int:
             )
         for p_ in cfg.partitions:
             alpha_of(p_)
+        check_methods(cfg)
         result = run(cfg, a.out)
     except FedMobiLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(markdown(result))
     return 0
+
+
+def merge(folders: list[Path], out: Path) -> dict:
+    """One result from runs of one configuration side by side (disjoint seeds through
+    --repeat-offset, or disjoint methods): every side-network run, summarised again over
+    the seeds; each other row (probe, full-ft) once, from the first folder that has it."""
+    parts = [json.loads((Path(f) / "accuracy.json").read_text()) for f in folders]
+    runs = [r for p in parts for r in p["runs"]]
+    rows: list[dict] = []
+    for ds in dict.fromkeys(r["dataset"] for p in parts for r in p["rows"]):
+        rows += summarise(runs, ds)
+    side = {(r["method"], r["dataset"], r["backbone"], r["partition"]) for r in rows}
+    for p in parts:
+        for r in p["rows"]:
+            key = (r["method"], r["dataset"], r["backbone"], r["partition"])
+            if key not in side:
+                rows.append(r)
+                side.add(key)
+    result = {
+        **parts[0],
+        "rows": rows,
+        "runs": runs,
+        "targets": targets(rows),
+        "token_targets": token_targets(rows),
+        "merged_from": [str(f) for f in folders],
+        "configs": [p["config"] for p in parts],
+        "timings_s": {str(f): p["timings_s"] for f, p in zip(folders, parts, strict=True)},
+    }
+    for p in parts:
+        result["token_bundles"] = {**result.get("token_bundles", {}), **p.get("token_bundles", {})}
+        result["bundles"] = {**result.get("bundles", {}), **p.get("bundles", {})}
+    write_outputs(result, out)
+    return result
+
+
+def check_methods(cfg: AccuracyConfig) -> None:
+    unknown = [m for m in cfg.methods if m not in METHODS]
+    if unknown:
+        raise FedMobiLLMError(
+            f"unknown method(s) {', '.join(unknown)}", hint=f"use any of {', '.join(METHODS)}"
+        )
+    if cfg.validation_only and [m for m in cfg.methods if m != "fedmobillm-tokens"]:
+        raise FedMobiLLMError(
+            "--validation-only is for sweeps of the token side network",
+            hint="add --methods fedmobillm-tokens",
+        )
+    if cfg.runs("fedmobillm-tokens"):
+        _token_side(cfg)  # an unknown --token-side option fails before any extraction
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -854,9 +1126,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--repeats", type=int, help="side-network runs per method (seeds seed..seed+N-1)"
     )
+    p.add_argument(
+        "--repeat-offset",
+        type=int,
+        help="index of the first repeat (seed = --seed + index, same data); with --merge",
+    )
     p.add_argument("--select", choices=("best-val", "final"), help="model selection")
     p.add_argument("--no-full-ft", action="store_true")
-    p.add_argument("--full-ft-model")
+    p.add_argument("--full-ft-model", help="comma-separated backbones to fully fine-tune")
+    p.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)} (default all)")
+    p.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="sweeps: report the best validation accuracy, never read the test split",
+    )
+    p.add_argument(
+        "--token-bundle",
+        action="append",
+        default=[],
+        metavar="BACKBONE=DIR",
+        help="an existing pivot-none bundle for a backbone (fedmobillm-tokens)",
+    )
+    p.add_argument(
+        "--token-side",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="token SideConfig override, e.g. --token-side width=64 --token-side pool=attention",
+    )
     p.add_argument("--full-ft-train", type=int, help="train records for full-ft")
     p.add_argument(
         "--bundle",
@@ -892,12 +1189,17 @@ def _config(a: argparse.Namespace) -> AccuracyConfig:
         partitions=_csv(a.partitions),
         seed=a.seed,
         repeats=a.repeats,
+        repeat_offset=a.repeat_offset,
         select=a.select,
         full_ft=False if a.no_full_ft else None,
-        full_ft_model=a.full_ft_model,
+        full_ft_models=_csv(a.full_ft_model),
         full_ft_train=a.full_ft_train,
         bundles=dict(parse_pairs(a.bundle, "--bundle")) or None,
+        token_bundles=dict(parse_pairs(a.token_bundle, "--token-bundle")) or None,
         side=parse_side(a.side) or None,
+        token_side={**TOKEN_SIDE, **parse_side(a.token_side, "--token-side")} or None,
+        methods=_csv(a.methods),
+        validation_only=a.validation_only or None,
     )
 
 

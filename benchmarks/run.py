@@ -26,6 +26,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks import _report as R
 from benchmarks._common import (
     BenchConfig,
@@ -42,6 +44,9 @@ from fedmobillm.errors import FedMobiLLMError
 log = logging.getLogger("benchmarks")
 REPO = Path(__file__).resolve().parent.parent
 MIN_LEARNED = 0.02  # best validation accuracy this far above the majority rate = learned
+# fedmobillm, FedAvg-LoRA and FedAvg full FT always run (the headline compares them);
+# fedmobillm-tokens (issue 15) is the per-token upload, on the simulated clock
+OPTIONAL_METHODS = ("fedmobillm-tokens",)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,6 +82,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run FedAvg in-process even if Flower's simulation engine is available",
     )
     p.add_argument(
+        "--methods",
+        default="",
+        metavar="fedmobillm-tokens",
+        help="extra methods beside fedmobillm, FedAvg-LoRA and FedAvg full FT: "
+        "fedmobillm-tokens (every token's taps uploaded; device cost and bytes against LoRA)",
+    )
+    p.add_argument(
+        "--token-side",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="token side-network override for fedmobillm-tokens (default: bench_accuracy's)",
+    )
+    p.add_argument(
         "--install-flower",
         action="store_true",
         help="pip install flwr[simulation] into a private folder if missing",
@@ -107,6 +126,13 @@ def make_config(a: argparse.Namespace) -> tuple[BenchConfig, dict[str, Path]]:
         k, v = item.split("=", 1)
         files[k] = Path(v)
     cfg.use_flower_engine = not a.no_flower
+    extra = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = [m for m in extra if m not in OPTIONAL_METHODS]
+    if unknown:
+        raise FedMobiLLMError(
+            f"unknown method(s) {', '.join(unknown)}", hint=f"use {', '.join(OPTIONAL_METHODS)}"
+        )
+    a.extra_methods = extra
     return cfg, files
 
 
@@ -307,6 +333,10 @@ def _main(a: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     profiles = fleet_profiles(cfg, profile_files)
     m = _measure(cfg, profiles, work, a.install_flower)
+    if "fedmobillm-tokens" in a.extra_methods:
+        with Timer("fedmobillm-tokens: replay on the simulated clock") as t:
+            m.tokens = _tokens_replay(cfg, m, _token_side(a.token_side))
+        m.stages["fedmobillm_tokens_replay"] = t.s
 
     # -- target and headline --
     target, best, majority = _target(cfg, m)
@@ -315,6 +345,9 @@ def _main(a: argparse.Namespace) -> int:
     full = R.fedavg_to_target(m.fedavg["full"], target, len(profiles))
     head = _headline(m, fm, lora)
     results = _results(cfg, m, target, best, majority, fm, lora, full)
+    if m.tokens is not None:
+        results["fedmobillm_tokens"] = _tokens_result(m, target, lora)
+        head["tokens"] = results["fedmobillm_tokens"]["versus_lora"]
     warning = R.not_learning_warning(best, majority, MIN_LEARNED)
     if warning:
         head["warning"] = results["warning"] = warning
@@ -362,6 +395,7 @@ class Measured:
     fedavg: dict[str, Any]
     fwd: dict[str, Any]
     stages: dict[str, float]
+    tokens: dict[str, Any] | None = None  # fedmobillm-tokens' replay (``--methods``)
 
 
 def _measure(
@@ -424,6 +458,62 @@ def _measure(
         stages[f"fedavg_{method}"] = t.s
     fwd = fwdgrad_cost(flops, mem, profiles, cfg.local_batch)
     return Measured(profiles, data, flops, mem, real, rep, cen, fedavg, fwd, stages)
+
+
+def _token_side(items: list[str]) -> dict[str, Any]:
+    from benchmarks.bench_accuracy import TOKEN_SIDE, parse_side
+
+    return {**TOKEN_SIDE, **parse_side(items, "--token-side")}
+
+
+def _tokens_replay(cfg: BenchConfig, m: Measured, side: dict[str, Any]) -> dict[str, Any]:
+    """fedmobillm-tokens on the simulated clock: the same fleet, records, device profiles,
+    forward FLOPs (the same backbone forward) and sampler as fedmobillm; every token's taps
+    uploaded (serde-encoded body bytes per batch, padded to the batch's longest sample)."""
+    from benchmarks import _fedmobillm as F
+
+    bundles = {q: F.token_bundle_for(cfg, q) for q in sorted({p.quant for p in m.profiles})}
+    rep = F.replay_tokens(cfg, m.data, m.profiles, bundles, m.flops["fedmobillm_forward"], side)
+    rep["bundles"] = {q: str(b) for q, b in bundles.items()}
+    rep["side"] = side
+    return rep
+
+
+def _tokens_result(m: Measured, target: float, lora: dict[str, Any]) -> dict[str, Any]:
+    """fedmobillm-tokens to the target, in the terms of ``R.fedmobillm_to_target``: its
+    per-device upload is the serde bodies plus the HTTP framing and the download the pivot
+    run measured on the wire for the same number of batches (acks, personal model)."""
+    rep = m.tokens
+    rows = []
+    train = [r for r in m.real.per_device if r["split"] == "train"]
+    for r, body, n in zip(train, rep["upload_body_bytes"], rep["samples"], strict=True):
+        framing = r["wire_bytes_up"] - r["http_body_bytes_up"]
+        rows.append(
+            {**r, "samples": n, "http_body_bytes_up": body, "wire_bytes_up": body + framing}
+        )
+    real = type("TokenRun", (), {"per_device": rows})()
+    fm = R.fedmobillm_to_target(rep, real, m.flops["fedmobillm_forward"], target)
+    test = list(rep["test"].values())[0]["accuracy"]
+    return {
+        "to_target": fm,
+        "replay": {k: v for k, v in rep.items() if k != "timelines"},
+        "test_accuracy": test,
+        "versus_lora": {
+            "reached_target": fm["reached"],
+            "bytes_per_device": fm["bytes_per_device"],
+            "lora_bytes_per_device": lora["bytes_per_device"],
+            "comm_reduction_vs_lora": 1.0 - fm["bytes_per_device"] / lora["bytes_per_device"],
+            "flops_per_device": fm["flops_per_device"],
+            "compute_reduction_vs_lora": 1.0 - fm["flops_per_device"] / lora["flops_per_device"],
+            "upload_bytes_per_sample": float(
+                np.sum(rep["upload_body_bytes"]) / max(1, np.sum(rep["samples"]))
+            ),
+            "stored_bytes_per_sample": rep["stored_bytes_per_sample"],
+            "time_to_target_s": fm["time_s"],
+            "lora_time_to_target_s": lora["time_s"],
+            "test_accuracy": test,
+        },
+    }
 
 
 def _target(cfg: BenchConfig, m: Measured) -> tuple[float, dict[str, float], float]:

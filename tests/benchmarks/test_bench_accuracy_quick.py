@@ -37,6 +37,7 @@ def result(make_bundle, tmp_path_factory) -> tuple[dict, Path]:
         "--partitions", "iid", "--train-limit", "240", "--anchors", "120", "--val-limit", "100",
         "--test-limit", "200", "--steps", "150", "--batch-per-arch", "16", "--repeats", "2",
         "--full-ft-model", "minilm-l3", "--full-ft-train", "16",
+        "--methods", ",".join(sorted(METHODS)),
         *[f"--bundle={b}={d}" for b, d in bundles.items()],
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
