@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -58,12 +59,16 @@ def worker_app() -> FastAPI:
     import json
     import os
 
+    from fedmobillm.server.trainer_view import TrainerView
+
     settings = ServerSettings(**json.loads(os.environ[WORKER_SETTINGS_ENV]))
-    return create_app(settings)
+    return create_app(settings, trainer_view=TrainerView)
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
-    """Build the app. The store opens now; the trainer thread starts with the app's lifespan."""
+def create_app(settings: ServerSettings, trainer_view: Any = None) -> FastAPI:
+    """Build the app. The store opens now; the trainer thread starts with the app's lifespan.
+    ``trainer_view``: without a trainer here, a class built on the store that stands for it
+    (``status()``, ``export_fresh()``; `serve --workers N`: trainer_view.TrainerView)."""
     service = open_service(settings)
     store = service.store
 
@@ -76,6 +81,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
             trainer = Trainer(settings)
             trainer.start()
         app.state.trainer = trainer
+        if trainer is None and trainer_view is not None:
+            app.state.trainer = trainer_view(store)
         try:
             yield
         finally:

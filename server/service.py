@@ -26,7 +26,7 @@ from fedmobillm.server.checks import (
     is_token_device,
 )
 from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound
-from fedmobillm.server.store import Device, Store
+from fedmobillm.server.store import Device, SqlStore
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class Service:
 
     def __init__(
         self,
-        store: Store,
+        store: SqlStore,  # SQLite (store.Store) or PostgreSQL (store_pg.PostgresStore)
         max_samples_per_batch: int = 4096,
         anchors: AnchorSet | None = None,
         inputs: str = "pivot",

@@ -298,6 +298,20 @@ class PostgresStore(SqlStore):
             )
         self._trainer_conn = conn
 
+    def put_meta(self, key: str, value: str) -> None:
+        """Upsert one meta row on its own (autocommit, no write lock): for values only this
+        process writes (the trainer's published status), never the task's pinned rows."""
+        with self._connection() as conn:
+            conn.execute(
+                "INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def get_meta(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
     # -- dialect -----------------------------------------------------------------------
 
     def _lock_device(self, db: PgTransaction, device_id: str) -> None:

@@ -26,7 +26,7 @@ from server_helpers import (
     make_payload,
     register,
 )
-from test_crash import Device, latest_checkpoint, wait_for
+from test_crash import Device, latest_checkpoint, trainer_status, wait_for
 from test_tokens import token_batch, token_manifest
 
 from fedmobillm.device_runtime.serde import encode_batch
@@ -326,6 +326,10 @@ def test_serve_workers_on_postgres_ingests_trains_and_survives_kill9(postgres, t
         r = httpx.get(f"{srv.url}/v1/status", headers=admin_headers(), timeout=30)
         assert r.status_code == 200, r.text
         assert r.json()["totals"]["samples"] == sum(len(d.acked) for d in devices)
+        # a worker answers with the status the trainer (in the serve process) published
+        wait_for(lambda: trainer_status(srv.url).get("step", 0) > 0, 60, "trainer status")
+        status = trainer_status(srv.url)
+        assert status["running"] and status["published_age_s"] < 30
     finally:
         srv.stop()
 

@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         settings.workers,
     )
     tls = _tls_options(args, settings.host)
-    options = {
+    options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": "info",
@@ -142,6 +142,7 @@ def _run_workers(settings: ServerSettings, options: dict[str, Any]) -> int:
     trainer, whatever the workers do (the store also refuses a second trainer per database)."""
     import json
     import os
+    import threading
 
     import uvicorn
 
@@ -163,12 +164,19 @@ def _run_workers(settings: ServerSettings, options: dict[str, Any]) -> int:
         workers=1,
     )
     os.environ[WORKER_SETTINGS_ENV] = json.dumps(worker)
-    trainer = None
+    trainer, publisher, stop = None, None, threading.Event()
     if settings.train:
+        from fedmobillm.server.store import open_store
         from fedmobillm.server.trainer import Trainer
+        from fedmobillm.server.trainer_view import publish_status
 
         trainer = Trainer(settings)
         trainer.start()
+        view_store = open_store(settings.model_copy(update={"database_pool": 1}))
+        publisher = threading.Thread(
+            target=publish_status, args=(trainer, view_store, stop), name="trainer-status"
+        )
+        publisher.start()  # the workers' /v1/status reads what it publishes
     try:
         uvicorn.run(
             "fedmobillm.server.app:worker_app", factory=True, workers=settings.workers, **options
@@ -176,6 +184,10 @@ def _run_workers(settings: ServerSettings, options: dict[str, Any]) -> int:
     finally:
         if trainer is not None:
             trainer.stop()  # final checkpoint and export
+            stop.set()
+        if publisher is not None:
+            publisher.join(10)
+            view_store.close()
     return 0
 
 

@@ -1,0 +1,76 @@
+"""The trainer as `serve --workers N` workers see it: the trainer runs in the `serve` process
+(one per database), the workers answer `/v1/status`, `/metrics` and personal-model downloads.
+
+``publish_status`` (a thread in the `serve` process) writes ``trainer.status()`` into the
+PostgreSQL store's meta table every PUBLISH_EVERY_S seconds; ``TrainerView`` (each worker's
+``app.state.trainer``) reads it back, its ``backlog`` too (ingest's back-pressure reads it). ``export_fresh`` cannot reach the trainer from a worker:
+a download gets the latest periodic export (``export_every``)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from fedmobillm.server.store_pg import PostgresStore
+
+log = logging.getLogger(__name__)
+
+STATUS_KEY = "trainer_status"
+PUBLISH_EVERY_S = 1.0
+
+
+class TrainerView:
+    """``status()`` as the trainer last published it, with ``published`` (unix time) and
+    ``published_age_s``; ``{"running": False, ...}`` before the first publication."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.store = store
+        self._backlog = (0.0, 0)  # (when read, value)
+
+    @property
+    def backlog(self) -> int:
+        """The trainer's published backlog (stored samples it has not read; 0 if it publishes
+        none), read from the store at most every PUBLISH_EVERY_S seconds: ingest asks per
+        upload."""
+        read, value = self._backlog
+        if time.monotonic() - read >= PUBLISH_EVERY_S:
+            raw = self.store.get_meta(STATUS_KEY)
+            value = int((json.loads(raw) if raw else {}).get("backlog") or 0)
+            self._backlog = (time.monotonic(), value)
+        return value
+
+    def status(self) -> dict[str, Any]:
+        raw = self.store.get_meta(STATUS_KEY)
+        if raw is None:
+            return {"running": False, "note": "the trainer has not published its status yet"}
+        status = json.loads(raw)
+        status["published_age_s"] = round(time.time() - float(status.get("published", 0)), 3)
+        return status
+
+    def export_fresh(self, architecture: str, timeout: float = 120.0) -> None:
+        """No-op: a worker serves the latest periodic export of ``architecture``."""
+
+
+def publish_status(trainer: Any, store: PostgresStore, stop: threading.Event) -> None:
+    """Until ``stop``: ``trainer.status()`` into the store every PUBLISH_EVERY_S seconds (one
+    upsert of one meta row, outside the write lock: it never waits for ingest). Errors are
+    logged and retried: the status is a view, training goes on without it."""
+    while True:
+        try:
+            status = {**trainer.status(), "published": time.time()}
+            store.put_meta(STATUS_KEY, json.dumps(status, default=_jsonable))
+        except Exception:  # noqa: BLE001 - the next tick retries
+            log.exception("could not publish the trainer status")
+        if stop.wait(PUBLISH_EVERY_S):
+            return
+
+
+def _jsonable(value: Any) -> Any:
+    """numpy scalars and anything else json cannot write: as float, else str."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
