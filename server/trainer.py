@@ -7,10 +7,19 @@ trainer.json), built in a temporary folder, fsynced and renamed into place; ``LA
 (a JSON pointer, replaced atomically) names the newest. The last two are kept. After a
 crash the trainer resumes from ``LATEST`` (or the newest complete folder).
 
-Token federations (``side.inputs = "tokens"``): each cached sample stays as uploaded, a
-``TokenSample`` (int8 or float16 (K, L_i, d), plus the per-tap scales of int8), and is
-dequantized only when drawn: a mini-batch (and an anchor batch, and each validation chunk) is
-padded to its own longest sample with ``side.pad_tokens``, and the mask goes with it.
+Every cached sample stays as uploaded (``server/compact.py``): a pivot device's training
+samples in a ``PivotStream`` (int8 (n, K, d) + per-tap scales, or fp16), validation and
+anchor rows as ``PivotSample``; a token sample as a ``TokenSample`` (int8 or float16 (K, L_i,
+d), plus the per-tap scales of int8). They are dequantized only when drawn: a mini-batch,
+an anchor batch, each validation chunk (a token chunk padded to its own longest sample with
+``side.pad_tokens``, and the mask goes with it).
+
+Memory (``trainer_memory_mb``): past the cap the cache keeps a uniform random subset of each
+(architecture, device) stream and of each architecture's validation rows (reservoir sampling,
+``compact.Reservoir``); every stream gets an equal share of the bytes (validation
+VALIDATION_SHARE of them; anchors, bounded by the anchor set, are all kept), so the sampler
+still draws every device, architecture and anchor. The rest stays in the store. Status and the
+log say how many samples the cache holds against the store.
 """
 
 from __future__ import annotations
@@ -32,6 +41,15 @@ import numpy as np
 from fedmobillm.device_runtime.files import fsync_dir, write_atomic
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.checks import FP16_RANGE
+from fedmobillm.server.compact import (
+    SAMPLE_OVERHEAD,
+    TOKEN_OBJECT_BYTES,
+    PivotSample,
+    PivotStream,
+    Reservoir,
+    dense,
+    screen_pivot,
+)
 from fedmobillm.server.personal import publish_folder
 from fedmobillm.server.policies import balanced_sample, label_distribution, should_idle
 from fedmobillm.server.service import QUARANTINE_AFTER
@@ -51,6 +69,15 @@ REBASE_GROWTH = 0.1
 QUARANTINE_POLL_S = 1.0
 # Token samples per forward when evaluating (each chunk padded to its own longest sample)
 EVAL_CHUNK = 128
+# Pivot samples dequantized per forward when evaluating or blaming
+PIVOT_CHUNK = 1024
+# Store rows per read; a refresh reads pages until caught up or REFRESH_BUDGET_S is spent
+PAGE_ROWS = 10_000
+REFRESH_BUDGET_S = 2.0
+# The share of trainer_memory_mb for validation rows (split equally across architectures)
+VALIDATION_SHARE = 0.2
+# Seconds between two log lines about the cache's subset
+CACHE_LOG_EVERY_S = 30.0
 
 
 @dataclass(slots=True)
@@ -82,16 +109,18 @@ class ArchData:
     taps: list[int]
     depth: int
     hidden: int
-    tokens: bool = False  # token samples (TokenSample) instead of float32 (K, d) arrays
+    tokens: bool = False  # token samples (TokenSample) instead of pivot samples
     bundle_sha256s: set[str] = field(default_factory=set)
     encodings: set[str] = field(default_factory=set)  # of the uploads: int8 / fp16
-    train_x: dict[str, list[np.ndarray]] = field(default_factory=dict)  # device -> [(K, d)]
+    # device -> its samples: a PivotStream (pivot), a list of TokenSamples (tokens), or a list
+    # of float32 (K, d) arrays (what the benchmarks' simulated clock puts here)
+    train_x: dict[str, Any] = field(default_factory=dict)
     train_y: dict[str, list[int]] = field(default_factory=dict)
-    val_x: list[np.ndarray] = field(default_factory=list)
+    val_x: list[Any] = field(default_factory=list)  # PivotSample / TokenSample / (K, d)
     val_y: list[int] = field(default_factory=list)
     val_from: list[str] = field(default_factory=list)  # the device of each validation row
-    # anchor id -> (K, d): the server's public anchor texts through this architecture
-    anchor_x: dict[int, np.ndarray] = field(default_factory=dict)
+    # anchor id -> PivotSample (K, d) (or TokenSample): the public anchor texts through it
+    anchor_x: dict[int, Any] = field(default_factory=dict)
     anchor_from: dict[int, str] = field(default_factory=dict)  # anchor id -> device
     # what was cached: samples, their real tokens and their stored (= uploaded) bytes
     rows: int = 0
@@ -99,10 +128,13 @@ class ArchData:
     byte_sum: int = 0
     _stacked: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def device_arrays(self, device: str) -> tuple[np.ndarray, np.ndarray]:
-        """(x, y (n,)): x float32 (n, K, d), or for token samples an object array (n,) of
+    def device_arrays(self, device: str) -> tuple[Any, np.ndarray]:
+        """(x, y (n,)): x a PivotStream (``x[idx]`` dequantizes to float32 (len(idx), K, d)),
+        float32 (n, K, d) for a list of arrays, or for token samples an object array (n,) of
         TokenSamples (indexable like x; ``collate_tokens`` turns a draw into arrays)."""
         xs = self.train_x[device]
+        if isinstance(xs, PivotStream):
+            return xs, xs.labels_array()
         cached = self._stacked.get(device)
         if cached is None or len(cached[1]) != len(xs):
             if self.tokens:
@@ -113,6 +145,12 @@ class ArchData:
             cached = (x, np.asarray(self.train_y[device], np.int64))
             self._stacked[device] = cached
         return cached
+
+    def sample_bytes(self) -> float:
+        """Mean bytes one held sample of this architecture costs (values, scales, label)."""
+        values = self.byte_sum / max(self.rows, 1)
+        extra = 4 * len(self.taps) + SAMPLE_OVERHEAD + (TOKEN_OBJECT_BYTES if self.tokens else 0)
+        return values + extra
 
     def count(self, q: np.ndarray, tokens: int | None) -> None:
         self.rows += 1
@@ -138,7 +176,9 @@ Row = tuple[str, str, str, int, int, Any]
 
 
 class TrainingCache:
-    """Everything acknowledged, read incrementally from the store (row id watermark).
+    """What was acknowledged, read incrementally from the store (row id watermark), held
+    as uploaded; with ``memory_mb`` > 0 a uniform random subset per stream within that many
+    MB (see the module docstring).
 
     Never trusts the store: a row whose values its device's bundle cannot produce (non-finite,
     or beyond ``checks.FP16_RANGE`` x the tap's int8 clip, e.g. stored before uploads were
@@ -147,8 +187,14 @@ class TrainingCache:
     deleted (revocation with deletion) are dropped for good. ``inputs``: the federation's
     kind ("pivot" | "tokens"); a stored row of the other kind is skipped with a warning."""
 
-    def __init__(self, inputs: str = "pivot") -> None:
+    def __init__(self, inputs: str = "pivot", memory_mb: float = 0.0, seed: int = 0) -> None:
         self.tokens = inputs == "tokens"
+        self.cap_bytes = int(memory_mb * 2**20) if memory_mb > 0 else None
+        self.reservoir = Reservoir(seed)
+        self._quotas: dict[tuple[str, str], int] | None = None  # (arch, split) -> samples
+        self._val_archs: set[str] = set()
+        self.held_bytes = 0  # bytes the cached samples take (as of the last refresh)
+        self._logged = 0.0
         self.archs: dict[str, ArchData] = {}
         self.watermark = 0
         self._known_devices: set[str] = set()
@@ -163,28 +209,50 @@ class TrainingCache:
         self.mismatched = 0  # rows of the other input kind, skipped
         self.rows_read = 0  # store rows read so far (cached, held, dropped or skipped)
 
-    def refresh(self, store: Store) -> int:
-        """Pull new rows; returns how many labelled training and anchor samples arrived."""
-        rows = store.read_samples(self.watermark)
-        if len(rows.ids) == 0:
-            return 0
+    def refresh(self, store: Store, budget_s: float = REFRESH_BUDGET_S) -> int:
+        """Pull new rows, a page of PAGE_ROWS at a time until caught up or ``budget_s`` is
+        spent; returns how many labelled training and anchor samples arrived."""
+        new, t0 = 0, time.monotonic()
+        while True:
+            rows = store.read_samples(self.watermark, PAGE_ROWS)
+            if len(rows.ids) == 0:
+                break
+            got = self._take(store, rows)
+            if got:
+                self._enforce()  # per page: a refresh never holds more than a page too many
+            new += got
+            if len(rows.ids) < PAGE_ROWS or time.monotonic() - t0 > budget_s:
+                break
+        return new
+
+    def _take(self, store: Store, rows: SampleRows) -> int:
+        """Screen and cache one page of store rows (the range check for the page at once)."""
         self.rows_read += len(rows.ids)
         if set(rows.device_ids) - self._known_devices:
             self._ensure_archs(store)
+        ok = self._screen(rows)
         new, bad = 0, {}
+        labels, bulk = rows.labels.tolist(), {}
         for i in range(len(rows.ids)):
             device = rows.device_ids[i]
-            x = self._cached_form(rows, i)
-            if x is None:
+            if ok[i] is None:
                 continue
-            if x is False:
+            if not ok[i]:
                 bad[device] = bad.get(device, 0) + 1
+                continue
+            if self._bulk_row(rows, i, labels[i]):  # a pivot training row: cached per group
+                key = (rows.architectures[i], device, rows.raw[i].dtype)
+                bulk.setdefault(key, []).append(i)
                 continue
             a = self.archs[rows.architectures[i]]
             a.encodings.add(rows.encodings[i])
             a.count(rows.raw[i], rows.tokens[i])
+            kind = TokenSample if self.tokens else PivotSample
+            x = kind(rows.raw[i], rows.scales[i])
             row = (rows.architectures[i], device, rows.splits[i], int(rows.sample_ids[i]))
             new += self._add((*row, int(rows.labels[i]), x))
+        for (arch, device, _), idx in bulk.items():
+            new += self._keep_train_rows(arch, device, rows, idx)
         for device, n in bad.items():
             self.dropped[device] = self.dropped.get(device, 0) + n
             self.offences[device] = f"{n} stored samples outside the bundle's range dropped"
@@ -194,24 +262,74 @@ class TrainingCache:
         self.watermark = rows.cursor  # SQLite: the last row id; PostgreSQL: see store_pg
         return new
 
-    def _cached_form(self, rows: SampleRows, i: int) -> Any:
-        """Row i as the cache keeps it: float32 (K, d) for a pivot row, a TokenSample for a
-        token row; False if its values are outside its bundle's range; None (skipped, with a
-        warning) if it is not of this federation's kind."""
-        token_row = rows.tokens[i] is not None
-        if token_row != self.tokens:
-            self.mismatched += 1
-            if self.mismatched == 1:
-                log.warning(
-                    "skipping stored %s samples: this server trains a %s federation",
-                    "token" if token_row else "pivot",
-                    "token" if self.tokens else "pivot",
-                )
-            return None
-        x = dequantize_sample(rows.raw[i], rows.scales[i])  # (K, d) or (K, L, d)
-        if not _within(x, self._bounds[rows.device_ids[i]]):
-            return False
-        return TokenSample(rows.raw[i], rows.scales[i]) if token_row else x
+    def _screen(self, rows: SampleRows) -> list[bool | None]:
+        """Per row: True (cache it), False (values outside its bundle's range) or None (not
+        of this federation's kind: skipped, with a warning). Pivot rows are checked per
+        (device, dtype) group in one vectorised pass (``compact.screen_pivot``)."""
+        ok: list[bool | None] = [None] * len(rows.ids)
+        groups: dict[tuple[str, Any], list[int]] = {}
+        for i, tokens in enumerate(rows.tokens):
+            if (tokens is not None) != self.tokens:
+                self._mismatch(tokens is not None)
+            elif tokens is None:
+                groups.setdefault((rows.device_ids[i], rows.raw[i].dtype), []).append(i)
+            else:
+                x = dequantize_sample(rows.raw[i], rows.scales[i])  # (K, L, d)
+                ok[i] = _within(x, self._bounds[rows.device_ids[i]])
+        for (device, _), idx in groups.items():
+            good = screen_pivot(
+                [rows.raw[i] for i in idx], [rows.scales[i] for i in idx], self._bounds[device]
+            )
+            for i, g in zip(idx, good.tolist(), strict=True):
+                ok[i] = g
+        return ok
+
+    def _bulk_row(self, rows: SampleRows, i: int, label: int) -> bool:
+        """Whether row i is a labelled pivot training row of a device neither quarantined
+        nor deleted (cached with the others of its device by ``_keep_train_rows``)."""
+        device = rows.device_ids[i]
+        return (
+            not self.tokens
+            and label >= 0
+            and rows.splits[i] == "train"
+            and device not in self.quarantined
+            and device not in self.deleted
+        )
+
+    def _keep_train_rows(self, arch: str, device: str, rows: SampleRows, idx: list[int]) -> int:
+        """Offer m screened pivot training rows of one device and dtype to its stream at
+        once (appends while under the quota, Algorithm R replacements past it); m."""
+        a, m = self.archs[arch], len(idx)
+        a.rows += m
+        a.byte_sum += m * int(rows.raw[idx[0]].nbytes)
+        a.encodings.update(rows.encodings[i] for i in idx)
+        xs = a.train_x.get(device)
+        if xs is None:
+            xs = PivotStream(len(a.taps), a.hidden)
+            a.train_x[device], a.train_y[device] = xs, xs.labels
+            self._quotas = None  # one stream more: every share changes
+            xs.limit = self._quota(arch, "train")
+        ones = np.ones(len(a.taps), np.float32)
+        q = np.stack([rows.raw[i] for i in idx])  # (m, K, d) int8 or float16
+        sc = np.stack([ones if rows.scales[i] is None else rows.scales[i] for i in idx])  # (m, K)
+        y = rows.labels[idx]  # (m,)
+        take, at, slots = self.reservoir.offer_many(
+            (arch, device), len(xs), self._quota(arch, "train"), m
+        )
+        xs.extend(q[:take], sc[:take], y[:take])
+        if len(at):
+            xs.put_many(slots, q[at], sc[at], y[at])
+        a._stacked.pop(device, None)
+        return m
+
+    def _mismatch(self, token_row: bool) -> None:
+        self.mismatched += 1
+        if self.mismatched == 1:
+            log.warning(
+                "skipping stored %s samples: this server trains a %s federation",
+                "token" if token_row else "pivot",
+                "token" if self.tokens else "pivot",
+            )
 
     def _add(self, row: Row) -> int:
         """Cache one row (held if its device is quarantined); 1 if it is new training data."""
@@ -223,18 +341,143 @@ class TrainingCache:
             return 0
         a = self.archs[arch]
         if split == "validation":
-            a.val_x.append(x)
-            a.val_y.append(y)
-            a.val_from.append(device)
+            self._keep_validation(a, arch, device, x, y)
         elif split == "anchor":
             a.anchor_x[sid] = x
             a.anchor_from[sid] = device
             return 1  # wakes an idle trainer: the alignment has more to learn from
         elif y >= 0:
-            a.train_x.setdefault(device, []).append(x)
-            a.train_y.setdefault(device, []).append(y)
+            self._keep_train(a, arch, device, x, y)
             return 1
         return 0
+
+    def _keep_train(self, a: ArchData, arch: str, device: str, x: Any, y: int) -> None:
+        """Offer one training sample to its (arch, device) stream's reservoir."""
+        xs = a.train_x.get(device)
+        if xs is None:
+            xs = [] if self.tokens else PivotStream(len(a.taps), a.hidden)
+            a.train_x[device] = xs
+            a.train_y[device] = [] if self.tokens else xs.labels
+            self._quotas = None  # one stream more: every share changes
+            if isinstance(xs, PivotStream):
+                xs.limit = self._quota(arch, "train")
+        ys = a.train_y[device]
+        slot = self.reservoir.offer((arch, device), len(ys), self._quota(arch, "train"))
+        if slot is None:
+            return
+        a._stacked.pop(device, None)
+        if isinstance(xs, PivotStream):
+            if slot < 0:
+                xs.append(x, y)
+            else:
+                xs.put(slot, x, y)
+        elif slot < 0:
+            xs.append(x)
+            ys.append(y)
+        else:
+            xs[slot], ys[slot] = x, y
+
+    def _keep_validation(self, a: ArchData, arch: str, device: str, x: Any, y: int) -> None:
+        """Offer one validation sample to its architecture's reservoir."""
+        if arch not in self._val_archs:
+            self._val_archs.add(arch)
+            self._quotas = None
+        quota = self._quota(arch, "validation")
+        slot = self.reservoir.offer((arch, "validation"), len(a.val_y), quota)
+        if slot is None:
+            return
+        if slot < 0:
+            a.val_x.append(x)
+            a.val_y.append(y)
+            a.val_from.append(device)
+        else:
+            a.val_x[slot], a.val_y[slot], a.val_from[slot] = x, y, device
+
+    def _quota(self, arch: str, split: str) -> int | None:
+        """Samples one stream of ``arch`` may hold (None: no cap)."""
+        if self.cap_bytes is None:
+            return None
+        if self._quotas is None:
+            self._quotas = self._compute_quotas()
+        return self._quotas.get((arch, split), 1)
+
+    def _compute_quotas(self) -> dict[tuple[str, str], int]:
+        """(arch, split) -> samples per stream: the cap less the anchors' bytes, validation
+        VALIDATION_SHARE of it split across the architectures with validation rows, the rest
+        split equally (in bytes) across the (architecture, device) training streams."""
+        assert self.cap_bytes is not None
+        anchors = sum(len(a.anchor_x) * a.sample_bytes() for a in self.archs.values())
+        budget = max(self.cap_bytes - anchors, 0.0)
+        val = VALIDATION_SHARE * budget if self._val_archs else 0.0
+        streams = max(1, sum(len(a.train_x) for a in self.archs.values()))
+        quotas = {}
+        for arch, a in self.archs.items():
+            per = a.sample_bytes()
+            quotas[(arch, "train")] = max(1, int((budget - val) / streams / per))
+            if arch in self._val_archs:
+                quotas[(arch, "validation")] = max(1, int(val / len(self._val_archs) / per))
+        return quotas
+
+    def _enforce(self) -> None:
+        """Recompute the shares and shrink every stream over its quota to a uniform random
+        subset; update ``held_bytes``; say (log) how much of what was read is held."""
+        if self.cap_bytes is not None:
+            self._quotas = self._compute_quotas()
+            for arch, a in self.archs.items():
+                quota = self._quotas[(arch, "train")]
+                for device, xs in list(a.train_x.items()):
+                    if len(xs) > quota:
+                        self._shrink(a, device, quota)
+                    if isinstance(xs, PivotStream):
+                        xs.limit = quota
+                        xs.trim()
+                vq = self._quotas.get((arch, "validation"))
+                if vq is not None and len(a.val_y) > vq:
+                    keep = self.reservoir.subset(len(a.val_y), vq).tolist()
+                    a.val_x = [a.val_x[i] for i in keep]
+                    a.val_y = [a.val_y[i] for i in keep]
+                    a.val_from = [a.val_from[i] for i in keep]
+        self.held_bytes = self._held_bytes()
+        held, read = self.held_samples(), self.samples_read()
+        now = time.monotonic()
+        if held < read and now - self._logged >= CACHE_LOG_EVERY_S:
+            self._logged = now
+            log.info(
+                "trainer cache holds %d of the %d samples read (%.1f MB, cap %.0f MB); the "
+                "rest stays in the store",
+                held,
+                read,
+                self.held_bytes / 2**20,
+                (self.cap_bytes or 0) / 2**20,
+            )
+
+    def _shrink(self, a: ArchData, device: str, quota: int) -> None:
+        xs, ys = a.train_x[device], a.train_y[device]
+        keep = self.reservoir.subset(len(ys), quota)
+        a._stacked.pop(device, None)
+        if isinstance(xs, PivotStream):
+            xs.keep(keep)  # its labels list (= ys) follows
+        else:
+            xs[:] = [xs[i] for i in keep]
+            ys[:] = [ys[i] for i in keep]
+
+    def _held_bytes(self) -> int:
+        total = 0.0
+        for a in self.archs.values():
+            for xs in a.train_x.values():
+                total += xs.nbytes if isinstance(xs, PivotStream) else len(xs) * a.sample_bytes()
+            total += (len(a.val_y) + len(a.anchor_x)) * a.sample_bytes()
+        return int(total)
+
+    def held_samples(self) -> int:
+        """Training, validation and anchor samples the cache holds now."""
+        return sum(a.num_train + len(a.val_y) + len(a.anchor_x) for a in self.archs.values())
+
+    def samples_read(self) -> int:
+        """Samples of this federation's kind read and screened (held or not; dropped rows,
+        rows of deleted devices and unlabelled training rows not counted)."""
+        seen = sum(self.reservoir.seen.values())
+        return seen + sum(len(a.anchor_x) for a in self.archs.values())
 
     def set_quarantined(self, devices: set[str]) -> None:
         """Hold the training and anchor samples of newly quarantined devices out of
@@ -245,10 +488,12 @@ class TrainingCache:
             for arch, a in self.archs.items():
                 xs, ys = a.train_x.pop(device, []), a.train_y.pop(device, [])
                 a._stacked.pop(device, None)
+                self.reservoir.forget((arch, device))  # released rows are offered anew
                 held += [(arch, device, "train", -1, y, x) for x, y in zip(xs, ys, strict=True)]
                 for sid in [i for i, d in a.anchor_from.items() if d == device]:
                     held.append((arch, device, "anchor", sid, -1, a.anchor_x.pop(sid)))
                     del a.anchor_from[sid]
+            self._quotas = None
             log.warning("device %s quarantined: %d samples held out of training", device, len(held))
         for device in sorted(self.quarantined - devices):
             self.quarantined.discard(device)
@@ -262,10 +507,12 @@ class TrainingCache:
         for device in sorted(devices - self.deleted):
             self.deleted.add(device)
             n = len(self.held.pop(device, []))
-            for a in self.archs.values():
+            self._quotas = None
+            for arch, a in self.archs.items():
                 n += len(a.train_y.pop(device, []))
                 a.train_x.pop(device, None)
                 a._stacked.pop(device, None)
+                self.reservoir.forget((arch, device))
                 keep = [i for i, d in enumerate(a.val_from) if d != device]
                 n += len(a.val_from) - len(keep)
                 a.val_x = [a.val_x[i] for i in keep]
@@ -318,7 +565,7 @@ class TrainingCache:
         pick = [ids[i] for i in rng.choice(len(ids), min(batch_size, len(ids)), replace=False)]
         if self.tokens:
             return [(k, *collate_tokens([a.anchor_x[i] for i in pick])) for k, a in archs]
-        return [(k, np.stack([a.anchor_x[i] for i in pick])) for k, a in archs]
+        return [(k, np.stack([dense(a.anchor_x[i]) for i in pick])) for k, a in archs]  # (M,K,d)
 
     def sample(
         self, rng: np.random.Generator, batch_size: int, balance: str = "device"
@@ -361,7 +608,7 @@ class Trainer:
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.ckpt_dir = settings.checkpoint_dir
-        self.cache = TrainingCache(settings.side.inputs)
+        self.cache = TrainingCache(settings.side.inputs, settings.trainer_memory_mb, settings.seed)
         self.side: SideTrainer | None = None
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
@@ -391,6 +638,7 @@ class Trainer:
         self._quarantine_polled = 0.0
         # stored samples not read yet (ingest's back-pressure reads it; limits.IngestGate)
         self.backlog = 0
+        self.stored = 0  # samples the store counts (as of the last poll)
         self._backlog_polled = 0.0
 
     # -- lifecycle --
@@ -522,8 +770,8 @@ class Trainer:
         now = time.monotonic()
         if now - self._backlog_polled >= QUARANTINE_POLL_S:
             self._backlog_polled = now
-            stored = sum(int(n) for *_, n in store.sample_counts())
-            self.backlog = max(0, stored - self.cache.rows_read)
+            self.stored = sum(int(n) for *_, n in store.sample_counts())
+            self.backlog = max(0, self.stored - self.cache.rows_read)
 
     def _record_offences(self, store: Store) -> None:
         """Offences the cache found (impossible stored rows, blamed steps) go to the store,
@@ -602,11 +850,18 @@ class Trainer:
         return sum(len(a.val_y) for a in self.cache.archs.values())
 
     def _predict(self, arch: str, x: Any) -> np.ndarray:
-        """Logits (n, C) of x float32 (n, K, d), or of TokenSamples in chunks of EVAL_CHUNK
-        (each padded to its own longest sample), in the order given."""
+        """Logits (n, C) of x float32 (n, K, d) or a PivotStream (dequantized PIVOT_CHUNK rows
+        at a time), or of TokenSamples in chunks of EVAL_CHUNK (each padded to its own
+        longest sample), in the order given."""
         assert self.side is not None
-        if not self.cache.tokens:
+        if isinstance(x, np.ndarray) and not self.cache.tokens:
             return self.side.predict(arch, x)
+        if not self.cache.tokens:
+            out = [
+                self.side.predict(arch, x[i : i + PIVOT_CHUNK])  # (c, K, d) float32
+                for i in range(0, len(x), PIVOT_CHUNK)
+            ]
+            return np.concatenate(out) if out else np.zeros((0, len(self.side.label_names)))
         out = [
             self.side.predict(arch, *collate_tokens(x[i : i + EVAL_CHUNK]))
             for i in range(0, len(x), EVAL_CHUNK)
@@ -618,14 +873,19 @@ class Trainer:
         evaluated in chunks of similar length (sorted by tokens), each padded to its longest."""
         assert self.side is not None
         y = np.asarray(a.val_y, np.int64)
-        if not self.cache.tokens:
-            return self.side.evaluate(name, np.stack(a.val_x), y)  # x (n, K, d)
-        order = sorted(range(len(y)), key=lambda i: a.val_x[i].tokens)
+        if self.cache.tokens:
+            order = sorted(range(len(y)), key=lambda i: a.val_x[i].tokens)
+            chunk = EVAL_CHUNK
+        else:
+            order, chunk = list(range(len(y))), PIVOT_CHUNK
         total = {"accuracy": 0.0, "loss": 0.0, "n": 0}
-        for start in range(0, len(order), EVAL_CHUNK):
-            idx = order[start : start + EVAL_CHUNK]
-            x, mask = collate_tokens([a.val_x[i] for i in idx])
-            r = self.side.evaluate(name, x, y[idx], mask)
+        for start in range(0, len(order), chunk):
+            idx = order[start : start + chunk]
+            if self.cache.tokens:
+                x, mask = collate_tokens([a.val_x[i] for i in idx])
+                r = self.side.evaluate(name, x, y[idx], mask)
+            else:  # dequantized per chunk: x (c, K, d)
+                r = self.side.evaluate(name, np.stack([dense(a.val_x[i]) for i in idx]), y[idx])
             if r["n"]:
                 total["accuracy"] += r["accuracy"] * r["n"]
                 total["loss"] += r["loss"] * r["n"]
@@ -833,9 +1093,7 @@ class Trainer:
                         "anchors": len(a.anchor_x),
                         "devices": len(a.train_y),
                         # training samples per label name: an architecture's label skew
-                        "labels": label_distribution(
-                            a.train_y, side.label_names if side else None
-                        ),
+                        "labels": label_distribution(a.train_y, side.label_names if side else None),
                         **a.upload_stats(),
                     }
                     for n, a in list(self.cache.archs.items())  # copy: the thread adds archs
@@ -852,4 +1110,14 @@ class Trainer:
                 "dropped_samples": dict(self.cache.dropped),
                 "best_validation": {n: dict(b) for n, b in self.best.items()},
                 "history": self.history[-50:],
+                # what the cache holds against the store (trainer_memory_mb), and the
+                # stored samples not read yet (ingest answers 429 past max_backlog_samples)
+                "cache": {
+                    "samples": self.cache.held_samples(),
+                    "samples_read": self.cache.samples_read(),
+                    "store_samples": self.stored,
+                    "bytes": self.cache.held_bytes,
+                    "cap_bytes": self.cache.cap_bytes,
+                },
+                "backlog": self.backlog,
             }
