@@ -217,12 +217,14 @@ def screen_pivot(
     q = np.stack(raw)  # (M, K, d)
     if q.dtype == np.int8:
         amax = np.abs(q.astype(np.int16)).max(axis=2).astype(np.float32)  # (M, K)
-        s = np.abs(np.stack(scales).astype(np.float32))  # (M, K)
+        nan = np.full(q.shape[1], np.nan, np.float32)  # an int8 row without scales: dropped
+        s = np.abs(np.stack([nan if v is None else v for v in scales]).astype(np.float32))
         with np.errstate(over="ignore", invalid="ignore"):
             top = amax * s  # (M, K)
-        return np.isfinite(s).all(1) & (top <= bound[None, :]).all(1)
+        ok: np.ndarray = np.isfinite(s).all(1) & (top <= bound[None, :]).all(1)
+        return ok
     x = q.astype(np.float32)
     finite = np.isfinite(x).all(axis=(1, 2))  # (M,)
     with np.errstate(invalid="ignore"):
         inside = (np.abs(x) <= bound[None, :, None]).all(axis=(1, 2))
-    return finite & inside
+    return np.asarray(finite & inside, dtype=bool)
