@@ -231,8 +231,9 @@ class TrainingCache:
         if set(rows.device_ids) - self._known_devices:
             self._ensure_archs(store)
         ok = self._screen(rows)
-        new, bad = 0, {}
-        labels, bulk = rows.labels.tolist(), {}
+        new, bad = 0, dict[str, int]()  # bad: device -> rows dropped
+        labels = rows.labels.tolist()
+        bulk: dict[tuple[str, str, Any], list[int]] = {}  # (arch, device, dtype) -> rows
         for i in range(len(rows.ids)):
             device = rows.device_ids[i]
             if ok[i] is None:
@@ -357,7 +358,7 @@ class TrainingCache:
         if xs is None:
             xs = [] if self.tokens else PivotStream(len(a.taps), a.hidden)
             a.train_x[device] = xs
-            a.train_y[device] = [] if self.tokens else xs.labels
+            a.train_y[device] = xs.labels if isinstance(xs, PivotStream) else []
             self._quotas = None  # one stream more: every share changes
             if isinstance(xs, PivotStream):
                 xs.limit = self._quota(arch, "train")
