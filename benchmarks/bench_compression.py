@@ -243,7 +243,8 @@ def merge(folders: list[Path], out: Path) -> dict:
     """One result from runs of the same configuration over disjoint option lists (run side
     by side on a shared machine): their rows, in the order given."""
     parts = [json.loads((Path(f) / "compression.json").read_text()) for f in folders]
-    configs = {json.dumps(p["config"], sort_keys=True) for p in parts}
+    shared = set.intersection(*(set(p["config"]) for p in parts))  # older runs lack new keys
+    configs = {json.dumps({k: p["config"][k] for k in shared}, sort_keys=True) for p in parts}
     if len(configs) != 1:
         raise FedMobiLLMError("--merge: the runs have different configurations")
     result = {**parts[0], "rows": [r for p in parts for r in p["rows"]]}
