@@ -182,6 +182,25 @@ def lm_logits(
     return head(h)
 
 
+def scored_logits(
+    stats: NextTokenStats,
+    personal: LMPersonal | None,
+    head: FrozenLMHead,
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    hidden: torch.Tensor | None = None,
+) -> None:
+    """Add the scored positions' next-token statistics to ``stats``; the head runs at
+    those positions only."""
+    scored, target = next_token_targets(ids, mask, loss_mask)
+    h = head.hidden(x[:, -1]) if hidden is None else hidden  # (B, T, d)
+    if personal is not None:
+        h = h + personal(x, mask)
+    stats.add_flat(head(h[scored]), target[scored])
+
+
 def next_token_targets(
     ids: torch.Tensor, mask: torch.Tensor, loss_mask: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -395,8 +414,7 @@ class LMSideTrainer:
             personal = None if frozen else self.model(g.arch, averaged).eval()
             hidden = g.extra.get("hidden")
             hid = None if hidden is None else torch.from_numpy(np.asarray(hidden, np.float32))
-            logits = lm_logits(personal, self.heads[g.arch], x, mask, hid)  # (N, T, V)
-            stats.add(logits, *next_token_targets(ids, mask, lmask))
+            scored_logits(stats, personal, self.heads[g.arch], x, ids, mask, lmask, hid)
         return stats.to_dict()
 
     # -- persistence --
@@ -544,7 +562,11 @@ class NextTokenStats:
 
     def add(self, logits: torch.Tensor, scored: torch.Tensor, target: torch.Tensor) -> None:
         """logits (B, T, V), scored (B, T) bool, target (B, T)."""
-        pred, tgt = logits[scored].double(), target[scored]  # (n, V), (n,)
+        self.add_flat(logits[scored], target[scored])
+
+    def add_flat(self, pred: torch.Tensor, tgt: torch.Tensor) -> None:
+        """pred (n, V) logits of n scored positions, tgt (n,) their next tokens."""
+        pred = pred.double()
         if not len(tgt):
             return
         picked = pred.gather(1, tgt[:, None])  # (n, 1)
