@@ -31,7 +31,9 @@ def test_targets_say_met_or_missed_and_by_how_much():
         _row("fedmobillm", "smollm2-135m-l12", 120.0),
     ]
     t = targets(rows)
-    assert t["below_frozen_20pct"]["met"] and t["below_frozen_20pct"]["reduction"] == pytest.approx(0.22)
+    assert t["below_frozen_20pct"]["met"] and t["below_frozen_20pct"]["reduction"] == pytest.approx(
+        0.22
+    )
     assert t["below_local"]["met"]
     assert t["within_5pct_of_centralised"]["met"] is True  # 78 <= 78.75
     assert t["l12_personal_vs_full_frozen"]["ratio"] == pytest.approx(1.2)
