@@ -918,6 +918,13 @@ class Trainer:
             self.history.append(entry)
             del self.history[:-HISTORY_LIMIT]
         self._keep_best(val)  # after the history: status never shows a best ahead of it
+        # the anchor terms' ranking (SideConfig.anchor_protect_best, anchor_target): only an
+        # architecture whose validation samples hold every label is ranked (issue 23)
+        n_labels = len(self.side.label_names)
+        self.side.arch_quality.update(
+            {n: v["accuracy"] for n, v in val.items()
+             if len(set(self.cache.archs[n].val_y)) == n_labels}
+        )  # fmt: skip
         log.info(
             "step %d loss %s validation %s",
             self.side.step,
