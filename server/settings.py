@@ -70,6 +70,10 @@ class ServerSettings(BaseSettings):
     workers: int = Field(1, gt=0)  # ingest worker processes (more than 1 needs `database`)
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # TLS: the PEM certificate (chain) and its private key, both or neither (uvicorn serves
+    # https); devices verify it with --ca-bundle or --pin-sha256 (docs/privacy.md)
+    ssl_certfile: Path | None = None
+    ssl_keyfile: Path | None = None
     max_body_bytes: int = Field(16 * 1024 * 1024, gt=0)  # one upload, bytes
     max_samples_per_batch: int = Field(4096, gt=0)
     # Bounds before authentication (server/limits.py): the body of any other request, the

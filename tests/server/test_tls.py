@@ -187,3 +187,21 @@ def test_device_cli_over_tls_with_a_pin(tls_server, make_bundle, tmp_path):
     assert run.returncode == 0, run.stderr
     assert "samples uploaded:   5" in run.stdout
     assert listed.returncode == 0 and "cli-phone" in listed.stdout
+
+
+def test_tls_files_from_the_config_file(tmp_path, monkeypatch):
+    """ssl_certfile / ssl_keyfile in the config file (docs/deploy/server.toml) give uvicorn
+    the same options as the flags; one without the other is refused with a hint."""
+    from fedmobillm.commands.serve import _tls_options
+    from fedmobillm.errors import FedMobiLLMError
+    from fedmobillm.server.settings import load_settings
+
+    monkeypatch.setenv("FEDMOBILLM_ADMIN_TOKEN", ADMIN)
+    cert, key, _ = self_signed(tmp_path, "server")
+    config = tmp_path / "server.toml"
+    config.write_text(f'[server]\nssl_certfile = "{cert}"\nssl_keyfile = "{key}"\n')
+    settings, _ = load_settings(config)
+    assert _tls_options(settings) == {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+    config.write_text(f'[server]\nssl_certfile = "{cert}"\n')
+    with pytest.raises(FedMobiLLMError, match="go together"):
+        _tls_options(load_settings(config)[0])

@@ -97,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
         "anchors": args.anchors,
         "database": args.database,
         "workers": args.workers,
+        "ssl_certfile": args.ssl_certfile,
+        "ssl_keyfile": args.ssl_keyfile,
     }
     if args.no_train:
         overrides["train"] = False
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         settings.side.inputs,
         settings.workers,
     )
-    tls = _tls_options(args, settings.host)
+    tls = _tls_options(settings)
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
@@ -191,15 +193,17 @@ def _run_workers(settings: ServerSettings, options: dict[str, Any]) -> int:
     return 0
 
 
-def _tls_options(args: argparse.Namespace, host: str) -> dict[str, str]:
-    """uvicorn's ssl_certfile/ssl_keyfile, both or neither; plaintext on a host other than
-    loopback is logged as a warning."""
+def _tls_options(settings: ServerSettings) -> dict[str, str]:
+    """uvicorn's ssl_certfile/ssl_keyfile (flags or the config file's ssl_certfile and
+    ssl_keyfile), both or neither; plaintext on a host other than loopback is logged as a
+    warning."""
     from fedmobillm.errors import FedMobiLLMError
 
-    cert, key = args.ssl_certfile, args.ssl_keyfile
+    cert, key, host = settings.ssl_certfile, settings.ssl_keyfile, settings.host
     if (cert is None) != (key is None):
         raise FedMobiLLMError(
-            "--ssl-certfile and --ssl-keyfile go together",
+            "--ssl-certfile and --ssl-keyfile (ssl_certfile and ssl_keyfile in the config "
+            "file) go together",
             hint="pass both the PEM certificate and its private key",
         )
     if cert is None:
