@@ -393,7 +393,8 @@ def markdown(result: dict) -> str:
             hit = [
                 r
                 for r in rows
-                if (r["devices"], r["backbone"], r["method"], r["partition"]) == (fleet, b, method, p)
+                if (r["devices"], r["backbone"], r["method"], r["partition"])
+                == (fleet, b, method, p)
             ]
             cells.append(_cell(hit[0]) if hit else "")
         lines.append("| " + " | ".join(cells) + " |")
@@ -410,7 +411,9 @@ def markdown(result: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for x in t:
-            diffs = ", ".join(f"{p} {100 * v:+.2f}" for p, v in x["fedmobillm_minus_single"].items())
+            diffs = ", ".join(
+                f"{p} {100 * v:+.2f}" for p, v in x["fedmobillm_minus_single"].items()
+            )
             gap = x["iid_minus_dirichlet_0.1"]
             lines.append(
                 f"| {x['devices']} | {x['backbone']} | {diffs} | "
