@@ -194,6 +194,7 @@ class TrainingCache:
         self._quotas: dict[tuple[str, str], int] | None = None  # (arch, split) -> samples
         self._val_archs: set[str] = set()
         self.held_bytes = 0  # bytes the cached samples take (as of the last refresh)
+        self._capped = False  # the cache has reached cap_bytes once: per-stream shares apply
         self._logged = 0.0
         self.archs: dict[str, ArchData] = {}
         self.watermark = 0
@@ -395,8 +396,10 @@ class TrainingCache:
             a.val_x[slot], a.val_y[slot], a.val_from[slot] = x, y, device
 
     def _quota(self, arch: str, split: str) -> int | None:
-        """Samples one stream of ``arch`` may hold (None: no cap)."""
-        if self.cap_bytes is None:
+        """Samples one stream of ``arch`` may hold (None: no cap). Until the cache first
+        reaches ``cap_bytes`` every sample is held (as without a cap); from then on, the
+        shares (a uniform subset of everything seen per stream, kept so by the reservoir)."""
+        if self.cap_bytes is None or not self._capped:
             return None
         if self._quotas is None:
             self._quotas = self._compute_quotas()
@@ -422,7 +425,9 @@ class TrainingCache:
     def _enforce(self) -> None:
         """Recompute the shares and shrink every stream over its quota to a uniform random
         subset; update ``held_bytes``; say (log) how much of what was read is held."""
-        if self.cap_bytes is not None:
+        if self.cap_bytes is not None and not self._capped:
+            self._capped = self._held_bytes() > self.cap_bytes  # first reached: shares from now
+        if self.cap_bytes is not None and self._capped:
             self._quotas = self._compute_quotas()
             for arch, a in self.archs.items():
                 quota = self._quotas[(arch, "train")]
@@ -472,13 +477,14 @@ class TrainingCache:
 
     def held_samples(self) -> int:
         """Training, validation and anchor samples the cache holds now."""
-        return sum(a.num_train + len(a.val_y) + len(a.anchor_x) for a in self.archs.values())
+        archs = list(self.archs.values())  # status reads this while the trainer adds archs
+        return sum(a.num_train + len(a.val_y) + len(a.anchor_x) for a in archs)
 
     def samples_read(self) -> int:
         """Samples of this federation's kind read and screened (held or not; dropped rows,
         rows of deleted devices and unlabelled training rows not counted)."""
-        seen = sum(self.reservoir.seen.values())
-        return seen + sum(len(a.anchor_x) for a in self.archs.values())
+        seen = sum(list(self.reservoir.seen.values()))
+        return seen + sum(len(a.anchor_x) for a in list(self.archs.values()))
 
     def set_quarantined(self, devices: set[str]) -> None:
         """Hold the training and anchor samples of newly quarantined devices out of
@@ -667,6 +673,7 @@ class Trainer:
         except Exception as exc:  # keep ingest alive; report in status
             log.exception("trainer stopped on an error")
             self.error = f"{type(exc).__name__}: {exc}"
+            self.backlog = 0  # a stopped trainer must not hold back-pressure on ingest forever
         finally:
             store.close()
 

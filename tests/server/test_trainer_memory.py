@@ -64,6 +64,25 @@ def test_cache_holds_pivot_samples_as_uploaded(service):
     assert cache.held_bytes < 250 * K * D * 4 / 2 and len(a.val_y) == 50
 
 
+def test_below_the_cap_every_sample_is_held(service):
+    """A cap the data never reaches changes nothing: many devices (each stream's share of
+    the cap would be smaller than a device's samples) keep every sample, as without a cap."""
+    _fill(service, 7, 50)
+    name, depth, taps = ARCHS[1]
+    m = make_manifest(name, depth, D, taps)
+    reg = service.register("big", m, LABELS)  # one device with far more than its share
+    dev = service.store.device(reg["device_id"])
+    for start in range(0, 3000, 500):
+        service.ingest(dev, make_payload(reg, m, range(start, start + 500), seed=99))
+    capped, free = TrainingCache(memory_mb=8.0, seed=1), TrainingCache()
+    capped.refresh(service.store)
+    free.refresh(service.store)
+    # an equal share of the cap per stream would be ~700 samples, under the big device's 3,000
+    assert capped.held_bytes < 8 * 2**20
+    assert capped.held_samples() == free.held_samples() == capped.samples_read() == 7 * 100 + 3000
+    assert len(capped.archs[reg["architecture"]].train_y[reg["device_id"]]) == 3000
+
+
 def test_cap_keeps_a_uniform_subset_per_device_and_stays_balanced(service):
     """Prepare: 6 devices over two architectures, 1,500 samples each (~10.5 MB as uploaded).
     Execute: refresh a cache capped at 2 MB. Assert: held bytes within the cap; every device
