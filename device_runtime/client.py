@@ -25,7 +25,7 @@ import numpy as np
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
 from fedmobillm.device_runtime.files import write_atomic
-from fedmobillm.device_runtime.journal import Entry, Journal, records_hash
+from fedmobillm.device_runtime.journal import Entry, Journal, records_hash, release_settings
 from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.device_runtime.messages import (
     ROUTE_ANCHORS,
@@ -669,11 +669,23 @@ class DeviceClient:
         """Check and charge this batch against the privacy budget (anchor texts are public:
         not charged). Returns the journal's release info, or None without a mechanism.
         Past the budget: a ``refused`` journal line and PrivacyBudgetExceeded."""
-        if self.privacy is None or self.config.split == "anchor":
+        key = idempotency_key(self.state.device_id, self.digest, self.config.split, ids)
+        if self.privacy is None:
+            if any(e.key == key for e in self.journal.releases()):  # released with noise
+                self.journal.ledger(1e-5).check_resend(key, None)
             return None
         if self.ledger is None:
             self.ledger = self.journal.ledger(self.privacy.delta)
-        key = idempotency_key(self.state.device_id, self.digest, self.config.split, ids)
+        settings = release_settings(
+            {
+                "z": self.privacy.z,
+                "clip": self.privacy.clip,
+                "label_epsilon": self.privacy.label_epsilon,
+            }
+        )
+        self.ledger.check_resend(key, settings)
+        if self.config.split == "anchor":
+            return None
         fps = [text_fingerprint(self._secret, records[i].text) for i in ids]
         try:
             eps = self.ledger.check(self.privacy, key, fps)
@@ -683,7 +695,7 @@ class DeviceClient:
             self.journal.refused(entry, exc.message)
             raise
         z = self.privacy.z
-        self.ledger.add(key, z, fps)
+        self.ledger.add(key, z, fps, settings)
         return {
             "z": z,
             "delta": self.privacy.delta,

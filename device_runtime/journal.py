@@ -116,7 +116,8 @@ class Journal:
 
         ledger = PrivacyLedger(delta)
         for e in self.releases():
-            ledger.add(e.key, float(e.info["z"]), list(e.info["fingerprints"]))
+            settings = release_settings(e.info)
+            ledger.add(e.key, float(e.info["z"]), list(e.info["fingerprints"]), settings)
         return ledger
 
     def last_ack(self, split: str | None = None) -> Entry | None:
@@ -124,3 +125,16 @@ class Journal:
             if e.event == "ack" and (split is None or e.split == split):
                 return e
         return None
+
+
+def release_settings(info: dict[str, Any]) -> tuple | None:
+    """(z, clip, label epsilon) of a release line: what a re-send of its batch must reuse
+    (None for a line that does not record them)."""
+    if "z" not in info or "clip" not in info:
+        return None
+    label = info.get("label_epsilon")
+    return (
+        round(float(info["z"]), 12),
+        round(float(info["clip"]), 12),
+        None if label is None else round(float(label), 12),
+    )

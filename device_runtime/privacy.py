@@ -297,15 +297,43 @@ class PrivacyLedger:
     per_text: dict[str, Counter] = field(default_factory=dict)  # fingerprint -> {z: count}
     device: Counter = field(default_factory=Counter)  # z -> releases of any text
     keys: set[str] = field(default_factory=set)  # idempotency keys already released
+    # key -> (z, clip, label epsilon) it was released with: a re-send must carry the same
+    # noise, and the same draw at another scale (or none) would give the clean taps away
+    released_with: dict[str, tuple] = field(default_factory=dict)
 
-    def add(self, key: str, z: float, fingerprints: Sequence[str]) -> None:
-        """One batch released under ``key`` (a re-send of a known key is not counted)."""
+    def add(
+        self, key: str, z: float, fingerprints: Sequence[str], settings: tuple | None = None
+    ) -> None:
+        """One batch released under ``key`` (a re-send of a known key is not counted).
+        A text twice in one batch is two releases."""
         if key in self.keys:
             return
         self.keys.add(key)
+        if settings is not None:
+            self.released_with[key] = settings
         for fp in fingerprints:
             self.per_text.setdefault(fp, Counter())[round(z, 12)] += 1
         self.device[round(z, 12)] += len(fingerprints)
+
+    def check_resend(self, key: str, settings: tuple | None) -> None:
+        """Refuse to re-send a released batch with other settings than its release (or
+        without the mechanism): the server may hold the first release, and the same noise
+        draw at two scales, or noise and none, reveals the clipped activations."""
+        before = self.released_with.get(key)
+        if key not in self.keys or before is None or before == settings:
+            return
+        was = "noise multiplier z {:g}, clip {:g}, label epsilon {}".format(*before)
+        now = (
+            "no privacy mechanism"
+            if settings is None
+            else "z {:g}, clip {:g}, label epsilon {}".format(*settings)
+        )
+        raise PrivacyBudgetExceeded(
+            f"this batch ({key[:16]}...) was released before with {was}; re-sending it with "
+            f"{now} would let the server subtract the two releases and recover the activations",
+            hint="finish the pending batch with the --epsilon/--clip/--label-epsilon it was "
+            "released with (see the journal's release line), then change the settings",
+        )
 
     def text_epsilon(self, fingerprint: str, extra_z: float | None = None) -> float:
         c = Counter(self.per_text.get(fingerprint, {}))
@@ -327,8 +355,10 @@ class PrivacyLedger:
             return max((self.text_epsilon(f) for f in fingerprints), default=0.0)
         z = config.z
         worst, worst_fp = 0.0, None
-        for fp in set(fingerprints):
-            eps = self.text_epsilon(fp, z)
+        for fp, times in Counter(fingerprints).items():  # a text twice in a batch: 2 releases
+            c = Counter(self.per_text.get(fp, {}))
+            c[round(z, 12)] += times
+            eps = epsilon_of(c.items(), self.delta)
             if eps > worst:
                 worst, worst_fp = eps, fp
         if worst > config.text_budget * (1 + 1e-9):

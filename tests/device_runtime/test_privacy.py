@@ -88,6 +88,36 @@ def test_ledger_refuses_past_the_budget_and_a_resend_is_free():
         ledger.check(capped, "key-4", ["d", "e", "f"])
 
 
+def test_a_text_twice_in_one_batch_is_two_releases():
+    """The same text twice in one batch is charged twice, and checked as such before."""
+    config = P.PrivacyConfig(epsilon=8.0, clip=1.0)
+    ledger = P.PrivacyLedger(1e-5)
+    with pytest.raises(P.PrivacyBudgetExceeded, match="budget 8"):
+        ledger.check(config, "key-1", ["a", "a", "b"])
+    roomy = P.PrivacyConfig(epsilon=8.0, clip=1.0, budget=20.0)
+    worst = ledger.check(roomy, "key-1", ["a", "a", "b"])
+    ledger.add("key-1", roomy.z, ["a", "a", "b"])
+    assert worst == pytest.approx(ledger.text_epsilon("a")) and worst > 8.0 * 1.3
+
+
+def test_a_released_batch_is_resent_only_with_its_settings(tmp_path):
+    """A batch released with noise, re-sent with another epsilon or clip or without the
+    mechanism, would hand the server the same noise draw at two scales: refused, from the
+    journal after a restart too; the same settings re-send freely."""
+    first = P.PrivacyConfig(epsilon=8.0, clip=1.0)
+    info = {"z": first.z, "clip": 1.0, "label_epsilon": None, "fingerprints": ["a"]}
+    Journal(tmp_path).release(Entry("pending", "k1", "train", "b0", [0], "d"), info)
+    ledger = Journal(tmp_path).ledger(1e-5)  # as a resumed run rebuilds it
+    same = (round(first.z, 12), 1.0, None)
+    ledger.check_resend("k1", same)
+    stricter = P.PrivacyConfig(epsilon=4.0, clip=1.0)
+    with pytest.raises(P.PrivacyBudgetExceeded, match="re-sending it with z"):
+        ledger.check_resend("k1", (round(stricter.z, 12), 1.0, None))
+    with pytest.raises(P.PrivacyBudgetExceeded, match="no privacy mechanism"):
+        ledger.check_resend("k1", None)
+    ledger.check_resend("k2", None)  # a batch never released: nothing to protect
+
+
 @pytest.mark.parametrize("shape", [(64, 3, 48), (16, 2, 7, 24)])
 def test_clipping_bound_holds(shape):
     rng = np.random.default_rng(0)
