@@ -17,6 +17,7 @@ import email.utils
 import hashlib
 import ipaddress
 import logging
+import os
 import random
 import ssl
 import time
@@ -258,7 +259,15 @@ class Uploader:
             timeout=self.retry.timeout(),
             headers={"Authorization": f"Bearer {self.token}"},
             verify=self.tls.verify(),
+            # A pinned certificate is checked in wrap_socket; through an HTTPS proxy from
+            # the environment httpcore would wrap with wrap_bio instead and skip the pin:
+            # a pinned device ignores proxy variables (HTTPS_PROXY, ...).
+            trust_env=not self.tls.pin_sha256,
         )
+        if self.tls.pin_sha256 and any(
+            os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
+        ):
+            log.warning("a pinned server certificate: the proxy set in the environment is not used")
 
     def close(self) -> None:
         self._http.close()

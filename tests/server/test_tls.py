@@ -138,6 +138,22 @@ def test_unknown_certificate_is_refused_at_once(tls_server, tmp_path):
         assert time.monotonic() - start < 5
 
 
+def test_a_pinned_device_ignores_a_proxy_from_the_environment(tls_server, monkeypatch):
+    """Through an HTTPS proxy httpcore wraps with wrap_bio, where the pin is not checked: a
+    pinned device does not use proxy variables (here a dead proxy: used, it would fail)."""
+    for var in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{free_port()}")
+    up = Uploader(
+        tls_server["url"],
+        ADMIN,
+        RetryPolicy(attempts=1),
+        tls=TlsConfig(pin_sha256=tls_server["pin"]),
+    )
+    with up:
+        assert up.request("GET", ROUTE_DEVICES).status_code == 200
+
+
 def test_wrong_pin_is_refused(tls_server):
     up = Uploader(tls_server["url"], ADMIN, tls=TlsConfig(pin_sha256="ab" * 32))
     with up, pytest.raises(TlsRefused, match="not the pinned") as err:
