@@ -25,7 +25,7 @@ from fedmobillm.server.checks import (
     check_values,
     is_token_device,
 )
-from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound
+from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from fedmobillm.server.store import Device, SqlStore
 
 log = logging.getLogger(__name__)
@@ -306,6 +306,12 @@ class Service:
         content = batch_content(batch)
         with self.store.transaction() as db:
             found = self.store.find_ack(db, device.device_id, batch.idempotency_key)
+            if self.store.is_revoked(db, device.device_id):  # revoked while this one waited
+                raise Unauthorized(
+                    "unknown token: the device was revoked while this upload waited; nothing "
+                    "of it was stored",
+                    hint="register the device to get a token",
+                )
             stored = self.store.stored_samples(db, device, batch.split, batch.sample_ids)
             if found is not None:
                 ack, was = found

@@ -333,6 +333,9 @@ class SqlStore:
         ``delete_data`` also remove its samples, counts and batches. (time first revoked,
         samples removed), or None if there is no such device. Repeating it is harmless."""
         with self.transaction() as db:
+            # waits for an ingest of this device in flight (PostgreSQL), which then finds the
+            # device revoked (``is_revoked``) or commits before these deletes run
+            self._lock_device(db, device_id)
             db.execute(
                 "UPDATE devices SET revoked = coalesce(revoked, ?) WHERE device_id = ?",
                 (time.time(), device_id),
@@ -350,6 +353,12 @@ class SqlStore:
             db.execute("UPDATE devices SET data_deleted = 1 WHERE device_id = ?", (device_id,))
         self._after_delete()
         return row[0], n
+
+    def is_revoked(self, db: Any, device_id: str) -> bool:
+        """Inside an ingest transaction (after ``find_ack``, which holds the device's lock):
+        was the device revoked since its request was authenticated?"""
+        row = db.execute("SELECT revoked FROM devices WHERE device_id = ?", (device_id,)).fetchone()
+        return row is None or row[0] is not None
 
     def data_deleted(self) -> set[str]:
         """Devices whose samples were removed: the trainer drops what it cached of them."""

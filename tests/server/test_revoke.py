@@ -122,3 +122,23 @@ def test_trainer_drops_deleted_data_and_keeps_revoked(tmp_path):
     assert len(arch.val_y) == len(arch.val_x) == 3 and set(arch.val_from) == {regs[0]["device_id"]}
     assert np.all(np.isfinite(np.stack(arch.val_x)))
     assert cache.deleted == {regs[1]["device_id"]}
+
+
+def test_an_upload_that_waited_past_a_revocation_stores_nothing(tmp_path):
+    """Prepare: a device authenticated (its Device row read) before `revoke --delete-data`
+    commits. Execute: its upload reaches the transaction afterwards. Assert: 401 and no
+    sample or batch of it is stored (the deletion holds)."""
+    from fedmobillm.server.errors import Unauthorized
+
+    store = Store(tmp_path / "store.sqlite3")
+    service = Service(store)
+    m = make_manifest()
+    reg = service.register("phone", m, ["negative", "positive"])
+    device = store.device(reg["device_id"])  # what authentication handed the route
+    service.ingest(device, make_payload(reg, m, range(4)))
+    store.revoke(reg["device_id"], delete_data=True)
+    with pytest.raises(Unauthorized, match="revoked while this upload waited"):
+        service.ingest(device, make_payload(reg, m, range(4, 8)))
+    assert not any(store.device_samples(reg["device_id"]).values())
+    assert store.device_batches(reg["device_id"]) == []
+    store.close()
