@@ -28,19 +28,30 @@ class TrainerView:
 
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
-        self._backlog = (0.0, 0)  # (when read, value)
+        self._backlog = 0
+        self._poller: threading.Thread | None = None
 
     @property
     def backlog(self) -> int:
         """The trainer's published backlog (stored samples it has not read; 0 if it publishes
-        none), read from the store at most every PUBLISH_EVERY_S seconds: ingest asks per
-        upload."""
-        read, value = self._backlog
-        if time.monotonic() - read >= PUBLISH_EVERY_S:
-            raw = self.store.get_meta(STATUS_KEY)
-            value = int((json.loads(raw) if raw else {}).get("backlog") or 0)
-            self._backlog = (time.monotonic(), value)
-        return value
+        none). Ingest asks per upload, on the event loop: this never touches the database;
+        a daemon thread re-reads it every PUBLISH_EVERY_S seconds (0 while it cannot)."""
+        if self._poller is None:
+            self._poller = threading.Thread(
+                target=self._poll_backlog, name="trainer-backlog", daemon=True
+            )
+            self._poller.start()
+        return self._backlog
+
+    def _poll_backlog(self) -> None:
+        while True:
+            try:
+                raw = self.store.get_meta(STATUS_KEY)
+                self._backlog = int((json.loads(raw) if raw else {}).get("backlog") or 0)
+            except Exception:  # noqa: BLE001 - a view: no back-pressure from a failed read
+                log.debug("could not read the trainer's backlog", exc_info=True)
+                self._backlog = 0
+            time.sleep(PUBLISH_EVERY_S)
 
     def status(self) -> dict[str, Any]:
         raw = self.store.get_meta(STATUS_KEY)
