@@ -11,6 +11,7 @@ Torch-free on the ONNX path.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -312,8 +313,14 @@ class RunSummary:
 
 
 def idempotency_key(device_id: str, digest: str, split: str, ids: Sequence[int]) -> str:
-    """Stable per batch: same device, bundle, split and samples -> same key."""
-    return f"{device_id}:{digest[:16]}:{split}:{ids[0]}-{ids[-1]}:{len(ids)}"
+    """Stable per batch: same device, bundle, split and samples -> same key. A batch of
+    consecutive ids is named by its range; any other (a token bundle batches by length)
+    also by a digest of its ids, so two different id sets never share a key."""
+    key = f"{device_id}:{digest[:16]}:{split}:{ids[0]}-{ids[-1]}:{len(ids)}"
+    if list(ids) != list(range(ids[0], ids[0] + len(ids))):
+        ids_digest = hashlib.sha256(",".join(map(str, ids)).encode()).hexdigest()[:12]
+        key += f":{ids_digest}"
+    return key
 
 
 class DeviceClient:
@@ -357,9 +364,10 @@ class DeviceClient:
             self._check_same_data(e, records)
             done.update(e.ids)
         batches = []
-        pending = self.journal.unacked_pending(split, digest)
-        if pending is not None:  # sent or about to be when the device stopped: same key
-            done.update(pending.ids)  # never re-batched under another key
+        for pending in self.journal.unacked_pendings(split, digest):
+            # sent or about to be when a run stopped: re-sent under the same key, never
+            # re-batched under another (the server may hold it already)
+            done.update(pending.ids)
             if all(i < len(records) for i in pending.ids):
                 self._check_same_data(pending, records)
                 batches.append(list(pending.ids))

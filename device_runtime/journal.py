@@ -97,6 +97,18 @@ class Journal:
                 return None if e.key in acked else e
         return None
 
+    def unacked_pendings(self, split: str, bundle_sha256: str) -> list[Entry]:
+        """Every batch that was sent (or about to be) and never acknowledged, oldest first,
+        once per key: not only the last run's (a later run with a smaller --limit may have
+        left an earlier one unsent; it may have reached the server all the same)."""
+        acked = {e.key for e in self.acked(split, bundle_sha256)}
+        out: dict[str, Entry] = {}
+        for e in self.entries:
+            if e.event == "pending" and e.split == split and e.bundle_sha256 == bundle_sha256:
+                if e.key not in acked:
+                    out.setdefault(e.key, e)
+        return list(out.values())
+
     def release(self, entry: Entry, info: dict[str, Any]) -> None:
         """Record a privacy release (before the batch is sent): ``info`` holds ``z``,
         ``delta``, ``fingerprints`` and the epsilons after it."""

@@ -158,6 +158,25 @@ def test_journal_ignores_a_line_cut_by_a_kill(tmp_path):
     assert Journal(tmp_path).unacked_pending("train", "d").key == "k2"
 
 
+def test_every_unacked_batch_stays_pending_and_keys_name_their_ids(tmp_path):
+    """A run stopped with batch k2 pending; a later run (smaller --limit) acked another
+    batch: k2 is still pending for the next run (re-sent under its key, never re-batched).
+    A batch of non-consecutive ids (token bundles batch by length) has a key of its own."""
+    from fedmobillm.device_runtime.client import idempotency_key
+
+    j = Journal(tmp_path)
+    j.pending(Entry("pending", "k2", "train", "d", [4, 9, 11], "h"))
+    later = Entry("pending", "k3", "train", "d", [0, 1], "h")
+    j.pending(later)
+    j.ack(later, {"batch_id": "b"})
+    assert Journal(tmp_path).unacked_pending("train", "d") is None  # the last run's only
+    assert [e.key for e in Journal(tmp_path).unacked_pendings("train", "d")] == ["k2"]
+    a = idempotency_key("dev", "0" * 64, "train", [4, 9, 11])
+    b = idempotency_key("dev", "0" * 64, "train", [4, 7, 11])
+    assert a != b and a == idempotency_key("dev", "0" * 64, "train", [4, 9, 11])
+    assert idempotency_key("dev", "0" * 64, "train", [5, 6, 7]) == f"dev:{'0' * 16}:train:5-7:3"
+
+
 @dataclass
 class Rec:
     text: str
