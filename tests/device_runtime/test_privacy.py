@@ -327,3 +327,22 @@ def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
     assert len(second) == 2  # each text now composed twice: the library's figure
     assert second[0]["info"]["epsilon"] == pytest.approx(library_epsilon(z, 2, 1e-5))
     assert 8.0 < second[0]["info"]["epsilon"] <= 16.0
+
+
+def test_budget_alone_runs_the_registered_mechanism_and_says_so(tmp_path):
+    """`device run --budget B` alone: the registered mechanism with the new budget; with
+    --clip or --label-epsilon but no --epsilon the flag would be dropped: refused."""
+    import argparse
+
+    from fedmobillm.commands.device import _privacy_config
+    from fedmobillm.device_runtime.client import DeviceState
+
+    declared = P.PrivacyConfig(epsilon=8.0, clip=0.5).declaration()
+    DeviceState("http://127.0.0.1:1", "p", "d-1", "t", "b" * 64, privacy=declared).save(tmp_path)
+    flags = {"epsilon": None, "delta": 1e-5, "clip": None, "label_epsilon": None}
+    args = argparse.Namespace(**flags, budget=16.0, device_budget=None)
+    config = _privacy_config(args, tmp_path)
+    assert config.epsilon == 8.0 and config.clip == 0.5 and config.text_budget == 16.0
+    args.clip = 1.0
+    with pytest.raises(FedMobiLLMError, match="--clip with --budget but no --epsilon"):
+        _privacy_config(args, tmp_path)

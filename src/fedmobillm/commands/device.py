@@ -91,6 +91,14 @@ def _privacy_config(args: argparse.Namespace, state_dir: Path | None = None):
 
         registered = declared_config(DeviceState.load(state_dir).privacy)
         if registered is not None:
+            ignored = [f for f in ("clip", "label_epsilon") if getattr(args, f, None) is not None]
+            if ignored:  # never dropped silently: the registered mechanism is what runs
+                raise FedMobiLLMError(
+                    f"--{ignored[0].replace('_', '-')} with --budget but no --epsilon: the "
+                    "mechanism the device registered with is used as it is",
+                    hint="pass --epsilon too to run with other settings, or drop "
+                    f"--{ignored[0].replace('_', '-')}",
+                )
             return dataclasses.replace(registered, **budgets)
     if args.epsilon is None:
         extra = [f for f in ("clip", "label_epsilon", "budget", "device_budget")
