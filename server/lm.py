@@ -53,9 +53,9 @@ from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.side import (
     Alignment,
     ArchSpec,
-    NonFiniteStep,
     SideConfig,
     TokenSideNetwork,
+    optimizer_step,
 )
 
 log = logging.getLogger(__name__)
@@ -383,19 +383,7 @@ class LMSideTrainer:
         if count == 0:
             return float("nan")
         loss = total / count
-        if not torch.isfinite(loss):
-            raise NonFiniteStep("loss")
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for pg in self.optimizer.param_groups for p in pg["params"]]
-        norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteStep("gradients")
-        self.optimizer.step()
+        optimizer_step(self.optimizer, loss, self.lr_at(self.step), self.config.max_grad_norm)
         self.step += 1
         self.tokens_seen += count
         self._update_ema()

@@ -58,6 +58,26 @@ class NonFiniteStep(FedMobiLLMError):
         self.where = where
 
 
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, lr: float, max_grad_norm: float
+) -> None:
+    """One step on ``loss`` at ``lr`` (times each param group's ``lr_scale``), gradients
+    clipped to ``max_grad_norm``. Raises ``NonFiniteStep`` with nothing applied when the loss
+    or the gradients are not finite. Shared by the side and lm trainers."""
+    if not torch.isfinite(loss):
+        raise NonFiniteStep("loss")
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
+    if not torch.isfinite(norm):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep("gradients")
+    optimizer.step()
+
+
 ANCHOR_TARGETS = ("mean", "quality")
 
 
@@ -694,19 +714,7 @@ class SideTrainer:
         )
         if anchors is not None and len(anchors) > 1:
             loss = loss + self._anchor_loss(anchors)
-        if not torch.isfinite(loss):
-            raise NonFiniteStep("loss")
-        lr = self.lr_at(self.step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
-        if not torch.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteStep("gradients")
-        self.optimizer.step()
+        optimizer_step(self.optimizer, loss, self.lr_at(self.step), self.config.max_grad_norm)
         self.step += 1
         self._update_ema()
         self.samples_seen += sum(len(t) for t in targets)

@@ -43,12 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "over real tokens, or every token (none). auto: last for decoders; mean for encoders "
         "whose folder declares mean pooling (sentence-transformers), else first",
     )
-    parser.add_argument(
-        "--quant",
-        default="fp32",
-        choices=["fp32", "int8", "8da4w"],
-        help="weight quantization (8da4w: ExecuTorch only)",
-    )
+    _add_quant_arguments(parser)
     parser.add_argument(
         "--format",
         default="onnx,pte",
@@ -76,14 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="pick quantization, then fewer/shallower taps, to fit this peak memory",
     )
     parser.add_argument(
-        "--fallback-quant",
-        choices=["fp32", "int8", "8da4w"],
-        default=None,
-        metavar="QUANT",
-        help="when the --quant graph fails its check against eager fp32, export this one "
-        "instead (said in the output and in the manifest's quant_fallback); default: fail",
-    )
-    parser.add_argument(
         "--generate",
         action="store_true",
         help="decoders: also write the generation graphs (decoder step with a KV cache, LM "
@@ -94,6 +81,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="device profile JSON (ram_mb, ...): its memory bounds the budget",
+    )
+
+
+def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quant and --fallback-quant."""
+    parser.add_argument(
+        "--quant",
+        default="fp32",
+        choices=["fp32", "int8", "8da4w"],
+        help="weight quantization (8da4w: ExecuTorch only)",
+    )
+    parser.add_argument(
+        "--fallback-quant",
+        choices=["fp32", "int8", "8da4w"],
+        default=None,
+        metavar="QUANT",
+        help="when the --quant graph fails its check against eager fp32, export this one "
+        "instead (said in the output and in the manifest's quant_fallback); default: fail",
     )
 
 
