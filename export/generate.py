@@ -368,35 +368,20 @@ def step_outlier_matmuls(
 ) -> list[str]:
     """Weight MatMuls whose input max |x| over ``rows`` calibration texts (empty cache) is
     more than ``OUTLIER_RATIO`` times the median over all weight MatMuls."""
-    import onnx
+    from fedmobillm.export.graphs import matmul_input_probe, outlier_nodes
 
-    from fedmobillm.device_runtime.graph import onnx_session
-    from fedmobillm.export.graphs import OUTLIER_RATIO
-
-    model = onnx.load(str(src))
-    weights = {init.name for init in model.graph.initializer}
-    inputs = {
-        n.name: n.input[0]
-        for n in model.graph.node
-        if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 and n.input[1] in weights
-    }
-    if len(inputs) < 2:
+    probe = matmul_input_probe(src)
+    if probe is None:
         return []
-    known = {o.name for o in model.graph.output}
-    tensors = sorted(set(inputs.values()) - known)
-    model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
-    sess = onnx_session(model.SerializeToString(), name=f"{src} with its MatMul inputs")
-    del model
+    sess, inputs, tensors = probe
     b = min(rows, len(ids))
     feeds = {"input_ids": ids[:b].astype(np.int64), "attention_mask": mask[:b].astype(np.int64)}
     empty = np.zeros((b, shape.num_kv_heads, 0, shape.head_dim), np.float32)
     feeds.update({n: empty for n in gen_past_names(shape.depth)})
     values = dict(zip(tensors, sess.run(tensors, feeds), strict=True))
-    ranges = {
-        node: float(np.abs(values[t]).max()) if t in values else 0.0 for node, t in inputs.items()
-    }
-    median = float(np.median(list(ranges.values())))
-    return sorted(n for n, r in ranges.items() if median > 0 and r > OUTLIER_RATIO * median)
+    return outlier_nodes(
+        {node: float(np.abs(values[t]).max()) if t in values else 0.0 for node, t in inputs.items()}
+    )
 
 
 def reference_logits(

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -206,9 +207,10 @@ def quantize_onnx_int8(
         root.setLevel(level)
 
 
-def outlier_matmuls(src: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 8) -> list[str]:
-    """Names of weight MatMul/Gemm nodes whose input max |x| on the calibration inputs is
-    more than OUTLIER_RATIO times the median over all such nodes."""
+def matmul_input_probe(src: Path) -> tuple[Any, dict[str, str], list[str]] | None:
+    """The graph at ``src`` with the input of every weight MatMul/Gemm node added to its
+    outputs: (onnxruntime session, node name -> its input tensor, the tensors added), or
+    None with fewer than two such nodes (nothing to compare)."""
     import onnx
 
     model = onnx.load(str(src))
@@ -219,21 +221,34 @@ def outlier_matmuls(src: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 8
         if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in weights
     }
     if len(inputs) < 2:
-        return []
+        return None
     known = {o.name for o in model.graph.output}
     tensors = sorted(set(inputs.values()) - known)
     model.graph.output.extend(onnx.ValueInfoProto(name=t) for t in tensors)
     sess = onnx_session(model.SerializeToString(), name=f"{src} with its MatMul inputs")
-    del model
+    return sess, inputs, tensors
+
+
+def outlier_nodes(ranges: dict[str, float]) -> list[str]:
+    """Nodes whose input max |x| is more than OUTLIER_RATIO times the median of all."""
+    median = float(np.median(list(ranges.values())))
+    return sorted(n for n, r in ranges.items() if median > 0 and r > OUTLIER_RATIO * median)
+
+
+def outlier_matmuls(src: Path, ids: np.ndarray, mask: np.ndarray, batch: int = 8) -> list[str]:
+    """Names of weight MatMul/Gemm nodes whose input max |x| on the calibration inputs is
+    more than OUTLIER_RATIO times the median over all such nodes."""
+    probe = matmul_input_probe(src)
+    if probe is None:
+        return []
+    sess, inputs, _ = probe
     names = [o.name for o in sess.get_outputs()]
     amax = dict.fromkeys(names, 0.0)
     for i in range(0, min(len(ids), 4 * batch), batch):
         feeds = {"input_ids": ids[i : i + batch], "attention_mask": mask[i : i + batch]}
         for name, value in zip(names, sess.run(names, feeds), strict=True):
             amax[name] = max(amax[name], float(np.abs(value).max()) if value.size else 0.0)
-    ranges = {node: amax.get(t, 0.0) for node, t in inputs.items()}
-    median = float(np.median(list(ranges.values())))
-    return sorted(n for n, r in ranges.items() if median > 0 and r > OUTLIER_RATIO * median)
+    return outlier_nodes({node: amax.get(t, 0.0) for node, t in inputs.items()})
 
 
 # ---------------------------------------------------------------- ExecuTorch
