@@ -48,6 +48,8 @@ and its tensors::
     sample_ids   int64            [N]         device-local record index, unique per split
                                               (anchor: the anchor id)
     lengths      int64            [N]         token batches only: real tokens per sample
+    token_ids    int64            [N, T]      lm batches only: the sample's token ids
+    loss_mask    uint8            [N, T]      lm batches only: 1 = this token is a target
 
 Two layouts, one per bundle kind (a federation is either pivot or tokens):
 
@@ -59,6 +61,15 @@ Two layouts, one per bundle kind (a federation is either pivot or tokens):
   token order (padding side of the tokenizer removed: position 0 is the first real
   token), and every position ``t >= lengths[i]`` is exactly zero (the server refuses
   non-zero padding). ``scales`` stays ``[K]``.
+
+An lm batch (task ``lm``: causal language modelling on the device's own text) is a token
+batch that also carries ``token_ids`` and ``loss_mask``, both ``[N, T]`` like the token
+positions of ``activations``: ``token_ids[i, t]`` is the id of the token whose taps are at
+position t, and ``loss_mask[i, t] == 1`` makes that token a next-token target (predicted
+from positions < t). ``loss_mask`` is 0 at t = 0 and at padding, and ``token_ids`` is 0 at
+padding; every lm sample has at least one target. ``labels`` are all -1. A ``text`` record
+puts 1 on every token but the first; a ``prompt``/``response`` record on the response's
+tokens only. The ids are the device's text: local-DP noise on the taps does not cover them.
 
 Bytes per sample (what ``bytes_per_sample`` reports): ``K * d * b`` for a pivot sample and
 ``K * lengths[i] * d * b`` for a token sample, b = 1 for int8 and 2 for fp16; padding is
@@ -97,6 +108,9 @@ T_SCALES = "scales"
 T_LABELS = "labels"
 T_SAMPLE_IDS = "sample_ids"
 T_LENGTHS = "lengths"  # token batches only: int64 [N], real tokens per sample
+T_TOKEN_IDS = "token_ids"  # lm batches only: int64 [N, T], 0 at padding
+T_LOSS_MASK = "loss_mask"  # lm batches only: uint8 [N, T], 1 = next-token target
+TASKS = ("classify", "lm")  # a federation's task, chosen once (server setting ``task``)
 
 # Personal model (what the server hands a device): a zip of a folder with
 PERSONAL_ONNX = "personal.onnx"  # PERSONAL_INPUT float32 [B, K, d] -> PERSONAL_OUTPUT [B, C]

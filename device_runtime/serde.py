@@ -21,8 +21,10 @@ from fedmobillm.device_runtime.protocol import (
     T_ACTIVATIONS,
     T_LABELS,
     T_LENGTHS,
+    T_LOSS_MASK,
     T_SAMPLE_IDS,
     T_SCALES,
+    T_TOKEN_IDS,
 )
 from fedmobillm.errors import FedMobiLLMError
 
@@ -47,6 +49,8 @@ class Batch:
     scales: np.ndarray | None = None  # (K,) float32, int8 only
     protocol: int = PROTOCOL_VERSION
     lengths: np.ndarray | None = None  # (N,) int64 real tokens per sample: token batch only
+    token_ids: np.ndarray | None = None  # (N, T) int64: lm batch only, 0 at padding
+    loss_mask: np.ndarray | None = None  # (N, T) uint8: lm batch only, 1 = target token
 
     @property
     def num_samples(self) -> int:
@@ -56,6 +60,11 @@ class Batch:
     def tokens(self) -> bool:
         """A token batch: activations (N, K, T, d) with ``lengths``."""
         return self.lengths is not None
+
+    @property
+    def lm(self) -> bool:
+        """An lm batch: a token batch with ``token_ids`` and ``loss_mask``."""
+        return self.token_ids is not None
 
     def dequantized(self) -> np.ndarray:
         """float32 (N, K, d), or (N, K, T, d) for a token batch."""
@@ -141,10 +150,66 @@ def check_layout(act: np.ndarray, lengths: np.ndarray | None) -> None:
         )
 
 
+def check_lm(
+    token_ids: np.ndarray | None,
+    loss_mask: np.ndarray | None,
+    lengths: np.ndarray | None,
+    labels: np.ndarray,
+) -> None:
+    """An lm batch's ``token_ids`` (int64 [N, T]) and ``loss_mask`` (uint8 [N, T]), given
+    the (already checked) ``lengths``: both or neither, only in a token batch, ids >= 0 and
+    0 at padding, mask 0/1, 0 at t = 0 and at padding, at least one target per sample,
+    labels all -1. Raises PayloadError saying what is wrong."""
+    if token_ids is None and loss_mask is None:
+        return
+    if token_ids is None or loss_mask is None:
+        have, lack = (T_TOKEN_IDS, T_LOSS_MASK) if loss_mask is None else (T_LOSS_MASK, T_TOKEN_IDS)
+        raise PayloadError(
+            f"an lm batch carries both {T_TOKEN_IDS} and {T_LOSS_MASK}: it has "
+            f"{have} but not {lack}"
+        )
+    if lengths is None:
+        raise PayloadError(
+            f"{T_TOKEN_IDS}/{T_LOSS_MASK} come only with token taps [N, K, T, d] and "
+            f"'{T_LENGTHS}' (export the bundle with --pivot none)"
+        )
+    n, t = len(lengths), int(lengths.max())
+    if token_ids.dtype != np.int64 or token_ids.shape != (n, t):
+        raise PayloadError(
+            f"{T_TOKEN_IDS} must be int64 [{n}, {t}], got {token_ids.dtype} {list(token_ids.shape)}"
+        )
+    if loss_mask.dtype != np.uint8 or loss_mask.shape != (n, t):
+        raise PayloadError(
+            f"{T_LOSS_MASK} must be uint8 [{n}, {t}], got {loss_mask.dtype} {list(loss_mask.shape)}"
+        )
+    if (token_ids < 0).any():
+        raise PayloadError(f"{T_TOKEN_IDS} must be >= 0")
+    if (loss_mask > 1).any():
+        raise PayloadError(f"{T_LOSS_MASK} must be 0 or 1")
+    padding = np.arange(t)[None, :] >= lengths[:, None]
+    if (token_ids[padding] != 0).any():
+        raise PayloadError(f"{T_TOKEN_IDS} must be 0 at padding (t >= lengths[i])")
+    if loss_mask[padding].any() or loss_mask[:, 0].any():
+        raise PayloadError(
+            f"{T_LOSS_MASK} must be 0 at t = 0 (the first token has nothing before it) and "
+            f"at padding"
+        )
+    empty = np.flatnonzero(loss_mask.sum(axis=1) == 0)
+    if len(empty):
+        raise PayloadError(
+            f"every lm sample needs at least one target token: sample {int(empty[0])} has "
+            f"none ({len(empty)} such samples; a record of one token cannot train)"
+        )
+    if (labels != -1).any():
+        raise PayloadError("an lm batch's labels must all be -1 (its targets are the tokens)")
+
+
 def encode_batch(batch: Batch) -> bytes:
-    """A Batch -> safetensors bytes; checks the layout first (a token batch: lengths)."""
+    """A Batch -> safetensors bytes; checks the layout first (a token batch: lengths; an
+    lm batch: token_ids and loss_mask)."""
     lengths = None if batch.lengths is None else np.asarray(batch.lengths)
     check_layout(np.asarray(batch.activations), lengths)
+    check_lm(batch.token_ids, batch.loss_mask, lengths, np.asarray(batch.labels))
     tensors = {
         T_ACTIVATIONS: np.ascontiguousarray(batch.activations),
         T_LABELS: np.ascontiguousarray(batch.labels, dtype=np.int64),
@@ -152,6 +217,9 @@ def encode_batch(batch: Batch) -> bytes:
     }
     if lengths is not None:
         tensors[T_LENGTHS] = np.ascontiguousarray(lengths)
+    if batch.token_ids is not None and batch.loss_mask is not None:
+        tensors[T_TOKEN_IDS] = np.ascontiguousarray(batch.token_ids, dtype=np.int64)
+        tensors[T_LOSS_MASK] = np.ascontiguousarray(batch.loss_mask, dtype=np.uint8)
     if batch.encoding == "int8":
         if batch.scales is None:
             raise PayloadError("int8 encoding needs per-tap scales")
@@ -212,6 +280,7 @@ def _check_tensors(tensors: dict[str, np.ndarray], encoding: str) -> None:
         expected.add(T_SCALES)
     if T_LENGTHS in tensors:
         expected.add(T_LENGTHS)
+    expected |= {T_TOKEN_IDS, T_LOSS_MASK} & set(tensors)
     if set(tensors) != expected:
         raise PayloadError(f"payload tensors are {sorted(tensors)}, expected {sorted(expected)}")
     act = tensors[T_ACTIVATIONS]
@@ -228,6 +297,7 @@ def _check_tensors(tensors: dict[str, np.ndarray], encoding: str) -> None:
         raise PayloadError("sample_ids repeat within the batch")
     if (ids < 0).any():
         raise PayloadError("sample_ids must be >= 0")
+    check_lm(tensors.get(T_TOKEN_IDS), tensors.get(T_LOSS_MASK), tensors.get(T_LENGTHS), labels)
     scales = tensors.get(T_SCALES)
     if scales is not None:
         if scales.dtype != np.float32 or scales.shape != (k,):
@@ -242,7 +312,7 @@ def _check_tensors(tensors: dict[str, np.ndarray], encoding: str) -> None:
 
 def decode_batch(payload: bytes) -> Batch:
     """Parse and validate a payload's structure (both layouts: pivot [N, K, d]; tokens
-    [N, K, T, d] + lengths [N], zero padding). Raises PayloadError with a clear message."""
+    [N, K, T, d] + lengths [N], zero padding; an lm batch also token_ids + loss_mask). Raises PayloadError with a clear message."""
     meta = _read_metadata(payload)
     _check_header(meta)
     try:
@@ -262,4 +332,6 @@ def decode_batch(payload: bytes) -> Batch:
         scales=tensors.get(T_SCALES),
         protocol=int(meta["protocol"]),
         lengths=tensors.get(T_LENGTHS),
+        token_ids=tensors.get(T_TOKEN_IDS),
+        loss_mask=tensors.get(T_LOSS_MASK),
     )
