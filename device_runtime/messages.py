@@ -110,7 +110,9 @@ class RegisterRequest(Message):
     name: str  # 1..100 characters
     manifest: dict[str, Any]  # the bundle's manifest.json (protocol.Manifest.to_dict())
     label_names: list[str]  # 2..1000: the task's labels, fixed by the first registration
+    # ([] for task "lm": its targets are the device's tokens)
     privacy: PrivacyDeclaration | None = None  # None: uploads without a privacy mechanism
+    task: str = "classify"  # protocol.TASKS: must be the federation's (server setting task)
 
 
 @dataclass
@@ -119,6 +121,7 @@ class RegisterResponse(Message):
     token: str  # the device's bearer token: a secret
     architecture: str
     bundle_sha256: str
+    task: str = "classify"  # the federation's task (protocol.TASKS)
 
 
 # -- ingest and device state -------------------------------------------------------------
@@ -239,6 +242,7 @@ class PersonalManifest(Message):
     weights: str = "fp32"  # personal.onnx weights: "int8" or "fp32"
     int8_max_abs_logit_diff: float | None = None  # int8 graph against torch
     files: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> sha256, bytes
+    task: str = "classify"  # "lm": the graph returns ``delta`` (B, T, d) for the frozen head
 
 
 # -- validation --------------------------------------------------------------------------
