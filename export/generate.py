@@ -72,7 +72,11 @@ def load_causal_lm(folder: Path) -> nn.Module:
     """The full causal LM (with its head) of a local Hugging Face folder, fp32, eval."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(Path(folder), dtype=torch.float32)
+    from fedmobillm.export.wrapper import hf_load_kwargs
+
+    model = AutoModelForCausalLM.from_pretrained(
+        Path(folder), dtype=torch.float32, **hf_load_kwargs(Path(folder))
+    )
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     model.config._attn_implementation = "eager"

@@ -42,14 +42,26 @@ class Passthrough(nn.Module):
         return next(iter(kwargs.values()))
 
 
+def hf_load_kwargs(folder: Path) -> dict[str, object]:
+    """``from_pretrained`` arguments for a local folder: its GGUF file when it has no
+    config.json, else ``use_safetensors=True`` (weights never unpickled: a folder with only
+    ``pytorch_model.bin`` is refused by transformers with a message naming the file)."""
+    folder = Path(folder)
+    gguf = sorted(folder.glob("*.gguf"))
+    if gguf and not (folder / "config.json").is_file():
+        return {"gguf_file": gguf[0].name}
+    return {"use_safetensors": True}
+
+
 def load_hf_model(folder: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Load the base model (no task head) of a local Hugging Face folder, eager, eval mode."""
     from transformers import AutoConfig, AutoModel
 
     folder = Path(folder)
-    gguf = sorted(folder.glob("*.gguf"))
-    kwargs = {"gguf_file": gguf[0].name} if gguf and not (folder / "config.json").is_file() else {}
-    config = AutoConfig.from_pretrained(folder, **kwargs)
+    kwargs = hf_load_kwargs(folder)
+    config = AutoConfig.from_pretrained(
+        folder, **{k: v for k, v in kwargs.items() if k == "gguf_file"}
+    )
     model = AutoModel.from_pretrained(folder, config=config, dtype=dtype, **kwargs)
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
