@@ -161,3 +161,101 @@ def _legend(ax: Any, majority_rate: float) -> None:
     labels += ["kept snapshot (best validation)", "test accuracy on device",
                f"majority class ({100 * majority_rate:.1f}%)"]  # fmt: skip
     ax.legend(handles, labels, fontsize=7, loc="lower right")
+
+
+# ---- the lm demo (fedmobillm.demo_lm) ----------------------------------------------------
+def lm_model_name(backbone: str, layers: list[int] | None) -> str:
+    """The name in tables: "SmolLM2-135M 1-4" for a truncation whose deepest tap is 4."""
+    base = model_name(backbone.rsplit("-b", 1)[0])
+    return f"{base} 1-{layers[-1]}" if layers else base
+
+
+def _ppl(x: Any) -> str:
+    if x is None:
+        return "-"
+    return f"{x:,.1f}" if x < 1e6 else f"{x:.2e}"
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def lm_table_lines(backbones: list[dict[str, Any]], devices: list[dict[str, Any]]) -> list[str]:
+    """The lm demo's final table: held-out perplexity and next-token top-1 per backbone,
+    frozen -> personal, with upload bytes per token; one line per device; then each shown
+    device's prompt and its completions before (frozen) and after (personal)."""
+    lines = [
+        f"{'backbone':<20} {'devices':>7} {'frozen ppl':>11} {'personal ppl':>13} {'change':>8} "
+        f"{'top-1 frozen':>12} {'personal':>9} {'bytes/token up':>15}"
+    ]
+    for b in backbones:
+        f, p = b.get("frozen_perplexity"), b.get("personal_perplexity")
+        change = f"{100 * (p / f - 1):+.1f}%" if f and p else "-"
+        bpt = b.get("bytes_per_token")
+        lines.append(
+            f"{lm_model_name(b['backbone'], b.get('layers')):<20} {b['devices']:>7} "
+            f"{_ppl(f):>11} {_ppl(p):>13} {change:>8} {_pct(b.get('frozen_top1')):>12} "
+            f"{_pct(b.get('personal_top1')):>9} {f'{bpt:,.0f}' if bpt else '-':>15}"
+        )
+    lines.append("held-out perplexity per device (test half of its held-out episodes, "
+                 "never uploaded):")  # fmt: skip
+    for d in devices:
+        if "error" in d:
+            lines.append(f"  {d['device']:<24} error: {first_line(d['error'], 90)}")
+            continue
+        lines.append(
+            f"  {d['device']:<24} {lm_model_name(d['backbone'], d['layers']):<18} "
+            f"{_ppl(d['frozen']['perplexity']):>11} -> {_ppl(d['personal']['perplexity']):>9} "
+            f"({d['personal']['tokens']} tokens)"
+        )
+    for d in devices:
+        c = d.get("completion")
+        if not c:
+            continue
+        lines.append(f"{d['device']} ({d.get('speaker')}, {lm_model_name(d['backbone'], d['layers'])}) "
+                     f"prompt: {c['prompt'].strip()!r}")  # fmt: skip
+        lines.append(f"  said:     {c.get('reference', '')!r}")
+        for key in ("frozen", "personal"):
+            g = c.get(key) or {}
+            text = g.get("text") if "error" not in g else f"error: {first_line(g['error'], 80)}"
+            lines.append(f"  {key + ':':<9} {first_line(str(text), 110)!r}")
+    return lines
+
+
+def plot_lm_validation(
+    history: list[dict[str, Any]], path: Path, *, names: dict[str, str], frozen: dict[str, float]
+) -> bool:
+    """Validation perplexity (log scale) per architecture against seconds since the first
+    upload, each architecture's frozen held-out perplexity dashed. ``names``: architecture
+    -> backbone; ``frozen``: architecture -> frozen perplexity on the devices' test text.
+    False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
+        return False
+    t0 = first_upload_time(history)
+    archs = sorted({a for h in history for a in h.get("val_per_architecture", {})} | set(frozen))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, arch in enumerate(archs):
+        pts = [(h["t"] - t0, h["val_per_architecture"][arch]) for h in history
+               if arch in h.get("val_per_architecture", {}) and h["t"] >= t0]  # fmt: skip
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".-", color=f"C{i}",
+                label=f"{names.get(arch, arch)}: validation")  # fmt: skip
+        if arch in frozen:
+            ax.axhline(frozen[arch], color=f"C{i}", linestyle="--", linewidth=1,
+                       label=f"{names.get(arch, arch)}: frozen (held-out, on device)")  # fmt: skip
+    ax.set_yscale("log")
+    ax.set_xlim(left=0.0)
+    ax.set_xlabel("seconds since the first upload")
+    ax.set_ylabel("perplexity (log)")
+    ax.set_title("fedmobillm demo --task lm: validation perplexity of the personal models")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

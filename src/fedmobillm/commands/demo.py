@@ -6,20 +6,36 @@ import argparse
 from pathlib import Path
 
 NAME = "demo"
+DEFAULT_BACKBONES = "minilm-l3,minilm-l6,smollm2-135m"
 HELP = (
     "run a heterogeneous federation end to end on this machine: export, server, device "
-    "processes, asynchronous training, on-device evaluation"
+    "processes, asynchronous training, on-device evaluation (--task lm: personal language "
+    "models on the friends transcripts, completions before and after)"
 )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--devices", type=int, default=6, help="simulated devices (default 6)")
+    parser.add_argument(
+        "--task",
+        choices=("classify", "lm"),
+        default="classify",
+        help="classify (default): text classification over --backbones; lm: personal "
+        "language models, one device per speaker of the friends transcripts, a fleet of "
+        "SmolLM2-135M truncations (--fleet)",
+    )
+    parser.add_argument(
+        "--devices", type=int, help="simulated devices (default 6; --task lm: 4 quick, 6 full)"
+    )
     parser.add_argument(
         "--backbones",
-        default="minilm-l3,minilm-l6,smollm2-135m",
+        default=DEFAULT_BACKBONES,
         help="comma-separated models, assigned to devices round-robin",
     )
-    parser.add_argument("--data", default="movie-snippets", help="dataset name or local file")
+    parser.add_argument(
+        "--data",
+        help="dataset name or local file (default movie-snippets; --task lm: friends, or an "
+        "lm corpus name or .jsonl of text or prompt/response records)",
+    )
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--alpha", type=float, help="non-IID: Dirichlet(alpha) over labels, e.g. 0.5")
     g.add_argument("--iid", action="store_true", help="IID partition (the default)")
@@ -34,8 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("runs/demo"),
-        help="run folder (default runs/demo). Running the demo again in the same folder, also "
+        help="run folder (default runs/demo; --task lm: runs/demo-lm). Running the demo again in the same folder, also "
         "after Ctrl-C, starts a new run: the previous run's server data, device states, logs "
         "and results there are removed first (bundles stay cached elsewhere); pass another "
         "folder to keep them",
@@ -61,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="public unlabelled anchor texts (train records held out of the devices' data) "
         "every backbone forwards, for anchor alignment (default 400 quick, 1000 full; 0 = none)",
     )
+    add_lm_arguments(parser)
     parser.add_argument("--port", type=int, help="server port (another is picked if in use)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -72,17 +88,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("--task lm")
+    g.add_argument(
+        "--fleet",
+        help="device classes as SmolLM2-135M truncations: each class's tapped blocks, "
+        "classes separated by / (the deepest tap ends the graph); devices take the classes "
+        "in turn (default quick 2,4/4,8; full 4,8,12/10,20,30)",
+    )
+    g.add_argument(
+        "--lines", type=int, help="train lines per device (default 300 quick, 2000 full)"
+    )
+    g.add_argument(
+        "--heldout-lines",
+        type=int,
+        help="held-out lines per device, from whole episodes: half uploaded as validation, "
+        "half kept on the device for the perplexity shown (default 80 quick, 400 full)",
+    )
+    g.add_argument(
+        "--samples", type=int, default=3, help="devices whose completions are shown (default 3)"
+    )
+    g.add_argument("--max-new-tokens", type=int, default=20, help="tokens per completion")
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.task == "lm":
+        return run_lm(args)
     from fedmobillm.demo import DemoConfig, run_demo
 
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     cfg = DemoConfig(
         backbones=backbones,
-        devices=args.devices,
-        data=args.data,
+        devices=args.devices or 6,
+        data=args.data or "movie-snippets",
         alpha=args.alpha,
         quick=not args.full,
-        out=args.out,
+        out=args.out or Path("runs/demo"),
         seed=args.seed,
         train_limit=args.train_limit,
         eval_limit=args.eval_limit,
@@ -94,4 +135,42 @@ def run(args: argparse.Namespace) -> int:
         debug=bool(getattr(args, "debug", False)),
     )
     run_demo(cfg)
+    return 0
+
+
+def run_lm(args: argparse.Namespace) -> int:
+    """`fedmobillm demo --task lm` (fedmobillm.demo_lm); the classify-only options refused."""
+    from fedmobillm.demo_lm import FULL_FLEET, QUICK_FLEET, LmDemoConfig, parse_fleet, run_lm_demo
+    from fedmobillm.errors import FedMobiLLMError
+
+    classify_only = {"--backbones": args.backbones != DEFAULT_BACKBONES, "--alpha": args.alpha,
+                     "--iid": args.iid, "--target-accuracy": args.target_accuracy,
+                     "--train-limit": args.train_limit, "--eval-limit": args.eval_limit,
+                     "--anchors": args.anchors}  # fmt: skip
+    given = [k for k, v in classify_only.items() if v not in (None, False)]
+    if given:
+        raise FedMobiLLMError(
+            f"{', '.join(given)}: classify options, not for --task lm",
+            hint="--task lm takes --fleet, --devices, --lines, --heldout-lines, --samples",
+        )
+    fleet = (
+        parse_fleet(args.fleet) if args.fleet else list(FULL_FLEET if args.full else QUICK_FLEET)
+    )
+    cfg = LmDemoConfig(
+        fleet=fleet,
+        devices=args.devices or (6 if args.full else 4),
+        data=args.data or "friends",
+        quick=not args.full,
+        out=args.out or Path("runs/demo-lm"),
+        seed=args.seed,
+        lines=args.lines,
+        heldout_lines=args.heldout_lines,
+        time_limit_s=args.time_limit or (7200.0 if args.full else 900.0),
+        settle_steps=args.settle_steps,
+        samples=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        port=args.port,
+        debug=bool(getattr(args, "debug", False)),
+    )
+    run_lm_demo(cfg)
     return 0

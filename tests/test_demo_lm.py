@@ -1,0 +1,98 @@
+"""The lm demo's pure parts (fedmobillm.demo_lm, demo_report's lm functions): fleet parsing,
+held-out splits, the per-backbone aggregate, the table and the plot, without a run."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedmobillm.data.lm import LmRecord
+from fedmobillm.demo_lm import (
+    LmDemoConfig,
+    lm_progress_row,
+    parse_fleet,
+    per_backbone,
+    split_heldout,
+)
+from fedmobillm.demo_report import lm_table_lines, plot_lm_validation
+from fedmobillm.errors import FedMobiLLMError
+
+
+def test_parse_fleet_sorts_classes_by_depth_and_refuses_bad_blocks():
+    assert parse_fleet("4,8/2,4") == [(2, 4), (4, 8)]
+    assert parse_fleet("10,20,30") == [(10, 20, 30)]
+    for bad in ("4,2", "a,b", "", "0,3", "2,4/"):
+        with pytest.raises(FedMobiLLMError):
+            parse_fleet(bad)
+
+
+def test_config_needs_a_device_per_class():
+    with pytest.raises(FedMobiLLMError, match="fewer than"):
+        LmDemoConfig(fleet=[(2, 4), (4, 8)], devices=1)
+    assert LmDemoConfig(quick=False).lines == 2000
+
+
+def test_split_heldout_keeps_episodes_on_one_side():
+    recs = [LmRecord(f"line {i}", "before", "Ross", f"ep{i % 6}") for i in range(60)]
+    val, test = split_heldout(recs, 20, seed=0)
+    assert len(val) == len(test) == 10
+    assert not {r.group for r in val} & {r.group for r in test}
+
+
+def _device(backbone: str, frozen: float, personal: float, tokens: int) -> dict:
+    def ppl(p: float) -> dict:
+        return {"perplexity": p, "nll_per_token": math.log(p), "tokens": tokens,
+                "next_token_top1": 0.1}  # fmt: skip
+
+    return {"device": f"d-{backbone}-{frozen}", "speaker": "Ross", "backbone": backbone,
+            "layers": [2, int(backbone.rsplit("-b", 1)[1])], "frozen": ppl(frozen),
+            "personal": ppl(personal)}  # fmt: skip
+
+
+def test_per_backbone_weights_devices_by_tokens_and_reads_bytes_per_token():
+    rows = [
+        _device("smollm2-135m-b4", 1000.0, 100.0, 100),
+        _device("smollm2-135m-b4", 10.0, 10.0, 300),
+        _device("smollm2-135m-b8", 50.0, 20.0, 50),
+        {"device": "broken", "error": "its device process failed"},
+    ]
+    trainer = {"architectures": {"a4": {"tokens_per_sample": 20.0, "bytes_per_sample": 46080.0}}}
+    out = per_backbone(rows, {"smollm2-135m-b4": "a4", "smollm2-135m-b8": "a8"}, trainer)
+    assert [b["backbone"] for b in out] == ["smollm2-135m-b4", "smollm2-135m-b8"]
+    b4 = out[0]
+    assert b4["devices"] == 2 and b4["heldout_tokens"] == 400
+    assert b4["frozen_perplexity"] == pytest.approx(
+        math.exp((100 * math.log(1000) + 300 * math.log(10)) / 400)
+    )
+    assert b4["bytes_per_token"] == pytest.approx(2304.0)
+    assert out[1]["bytes_per_token"] is None
+    lines = lm_table_lines(out, rows)
+    assert "SmolLM2-135M 1-4" in lines[1] and "2,304" in lines[1]
+    assert any("broken" in line and "error" in line for line in lines)
+
+
+def test_progress_row_reads_the_latest_validation_perplexity():
+    st = {
+        "devices": [{"samples": {"train": 10, "validation": 4}}],
+        "trainer": {"step": 50, "idle": False, "loss": 3.2, "history": [
+            {"step": 25, "validation": {"a": {"perplexity": 400.0}}},
+            {"step": 50, "validation": {"a": {"perplexity": 100.0}, "b": {"perplexity": 25.0}}},
+            {"step": 60},
+        ]},
+    }  # fmt: skip
+    row = lm_progress_row(st, 2, 1, 12.0)
+    assert row["val_per_architecture"] == {"a": 100.0, "b": 25.0}
+    assert row["val_perplexity"] == pytest.approx(50.0)
+    assert (row["samples"], row["uploaded"], row["devices_running"]) == (10, 14, 1)
+
+
+def test_plot_lm_validation_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    history = [
+        {"t": float(t), "uploaded": t, "val_per_architecture": {"a": 1000.0 / (t + 1)}}
+        for t in range(5)
+    ]
+    path = tmp_path / "v.png"
+    assert plot_lm_validation(history, path, names={"a": "b4"}, frozen={"a": 2000.0})
+    assert path.stat().st_size > 1000
