@@ -61,8 +61,9 @@ class PrivacyConfig:
     releases of a sample (normally 1); clip: the L2 bound of each tap vector (activation
     units; None = ``int8_clip`` of the bundle, set by ``resolved``); label_epsilon:
     randomised response on labels (None = labels as they are); budget: the most any one
-    text may spend in all (default: epsilon); device_budget: optional cap on the
-    device-level epsilon (all its releases composed)."""
+    text may spend in all, its taps' and its label's releases composed (default: epsilon +
+    label_epsilon, one release); device_budget: optional cap on the device-level epsilon
+    (all its releases composed)."""
 
     epsilon: float
     delta: float = 1e-5
@@ -88,16 +89,22 @@ class PrivacyConfig:
             _positive("--device-budget", self.device_budget)
         if self.releases < 1:
             raise FedMobiLLMError("releases must be at least 1")
-        if self.budget is not None and self.budget < self.epsilon:
+        if self.budget is not None and self.budget < self.release_epsilon * (1 - 1e-9):
             raise FedMobiLLMError(
-                f"--budget {self.budget} is below --epsilon {self.epsilon}: no text could be "
-                "uploaded even once",
-                hint="drop --budget (it defaults to --epsilon) or raise it",
+                f"--budget {self.budget} is below one release's epsilon {self.release_epsilon:g} "
+                f"(--epsilon {self.epsilon:g} for the activations + --label-epsilon "
+                f"{self.label_epsilon or 0:g} for the label): no text could be uploaded even once",
+                hint="drop --budget (it defaults to one release) or raise it",
             )
 
     @property
+    def release_epsilon(self) -> float:
+        """One release of a text: its taps' epsilon plus its label's (basic composition)."""
+        return self.epsilon + (self.label_epsilon or 0.0)
+
+    @property
     def text_budget(self) -> float:
-        return self.budget if self.budget is not None else self.epsilon
+        return self.budget if self.budget is not None else self.release_epsilon
 
     @property
     def z(self) -> float:
@@ -291,7 +298,12 @@ def int8_saturation(noisy: np.ndarray, scales: np.ndarray) -> float:
 class PrivacyLedger:
     """Every release the device made: per text fingerprint, the noise multipliers it was
     released with, and the device's releases in all. Rebuilt from the journal's
-    ``release`` lines; ``check`` refuses a batch past the budget."""
+    ``release`` lines; ``check`` refuses a batch past the budget.
+
+    A text's epsilon is its taps' releases composed by the RDP accountant at ``delta``
+    plus the label epsilons of its randomised-response releases (basic composition of
+    pure-DP releases: epsilons add; conservative, an unlabelled text is charged too). The
+    device's epsilon composes every release the same way."""
 
     delta: float
     per_text: dict[str, Counter] = field(default_factory=dict)  # fingerprint -> {z: count}
@@ -300,6 +312,8 @@ class PrivacyLedger:
     # key -> (z, clip, label epsilon) it was released with: a re-send must carry the same
     # noise, and the same draw at another scale (or none) would give the clean taps away
     released_with: dict[str, tuple] = field(default_factory=dict)
+    label_per_text: Counter = field(default_factory=Counter)  # fingerprint -> sum label eps
+    label_device: float = 0.0  # sum of label epsilons over every release
 
     def add(
         self, key: str, z: float, fingerprints: Sequence[str], settings: tuple | None = None
@@ -314,6 +328,11 @@ class PrivacyLedger:
         for fp in fingerprints:
             self.per_text.setdefault(fp, Counter())[round(z, 12)] += 1
         self.device[round(z, 12)] += len(fingerprints)
+        label = None if settings is None else settings[2]
+        if label is not None:
+            for fp in fingerprints:
+                self.label_per_text[fp] += float(label)
+            self.label_device += float(label) * len(fingerprints)
 
     def check_resend(self, key: str, settings: tuple | None) -> None:
         """Refuse to re-send a released batch with other settings than its release (or
@@ -335,17 +354,20 @@ class PrivacyLedger:
             "released with (see the journal's release line), then change the settings",
         )
 
-    def text_epsilon(self, fingerprint: str, extra_z: float | None = None) -> float:
-        c = Counter(self.per_text.get(fingerprint, {}))
-        if extra_z is not None:
-            c[round(extra_z, 12)] += 1
-        return epsilon_of(c.items(), self.delta)
+    def text_epsilon(self, fingerprint: str) -> float:
+        """The text's epsilon at ``delta``: taps (RDP) + labels (sum)."""
+        taps = epsilon_of(self.per_text.get(fingerprint, {}).items(), self.delta)
+        return taps + self.label_per_text.get(fingerprint, 0.0)
 
-    def device_epsilon(self, extra: tuple[float, int] | None = None) -> float:
+    def device_epsilon(
+        self, extra: tuple[float, int] | None = None, extra_label: float = 0.0
+    ) -> float:
+        """The device's epsilon at ``delta`` over every release, with ``extra`` (z, count)
+        tap releases and ``extra_label`` label epsilon not yet made."""
         c = Counter(self.device)
         if extra is not None:
             c[round(extra[0], 12)] += extra[1]
-        return epsilon_of(c.items(), self.delta)
+        return epsilon_of(c.items(), self.delta) + self.label_device + extra_label
 
     def check(self, config: PrivacyConfig, key: str, fingerprints: Sequence[str]) -> float:
         """Raise PrivacyBudgetExceeded if releasing these texts now would take one of
@@ -353,12 +375,13 @@ class PrivacyLedger:
         Returns the largest per-text epsilon after the release."""
         if key in self.keys:  # a re-send of a batch already released: same noise, free
             return max((self.text_epsilon(f) for f in fingerprints), default=0.0)
-        z = config.z
+        z, label = config.z, config.label_epsilon or 0.0
         worst, worst_fp = 0.0, None
         for fp, times in Counter(fingerprints).items():  # a text twice in a batch: 2 releases
             c = Counter(self.per_text.get(fp, {}))
             c[round(z, 12)] += times
             eps = epsilon_of(c.items(), self.delta)
+            eps += self.label_per_text.get(fp, 0.0) + label * times
             if eps > worst:
                 worst, worst_fp = eps, fp
         if worst > config.text_budget * (1 + 1e-9):
@@ -371,7 +394,7 @@ class PrivacyLedger:
                 "old ones. Upload new data, or raise --budget knowingly",
             )
         if config.device_budget is not None:
-            dev = self.device_epsilon((z, len(fingerprints)))
+            dev = self.device_epsilon((z, len(fingerprints)), label * len(fingerprints))
             if dev > config.device_budget * (1 + 1e-9):
                 raise PrivacyBudgetExceeded(
                     f"device privacy budget spent: this batch would take the device-level "

@@ -100,6 +100,33 @@ def test_a_text_twice_in_one_batch_is_two_releases():
     assert worst == pytest.approx(ledger.text_epsilon("a")) and worst > 8.0 * 1.3
 
 
+def test_label_randomised_response_is_charged_in_the_ledger(tmp_path):
+    """Labels released by randomised response spend their epsilon too: a text's epsilon is
+    its taps' (RDP) plus the sum of its label epsilons, rebuilt from the journal after a
+    restart; the default budget is one release of both, so a second release is refused."""
+    config = P.PrivacyConfig(epsilon=4.0, clip=1.0, label_epsilon=2.0)
+    assert config.text_budget == pytest.approx(6.0)
+    first = P.PrivacyLedger(1e-5)
+    eps = first.check(config, "k1", ["a", "b"])
+    assert eps == pytest.approx(library_epsilon(config.z, 1, 1e-5) + 2.0)
+    info = {"z": config.z, "clip": 1.0, "label_epsilon": 2.0, "fingerprints": ["a", "b"]}
+    Journal(tmp_path).release(Entry("pending", "k1", "train", "b0", [0, 1], "d"), info)
+    ledger = Journal(tmp_path).ledger(1e-5)  # as a resumed run rebuilds it
+    assert ledger.text_epsilon("a") == pytest.approx(eps)
+    assert ledger.device_epsilon() == pytest.approx(library_epsilon(config.z, 2, 1e-5) + 4.0)
+    with pytest.raises(P.PrivacyBudgetExceeded, match="released 1 time"):
+        ledger.check(config, "k2", ["a"])
+    no_labels = P.PrivacyConfig(epsilon=4.0, clip=1.0, budget=6.0)
+    with pytest.raises(P.PrivacyBudgetExceeded):  # taps alone fit 6, the spent label does not
+        ledger.check(no_labels, "k2", ["a"])
+    assert ledger.check(no_labels, "k2", ["c"]) == pytest.approx(library_epsilon(config.z, 1, 1e-5))
+
+
+def test_a_budget_below_one_release_with_its_label_is_refused():
+    with pytest.raises(FedMobiLLMError, match="below one release's epsilon 6"):
+        P.PrivacyConfig(epsilon=4.0, label_epsilon=2.0, budget=5.0)
+
+
 def test_a_released_batch_is_resent_only_with_its_settings(tmp_path):
     """A batch released with noise, re-sent with another epsilon or clip or without the
     mechanism, would hand the server the same noise draw at two scales: refused, from the
