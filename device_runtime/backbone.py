@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -120,6 +121,7 @@ class Backbone:
         max_batch = self.manifest.extra.get("max_batch")
         self.max_batch: int | None = max_batch if isinstance(max_batch, int) else None
         self._tokenize = _Tokenizer(self.bundle_dir, self.manifest, self.static_seq)
+        self._plain_tokenizer: Any = None  # generate's tokenizer (encode_ids), loaded when used
         graph = self.bundle_dir / GRAPH_FILES[self.backend]
         options = OnnxOptions(threads, low_memory=True, quiet=True)
         self._forward_graph = Graph(graph, fmt=self.backend, options=options)
@@ -241,9 +243,57 @@ class Backbone:
                 "one per text",
                 hint="drop empty texts from the data",
             )
+        return self._token_taps(ids, mask, lengths, forward_batch), lengths
+
+    def encode_ids(self, text: str, special: bool | None = None) -> list[int]:
+        """A text's token ids exactly as ``generate.Generator.encode`` gives them (the
+        bundle's tokenizer, no padding or truncation; ``special`` None: the manifest's
+        add_special_tokens): what the lm task trains on and generation reads."""
+        if self._plain_tokenizer is None:
+            from fedmobillm.device_runtime.generate import _load_tokenizer
+
+            self._plain_tokenizer = _load_tokenizer(self.bundle_dir, self.manifest)
+        add = self._tokenize.add_special_tokens if special is None else special
+        return list(self._plain_tokenizer.encode(text, add_special_tokens=add).ids)
+
+    def forward_token_ids(
+        self, sequences: list[list[int]] | list[tuple[int, ...]], forward_batch: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Token id sequences (each 1..max_seq_len long) -> (taps float32 ``(B, K, T, d)``,
+        lengths int64 ``(B,)``) as ``forward_tokens``: position t of row i holds the taps
+        of ``sequences[i][t]``, zero at ``t >= lengths[i]``. A token bundle only (the lm
+        task forwards exactly the ids it uploads)."""
+        if not self.tokens:
+            raise FedMobiLLMError(
+                f"bundle {self.bundle_dir} is a pivot bundle: it has no per-token taps",
+                hint="export a token bundle with `fedmobillm export MODEL --pivot none`",
+            )
+        if not sequences:
+            raise FedMobiLLMError("nothing to forward: the list of token sequences is empty")
+        if forward_batch is not None and forward_batch < 1:
+            raise FedMobiLLMError(f"forward_batch must be at least 1, not {forward_batch}")
+        lengths = np.array([len(s) for s in sequences], dtype=np.int64)  # (B,)
+        width = int(self.static_seq or max(MIN_SEQ, int(lengths.max())))
+        if lengths.min() < 1 or lengths.max() > width or lengths.max() > self.manifest.max_seq_len:
+            raise FedMobiLLMError(
+                f"token sequences must hold 1..{self.manifest.max_seq_len} ids (the bundle's "
+                f"max_seq_len), got {int(lengths.min())}..{int(lengths.max())}"
+            )
+        ids = np.full((len(sequences), width), self._tokenize.pad_id, np.int64)  # (B, S)
+        mask = np.zeros_like(ids)  # (B, S)
+        for i, seq in enumerate(sequences):
+            ids[i, : lengths[i]], mask[i, : lengths[i]] = seq, 1
+        return self._token_taps(ids, mask, lengths, forward_batch), lengths
+
+    def _token_taps(
+        self, ids: np.ndarray, mask: np.ndarray, lengths: np.ndarray, forward_batch: int | None
+    ) -> np.ndarray:
+        """float32 ``(B, K, T, d)`` taps of right-padded ``(B, S)`` inputs with ``lengths``
+        (B,) real tokens each, T = max(lengths), padding exactly zero; ``forward_batch``
+        rows per pass in order of length, each pass cut to its own longest row."""
         m, t = self.manifest, int(lengths.max())
-        out = np.zeros((len(texts), m.num_taps, t, m.hidden_size), np.float32)  # (B, K, T, d)
-        rows_per_pass = forward_batch if forward_batch else len(texts)
+        out = np.zeros((len(ids), m.num_taps, t, m.hidden_size), np.float32)  # (B, K, T, d)
+        rows_per_pass = forward_batch if forward_batch else len(ids)
         for rows in forward_passes(lengths, rows_per_pass):
             chunk_ids, chunk_mask = ids[rows], mask[rows]  # (b, S)
             if not self.static_seq:  # right padding: drop the columns no text here reaches
@@ -254,4 +304,4 @@ class Backbone:
             out[rows, :, :w] = taps[:, :, :w]
         padding = np.arange(t)[None, :] >= lengths[:, None]  # (B, T)
         out.transpose(0, 2, 1, 3)[padding] = 0.0  # a view: padding exactly 0 (even if NaN)
-        return out, lengths
+        return out

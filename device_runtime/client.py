@@ -27,6 +27,7 @@ from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
 from fedmobillm.device_runtime.files import write_atomic
 from fedmobillm.device_runtime.journal import Entry, Journal, records_hash, release_settings
+from fedmobillm.device_runtime.lm_samples import LmPrepared, LmSample, lm_arrays, lm_samples
 from fedmobillm.device_runtime.memory import peak_rss_mb
 from fedmobillm.device_runtime.messages import (
     ROUTE_ANCHORS,
@@ -52,6 +53,7 @@ from fedmobillm.device_runtime.privacy import (
 from fedmobillm.device_runtime.protocol import (
     ENCODINGS,
     SPLITS,
+    TASKS,
     bundle_digest,
     bytes_per_sample,
     load_verified_bundle,
@@ -71,6 +73,7 @@ from fedmobillm.paths import cache_dir
 log = logging.getLogger(__name__)
 
 STATE_NAME = "device.json"
+LM_ENCODING = "fp16"  # the lm task's default upload encoding
 
 
 def default_state_dir(name: str) -> Path:
@@ -93,6 +96,7 @@ class DeviceState:
     # how the device verifies an https server (uploader.TlsConfig); None: system CAs
     ca_bundle: str | None = None
     pin_sha256: str | None = None
+    task: str = "classify"  # protocol.TASKS: the federation's task, as the server answered
 
     def tls(self) -> TlsConfig:
         return TlsConfig(self.ca_bundle, self.pin_sha256)
@@ -169,17 +173,17 @@ def register(
     retry: RetryPolicy | None = None,
     privacy: Any = None,
     tls: TlsConfig | None = None,
+    task: str = "classify",
 ) -> tuple[DeviceState, Path]:
     """POST /v1/devices; saves and returns the device state and where it was saved.
     ``privacy`` (a privacy.PrivacyConfig) is declared to the server and kept in the state:
-    ``device run`` applies it."""
+    ``device run`` applies it. ``task`` "lm" registers a decoder token bundle with no
+    label names; a server that answers with another task is an error."""
     if not name or "/" in name or name.startswith("."):
         raise FedMobiLLMError(f"device name {name!r} is not valid: use letters, digits, -_.")
-    if not label_names:
-        raise FedMobiLLMError(
-            "the task's label names are needed to register",
-            hint="pass --labels a,b,... or --data FILE_OR_NAME to read them from the data",
-        )
+    check_task_labels(task, label_names)
+    if task == "lm" and privacy is not None:
+        raise lm_privacy_refused()
     state_dir = Path(state_dir) if state_dir else default_state_dir(name)
     if (state_dir / STATE_NAME).is_file():
         old = DeviceState.load(state_dir)
@@ -189,9 +193,13 @@ def register(
             "another --state / --name",
         )
     manifest = load_verified_bundle(Path(bundle_dir))
+    if task == "lm":
+        check_lm_bundle(manifest, Path(bundle_dir))
     declared = privacy.resolved(manifest).declaration() if privacy is not None else None
     declaration = PrivacyDeclaration.from_dict(declared) if declared is not None else None
-    body = RegisterRequest(name, manifest.to_dict(), list(label_names), privacy=declaration)
+    body = RegisterRequest(
+        name, manifest.to_dict(), list(label_names), privacy=declaration, task=task
+    )
     tls = tls or TlsConfig()
     with Uploader(server, admin_token, retry or RetryPolicy(), tls=tls) as up:
         resp = up.request("POST", ROUTE_DEVICES, json=body.to_dict())
@@ -200,6 +208,13 @@ def register(
     if resp.status_code != 201:
         raise rejected(resp, f"registration of device {name!r}")
     reg = RegisterResponse.from_dict(resp.json())
+    if reg.task != task:
+        raise FedMobiLLMError(
+            f"server {server} registered device {name!r} for task {reg.task!r}, not "
+            f"{task!r}: its federation runs task {reg.task!r} (device id {reg.device_id})",
+            hint=f"register with --task {reg.task} for that server, or use a server started "
+            f"with --task {task} (`fedmobillm serve --task {task}`); this device was not saved",
+        )
     state = DeviceState(
         server=server.rstrip("/"),
         name=name,
@@ -211,8 +226,51 @@ def register(
         privacy=declared,
         ca_bundle=str(Path(tls.ca_bundle).resolve()) if tls.ca_bundle else None,
         pin_sha256=tls.pin_sha256,
+        task=reg.task,
     )
     return state, state.save(state_dir)
+
+
+def check_task_labels(task: str, label_names: Sequence[str]) -> None:
+    """A task and the label names registered with it: classify needs them, lm has none."""
+    if task not in TASKS:
+        raise FedMobiLLMError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+    if task == "classify" and not label_names:
+        raise FedMobiLLMError(
+            "the task's label names are needed to register",
+            hint="pass --labels a,b,... or --data FILE_OR_NAME to read them from the data",
+        )
+    if task == "lm" and label_names:
+        raise FedMobiLLMError(
+            f"task lm has no labels (its targets are the text's tokens), got {list(label_names)}",
+            hint="drop --labels / --data when registering with --task lm",
+        )
+
+
+def check_lm_bundle(manifest: Any, bundle_dir: Path) -> None:
+    """The lm task runs a decoder token bundle (pivot none): the next-token targets need
+    every token's taps, and the server's frozen head is a decoder's."""
+    if manifest.kind != "decoder" or not manifest.tokens:
+        what = f"a{'n' if manifest.kind == 'encoder' else ''} {manifest.kind} " + (
+            "token bundle" if manifest.tokens else f"pivot bundle (pivot {manifest.pivot})"
+        )
+        raise FedMobiLLMError(
+            f"task lm needs a decoder token bundle, but {bundle_dir} is {what}",
+            hint=f"export one with `fedmobillm export {manifest.source_model} --pivot none "
+            "--generate --format onnx --out DIR` (a decoder such as smollm2-135m)",
+        )
+
+
+def lm_privacy_refused() -> FedMobiLLMError:
+    """--epsilon with task lm: refused, never silently weakened."""
+    return FedMobiLLMError(
+        "local differential privacy (--epsilon) is refused for task lm: an lm upload carries "
+        "the text's token ids as they are (they are the next-token targets), so the server "
+        "reads the text itself and noise on the taps cannot protect it: no epsilon can be "
+        "claimed for the text",
+        hint="run lm without --epsilon (the summary says the text is sent); federate only "
+        "text you are willing to send to the server, over TLS (docs/device.md)",
+    )
 
 
 @dataclass
@@ -223,7 +281,9 @@ class RunConfig:
     # samples per forward pass, taken in order of token length within each upload batch:
     # bounds peak memory and padded compute
     forward_batch: int = FORWARD_BATCH
-    encoding: str = "int8"
+    # int8 | fp16; None: the task's default (classify int8, lm fp16: the server reads the
+    # frozen head's hidden state from the deepest tap, int8 costs perplexity, docs/lm.md)
+    encoding: str | None = None
     split: str = "train"
     bandwidth_mbps: float | None = None
     server: str | None = None  # overrides the registered server URL
@@ -236,8 +296,13 @@ class RunConfig:
     # wait uniform(0, start_jitter_s) before the first upload, so that a fleet started at
     # once does not reach the server at once (0 = start at once)
     start_jitter_s: float = 0.0
+    task: str = "classify"  # protocol.TASKS: must be the task the device registered for
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise FedMobiLLMError(f"--task must be one of {', '.join(TASKS)}, not {self.task!r}")
+        if self.encoding is None:
+            self.encoding = LM_ENCODING if self.task == "lm" else "int8"
         if self.start_jitter_s < 0:
             raise FedMobiLLMError("start_jitter_s must be >= 0")
         if self.batch_size < 1 or self.forward_batch < 1:
@@ -245,7 +310,7 @@ class RunConfig:
         if self.slowdown < 1.0:
             raise FedMobiLLMError("--slowdown must be at least 1 (1 = this machine's speed)")
         if self.encoding not in ENCODINGS:
-            raise FedMobiLLMError(f"--upload must be one of {', '.join(ENCODINGS)}")
+            raise FedMobiLLMError(f"--encoding must be one of {', '.join(ENCODINGS)}")
         if self.split not in SPLITS:
             raise FedMobiLLMError(f"--split must be one of {', '.join(SPLITS)}")
 
@@ -278,6 +343,40 @@ class RunSummary:
     hidden_size: int = 0
     encoding: str = "int8"
     privacy: dict[str, Any] = field(default_factory=dict)  # DeviceClient.privacy_status()
+    task: str = "classify"
+    # task lm: records -> samples (lm_samples.LmPrepared.to_dict(): windowed, skipped ...)
+    lm: dict[str, Any] = field(default_factory=dict)
+    target_tokens: int = 0  # task lm: next-token targets uploaded by this run
+
+    @property
+    def tap_bytes_per_token(self) -> int:
+        """K x d x b: one token's taps as stored (the T x K x d bound per token)."""
+        return self.num_taps * self.hidden_size * (1 if self.encoding == "int8" else 2)
+
+    @property
+    def wire_bytes_per_token(self) -> float:
+        """Request bytes per real token uploaded, measured (padding, ids, loss mask and
+        the payload's header included; 0 when nothing was uploaded)."""
+        tokens = (self.tokens_per_sample or 0.0) * self.samples
+        return self.bytes_uploaded / tokens if tokens else 0.0
+
+    def lm_lines(self) -> list[str]:
+        """Task lm: what became of the records, bytes per token, what the server sees."""
+        if self.task != "lm":
+            return []
+        lm = self.lm
+        return [
+            f"lm records:         {lm.get('records', 0)} -> {lm.get('samples', 0)} samples "
+            f"({lm.get('windowed_records', 0)} split into windows of <= "
+            f"{lm.get('max_seq_len', 0)} tokens, 0 truncated, {lm.get('skipped_records', 0)} "
+            f"skipped: one token, nothing to predict)",
+            f"targets uploaded:   {self.target_tokens:,} next-token targets",
+            f"bytes per token:    {self.tap_bytes_per_token:,} B of taps (K x d x b, "
+            f"{self.encoding}; the T x K x d bound per token), {self.wire_bytes_per_token:,.0f} "
+            "B on the wire (measured: padding, token ids, loss mask, header)",
+            "privacy:            none for the text: an lm upload carries its token ids as "
+            "they are (the targets), so the server reads the text",
+        ]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -309,6 +408,7 @@ class RunSummary:
             f"{self.upload_measured_s:.2f} s, {self.retries} retries)",
             f"server now holds:   {self.server_samples}",
             f"wall time:          {self.wall_s:.1f} s",
+            *self.lm_lines(),
         ] + ([f"privacy:            {self.privacy['text']}"] if self.privacy else [])
 
 
@@ -334,6 +434,8 @@ class DeviceClient:
         backbone: Backbone | None = None,
     ) -> None:
         self.config = config or RunConfig()
+        # int8 | fp16 (RunConfig.__post_init__ set the task's default)
+        self.encoding: str = str(self.config.encoding)
         self.state_dir = Path(state_dir)
         self.state = DeviceState.load(self.state_dir)
         self.backbone = backbone or Backbone(bundle_dir, self.config.backend, self.config.threads)
@@ -352,6 +454,39 @@ class DeviceClient:
             self.privacy = self.privacy.resolved(self.backbone.manifest)
         self._secret = device_secret(self.state_dir) if self.privacy is not None else b""
         self.ledger: Any = None  # privacy.PrivacyLedger, read from the journal when needed
+        self.task = self.config.task
+        self._check_task()
+        self.lm: LmPrepared | None = None  # task lm: the run's samples (prepare_lm)
+
+    def _check_task(self) -> None:
+        """The run's task is the one the device registered for; lm: a decoder token
+        bundle, no privacy mechanism (the ids are the text), no anchor split."""
+        if self.task != self.state.task:
+            raise FedMobiLLMError(
+                f"device {self.state.name!r} is registered for task {self.state.task!r}, "
+                f"but this run asks for task {self.task!r}",
+                hint=f"run it with --task {self.state.task}, or register a new device "
+                f"(another --name/--state) with --task {self.task}",
+            )
+        if self.task != "lm":
+            return
+        check_lm_bundle(self.backbone.manifest, self.backbone.bundle_dir)
+        if self.privacy is not None:
+            raise lm_privacy_refused()
+        if self.config.split == "anchor":
+            raise FedMobiLLMError(
+                "--split anchor is for classify federations: task lm has no anchor set",
+                hint="upload train or validation text with --split train|validation",
+            )
+
+    def prepare_lm(self, records: Sequence[Any]) -> list[LmSample]:
+        """Task lm: records (``text``, ``prompt`` None or str, as ``fedmobillm.data.lm``
+        reads them) -> the samples to upload, windows of at most max_seq_len tokens (see
+        ``lm_samples``); what happened to the records is kept in ``self.lm``."""
+        m = self.backbone.manifest
+        self.lm = lm_samples(records, self.backbone.encode_ids, m.max_seq_len)
+        log.info("task lm: %s", self.lm.line())
+        return self.lm.samples
 
     # -- planning -------------------------------------------------------------------------
 
@@ -386,6 +521,9 @@ class DeviceClient:
         carries little padding. Deterministic for the same records: a resumed run plans
         the same batches; keys stay unique (a batch's ids are never in another batch)."""
         lengths = np.empty(len(ids), dtype=np.int64)  # (n,)
+        if self.task == "lm":  # samples are token ids already
+            lengths[:] = [len(records[i].token_ids) for i in ids]
+            return [ids[int(j)] for j in np.argsort(lengths, kind="stable")]
         for s in range(0, len(ids), 1024):
             chunk = ids[s : s + 1024]
             _, mask = self.backbone.encode([records[i].text for i in chunk])  # (c, S)
@@ -407,7 +545,11 @@ class DeviceClient:
     # -- running --------------------------------------------------------------------------
 
     def run(self, records: Sequence[Any]) -> RunSummary:
-        """Forward, quantize and upload every record not yet acknowledged."""
+        """Forward, quantize and upload every record not yet acknowledged. Task lm:
+        ``records`` are lm records (text, prompt), made into samples by ``prepare_lm``
+        (LmSample lists are taken as they are)."""
+        if self.task == "lm" and not all(isinstance(r, LmSample) for r in records):
+            records = self.prepare_lm(records)
         self._check_labels(records)
         batches, already = self.plan(records)
         total = sum(len(b) for b in batches)
@@ -421,7 +563,7 @@ class DeviceClient:
             already,
             self.backbone.architecture,
             self.backbone.backend,
-            self.config.encoding,
+            self.encoding,
         )
         server = self.config.server or self.state.server
         tracker = _Progress(total, self.config.progress_every_s)
@@ -462,14 +604,17 @@ class DeviceClient:
             activation_bytes_per_sample=tracker.activation_bytes / max(1, tracker.done),
             tokens_per_sample=tracker.tokens / max(1, tracker.done) if m.tokens else None,
             token_bound_bytes=(
-                bytes_per_sample(m.num_taps, m.hidden_size, self.config.encoding, m.max_seq_len)
+                bytes_per_sample(m.num_taps, m.hidden_size, self.encoding, m.max_seq_len)
                 if m.tokens
                 else None
             ),
             num_taps=m.num_taps,
             hidden_size=m.hidden_size,
-            encoding=self.config.encoding,
+            encoding=self.encoding,
             privacy=self.privacy_status(),
+            task=self.task,
+            lm=self.lm.to_dict() if self.task == "lm" and self.lm is not None else {},
+            target_tokens=tracker.targets,
         )
 
     def anchor_records(self) -> list[Any]:
@@ -549,9 +694,16 @@ class DeviceClient:
         enc = self.encode_batch(records, ids)
         return enc.body, enc.entry, enc.forward_s
 
-    def _forward(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+    def _forward(
+        self, texts: list[str], samples: list[LmSample] | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         """float32 taps (N, K, d) and None; a token bundle: (N, K, T, d) zero-padded and
-        the real token count of each text, int64 (N,)."""
+        the real token count of each text, int64 (N,); lm ``samples``: their token ids
+        forwarded as they are."""
+        if samples is not None:
+            return self.backbone.forward_token_ids(
+                [s.token_ids for s in samples], self.config.forward_batch
+            )
         if self.backbone.tokens:
             return self.backbone.forward_tokens(texts, self.config.forward_batch)
         return self.backbone(texts, self.config.forward_batch), None
@@ -561,8 +713,9 @@ class DeviceClient:
         exactly 0) and encode one batch, with what it costs."""
         texts = [records[i].text for i in ids]
         labels = np.array([int(records[i].label) for i in ids], dtype=np.int64)  # (N,)
+        samples = [records[i] for i in ids] if self.task == "lm" else None
         start = time.perf_counter()
-        taps, lengths = self._forward(texts)  # (N, K, d) or (N, K, T, d) float32; (N,)
+        taps, lengths = self._forward(texts, samples)  # (N, K, d) | (N, K, T, d) float32; (N,)
         forward_s = time.perf_counter() - start
         if self.config.slowdown > 1.0:  # a simulated slower phone
             time.sleep((self.config.slowdown - 1.0) * forward_s)
@@ -573,7 +726,7 @@ class DeviceClient:
             )
         if self.privacy is not None:  # clip + noise before quantisation
             taps, labels = self._privatize(taps, labels, ids, lengths)
-        if self.config.encoding == "int8":
+        if self.encoding == "int8":
             acts, scales = serde.quantize_int8(taps, self.scales), self.scales  # int8
         else:
             acts, scales = taps.astype(np.float16), None  # fp16, same shape as taps
@@ -583,18 +736,26 @@ class DeviceClient:
             bundle_sha256=self.digest,
             idempotency_key=key,
             split=self.config.split,
-            encoding=self.config.encoding,
+            encoding=self.encoding,
             activations=acts,
             labels=labels,
             sample_ids=np.asarray(ids, dtype=np.int64),
             scales=scales,
             lengths=lengths,
         )
+        if samples is not None:  # lm: the ids forwarded and the targets (N, T) each
+            batch.token_ids, batch.loss_mask, _ = lm_arrays(samples)
         data = records_hash([(i, records[i].text, records[i].label) for i in ids])
         entry = Entry("pending", key, self.config.split, self.digest, list(ids), data)
         tokens = int(lengths.sum()) if lengths is not None else 0
+        targets = int(batch.loss_mask.sum()) if batch.loss_mask is not None else 0
         return Encoded(
-            serde.encode_batch(batch), entry, forward_s, int(batch.bytes_per_sample().sum()), tokens
+            serde.encode_batch(batch),
+            entry,
+            forward_s,
+            int(batch.bytes_per_sample().sum()),
+            tokens,
+            targets,
         )
 
     def _one_batch(
@@ -624,6 +785,7 @@ class DeviceClient:
         tracker.batch_done(len(ids), forward_s, len(body), ack)
         tracker.activation_bytes += enc.activation_bytes
         tracker.tokens += enc.tokens
+        tracker.targets += enc.targets
 
     # -- privacy (privacy.py) ------------------------------------------------------------
 
@@ -635,7 +797,7 @@ class DeviceClient:
         taps, labels = privatize(
             self.privacy, self._secret, key, taps, labels, len(self.state.label_names), lengths
         )
-        if self.config.encoding == "int8":
+        if self.encoding == "int8":
             frac = int8_saturation(taps, self.scales)
             if frac > 0.01:  # saturating is still private (post-processing) but loses signal
                 std = float(sample_sigma(self.privacy.z, taps.shape[1])[0])
@@ -736,6 +898,7 @@ class Encoded:
     forward_s: float
     activation_bytes: int
     tokens: int
+    targets: int = 0  # lm: next-token targets (loss mask ones)
 
 
 @dataclass
@@ -748,6 +911,7 @@ class _Progress:
     bytes: int = 0
     activation_bytes: int = 0  # K * d * b per sample, or K * L * d * b (tokens)
     tokens: int = 0  # real tokens uploaded (token bundles)
+    targets: int = 0  # lm: next-token targets uploaded
     server_samples: dict[str, int] = field(default_factory=dict)
     start: float = field(default_factory=time.perf_counter)
     _last_log: float = 0.0

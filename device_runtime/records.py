@@ -240,3 +240,24 @@ def _report_bad_rows(path: Path, bad: list[str], skip: bool) -> None:
             hint="fix those rows, or skip them (skip_bad_rows=True / --skip-bad-rows)",
         )
     log.warning("%s: skipping %d bad row(s):\n  %s%s", path, len(bad), shown, more)
+
+
+# --------------------------------------------------------------------------- task lm
+
+
+def lm_device_records(data: str, skip_bad_rows: bool = False, limit: int | None = None) -> list:
+    """The text of an lm device (``fedmobillm.data.lm.LmRecord``: ``text``, ``prompt``):
+    a local .jsonl file with ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` per
+    line (an empty text is a bad row: an error naming its line, or skipped and logged with
+    ``skip_bad_rows``), or a named lm corpus (all of it); the first ``limit`` records."""
+    from fedmobillm.data.lm import load_lm_corpus
+
+    if limit is not None and limit < 1:
+        raise FedMobiLLMError("--limit must be at least 1")
+    if Path(data).suffix.lower() == ".csv":
+        raise FedMobiLLMError(
+            f"{data}: task lm reads .jsonl files",
+            hint='one JSON object per line: {"text": ...} or {"prompt": ..., "response": ...}',
+        )
+    records = list(load_lm_corpus(data, skip_bad_rows=skip_bad_rows).records)
+    return records[:limit] if limit else records

@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             description="Forward local data through the bundle and upload the tapped "
             "activations: one vector per tap and text, or, with a token bundle (exported "
             "with --pivot none), every real token's taps; the summary reports the bytes per "
-            "sample (against the T x K x d bound for tokens).",
+            "sample (against the T x K x d bound for tokens). --task lm: the device's own "
+            'text ({"text"} or {"prompt", "response"} jsonl records) through a '
+            "decoder token bundle, with its token ids and next-token loss mask "
+            "(docs/device.md).",
         )
     )
     _add_predict(sub.add_parser("predict", help="on-device inference: backbone + personal model"))
@@ -143,11 +146,24 @@ def _add_register(p: argparse.ArgumentParser) -> None:
     p.add_argument("--name", required=True, help="a name for this device, unique on the server")
     p.add_argument("--bundle", required=True, type=Path, help="bundle folder from `export`")
     p.add_argument("--state", type=Path, help="where to keep the device token")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--labels", help="the task's label names, comma-separated, in index order")
-    g.add_argument("--data", help="a dataset name or local file to read the label names from")
+    _task_arg(p, "the task this device joins; it must be the server's (lm: a decoder token "
+              "bundle, no labels)")  # fmt: skip
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--labels", help="classify: the task's label names, comma-separated, in index order"
+    )
+    g.add_argument("--data", help="classify: a dataset name or local file to read the labels from")
     _privacy_args(p, run=False)
     _tls_args(p)
+
+
+def _task_arg(p: argparse.ArgumentParser, text: str) -> None:
+    p.add_argument(
+        "--task",
+        default="classify",
+        choices=["classify", "lm"],  # device_runtime.protocol.TASKS (not imported: a light CLI)
+        help=f"{text} (default classify)",
+    )
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
@@ -155,8 +171,11 @@ def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--data",
         help="local .jsonl/.csv file or a dataset name (not with --split anchor: the anchor "
-        "texts come from the server)",
+        'texts come from the server); --task lm: a .jsonl of {"text": ...} or '
+        '{"prompt": ..., "response": ...} lines, or an lm corpus name',
     )
+    _task_arg(p, "the task the device registered for: lm uploads its text's token ids and "
+              "next-token targets beside the taps")  # fmt: skip
     _state_args(p)
     p.add_argument("--server", help="server URL (default: the one registered)")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "pte"])
@@ -169,7 +188,13 @@ def _add_run(p: argparse.ArgumentParser) -> None:
         help="samples per forward pass, taken in order of token length within each upload "
         "batch (default 8): lower = less peak memory",
     )
-    p.add_argument("--upload", default="int8", choices=["int8", "fp16"])
+    p.add_argument(
+        "--encoding",
+        "--upload",
+        dest="encoding",
+        choices=["int8", "fp16"],
+        help="upload encoding of the taps (default: int8 for classify, fp16 for lm)",
+    )
     p.add_argument(
         "--split",
         default="train",
@@ -240,9 +265,23 @@ def run(args: argparse.Namespace) -> int:
 
 def _register(args: argparse.Namespace) -> int:
     from fedmobillm.device_runtime.client import register, registration_labels
+    from fedmobillm.errors import FedMobiLLMError
 
     tls, privacy = _tls_config(args), _privacy_config(args)
-    labels = registration_labels(args.server, args.admin_token, args.labels, args.data, tls=tls)
+    if args.task == "lm":
+        if args.labels is not None or args.data is not None:
+            raise FedMobiLLMError(
+                "--labels/--data name a classify task's labels: task lm has none",
+                hint="drop them when registering with --task lm",
+            )
+        labels: list[str] = []
+    elif args.labels is None and args.data is None:
+        raise FedMobiLLMError(
+            "device register needs the task's labels",
+            hint="pass --labels a,b,... or --data FILE_OR_NAME (or --task lm for text)",
+        )
+    else:
+        labels = registration_labels(args.server, args.admin_token, args.labels, args.data, tls=tls)
     state, path = register(
         args.server,
         args.admin_token,
@@ -252,10 +291,12 @@ def _register(args: argparse.Namespace) -> int:
         args.state,
         privacy=privacy,
         tls=tls,
+        task=args.task,
     )
     print(f"registered device {state.name!r} as {state.device_id} on {state.server}")
     print(f"architecture {state.architecture}, bundle {state.bundle_sha256[:16]}")
-    print(f"labels: {', '.join(state.label_names)}")
+    print(f"task {state.task}" + (f", labels: {', '.join(state.label_names)}"
+                                  if state.label_names else ""))  # fmt: skip
     p = state.privacy  # as declared: the clip resolved against the bundle
     if p is not None:
         label = p["label_epsilon"]
@@ -270,7 +311,11 @@ def _register(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from fedmobillm.device_runtime.client import DeviceClient, RunConfig
-    from fedmobillm.device_runtime.records import device_records, resolve_state_dir
+    from fedmobillm.device_runtime.records import (
+        device_records,
+        lm_device_records,
+        resolve_state_dir,
+    )
     from fedmobillm.device_runtime.uploader import RetryPolicy
     from fedmobillm.errors import FedMobiLLMError
 
@@ -280,7 +325,7 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
         batch_size=args.batch_size,
         forward_batch=args.forward_batch,
-        encoding=args.upload,
+        encoding=args.encoding,
         split=args.split,
         bandwidth_mbps=args.bandwidth_mbps,
         server=args.server,
@@ -288,6 +333,7 @@ def _run(args: argparse.Namespace) -> int:
         slowdown=args.slowdown,
         privacy=_privacy_config(args, state_dir),
         tls=_tls_config(args),
+        task=args.task,
     )
     if args.split == "anchor" and args.data is not None:
         raise FedMobiLLMError(
@@ -302,6 +348,8 @@ def _run(args: argparse.Namespace) -> int:
     client = DeviceClient(state_dir, args.bundle, config)
     if args.split == "anchor":
         records = client.anchor_records()
+    elif args.task == "lm":
+        records = lm_device_records(args.data, args.skip_bad_rows, args.limit)
     else:
         records = device_records(
             args.data, args.split, client.state.label_names, args.skip_bad_rows, args.limit
