@@ -136,10 +136,14 @@ def batch_content(batch: Batch) -> str:
     h = hashlib.sha256(batch.split.encode())
     h.update(np.ascontiguousarray(batch.sample_ids, np.int64).tobytes())
     h.update(np.ascontiguousarray(batch.labels, np.int64).tobytes())
+    if batch.token_ids is not None:  # an lm batch: its targets are its token ids
+        h.update(np.ascontiguousarray(batch.token_ids, np.int64).tobytes())
     return h.hexdigest()
 
 
-def check_resent(device: Device, batch: Batch, stored: dict[int, tuple[int, np.ndarray]]) -> None:
+def check_resent(
+    device: Device, batch: Batch, stored: dict[int, tuple[int, np.ndarray, np.ndarray | None]]
+) -> None:
     """Raise ``Conflict`` if a sample the device already uploaded comes back different."""
     if not stored:
         return
@@ -148,7 +152,7 @@ def check_resent(device: Device, batch: Batch, stored: dict[int, tuple[int, np.n
     for i, sid in enumerate(batch.sample_ids.tolist()):
         if sid not in stored:
             continue
-        label, x = stored[sid]  # int, (K, d) or (K, L, d)
+        label, x, ids = stored[sid]  # int, (K, d) or (K, L, d), (L,) lm ids or None
         q = batch.activations[i]  # (K, d) or (K, T, d)
         if batch.lengths is not None:
             q = q[:, : int(batch.lengths[i])]  # (K, L_i, d)
@@ -156,10 +160,15 @@ def check_resent(device: Device, batch: Batch, stored: dict[int, tuple[int, np.n
         tol = RESEND_TOLERANCE * scales.reshape((-1,) + (1,) * (x.ndim - 1)) * 1.001
         if label != int(batch.labels[i]) or new.shape != x.shape or (np.abs(new - x) > tol).any():
             bad.append(sid)
+        elif batch.token_ids is not None and (
+            ids is None or not np.array_equal(batch.token_ids[i, : len(ids)], ids)
+        ):
+            bad.append(sid)  # an lm sample re-sent with other token ids
     if bad:
         raise Conflict(
             f"{len(bad)} sample id(s) of split {batch.split!r} were uploaded before with other "
-            f"content (label, activations or length), e.g. {bad[:5]}; the stored samples are kept",
+            f"content (label, activations, length or token ids), e.g. {bad[:5]}; the stored "
+            "samples are kept",
             hint="sample ids name one record for good: give new records new ids, or register "
             "a new device for a new data set",
         )

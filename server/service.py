@@ -13,7 +13,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedmobillm.device_runtime.protocol import TOKEN_PIVOT, Manifest, bundle_digest
+from fedmobillm.device_runtime.protocol import TASKS, TOKEN_PIVOT, Manifest, bundle_digest
 from fedmobillm.device_runtime.serde import Batch, PayloadError, decode_batch
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.anchors import AnchorSet
@@ -68,12 +68,15 @@ class Counters:
 
 
 INPUTS = ("pivot", "tokens")
+VOCAB_KEY = "lm_vocab/"  # meta key prefix: an lm architecture's vocabulary size
 
 
 class Service:
     """``inputs``: what this federation's devices upload, ``"pivot"`` (one vector per tap and
     sample, pivot bundles) or ``"tokens"`` (every token's taps, bundles exported with
-    ``--pivot none``); settings ``side.inputs``. A data dir keeps the kind it started with."""
+    ``--pivot none``); settings ``side.inputs``. ``task``: ``"classify"`` or ``"lm"``
+    (decoder token bundles; uploads carry token ids and a loss mask, no labels; settings
+    ``task``). A data dir keeps the kind and the task it started with."""
 
     def __init__(
         self,
@@ -81,15 +84,21 @@ class Service:
         max_samples_per_batch: int = 4096,
         anchors: AnchorSet | None = None,
         inputs: str = "pivot",
+        task: str = "classify",
     ) -> None:
         if inputs not in INPUTS:
             raise FedMobiLLMError(f"inputs must be one of {INPUTS}, not {inputs!r}")
+        if task not in TASKS or (task == "lm" and inputs != "tokens"):
+            raise FedMobiLLMError(f"task must be one of {TASKS} (lm with tokens), not {task!r}")
         self.store = store
         self.max_samples = max_samples_per_batch
         self.anchors = anchors
         self.inputs = inputs
+        self.task = task
         self.counters = Counters()
+        self._vocab: dict[str, int] = {}  # lm: architecture -> vocabulary size (meta)
         self._pin_inputs(inputs)
+        self._pin_task(task)
         if anchors is not None:
             self._pin_anchor_set(anchors.digest)
 
@@ -111,6 +120,24 @@ class Service:
                 f"{pinned}",
                 hint=f"start with --inputs {pinned}, or use a new --data-dir for a {inputs} "
                 "federation",
+            )
+
+    def _pin_task(self, task: str) -> None:
+        """A data dir keeps one task (protocol.TASKS); a store from before tasks holds a
+        classify federation if it has devices."""
+        with self.store.transaction() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='task'").fetchone()
+            if row is None:
+                had_devices = db.execute("SELECT 1 FROM devices LIMIT 1").fetchone()
+                pinned = "classify" if had_devices else task
+                db.execute("INSERT INTO meta VALUES ('task', ?)", (pinned,))
+            else:
+                pinned = row[0]
+        if pinned != task:
+            raise FedMobiLLMError(
+                f"this data dir holds a {pinned} federation; the server was started for task "
+                f"{task}: stored samples, checkpoints and personal models are {pinned}",
+                hint=f"start with --task {pinned}, or use a new --data-dir for a {task} federation",
             )
 
     def _pin_anchor_set(self, digest: str) -> None:
@@ -152,9 +179,11 @@ class Service:
         manifest: dict[str, Any],
         label_names: list[str],
         privacy: dict[str, Any] | None = None,  # its PrivacyDeclaration, checked by the route
+        task: str = "classify",  # the device's task: must be this federation's
     ) -> dict:
         name = _check_name(name)
-        labels = _check_labels(label_names)
+        self._check_task(task)
+        labels = _check_labels(label_names) if task == "classify" else _check_no_labels(label_names)
         try:
             m = Manifest.from_dict(manifest)
         except FedMobiLLMError as exc:
@@ -162,9 +191,14 @@ class Service:
         except (TypeError, ValueError, KeyError, AttributeError) as exc:
             raise BadRequest(f"invalid manifest: {exc}") from exc
         self._check_kind(m)
+        vocab = self._check_lm_bundle(m) if self.task == "lm" else None
         sha = bundle_digest(m)
         token = secrets.token_urlsafe(32)
         with self.store.transaction() as db:
+            if vocab is not None:
+                key = VOCAB_KEY + m.architecture
+                if db.execute("SELECT 1 FROM meta WHERE key = ?", (key,)).fetchone() is None:
+                    db.execute("INSERT INTO meta VALUES (?, ?)", (key, str(vocab)))
             row = db.execute("SELECT value FROM meta WHERE key='label_names'").fetchone()
             if row is None:
                 db.execute("INSERT INTO meta VALUES ('label_names', ?)", (json.dumps(labels),))
@@ -183,7 +217,35 @@ class Service:
             "token": token,
             "architecture": m.architecture,
             "bundle_sha256": sha,
+            "task": self.task,
         }
+
+    def _check_task(self, task: str) -> None:
+        """Refuse (409) a device of another task than this federation's."""
+        if task != self.task:
+            other = "lm" if self.task == "classify" else "classify"
+            raise Conflict(
+                f"this server runs a {self.task} federation; the device registers for task "
+                f"{task!r}",
+                hint=f"register the device with --task {self.task}, or run a server with "
+                f"--task {other} (on its own --data-dir) for {other} devices"
+                if task in TASKS
+                else f"task must be one of {', '.join(TASKS)}",
+            )
+
+    def _check_lm_bundle(self, m: Manifest) -> int:
+        """An lm federation's bundle: a decoder token bundle whose frozen head the server
+        holds (lm_heads.head_for: local copy, weights sha256, hidden size); its vocab size."""
+        if m.kind != "decoder":
+            raise Conflict(
+                f"this server runs an lm federation: it needs a decoder bundle; this one is an "
+                f"{m.kind} ({m.source_model})",
+                hint="export a decoder with `fedmobillm export smollm2-135m --pivot none "
+                "--generate`",
+            )
+        from fedmobillm.server.lm_heads import head_for
+
+        return head_for(m.to_dict()).vocab_size
 
     def _check_kind(self, m: Manifest) -> None:
         """Refuse (409) a bundle whose kind is not this federation's (``self.inputs``)."""
@@ -228,6 +290,7 @@ class Service:
         self._check_batch(device, batch)
         try:
             check_values(device, batch)
+            self._check_token_ids(device, batch)
         except ValueRejected as exc:
             with self.counters.lock:
                 self.counters.offences += 1
@@ -271,6 +334,7 @@ class Service:
                 hint="register the device again with a bundle of this federation's kind",
             )
         check_layout(device, batch)
+        self._check_task_batch(device, batch)
         n = batch.num_samples
         if n > self.max_samples:
             raise BadRequest(
@@ -301,6 +365,53 @@ class Service:
                 f"labels must be in -1..{num_labels - 1} (label_names has {num_labels} "
                 f"entries); got {int(batch.labels[bad][0])}"
             )
+
+    def _check_task_batch(self, device: Device, batch: Batch) -> None:
+        """An lm federation takes lm batches only (token ids + loss mask, ids below the
+        architecture's vocabulary); a classify federation refuses them."""
+        if self.task == "classify":
+            if batch.lm:
+                raise BadRequest(
+                    "this server runs a classify federation: the upload is an lm batch "
+                    "(token_ids and loss_mask) without labels",
+                    hint="upload labelled batches (fedmobillm device run without --task lm), "
+                    "or send it to a server started with --task lm",
+                )
+            return
+        if not batch.lm:
+            raise BadRequest(
+                "this server runs an lm federation: every upload carries token_ids and "
+                "loss_mask beside the taps (labels -1); this one has none",
+                hint="upload with `fedmobillm device run --task lm`",
+            )
+        if batch.split == "anchor":
+            raise BadRequest("anchors are classify-only: an lm federation has no anchor split")
+
+    def _check_token_ids(self, device: Device, batch: Batch) -> None:
+        """An lm batch's ids must be below its architecture's vocabulary size: the bundle's
+        tokenizer cannot produce others (ValueRejected: an offence)."""
+        if batch.token_ids is None:
+            return
+        vocab = self.vocab_size(device.architecture)
+        top = int(batch.token_ids.max())
+        if top >= vocab:
+            raise ValueRejected(
+                f"token id {top} is outside the vocabulary of {device.architecture} "
+                f"({vocab} tokens): the bundle's tokenizer cannot produce it",
+                hint="upload the ids the registered bundle's tokenizer gives",
+            )
+
+    def vocab_size(self, architecture: str) -> int:
+        """The lm architecture's vocabulary size, as registration stored it (meta)."""
+        if architecture not in self._vocab:
+            value = self.store.meta(VOCAB_KEY + architecture)
+            if value is None:
+                raise Conflict(
+                    f"architecture {architecture} has no vocabulary size on record",
+                    hint="register the device again",
+                )
+            self._vocab[architecture] = int(value)
+        return self._vocab[architecture]
 
     def _commit(self, device: Device, batch: Batch) -> dict:
         content = batch_content(batch)
@@ -337,6 +448,8 @@ class Service:
                 batch.labels,
                 batch.sample_ids,
                 batch.lengths,
+                batch.token_ids,
+                batch.loss_mask,
             )
             ack = {
                 "batch_id": batch_id,
@@ -459,6 +572,15 @@ def _check_name(name: Any) -> str:
     if not isinstance(name, str) or not name.strip() or len(name) > MAX_NAME_CHARS:
         raise BadRequest(f"name must be a non-empty string of at most {MAX_NAME_CHARS} chars")
     return name.strip()
+
+
+def _check_no_labels(labels: Any) -> list[str]:
+    if labels != []:
+        raise BadRequest(
+            "an lm device registers with label_names [] (its targets are its own tokens)",
+            hint="register with --task lm and no labels",
+        )
+    return []
 
 
 def _check_labels(labels: Any) -> list[str]:

@@ -128,6 +128,22 @@ class ServerSettings(BaseSettings):
     # federation's kind: "pivot" (one vector per tap and sample) or "tokens" (every token's
     # taps, bundles exported with --pivot none); `fedmobillm server start --inputs tokens`.
     side: SideConfig = Field(default_factory=SideConfig)
+    # The federation's task (protocol.TASKS): "classify" (a label per sample, the default) or
+    # "lm" (causal language modelling on the devices' own text: decoder token bundles, every
+    # token's taps and ids; side.inputs is then "tokens" and the side network causal, see
+    # _lm_side). A data dir keeps its task. `fedmobillm server start --task lm`.
+    task: Literal["classify", "lm"] = "classify"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lm_side(cls, data: Any) -> Any:
+        """``task = "lm"``: side.inputs = "tokens", a causal transformer body, and
+        ``server.lm.lm_config``'s defaults for the fields the user did not set. Refuses
+        side.inputs = "pivot", side.causal = false and an anchor set (anchors are
+        classify-only) with a clear error."""
+        if not isinstance(data, dict) or data.get("task") != "lm":
+            return data
+        return {**data, "side": lm_side_fields(data.get("side"), data.get("anchors"))}
 
     @model_validator(mode="before")
     @classmethod
@@ -180,6 +196,30 @@ class ServerSettings(BaseSettings):
     @property
     def personal_dir(self) -> Path:
         return self.data_dir / "personal"
+
+
+def lm_side_fields(side: Any, anchors: Any = None) -> dict[str, Any]:
+    """The side settings of an lm federation from the user's ``side`` (a dict of SideConfig
+    fields, a SideConfig, or None): ``server.lm.lm_config()``'s values where they differ from
+    SideConfig's defaults and the user set nothing (inputs tokens, causal, ...)."""
+    from fedmobillm.server.lm import lm_config  # the learning core's defaults
+
+    given = dataclasses.asdict(side) if isinstance(side, SideConfig) else dict(side or {})
+    if given.get("inputs", "tokens") != "tokens":
+        raise ValueError(
+            f"task lm trains on every token's taps: side.inputs must be tokens, not "
+            f"{given['inputs']!r} (drop --inputs/side.inputs, or run --task classify)"
+        )
+    if given.get("causal", True) is not True:
+        raise ValueError("task lm needs a causal side network: drop side.causal = false")
+    if anchors is not None:
+        raise ValueError(
+            "anchors are classify-only (they align pivot vectors of labelled tasks): drop "
+            "--anchors / anchors for task lm"
+        )
+    base, lm = dataclasses.asdict(SideConfig()), dataclasses.asdict(lm_config())
+    defaults = {k: v for k, v in lm.items() if base.get(k) != v}
+    return {**defaults, **given, "inputs": "tokens", "causal": True}
 
 
 def read_config_file(path: Path) -> dict[str, Any]:

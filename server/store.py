@@ -166,6 +166,10 @@ class Store(SqlStore):
         cols = {r[1] for r in self._db.execute("PRAGMA table_info(samples)")}
         if "tokens" not in cols:  # real tokens of a token sample (K, L, d); NULL = pivot (K, d)
             self._db.execute("ALTER TABLE samples ADD COLUMN tokens INTEGER")
+        if "token_ids" not in cols:  # an lm sample's token ids, int32 x L; NULL otherwise
+            self._db.execute("ALTER TABLE samples ADD COLUMN token_ids BLOB")
+        if "loss_mask" not in cols:  # an lm sample's loss mask, uint8 x L; NULL otherwise
+            self._db.execute("ALTER TABLE samples ADD COLUMN loss_mask BLOB")
 
     def close(self) -> None:
         with self._lock:
@@ -191,7 +195,8 @@ class Store(SqlStore):
         before = db.total_changes
         db.executemany(
             "INSERT OR IGNORE INTO samples (device_id, architecture, split, sample_id, label, "
-            "batch_id, encoding, act, scales, tokens) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch_id, encoding, act, scales, tokens, token_ids, loss_mask) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
         return db.total_changes - before

@@ -103,7 +103,7 @@ SCHEMA = [
 # storage; every statement is idempotent. They run when meta's schema_version is below
 # SCHEMA_VERSION (bump it with each new statement): ALTER TABLE locks the table exclusively,
 # which must not happen at every worker (re)start while the others ingest.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS = [
     "ALTER TABLE batches ADD COLUMN IF NOT EXISTS content TEXT",
     "ALTER TABLE devices ADD COLUMN IF NOT EXISTS revoked DOUBLE PRECISION",
@@ -112,13 +112,17 @@ MIGRATIONS = [
     "ALTER TABLE samples ADD COLUMN IF NOT EXISTS tokens INTEGER",
     "CREATE INDEX IF NOT EXISTS samples_txid ON samples (txid, id)",
     "ALTER TABLE samples ALTER COLUMN act SET STORAGE EXTERNAL",
+    # version 2: an lm sample's token ids (int32 x L) and loss mask (uint8 x L)
+    "ALTER TABLE samples ADD COLUMN IF NOT EXISTS token_ids BYTEA",
+    "ALTER TABLE samples ADD COLUMN IF NOT EXISTS loss_mask BYTEA",
 ]
 
 INSERT_SAMPLES = (
     "INSERT INTO samples (device_id, architecture, split, sample_id, label, batch_id, "
-    "encoding, act, scales, tokens) SELECT %s, %s, %s, u.sid, u.label, %s, %s, u.act, %s, "
-    "u.tokens FROM unnest(%s::bigint[], %s::integer[], %s::bytea[], %s::integer[]) "
-    "AS u(sid, label, act, tokens) ON CONFLICT DO NOTHING"
+    "encoding, act, scales, tokens, token_ids, loss_mask) SELECT %s, %s, %s, u.sid, u.label, "
+    "%s, %s, u.act, %s, u.tokens, u.ids, u.lmask FROM unnest(%s::bigint[], %s::integer[], "
+    "%s::bytea[], %s::integer[], %s::bytea[], %s::bytea[]) "
+    "AS u(sid, label, act, tokens, ids, lmask) ON CONFLICT DO NOTHING"
 )
 
 
@@ -321,7 +325,7 @@ class PostgresStore(SqlStore):
         """One INSERT ... SELECT FROM unnest(...) ON CONFLICT DO NOTHING for the batch."""
         if not rows:
             return 0
-        device_id, arch, split, _, _, batch_id, encoding, _, scales, _ = rows[0]
+        device_id, arch, split, _, _, batch_id, encoding, _, scales, *_ = rows[0]
         cur = db.conn.execute(
             INSERT_SAMPLES,
             (
@@ -335,6 +339,8 @@ class PostgresStore(SqlStore):
                 [r[4] for r in rows],
                 [r[7] for r in rows],
                 [r[9] for r in rows],
+                [r[10] for r in rows],
+                [r[11] for r in rows],
             ),
         )
         return int(cur.rowcount)

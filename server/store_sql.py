@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -63,6 +63,9 @@ class SampleRows:
     scales: list[np.ndarray | None]  # M arrays (K,) float32 (int8) or None (fp16)
     tokens: list[int | None]  # M real-token counts L_i; None for pivot samples
     cursor: int = 0
+    # an lm sample's token ids (L_i,) int64 and loss mask (L_i,) uint8; None otherwise
+    token_ids: list[np.ndarray | None] = field(default_factory=list)
+    loss_mask: list[np.ndarray | None] = field(default_factory=list)
 
     @property
     def activations(self) -> list[np.ndarray]:
@@ -73,7 +76,7 @@ class SampleRows:
 # the columns read_samples selects, in this order (both backends)
 READ_COLUMNS = (
     "s.id, s.device_id, s.architecture, s.split, s.label, s.encoding, s.act, s.scales, "
-    "d.num_taps, d.hidden_size, s.sample_id, s.tokens"
+    "d.num_taps, d.hidden_size, s.sample_id, s.tokens, s.token_ids, s.loss_mask"
 )
 
 
@@ -91,6 +94,8 @@ def sample_rows(rows: list[tuple], cursor: int) -> SampleRows:
         scales=[_scales(None if r[7] is None else bytes(r[7])) for r in rows],
         tokens=[r[11] for r in rows],
         cursor=cursor,
+        token_ids=[_ids(r[12]) for r in rows],
+        loss_mask=[_mask(r[13]) for r in rows],
     )
 
 
@@ -115,7 +120,8 @@ class SqlStore:
     def _insert_rows(self, db: Any, rows: list[tuple]) -> int:
         """INSERT the sample rows, skipping (device, split, sample id) already stored; how many
         were new. Row: (device_id, architecture, split, sample_id, label, batch_id, encoding,
-        act bytes, scales bytes | None, tokens | None)."""
+        act bytes, scales bytes | None, tokens | None, token_ids bytes | None, loss_mask
+        bytes | None)."""
         raise NotImplementedError
 
     def _series_bucket(self) -> str:
@@ -129,6 +135,11 @@ class SqlStore:
         raise NotImplementedError
 
     # -- task --------------------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        """One value of the meta table (the task's pinned settings), None if absent."""
+        rows = self._query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
 
     def label_names(self) -> list[str] | None:
         rows = self._query("SELECT value FROM meta WHERE key='label_names'")
@@ -208,22 +219,23 @@ class SqlStore:
 
     def stored_samples(
         self, db: Any, device: Device, split: str, sample_ids: np.ndarray
-    ) -> dict[int, tuple[int, np.ndarray]]:
-        """sample id -> (label, float32 (K, d), or (K, L, d) for a token sample) for the ids
-        of ``sample_ids`` already stored."""
-        out: dict[int, tuple[int, np.ndarray]] = {}
+    ) -> dict[int, tuple[int, np.ndarray, np.ndarray | None]]:
+        """sample id -> (label, float32 (K, d), or (K, L, d) for a token sample, the token
+        ids (L,) int64 of an lm sample or None) for the ids of ``sample_ids`` already stored."""
+        out: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
         ids = [int(i) for i in sample_ids]
         for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
             part = ids[start : start + 900]
             rows = db.execute(
-                "SELECT sample_id, label, encoding, act, scales, tokens FROM samples WHERE "
+                "SELECT sample_id, label, encoding, act, scales, tokens, token_ids FROM samples "
+                "WHERE "
                 f"device_id = ? AND split = ? AND sample_id IN ({','.join('?' * len(part))})",
                 (device.device_id, split, *part),
             ).fetchall()
-            for sid, label, enc, act, scales, tokens in rows:
+            for sid, label, enc, act, scales, tokens, ids in rows:
                 q = _raw(enc, bytes(act), device.num_taps, device.hidden_size, tokens)
                 blob = None if scales is None else bytes(scales)
-                out[sid] = (label, dequantize_sample(q, _scales(blob)))
+                out[sid] = (label, dequantize_sample(q, _scales(blob)), _ids(ids))
         return out
 
     def insert_samples(
@@ -238,9 +250,12 @@ class SqlStore:
         labels: np.ndarray,  # (N,)
         sample_ids: np.ndarray,  # (N,)
         lengths: np.ndarray | None = None,  # (N,) real tokens of a token batch
+        token_ids: np.ndarray | None = None,  # (N, T) int64: an lm batch's token ids
+        loss_mask: np.ndarray | None = None,  # (N, T) uint8: an lm batch's loss mask
     ) -> int:
         """INSERT every sample not stored yet; returns how many were new. A token sample is
-        stored unpadded: its first ``lengths[i]`` positions, (K, L_i, d), K * L_i * d values."""
+        stored unpadded: its first ``lengths[i]`` positions, (K, L_i, d), K * L_i * d values;
+        an lm sample's ids (int32, L_i values) and loss mask (uint8, L_i) beside them."""
         scale_blob = None if scales is None else np.asarray(scales, np.float32).tobytes()
         n = len(labels)
         tokens = [None] * n if lengths is None else [int(t) for t in lengths]
@@ -256,6 +271,8 @@ class SqlStore:
                 _sample_bytes(activations[i], tokens[i]),
                 scale_blob,
                 tokens[i],
+                None if token_ids is None else _lm_bytes(token_ids[i], tokens[i], np.int32),
+                None if loss_mask is None else _lm_bytes(loss_mask[i], tokens[i], np.uint8),
             )
             for i in range(n)
         ]
@@ -448,6 +465,21 @@ def _raw(encoding: str, act: bytes, k: int, d: int, tokens: int | None) -> np.nd
     """A stored sample's bytes -> int8/float16 (K, d), or (K, L, d) for a token sample."""
     q = np.frombuffer(act, dtype=np.int8 if encoding == "int8" else np.float16)
     return q.reshape(k, d) if tokens is None else q.reshape(k, tokens, d)
+
+
+def _lm_bytes(row: np.ndarray, tokens: int | None, dtype: type) -> bytes:
+    """An lm sample's ids or loss mask (T,) -> its first ``tokens`` values as ``dtype``."""
+    return np.ascontiguousarray(np.asarray(row)[:tokens], dtype=dtype).tobytes()
+
+
+def _ids(blob: bytes | None) -> np.ndarray | None:
+    """Stored token ids (int32 bytes) -> (L,) int64, None for a sample without."""
+    return None if blob is None else np.frombuffer(bytes(blob), dtype=np.int32).astype(np.int64)
+
+
+def _mask(blob: bytes | None) -> np.ndarray | None:
+    """A stored loss mask (uint8 bytes) -> (L,) uint8, None for a sample without."""
+    return None if blob is None else np.frombuffer(bytes(blob), dtype=np.uint8)
 
 
 def _scales(blob: bytes | None) -> np.ndarray | None:

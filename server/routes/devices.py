@@ -41,7 +41,8 @@ class RegisterRequest(messages.RegisterRequest):
     """The shared message with its bounds checked before the service sees it (422)."""
 
     name: Annotated[str, Field(min_length=1, max_length=100)]
-    label_names: Annotated[list[str], Field(min_length=2, max_length=1000)]
+    # 2..1000 for classify, [] for lm (the service checks which)
+    label_names: Annotated[list[str], Field(max_length=1000)]
 
 
 @router.post(messages.ROUTE_DEVICES, status_code=201)
@@ -52,7 +53,7 @@ def register(
     privacy = None if body.privacy is None else dataclasses.asdict(body.privacy)
     check_declaration(privacy, settings.max_epsilon)
     out = RegisterResponse.from_dict(
-        service.register(body.name, body.manifest, body.label_names, privacy)
+        service.register(body.name, body.manifest, body.label_names, privacy, body.task)
     )
     log.info("registered %s (%s) as %s", body.name, out.architecture, out.device_id)
     return out
