@@ -47,7 +47,9 @@ def open_service(settings: ServerSettings) -> Service:
         anchors = load_anchor_set(settings.anchors, settings.anchors_per_device)
     store = open_store(settings)  # SQLite in data_dir, or PostgreSQL at settings.database
     try:
-        return Service(store, settings.max_samples_per_batch, anchors, settings.side.inputs)
+        return Service(
+            store, settings.max_samples_per_batch, anchors, settings.side.inputs, settings.task
+        )
     except BaseException:
         store.close()
         raise
@@ -76,9 +78,9 @@ def create_app(settings: ServerSettings, trainer_view: Any = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         trainer = None
         if settings.train:
-            from fedmobillm.server.trainer import Trainer  # torch: only when training
+            from fedmobillm.server.trainer import create_trainer  # torch: only when training
 
-            trainer = Trainer(settings)
+            trainer = create_trainer(settings)
             trainer.start()
         app.state.trainer = trainer
         if trainer is None and trainer_view is not None:

@@ -646,6 +646,7 @@ def export_personal_lm(
         ],
         outputs=[{"name": DELTA_OUTPUT, "dtype": "float32", "shape": ["batch", "seq", d]}],
         side_inputs="tokens",
+        task="lm",
         onnx_max_abs_diff=fp32_diff,
         weights=quant,
         int8_max_abs_logit_diff=int8_diff,

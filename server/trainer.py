@@ -87,6 +87,8 @@ class TokenSample:
 
     q: np.ndarray
     scales: np.ndarray | None
+    ids: np.ndarray | None = None  # lm: (L,) int64 token ids
+    loss_mask: np.ndarray | None = None  # lm: (L,) uint8, 1 = a next-token target
 
     @property
     def tokens(self) -> int:
@@ -102,6 +104,17 @@ def collate_tokens(samples: Any) -> tuple[np.ndarray, np.ndarray]:
     return pad_tokens([s.dequantized() for s in samples])
 
 
+def collate_lm(samples: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """lm TokenSamples -> x float32 (N, K, T, d) and mask (N, T) as ``collate_tokens``, token
+    ids (N, T) int64 and loss mask (N, T) int64, 0 at padding."""
+    x, mask = collate_tokens(samples)
+    ids, lmask = np.zeros(mask.shape, np.int64), np.zeros(mask.shape, np.int64)
+    for i, s in enumerate(samples):
+        ids[i, : len(s.ids)] = s.ids
+        lmask[i, : len(s.loss_mask)] = s.loss_mask
+    return x, mask, ids, lmask
+
+
 @dataclass
 class ArchData:
     """Cached samples of one architecture: train per device, validation pooled."""
@@ -110,6 +123,8 @@ class ArchData:
     depth: int
     hidden: int
     tokens: bool = False  # token samples (TokenSample) instead of pivot samples
+    manifest: dict[str, Any] = field(default_factory=dict)  # of its first device's bundle
+    vocab: int = 0  # lm: the vocabulary size registration recorded (0: none / classify)
     bundle_sha256s: set[str] = field(default_factory=set)
     encodings: set[str] = field(default_factory=set)  # of the uploads: int8 / fp16
     # device -> its samples: a PivotStream (pivot), a list of TokenSamples (tokens), or a list
@@ -185,10 +200,16 @@ class TrainingCache:
     checked) is dropped and counted in ``dropped`` / ``offences``; the samples of quarantined
     devices are held out of training until released; those of devices whose data was
     deleted (revocation with deletion) are dropped for good. ``inputs``: the federation's
-    kind ("pivot" | "tokens"); a stored row of the other kind is skipped with a warning."""
+    kind ("pivot" | "tokens"); a stored row of the other kind is skipped with a warning.
+    ``task`` "lm": token samples carry their ids and loss mask (TokenSample), are training
+    data without a label, and a row whose ids reach past its architecture's vocabulary is
+    dropped as impossible."""
 
-    def __init__(self, inputs: str = "pivot", memory_mb: float = 0.0, seed: int = 0) -> None:
+    def __init__(
+        self, inputs: str = "pivot", memory_mb: float = 0.0, seed: int = 0, task: str = "classify"
+    ) -> None:
         self.tokens = inputs == "tokens"
+        self.lm = task == "lm"
         self.cap_bytes = int(memory_mb * 2**20) if memory_mb > 0 else None
         self.reservoir = Reservoir(seed)
         self._quotas: dict[tuple[str, str], int] | None = None  # (arch, split) -> samples
@@ -249,8 +270,10 @@ class TrainingCache:
             a = self.archs[rows.architectures[i]]
             a.encodings.add(rows.encodings[i])
             a.count(rows.raw[i], rows.tokens[i])
-            kind = TokenSample if self.tokens else PivotSample
-            x = kind(rows.raw[i], rows.scales[i])
+            if self.lm:
+                x = TokenSample(rows.raw[i], rows.scales[i], *_lm_fields(rows, i))
+            else:
+                x = (TokenSample if self.tokens else PivotSample)(rows.raw[i], rows.scales[i])
             row = (rows.architectures[i], device, rows.splits[i], int(rows.sample_ids[i]))
             new += self._add((*row, int(rows.labels[i]), x))
         for (arch, device, _), idx in bulk.items():
@@ -271,13 +294,13 @@ class TrainingCache:
         ok: list[bool | None] = [None] * len(rows.ids)
         groups: dict[tuple[str, Any], list[int]] = {}
         for i, tokens in enumerate(rows.tokens):
-            if (tokens is not None) != self.tokens:
+            if (tokens is not None) != self.tokens or (self.lm and _lm_fields(rows, i)[0] is None):
                 self._mismatch(tokens is not None)
             elif tokens is None:
                 groups.setdefault((rows.device_ids[i], rows.raw[i].dtype), []).append(i)
             else:
                 x = dequantize_sample(rows.raw[i], rows.scales[i])  # (K, L, d)
-                ok[i] = _within(x, self._bounds[rows.device_ids[i]])
+                ok[i] = _within(x, self._bounds[rows.device_ids[i]]) and self._ids_ok(rows, i)
         for (device, _), idx in groups.items():
             good = screen_pivot(
                 [rows.raw[i] for i in idx], [rows.scales[i] for i in idx], self._bounds[device]
@@ -285,6 +308,14 @@ class TrainingCache:
             for i, g in zip(idx, good.tolist(), strict=True):
                 ok[i] = g
         return ok
+
+    def _ids_ok(self, rows: SampleRows, i: int) -> bool:
+        """lm: the row's token ids lie below its architecture's vocabulary (True otherwise)."""
+        if not self.lm:
+            return True
+        ids = _lm_fields(rows, i)[0]
+        vocab = self.archs[rows.architectures[i]].vocab
+        return ids is not None and len(ids) > 0 and 0 <= int(ids.min()) and int(ids.max()) < vocab
 
     def _bulk_row(self, rows: SampleRows, i: int, label: int) -> bool:
         """Whether row i is a labelled pivot training row of a device neither quarantined
@@ -330,7 +361,7 @@ class TrainingCache:
             log.warning(
                 "skipping stored %s samples: this server trains a %s federation",
                 "token" if token_row else "pivot",
-                "token" if self.tokens else "pivot",
+                "lm" if self.lm else "token" if self.tokens else "pivot",
             )
 
     def _add(self, row: Row) -> int:
@@ -348,7 +379,7 @@ class TrainingCache:
             a.anchor_x[sid] = x
             a.anchor_from[sid] = device
             return 1  # wakes an idle trainer: the alignment has more to learn from
-        elif y >= 0:
+        elif y >= 0 or self.lm:  # an lm sample's targets are its own tokens (label -1)
             self._keep_train(a, arch, device, x, y)
             return 1
         return 0
@@ -538,8 +569,13 @@ class TrainingCache:
             if d.architecture not in self.archs:
                 m = d.manifest
                 self.archs[d.architecture] = ArchData(
-                    m["taps"], m["depth"], m["hidden_size"], tokens=self.tokens
+                    m["taps"], m["depth"], m["hidden_size"], tokens=self.tokens, manifest=m
                 )
+            a = self.archs[d.architecture]
+            if self.lm and not a.vocab:
+                from fedmobillm.server.service import VOCAB_KEY
+
+                a.vocab = int(store.meta(VOCAB_KEY + d.architecture) or 0)
             self.archs[d.architecture].bundle_sha256s.add(d.bundle_sha256)
 
     def _anchor_archs(self) -> list[tuple[str, ArchData]]:
@@ -592,9 +628,20 @@ class TrainingCache:
             return groups
         out = []
         for arch, samples, y in groups:
+            if self.lm:  # (arch, x, y, mask, ids (B, T), loss_mask (B, T))
+                x, mask, ids, lmask = collate_lm(samples)
+                out.append((arch, x, y, mask, ids, lmask))
+                continue
             x, mask = collate_tokens(samples)
             out.append((arch, x, y, mask))
         return out
+
+
+def _lm_fields(rows: SampleRows, i: int) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Row i's token ids (L,) and loss mask (L,), (None, None) when it has none."""
+    if not rows.token_ids or rows.token_ids[i] is None:
+        return None, None
+    return rows.token_ids[i], rows.loss_mask[i]
 
 
 def value_bound(manifest: dict) -> np.ndarray:
@@ -609,13 +656,33 @@ def _within(x: np.ndarray, bound: np.ndarray) -> bool:
     return bool(np.isfinite(x).all()) and bool((np.abs(x) <= b).all())
 
 
+def create_trainer(settings: ServerSettings) -> Trainer:
+    """The trainer of ``settings.task``: ``Trainer`` (classify) or ``lm_trainer.LMTrainer``."""
+    if settings.task == "lm":
+        from fedmobillm.server.lm_trainer import LMTrainer
+
+        return LMTrainer(settings)
+    return Trainer(settings)
+
+
 class Trainer:
-    """Owns the trainer thread. ``start()`` / ``stop()`` (final checkpoint + export)."""
+    """Owns the trainer thread. ``start()`` / ``stop()`` (final checkpoint + export).
+
+    The classify task's trainer; what differs for another task (the side network, its
+    validation metrics, which one ranks the best snapshot) is in the hooks ``_create``,
+    ``_sync_archs``, ``_evaluate_arch``, ``_after_evaluate``, ``_load_side`` and
+    ``BEST_METRIC``, overridden by ``lm_trainer.LMTrainer``."""
+
+    # the validation metric that ranks personal-model snapshots, and its sign (+1: higher
+    # is better)
+    BEST_METRIC: tuple[str, float] = ("accuracy", 1.0)
 
     def __init__(self, settings: ServerSettings) -> None:
         self.settings = settings
         self.ckpt_dir = settings.checkpoint_dir
-        self.cache = TrainingCache(settings.side.inputs, settings.trainer_memory_mb, settings.seed)
+        self.cache = TrainingCache(
+            settings.side.inputs, settings.trainer_memory_mb, settings.seed, settings.task
+        )
         self.side: SideTrainer | None = None
         self.history: list[dict[str, Any]] = []
         self.resumed_from: int | None = None
@@ -925,28 +992,35 @@ class Trainer:
             self.history.append(entry)
             del self.history[:-HISTORY_LIMIT]
         self._keep_best(val)  # after the history: status never shows a best ahead of it
-        # the anchor terms' ranking (SideConfig.anchor_protect_best, anchor_target): only an
-        # architecture whose validation samples hold every label is ranked (issue 23)
+        self._after_evaluate(val)
+        metric = self.BEST_METRIC[0]
+        log.info(
+            "step %d loss %s validation %s %s",
+            self.side.step,
+            f"{self.loss:.4f}" if self.loss is not None else "-",
+            metric,
+            {k: round(v[metric], 4) for k, v in val.items()},
+        )
+
+    def _after_evaluate(self, val: dict[str, dict[str, float]]) -> None:
+        """The anchor terms' ranking (SideConfig.anchor_protect_best, anchor_target): only an
+        architecture whose validation samples hold every label is ranked (issue 23)."""
+        assert self.side is not None
         n_labels = len(self.side.label_names)
         self.side.arch_quality.update(
             {n: v["accuracy"] for n, v in val.items()
              if len(set(self.cache.archs[n].val_y)) == n_labels}
         )  # fmt: skip
-        log.info(
-            "step %d loss %s validation %s",
-            self.side.step,
-            f"{self.loss:.4f}" if self.loss is not None else "-",
-            {k: round(v["accuracy"], 4) for k, v in val.items()},
-        )
 
     def _keep_best(self, val: dict[str, dict[str, float]]) -> None:
-        """Export an architecture's personal model when its validation accuracy beats its
-        best so far. The comparison starts afresh when the validation set changed, or when
+        """Export an architecture's personal model when its validation ``BEST_METRIC``
+        (accuracy; lm: perplexity, lower is better) beats its best so far. The comparison starts afresh when the validation set changed, or when
         the architecture's training set grew by more than ``REBASE_GROWTH`` since the best
         snapshot: a model that has not seen a good part of the data its devices uploaded
         should not keep its place on a lucky evaluation."""
         assert self.side is not None
         improved = set()
+        metric, sign = self.BEST_METRIC
         for name, v in val.items():
             a = self.cache.archs[name]
             n, n_train = len(a.val_y), a.num_train
@@ -955,10 +1029,10 @@ class Trainer:
                 best is None
                 or best["n"] != n
                 or n_train > (1.0 + REBASE_GROWTH) * best.get("train", 0)
-                or v["accuracy"] > best["accuracy"]
+                or sign * v[metric] > sign * best[metric]
             ):
                 self.best[name] = {
-                    "accuracy": v["accuracy"],
+                    metric: v[metric],
                     "step": self.side.step,
                     "n": n,
                     "train": n_train,
@@ -1007,7 +1081,7 @@ class Trainer:
     def _resume(self) -> None:
         for d in self._checkpoint_candidates():
             try:
-                side = SideTrainer.load(d)
+                side = self._load_side(d)
                 state = json.loads((d / TRAINER_STATE).read_text())
             except (FedMobiLLMError, OSError, ValueError, KeyError) as exc:
                 log.warning("checkpoint %s unusable (%s); trying an older one", d.name, exc)
@@ -1032,6 +1106,10 @@ class Trainer:
             self._steps_since_data = 0
             log.info("resumed from checkpoint step %d (%s)", side.step, d.name)
             return
+
+    def _load_side(self, directory: Path) -> Any:
+        """The side network saved in a checkpoint folder (FedMobiLLMError if unusable)."""
+        return SideTrainer.load(directory)
 
     def _checkpoint_candidates(self) -> list[Path]:
         if not self.ckpt_dir.is_dir():
@@ -1101,6 +1179,9 @@ class Trainer:
                 "parameters": side.num_parameters() if side else None,
                 # what the devices upload: "pivot" (one vector per tap) or "tokens"
                 "inputs": self.settings.side.inputs,
+                "task": self.settings.task,
+                # the validation metric that picks each architecture's personal model
+                "best_metric": self.BEST_METRIC[0],
                 "architectures": {
                     n: {
                         "train": a.num_train,
@@ -1108,7 +1189,10 @@ class Trainer:
                         "anchors": len(a.anchor_x),
                         "devices": len(a.train_y),
                         # training samples per label name: an architecture's label skew
-                        "labels": label_distribution(a.train_y, side.label_names if side else None),
+                        # (classify; an lm sample has no label)
+                        "labels": None
+                        if self.cache.lm
+                        else label_distribution(a.train_y, side.label_names if side else None),
                         **a.upload_stats(),
                     }
                     for n, a in list(self.cache.archs.items())  # copy: the thread adds archs

@@ -61,6 +61,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default) or tokens (every token's taps; bundles exported with --pivot none)",
     )
     parser.add_argument(
+        "--task",
+        choices=("classify", "lm"),
+        default=None,
+        help="the federation's task: classify (a label per sample, the default) or lm "
+        "(causal language modelling on the devices' text: decoder bundles exported with "
+        "--pivot none; implies --inputs tokens). A data dir keeps its task",
+    )
+    parser.add_argument(
         "--database",
         default=None,
         metavar="postgresql://USER@HOST:PORT/DB",
@@ -99,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "ssl_certfile": args.ssl_certfile,
         "ssl_keyfile": args.ssl_keyfile,
+        "task": args.task,
     }
     if args.no_train:
         overrides["train"] = False
@@ -108,11 +117,13 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         print(f"admin token (--dev, shown once): {generated}", flush=True)
     log.info(
-        "data dir %s; store %s; trainer %s; %s inputs; %d worker(s)",
+        "data dir %s; store %s; trainer %s; task %s; %s inputs%s; %d worker(s)",
         settings.data_dir.resolve(),
         _store_name(settings),
         "on" if settings.train else "off",
+        settings.task,
         settings.side.inputs,
+        " (task lm: every token's taps, causal side network)" if settings.task == "lm" else "",
         settings.workers,
     )
     tls = _tls_options(settings)
@@ -169,10 +180,10 @@ def _run_workers(settings: ServerSettings, options: dict[str, Any]) -> int:
     trainer, publisher, stop = None, None, threading.Event()
     if settings.train:
         from fedmobillm.server.store import open_store
-        from fedmobillm.server.trainer import Trainer
+        from fedmobillm.server.trainer import create_trainer
         from fedmobillm.server.trainer_view import publish_status
 
-        trainer = Trainer(settings)
+        trainer = create_trainer(settings)
         trainer.start()
         view_store = open_store(settings.model_copy(update={"database_pool": 1}))
         publisher = threading.Thread(
