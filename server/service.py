@@ -559,6 +559,7 @@ class Service:
                 }
             )
         return {
+            "task": self.task,  # the federation's task: classify or lm
             "label_names": self.store.label_names(),
             "devices": devices,
             "architectures": per_arch,

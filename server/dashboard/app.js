@@ -170,7 +170,7 @@ function render({ status, flags }) {
   const colors = archColors(status);
   renderSummary(status, tr, flags);
   renderSamplesChart(status.samples_over_time || [], colors);
-  renderTrainingCharts(tr.history || [], colors);
+  renderTrainingCharts(tr.history || [], colors, tr.task === "lm");
   renderPersonal(tr, colors);
   renderLabels(tr, colors);
   renderDevices(status.devices || [], flags, colors);
@@ -200,8 +200,8 @@ function renderSummary(status, tr, flags) {
     stat("stat-devices", "Devices", int(totals.devices), `${archs.length} architectures`),
     stat("stat-samples", "Stored samples", int(totals.samples),
       `train ${int(sum("train"))} · validation ${int(sum("validation"))}`),
-    stat("stat-step", "Trainer step", tr.running === false && !tr.step ? "off" : int(tr.step),
-      trainerState(tr)),
+    stat("stat-step", tr.task === "lm" ? "Trainer step (lm)" : "Trainer step",
+      tr.running === false && !tr.step ? "off" : int(tr.step), trainerState(tr)),
     stat("stat-loss", "Training loss", num(tr.loss), `${int(tr.samples_seen)} samples seen`),
     stat("stat-rate", "Throughput", Number.isFinite(tr.samples_per_s)
       ? `${tr.samples_per_s.toFixed(0)}/s` : "—", "samples per second"),
@@ -228,20 +228,27 @@ function renderSamplesChart(points, colors) {
     { time: true, label: "stored samples per architecture over time", empty: "no uploads yet" });
 }
 
-function renderTrainingCharts(history, colors) {
+// classify: validation loss and accuracy; lm: validation nats per token and perplexity,
+// beside the frozen model's perplexity on the same samples (dashed)
+function renderTrainingCharts(history, colors, lm) {
   const val = (arch, key) => history.filter((h) => (h.validation || {})[arch])
     .map((h) => [h.step, h.validation[arch][key] * (key === "accuracy" ? 100 : 1)]);
   const loss = [{ name: "training (all architectures)", color: "#475569",
     points: history.map((h) => [h.step, h.train_loss]) }];
   const accuracy = [];
   for (const [arch, color] of colors) {
-    loss.push({ name: `${arch} validation`, color, dash: true, points: val(arch, "loss") });
-    accuracy.push({ name: arch, color, points: val(arch, "accuracy") });
+    loss.push({ name: `${arch} validation`, color, dash: true,
+      points: val(arch, lm ? "nll_per_token" : "loss") });
+    accuracy.push({ name: arch, color, points: val(arch, lm ? "perplexity" : "accuracy") });
+    if (lm) accuracy.push({ name: `${arch} frozen`, color, dash: true,
+      points: val(arch, "frozen_perplexity") });
   }
   const empty = "no evaluation yet (upload validation samples)";
   lineChart($("chart-loss"), loss, { label: "loss by step", xLabel: "step", empty });
-  lineChart($("chart-accuracy"), accuracy,
-    { label: "validation accuracy by step", xLabel: "step", yMax: 100, unit: "%", empty });
+  $("title-accuracy").textContent = lm ? "Validation perplexity" : "Validation accuracy";
+  lineChart($("chart-accuracy"), accuracy, lm
+    ? { label: "validation perplexity by step (frozen model dashed)", xLabel: "step", empty }
+    : { label: "validation accuracy by step", xLabel: "step", yMax: 100, unit: "%", empty });
 }
 
 function table(id, head, rows, empty) {
@@ -261,13 +268,16 @@ function renderPersonal(tr, colors) {
   const best = tr.best_validation || {};
   const last = ((tr.history || []).at(-1) || {}).validation || {};
   const names = [...new Set([...Object.keys(exported), ...Object.keys(best)])].sort();
+  // classify: accuracy; lm: perplexity (lower is better)
+  const show = tr.task === "lm" ? (m) => num(m.perplexity, 2) : (m) => pct(m.accuracy);
   const rows = names.map((n) => el("tr", {},
     el("td", {}, swatch(colors.get(n) || "#999"), " ", n),
     el("td", { class: "num" }, exported[n] === undefined ? "not yet" : int(exported[n])),
-    el("td", { class: "num" }, best[n] ? pct(best[n].accuracy) : "—"),
+    el("td", { class: "num" }, best[n] ? show(best[n]) : "—"),
     el("td", { class: "num" }, best[n] ? int(best[n].step) : "—"),
-    el("td", { class: "num" }, last[n] ? pct(last[n].accuracy) : "—")));
-  table("personal", ["Architecture", "Exported at step", "Best validation", "at step", "Latest"],
+    el("td", { class: "num" }, last[n] ? show(last[n]) : "—")));
+  const metric = tr.task === "lm" ? "perplexity" : "validation";
+  table("personal", ["Architecture", "Exported at step", `Best ${metric}`, "at step", "Latest"],
     rows, "no personal model yet");
 }
 

@@ -193,7 +193,8 @@ def test_ingest_refuses_the_other_task_and_ids_past_the_vocab_and_survives_kill(
     # acknowledged lm samples survive kill -9, ids and mask included
     lm.kill()
     lm.start()
-    assert status(lm.url)["totals"]["samples"] == 6
+    st = status(lm.url)
+    assert st["totals"]["samples"] == 6 and st["task"] == "lm"
     store = Store(tmp_path / "lm" / "store.sqlite3")
     rows = store.read_samples(0)
     store.close()
@@ -253,6 +254,7 @@ def test_lm_federation_trains_below_the_frozen_perplexity_and_serves_the_model(
     r = httpx.get(
         f"{srv.url}{ROUTE_PERSONAL_MODEL}",
         headers={"Authorization": f"Bearer {reg['token']}"},
+        params={"graph": "onnx"},  # what `fedmobillm device fetch-model` asks for
         timeout=300,
     )
     assert r.status_code == 200, r.text
@@ -272,3 +274,25 @@ def test_lm_federation_trains_below_the_frozen_perplexity_and_serves_the_model(
     st = wait_for(srv.url, lambda s: s["trainer"].get("resumed_from") is not None, 300)
     assert st["trainer"]["resumed_from"] >= 10
     assert st["trainer"]["best_validation"][arch]["perplexity"] <= best["perplexity"]
+
+
+def test_server_status_prints_the_task_and_lm_metrics():
+    from fedmobillm.commands.server import format_status
+
+    val = {"perplexity": 12.5, "frozen_perplexity": 40.0, "next_token_top1": 0.31}
+    val |= {"next_token_top3": 0.52, "n": 24}
+    st = {
+        "task": "lm",
+        "architectures": {},
+        "devices": [],
+        "trainer": {
+            "task": "lm",
+            "best_metric": "perplexity",
+            "history": [{"step": 10, "train_loss": 2.0, "validation": {"llama/x": val}}],
+            "best_validation": {"llama/x": {"perplexity": 12.5, "step": 10}},
+        },
+    }
+    text = format_status(st)
+    assert text.startswith("task: lm")
+    assert "ppl 12.50 (frozen 40.0000) top1 0.310 top3 0.520 (n=24)" in text
+    assert "best llama/x: perplexity 12.5000 at step 10" in text

@@ -110,7 +110,10 @@ def _admin_request(
 
 
 def format_status(st: dict) -> str:
-    lines = [f"label names: {st.get('label_names')}", "", "architectures:"]
+    t = st.get("trainer", {})
+    task = t.get("task") or st.get("task") or "classify"
+    head = f"task: {task}" + ("" if task == "lm" else f"  label names: {st.get('label_names')}")
+    lines = [head, "", "architectures:"]
     for arch, a in st.get("architectures", {}).items():
         lines.append(
             f"  {arch:<48} devices {a['devices']:>3}  train {a['train']:>7}  "
@@ -123,7 +126,6 @@ def format_status(st: dict) -> str:
             f"  {d['device_id']:<22} {d['name']:<20} train {s['train']:>6}  "
             f"validation {s['validation']:>5}  anchor {s.get('anchor', 0):>5}  {d['architecture']}"
         )
-    t = st.get("trainer", {})
     lines += [
         "",
         f"trainer: running={t.get('running')} step={t.get('step')} "
@@ -135,11 +137,23 @@ def format_status(st: dict) -> str:
         f"dropped samples={sum((t.get('dropped_samples') or {}).values())}",
     ]
     for h in (t.get("history") or [])[-5:]:
-        accs = ", ".join(
-            f"{a}: acc {m['accuracy']:.3f} (n={m['n']})" for a, m in h.get("validation", {}).items()
-        )
+        accs = ", ".join(_metrics(a, m) for a, m in h.get("validation", {}).items())
         lines.append(f"  step {h['step']:>6}  loss {_fmt(h.get('train_loss'))}  {accs}")
+    for arch, b in (t.get("best_validation") or {}).items():
+        metric = t.get("best_metric", "accuracy")
+        lines.append(f"  best {arch}: {metric} {_fmt(b.get(metric))} at step {b.get('step')}")
     return "\n".join(lines)
+
+
+def _metrics(arch: str, m: dict) -> str:
+    """One architecture's validation metrics: accuracy (classify) or perplexity, the frozen
+    model's perplexity and next-token top-1/top-3 (lm)."""
+    if "perplexity" in m:
+        return (
+            f"{arch}: ppl {m['perplexity']:.2f} (frozen {_fmt(m.get('frozen_perplexity'))}) "
+            f"top1 {m['next_token_top1']:.3f} top3 {m['next_token_top3']:.3f} (n={m['n']})"
+        )
+    return f"{arch}: acc {m['accuracy']:.3f} (n={m['n']})"
 
 
 def _fmt(x: object) -> str:
