@@ -296,3 +296,84 @@ def test_server_status_prints_the_task_and_lm_metrics():
     assert text.startswith("task: lm")
     assert "ppl 12.50 (frozen 40.0000) top1 0.310 top3 0.520 (n=24)" in text
     assert "best llama/x: perplexity 12.5000 at step 10" in text
+
+
+def _store_lm_rows(store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Insert 3 lm samples (K=2, d=16, lengths 5/3/4) of one device; (ids, mask, lengths)."""
+    m = {**make_manifest("tiny-lm", hidden=16), "pivot": "none", "kind": "decoder"}
+    with store.transaction() as db:
+        device_id = store.add_device(db, "lm-phone", uuid.uuid4().hex, "arch-lm", "sha", m)
+    device = store.device(device_id)
+    rng = np.random.default_rng(0)
+    lengths = np.array([5, 3, 4])
+    pad = np.arange(5)[None, :] >= lengths[:, None]  # (3, 5)
+    act = rng.normal(size=(3, 2, 5, 16)).astype(np.float16)
+    act[np.broadcast_to(pad[:, None, :, None], act.shape)] = 0
+    ids = np.where(pad, 0, rng.integers(0, 49152, size=(3, 5)))
+    mask = np.where(pad, 0, 1).astype(np.uint8)
+    mask[:, 0] = 0
+    with store.transaction() as db:
+        new = store.insert_samples(
+            db, device, "train", "b-1", "fp16", act, None, np.full(3, -1), np.arange(3),
+            lengths, ids, mask,
+        )  # fmt: skip
+    assert new == 3
+    return ids, mask, lengths
+
+
+def _check_lm_rows(rows, ids, mask, lengths) -> None:
+    assert len(rows.ids) == 3
+    for i, n in enumerate(lengths.tolist()):
+        assert (
+            rows.token_ids[i].dtype == np.int64
+            and rows.token_ids[i].tolist() == ids[i, :n].tolist()
+        )
+        assert rows.loss_mask[i].tolist() == mask[i, :n].tolist()
+        assert rows.raw[i].shape == (2, n, 16)
+
+
+def test_sqlite_stores_lm_ids_and_mask_and_migrates_an_old_store(tmp_path):
+    import sqlite3
+
+    from fedmobillm.server.store import Store
+
+    old = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(old)  # a store from before the lm columns
+    db.execute(
+        "CREATE TABLE samples (id INTEGER PRIMARY KEY AUTOINCREMENT, device_id TEXT NOT NULL, "
+        "architecture TEXT NOT NULL, split TEXT NOT NULL, sample_id INTEGER NOT NULL, "
+        "label INTEGER NOT NULL, batch_id TEXT NOT NULL, encoding TEXT NOT NULL, "
+        "act BLOB NOT NULL, scales BLOB, UNIQUE (device_id, split, sample_id))"
+    )
+    db.close()
+    store = Store(old)
+    ids, mask, lengths = _store_lm_rows(store)
+    _check_lm_rows(store.read_samples(0), ids, mask, lengths)
+    store.close()
+
+
+def test_postgres_stores_lm_ids_and_mask(tmp_path):
+    from pg_helpers import Postgres, pg_bin
+
+    from fedmobillm.server.store_pg import PostgresStore
+
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("Debian's postgresql is not installed")
+    pg = Postgres(bindir).start()
+    try:
+        url = pg.database()
+        store = PostgresStore(url)
+        ids, mask, lengths = _store_lm_rows(store)
+        _check_lm_rows(store.read_samples(0), ids, mask, lengths)
+        # a schema of version 1 (before the lm columns) gains them at the next open
+        with store._connection() as conn:
+            conn.execute("ALTER TABLE samples DROP COLUMN token_ids, DROP COLUMN loss_mask")
+            conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        store.close()
+        store = PostgresStore(url)
+        assert store.meta("schema_version") == "2"
+        assert store.read_samples(0).token_ids == [None] * 3  # old rows: no ids
+        store.close()
+    finally:
+        pg.stop()
