@@ -8,11 +8,17 @@ Data: the friends transcripts, one device per speaker (the most prolific ``devic
 each with its own held-out episodes (``fedmobillm.data.lm.lm_devices``); plain text, every
 token after the first scored. Fleet: SmolLM2-135M with taps [10, 20, 30] of 30 blocks
 (``smollm2-135m``) and a 12-block truncation with taps [4, 8, 12] (``smollm2-135m-l12``),
-devices alternating between them. Each device's token taps are int8 per tap with the
-bundle's scales, as uploaded; the server trains on their dequantised values and computes
-``hidden`` as the final norm of the deepest (int8) tap. Held-out text is scored as the phone
-scores it: ``hidden`` is the fp32 final-norm output of the deepest block, the personal
-model reads the int8 round-tripped taps, logits = frozen head(hidden + delta).
+devices alternating between them. Each device's token taps are uploaded as ``--encoding``
+fp16 (the lm default: the server computes ``hidden`` as the final norm of the deepest
+uploaded tap, and int8 per-tap scales clip SmolLM2's outlier channels there) or int8 per
+tap with the bundle's scales; the server trains on them as uploaded. Held-out text is scored
+as the phone scores it: ``hidden`` is the fp32 final-norm output of the deepest block, the
+personal model reads the taps in the uploaded encoding, logits = frozen head(hidden + delta).
+
+Splits per device: the first ``train_lines`` lines of its training episodes (train), the
+last ``val_lines`` lines of its training episodes from other episodes (validation: settings
+are chosen on these, ``benchmarks._lm_tune``), the first ``heldout_lines`` of its held-out
+episodes (test: the rows). Taps are cached per set of lines (``CachedTaps``).
 
 ``--taps-from bundle`` (default): taps from exported ``pivot none`` bundles run by the
 device runtime (onnxruntime), scales from their manifests. ``torch``: the same taps from
@@ -44,6 +50,8 @@ from typing import Any
 
 import numpy as np
 
+from fedmobillm.errors import FedMobiLLMError
+
 log = logging.getLogger("benchmarks.lm")
 
 MODEL = "smollm2-135m"
@@ -60,9 +68,14 @@ class LmBenchConfig:
     width: int = 128
     blocks: int = 3
     lr: float = 2e-3
+    warmup: int = 20
+    ema: float = 0.95
+    dropout: float = 0.1
     max_len: int = 64
     seed: int = 0
     taps_from: str = "bundle"
+    encoding: str = "fp16"  # what devices upload for lm (int8: per-tap scales, as classify)
+    val_lines: int = 24  # per device, from its training episodes: for choosing settings
     threads: int = 2
     centralised: list[str] = field(default_factory=lambda: list(BACKBONES))
 
@@ -85,14 +98,22 @@ class Texts:
 # -- data ------------------------------------------------------------------------------------
 
 
-def fleet(cfg: LmBenchConfig) -> list[Any]:
-    """Devices (speakers) with their first ``train_lines`` / ``heldout_lines`` lines."""
+def fleet(cfg: LmBenchConfig) -> tuple[list[Any], list[list[Any]]]:
+    """Devices (speakers) with their first ``train_lines`` training lines and first
+    ``heldout_lines`` held-out (test) lines, and per device its validation lines: the last
+    ``val_lines`` lines of its training episodes, from episodes none of its training lines
+    come from (checked), never from the held-out episodes. Settings are chosen on these."""
     from fedmobillm.data.lm import lm_devices, load_lm_corpus
 
     devices = lm_devices(load_lm_corpus("friends").records, num_devices=cfg.devices, seed=cfg.seed)
+    val = []
     for d in devices:
-        d.train, d.heldout = d.train[: cfg.train_lines], d.heldout[: cfg.heldout_lines]
-    return devices
+        train = d.train[: cfg.train_lines]
+        seen = {r.group for r in train}
+        rest = [r for r in d.train[cfg.train_lines :] if r.group not in seen]
+        val.append(rest[len(rest) - cfg.val_lines :] if cfg.val_lines else [])
+        d.train, d.heldout = train, d.heldout[: cfg.heldout_lines]
+    return devices, val
 
 
 class TorchTaps:
@@ -202,6 +223,69 @@ class BundleTaps:
         return out
 
 
+class CachedTaps:
+    """A taps source (``BundleTaps`` or ``TorchTaps``) built only when a set of lines is not
+    in the cache: ``cache_dir()/bench-lm-taps/<source>-<max_len>/`` holds the scales and
+    architectures (meta.json) and, per set of lines (sha256 of the lines), the fp32 taps of
+    each backbone (npz, no pickle). The cache is keyed by the lines, the source and max_len
+    (a cache made by another source is emptied when the source is next built: a set of
+    lines already cached is not recomputed, so delete the folder after re-exporting)."""
+
+    def __init__(self, cfg: LmBenchConfig) -> None:
+        from fedmobillm.paths import cache_dir
+
+        self.cfg, self._src = cfg, None
+        self.dir = cache_dir() / "bench-lm-taps" / f"{cfg.taps_from}-{cfg.max_len}"
+        meta = self.dir / "meta.json"
+        if not meta.exists():
+            self._build()
+        m = json.loads(meta.read_text())
+        self.scales = {b: np.asarray(v, np.float32) for b, v in m["scales"].items()}
+        self.architecture, self.digest = m["architecture"], m["digest"]
+
+    def _build(self) -> Any:
+        if self._src is None:
+            cfg = self.cfg
+            self._src = BundleTaps(cfg) if cfg.taps_from == "bundle" else TorchTaps(cfg)
+            meta = {"scales": {b: v.tolist() for b, v in self._src.scales.items()},
+                    "architecture": self._src.architecture, "digest": self._src.digest}  # fmt: skip
+            self.dir.mkdir(parents=True, exist_ok=True)
+            path = self.dir / "meta.json"
+            if path.exists() and json.loads(path.read_text()) != json.loads(json.dumps(meta)):
+                log.warning("taps cache %s was made by another source: rebuilt", self.dir)
+                for f in self.dir.glob("*.npz"):
+                    f.unlink()
+            path.write_text(json.dumps(meta))
+        return self._src
+
+    def taps(self, texts: list[str]) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+        """backbone -> per text (taps float32 (K, L, d), ids (L,)), from the cache if there."""
+        import hashlib
+
+        key = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:24]
+        path = self.dir / f"{key}.npz"
+        if path.exists():
+            z = np.load(path, allow_pickle=False)
+            out = {}
+            for b in BACKBONES:
+                off = np.concatenate([[0], np.cumsum(z[f"{b}.lengths"])])
+                taps, ids = z[f"{b}.taps"], z[f"{b}.ids"]
+                out[b] = [(taps[:, off[i] : off[i + 1]], ids[off[i] : off[i + 1]])
+                          for i in range(len(off) - 1)]  # fmt: skip
+            log.info("taps of %d lines from the cache %s", len(texts), path)
+            return out
+        out = self._build().taps(texts)
+        arrays = {}
+        for b, items in out.items():
+            arrays[f"{b}.taps"] = np.concatenate([t for t, _ in items], 1).astype(np.float32)
+            arrays[f"{b}.ids"] = np.concatenate([i for _, i in items]).astype(np.int64)
+            arrays[f"{b}.lengths"] = np.asarray([len(i) for _, i in items], np.int64)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return out
+
+
 def lm_bundle(backbone: str, cfg: LmBenchConfig) -> Path:
     """The pivot-none bundle of ``backbone`` (cached; int8 unless its check fails)."""
     from benchmarks._activations import BundleSpec, bundle_for
@@ -218,27 +302,38 @@ def lm_bundle(backbone: str, cfg: LmBenchConfig) -> Path:
     return out
 
 
-def encode_lines(source: Any, lines: list[str], device: np.ndarray) -> dict[str, Texts]:
-    """backbone -> Texts of ``lines`` (int8 with the backbone's scales, as uploaded)."""
+def encode_lines(
+    source: Any, lines: list[str], device: np.ndarray, encoding: str = "fp16"
+) -> dict[str, Texts]:
+    """backbone -> Texts of ``lines`` as uploaded: ``encoding`` "int8" (per-tap scales of
+    the backbone) or "fp16" (float16 as it is; scales 1)."""
     from benchmarks._activations import TokenActivations
     from fedmobillm.device_runtime.serde import quantize_int8
 
+    if encoding not in ("int8", "fp16"):
+        raise FedMobiLLMError(f"encoding must be int8 or fp16, not {encoding!r}")
     per = source.taps(lines)
     out = {}
     for b, items in per.items():
         taps = BACKBONES[b]
-        qs = [quantize_int8(t[None], source.scales[b])[0].transpose(1, 0, 2) for t, _ in items]
+        if encoding == "int8":
+            scales = source.scales[b]
+            qs = [quantize_int8(t[None], scales)[0].transpose(1, 0, 2) for t, _ in items]
+        else:
+            scales = np.ones(len(taps), np.float32)
+            qs = [t.transpose(1, 0, 2).astype(np.float16) for t, _ in items]
         acts = TokenActivations(
             q=np.concatenate(qs),
             lengths=np.asarray([q.shape[0] for q in qs], np.int64),
             y=np.zeros(len(items), np.int64),
             index=np.arange(len(items)),
-            scales=source.scales[b],
+            scales=scales,
             architecture=source.architecture[b],
             taps=list(taps),
             depth=int(taps[-1]),
             hidden=int(items[0][0].shape[-1]),
             bundle_sha256=source.digest[b],
+            bits=8 if encoding == "int8" else 16,
         )
         deepest = [t[-1] for t, _ in items]  # (L, d) fp32 each
         out[b] = Texts(acts, [ids for _, ids in items], deepest, device)
@@ -273,9 +368,9 @@ def new_trainer(
 ):
     from fedmobillm.server.lm import LMSideTrainer, lm_config
 
-    trainer = LMSideTrainer(
-        lm_config(width=cfg.width, blocks=cfg.blocks, lr=cfg.lr, ema=0.95), seed=cfg.seed
-    )
+    side = lm_config(width=cfg.width, blocks=cfg.blocks, lr=cfg.lr, ema=cfg.ema,
+                     warmup_steps=cfg.warmup, dropout=cfg.dropout)  # fmt: skip
+    trainer = LMSideTrainer(side, seed=cfg.seed)
     for b in archs:
         a = data[b].acts
         trainer.add_architecture(a.architecture, a.taps, a.depth, a.hidden, heads[b], MODEL)
@@ -321,6 +416,34 @@ def evaluate(trainer: Any, texts: Texts, rows: np.ndarray, head: Any, frozen: bo
 # -- the run -------------------------------------------------------------------------------------
 
 
+@dataclass
+class Split:
+    """One split of the fleet's lines: backbone -> Texts, and each line's device."""
+
+    texts: dict[str, Texts]
+    device: np.ndarray
+
+
+def splits(cfg: LmBenchConfig, devices: list[Any], val: list[list[Any]]) -> dict[str, Split]:
+    """The splits "train", "val", "test" (held-out episodes) through every backbone, as uploaded."""
+    source = CachedTaps(cfg)
+    out = {}
+    for name, per in (("train", [d.train for d in devices]), ("val", val),
+                      ("test", [d.heldout for d in devices])):  # fmt: skip
+        lines = [r.text for recs in per for r in recs]
+        dev = np.asarray([i for i, recs in enumerate(per) for _ in recs], np.int64)
+        out[name] = Split(encode_lines(source, lines, dev, cfg.encoding), dev)
+        _check_finite(out[name], name)
+    return out
+
+
+def _check_finite(split: Split, name: str) -> None:
+    for b, t in split.texts.items():
+        if not np.isfinite(t.acts.q.astype(np.float32)).all():
+            raise FedMobiLLMError(f"{name} taps of {b} overflow {t.acts.q.dtype}",
+                                  hint="upload int8 (--encoding int8) for this model")  # fmt: skip
+
+
 def run(cfg: LmBenchConfig, out: Path) -> dict[str, Any]:
     import torch
 
@@ -328,92 +451,117 @@ def run(cfg: LmBenchConfig, out: Path) -> dict[str, Any]:
 
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
-    devices = fleet(cfg)
+    devices, val = fleet(cfg)
     arch_of = {i: list(BACKBONES)[i % 2] for i in range(len(devices))}  # alternate
-    source = BundleTaps(cfg) if cfg.taps_from == "bundle" else TorchTaps(cfg)
-    t_source = time.perf_counter() - t0
-    train_lines = [r.text for d in devices for r in d.train]
-    train_dev = np.asarray([i for i, d in enumerate(devices) for _ in d.train])
-    held_lines = [r.text for d in devices for r in d.heldout]
-    held_dev = np.asarray([i for i, d in enumerate(devices) for _ in d.heldout])
-    tr, he = (
-        encode_lines(source, train_lines, train_dev),
-        encode_lines(source, held_lines, held_dev),
-    )
-    t_extract = time.perf_counter() - t0 - t_source
-    log.info("taps of %d + %d lines in %.0f s", len(train_lines), len(held_lines), t_extract)
+    data = splits(cfg, devices, val)
+    tr = data["train"].texts
+    train_dev, held_dev = data["train"].device, data["test"].device
+    t_extract = time.perf_counter() - t0
+    log.info("taps of %d + %d + %d lines in %.0f s", len(train_dev), len(data["val"].device),
+             len(held_dev), t_extract)  # fmt: skip
     head = FrozenLMHead.from_model(MODEL)
-    heads = dict.fromkeys(BACKBONES, head)
     rows: list[dict[str, Any]] = []
-    timing: dict[str, float] = {"source_s": t_source, "extract_s": t_extract}
-
-    def held_rows(b: str) -> np.ndarray:
-        return np.flatnonzero(np.isin(held_dev, [i for i, a in arch_of.items() if a == b]))
-
-    def add(method: str, b: str, trainer: Any, rows_b: np.ndarray, **extra: Any) -> dict:
-        r = evaluate(trainer, he[b], rows_b, head, frozen=trainer is None)
-        row = {"method": method, "backbone": b, **r, **extra}
-        row.update(_bytes(he[b]))
+    timing: dict[str, float] = {"extract_s": t_extract}
+    bench = Bench(cfg, data, arch_of, head)
+    for b in BACKBONES:  # frozen: as the phone scores (fp32 hidden) and as the server sees it
+        row = bench.row("frozen", b, None)
+        row["perplexity_server_hidden"] = bench.score(None, "test", b, phone=False)["perplexity"]
         rows.append(row)
-        log.info("%-12s %-18s ppl %.2f top1 %.3f", method, b, r["perplexity"], r["next_token_top1"])
-        return row
-
-    for b in BACKBONES:  # frozen, scored as the phone scores (fp32 hidden) and from int8 taps
-        row = add("frozen", b, None, held_rows(b))
-        row["perplexity_int8_hidden"] = evaluate(None, he[b], held_rows(b), head, True, False)[
-            "perplexity"
-        ]
-        row["perplexity_all_devices"] = evaluate(None, he[b], np.arange(len(held_dev)), head, True)[
-            "perplexity"
-        ]
     t = time.perf_counter()
-    fed = new_trainer(cfg, heads, tr, list(BACKBONES))
-    pools = {b: (tr[b], np.flatnonzero(np.isin(train_dev, [i for i, a in arch_of.items() if a == b])))
-             for b in BACKBONES}  # fmt: skip
-    losses = train(cfg, fed, pools, cfg.batch_lines)
+    fed, losses = bench.fit(list(BACKBONES), "fleet", cfg.batch_lines)
     timing["fedmobillm_s"] = time.perf_counter() - t
     for b in BACKBONES:
-        row = add("fedmobillm", b, fed, held_rows(b), train_loss_last=float(np.mean(losses[-10:])))
-        row["perplexity_all_devices"] = evaluate(fed, he[b], np.arange(len(held_dev)), head)[
-            "perplexity"
-        ]
+        row = bench.row("fedmobillm", b, fed, train_loss_first=float(np.mean(losses[:5])),
+                        train_loss_last=float(np.mean(losses[-10:])))  # fmt: skip
         row["side_params"] = fed.num_parameters()
         row["personal_params"] = fed.num_parameters(tr[b].acts.architecture)
+        rows.append(row)
     for b in cfg.centralised:
         t = time.perf_counter()
-        cen = new_trainer(cfg, heads, tr, [b])
-        train(cfg, cen, {b: (tr[b], np.arange(len(train_dev)))}, cfg.batch_lines * 2)
+        cen, _ = bench.fit([b], "all", cfg.batch_lines * 2)
         timing[f"centralised_{b}_s"] = time.perf_counter() - t
-        add("centralised", b, cen, held_rows(b), data="all devices' text through this backbone")
-    local = _local(cfg, heads, tr, he, devices, arch_of, train_dev, held_dev, timing)
-    for b in BACKBONES:
-        add_local = _pool_stats([s for i, s in local.items() if arch_of[i] == b])
-        row = {"method": "local", "backbone": b, **add_local, **_bytes(he[b])}
-        rows.append(row)
-        log.info("%-12s %-18s ppl %.2f", "local", b, row["perplexity"])
+        rows.append(
+            bench.row("centralised", b, cen, data="all devices' text through this backbone")
+        )
+    t = time.perf_counter()
+    rows += bench.local_rows()
+    timing["local_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
     result = {"config": asdict(cfg), "rows": rows, "timing": timing,
-              "devices": [{**d.summary(), "backbone": arch_of[i]} for i, d in enumerate(devices)],
+              "devices": [{**d.summary(), "val": len(v), "backbone": arch_of[i]}
+                          for i, (d, v) in enumerate(zip(devices, val, strict=True))],
               "targets": targets(rows), "machine": _machine(), "fedmobillm_losses": losses}  # fmt: skip
     return result
 
 
-def _local(cfg, heads, tr, he, devices, arch_of, train_dev, held_dev, timing) -> dict[int, dict]:
-    """One side network per device on its own lines; raw sums per device for pooling."""
-    from fedmobillm.server.lm import NextTokenStats
+class Bench:
+    """Training and scoring on the prepared splits: ``fit`` a side network on a pool of
+    training lines, ``score`` it on a split's lines of one backbone as the phone scores."""
 
-    t = time.perf_counter()
-    out = {}
-    for i in range(len(devices)):
-        b = arch_of[i]
-        trainer = new_trainer(cfg, heads, tr, [b])
-        train(cfg, trainer, {b: (tr[b], np.flatnonzero(train_dev == i))}, cfg.batch_lines)
-        r = evaluate(trainer, he[b], np.flatnonzero(held_dev == i), heads[b])
-        s = NextTokenStats(r["nll_per_token"] * r["tokens"], r["tokens"],
-                           round(r["next_token_top1"] * r["tokens"]), round(r["next_token_top3"] * r["tokens"]))  # fmt: skip
-        out[i] = s
-    timing["local_s"] = time.perf_counter() - t
-    return out
+    def __init__(self, cfg: LmBenchConfig, data: dict[str, Split], arch_of: dict[int, str],
+                 head: Any) -> None:  # fmt: skip
+        self.cfg, self.data, self.arch_of, self.head = cfg, data, arch_of, head
+
+    def rows_of(self, split: str, b: str, device: int | None = None) -> np.ndarray:
+        """Line indices of ``split`` on backbone ``b``'s devices (or on ``device`` only)."""
+        dev = self.data[split].device
+        if device is not None:
+            return np.flatnonzero(dev == device)
+        return np.flatnonzero(np.isin(dev, [i for i, a in self.arch_of.items() if a == b]))
+
+    def fit(self, archs: list[str], pool: str | int, batch: int) -> tuple[Any, list[float]]:
+        """A trainer on ``archs``' training lines: pool "fleet" (each backbone its own
+        devices' lines), "all" (every device's lines) or a device index (its lines)."""
+        tr = self.data["train"].texts
+        trainer = new_trainer(self.cfg, dict.fromkeys(BACKBONES, self.head), tr, archs)
+        pools = {}
+        for b in archs:
+            if pool == "all":
+                rows = np.arange(len(self.data["train"].device))
+            else:
+                rows = self.rows_of("train", b, None if pool == "fleet" else int(pool))
+            pools[b] = (tr[b], rows)
+        return trainer, train(self.cfg, trainer, pools, batch)
+
+    def score(self, trainer: Any, split: str, b: str, phone: bool = True,
+              device: int | None = None) -> dict[str, float]:  # fmt: skip
+        rows = self.rows_of(split, b, device)
+        return evaluate(trainer, self.data[split].texts[b], rows, self.head, trainer is None, phone)
+
+    def row(self, method: str, b: str, trainer: Any, **extra: Any) -> dict[str, Any]:
+        """The test row of ``method`` on ``b`` with its validation perplexity beside it."""
+        r = self.score(trainer, "test", b)
+        row = {"method": method, "backbone": b, **r, **extra, **_bytes(self.data["test"].texts[b])}
+        if len(self.data["val"].device):
+            row["val_perplexity"] = self.score(trainer, "val", b)["perplexity"]
+        log.info("%-12s %-18s ppl %.2f top1 %.3f (validation %.2f)", method, b, r["perplexity"],
+                 r["next_token_top1"], row.get("val_perplexity", math.nan))  # fmt: skip
+        return row
+
+    def local_rows(self) -> list[dict[str, Any]]:
+        """One side network per device on its own lines, pooled per backbone."""
+        from fedmobillm.server.lm import NextTokenStats
+
+        test: dict[str, list] = {b: [] for b in BACKBONES}
+        val: dict[str, list] = {b: [] for b in BACKBONES}
+        for i, b in self.arch_of.items():
+            trainer, _ = self.fit([b], i, self.cfg.batch_lines)
+            for split, acc in (("test", test), ("val", val)):
+                if not len(self.rows_of(split, b, i)):
+                    continue
+                r = self.score(trainer, split, b, device=i)
+                acc[b].append(NextTokenStats(r["nll_per_token"] * r["tokens"], r["tokens"],
+                              round(r["next_token_top1"] * r["tokens"]),
+                              round(r["next_token_top3"] * r["tokens"])))  # fmt: skip
+        out = []
+        for b in BACKBONES:
+            row = {"method": "local", "backbone": b, **_pool_stats(test[b]),
+                   **_bytes(self.data["test"].texts[b])}  # fmt: skip
+            if val[b]:
+                row["val_perplexity"] = _pool_stats(val[b])["perplexity"]
+            log.info("%-12s %-18s ppl %.2f", "local", b, row["perplexity"])
+            out.append(row)
+        return out
 
 
 def _pool_stats(stats: list[Any]) -> dict[str, float]:
@@ -429,9 +577,13 @@ def _pool_stats(stats: list[Any]) -> dict[str, float]:
 
 
 def _bytes(texts: Texts) -> dict[str, float]:
-    """Upload bytes per token: K * d at int8 (and what int4 would be: half; not measured)."""
+    """Upload bytes per token: K * d * bits / 8 of the encoding (+ 8 bytes of token id and
+    1 of loss mask, counted apart), and K * d at int8 and K * d / 2 at int4 for reference."""
     k, d = texts.acts.q.shape[1], texts.acts.q.shape[2]
-    return {"bytes_per_token": float(k * d), "bytes_per_token_int4": float(k * d / 2),
+    return {"bytes_per_token": float(k * d * texts.acts.bits / 8),
+            "encoding": "int8" if texts.acts.bits == 8 else "fp16",
+            "bytes_per_token_int8": float(k * d), "bytes_per_token_int4": float(k * d / 2),
+            "id_bytes_per_token": 9.0,
             "mean_tokens": float(np.mean(texts.acts.lengths))}  # fmt: skip
 
 
@@ -472,19 +624,32 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> None:
     (out / "lm.json").write_text(json.dumps(result, indent=1, default=float))
     lines = [
         "# lm benchmark (issue 16)", "",
-        f"Command: `{command}`; taps from {result['config']['taps_from']}; load average at the "
+        f"Command: `{command}`; taps from {result['config']['taps_from']}, uploaded as "
+        f"{result['config'].get('encoding', 'int8')}; load average at the "
         f"end {', '.join(f'{x:.1f}' for x in result['machine']['load_avg'])} on "
         f"{result['machine']['cpus']} CPUs; {result['timing']['total_s']:.0f} s.", "",
-        "| method | backbone | perplexity | top-1 | top-3 | tokens | bytes/token (int8) |",
-        "|---|---|---|---|---|---|---|",
+        "| method | backbone | perplexity | top-1 | top-3 | tokens | bytes/token | "
+        "validation perplexity |",
+        "|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['backbone']} | {r['perplexity']:.2f} | "
             f"{r['next_token_top1']:.3f} | {r['next_token_top3']:.3f} | {r['tokens']} | "
-            f"{r['bytes_per_token']:.0f} |"
+            f"{r['bytes_per_token']:.0f} | {r.get('val_perplexity', math.nan):.2f} |"
         )
-    lines += ["", "fedavg-lora: not run yet.", "", "## Targets (full SmolLM2)", ""]
+    for r in result["rows"]:
+        if "perplexity_server_hidden" in r:
+            lines.append(f"\nfrozen {r['backbone']}: {r['perplexity']:.2f} with the phone's fp32 "
+                         f"hidden, {r['perplexity_server_hidden']:.2f} with the hidden the server "
+                         "computes from the uploaded taps.")  # fmt: skip
+    lines += [
+        "",
+        "fedavg-lora: not run yet (flwr is not installed here).",
+        "",
+        "## Targets (full SmolLM2)",
+        "",
+    ]
     for name, t in result["targets"].items():
         lines.append(f"- {name}: {json.dumps(t)}")
     (out / "lm.md").write_text("\n".join(lines) + "\n")
@@ -522,17 +687,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--taps-from", choices=("bundle", "torch"), default="bundle")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--devices", type=int)
+    p.add_argument("--encoding", choices=("fp16", "int8"), default="fp16",
+                   help="how devices upload taps (lm devices upload fp16 by default)")  # fmt: skip
+    for name, kind in (("steps", int), ("devices", int), ("train-lines", int), ("lr", float),
+                       ("width", int), ("warmup", int), ("ema", float), ("dropout", float),
+                       ("batch-lines", int)):  # fmt: skip
+        p.add_argument(f"--{name}", type=kind, help="overrides the (--quick) setting")
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = LmBenchConfig.quick() if a.quick else LmBenchConfig()
-    cfg.taps_from, cfg.threads = a.taps_from, a.threads
-    if a.steps:
-        cfg.steps = a.steps
-    if a.devices:
-        cfg.devices = a.devices
+    cfg.taps_from, cfg.threads, cfg.encoding = a.taps_from, a.threads, a.encoding
+    for name in ("steps", "devices", "train_lines", "lr", "width", "warmup", "ema", "dropout",
+                 "batch_lines"):  # fmt: skip
+        if getattr(a, name) is not None:
+            setattr(cfg, name, getattr(a, name))
     result = run(cfg, a.out)
     write_report(
         result,

@@ -70,3 +70,63 @@ def test_tiny_run_on_smollm2_beats_frozen(tmp_path):
     ppl = {(r["method"], r["backbone"]): r["perplexity"] for r in result["rows"]}
     assert {m for m, _ in ppl} == {"frozen", "fedmobillm", "centralised", "local"}
     assert ppl[("fedmobillm", MODEL)] < ppl[("frozen", MODEL)]
+
+
+def test_validation_lines_come_from_other_episodes_than_training_and_test():
+    from benchmarks.bench_lm import fleet
+
+    cfg = LmBenchConfig.quick()
+    devices, val = fleet(cfg)
+    assert len(devices) == len(val) == cfg.devices
+    for d, v in zip(devices, val, strict=True):
+        assert len(d.train) == cfg.train_lines and len(v) == cfg.val_lines
+        episodes = {r.group for r in v}
+        assert not episodes & {r.group for r in d.train}
+        assert not episodes & {r.group for r in d.heldout}
+
+
+class _FakeSource:
+    """Two backbones' taps of a text: K = 3 taps of d = 4, L = len(text.split())."""
+
+    def __init__(self) -> None:
+        import numpy as np
+
+        from benchmarks.bench_lm import BACKBONES
+
+        self.scales = {b: np.full(3, 0.01, np.float32) for b in BACKBONES}
+        self.architecture = {b: b for b in BACKBONES}
+        self.digest = dict.fromkeys(BACKBONES, "fake")
+
+    def taps(self, texts):
+        import numpy as np
+
+        from benchmarks.bench_lm import BACKBONES
+
+        rng = np.random.default_rng(0)
+        items = [(rng.normal(size=(3, len(t.split()), 4)).astype(np.float32) * 3,
+                  np.arange(len(t.split()))) for t in texts]  # fmt: skip
+        return dict.fromkeys(BACKBONES, items)
+
+
+def test_fp16_uploads_keep_the_deepest_tap_and_int8_clips_it():
+    import numpy as np
+
+    from benchmarks.bench_lm import MODEL, encode_lines
+
+    source = _FakeSource()
+    lines = ["a b c", "d e"]
+    want = source.taps(lines)[MODEL]
+    fp16 = encode_lines(source, lines, np.zeros(2), "fp16")[MODEL]
+    int8 = encode_lines(source, lines, np.zeros(2), "int8")[MODEL]
+    assert fp16.acts.q.dtype == np.float16 and int8.acts.q.dtype == np.int8
+    x16, mask = fp16.acts.batch(np.arange(2))
+    x8, _ = int8.acts.batch(np.arange(2))
+    real = want[0][0]  # (K, 3, d)
+    assert np.abs(x16[0, :, :3] - real).max() < 1e-2 * np.abs(real).max()
+    assert np.abs(x8[0, :, :3]).max() <= 127 * 0.01 + 1e-6 < np.abs(real).max()  # clipped
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    from benchmarks.bench_lm import _bytes
+
+    assert _bytes(fp16)["bytes_per_token"] == 2 * _bytes(int8)["bytes_per_token"] == 24.0
+    with pytest.raises(Exception, match="int8 or fp16"):
+        encode_lines(source, lines, np.zeros(2), "int4")
