@@ -7,6 +7,12 @@ fedmobillm: the bundle forward with onnxruntime at the bundle's quant, int8 quan
 and upload encoding of the taps, in a process that never imports torch (checked).
 lora / full: one AdamW training step of the real classifier. fwdgrad: one forward-gradient
 step (1 + P forward passes, no backprop). Prints one JSON line.
+
+    python -m benchmarks._device_step imports-onnx|imports-torch --texts FILE.json
+
+The runtime alone: the imports a method's step needs (onnxruntime, numpy, tokenizers and our
+device runtime; or torch, transformers, peft and ``benchmarks._models``) and nothing run, so
+``benchmarks.run`` can report each method's own share (its peak minus its runtime's).
 """
 
 from __future__ import annotations
@@ -84,9 +90,29 @@ def _torch_step(args: argparse.Namespace, texts: list[str]) -> dict:
     return {"step_s": time.perf_counter() - t0, "torch_imported": True}
 
 
+def _imports_only(method: str) -> dict:
+    """Import what a step of the runtime needs, run nothing (the runtime's baseline)."""
+    if method == "imports-onnx":
+        import numpy  # noqa: F401
+        import onnxruntime  # noqa: F401
+        import tokenizers  # noqa: F401
+
+        from fedmobillm.device_runtime import backbone, serde  # noqa: F401
+    else:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+
+        from benchmarks import _models  # noqa: F401
+    return {"step_s": 0.0, "torch_imported": "torch" in sys.modules}
+
+
+RUNTIMES = ("imports-onnx", "imports-torch")
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("method", choices=["fedmobillm", "lora", "full", "fwdgrad"])
+    p.add_argument("method", choices=["fedmobillm", "lora", "full", "fwdgrad", *RUNTIMES])
     p.add_argument("--bundle")
     p.add_argument("--model")
     p.add_argument("--texts", required=True)
@@ -100,7 +126,12 @@ def main() -> int:
     with open(args.texts) as f:
         texts = json.load(f)[: args.batch]
     base = _peak_mb()
-    res = _fedmobillm(args, texts) if args.method == "fedmobillm" else _torch_step(args, texts)
+    if args.method in RUNTIMES:
+        res = _imports_only(args.method)
+    elif args.method == "fedmobillm":
+        res = _fedmobillm(args, texts)
+    else:
+        res = _torch_step(args, texts)
     res.update(
         {
             "method": args.method,

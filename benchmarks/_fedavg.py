@@ -164,6 +164,17 @@ class RoundLog:
             for i in range(job.num_devices)
         }
         self.t0 = time.perf_counter()
+        # equal model selection (issue 22): the arrays of the first round (>= 1) with the best
+        # validation accuracy are the ones tested, as fedmobillm's trainer keeps its best
+        self.best_round = 0
+        self.best_accuracy = -1.0
+        self.best_arrays: list[np.ndarray] | None = None
+
+    def keep_best(self, server_round: int, accuracy: float, arrays: list[np.ndarray]) -> None:
+        """Keep a copy of ``arrays`` when round ``server_round`` (>= 1) beats the best so far."""
+        if server_round >= 1 and accuracy > self.best_accuracy:
+            self.best_round, self.best_accuracy = server_round, accuracy
+            self.best_arrays = [a.copy() for a in arrays]
 
     def add_round(self, server_round: int, client_metrics: list[dict]) -> None:
         sims = [m["sim_s"] for m in client_metrics]
@@ -213,15 +224,26 @@ class RoundLog:
         """Cumulative per-device totals after each round (to cut at the target round)."""
         return [dict(v, device=k) for k, v in self.per_device.items()]
 
-    def result(self, test: dict, arrays_bytes: int) -> dict[str, Any]:
+    def result(self, evaluate: Any, final: list[np.ndarray]) -> dict[str, Any]:
+        """The run's record; ``test`` is the best-validation snapshot's test accuracy
+        (``test_last`` the final arrays'); ``evaluate(arrays, "test")`` tests a snapshot."""
+        last = evaluate(final, "test")
+        last_round = self.rounds[-1]["round"] if self.rounds else 0
+        if self.best_arrays is None or self.best_round == last_round:
+            best = last
+        else:
+            best = evaluate(self.best_arrays, "test")
         return {
             "method": f"fedavg-{self.job.method}",
             "engine": self.engine,
             "curve": self.curve,
             "rounds": self.rounds,
             "per_device": self.snapshot(),
-            "test": test,
-            "trainable_bytes": arrays_bytes,
+            "test": best,
+            "test_last": last,
+            "selection": f"best validation snapshot (round {self.best_round})",
+            "best_round": self.best_round,
+            "trainable_bytes": int(sum(a.nbytes for a in final)),
             "host_wall_s": time.perf_counter() - self.t0,
         }
 
@@ -255,6 +277,7 @@ def run_inprocess(job: FedAvgJob) -> dict[str, Any]:
         rl.add_round(r, metrics)
         res = evaluator(arrays)
         rl.add_eval(r, res)
+        rl.keep_best(r, res["accuracy"], arrays)
         if job.target is not None and res["accuracy"] >= job.target:
             break
-    return rl.result(evaluator(arrays, "test"), sum(a.nbytes for a in arrays))
+    return rl.result(evaluator, arrays)

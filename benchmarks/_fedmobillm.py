@@ -384,13 +384,19 @@ def replay(
     bundles: dict[str, Path],
     fwd_flops: float,
     bytes_per_sample: float,
+    features: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The server's learning core over the devices' activations on the simulated clock.
+    ``features``, when given, receives the activations (dev_x, dev_y, vx, vy, tx) for the
+    rivals that run on the same single forward (``benchmarks._probe``)."""
     from fedmobillm.server.policies import balanced_sample, should_idle
 
     rng = np.random.default_rng(cfg.seed)
     dev_x, dev_y, manifest = _device_activations(data, profiles, bundles)
     vx, vy, _ = activations(bundles[profiles[0].quant], data.validation)
     tx = {q: activations(b, data.test) for q, b in bundles.items()}
+    if features is not None:
+        features.update(dev_x=dev_x, dev_y=dev_y, vx=vx, vy=vy, tx=tx)
     timelines = [
         device_timeline(
             len(dev_y[d]), prof, fwd_flops, cfg.upload_batch, bytes_per_sample * cfg.upload_batch
@@ -484,17 +490,28 @@ def centralised(cfg: BenchConfig, data: FleetData, bundle_fp32: Path, steps: int
     tr = _side(cfg, data.label_names, manifest)
     batch = _batch_size(cfg)
     arch = manifest.architecture
-    curve = []
+    curve, tests = [], []
     for _ in range(steps):
         idx = rng.integers(len(y), size=batch)
         tr.train_step([(arch, x[idx], y[idx])])
         if tr.step % cfg.eval_every == 0:
             ev = tr.evaluate(arch, vx, vy)
             curve.append({"step": tr.step, "accuracy": ev["accuracy"], "loss": ev["loss"]})
+            tests.append(tr.evaluate(arch, tx, ty))  # read only at the best validation point
+    last = tr.evaluate(arch, tx, ty)
+    # equal model selection (issue 22): the snapshot of the first best validation accuracy,
+    # as fedmobillm's trainer keeps (its test is taken at each evaluation, read at that one)
+    from benchmarks._fair import best_snapshot
+
+    i = best_snapshot(curve)
     return {
         "curve": curve,
         "steps": tr.step,
-        "test": tr.evaluate(arch, tx, ty),
+        "test": tests[i] if i is not None else last,
+        "test_last": last,
+        "selection": f"best validation snapshot (step {curve[i]['step']})"
+        if i is not None
+        else "last step (no evaluation)",
         "train_samples": len(y),
     }
 

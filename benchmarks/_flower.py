@@ -80,8 +80,10 @@ def build_server_app(result_path: Path):  # noqa: ANN201
         evaluator = ServerEval(job)
 
         def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            res = evaluator(arrays.to_numpy_ndarrays())
+            nd = arrays.to_numpy_ndarrays()
+            res = evaluator(nd)
             rl.add_eval(server_round, res)
+            rl.keep_best(server_round, res["accuracy"], nd)
             return MetricRecord({"accuracy": res["accuracy"], "loss": res["loss"]})
 
         strategy = RecordingFedAvg(
@@ -98,8 +100,7 @@ def build_server_app(result_path: Path):  # noqa: ANN201
             num_rounds=job.rounds,
             evaluate_fn=evaluate_fn,
         )
-        final = res.arrays.to_numpy_ndarrays()
-        out = rl.result(evaluator(final, "test"), int(sum(a.nbytes for a in final)))
+        out = rl.result(evaluator, res.arrays.to_numpy_ndarrays())
         result_path.write_text(json.dumps(out, default=float))
 
     return app

@@ -57,6 +57,7 @@ def build_classifier(spec: ClassifierSpec) -> nn.Module:
     model = AutoModelForSequenceClassification.from_pretrained(
         spec.model_dir, num_labels=spec.num_labels
     )
+    mean_pool(model)
     if spec.method in ("lora", "fwdgrad"):
         from peft import LoraConfig, get_peft_model
 
@@ -72,6 +73,42 @@ def build_classifier(spec: ClassifierSpec) -> nn.Module:
     elif spec.method != "full":
         raise ValueError(f"unknown method {spec.method}")
     return model
+
+
+class MeanPooler(nn.Module):
+    """The masked mean of the last hidden states, (B, S, d) -> (B, d): the pooling the
+    sentence-transformer backbones (MiniLM) were trained for, in place of BERT's first-token
+    dense + tanh pooler (issue 22: the CLS pivot is 7-11 points worse for side-tuning here).
+    The mask comes from the base model's call (``mean_pool`` hooks it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: torch.Tensor | None = None  # (B, S)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.mask is None or self.mask.shape != hidden.shape[:2]:
+            return hidden.mean(1)
+        m = self.mask.to(hidden.dtype).unsqueeze(-1)  # (B, S, 1)
+        return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def mean_pool(model: nn.Module) -> None:
+    """Swap the base model's pooler for ``MeanPooler``, fed the attention mask of each call
+    (a forward pre-hook on the base model). A model without a pooler is left as it is (said)."""
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or getattr(base, "pooler", None) is None:
+        log.warning("%s has no pooler: the classifier keeps its own pooling", type(model).__name__)
+        return
+    pooler = MeanPooler()
+    base.pooler = pooler
+
+    def keep_mask(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        if mask is None and len(args) > 1:
+            mask = args[1]
+        pooler.mask = mask
+
+    base.register_forward_pre_hook(keep_mask, with_kwargs=True)
 
 
 def trainable_names(model: nn.Module) -> list[str]:

@@ -24,6 +24,7 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         *_time_to_target(res),
         *_accuracy(res),
         *_fwdgrad(res),
+        *_fairness(res),
         *_tail(res, pngs),
     ]
     path.write_text("\n".join(L) + "\n")
@@ -152,13 +153,24 @@ def _memory(res: dict[str, Any]) -> list[str]:
         f"Peak RSS (`VmHWM` of /proc/self/status) of a fresh `python -m benchmarks._device_step` process doing one "
         f"device step on {cfg['memory_batch']} real texts:\n"
     )
-    add("| method | peak RSS MiB | torch in process | step s (host) |\n|---|---|---|---|")
+    shares = res.get("fair", {}).get("memory", {})
+    add(
+        "| method | peak RSS MiB | its runtime alone MiB | method share MiB | torch in process "
+        "| step s (host) |\n|---|---|---|---|---|---|"
+    )
     for k, v in mem.items():
-        add(f"| {k} | {v['peak_rss_mb']:.0f} | {v['torch_imported']} | {v['step_s']:.3f} |")
+        sh = shares.get(k, {})
+        add(
+            f"| {k} | {v['peak_rss_mb']:.0f} | {sh.get('runtime_peak_rss_mb', float('nan')):.0f} "
+            f"| {sh.get('method_share_mb', float('nan')):.0f} | {v['torch_imported']} "
+            f"| {v['step_s']:.3f} |"
+        )
     add(
         "\nfedmobillm = onnxruntime forward of the bundle at that quant + int8 quantisation + upload "
         "encoding, with no torch in the process (checked). memory_ratio = LoRA peak / the largest "
-        "fedmobillm peak across the fleet's quants.\n"
+        "fedmobillm peak across the fleet's quants. imports-onnx / imports-torch: a process that "
+        "only imports a runtime (onnxruntime + numpy + tokenizers + our device runtime; torch + "
+        "transformers + peft); a method's share is its peak minus its runtime's.\n"
     )
     return L
 
@@ -182,7 +194,8 @@ def _communication(res: dict[str, Any]) -> list[str]:
         f"had begun by then), as FedAvg is cut at its target round; the whole run: "
         f"{mb(fm.get('whole_run', {}).get('bytes_per_device', float('nan')))} per device. Delivery of the trained personal model afterwards (GET "
         f"{ROUTE_PERSONAL_MODEL}, measured): {mb(fm['delivery_bytes_per_device'])} per device. "
-        "Validation records were uploaded by a separate 'validator' device, not counted.\n"
+        "Validation records were uploaded by a separate 'validator' device: counted in the "
+        "headline (see 'Fairness').\n"
     )
     add(
         f"FedAvg: the fp32 arrays of the trainable tensors, down and up, per round a device is "
@@ -290,6 +303,36 @@ def _accuracy(res: dict[str, Any]) -> list[str]:
         f"{len(fa['full']['rounds'])} rounds (fraction {cfg['fraction_train']} of devices per round, "
         f"{cfg['local_epochs']} local epoch).\n"
     )
+    return L
+
+
+def _fairness(res: dict[str, Any]) -> list[str]:
+    """7. What the headline counts and how each model was selected (issue 22)."""
+    fair = res.get("fair")
+    if not fair:
+        return []
+    c = fair["comm"]
+    fm, lo, red = c["fedmobillm"], c["fedavg_lora"], c["reduction"]
+    L: list[str] = ["## 7. Fairness: selection, every byte, memory apart from the runtime\n"]
+    L.append(
+        "Model selection: " + "; ".join(f"{k}: {v}" for k, v in fair["selection"].items()) + ".\n"
+    )
+    L.append(
+        f"Bytes per training device. fedmobillm: training to target {mb(fm['training'])} + "
+        f"validator's share {mb(fm['validator_share'])} (validator total "
+        f"{mb(fm['validator_total'])}) + personal-model delivery {mb(fm['delivery'])} = "
+        f"{mb(fm['total'])}. FedAvg-LoRA: rounds to target {mb(lo['training'])} + final model "
+        f"delivery {mb(lo['delivery'])} = {mb(lo['total'])}. comm_reduction (headline) is the "
+        f"all-in {100 * red['all_in']:.1f}%; training only {100 * red['training_only']:.1f}%, "
+        f"with the validator {100 * red['with_validator']:.1f}%.\n"
+    )
+    L.append("| bundle | in the fleet | LoRA / fedmobillm whole process | method share |")
+    L.append("|---|---|---|---|")
+    for q, r in fair["memory_ratios"].items():
+        L.append(
+            f"| {q} | {r['in_fleet']} | {r['whole_process']:.2f}x | {r['method_share']:.2f}x |"
+        )
+    L.append("")
     return L
 
 

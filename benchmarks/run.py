@@ -1,6 +1,7 @@
 """The paper's headline comparison, in one run.
 
-    python -m benchmarks.run --quick --out DIR      # ~15-30 min on 2 cores
+    python -m benchmarks.run --quick --out DIR      # ~10-30 min on 2 cores
+    python -m benchmarks.run --quick --seeds 3 --out DIR   # DIR/seed-<N>/ each, mean +- spread
     python -m benchmarks.run --full --out DIR
 
 Writes DIR/headline.json, DIR/report.md, DIR/results.json and plots (DIR/*.png).
@@ -55,7 +56,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     mode.add_argument("--quick", action="store_true", help="small fleet and data (default)")
     mode.add_argument("--full", action="store_true", help="larger fleet, data and rounds")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="(first) seed, default 0")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="run N seeds (--seed, --seed+1, ...) into DIR/seed-<N>/ and write the mean +- "
+        "spread of every headline figure to DIR/headline.json and DIR/report.md",
+    )
     p.add_argument("--model", default=None, help="backbone (default minilm-l6)")
     p.add_argument("--dataset", default=None, help="data set name or file (default movie-snippets)")
     p.add_argument("--rounds", type=int, default=None, help="FedAvg-LoRA rounds")
@@ -148,6 +156,8 @@ def measure_memory(
     runs = {f"fedmobillm-{q}": ["fedmobillm", "--bundle", str(b)] for q, b in bundles.items()}
     for m in ("lora", "full", "fwdgrad"):
         runs[m] = [m, "--model", model_dir]
+    for m in ("imports-onnx", "imports-torch"):  # each runtime alone: the methods' baselines
+        runs[m] = [m]
     out = {}
     for name, args in runs.items():
         cmd = [
@@ -316,10 +326,72 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "fedmobillm.device_runtime.client", "fedmobillm.export"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        return _main(parse_args(argv))
+        a = parse_args(argv)
+        preflight(a)
+        return _main(a) if a.seeds == 1 else _main_seeds(a)
     except FedMobiLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def preflight(a: argparse.Namespace) -> None:
+    """Before minutes of work: the packages every method needs, and say up front how the
+    FedAvg baselines will run (Flower's engine or in-process, and why)."""
+    import importlib.util
+
+    from benchmarks._flower_env import flower_pythonpath
+
+    if a.seeds < 1:
+        raise FedMobiLLMError(f"--seeds must be >= 1, not {a.seeds}")
+    missing = [
+        m for m in ("torch", "peft", "matplotlib", "onnxruntime") if not importlib.util.find_spec(m)
+    ]
+    if missing:
+        raise FedMobiLLMError(
+            f"benchmarks.run needs {', '.join(missing)}, not installed here",
+            hint='pip install -e ".[all,dev]" -c constraints.txt (README, Install)',
+        )
+    if a.no_flower:
+        log.info("FedAvg-LoRA and FedAvg full FT run in-process (--no-flower)")
+    elif flower_pythonpath(False) is None and not a.install_flower:
+        log.warning(
+            "Flower is not installed (no flwr release resolves with constraints.txt, see "
+            "docs/benchmarks.md#flower): FedAvg-LoRA and FedAvg full FT run in-process with the "
+            "same client work and Flower's aggregation rule (num-examples weighted mean); "
+            "--install-flower puts Flower's simulation engine in a private folder instead"
+        )
+    else:
+        log.info("FedAvg-LoRA and FedAvg full FT run in Flower's simulation engine")
+
+
+def _main_seeds(a: argparse.Namespace) -> int:
+    """``--seeds N``: one full run per seed into ``out/seed-<N>``, then the mean +- spread of
+    every headline figure in ``out/headline.json`` and ``out/report.md``."""
+    from benchmarks import _fair
+
+    load = _load_average()
+    first = 0 if a.seed is None else a.seed
+    out, rcs, heads = a.out, [], []
+    for seed in range(first, first + a.seeds):
+        sub = argparse.Namespace(**vars(a))
+        sub.seed, sub.out = seed, out / f"seed-{seed}"
+        log.info("seed %d of %d..%d into %s", seed, first, first + a.seeds - 1, sub.out)
+        rcs.append(_main(sub))
+        heads.append(json.loads((sub.out / "headline.json").read_text()))
+    summary = _fair.seeds_summary(heads)
+    command = "python -m benchmarks.run " + " ".join(sys.argv[1:])
+    summary |= {"command": command, "load_average_at_start": load, "exit_codes": rcs}
+    write_json(out / "headline.json", summary)
+    (out / "report.md").write_text("\n".join(_fair.summary_markdown(summary, command, load)) + "\n")
+    log.info("wrote %s over seeds %s", out / "headline.json", summary["seeds"])
+    return max(rcs)
+
+
+def _load_average() -> str:
+    try:
+        return ", ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "n/a"
 
 
 def _main(a: argparse.Namespace) -> int:
@@ -327,6 +399,7 @@ def _main(a: argparse.Namespace) -> int:
 
     torch.set_num_threads(1)  # 2 shared cores: more threads only spin (OpenMP)
     t_start = time.perf_counter()
+    load = _load_average()
     cfg, profile_files = make_config(a)
     out = a.out
     work = out / "work"
@@ -343,8 +416,12 @@ def _main(a: argparse.Namespace) -> int:
     fm = R.fedmobillm_to_target(m.rep, m.real, m.flops["fedmobillm_forward"], target)
     lora = R.fedavg_to_target(m.fedavg["lora"], target, len(profiles))
     full = R.fedavg_to_target(m.fedavg["full"], target, len(profiles))
-    head = _headline(m, fm, lora)
+    probe = R.fedavg_to_target(m.probe, target, len(profiles))
+    fair = _fairness(m, fm, lora)
+    head = _headline(m, fm, lora, fair)
     results = _results(cfg, m, target, best, majority, fm, lora, full)
+    results["fair"] = fair
+    results["linear_probe"] = {"run": m.probe, "to_target": probe}
     if m.tokens is not None:
         results["fedmobillm_tokens"] = _tokens_result(m, target, lora)
         head["tokens"] = results["fedmobillm_tokens"]["versus_lora"]
@@ -354,6 +431,8 @@ def _main(a: argparse.Namespace) -> int:
         log.warning("%s", warning)
     write_json(out / "results.json", results)
     headline_json = _headline_json(cfg, m, head, target, results["versions"], t_start)
+    headline_json["figures"] = _figures(m, fm, lora, fair) | _probe_figures(m, fm, probe, fair)
+    headline_json["load_average_at_start"] = load
     write_json(out / "headline.json", headline_json)
     pngs = _plots(out, m, fm, lora, full, target)
     from benchmarks._report_md import write_report
@@ -395,6 +474,7 @@ class Measured:
     fedavg: dict[str, Any]
     fwd: dict[str, Any]
     stages: dict[str, float]
+    probe: dict[str, Any]  # the federated linear probe (``benchmarks._probe``)
     tokens: dict[str, Any] | None = None  # fedmobillm-tokens' replay (``--methods``)
 
 
@@ -443,9 +523,15 @@ def _measure(
     body_per_sample = sum(r["http_body_bytes_up"] for r in train_rows) / max(
         1, sum(r["samples"] for r in train_rows)
     )
+    feats: dict[str, Any] = {}
     with Timer("fedmobillm: replay on the simulated clock") as t:
-        rep = F.replay(cfg, data, profiles, bundles, flops["fedmobillm_forward"], body_per_sample)
+        rep = F.replay(
+            cfg, data, profiles, bundles, flops["fedmobillm_forward"], body_per_sample, feats
+        )
     stages["fedmobillm_replay"] = t.s
+    with Timer("federated linear probe (same forward)") as t:
+        probe = _probe(cfg, data, profiles, flops, feats)
+    stages["linear_probe"] = t.s
     with Timer("centralised side-tuning") as t:
         cen = F.centralised(cfg, data, bundles["fp32"], rep["steps"])
     stages["centralised"] = t.s
@@ -457,7 +543,31 @@ def _measure(
             )
         stages[f"fedavg_{method}"] = t.s
     fwd = fwdgrad_cost(flops, mem, profiles, cfg.local_batch)
-    return Measured(profiles, data, flops, mem, real, rep, cen, fedavg, fwd, stages)
+    return Measured(profiles, data, flops, mem, real, rep, cen, fedavg, fwd, stages, probe)
+
+
+def _probe(
+    cfg: BenchConfig,
+    data: FleetData,
+    profiles: list[DeviceProfile],
+    flops: dict[str, Any],
+    feats: dict[str, Any],
+) -> dict[str, Any]:
+    """The federated linear probe on the replay's activations, FedAvg-LoRA's round settings
+    (fraction, local epochs, batch) and 5x its rounds (a head round costs next to nothing)."""
+    from benchmarks import _probe as P
+
+    job = P.ProbeJob(
+        num_labels=len(data.label_names),
+        profiles=profiles,
+        fwd_flops_per_sample=flops["fedmobillm_forward"],
+        rounds=5 * cfg.rounds,
+        fraction_train=cfg.fraction_train,
+        local_epochs=cfg.local_epochs,
+        local_batch=cfg.local_batch,
+        seed=cfg.seed,
+    )
+    return P.federated_probe(job, P.from_replay(feats), [p.quant for p in profiles])
 
 
 def _token_side(items: list[str]) -> dict[str, Any]:
@@ -534,16 +644,90 @@ def _target(cfg: BenchConfig, m: Measured) -> tuple[float, dict[str, float], flo
     return target, best, majority
 
 
-def _headline(m: Measured, fm: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
-    """The headline metrics; memory over the bundle quants the fleet runs."""
+def _fairness(m: Measured, fm: dict[str, Any], lora: dict[str, Any]) -> dict[str, Any]:
+    """Everything counted (validator, model delivery) and memory apart from the runtime."""
+    from benchmarks import _fair
+
+    shares = _fair.memory_shares(m.mem)
+    return {
+        "comm": _fair.comm_all_in(fm, lora, m.real.per_device, m.fedavg["lora"]["trainable_bytes"]),
+        "memory": shares,
+        "memory_ratios": _fair.memory_ratios(shares, {p.quant for p in m.profiles}),
+        "selection": {
+            "fedmobillm": "the trainer's best-validation snapshot (personal model)",
+            "centralised": m.cen.get("selection", "last step"),
+            "fedavg_lora": m.fedavg["lora"].get("selection", "last round"),
+            "fedavg_full": m.fedavg["full"].get("selection", "last round"),
+        },
+    }
+
+
+def _figures(
+    m: Measured, fm: dict[str, Any], lora: dict[str, Any], fair: dict[str, Any]
+) -> dict[str, float]:
+    """Flat numbers beside the headline (averaged over seeds by ``--seeds``)."""
+    c, mr, mem = fair["comm"], fair["memory_ratios"], fair["memory"]
+    out = {
+        "comm_reduction_training_only": c["reduction"]["training_only"],
+        "comm_reduction_with_validator": c["reduction"]["with_validator"],
+        "comm_reduction_all_in": c["reduction"]["all_in"],
+        "fedmobillm_training_bytes_per_device": c["fedmobillm"]["training"],
+        "fedmobillm_validator_bytes_total": c["fedmobillm"]["validator_total"],
+        "fedmobillm_delivery_bytes_per_device": c["fedmobillm"]["delivery"],
+        "lora_training_bytes_per_device": c["fedavg_lora"]["training"],
+        "lora_delivery_bytes_per_device": c["fedavg_lora"]["delivery"],
+        "fedmobillm_flops_per_device": fm["flops_per_device"],
+        "lora_flops_per_device": lora["flops_per_device"],
+        "fedmobillm_time_to_target_s": fm["time_s"],
+        "lora_time_to_target_s": lora["time_s"],
+        "lora_reached_target": float(lora["reached"]),
+        "lora_best_round": float(m.fedavg["lora"].get("best_round", math.nan)),
+        "test_accuracy_lora_last": m.fedavg["lora"].get("test_last", {}).get("accuracy", math.nan),
+        "test_accuracy_centralised_last": m.cen.get("test_last", {}).get("accuracy", math.nan),
+    }
+    for q, r in mr.items():
+        out[f"memory_ratio_{q}_whole_process"] = r["whole_process"]
+        out[f"memory_ratio_{q}_method_share"] = r["method_share"]
+    for k, v in mem.items():
+        out[f"peak_rss_mb_{k}"] = v["peak_rss_mb"]
+        out[f"method_share_mb_{k}"] = v["method_share_mb"]
+    return out
+
+
+def _probe_figures(
+    m: Measured, fm: dict[str, Any], probe: dict[str, Any], fair: dict[str, Any]
+) -> dict[str, float]:
+    """The federated linear probe against fedmobillm (both on the same single forward):
+    FLOPs and bytes per device to the target (the probe's final head delivered to every
+    device counted, as fedmobillm's personal model is), time to target, test accuracy."""
+    bytes_all = probe["bytes_per_device"] + m.probe["trainable_bytes"]
+    return {
+        "probe_reached_target": float(probe["reached"]),
+        "probe_flops_per_device": probe["flops_per_device"],
+        "probe_bytes_per_device_all_in": bytes_all,
+        "probe_time_to_target_s": probe["time_s"],
+        "probe_lr": m.probe["lr"],
+        "probe_best_round": float(m.probe["best_round"]),
+        "fedmobillm_bytes_per_device_all_in": fair["comm"]["fedmobillm"]["total"],
+        "fedmobillm_vs_probe_flops_ratio": fm["flops_per_device"] / probe["flops_per_device"],
+    }
+
+
+def _headline(
+    m: Measured, fm: dict[str, Any], lora: dict[str, Any], fair: dict[str, Any]
+) -> dict[str, Any]:
+    """The headline metrics; communication with everything counted (validator and model
+    delivery on both sides; ``fair['comm']`` has each part); memory over the bundle quants
+    the fleet runs (whole process; ``fair['memory_ratios']`` has the method shares)."""
     fleet_quants = {p.quant for p in m.profiles}
+    c = fair["comm"]
     return R.headline(
-        fm,
-        lora,
+        dict(fm, bytes_per_device=c["fedmobillm"]["total"]),
+        dict(lora, bytes_per_device=c["fedavg_lora"]["total"]),
         {
             k: v
             for k, v in m.mem.items()
-            if not k.startswith("fedmobillm-") or k.split("-", 1)[1] in fleet_quants
+            if not k.startswith(("fedmobillm-", "imports-")) or k.split("-", 1)[1] in fleet_quants
         },
         m.real.test["accuracy"],
         m.cen["test"]["accuracy"],
@@ -601,6 +785,7 @@ def _headline_json(
             "centralised": m.cen["test"]["accuracy"],
             "fedavg_lora": m.fedavg["lora"]["test"]["accuracy"],
             "fedavg_full": m.fedavg["full"]["test"]["accuracy"],
+            "linear_probe": m.probe["test"]["accuracy"],
         },
         "versions": versions_,
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
