@@ -435,6 +435,10 @@ def _main(a: argparse.Namespace) -> int:
     headline_json["load_average_at_start"] = load
     write_json(out / "headline.json", headline_json)
     pngs = _plots(out, m, fm, lora, full, target)
+    from benchmarks import _curves
+
+    _curves.write(out, results)  # cost_to_target.{json,md,png}: several targets, not one
+    pngs.append("cost_to_target.png")
     from benchmarks._report_md import write_report
 
     write_report(out / "report.md", results, headline_json, pngs)
