@@ -125,7 +125,7 @@ def run(job: ProbeJob, data: ProbeData, lr: float) -> dict[str, Any]:
                 | {"flops": flops}
             )
         total = sum(n for _, n in outs)
-        w = sum(o * (n / total) for o, n in outs).astype(np.float32)
+        w = np.sum([o * (n / total) for o, n in outs], axis=0).astype(np.float32)  # (d + 1, C)
         clock += max(c["sim_s"] for c in clients)
         rounds.append({"round": r, "clock_s": clock, "clients": clients})
         acc = _accuracy(w, val_x, data.val_y)
