@@ -365,6 +365,12 @@ class RunSummary:
         if self.task != "lm":
             return []
         lm = self.lm
+        wire = (
+            f"{self.wire_bytes_per_token:,.0f} B on the wire (measured: padding, token ids, "
+            "loss mask, header)"
+            if self.target_tokens
+            else "nothing uploaded by this run"
+        )
         return [
             f"lm records:         {lm.get('records', 0)} -> {lm.get('samples', 0)} samples "
             f"({lm.get('windowed_records', 0)} split into windows of <= "
@@ -372,8 +378,7 @@ class RunSummary:
             f"skipped: one token, nothing to predict)",
             f"targets uploaded:   {self.target_tokens:,} next-token targets",
             f"bytes per token:    {self.tap_bytes_per_token:,} B of taps (K x d x b, "
-            f"{self.encoding}; the T x K x d bound per token), {self.wire_bytes_per_token:,.0f} "
-            "B on the wire (measured: padding, token ids, loss mask, header)",
+            f"{self.encoding}; the T x K x d bound per token), {wire}",
             "privacy:            none for the text: an lm upload carries its token ids as "
             "they are (the targets), so the server reads the text",
         ]
