@@ -159,7 +159,11 @@ def test_reopening_takes_no_table_lock(pg_store):
         again = PostgresStore(pg_store.url + "?options=-c%20lock_timeout%3D2000")
         again.close()
         reader.rollback()
-    assert pg_store._query("SELECT value FROM meta WHERE key = 'schema_version'") == [("1",)]
+    from fedmobillm.server.store_pg import SCHEMA_VERSION
+
+    assert pg_store._query("SELECT value FROM meta WHERE key = 'schema_version'") == [
+        (str(SCHEMA_VERSION),)
+    ]
 
 
 def test_read_cursor_waits_for_a_transaction_committed_late(pg_store):
