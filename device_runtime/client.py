@@ -347,6 +347,7 @@ class RunSummary:
     # task lm: records -> samples (lm_samples.LmPrepared.to_dict(): windowed, skipped ...)
     lm: dict[str, Any] = field(default_factory=dict)
     target_tokens: int = 0  # task lm: next-token targets uploaded by this run
+    tokens: int = 0  # token bundles: real tokens uploaded by this run (padding not counted)
 
     @property
     def tap_bytes_per_token(self) -> int:
@@ -357,8 +358,7 @@ class RunSummary:
     def wire_bytes_per_token(self) -> float:
         """Request bytes per real token uploaded, measured (padding, ids, loss mask and
         the payload's header included; 0 when nothing was uploaded)."""
-        tokens = (self.tokens_per_sample or 0.0) * self.samples
-        return self.bytes_uploaded / tokens if tokens else 0.0
+        return self.bytes_uploaded / self.tokens if self.tokens else 0.0
 
     def lm_lines(self) -> list[str]:
         """Task lm: what became of the records, bytes per token, what the server sees."""
@@ -384,7 +384,11 @@ class RunSummary:
         ]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        out = asdict(self)
+        if self.inputs == "tokens":
+            out["tap_bytes_per_token"] = self.tap_bytes_per_token
+            out["wire_bytes_per_token"] = self.wire_bytes_per_token
+        return json.dumps(out, indent=2)
 
     def activation_line(self) -> str:
         """Bytes per sample, and for tokens the mean L x K x d x b against the bound."""
@@ -620,6 +624,7 @@ class DeviceClient:
             task=self.task,
             lm=self.lm.to_dict() if self.task == "lm" and self.lm is not None else {},
             target_tokens=tracker.targets,
+            tokens=tracker.tokens,
         )
 
     def anchor_records(self) -> list[Any]:

@@ -277,6 +277,9 @@ def test_device_run_task_lm_uploads_ids_and_loss_mask_without_torch(
     assert summary["task"] == "lm" and summary["encoding"] == "fp16"
     assert summary["lm"]["skipped_records"] == 1 and summary["lm"]["windowed_records"] == 1
     assert summary["target_tokens"] == prep.target_tokens
+    assert summary["tokens"] == sum(len(s.token_ids) for s in prep.samples)
+    assert summary["tap_bytes_per_token"] == 2 * 576 * 2  # K x d x 2 B (fp16)
+    assert summary["wire_bytes_per_token"] == summary["bytes_uploaded"] / summary["tokens"]
     assert "1 skipped: one token" in r.stdout and "split into windows of <= 64" in r.stdout
     assert "bytes per token:    2,304 B of taps" in r.stdout  # K=2 x d=576 x 2 B
     assert "privacy:            none for the text" in r.stdout
