@@ -48,7 +48,7 @@ from fedmobillm.demo import (
     quiet_loggers,
     quiet_third_party,
 )
-from fedmobillm.demo_report import lm_table_lines, plot_lm_validation
+from fedmobillm.demo_report import lm_model_name, lm_table_lines, plot_lm_validation
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.local import LocalServer, free_port, stop_process_group
 
@@ -63,11 +63,11 @@ CLASS_MBPS = {"slow": 10.0, "mid": 20.0, "fast": 50.0, "phone": 20.0}  # simulat
 # The server's settings for the demo (docs/server.md); task and inputs come from --task lm
 LM_SERVER = {
     "train": True,
-    "batch_size": 32,
+    "batch_size": 16,  # each step reads out through every architecture's 49,152-token head
     "eval_every": 25,
     "checkpoint_every": 100,
-    "export_every": 50,
-    "idle_after_steps": 300,
+    "export_every": 25,
+    "idle_after_steps": 150,
     "idle_after_epochs": 0,
     "side": {"width": 128, "blocks": 2, "heads": 4, "lr": 0.002},
 }
@@ -281,16 +281,13 @@ class LmDemo:
             yield srv.url
 
     def register(self, url: str, bundles: dict[str, Path]) -> None:
+        """Every device registers its bundle for task lm (no labels)."""
+        from fedmobillm.device_runtime.client import register
+
         for s in self.specs:
-            cmd = _cli("device", "register", "--server", url, "--admin-token",
-                       self.admin_token, "--name", s.name, "--bundle",
-                       str(bundles[s.backbone]), "--state", str(s.state_dir),
-                       "--task", "lm")  # fmt: skip
-            r = subprocess.run(cmd, capture_output=True, text=True, env=self.child_env)
-            if r.returncode != 0:
-                raise FedMobiLLMError(
-                    f"device {s.name} could not register: {r.stderr.strip()[-2000:]}"
-                )
+            register(server=url, admin_token=self.admin_token, name=s.name,
+                     bundle_dir=bundles[s.backbone], label_names=[], state_dir=s.state_dir,
+                     task="lm")  # fmt: skip
         log.info("registered %d devices (task lm)", len(self.specs))
 
     def launch(self, url: str, bundles: dict[str, Path]) -> dict[str, subprocess.Popen]:
@@ -449,13 +446,17 @@ class LmDemo:
         }
         (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
         plot_lm_validation(self.history, self.out / "validation.png",
-                           names={a: b for b, a in self.architectures.items()},
+                           names={a: lm_model_name(b, self._layers(b))
+                                  for b, a in self.architectures.items()},
                            frozen={self.architectures[b["backbone"]]: b["frozen_perplexity"]
                                    for b in backbones if b.get("frozen_perplexity")})  # fmt: skip
         print()
         print("\n".join(lm_table_lines(backbones, rows)))
         print(f"summary: {self.out / 'summary.json'}  |  plot: {self.out / 'validation.png'}")
         return summary
+
+    def _layers(self, backbone: str) -> list[int] | None:
+        return next((list(s.layers) for s in self.specs if s.backbone == backbone), None)
 
     def stop_all(self) -> None:
         for p in self.procs:
@@ -483,14 +484,18 @@ def heldout_perplexity(bundle: Path, model: Path, test_file: Path) -> dict[str, 
 
 
 def upload_stats(state_dir: Path) -> dict[str, Any]:
-    """What the device's run summaries say: bytes uploaded and tokens (both splits)."""
+    """What the device's run summaries say (both splits): bytes uploaded (on the wire: taps,
+    token ids, loss masks, framing), tokens and next-token targets sent, wire bytes per token,
+    forward time and peak memory."""
     sums = [x for x in (_read_json(state_dir / f"{s}-summary.json")
                         for s in ("train", "validation")) if x]  # fmt: skip
     up = sum(int(x.get("bytes_uploaded", 0)) for x in sums)
-    tokens = sum(int(x.get("tokens", 0) or 0) for x in sums)
+    tokens = sum(x.get("samples", 0) * (x.get("tokens_per_sample") or 0) for x in sums)
     return {
         "bytes_uploaded": up,
-        "tokens_uploaded": tokens or None,
+        "tokens_uploaded": round(tokens),
+        "target_tokens": sum(int(x.get("target_tokens", 0)) for x in sums),
+        "wire_bytes_per_token": up / tokens if tokens else None,
         "forward_ms_per_sample": _mean([x.get("forward_ms_per_sample", 0) for x in sums]),
         "peak_mb": max([x.get("peak_rss_mb", 0) for x in sums] or [0]),
     }
@@ -516,7 +521,9 @@ def per_backbone(
             row["heldout_tokens"] = tokens
         server = (trainer.get("architectures") or {}).get(archs.get(backbone, ""), {})
         tps, bps = server.get("tokens_per_sample"), server.get("bytes_per_sample")
-        row["bytes_per_token"] = bps / tps if tps and bps else None
+        row["bytes_per_token"] = bps / tps if tps and bps else None  # taps, as stored
+        wire = [r["wire_bytes_per_token"] for r in mine if r.get("wire_bytes_per_token")]
+        row["wire_bytes_per_token"] = _mean(wire) if wire else None
         row["tokens_per_sample"] = tps
         out.append(row)
     return out

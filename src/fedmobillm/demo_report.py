@@ -185,17 +185,19 @@ def lm_table_lines(backbones: list[dict[str, Any]], devices: list[dict[str, Any]
     frozen -> personal, with upload bytes per token; one line per device; then each shown
     device's prompt and its completions before (frozen) and after (personal)."""
     lines = [
-        f"{'backbone':<20} {'devices':>7} {'frozen ppl':>11} {'personal ppl':>13} {'change':>8} "
-        f"{'top-1 frozen':>12} {'personal':>9} {'bytes/token up':>15}"
+        f"{'backbone':<20} {'devices':>7} {'frozen ppl':>11} {'personal ppl':>13} {'lower by':>9} "
+        f"{'top-1 frozen':>12} {'personal':>9} {'taps B/token':>13}"
     ]
     for b in backbones:
         f, p = b.get("frozen_perplexity"), b.get("personal_perplexity")
-        change = f"{100 * (p / f - 1):+.1f}%" if f and p else "-"
+        change = (
+            f"{f / p:,.0f}x" if f and p and f / p >= 10 else f"{f / p:.2f}x" if f and p else "-"
+        )
         bpt = b.get("bytes_per_token")
         lines.append(
             f"{lm_model_name(b['backbone'], b.get('layers')):<20} {b['devices']:>7} "
-            f"{_ppl(f):>11} {_ppl(p):>13} {change:>8} {_pct(b.get('frozen_top1')):>12} "
-            f"{_pct(b.get('personal_top1')):>9} {f'{bpt:,.0f}' if bpt else '-':>15}"
+            f"{_ppl(f):>11} {_ppl(p):>13} {change:>9} {_pct(b.get('frozen_top1')):>12} "
+            f"{_pct(b.get('personal_top1')):>9} {f'{bpt:,.0f}' if bpt else '-':>13}"
         )
     lines.append("held-out perplexity per device (test half of its held-out episodes, "
                  "never uploaded):")  # fmt: skip
@@ -213,13 +215,25 @@ def lm_table_lines(backbones: list[dict[str, Any]], devices: list[dict[str, Any]
         if not c:
             continue
         lines.append(f"{d['device']} ({d.get('speaker')}, {lm_model_name(d['backbone'], d['layers'])}) "
-                     f"prompt: {c['prompt'].strip()!r}")  # fmt: skip
-        lines.append(f"  said:     {c.get('reference', '')!r}")
+                     f"prompt: {shown(c['prompt'].strip())}")  # fmt: skip
+        lines.append(f"  said:     {shown(c.get('reference', ''))}")
         for key in ("frozen", "personal"):
             g = c.get(key) or {}
             text = g.get("text") if "error" not in g else f"error: {first_line(g['error'], 80)}"
-            lines.append(f"  {key + ':':<9} {first_line(str(text), 110)!r}")
+            lines.append(f"  {key + ':':<9} {shown(first_line(str(text), 110))}")
     return lines
+
+
+# The friends transcripts keep Windows-1252 quotes and dashes as C1 control characters
+# (U+0091-U+0097), and the models learn to write them: shown as the marks they stand for
+CP1252_MARKS = str.maketrans({0x91: "‘", 0x92: "’", 0x93: "“", 0x94: "”",
+                              0x96: "–", 0x97: "—"})  # fmt: skip
+
+
+def shown(text: str) -> str:
+    """Text in quotes for the table: Windows-1252 marks shown, other control characters
+    and new lines escaped."""
+    return repr(text.translate(CP1252_MARKS))
 
 
 def plot_lm_validation(
@@ -243,8 +257,10 @@ def plot_lm_validation(
     for i, arch in enumerate(archs):
         pts = [(h["t"] - t0, h["val_per_architecture"][arch]) for h in history
                if arch in h.get("val_per_architecture", {}) and h["t"] >= t0]  # fmt: skip
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], ".-", color=f"C{i}",
-                label=f"{names.get(arch, arch)}: validation")  # fmt: skip
+        new = [p for j, p in enumerate(pts) if j == 0 or p[1] != pts[j - 1][1]]  # evaluations
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=f"C{i}",
+                drawstyle="steps-post", label=f"{names.get(arch, arch)}: validation")  # fmt: skip
+        ax.plot([p[0] for p in new], [p[1] for p in new], ".", color=f"C{i}")
         if arch in frozen:
             ax.axhline(frozen[arch], color=f"C{i}", linestyle="--", linewidth=1,
                        label=f"{names.get(arch, arch)}: frozen (held-out, on device)")  # fmt: skip
