@@ -64,6 +64,20 @@ def sentences(n: int, seed: int) -> list[str]:
     return [f"{pick(SUBJECTS)} {pick(VERBS)} {pick(OBJECTS)}." for _ in range(n)]
 
 
+def friends_lines(speaker: str) -> tuple[list[str], list[str]]:
+    """One speaker's lines of the friends corpus (5 to 25 words): 48 from seasons 1-2 for
+    training, 12 from season 3 on, held out."""
+    from fedmobillm.data.lm import load_lm_corpus
+
+    lines = [
+        r for r in load_lm_corpus("friends").records
+        if r.author == speaker and 5 <= len(r.text.split()) <= 25
+    ]  # fmt: skip
+    train = [r.text for r in lines if (r.group or "") < "0300"][:48]
+    val = [r.text for r in lines if (r.group or "") >= "0300"][:12]
+    return train, val
+
+
 @pytest.fixture(scope="module")
 def bundle(make_bundle) -> Path:
     return make_bundle(MODEL, **BUNDLE_OPTS)
@@ -228,14 +242,14 @@ def test_lm_federation_trains_below_the_frozen_perplexity_and_serves_the_model(
     from fedmobillm.device_runtime.protocol import Manifest
 
     srv = server_factory(LM_FAST, tmp_path / "lm")
+    t0 = time.monotonic()
     regs = [register(srv.url, f"phone-{i}", manifest, "lm").json() for i in range(2)]
-    for i, reg in enumerate(regs):
-        train = sentences(48, 10 + i)
+    for reg, speaker in zip(regs, ["Monica", "Chandler"], strict=True):
+        train, val = friends_lines(speaker)
         for start in range(0, 48, 16):
             ids = range(start, start + 16)
             r = upload(srv.url, reg, lm_payload(backbone, reg, train[start : start + 16], ids))
             assert r.status_code == 200, r.text
-        val = sentences(12, 100 + i)
         r = upload(srv.url, reg, lm_payload(backbone, reg, val, range(12), split="validation"))
         assert r.status_code == 200, r.text
     arch = regs[0]["architecture"]
@@ -245,7 +259,11 @@ def test_lm_federation_trains_below_the_frozen_perplexity_and_serves_the_model(
     first, last = t["history"][0]["validation"][arch], t["history"][-1]["validation"][arch]
     frozen = first["frozen_perplexity"]
     best = t["best_validation"][arch]
-    print("frozen", frozen, "first", first["perplexity"], "last", last["perplexity"], best)
+    print(
+        f"\nfrozen {frozen:.4g} step {t['history'][0]['step']} {first['perplexity']:.4g} last "
+        f"{last['perplexity']:.4g} top1 {last['next_token_top1']:.3f} top3 "
+        f"{last['next_token_top3']:.3f} best {best} after {time.monotonic() - t0:.0f} s"
+    )
     assert best["perplexity"] < 0.8 * frozen
     assert last["next_token_top1"] >= first["next_token_top1"]
     assert t["architectures"][arch]["labels"] is None
