@@ -97,8 +97,8 @@ class Service:
         self.task = task
         self.counters = Counters()
         self._vocab: dict[str, int] = {}  # lm: architecture -> vocabulary size (meta)
+        self._pin_task(task)  # first: an lm data dir says --task lm, not only --inputs tokens
         self._pin_inputs(inputs)
-        self._pin_task(task)
         if anchors is not None:
             self._pin_anchor_set(anchors.digest)
 
@@ -124,19 +124,22 @@ class Service:
 
     def _pin_task(self, task: str) -> None:
         """A data dir keeps one task (protocol.TASKS); a store from before tasks holds a
-        classify federation if it has devices."""
+        classify federation if it has devices or is a pivot one."""
         with self.store.transaction() as db:
             row = db.execute("SELECT value FROM meta WHERE key='task'").fetchone()
             if row is None:
                 had_devices = db.execute("SELECT 1 FROM devices LIMIT 1").fetchone()
-                pinned = "classify" if had_devices else task
+                kind = db.execute("SELECT value FROM meta WHERE key='inputs'").fetchone()
+                pivot = kind is not None and kind[0] == "pivot"  # lm needs tokens
+                pinned = "classify" if had_devices or pivot else task
                 db.execute("INSERT INTO meta VALUES ('task', ?)", (pinned,))
             else:
                 pinned = row[0]
         if pinned != task:
             raise FedMobiLLMError(
-                f"this data dir holds a {pinned} federation; the server was started for task "
-                f"{task}: stored samples, checkpoints and personal models are {pinned}",
+                f"this data dir holds {'an' if pinned == 'lm' else 'a'} {pinned} federation; "
+                f"the server was started for task {task}: stored samples, checkpoints and "
+                f"personal models are {pinned}",
                 hint=f"start with --task {pinned}, or use a new --data-dir for a {task} federation",
             )
 

@@ -243,6 +243,14 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def _problem(error: Any) -> str:
+    """One pydantic error as ``field: message`` (the message alone for a whole-model check,
+    without pydantic's "Value error, " prefix)."""
+    msg = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(p) for p in error["loc"])
+    return f"{where}: {msg}" if where else msg
+
+
 def token_weakness(token: str) -> str | None:
     """Why ``token`` is too weak to be the admin token, or None when it is strong enough."""
     if token.strip().lower() in DEFAULT_TOKENS:
@@ -274,9 +282,7 @@ def load_settings(
     try:
         settings = ServerSettings(**values)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(_problem(e) for e in exc.errors())
         raise FedMobiLLMError(f"invalid server settings: {problems}") from exc
     token = settings.admin_token.get_secret_value()
     weakness = token_weakness(token)

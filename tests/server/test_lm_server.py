@@ -153,7 +153,7 @@ def test_data_dir_keeps_its_task(tmp_path):
     from fedmobillm.server.store import Store
 
     Service(Store(tmp_path / "s.sqlite3"), inputs="tokens", task="lm").store.close()
-    with pytest.raises(FedMobiLLMError, match="holds a lm federation") as err:
+    with pytest.raises(FedMobiLLMError, match="holds an lm federation") as err:
         Service(Store(tmp_path / "s.sqlite3"), inputs="tokens", task="classify")
     assert "--task lm" in (err.value.hint or "")
 
