@@ -218,9 +218,15 @@ def test_ingest_refuses_the_other_task_and_ids_past_the_vocab_and_survives_kill(
         assert rows.token_ids[i].tolist() == want
         assert rows.loss_mask[i].tolist() == [0] + [1] * (len(want) - 1)
         assert rows.raw[i].shape == (2, len(want), manifest["hidden_size"])
-    # the same ids re-sent with other token ids: a conflict, the stored ones kept
-    r = upload(lm.url, reg, lm_payload(backbone, reg, texts[:1], [0], token_ids=b.token_ids[:1]))
-    assert r.status_code in (400, 409)
+    # sample 0 re-sent (new key) with the same taps but one other (valid) token id: a
+    # conflict, the stored sample kept
+    again = decode_batch(lm_payload(backbone, reg, texts[:1], [0]))
+    assert upload(lm.url, reg, encode_batch(again)).json()["skipped"] == 1  # same: skipped
+    again.token_ids[0, 1] = (again.token_ids[0, 1] + 1) % 49152
+    again.idempotency_key = uuid.uuid4().hex
+    r = upload(lm.url, reg, encode_batch(again))
+    assert r.status_code == 409 and "token ids" in r.text
+    assert status(lm.url)["totals"]["samples"] == 6
 
 
 def wait_for(url: str, check, timeout: float) -> dict:
