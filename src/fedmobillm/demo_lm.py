@@ -490,7 +490,8 @@ def upload_stats(state_dir: Path) -> dict[str, Any]:
     sums = [x for x in (_read_json(state_dir / f"{s}-summary.json")
                         for s in ("train", "validation")) if x]  # fmt: skip
     up = sum(int(x.get("bytes_uploaded", 0)) for x in sums)
-    tokens = sum(x.get("samples", 0) * (x.get("tokens_per_sample") or 0) for x in sums)
+    tokens = sum(x.get("tokens") or x.get("samples", 0) * (x.get("tokens_per_sample") or 0)
+                 for x in sums)  # fmt: skip
     return {
         "bytes_uploaded": up,
         "tokens_uploaded": round(tokens),
