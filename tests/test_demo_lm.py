@@ -96,3 +96,34 @@ def test_plot_lm_validation_writes_a_png(tmp_path):
     path = tmp_path / "v.png"
     assert plot_lm_validation(history, path, names={"a": "b4"}, frozen={"a": 2000.0})
     assert path.stat().st_size > 1000
+
+
+def _parse(*argv: str):
+    import argparse
+
+    from fedmobillm.commands import demo as cmd
+
+    parser = argparse.ArgumentParser()
+    cmd.add_arguments(parser)
+    return cmd, parser.parse_args(list(argv))
+
+
+def test_cli_routes_the_task_and_keeps_the_classify_defaults(monkeypatch):
+    import fedmobillm.demo
+    import fedmobillm.demo_lm
+
+    seen = {}
+    monkeypatch.setattr(fedmobillm.demo, "run_demo", lambda cfg: seen.setdefault("c", cfg))
+    monkeypatch.setattr(fedmobillm.demo_lm, "run_lm_demo", lambda cfg: seen.setdefault("l", cfg))
+    cmd, args = _parse()
+    assert cmd.run(args) == 0
+    c = seen["c"]
+    assert (c.devices, c.data, str(c.out)) == (6, "movie-snippets", "runs/demo")
+    cmd, args = _parse("--task", "lm", "--fleet", "4,8/2,4", "--lines", "50")
+    assert cmd.run(args) == 0
+    lm = seen["l"]
+    assert lm.fleet == [(2, 4), (4, 8)] and lm.devices == 4 and lm.lines == 50
+    assert (lm.data, str(lm.out), lm.heldout_lines) == ("friends", "runs/demo-lm", 80)
+    cmd, args = _parse("--task", "lm", "--alpha", "0.5")
+    with pytest.raises(FedMobiLLMError, match="--alpha"):
+        cmd.run(args)
