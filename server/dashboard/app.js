@@ -166,7 +166,7 @@ function archColors(status) {
 }
 
 function render({ status, flags }) {
-  const tr = status.trainer || {};
+  const tr = { task: status.task, ...(status.trainer || {}) };  // task: lm or classify
   const colors = archColors(status);
   renderSummary(status, tr, flags);
   renderSamplesChart(status.samples_over_time || [], colors);
@@ -228,11 +228,13 @@ function renderSamplesChart(points, colors) {
     { time: true, label: "stored samples per architecture over time", empty: "no uploads yet" });
 }
 
-// classify: validation loss and accuracy; lm: validation nats per token and perplexity,
-// beside the frozen model's perplexity on the same samples (dashed)
+// classify: validation loss and accuracy; lm: validation nats per token and log10 of the
+// perplexity (the frozen model's is often orders of magnitude higher), beside the frozen
+// model's on the same samples (dashed)
 function renderTrainingCharts(history, colors, lm) {
+  const scale = { accuracy: (v) => v * 100, perplexity: Math.log10, frozen_perplexity: Math.log10 };
   const val = (arch, key) => history.filter((h) => (h.validation || {})[arch])
-    .map((h) => [h.step, h.validation[arch][key] * (key === "accuracy" ? 100 : 1)]);
+    .map((h) => [h.step, (scale[key] || Number)(h.validation[arch][key])]);
   const loss = [{ name: "training (all architectures)", color: "#475569",
     points: history.map((h) => [h.step, h.train_loss]) }];
   const accuracy = [];
@@ -245,9 +247,9 @@ function renderTrainingCharts(history, colors, lm) {
   }
   const empty = "no evaluation yet (upload validation samples)";
   lineChart($("chart-loss"), loss, { label: "loss by step", xLabel: "step", empty });
-  $("title-accuracy").textContent = lm ? "Validation perplexity" : "Validation accuracy";
+  $("title-accuracy").textContent = lm ? "Validation perplexity (log10)" : "Validation accuracy";
   lineChart($("chart-accuracy"), accuracy, lm
-    ? { label: "validation perplexity by step (frozen model dashed)", xLabel: "step", empty }
+    ? { label: "log10 validation perplexity by step (frozen model dashed)", xLabel: "step", empty }
     : { label: "validation accuracy by step", xLabel: "step", yMax: 100, unit: "%", empty });
 }
 
@@ -294,7 +296,9 @@ function renderLabels(tr, colors) {
     return el("tr", { "data-arch": n }, el("td", {}, swatch(colors.get(n) || "#999"), " ", n),
       ...counts.map((c) => el("td", { class: "num" }, int(c))), el("td", { class: "num" }, skew));
   });
-  table("labels", ["Architecture", ...names, "Largest label"], rows, "no training samples yet");
+  table("labels", ["Architecture", ...names, "Largest label"], rows,
+    tr.task === "lm" ? "an lm federation has no labels: its targets are the devices' tokens"
+      : "no training samples yet");
 }
 
 function deviceState(d, flag) {
