@@ -25,6 +25,7 @@ import numpy as np
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
+from fedmobillm.device_runtime.dp_projection import load_projection
 from fedmobillm.device_runtime.files import write_atomic
 from fedmobillm.device_runtime.journal import Entry, Journal, records_hash, release_settings
 from fedmobillm.device_runtime.lm_samples import LmPrepared, LmSample, lm_arrays, lm_samples
@@ -195,7 +196,11 @@ def register(
     manifest = load_verified_bundle(Path(bundle_dir))
     if task == "lm":
         check_lm_bundle(manifest, Path(bundle_dir))
-    declared = privacy.resolved(manifest).declaration() if privacy is not None else None
+    declared = (
+        privacy.resolved(manifest, load_projection(Path(bundle_dir), manifest)).declaration()
+        if privacy is not None
+        else None
+    )
     declaration = PrivacyDeclaration.from_dict(declared) if declared is not None else None
     body = RegisterRequest(
         name, manifest.to_dict(), list(label_names), privacy=declaration, task=task
@@ -459,8 +464,12 @@ class DeviceClient:
         self.journal = Journal(self.state_dir)
         self.scales = np.asarray(self.backbone.manifest.activation_scales, np.float32)  # (K,)
         self.privacy = effective_config(self.config.privacy, self.state.privacy)
-        if self.privacy is not None:  # --clip auto: from the bundle's int8 scales
-            self.privacy = self.privacy.resolved(self.backbone.manifest)
+        # the bundle's public dp projection (dp_projection.py): clip + noise in its subspace
+        self.projection: Any = None
+        if self.privacy is not None:
+            self.projection = load_projection(self.backbone.bundle_dir, self.backbone.manifest)
+            # --clip auto: from the bundle's int8 scales (and the projection's spread)
+            self.privacy = self.privacy.resolved(self.backbone.manifest, self.projection)
         self._secret = device_secret(self.state_dir) if self.privacy is not None else b""
         self.ledger: Any = None  # privacy.PrivacyLedger, read from the journal when needed
         self.task = self.config.task
@@ -805,8 +814,9 @@ class DeviceClient:
         """Clip + noise the taps (N, K, d) / (N, K, T, d), randomised response on labels."""
         key = idempotency_key(self.state.device_id, self.digest, self.config.split, ids)
         taps, labels = privatize(
-            self.privacy, self._secret, key, taps, labels, len(self.state.label_names), lengths
-        )
+            self.privacy, self._secret, key, taps, labels, len(self.state.label_names), lengths,
+            self.projection,
+        )  # fmt: skip
         if self.encoding == "int8":
             frac = int8_saturation(taps, self.scales)
             if frac > 0.01:  # saturating is still private (post-processing) but loses signal
@@ -836,8 +846,15 @@ class DeviceClient:
             if self.privacy.label_epsilon is not None
             else ", labels as they are"
         )
+        proj = self.projection
+        out["projection_rank"] = None if proj is None else proj.rank
+        where = (
+            ""
+            if proj is None
+            else f"projected onto the bundle's public {proj.rank}-of-{proj.hidden} dims per tap, "
+        )
         out["text"] = (
-            f"clip {self.privacy.clip:g} + Gaussian noise, epsilon {self.privacy.epsilon:g} "
+            f"{where}clip {self.privacy.clip:g} + Gaussian noise, epsilon {self.privacy.epsilon:g} "
             f"per text at delta {self.privacy.delta:g}{label}; {len(ledger.per_text)} texts "
             f"released, the most-spent at epsilon {worst:.3g} of budget "
             f"{self.privacy.text_budget:g}; all of them as one secret: epsilon "

@@ -111,13 +111,18 @@ class PrivacyConfig:
         """Noise multiplier (std per unit of L2 sensitivity) for this config."""
         return noise_multiplier(self.epsilon, self.delta, self.releases)
 
-    def resolved(self, manifest: Any) -> PrivacyConfig:
+    def resolved(self, manifest: Any, projection: Any = None) -> PrivacyConfig:
         """This config with ``clip`` set: as given, or ``int8_clip`` of the bundle's
-        manifest (protocol.Manifest) when None."""
+        manifest (protocol.Manifest) when None (with the bundle's ``projection``, a
+        dp_projection.DpProjection, the noise of an uploaded coordinate is at most
+        ``projection.spread`` times the subspace's, so the default clip is that much larger)."""
         if self.clip is not None:
             return self
         max_tokens = int(manifest.max_seq_len) if getattr(manifest, "tokens", False) else None
-        clip = int8_clip(manifest.activation_scales, self.z, len(manifest.taps), max_tokens)
+        spread = 1.0 if projection is None else projection.spread
+        clip = int8_clip(
+            manifest.activation_scales, self.z, len(manifest.taps), max_tokens, spread=spread
+        )
         return replace(self, clip=clip)
 
     def declaration(self) -> dict[str, Any]:
@@ -207,16 +212,18 @@ def sample_sigma(z: float, num_taps: int, lengths: np.ndarray | None = None) -> 
 
 def int8_clip(
     scales: Sequence[float], z: float, num_taps: int, max_tokens: int | None = None,
-    margin: float = 4.0,
+    margin: float = 4.0, spread: float = 1.0,
 ) -> float:  # fmt: skip
     """The default clip: the largest with ``margin`` noise standard deviations inside every
     tap's int8 range (127 x scale), for the noisiest sample (``max_tokens`` real tokens for a
     token bundle). When the clip is below the tap vectors' norms (it is, by far, on the
     MiniLM-L3 bundle measured in docs/privacy.md) each vector is scaled onto the sphere of
     radius clip, so the signal-to-noise ratio does not depend on the clip at all, and this
-    one keeps the noisy values unsaturated by int8."""
+    one keeps the noisy values unsaturated by int8. ``spread`` (<= 1): the largest noise std
+    of an uploaded coordinate per unit of noise std, below 1 when the noise is added in a
+    projected subspace (``DpProjection.spread``)."""
     sigma = float(sample_sigma(z, num_taps, None if max_tokens is None else [max_tokens])[0])
-    return float(127.0 * min(float(s) for s in scales) / (margin * sigma))
+    return float(127.0 * min(float(s) for s in scales) / (margin * sigma * spread))
 
 
 def clip_and_noise(
@@ -225,21 +232,29 @@ def clip_and_noise(
     sigma: float | np.ndarray,
     rng: np.random.Generator,
     mask: np.ndarray | None = None,
+    projection: Any = None,
 ) -> np.ndarray:
     """Clip every tap vector to L2 norm ``clip``, add N(0, (sigma * clip)^2) per coordinate.
 
     x: (N, K, d) pivot taps or (N, K, T, d) token taps, float. mask: (N, T) for token taps
     (true / 1 = a real token): padding stays exactly zero and gets no noise (its positions
     are public through the lengths). sigma: a scalar or (N,) per sample (``sample_sigma``).
+    projection: a dp_projection.DpProjection (public basis P_k (R, d), centre mu_k): then the
+    vector clipped and noised is u = P_k (x - mu_k) (R,) and the result is P_k^T (clip(u) +
+    noise), in the subspace, as wide as x (post-processing of the R-dim release: same
+    sensitivity, noise energy R / d of the unprojected one's).
     Returns float32 of x's shape. Sensitivity: see the module docstring."""
     if x.ndim not in (3, 4):
         raise FedMobiLLMError(f"clip_and_noise takes (N, K, d) or (N, K, T, d), got {x.shape}")
     x = np.asarray(x, dtype=np.float64)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)  # (N, K, 1) or (N, K, T, 1)
-    clipped = x * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
+    v = x if projection is None else projection.coords(x)  # (..., d) or (..., R)
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)  # (N, K, 1) or (N, K, T, 1)
+    clipped = v * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
     s = np.broadcast_to(np.asarray(sigma, dtype=np.float64).reshape(-1), (x.shape[0],))
     std = (s * clip).reshape((-1,) + (1,) * (x.ndim - 1))  # (N, 1, 1[, 1])
-    out = clipped + rng.standard_normal(x.shape) * std
+    out = clipped + rng.standard_normal(v.shape) * std
+    if projection is not None:
+        out = projection.lift(out, x)  # (..., d): public post-processing
     if x.ndim == 4:
         if mask is None:
             raise FedMobiLLMError("token taps (N, K, T, d) need their mask (N, T)")
@@ -482,10 +497,13 @@ def privatize(
     labels: np.ndarray,
     num_labels: int,
     lengths: np.ndarray | None = None,
+    projection: Any = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One batch through the mechanism, noise seeded by (secret, key): taps (N, K, d) or
     (N, K, T, d) with ``lengths`` (N,) -> clipped + noised float32 taps of the same shape,
-    and labels (N,) through randomised response when ``config.label_epsilon`` is set."""
+    and labels (N,) through randomised response when ``config.label_epsilon`` is set.
+    ``projection``: the bundle's dp_projection.DpProjection (clip and noise in its subspace;
+    the bundle digest is in the batch key, so a re-sent batch has the same projection)."""
     rng = batch_rng(secret, key)
     mask = None
     if taps.ndim == 4:
@@ -493,7 +511,7 @@ def privatize(
             raise FedMobiLLMError("token taps (N, K, T, d) need their lengths (N,)")
         mask = np.arange(taps.shape[2])[None, :] < np.asarray(lengths)[:, None]  # (N, T)
     sigma = sample_sigma(config.z, taps.shape[1], lengths if taps.ndim == 4 else None)
-    noisy = clip_and_noise(taps, config.clip, sigma, rng, mask)
+    noisy = clip_and_noise(taps, config.clip, sigma, rng, mask, projection)
     if config.label_epsilon is not None:
         labels = randomized_response(labels, num_labels, config.label_epsilon, rng)
     return noisy, labels

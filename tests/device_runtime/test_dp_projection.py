@@ -1,0 +1,223 @@
+"""Project before noise (device_runtime/dp_projection.py + privacy.clip_and_noise): the basis is
+orthonormal, uploads lie in its subspace, the noise's energy is the calibrated sigma in R
+dimensions (not d), and the accounting does not change. End to end: a bundle exported with
+``--dp-projection`` has the basis among its hashed files, and a real ``device run --epsilon``
+against a real server stores uploads that lie in the bundle's subspace."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedmobillm.device_runtime import privacy as P
+from fedmobillm.device_runtime.dp_projection import (
+    PROJECTION_FILE,
+    DpProjection,
+    fit_projection,
+    load_projection,
+    orthonormality_error,
+)
+from fedmobillm.errors import FedMobiLLMError
+
+ADMIN = "dp-projection-test-admin-token-4c1d"
+LABELS = ["negative", "positive"]
+
+
+def public_vectors(m: int = 600, k: int = 3, d: int = 48, seed: int = 0) -> np.ndarray:
+    """(m, K, d) anisotropic vectors with a large common offset (as hidden states have)."""
+    rng = np.random.default_rng(seed)
+    spread = np.geomspace(5.0, 0.05, d)  # (d,)
+    mix = np.linalg.qr(rng.standard_normal((d, d)))[0]  # a random rotation
+    x = (rng.standard_normal((m, k, d)) * spread) @ mix.T
+    return x + 3.0  # (m, K, d)
+
+
+def in_subspace_error(proj: DpProjection, y: np.ndarray) -> float:
+    """max over vectors of ||P^T P y - y|| / ||y|| (y (N, K, [T,] d))."""
+    b = proj.basis.astype(np.float64)
+    extra = (None,) * (y.ndim - 3)
+    bb = b[(None, slice(None)) + extra]
+    back = np.einsum("...rd,...r->...d", bb, np.einsum("...rd,...d->...r", bb, y))
+    norms = np.maximum(np.linalg.norm(y, axis=-1), 1e-30)
+    return float((np.linalg.norm(back - y, axis=-1) / norms).max())
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_fit_is_orthonormal_and_keeps_the_top_variance(whiten):
+    x = public_vectors()
+    proj, kept = fit_projection(x, 6, whiten)
+
+    assert proj.basis.shape == (3, 6, 48) and proj.basis.dtype == np.float32
+    assert orthonormality_error(proj.basis) < 1e-5
+    assert proj.whitened is whiten
+    # the top 6 of 48 log-spaced spreads (5 .. 0.05): 1 - q^6 of the variance, q = 0.01^(2/47)
+    q = 0.01 ** (2 / 47)
+    assert kept == pytest.approx([(1 - q**6) / (1 - q**48)] * 3, abs=0.05)
+    np.testing.assert_allclose(proj.mean, x.mean(axis=0), rtol=1e-5, atol=1e-5)
+    if whiten:  # whitened coordinates of the public vectors have unit variance
+        np.testing.assert_allclose(proj.coords(x).var(axis=0, ddof=1), 1.0, rtol=1e-3)
+
+
+def test_a_rank_beyond_the_width_and_a_skewed_basis_are_refused():
+    with pytest.raises(FedMobiLLMError, match="must be in 1..48"):
+        fit_projection(public_vectors(), 49)
+    proj, _ = fit_projection(public_vectors(), 4)
+    with pytest.raises(FedMobiLLMError, match="not orthonormal"):
+        DpProjection(proj.basis * 1.01, proj.mean)
+
+
+@pytest.mark.parametrize("whiten", [False, True])
+def test_uploads_lie_in_the_subspace_and_clip_bounds_the_coordinates(whiten):
+    x = public_vectors(200, seed=1)
+    proj, _ = fit_projection(public_vectors(), 5, whiten)
+    clip, sigma = 0.7, float(P.sample_sigma(P.noise_multiplier(8.0, 1e-5), 3)[0])
+    y = P.clip_and_noise(x, clip, sigma, np.random.default_rng(0), projection=proj)
+
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert in_subspace_error(proj, y.astype(np.float64)) < 1e-5  # fp32 error
+    clean = proj.clean(x, clip)  # the release without noise: in the subspace, norm <= clip
+    assert in_subspace_error(proj, clean.astype(np.float64)) < 1e-5
+    assert np.linalg.norm(clean, axis=-1).max() <= clip * (1 + 1e-5)
+    # unprojected, the same mechanism fills all d dimensions
+    plain = P.clip_and_noise(x, clip, sigma, np.random.default_rng(0))
+    assert in_subspace_error(proj, plain.astype(np.float64)) > 0.5
+
+
+def test_noise_energy_is_sigma_in_r_dims_not_d():
+    """Vectors at the centre (coordinates 0, nothing to clip): what is uploaded is the noise
+    alone; its energy per vector is R (sigma clip)^2, d / R times less than unprojected."""
+    r, d, n = 6, 48, 4000
+    proj, _ = fit_projection(public_vectors(d=d), r)
+    x = np.broadcast_to(proj.mean, (n, 3, d)).copy()
+    clip, z = 0.5, P.noise_multiplier(8.0, 1e-5)
+    sigma = float(P.sample_sigma(z, 3)[0])  # z * 2 * sqrt(K), as the device calibrates it
+    y = P.clip_and_noise(x, clip, sigma, np.random.default_rng(3), projection=proj)
+    plain = P.clip_and_noise(np.zeros_like(x), clip, sigma, np.random.default_rng(3))
+
+    energy = float((np.linalg.norm(y, axis=-1) ** 2).mean())
+    assert energy == pytest.approx(r * (sigma * clip) ** 2, rel=0.03)
+    # the noise's std along each basis direction is the calibrated sigma * clip
+    coords = np.einsum("krd,nkd->nkr", proj.basis.astype(np.float64), y)
+    assert coords.std() == pytest.approx(sigma * clip, rel=0.02)
+    plain_energy = float((np.linalg.norm(plain, axis=-1) ** 2).mean())
+    assert plain_energy / energy == pytest.approx(d / r, rel=0.05)
+
+
+def test_token_taps_are_projected_per_token_and_padding_stays_zero():
+    proj, _ = fit_projection(public_vectors(), 4)
+    rng = np.random.default_rng(2)
+    x = public_vectors(5, seed=4)[:, :, None, :].repeat(7, axis=2)  # (5, 3, 7, 48)
+    lengths = np.array([7, 3, 1, 5, 2])
+    noisy, _ = P.privatize(
+        P.PrivacyConfig(8.0, clip=0.5), b"k" * 32, "batch-1", x, np.zeros(5, np.int64), 2,
+        lengths, proj,
+    )  # fmt: skip
+    real = np.arange(7)[None, :] < lengths[:, None]  # (5, 7)
+
+    assert noisy.shape == x.shape
+    assert np.all(noisy.transpose(0, 2, 1, 3)[~real] == 0.0)
+    assert in_subspace_error(proj, noisy.transpose(0, 2, 1, 3)[real][:, :, None, :]) < 1e-5
+    del rng
+
+
+def test_accounting_and_the_release_settings_do_not_change():
+    """The projection is post-processing: the same z, the library's epsilon for one release,
+    the same sigma; only the default clip grows (the noise of an uploaded coordinate is at
+    most ``spread`` times the subspace's)."""
+
+    class M:  # the manifest fields resolved() reads
+        activation_scales = [0.01, 0.02, 0.015]
+        taps = [2, 4, 6]
+        max_seq_len = 64
+        tokens = False
+
+    proj, _ = fit_projection(public_vectors(), 6)
+    plain = P.PrivacyConfig(8.0).resolved(M())
+    projected = P.PrivacyConfig(8.0).resolved(M(), proj)
+
+    assert projected.z == plain.z
+    assert P.epsilon_of([(projected.z, 1)], 1e-5) == pytest.approx(8.0, rel=1e-6)
+    assert projected.declaration()["noise_multiplier"] == plain.declaration()["noise_multiplier"]
+    assert 0 < proj.spread <= 1.0
+    assert projected.clip == pytest.approx(plain.clip / proj.spread)
+
+
+def test_save_and_load_through_the_manifest(tmp_path):
+    proj, _ = fit_projection(public_vectors(), 5, whiten=True)
+    proj.save(tmp_path / PROJECTION_FILE)
+
+    class M:
+        taps = [2, 4, 6]
+        hidden_size = 48
+        files = {PROJECTION_FILE: {}}
+        extra = {"dp_projection": {"file": PROJECTION_FILE, "rank": 5}}
+
+    got = load_projection(tmp_path, M())
+    assert got is not None
+    np.testing.assert_array_equal(got.basis, proj.basis)
+    np.testing.assert_array_equal(got.scale, proj.scale)
+    M.extra = {}
+    assert load_projection(tmp_path, M()) is None  # a bundle without one works as before
+    M.extra = {"dp_projection": {"file": PROJECTION_FILE, "rank": 4}}
+    with pytest.raises(FedMobiLLMError, match="manifest says"):
+        load_projection(tmp_path, M())
+
+
+# -- end to end: a real export, a real server, the CLI --------------------------------------
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
+    """Prepare: a MiniLM-L3 bundle exported with --dp-projection 8, a server on loopback,
+    6 texts. Execute: register with --epsilon 8, device run with fp16 uploads. Assert: the
+    basis is among the bundle's hashed files and orthonormal; the stored uploads lie in
+    its subspace up to fp16 error; the run summary says the projection; the journal's
+    releases are at epsilon 8 (the accounting is unchanged)."""
+    from fedmobillm.device_runtime.protocol import load_verified_bundle
+    from fedmobillm.server.local import LocalServer
+
+    bundle = make_bundle(
+        "minilm-l3", num_taps=3, formats=("onnx",), max_seq_len=64, dp_projection=8
+    )
+    manifest = load_verified_bundle(bundle)  # every file's sha256 checked
+    assert PROJECTION_FILE in manifest.files and len(manifest.files[PROJECTION_FILE]["sha256"]) == 64
+    assert manifest.extra["dp_projection"]["rank"] == 8
+    proj = load_projection(bundle, manifest)
+    assert proj is not None and orthonormality_error(proj.basis) < 1e-5
+    data = tmp_path / "texts.jsonl"
+    data.write_text("".join(
+        json.dumps({"text": f"my private note {i} about the film", "label": LABELS[i % 2]}) + "\n"
+        for i in range(6)))  # fmt: skip
+    state = tmp_path / "phone"
+    with LocalServer(tmp_path / "srv", admin_token=ADMIN, args=["--no-train"]) as srv:
+        reg = cli("device", "register", "--server", srv.url, "--admin-token", ADMIN,
+                  "--bundle", bundle, "--labels", ",".join(LABELS), "--name", "phone",
+                  "--state", state, "--epsilon", 8)  # fmt: skip
+        run = cli("device", "run", "--bundle", bundle, "--data", data, "--state", state,
+                  "--batch-size", 4, "--encoding", "fp16")  # fmt: skip
+        with sqlite3.connect(srv.data_dir / "store.sqlite3", timeout=10) as db:
+            rows = [r[0] for r in db.execute("SELECT act FROM samples ORDER BY sample_id")]
+
+    assert reg.returncode == 0, reg.stderr
+    assert run.returncode == 0, run.stderr
+    assert "projected onto the bundle's public 8-of-384 dims per tap" in run.stdout
+    assert len(rows) == 6
+    y = np.stack([np.frombuffer(b, np.float16).reshape(3, 384) for b in rows]).astype(np.float64)
+    assert in_subspace_error(proj, y) < 2e-3  # fp16 rounding of each coordinate
+    lines = [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines()]
+    releases = [x for x in lines if x["event"] == "release"]
+    assert releases and all(x["info"]["epsilon"] == pytest.approx(8.0, rel=1e-6) for x in releases)
