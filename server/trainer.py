@@ -626,7 +626,7 @@ class TrainingCache:
         )
         if not self.tokens:
             return groups
-        out = []
+        out: list[tuple] = []
         for arch, samples, y in groups:
             if self.lm:  # (arch, x, y, mask, ids (B, T), loss_mask (B, T))
                 x, mask, ids, lmask = collate_lm(samples)

@@ -401,3 +401,48 @@ def test_postgres_stores_lm_ids_and_mask(tmp_path):
         store.close()
     finally:
         pg.stop()
+
+
+@pytest.mark.slow
+def test_lm_on_postgres_with_two_workers_keeps_ids_over_kill9(manifest, backbone, tmp_path):
+    """`serve --task lm --database URL --workers 2`: lm uploads spread over two ingest
+    workers (each checks ids against the vocabulary registration stored), a classify-style
+    upload is refused, and every acknowledged sample comes back with its ids after kill -9."""
+    from pg_helpers import Postgres, pg_bin
+    from server_helpers import ServerProc
+
+    from fedmobillm.server.store_pg import PostgresStore
+
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("Debian's postgresql is not installed")
+    pg = Postgres(bindir).start()
+    srv = ServerProc(tmp_path / "data", {"train": False, "task": "lm"})
+    try:
+        url = pg.database()
+        srv.args = ["--database", url, "--workers", "2"]
+        srv.start()
+        regs = [register(srv.url, f"p{i}", manifest, "lm").json() for i in range(2)]
+        texts = sentences(16, 3)
+        for reg in regs:
+            for start in (0, 8):
+                ids = range(start, start + 8)
+                r = upload(srv.url, reg, lm_payload(backbone, reg, texts[start : start + 8], ids))
+                assert r.status_code == 200, r.text
+            plain = lm_payload(backbone, reg, texts[:1], [99], token_ids=None, loss_mask=None)
+            assert upload(srv.url, reg, plain).status_code == 400
+        srv.kill()
+        srv.start()
+        assert status(srv.url)["totals"]["samples"] == 32
+        store = PostgresStore(url)
+        rows = store.read_samples(0)
+        store.close()
+        assert len(rows.ids) == 32
+        want = {t: backbone.encode_ids(t) for t in texts}
+        got = sorted(
+            (int(s), r.tolist()) for s, r in zip(rows.sample_ids, rows.token_ids, strict=True)
+        )
+        assert got == sorted((i, want[texts[i]]) for i in range(16) for _ in range(2))
+    finally:
+        srv.stop()
+        pg.stop()
