@@ -56,7 +56,7 @@ log = logging.getLogger("fedmobillm.demo")
 
 LM_MODEL = "smollm2-135m"
 # Device classes: the taps of each SmolLM2 truncation, shallowest (slow phones) first
-QUICK_FLEET: tuple[tuple[int, ...], ...] = ((2, 4), (4, 8))
+QUICK_FLEET: tuple[tuple[int, ...], ...] = ((4, 8), (4, 8, 12))
 FULL_FLEET: tuple[tuple[int, ...], ...] = ((4, 8, 12), (10, 20, 30))
 CLASS_NAMES = {1: ("phone",), 2: ("slow", "fast"), 3: ("slow", "mid", "fast")}
 CLASS_MBPS = {"slow": 10.0, "mid": 20.0, "fast": 50.0, "phone": 20.0}  # simulated uplink

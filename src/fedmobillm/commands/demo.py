@@ -94,7 +94,7 @@ def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
         "--fleet",
         help="device classes as SmolLM2-135M truncations: each class's tapped blocks, "
         "classes separated by / (the deepest tap ends the graph); devices take the classes "
-        "in turn (default quick 2,4/4,8; full 4,8,12/10,20,30)",
+        "in turn (default quick 4,8/4,8,12; full 4,8,12/10,20,30)",
     )
     g.add_argument(
         "--lines", type=int, help="train lines per device (default 300 quick, 2000 full)"
