@@ -40,7 +40,12 @@ MAX_BATCH = 32
 VERIFY_SENTENCES = 4
 FP32_MIN_COSINE = 0.999
 QUANT_MIN_COSINE = 0.9
-STAGES = ("load", "wrap", "calibrate", "export", "quantize", "lower", "generate", "verify")
+STAGES = (
+    "load", "wrap", "calibrate", "export", "quantize", "lower", "generate", "verify",
+    "dp-projection",
+)  # fmt: skip
+DP_PROJECTION_TEXTS = 2000  # calibration texts the --dp-projection PCA is fitted on, at most
+DP_PROJECTION_KEY = "dp_projection"  # = device_runtime.dp_projection.MANIFEST_KEY
 
 
 # Bumped whenever an exporter change may turn a variant that failed its verification into
@@ -94,6 +99,9 @@ class ExportOptions:
     fallback_quant: str | None = None  # exported instead when `quant` fails verification
     stage_seconds: dict[str, float] = field(default_factory=dict)
     generate: bool = False  # also the generation graphs (decoder step + LM head, ONNX)
+    # rank R of the public per-tap PCA basis for the device's privacy mechanism (project
+    # before noise, device_runtime/dp_projection.py); None: no projection in the bundle
+    dp_projection: int | None = None
 
     def __post_init__(self) -> None:
         from fedmobillm.export.graphs import check_combination
@@ -118,6 +126,13 @@ class ExportOptions:
             raise FedMobiLLMError(
                 f"unknown fallback quantization {self.fallback_quant!r}",
                 hint=f"use one of {', '.join(QUANTS)}",
+            )
+        if self.dp_projection is not None and not (
+            isinstance(self.dp_projection, int) and self.dp_projection >= 1
+        ):
+            raise FedMobiLLMError(
+                f"--dp-projection {self.dp_projection!r} must be a positive rank",
+                hint="e.g. --dp-projection 16 (at most the hidden size)",
             )
         check_combination(self.quant, self.formats)
         if self.fallback_quant:
@@ -285,6 +300,7 @@ def export_bundle(
     budget_mb: float | None = None,
     fallback_quant: str | None = None,
     generate: bool = False,
+    dp_projection: int | None = None,
 ) -> Manifest:
     """Export `model` to a bundle in `out_dir`; returns its (validated) manifest.
 
@@ -292,7 +308,10 @@ def export_bundle(
     export this quantization instead; manifest.json says so (``quant``: the one used,
     ``quant_requested``: the one asked for, ``quant_fallback``: why, else null).
     ``generate``: also write a decoder's generation graphs (``fedmobillm.export.generate``),
-    listed under ``generation`` in manifest.json."""
+    listed under ``generation`` in manifest.json. ``dp_projection``: rank R of a per-tap PCA
+    basis fitted on the (public!) calibration text, written as ``dp_projection.safetensors``
+    and named by the manifest's ``dp_projection`` entry: the device's privacy mechanism
+    clips and noises in that subspace."""
     opts = ExportOptions(
         model,
         Path(out_dir),
@@ -305,6 +324,7 @@ def export_bundle(
         calibration,
         fallback_quant=fallback_quant,
         generate=generate,
+        dp_projection=dp_projection,
     )
     check_out_dir(opts.out_dir)
     quiet_libraries()
@@ -476,6 +496,7 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
             )
             _check_error(fmt, opts.quant, err)
     generation = _generation(opts, folder, taps, tmp, ids, mask, tok) if opts.generate else None
+    projection = _dp_projection(opts, wrapped, tok, tmp) if opts.dp_projection else None
     with stage("write", t):
         tokenizer = save_tokenizer(tok, tmp / TOKENIZER_NAME, opts.max_seq_len)
         manifest = _manifest(
@@ -483,6 +504,8 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
         )
         if generation is not None:
             manifest.extra[GEN_MANIFEST_KEY] = generation
+        if projection is not None:
+            manifest.extra[DP_PROJECTION_KEY] = projection
         _write_manifest(manifest, tmp)
     return manifest
 
@@ -500,6 +523,40 @@ def _generation(opts: ExportOptions, folder: Path, taps, tmp: Path, ids, mask, t
         vids, vmask = _trim(ids[:VERIFY_SENTENCES], mask[:VERIFY_SENTENCES])
         made.info["verification"] = generate.verify_generation(made, tmp, vids, vmask)
     return made.info
+
+
+def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path) -> dict:
+    """``--dp-projection R``: the per-tap PCA (rank R, centred) of the taps of up to
+    DP_PROJECTION_TEXTS calibration texts (every real token's vectors for a token bundle),
+    written into ``tmp`` (hashed with the other files). Returns the manifest's entry."""
+    import numpy as np
+
+    from fedmobillm.device_runtime.dp_projection import PROJECTION_FILE, fit_projection
+    from fedmobillm.export import calibrate
+
+    with stage("dp-projection", opts.stage_seconds):
+        source = opts.calibration or calibrate.DEFAULT_CALIBRATION
+        texts = calibrate.calibration_texts(opts.calibration, limit=DP_PROJECTION_TEXTS)
+        ids, mask = calibrate.tokenize(tok, texts, opts.max_seq_len)
+        taps = np.asarray(calibrate.eager_taps(wrapped, ids, mask))  # (N, K, d) | (N, K, T, d)
+        if taps.ndim == 4:  # a token bundle: every real token's K vectors
+            taps = taps.transpose(0, 2, 1, 3)[np.asarray(mask, dtype=bool)]  # (M, K, d)
+        proj, kept = fit_projection(taps, int(opts.dp_projection))
+        proj.save(tmp / PROJECTION_FILE, {"calibration": str(source)})
+        log.info(
+            "dp-projection: rank %d of %d per tap from %d vectors of %d texts of %s (variance "
+            "kept %s); the basis is public: fit it on public text (--calibration)",
+            proj.rank, proj.hidden, len(taps), len(texts), source, [round(v, 3) for v in kept],
+        )  # fmt: skip
+    return {
+        "file": PROJECTION_FILE,
+        "rank": proj.rank,
+        "centered": True,
+        "calibration": str(source),
+        "texts": len(texts),
+        "vectors": int(len(taps)),
+        "variance_kept": [round(float(v), 4) for v in kept],
+    }
 
 
 def _write_manifest(manifest: Manifest, folder: Path) -> None:

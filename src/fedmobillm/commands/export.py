@@ -65,6 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="data name or file for activation pre-scales (default movie-snippets)",
     )
     parser.add_argument(
+        "--dp-projection",
+        type=int,
+        metavar="R",
+        help="ship a public per-tap PCA basis of rank R (fitted on the --calibration text: "
+        "use PUBLIC text) so that devices with --epsilon clip and noise in R dims instead of "
+        "the hidden size (docs/privacy.md)",
+    )
+    parser.add_argument(
         "--budget-mb",
         type=float,
         metavar="MB",
@@ -135,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
         budget_mb=budget,
         generate=args.generate,
         fallback_quant=args.fallback_quant,
+        dp_projection=args.dp_projection,
     )
     _print_summary(manifest, args.out)
     return 0
@@ -164,6 +173,13 @@ def _print_summary(manifest, out: Path) -> None:
         print(
             f"  quant: {extra.get('quant_requested')} was asked for but failed its check; "
             f"exported {manifest.quant} instead ({extra['quant_fallback']})"
+        )
+    proj = extra.get("dp_projection")
+    if proj:
+        print(
+            f"  dp projection: rank {proj['rank']} of {manifest.hidden_size} per tap "
+            f"({proj['file']}), fitted on {proj['texts']} texts of {proj['calibration']}, "
+            f"variance kept {min(proj['variance_kept']):.2f}-{max(proj['variance_kept']):.2f}"
         )
     if "budget" in extra:
         print(f"  budget: {json.dumps(extra['budget'])}")
