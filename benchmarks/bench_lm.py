@@ -693,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                        ("width", int), ("warmup", int), ("ema", float), ("dropout", float),
                        ("batch-lines", int)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind, help="overrides the (--quick) setting")
+    p.add_argument("--centralised", nargs="+", choices=list(BACKBONES),
+                   help="backbones the centralised method runs on (default: both)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -702,6 +704,8 @@ def main(argv: list[str] | None = None) -> int:
                  "batch_lines"):  # fmt: skip
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
+    if a.centralised:
+        cfg.centralised = list(a.centralised)
     result = run(cfg, a.out)
     write_report(
         result,
