@@ -127,3 +127,24 @@ def test_cli_routes_the_task_and_keeps_the_classify_defaults(monkeypatch):
     cmd, args = _parse("--task", "lm", "--alpha", "0.5")
     with pytest.raises(FedMobiLLMError, match="--alpha"):
         cmd.run(args)
+
+
+def test_prepare_data_from_a_user_jsonl_without_authors_splits_iid(tmp_path):
+    import json
+
+    from fedmobillm.demo_lm import LmDemo
+
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note number {i} about things"}) + "\n"
+                            for i in range(400)))  # fmt: skip
+    cfg = LmDemoConfig(fleet=[(2, 4), (4, 8)], devices=2, data=str(data), out=tmp_path / "run",
+                       lines=100, heldout_lines=20)  # fmt: skip
+    specs = LmDemo(cfg).prepare_data()
+    assert [(s.klass, s.layers) for s in specs] == [("slow", (2, 4)), ("fast", (4, 8))]
+    for s in specs:
+        # ~10% of each device's 200 records held out (seeded), alternating val / test, <= 10 each
+        assert s.counts["train"] == 100 and 5 <= s.counts["validation"] <= 10
+        assert abs(s.counts["validation"] - s.counts["test"]) <= 1
+        test = {json.loads(line)["text"] for line in s.files["test"].read_text().splitlines()}
+        train = {json.loads(line)["text"] for line in s.files["train"].read_text().splitlines()}
+        assert test and not test & train
