@@ -76,6 +76,10 @@ class LmBenchConfig:
     taps_from: str = "bundle"
     encoding: str = "fp16"  # what devices upload for lm (int8: per-tap scales, as classify)
     val_lines: int = 24  # per device, from its training episodes: for choosing settings
+    # every this many steps (and at the end) each personal model (EMA) is scored on its
+    # devices' validation lines and the best one kept, as the server keeps the checkpoint of
+    # lowest validation perplexity; 0: the last model
+    select_every: int = 0
     threads: int = 2
     centralised: list[str] = field(default_factory=lambda: list(BACKBONES))
 
@@ -378,9 +382,14 @@ def new_trainer(
 
 
 def train(
-    cfg: LmBenchConfig, trainer: Any, pools: dict[str, tuple[Texts, np.ndarray]], batch: int
+    cfg: LmBenchConfig,
+    trainer: Any,
+    pools: dict[str, tuple[Texts, np.ndarray]],
+    batch: int,
+    on_select: Any = None,
 ) -> list[float]:
-    """``cfg.steps`` steps; each draws ``batch`` lines per architecture from its pool rows."""
+    """``cfg.steps`` steps; each draws ``batch`` lines per architecture from its pool rows.
+    ``on_select(step)`` runs every ``cfg.select_every`` steps and after the last."""
     losses = []
     for step in range(cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
@@ -389,7 +398,35 @@ def train(
             pick = rng.choice(rows, min(batch, len(rows)), replace=False)
             groups.append(group(texts, np.sort(pick)))
         losses.append(trainer.train_step(groups))
+        last = step + 1 == cfg.steps
+        if on_select is not None and (last or (step + 1) % cfg.select_every == 0):
+            on_select(step + 1)
     return losses
+
+
+class Selected:
+    """A trainer's personal models as chosen on validation: ``model(arch, averaged)`` gives
+    the kept copy (``evaluate`` reads models through this), ``chosen[arch]`` = (step, val
+    perplexity) of each."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.best: dict[str, Any] = {}
+        self.chosen: dict[str, tuple[int, float]] = {}
+
+    def offer(self, arch: str, step: int, ppl: float) -> None:
+        """Keep ``arch``'s current averaged model if ``ppl`` is its lowest so far."""
+        import copy
+
+        if arch not in self.chosen or ppl < self.chosen[arch][1]:
+            self.best[arch] = copy.deepcopy(self.trainer.model(arch, averaged=True))
+            self.chosen[arch] = (step, ppl)
+
+    def model(self, arch: str, averaged: bool = True) -> Any:
+        return self.best[arch]
+
+    def num_parameters(self, arch: str | None = None) -> int:
+        return self.trainer.num_parameters(arch)
 
 
 def evaluate(trainer: Any, texts: Texts, rows: np.ndarray, head: Any, frozen: bool = False,
@@ -473,6 +510,8 @@ def run(cfg: LmBenchConfig, out: Path) -> dict[str, Any]:
     for b in BACKBONES:
         row = bench.row("fedmobillm", b, fed, train_loss_first=float(np.mean(losses[:5])),
                         train_loss_last=float(np.mean(losses[-10:])))  # fmt: skip
+        if isinstance(fed, Selected):
+            row["chosen_step"] = fed.chosen[tr[b].acts.architecture][0]
         row["side_params"] = fed.num_parameters()
         row["personal_params"] = fed.num_parameters(tr[b].acts.architecture)
         rows.append(row)
@@ -521,7 +560,19 @@ class Bench:
             else:
                 rows = self.rows_of("train", b, None if pool == "fleet" else int(pool))
             pools[b] = (tr[b], rows)
-        return trainer, train(self.cfg, trainer, pools, batch)
+        if not self.cfg.select_every:
+            return trainer, train(self.cfg, trainer, pools, batch)
+        chosen = Selected(trainer)
+        device = None if pool in ("fleet", "all") else int(pool)
+
+        def select(step: int) -> None:
+            for b in archs:
+                a = tr[b].acts.architecture
+                chosen.offer(a, step, self.score(trainer, "val", b, device=device)["perplexity"])
+
+        losses = train(self.cfg, trainer, pools, batch, select)
+        log.info("chosen on validation (step, perplexity): %s", chosen.chosen)
+        return chosen, losses
 
     def score(self, trainer: Any, split: str, b: str, phone: bool = True,
               device: int | None = None) -> dict[str, float]:  # fmt: skip
@@ -691,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="how devices upload taps (lm devices upload fp16 by default)")  # fmt: skip
     for name, kind in (("steps", int), ("devices", int), ("train-lines", int), ("lr", float),
                        ("width", int), ("warmup", int), ("ema", float), ("dropout", float),
-                       ("batch-lines", int)):  # fmt: skip
+                       ("batch-lines", int), ("select-every", int)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind, help="overrides the (--quick) setting")
     p.add_argument("--centralised", nargs="+", choices=list(BACKBONES),
                    help="backbones the centralised method runs on (default: both)")  # fmt: skip
@@ -701,7 +752,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LmBenchConfig.quick() if a.quick else LmBenchConfig()
     cfg.taps_from, cfg.threads, cfg.encoding = a.taps_from, a.threads, a.encoding
     for name in ("steps", "devices", "train_lines", "lr", "width", "warmup", "ema", "dropout",
-                 "batch_lines"):  # fmt: skip
+                 "batch_lines", "select_every"):  # fmt: skip
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.centralised:

@@ -130,3 +130,26 @@ def test_fp16_uploads_keep_the_deepest_tap_and_int8_clips_it():
     assert _bytes(fp16)["bytes_per_token"] == 2 * _bytes(int8)["bytes_per_token"] == 24.0
     with pytest.raises(Exception, match="int8 or fp16"):
         encode_lines(source, lines, np.zeros(2), "int4")
+
+
+def test_selected_keeps_each_architectures_best_model_on_validation():
+    from benchmarks.bench_lm import Selected
+
+    class _Trainer:
+        def __init__(self):
+            self.version = 0
+
+        def model(self, arch, averaged=True):
+            return {"arch": arch, "version": self.version}
+
+        def num_parameters(self, arch=None):
+            return 7
+
+    t = _Trainer()
+    chosen = Selected(t)
+    for step, ppl in ((10, 50.0), (20, 40.0), (30, 45.0)):
+        t.version = step
+        chosen.offer("a", step, ppl)
+        chosen.offer("b", step, 100.0 - step)
+    assert chosen.model("a") == {"arch": "a", "version": 20} and chosen.chosen["a"] == (20, 40.0)
+    assert chosen.model("b")["version"] == 30 and chosen.num_parameters("a") == 7
