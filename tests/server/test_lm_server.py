@@ -27,6 +27,7 @@ from server_helpers import admin_headers, make_manifest, upload
 from fedmobillm.device_runtime.messages import (
     ROUTE_DEVICES,
     ROUTE_PERSONAL_MODEL,
+    ROUTE_QUARANTINE,
     ROUTE_STATUS,
     RegisterRequest,
 )
@@ -199,6 +200,8 @@ def test_ingest_refuses_the_other_task_and_ids_past_the_vocab_and_survives_kill(
     b.token_ids[0, 1] = 49152  # SmolLM2's vocabulary is 0..49151
     r = upload(lm.url, reg, encode_batch(b))
     assert r.status_code == 400 and "vocabulary" in r.text
+    flags = httpx.get(f"{lm.url}{ROUTE_QUARANTINE}", headers=admin_headers()).json()
+    assert [f["offences"] for f in flags] == [1] and "vocabulary" in flags[0]["last_reason"]
     # a classify token federation refuses lm batches
     cls = server_factory({"train": False, "side": {"inputs": "tokens"}}, tmp_path / "cls")
     creg = register(cls.url, "c", manifest, "classify").json()
