@@ -31,6 +31,14 @@ mechanism. For each epsilon:
 The clip rule is chosen on validation accuracy at epsilon 8 and used at every epsilon; the
 default setting is chosen from the curve on validation data (``choose_default``).
 
+Project before noise (``device_runtime.dp_projection``, ``export --dp-projection R``): the
+same rows for the projected mechanism, its per-tap PCA basis fitted on the attacker's public
+training sentences (public text, never the victim's), the rank R and plain-or-whitened
+chosen on the victims' clean VALIDATION accuracy at epsilon 8 (never the test split), the
+personal model scored on the projection's noise-free view (as ``personal.backbone_taps``
+feeds it on the phone); its inf row is the projection alone. ``--projected-only`` skips the
+unprojected rows except the undefended reference.
+
 Per-token ``lm`` uploads: the attack on them is not built (no row is reported).
 """
 
@@ -91,6 +99,11 @@ class PrivacyConfig:
     # clip bound rules (see setting_for), the one with the best validation accuracy at
     # TARGET_EPSILON is used at every epsilon
     clip_rules: tuple[str, ...] = ("int8", "q0.5")
+    # project before noise (device_runtime.dp_projection): per-tap PCA ranks tried at
+    # TARGET_EPSILON on validation; the best is used at every epsilon ((): not measured)
+    projection_ranks: tuple[int, ...] = (8, 16, 32, 64)
+    projection_whiten: tuple[bool, ...] = (False, True)  # plain PCA and/or whitened, tried
+    plain: bool = True  # also the unprojected mechanism's rows (False: only its inf row)
     side_lrs: tuple[float, ...] = (2e-3, 5e-4)  # noise-aware choice on validation, per eps
     steps: int = 300
     batch: int = 32
@@ -200,6 +213,7 @@ class Setting:
     sigma: float  # noise std / clip (0: none)
     noise_multiplier: float
     scales: np.ndarray  # (K,) the manifest's int8 scales
+    projection: Any = None  # dp_projection.DpProjection: clip + noise in its subspace
 
     @property
     def std(self) -> float:
@@ -212,34 +226,62 @@ class Setting:
         from fedmobillm.device_runtime.privacy import clip_and_noise
         from fedmobillm.device_runtime.serde import dequantize, quantize_int8
 
-        x = taps if self.clip is None else clip_and_noise(taps, self.clip, self.sigma, rng)
+        if self.clip is None:
+            x = self.view(taps)
+        else:
+            x = clip_and_noise(taps, self.clip, self.sigma, rng, projection=self.projection)
         return dequantize(quantize_int8(x, self.scales), self.scales)
+
+    def view(self, taps: np.ndarray) -> np.ndarray:
+        """What the personal model reads on the phone (N, K, d): the bundle's noise-free
+        projection, unclipped (``DpProjection.view``, as ``personal.backbone_taps`` does);
+        the taps themselves without a projection."""
+        if self.projection is None:
+            return taps
+        return self.projection.view(taps)
 
     def clipped(self, taps: np.ndarray) -> np.ndarray:
         """The clipping alone, as the attacker computes it for texts it forwards (N, K, d)."""
         if self.clip is None:
             return self.upload(taps, np.random.default_rng(0))
+        if self.projection is not None:
+            return self.projection.clean(taps, self.clip)
         norms = np.linalg.norm(taps, axis=-1, keepdims=True)  # (N, K, 1)
         return taps * np.minimum(1.0, self.clip / np.maximum(norms, 1e-12))
 
 
-def setting_for(epsilon: float, clip_rule: str, data: Data, delta: float) -> Setting:
+def setting_for(
+    epsilon: float, clip_rule: str, data: Data, delta: float, projection: Any = None
+) -> Setting:
     """The device's setting at ``epsilon`` (one release per sample): the accountant's noise
     multiplier z, the clip by ``clip_rule`` ("int8": the device's default ``int8_clip``, the
     largest clip keeping 4 noise std inside every tap's int8 range; "qX": the X quantile of
-    the public text's tap-vector norms), sigma = z * 2 * sqrt(K)."""
+    the public text's tap-vector norms, projected ones with a projection), sigma = z * 2 *
+    sqrt(K). ``projection``: the projected mechanism (inf: the projection alone)."""
     if math.isinf(epsilon):
-        return Setting(epsilon, None, 0.0, 0.0, data.scales)
+        return Setting(epsilon, None, 0.0, 0.0, data.scales, projection)
     from fedmobillm.device_runtime.privacy import int8_clip, noise_multiplier, sample_sigma
 
     k = data.taps["public"].shape[1]
     z = float(noise_multiplier(epsilon, delta, 1))
     if clip_rule == "int8":
-        clip = int8_clip(data.scales.tolist(), z, k)
+        spread = 1.0 if projection is None else projection.spread
+        clip = int8_clip(data.scales.tolist(), z, k, spread=spread)
     else:
-        norms = np.linalg.norm(data.taps["public"], axis=2)  # (N, K)
+        pub = data.taps["public"] if projection is None else projection.coords(data.taps["public"])
+        norms = np.linalg.norm(pub, axis=2)  # (N, K)
         clip = float(np.quantile(norms, float(clip_rule[1:])))
-    return Setting(epsilon, float(clip), float(sample_sigma(z, k)[0]), z, data.scales)
+    sigma = float(sample_sigma(z, k)[0])
+    return Setting(epsilon, float(clip), sigma, z, data.scales, projection)
+
+
+def fit_public_projection(data: Data, rank: int, whiten: bool) -> tuple[Any, list[float]]:
+    """The per-tap PCA basis of rank ``rank`` on the attacker's public training sentences
+    (public text of other corpora, never the victim's), as ``export --dp-projection`` fits
+    it on public calibration text. Returns (projection, variance share kept per tap)."""
+    from fedmobillm.device_runtime.dp_projection import fit_projection
+
+    return fit_projection(data.taps["public"], rank, whiten)
 
 
 def saturation(setting: Setting, uploads: np.ndarray) -> float:
@@ -258,6 +300,7 @@ def train_side_network(
     lr: float,
     work: Path,
     labels: np.ndarray | None = None,
+    setting: Setting | None = None,
 ) -> dict:
     """The side network (SideConfig defaults, learning rate ``lr``; the ``centralised`` row
     of bench_accuracy: one architecture, every upload) trained ``steps`` steps on uniform
@@ -270,7 +313,7 @@ def train_side_network(
     trainer = SideTrainer(SideConfig(lr=lr), data.label_names, seed=cfg.seed)
     trainer.add_architecture(m["architecture"], m["taps"], m["depth"], m["hidden"])
     y = data.labels["train"] if labels is None else labels
-    val = clean(data, "validation")
+    val = clean(data, "validation", setting)
     rng = np.random.default_rng([cfg.seed, 29])
     best = {"val_accuracy": -1.0, "selected_step": 0}
     for step in range(cfg.steps):
@@ -284,16 +327,20 @@ def train_side_network(
     return {"lr": lr, **best, "snapshot": work, "seconds": time.perf_counter() - t0}
 
 
-def clean(data: Data, split: str) -> np.ndarray:
-    """(N, K, d) the device's own int8 taps of ``split``, dequantized (no defence)."""
+def clean(data: Data, split: str, setting: Setting | None = None) -> np.ndarray:
+    """(N, K, d) the device's own int8 taps of ``split``, dequantized (no noise; through the
+    projection and clip of ``setting`` when it has a projection: what the phone's personal
+    model sees)."""
     from fedmobillm.device_runtime.serde import dequantize, quantize_int8
 
-    return dequantize(quantize_int8(data.taps[split], data.scales), data.scales)
+    x = data.taps[split] if setting is None else setting.view(data.taps[split])
+    return dequantize(quantize_int8(x, data.scales), data.scales)
 
 
-def device_accuracy(data: Data, run: dict, work: Path) -> dict:
+def device_accuracy(data: Data, run: dict, work: Path, setting: Setting | None = None) -> dict:
     """Test accuracy of the selected snapshot through the exported personal model
-    (personal.onnx on onnxruntime, as a device runs it) on the device's clean taps."""
+    (personal.onnx on onnxruntime, as a device runs it) on the device's clean taps (through
+    the projection without noise, ``Setting.view``, for the projected mechanism)."""
     from fedmobillm.device_runtime.backbone import load_verified_bundle
     from fedmobillm.device_runtime.personal import PersonalModel
     from fedmobillm.server.side import SideTrainer
@@ -303,8 +350,10 @@ def device_accuracy(data: Data, run: dict, work: Path) -> dict:
     model = PersonalModel(chosen.export_personal(m["architecture"], work, [m["bundle_sha256"]]))
     model.check_compatible(load_verified_bundle(data.bundle))
     x, y = data.taps["test"], data.labels["test"]
+    if setting is not None:
+        x = setting.view(x)
     logits = np.concatenate([model.logits(x[s : s + 256]) for s in range(0, len(y), 256)])
-    torch_acc = chosen.evaluate(m["architecture"], clean(data, "test"), y)["accuracy"]
+    torch_acc = chosen.evaluate(m["architecture"], clean(data, "test", setting), y)["accuracy"]
     return {
         "accuracy": float((logits.argmax(1) == y).mean()),
         "accuracy_torch": float(torch_acc),
@@ -419,6 +468,68 @@ def choose_clip(cfg: PrivacyConfig, data: Data, work: Path) -> tuple[str, dict, 
     return best[0], best[1], tried
 
 
+def choose_rank(cfg: PrivacyConfig, data: Data, work: Path) -> tuple[Any, dict, dict]:
+    """The projection rank with the best clean-VALIDATION accuracy at TARGET_EPSILON (the
+    device's default int8 clip rule, first side learning rate; the test split is never
+    looked at). Returns (projection, its run, the choice's summary)."""
+    tried, best = [], None
+    for rank, whiten in [(r, w) for r in cfg.projection_ranks for w in cfg.projection_whiten]:
+        proj, kept = fit_public_projection(data, rank, whiten)
+        s = setting_for(TARGET_EPSILON, "int8", data, cfg.delta, proj)
+        up = victim_uploads(cfg, data, s)["train"]
+        tag = f"rank-{rank}{'-whitened' if whiten else ''}"
+        run = train_side_network(cfg, data, up, cfg.side_lrs[0], work / tag, setting=s)
+        tried.append(
+            {
+                "rank": rank,
+                "whiten": whiten,
+                "clip": s.clip,
+                "variance_kept": kept,
+                "lr": cfg.side_lrs[0],
+                "val_accuracy": run["val_accuracy"],
+            }
+        )
+        log.info(
+            "projection rank %d%s (variance kept %s, clip %.4g): val accuracy %.4f at eps %g",
+            rank, " whitened" if whiten else "", [round(v, 3) for v in kept], s.clip,
+            run["val_accuracy"], TARGET_EPSILON,
+        )  # fmt: skip
+        if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
+            best = (proj, run)
+    if best is None:
+        raise FedMobiLLMError("no projection rank to try", hint="give --projection-ranks")
+    how = (
+        f"the rank with the best clean-validation accuracy at epsilon {TARGET_EPSILON:g} "
+        f"(side lr {cfg.side_lrs[0]:g}, the device's int8 clip rule), used at every epsilon; "
+        "per-tap PCA of the attacker's public training sentences (never the victim's data); "
+        "the test split is not used for the choice"
+    )
+    choice = {"rank": best[0].rank, "whiten": best[0].whitened, "tried": tried, "how": how}
+    return best[0], best[1], choice
+
+
+def projected_rows(
+    cfg: PrivacyConfig, data: Data, work: Path
+) -> tuple[list[dict], dict, list[dict]]:
+    """The projected mechanism at every epsilon of the grid (inf: the projection alone,
+    no noise) with the rank chosen on validation. Returns (rows, the choice, re-id curve)."""
+    if not cfg.projection_ranks:
+        return [], {}, []
+    t0 = time.perf_counter()
+    proj, run8, choice = choose_rank(cfg, data, work / "ranks")
+    choice["seconds"] = time.perf_counter() - t0
+    rows, curve = [], []
+    for eps in cfg.epsilons:
+        s = setting_for(eps, "int8", data, cfg.delta, proj)
+        reuse = run8 if eps == TARGET_EPSILON else None
+        rows.append(sweep_row(cfg, data, s, work / f"proj-eps-{eps}", reuse))
+    for eps in sorted({*cfg.epsilons, *cfg.reid_epsilons}, reverse=True):
+        s = setting_for(eps, "int8", data, cfg.delta, proj)
+        up = victim_uploads(cfg, data, s)["train"]
+        curve.append({"epsilon": eps, "noise_std": s.std, "reid_top1": reid(cfg, data, s, up)})
+    return rows, choice, curve
+
+
 def sweep_row(
     cfg: PrivacyConfig, data: Data, setting: Setting, work: Path, reuse: dict | None
 ) -> dict:
@@ -428,11 +539,17 @@ def sweep_row(
     runs = [] if reuse is None else [reuse]
     for lr in cfg.side_lrs:
         if reuse is None or lr != reuse["lr"]:
-            runs.append(train_side_network(cfg, data, uploads["train"], lr, work / f"lr-{lr}"))
+            runs.append(
+                train_side_network(
+                    cfg, data, uploads["train"], lr, work / f"lr-{lr}", setting=setting
+                )
+            )
     best = max(runs, key=lambda r: r["val_accuracy"])
     row = {
         "epsilon": setting.epsilon,
         "delta": None if math.isinf(setting.epsilon) else cfg.delta,
+        "projection_rank": None if setting.projection is None else setting.projection.rank,
+        "projection_whitened": None if setting.projection is None else setting.projection.whitened,
         "clip": setting.clip,
         "noise_multiplier": setting.noise_multiplier,
         "sigma": setting.sigma,  # noise std / clip
@@ -444,7 +561,7 @@ def sweep_row(
             {"lr": r["lr"], "val_accuracy": r["val_accuracy"], "selected_step": r["selected_step"]}
             for r in runs
         ],
-        **device_accuracy(data, best, work / "personal"),
+        **device_accuracy(data, best, work / "personal", setting),
         **attack(cfg, data, setting, uploads),
     }
     log.info(
@@ -470,9 +587,12 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-privacy-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        rule, clip_run, clip_tried = choose_clip(cfg, data, work)
+        if cfg.plain:
+            rule, clip_run, clip_tried = choose_clip(cfg, data, work)
+        else:  # the projected mechanism only: the undefended reference row, no clip choice
+            rule, clip_run, clip_tried = "int8", None, []
         timings["clip_choice"] = time.perf_counter() - t0
-        for eps in cfg.epsilons:
+        for eps in cfg.epsilons if cfg.plain else (math.inf,):
             t0 = time.perf_counter()
             s = setting_for(eps, rule, data, cfg.delta)
             reuse = clip_run if eps == TARGET_EPSILON else None
@@ -487,6 +607,9 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
                     "reid_top1": reid(cfg, data, s, victim_uploads(cfg, data, s)["train"]),
                 }
             )
+        t0 = time.perf_counter()
+        proj_rows, proj_choice, proj_curve = projected_rows(cfg, data, work)
+        timings["projected"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         labels = label_rows(cfg, data, work)
         timings["labels"] = time.perf_counter() - t0
@@ -507,7 +630,17 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
             ),
         },
         "targets": targets(rows, prior["f1"]),
-        "default": choose_default(rows),
+        "projected_rows": proj_rows,
+        "projection_choice": proj_choice,
+        "projected_reid_curve": proj_curve,
+        "projected_reid_below_10pct_under": reid_threshold(proj_curve) if proj_curve else None,
+        # the undefended reference is the plain inf row (no projection, no noise)
+        "projected_targets": targets(
+            [r for r in rows if math.isinf(r["epsilon"])]
+            + [r for r in proj_rows if not math.isinf(r["epsilon"])],
+            prior["f1"],
+        ),
+        "default": choose_default(rows, proj_rows),
         "lm": LM_NOTE,
         "data": {
             "victim": cfg.dataset,
@@ -595,18 +728,20 @@ def targets(rows: list[dict], prior_f1: float) -> dict:
     }
 
 
-def choose_default(rows: list[dict]) -> dict:
+def choose_default(rows: list[dict], proj_rows: list[dict] | None = None) -> dict:
     """The default from the curve on validation data: the smallest epsilon whose validation
     accuracy is within 2 points of the non-private one and whose inversion F1 on the
-    validation uploads is at most a quarter of the undefended one. If no epsilon keeps the
-    accuracy, the default is no noise (privacy opt-in per device, its cost in the table)."""
+    validation uploads is at most a quarter of the undefended one, over both mechanisms
+    (plain and projected; at equal epsilon the better validation accuracy). If no epsilon
+    keeps the accuracy, the default is no noise (privacy opt-in per device, its cost in the
+    table)."""
     base = _row(rows, math.inf)
     if base is None:
         return {}
     f1_base = base["inverter_validation"]["f1"]
     both = [
         r
-        for r in rows
+        for r in rows + list(proj_rows or [])
         if not math.isinf(r["epsilon"])
         and r["inverter_validation"]["f1"] <= TARGET_F1_RATIO * f1_base
         and base["val_accuracy"] - r["val_accuracy"] <= TARGET_ACC_GAP
@@ -622,9 +757,10 @@ def choose_default(rows: list[dict]) -> dict:
             "non-private: no noise by default, a device opts in with its epsilon",
             **summary,
         }
-    pick = min(both, key=lambda r: r["epsilon"])
+    pick = min(both, key=lambda r: (r["epsilon"], -r["val_accuracy"]))
     return {
         "epsilon": pick["epsilon"],
+        "projection_rank": pick.get("projection_rank"),
         "clip": pick["clip"],
         "side_lr": pick["side_lr"],
         "why": "the smallest epsilon meeting both bounds on validation",
@@ -641,6 +777,68 @@ def _eps(e: float | None) -> str:
     return "∞" if e is not None and math.isinf(e) else ("-" if e is None else f"{e:g}")
 
 
+TABLE_HEAD = (
+    "| epsilon | z | clip | noise std | test acc (%) | val acc (%) | side lr | inversion P / R / F1 | "
+    "nearest-neighbour F1 | unigram prior F1 | re-id top-1 (%) |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+)
+
+
+def _table_row(r: dict, prior_f1: float) -> str:
+    inv = r["inverter"]
+    return (
+        f"| {_eps(r['epsilon'])} | {r['noise_multiplier']:.3g} | "
+        f"{'-' if r['clip'] is None else format(r['clip'], '.3g')} | {r['noise_std']:.3g} | "
+        f"{100 * r['accuracy']:.2f} | "
+        f"{100 * r['val_accuracy']:.2f} | {r['side_lr']:g} | "
+        f"{inv['precision']:.3f} / {inv['recall']:.3f} / {inv['f1']:.3f} | "
+        f"{r['nearest_neighbour']['f1']:.3f} | {prior_f1:.3f} | {100 * r['reid_top1']:.1f} |"
+    )
+
+
+def _target_line(t: dict) -> str:
+    return (
+        f"Target at epsilon {t['epsilon']:g}: accuracy gap {100 * t['accuracy_gap']:+.2f} pt "
+        f"({'met' if t['accuracy_within_2pt'] else 'NOT met'}: within 2), inversion F1 ratio "
+        f"{t['attack_f1_ratio']:.2f} ({'met' if t['attack_f1_at_most_quarter'] else 'NOT met'}: "
+        f"<= 0.25); its advantage over the unigram prior, (F1 - prior) / (F1 undefended - "
+        f"prior): {t['attack_advantage_over_prior_ratio']:.2f}."
+    )
+
+
+def projected_markdown(result: dict) -> list[str]:
+    """The projected mechanism's section of privacy.md (empty when not measured)."""
+    rows, c = result.get("projected_rows") or [], result.get("projection_choice") or {}
+    if not rows:
+        return []
+    lines = [
+        "",
+        f"### Projected before noise (rank {c['rank']} per tap, public PCA basis"
+        f"{', whitened' if c.get('whiten') else ''})",
+        "",
+        "Rank chosen on validation: "
+        + ", ".join(
+            f"R {t['rank']}{' whitened' if t.get('whiten') else ''}: val "
+            f"{100 * t['val_accuracy']:.2f}% (variance kept "
+            f"{min(t['variance_kept']):.2f}-{max(t['variance_kept']):.2f}, clip {t['clip']:.3g})"
+            for t in c["tried"]
+        )
+        + f"; {c['how']}. The inf row is the projection alone (no noise); noise std is per "
+        "coordinate of the subspace.",
+        "",
+        *TABLE_HEAD,
+    ]
+    lines += [_table_row(r, result["prior"]["f1"]) for r in rows]
+    curve = result.get("projected_reid_curve") or []
+    lines += ["", "Re-identification (projected): " + ", ".join(
+        f"eps {_eps(q['epsilon'])}: {100 * q['reid_top1']:.1f}%" for q in curve
+    ) + f". Under 10% for every epsilon <= {_eps(result.get('projected_reid_below_10pct_under'))}."]  # fmt: skip
+    if result.get("projected_targets"):
+        lines += ["", "Projected, against the undefended row: " + _target_line(
+            result["projected_targets"])]  # fmt: skip
+    return lines
+
+
 def markdown(result: dict) -> str:
     d, p = result["data"], result["prior"]
     lines = [
@@ -652,32 +850,16 @@ def markdown(result: dict) -> str:
         f"re-identification top-1 among {d['reid_candidates']}; accuracy on {d['test']} test "
         f"records through the personal model; delta = {result['config']['delta']:g}.",
         "",
-        "| epsilon | z | clip | noise std | test acc (%) | val acc (%) | side lr | inversion P / R / F1 | "
-        "nearest-neighbour F1 | unigram prior F1 | re-id top-1 (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
-    for r in result["rows"]:
-        inv = r["inverter"]
-        lines.append(
-            f"| {_eps(r['epsilon'])} | {r['noise_multiplier']:.3g} | "
-            f"{'-' if r['clip'] is None else format(r['clip'], '.3g')} | {r['noise_std']:.3g} | "
-            f"{100 * r['accuracy']:.2f} | "
-            f"{100 * r['val_accuracy']:.2f} | {r['side_lr']:g} | "
-            f"{inv['precision']:.3f} / {inv['recall']:.3f} / {inv['f1']:.3f} | "
-            f"{r['nearest_neighbour']['f1']:.3f} | {p['f1']:.3f} | {100 * r['reid_top1']:.1f} |"
-        )
+    lines += [_table_row(r, p["f1"]) for r in result["rows"]]
     lines += ["", "Re-identification: " + ", ".join(
         f"eps {_eps(c['epsilon'])}: {100 * c['reid_top1']:.1f}%" for c in result["reid_curve"]
     ) + f". Under 10% for every epsilon <= {_eps(result['reid_below_10pct_under'])}.", ""]  # fmt: skip
     t = result["targets"]
     if t:
-        lines.append(
-            f"Target at epsilon {t['epsilon']:g}: accuracy gap {100 * t['accuracy_gap']:+.2f} pt "
-            f"({'met' if t['accuracy_within_2pt'] else 'NOT met'}: within 2), inversion F1 ratio "
-            f"{t['attack_f1_ratio']:.2f} ({'met' if t['attack_f1_at_most_quarter'] else 'NOT met'}: <= 0.25); "
-            f"its advantage over the unigram prior, (F1 - prior) / (F1 undefended - prior): "
-            f"{t['attack_advantage_over_prior_ratio']:.2f}."
-        )
+        lines.append(_target_line(t))
+    lines += projected_markdown(result)
     if result.get("label_rows"):
         lines += [
             "",
@@ -700,8 +882,9 @@ def markdown(result: dict) -> str:
             for t in c["tried"]
         )
         + f" at epsilon {TARGET_EPSILON:g}); {c['how']}.",
-        f"Default: {'no noise' if df.get('epsilon') is None else 'epsilon ' + _eps(df['epsilon'])} "
-        f"({df.get('why', '')}).",
+        f"Default: {'no noise' if df.get('epsilon') is None else 'epsilon ' + _eps(df['epsilon'])}"
+        f"{'' if not df.get('projection_rank') else ', projected to rank ' + str(df['projection_rank'])}"
+        f" ({df.get('why', '')}).",
         "",
         f"Note: {result['lm']}.",
         "",
@@ -739,6 +922,16 @@ def plot(result: dict, path: Path) -> None:
         "s--",
         label="validation accuracy",
     )
+    prow = result.get("projected_rows") or []
+    if prow:
+        a1.plot(
+            xs([r["epsilon"] for r in prow]), [100 * r["accuracy"] for r in prow], "D-",
+            label=f"test accuracy, projected (R {prow[0]['projection_rank']})",
+        )  # fmt: skip
+        a2.plot(
+            xs([r["epsilon"] for r in prow]), [r["inverter"]["f1"] for r in prow], "D-",
+            label="inversion F1, projected",
+        )  # fmt: skip
     a1.axhline(100 * rows[0]["majority_class_rate"], color="grey", ls=":", label="majority class")
     a1.set_ylabel("accuracy (%)")
     a2.plot(
@@ -803,6 +996,15 @@ def _floats(value: str | None) -> tuple[float, ...] | None:
         raise FedMobiLLMError(f"not a list of numbers: {value!r}", hint="e.g. inf,16,8,4") from exc
 
 
+def _ranks(value: str | None) -> tuple[int, ...] | None:
+    if value == "none":
+        return ()
+    try:
+        return tuple(int(v) for v in _csv(value) or ()) or None
+    except ValueError as exc:
+        raise FedMobiLLMError(f"--projection-ranks {value!r}", hint="e.g. 8,16,32") from exc
+
+
 def _csv(value: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
@@ -836,6 +1038,22 @@ def _parser() -> argparse.ArgumentParser:
         "--clip-rules",
         help="comma-separated: int8 (the device default), qX (quantile X of public tap norms)",
     )
+    p.add_argument(
+        "--projection-ranks",
+        help="project-before-noise ranks tried on validation at epsilon 8 (default "
+        "8,16,32,64), or none",
+    )
+    p.add_argument(
+        "--projection-whiten",
+        choices=["both", "yes", "no"],
+        default="both",
+        help="try whitened PCA bases, plain ones, or both (default both)",
+    )
+    p.add_argument(
+        "--projected-only",
+        action="store_true",
+        help="measure the projected mechanism only (the plain one's inf row as the reference)",
+    )
     p.add_argument("--side-lrs", help="comma-separated side-network learning rates")
     p.add_argument("--steps", type=int, help="side-network steps")
     p.add_argument("--inverter-epochs", type=int)
@@ -853,6 +1071,9 @@ def _config(a: argparse.Namespace) -> PrivacyConfig:
         train_limit=a.train_limit, val_limit=a.val_limit, test_limit=a.test_limit,
         public_limit=a.public_limit, attack_eval=a.attack_eval, reid_candidates=a.reid_candidates,
         clip_rules=_csv(a.clip_rules),
+        projection_ranks=_ranks(a.projection_ranks), plain=False if a.projected_only else None,
+        projection_whiten={"both": (False, True), "yes": (True,), "no": (False,)}[
+            a.projection_whiten],
         label_epsilons=() if a.label_epsilons == "none" else _floats(a.label_epsilons), side_lrs=_floats(a.side_lrs), steps=a.steps,
         bundle=a.bundle, seed=a.seed,
     )  # fmt: skip
@@ -878,6 +1099,10 @@ def check(cfg: PrivacyConfig) -> None:
             raise FedMobiLLMError(f"unknown clip rule {rule!r}", hint="int8 or qX, 0 < X <= 1")
     if not cfg.clip_rules:
         raise FedMobiLLMError("--clip-rules is empty", hint="e.g. int8,q0.5")
+    if any(r < 1 for r in cfg.projection_ranks):
+        raise FedMobiLLMError("--projection-ranks must be positive", hint="e.g. 8,16,32")
+    if not cfg.plain and not cfg.projection_ranks:
+        raise FedMobiLLMError("--projected-only needs --projection-ranks")
     if not cfg.side_lrs or any(lr <= 0 for lr in cfg.side_lrs):
         raise FedMobiLLMError("--side-lrs must be positive", hint="e.g. 0.002,0.0005")
     if not 0 < cfg.delta < 1:

@@ -116,6 +116,31 @@ def test_command_refuses_a_sweep_without_the_reference(tmp_path: Path) -> None:
     assert not (tmp_path / "privacy.json").exists()
 
 
+def test_command_refuses_projected_only_without_ranks(tmp_path: Path) -> None:
+    from benchmarks.bench_privacy import main
+
+    assert main(["--quick", "--out", str(tmp_path), "--projected-only",
+                 "--projection-ranks", "none"]) == 2  # fmt: skip
+    assert main(["--quick", "--out", str(tmp_path), "--projection-ranks", "0"]) == 2
+    assert not (tmp_path / "privacy.json").exists()
+
+
+def test_default_is_chosen_over_both_mechanisms() -> None:
+    """choose_default: the smallest epsilon meeting both bounds on validation, projected rows
+    included; none meeting them: no noise."""
+    from benchmarks.bench_privacy import choose_default
+
+    def row(eps, val, f1, rank=None):
+        return {"epsilon": eps, "val_accuracy": val, "inverter_validation": {"f1": f1},
+                "clip": 0.1, "side_lr": 2e-3, "projection_rank": rank}  # fmt: skip
+
+    plain = [row(math.inf, 0.80, 0.12), row(8.0, 0.60, 0.01), row(4.0, 0.55, 0.01)]
+    assert choose_default(plain)["epsilon"] is None
+    projected = [row(8.0, 0.79, 0.02, 16), row(4.0, 0.70, 0.01, 16)]
+    got = choose_default(plain, projected)
+    assert got["epsilon"] == 8.0 and got["projection_rank"] == 16
+
+
 @pytest.mark.slow
 def test_end_to_end_small(make_bundle, tmp_path: Path) -> None:
     bundle = make_bundle("minilm-l6", num_taps=3, quant="int8", formats=("onnx",), max_seq_len=64)
@@ -125,7 +150,7 @@ def test_end_to_end_small(make_bundle, tmp_path: Path) -> None:
         "--train-limit", "500", "--val-limit", "200", "--test-limit", "200",
         "--public-limit", "2500", "--attack-eval", "500", "--reid-candidates", "500",
         "--clip-rules", "int8", "--side-lrs", "0.002", "--steps", "150",
-        "--inverter-epochs", "10",
+        "--inverter-epochs", "10", "--projection-ranks", "8", "--projection-whiten", "yes",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -142,5 +167,13 @@ def test_end_to_end_small(make_bundle, tmp_path: Path) -> None:
     for r in rows.values():
         assert 0.0 <= r["accuracy"] <= 1.0
     assert "not built" in data["lm"]
+    proj = {
+        ("inf" if math.isinf(r["epsilon"]) else r["epsilon"]): r for r in data["projected_rows"]
+    }
+    assert set(proj) == {"inf", 1.0}
+    assert data["projection_choice"]["rank"] == 8 and data["projection_choice"]["whiten"]
+    assert all(r["projection_rank"] == 8 for r in proj.values())
+    assert proj[1.0]["inverter"]["f1"] < rows["inf"]["inverter"]["f1"]
+    assert "Projected before noise (rank 8" in (tmp_path / "privacy.md").read_text()
     assert (tmp_path / "privacy.png").stat().st_size > 1000
     assert "| epsilon |" in (tmp_path / "privacy.md").read_text()
