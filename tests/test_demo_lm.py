@@ -148,3 +148,37 @@ def test_prepare_data_from_a_user_jsonl_without_authors_splits_iid(tmp_path):
         test = {json.loads(line)["text"] for line in s.files["test"].read_text().splitlines()}
         train = {json.loads(line)["text"] for line in s.files["train"].read_text().splitlines()}
         assert test and not test & train
+
+
+LM_BUNDLE = {"layers": [1, 2], "pivot": "none", "quant": "fp32", "formats": ("onnx",),
+             "max_seq_len": 64, "generate": True}  # as tests/device_runtime/test_device_lm.py  # fmt: skip
+
+
+def test_heldout_scores_every_target_of_long_records_once(make_bundle):
+    """Prepare held-out records longer than the bundle's 64 tokens (a long text, a reply
+    after a prompt that alone fills 64 tokens) and a short one; Execute score_heldout on the
+    2-block SmolLM2 generator; Assert every target token is scored once (as many as the
+    device uploads, more than Generator.perplexity's cut scores), frozen == score with a
+    zero residual, and the short record's loss is Generator.perplexity's."""
+    import numpy as np
+
+    from fedmobillm.demo_lm import score_heldout
+    from fedmobillm.device_runtime.generate import Generator
+    from fedmobillm.device_runtime.lm_samples import lm_samples
+
+    gen = Generator(make_bundle("smollm2-135m", **LM_BUNDLE), threads=1)
+    long = " ".join(f"line {i} of a long story told by the fire" for i in range(20))
+    records = [LmRecord(long), LmRecord("We were on a break!", long),
+               LmRecord("How you doin'?")]  # fmt: skip
+    targets = lm_samples(records, gen.encode, 64).target_tokens
+    full = len(gen.encode(long)) - 1 + len(gen.encode("We were on a break!", special=False))
+    full += len(gen.encode("How you doin'?")) - 1
+    assert targets == full and len(gen.encode(long)) > 64
+    got = score_heldout(gen, records)
+    assert got.tokens == targets and got.texts == 3
+    assert gen.perplexity([r.scored() for r in records]).tokens < targets  # what it fixes
+    zero = score_heldout(gen, records, delta=lambda taps, hidden: np.zeros_like(hidden))
+    assert zero.tokens == got.tokens and zero.nll == pytest.approx(got.nll, rel=1e-6)
+    short = score_heldout(gen, records[2:])
+    ref = gen.perplexity([records[2].scored()])
+    assert short.tokens == ref.tokens and short.nll == pytest.approx(ref.nll, rel=1e-6)

@@ -466,9 +466,10 @@ class LmDemo:
 
 def heldout_perplexity(bundle: Path, model: Path, test_file: Path) -> dict[str, Any]:
     """Next-token perplexity of the test half on the device runtime (torch-free: the bundle's
-    step graph and frozen head, ``Generator.perplexity``), frozen and with the personal
-    model's residual (``PersonalLM.delta``) added before the head; replies are scored on the
-    reply's tokens after the previous line (``LmRecord.scored``)."""
+    step graph and frozen head), frozen and with the personal model's residual
+    (``PersonalLM.delta``) added before the head, on the same target tokens: every target of
+    every record once (``score_heldout``); replies are scored on the reply's tokens after
+    the previous line."""
     from fedmobillm.data.lm import read_lm_records
     from fedmobillm.device_runtime.generate import Generator
     from fedmobillm.device_runtime.lm_personal import PersonalLM
@@ -477,10 +478,27 @@ def heldout_perplexity(bundle: Path, model: Path, test_file: Path) -> dict[str, 
     gen = Generator(bundle, threads=2)
     personal = PersonalLM(model)
     personal.check_compatible(gen.manifest)
-    texts = [r.scored() for r in records]
-    frozen = gen.perplexity(texts).to_dict()
-    mine = gen.perplexity(texts, delta=personal.delta).to_dict()
+    frozen = score_heldout(gen, records).to_dict()
+    mine = score_heldout(gen, records, delta=personal.delta).to_dict()
     return {"frozen": frozen, "personal": mine}
+
+
+def score_heldout(gen: Any, records: list[Any], delta: Any = None, batch: int = 4) -> Any:
+    """``generate.Perplexity`` of lm records (``text``, ``prompt``) on ``gen`` (a
+    ``generate.Generator``) over every target token once: each record in the windows a
+    device uploads (``lm_samples``: the generator's tokens, at most max_seq_len per window,
+    overlapping by one; a reply's tokens only). ``Generator.perplexity`` would cut a record
+    to max_seq_len tokens and drop one whose prompt fills them (~5% of the friends test
+    targets at 64 tokens), silently. ``delta``: the personal model's residual, or None."""
+    from fedmobillm.device_runtime.generate import Perplexity, _score_batch
+    from fedmobillm.device_runtime.lm_samples import lm_samples
+
+    prep = lm_samples(records, gen.encode, gen.manifest.max_seq_len)
+    rows = [(list(s.token_ids), s.first) for s in prep.samples]  # (ids (L,), first target)
+    result = Perplexity(texts=prep.records - prep.skipped)
+    for i in range(0, len(rows), max(1, batch)):
+        _score_batch(gen, rows[i : i + batch], delta, result)
+    return result
 
 
 def upload_stats(state_dir: Path) -> dict[str, Any]:
