@@ -40,6 +40,15 @@ def test_split_heldout_keeps_episodes_on_one_side():
     assert not {r.group for r in val} & {r.group for r in test}
 
 
+def test_split_heldout_says_when_it_alternates_records(caplog):
+    """Records of one group (a user file without episodes): alternated by record, said."""
+    recs = [LmRecord(f"note {i}") for i in range(10)]
+    with caplog.at_level("WARNING", logger="fedmobillm.demo"):
+        val, test = split_heldout(recs, 10, seed=0)
+    assert len(val) == len(test) == 5 and not set(val) & set(test)
+    assert "alternate by record, not by episode" in caplog.text
+
+
 def _device(backbone: str, frozen: float, personal: float, tokens: int) -> dict:
     def ppl(p: float) -> dict:
         return {"perplexity": p, "nll_per_token": math.log(p), "tokens": tokens,

@@ -177,7 +177,10 @@ def split_heldout(records: list[Any], n: int, seed: int) -> tuple[list[Any], lis
     val_groups = set(groups[0::2])
     val = [r for r in records if (r.group or "") in val_groups]
     test = [r for r in records if (r.group or "") not in val_groups]
-    if not val or not test:  # one group: alternate records instead
+    if not val or not test:  # one group: alternate records instead, said
+        log.warning("the %d held-out records are from %d group(s): validation and test "
+                    "alternate by record, not by episode (lines of one scene may be in both)",
+                    len(records), len(groups))  # fmt: skip
         val, test = records[0::2], records[1::2]
     rng = random.Random(seed + 1)
     half = max(1, n // 2)
