@@ -464,11 +464,14 @@ class DeviceClient:
         self.journal = Journal(self.state_dir)
         self.scales = np.asarray(self.backbone.manifest.activation_scales, np.float32)  # (K,)
         self.privacy = effective_config(self.config.privacy, self.state.privacy)
-        # the bundle's public dp projection (dp_projection.py): clip + noise in its subspace
+        # the bundle's public dp projection (dp_projection.py): with a privacy mechanism,
+        # clip + noise in its subspace; without, the noise-free view, so that every upload
+        # of the bundle (and the personal model's input, personal.backbone_taps) lies in it.
+        # Not for task lm (no privacy mechanism there; the lm personal model reads raw taps)
         self.projection: Any = None
-        if self.privacy is not None:
+        if self.config.task != "lm":
             self.projection = load_projection(self.backbone.bundle_dir, self.backbone.manifest)
-            # --clip auto: from the bundle's int8 scales (and the projection's spread)
+        if self.privacy is not None:  # --clip auto: from the int8 scales (and the spread)
             self.privacy = self.privacy.resolved(self.backbone.manifest, self.projection)
         self._secret = device_secret(self.state_dir) if self.privacy is not None else b""
         self.ledger: Any = None  # privacy.PrivacyLedger, read from the journal when needed
@@ -745,6 +748,9 @@ class DeviceClient:
             )
         if self.privacy is not None:  # clip + noise before quantisation
             taps, labels = self._privatize(taps, labels, ids, lengths)
+        elif self.projection is not None:  # the bundle's feature map, no noise
+            mask = None if lengths is None else np.arange(taps.shape[2]) < lengths[:, None]
+            taps = self.projection.view(taps, mask)
         if self.encoding == "int8":
             acts, scales = serde.quantize_int8(taps, self.scales), self.scales  # int8
         else:
@@ -829,9 +835,17 @@ class DeviceClient:
         return taps, labels
 
     def privacy_status(self) -> dict[str, Any]:
-        """The mechanism and the journal's spending (empty without a mechanism)."""
+        """The mechanism and the journal's spending (empty without a mechanism, unless the
+        bundle's dp projection shapes the uploads)."""
         if self.privacy is None:
-            return {}
+            if self.projection is None:
+                return {}
+            p = self.projection
+            return {
+                "projection_rank": p.rank,
+                "text": f"no noise (--epsilon not set); uploads projected onto the bundle's "
+                f"public {p.rank}-of-{p.hidden} dims per tap (its dp projection)",
+            }
         ledger = self.ledger or self.journal.ledger(self.privacy.delta)
         worst = max((ledger.text_epsilon(fp) for fp in ledger.per_text), default=0.0)
         out = {

@@ -27,7 +27,9 @@ Torch-free: numpy and safetensors only (no pickle).
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,18 @@ class DpProjection:
         u = u * np.minimum(1.0, clip / np.maximum(norms, 1e-12))
         return self.lift(u, x).astype(np.float32)
 
+    def view(self, x: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """The bundle's feature map without noise or clip, P^T S P (x - mu), float32 of x's
+        shape: what the personal model reads on the phone, and what a device without a
+        privacy mechanism uploads from a bundle with a projection (so every upload of the
+        bundle lies in the same subspace). The side network's alignment starts with a
+        LayerNorm, so the clip's scale does not matter there, and unclipped values keep
+        their int8 resolution. mask (N, T) for token taps: padding stays zero."""
+        out = self.clean(x, math.inf)
+        if x.ndim == 4 and mask is not None:
+            out = np.where(np.asarray(mask, bool)[:, None, :, None], out, 0.0).astype(np.float32)
+        return out
+
     def save(self, path: Path, info: dict[str, str] | None = None) -> None:
         from safetensors.numpy import save_file
 
@@ -193,6 +207,22 @@ def manifest_entry(manifest: Any) -> dict[str, Any] | None:
     extra = getattr(manifest, "extra", None) or {}
     entry = extra.get(MANIFEST_KEY)
     return entry if isinstance(entry, dict) else None
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(bundle_dir: str, sha256: str) -> DpProjection | None:
+    from fedmobillm.device_runtime.protocol import read_manifest
+
+    return load_projection(Path(bundle_dir), read_manifest(Path(bundle_dir)))
+
+
+def bundle_projection(bundle_dir: Path, manifest: Any) -> DpProjection | None:
+    """``load_projection``, read once per bundle (keyed by the projection file's sha256)."""
+    entry = manifest_entry(manifest)
+    if entry is None:
+        return None
+    name = str(entry.get("file", PROJECTION_FILE))
+    return _cached(str(Path(bundle_dir).resolve()), str(manifest.files.get(name, {})))
 
 
 def load_projection(bundle_dir: Path, manifest: Any) -> DpProjection | None:

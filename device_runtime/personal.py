@@ -20,6 +20,7 @@ import numpy as np
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
+from fedmobillm.device_runtime.dp_projection import bundle_projection
 from fedmobillm.device_runtime.graph import Graph, OnnxOptions
 from fedmobillm.device_runtime.messages import (
     ROUTE_PERSONAL_MODEL,
@@ -90,11 +91,17 @@ def backbone_taps(
     backbone: Backbone, texts: list[str], forward_batch: int | None = FORWARD_BATCH
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Texts -> (taps, mask): pivot bundle ``(B, K, d)`` and None; token bundle ``(B, K,
-    T, d)`` zero-padded and its attention mask int64 ``(B, T)``."""
+    T, d)`` zero-padded and its attention mask int64 ``(B, T)``. A bundle with a dp
+    projection (``export --dp-projection``): the taps through its noise-free view
+    (``DpProjection.view``), as every upload of that bundle was (the side network learnt
+    from vectors in that subspace)."""
+    projection = bundle_projection(backbone.bundle_dir, backbone.manifest)
     if backbone.tokens:
         x, lengths = backbone.forward_tokens(texts, forward_batch)  # (B, K, T, d), (B,)
-        return x, token_mask(lengths, x.shape[2])
-    return backbone(texts, forward_batch), None
+        mask = token_mask(lengths, x.shape[2])
+        return (x if projection is None else projection.view(x, mask)), mask
+    x = backbone(texts, forward_batch)  # (B, K, d)
+    return (x if projection is None else projection.view(x)), None
 
 
 class PersonalModel:

@@ -29,6 +29,12 @@ past the budget. It also reports the device-level epsilon: every release of the 
 composed, the guarantee if all of a device's texts were one secret (grows with the
 number of samples: reported, capped only when ``device_budget`` is set).
 
+Project before noise: a bundle exported with ``--dp-projection R`` carries a public per-tap
+basis (``dp_projection.py``); the vector clipped and noised is then the R-dim coordinate
+vector of the tap in that basis, and the upload its lift back to d (post-processing of the
+release: the same z, the same epsilon; the noise's energy per vector falls from d to R times
+(sigma clip)^2).
+
 dp-accounting (and its scipy) is imported only when a privacy function needs it: a device
 without ``--epsilon`` never loads it. Torch-free.
 """

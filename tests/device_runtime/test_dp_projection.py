@@ -10,7 +10,6 @@ import json
 import sqlite3
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,7 +193,9 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
         "minilm-l3", num_taps=3, formats=("onnx",), max_seq_len=64, dp_projection=8
     )
     manifest = load_verified_bundle(bundle)  # every file's sha256 checked
-    assert PROJECTION_FILE in manifest.files and len(manifest.files[PROJECTION_FILE]["sha256"]) == 64
+    assert (
+        PROJECTION_FILE in manifest.files and len(manifest.files[PROJECTION_FILE]["sha256"]) == 64
+    )
     assert manifest.extra["dp_projection"]["rank"] == 8
     proj = load_projection(bundle, manifest)
     assert proj is not None and orthonormality_error(proj.basis) < 1e-5
@@ -202,22 +203,35 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
     data.write_text("".join(
         json.dumps({"text": f"my private note {i} about the film", "label": LABELS[i % 2]}) + "\n"
         for i in range(6)))  # fmt: skip
-    state = tmp_path / "phone"
+    state, plain = tmp_path / "phone", tmp_path / "plain"
     with LocalServer(tmp_path / "srv", admin_token=ADMIN, args=["--no-train"]) as srv:
-        reg = cli("device", "register", "--server", srv.url, "--admin-token", ADMIN,
-                  "--bundle", bundle, "--labels", ",".join(LABELS), "--name", "phone",
-                  "--state", state, "--epsilon", 8)  # fmt: skip
-        run = cli("device", "run", "--bundle", bundle, "--data", data, "--state", state,
-                  "--batch-size", 4, "--encoding", "fp16")  # fmt: skip
+        reg = ["device", "register", "--server", srv.url, "--admin-token", ADMIN,
+               "--bundle", bundle, "--labels", ",".join(LABELS)]  # fmt: skip
+        ok = cli(*reg, "--name", "phone", "--state", state, "--epsilon", 8)
+        ok_plain = cli(*reg, "--name", "plain", "--state", plain)  # no noise
+        run = ["device", "run", "--bundle", bundle, "--data", data, "--batch-size", 4,
+               "--encoding", "fp16"]  # fmt: skip
+        noisy = cli(*run, "--state", state)
+        clean = cli(*run, "--state", plain)
         with sqlite3.connect(srv.data_dir / "store.sqlite3", timeout=10) as db:
-            rows = [r[0] for r in db.execute("SELECT act FROM samples ORDER BY sample_id")]
+            sql = "SELECT s.act, d.name FROM samples s JOIN devices d ON d.device_id = s.device_id"
+            rows = list(db.execute(sql))
 
-    assert reg.returncode == 0, reg.stderr
-    assert run.returncode == 0, run.stderr
-    assert "projected onto the bundle's public 8-of-384 dims per tap" in run.stdout
-    assert len(rows) == 6
-    y = np.stack([np.frombuffer(b, np.float16).reshape(3, 384) for b in rows]).astype(np.float64)
-    assert in_subspace_error(proj, y) < 2e-3  # fp16 rounding of each coordinate
+    assert ok.returncode == 0 and ok_plain.returncode == 0, ok.stderr + ok_plain.stderr
+    assert noisy.returncode == 0, noisy.stderr
+    assert "projected onto the bundle's public 8-of-384 dims per tap" in noisy.stdout
+    assert clean.returncode == 0 and "no noise (--epsilon not set)" in clean.stdout
+    assert sorted(name for _, name in rows) == ["phone"] * 6 + ["plain"] * 6
+    y = np.stack([np.frombuffer(b, np.float16).reshape(3, 384) for b, _ in rows])
+    assert in_subspace_error(proj, y.astype(np.float64)) < 2e-3  # fp16 rounding
+    # the personal model's input on the phone: the same subspace, without noise
+    from fedmobillm.device_runtime.backbone import Backbone
+    from fedmobillm.device_runtime.personal import backbone_taps
+
+    taps, _ = backbone_taps(Backbone(bundle, "onnx"), ["a quiet, moving film", "dull"])
+    assert in_subspace_error(proj, taps.astype(np.float64)) < 1e-5
+    plain_rows = y[[name == "plain" for _, name in rows]].astype(np.float32)
+    assert np.linalg.norm(plain_rows, axis=-1).min() > 0.1  # not noise: the view
     lines = [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines()]
     releases = [x for x in lines if x["event"] == "release"]
     assert releases and all(x["info"]["epsilon"] == pytest.approx(8.0, rel=1e-6) for x in releases)
