@@ -235,3 +235,32 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
     lines = [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines()]
     releases = [x for x in lines if x["event"] == "release"]
     assert releases and all(x["info"]["epsilon"] == pytest.approx(8.0, rel=1e-6) for x in releases)
+
+
+def test_the_projection_runs_with_torch_blocked(tmp_path):
+    """The phone role has no torch: fitting, saving, loading and the projected mechanism
+    need numpy and safetensors only (the device client and personal model import it)."""
+    import os
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class B:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'transformers', 'executorch'):\n"
+        "            raise ImportError(name + ' is blocked')\n"
+        "sys.meta_path.insert(0, B())\n"
+    )
+    code = (
+        "import sys, numpy as np\n"
+        "from fedmobillm.device_runtime import client, personal, dp_projection as D\n"
+        "from fedmobillm.device_runtime.privacy import clip_and_noise\n"
+        "p, _ = D.fit_projection(np.random.default_rng(0).normal(size=(100, 3, 16)), 4, True)\n"
+        f"p.save({str(tmp_path / 'p.safetensors')!r})\n"
+        "y = clip_and_noise(np.ones((2, 3, 16)), 0.5, 2.0, np.random.default_rng(1), "
+        "projection=p)\n"
+        "assert y.shape == (2, 3, 16) and 'torch' not in sys.modules\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+
+    assert r.returncode == 0, r.stderr
