@@ -4,15 +4,13 @@ test_device_e2e.py."""
 
 from __future__ import annotations
 
-import json
 import random
 import socket
-import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from device_stand_in import LoopbackServer
 
 from fedmobillm.device_runtime.client import DeviceClient, DeviceState, RunConfig
 from fedmobillm.device_runtime.journal import Entry, Journal, records_hash
@@ -29,37 +27,18 @@ from fedmobillm.device_runtime.uploader import (
 ACK = {"batch_id": "b1", "samples": 1, "duplicate": False, "device_samples": {"train": 1}}
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackServer):
     """A real HTTP server on loopback that answers POSTs from a script of
     (status, headers, json body) and records each request body it received."""
 
     def __init__(self, script: list[tuple[int, dict[str, str], dict]]) -> None:
         self.script, self.bodies = list(script), []
-        outer = self
+        super().__init__()
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
-                n = int(self.headers.get("Content-Length", 0))
-                outer.bodies.append(self.rfile.read(n))
-                status, headers, body = outer.script.pop(0) if outer.script else (200, {}, ACK)
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                for k, v in {**headers, "Content-Type": "application/json"}.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    def post(self, path: str, body: bytes) -> tuple[int, dict, dict[str, str]]:
+        self.bodies.append(body)
+        status, headers, reply = self.script.pop(0) if self.script else (200, {}, ACK)
+        return status, reply, headers
 
 
 @pytest.fixture

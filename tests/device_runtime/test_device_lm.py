@@ -2,8 +2,8 @@
 SmolLM2-135M exported as a token bundle with generation graphs (``--layers 1,2 --pivot
 none --quant fp32 --format onnx --max-seq-len 64 --generate``, cached under the test
 bundles), real onnxruntime, and a loopback HTTP stand-in for the server's device routes
-that decodes every payload as the wire format says (``serde.decode_batch``, which runs
-``check_lm``) and deduplicates by idempotency key.
+(``device_stand_in.DeviceStandIn``) that decodes every payload as the wire format says
+(``serde.decode_batch``, which runs ``check_lm``) and deduplicates by idempotency key.
 
 Checked: the uploaded token ids are the ids ``device_runtime.generate.Generator`` gives
 the same text (what generation and perplexity read), the loss mask covers exactly the
@@ -18,16 +18,13 @@ answers another task; --epsilon is refused for lm."""
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_device_tokens import cli_without_torch
+from device_stand_in import DeviceStandIn, cli_without_torch
 
 from fedmobillm.data.lm import LmRecord
-from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import Backbone
 from fedmobillm.device_runtime.client import (
     DeviceClient,
@@ -39,7 +36,6 @@ from fedmobillm.device_runtime.client import (
 from fedmobillm.device_runtime.generate import Generator
 from fedmobillm.device_runtime.journal import Journal
 from fedmobillm.device_runtime.lm_samples import lm_samples, windows
-from fedmobillm.device_runtime.messages import ROUTE_BATCHES, ROUTE_DEVICES, device_route
 from fedmobillm.device_runtime.privacy import PrivacyConfig
 from fedmobillm.device_runtime.protocol import bundle_digest, read_manifest
 from fedmobillm.device_runtime.uploader import RetryPolicy, ServerUnavailable
@@ -65,81 +61,6 @@ RECORDS = [
 ]
 
 
-class LmStandIn:
-    """The server's device routes on loopback: register (answers ``task``), GET the
-    device, POST a batch (decoded and checked with serde.decode_batch, deduplicated by
-    idempotency key). ``lose_ack_after``: store that many batches, then store the next one
-    and answer 503 (the device never sees its ack) until ``lose_ack_after`` is None."""
-
-    def __init__(self, device_id: str = "dev-lm", task: str = "lm") -> None:
-        self.batches: list[serde.Batch] = []  # every batch stored, duplicates not repeated
-        self.keys_seen: list[str] = []  # every key posted, in order
-        self.registrations: list[dict] = []
-        self.task, self.device_id = task, device_id
-        self.lose_ack_after: int | None = None
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path != device_route(outer.device_id):
-                    return self.reply(404, {"detail": "not found"})
-                self.reply(200, {"device_id": outer.device_id, "name": "d", "architecture": "a",
-                                 "bundle_sha256": "x", "batches": len(outer.batches),
-                                 "samples": outer.counts(), "acked_keys": []})  # fmt: skip
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path == ROUTE_DEVICES:
-                    outer.registrations.append(json.loads(body))
-                    return self.reply(201, {"device_id": outer.device_id, "token": "tok",
-                                            "architecture": "a", "bundle_sha256": "",
-                                            "task": outer.task})  # fmt: skip
-                if self.path != ROUTE_BATCHES:
-                    return self.reply(404, {"detail": "not found"})
-                try:
-                    batch = serde.decode_batch(body)
-                except serde.PayloadError as exc:
-                    return self.reply(422, {"detail": exc.message})
-                self.reply(*outer.store(batch))
-
-            def reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def counts(self) -> dict[str, int]:
-        out = {"train": 0, "validation": 0}
-        for b in self.batches:
-            out[b.split] += b.num_samples
-        return out
-
-    def store(self, batch: serde.Batch) -> tuple[int, dict]:
-        self.keys_seen.append(batch.idempotency_key)
-        duplicate = any(b.idempotency_key == batch.idempotency_key for b in self.batches)
-        if not duplicate:
-            self.batches.append(batch)
-        if self.lose_ack_after is not None and len(self.batches) > self.lose_ack_after:
-            return 503, {"detail": "stored, but the answer is lost"}
-        ack = {"batch_id": f"b{len(self.batches)}", "split": batch.split,
-               "samples": batch.num_samples, "duplicate": duplicate,
-               "device_samples": self.counts()}  # fmt: skip
-        return 200, ack
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def lm_bundle(make_bundle) -> Path:
     return make_bundle("smollm2-135m", **LM_BUNDLE)
@@ -152,10 +73,10 @@ def generator(lm_bundle) -> Generator:
 
 @pytest.fixture
 def stand_in():
-    servers: list[LmStandIn] = []
+    servers: list[DeviceStandIn] = []
 
-    def start(**kw) -> LmStandIn:
-        servers.append(LmStandIn(**kw))
+    def start(**kw) -> DeviceStandIn:
+        servers.append(DeviceStandIn(**kw))
         return servers[-1]
 
     yield start

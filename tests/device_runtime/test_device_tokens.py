@@ -8,22 +8,17 @@ refused with a message that says why."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
 import pytest
+from device_stand_in import DeviceStandIn, cli_without_torch
 from token_helpers import tiny_folder, write_personal
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.backbone import Backbone
 from fedmobillm.device_runtime.client import DeviceClient, DeviceState, RunConfig
 from fedmobillm.device_runtime.journal import Entry, records_hash
-from fedmobillm.device_runtime.messages import ROUTE_BATCHES, device_route
 from fedmobillm.device_runtime.personal import PersonalModel, token_mask
 from fedmobillm.device_runtime.protocol import bundle_digest, read_manifest
 from fedmobillm.device_runtime.records import Record
@@ -32,71 +27,6 @@ from fedmobillm.errors import FedMobiLLMError
 LABELS = ["negative", "positive"]
 WORDS = ["great", "dull", "moving", "tedious", "sharp", "clumsy", "warm", "cold"]
 TOKENS = {"layers": [1, 3], "pivot": "none", "formats": ("onnx",), "max_seq_len": 64}
-BLOCKER = '''
-import sys
-
-class _Blocker:
-    """Make torch (and what drags it in) unimportable in this interpreter."""
-    BLOCKED = ("torch", "transformers", "executorch", "torchao")
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, _Blocker())
-'''
-
-
-class Collector:
-    """A loopback HTTP server playing the fedmobillm server's device routes: GET the
-    device's state, POST a batch (decoded with serde.decode_batch, acknowledged)."""
-
-    def __init__(self, device_id: str) -> None:
-        self.batches: list[serde.Batch] = []
-        outer, route = self, device_route(device_id)
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                if self.path != route:
-                    return self.reply(404, {"detail": "not found"})
-                n = sum(b.num_samples for b in outer.batches)
-                self.reply(200, {"device_id": device_id, "name": "d", "architecture": "a",
-                                 "bundle_sha256": "x", "batches": len(outer.batches),
-                                 "samples": {"train": n, "validation": 0}, "acked_keys": []})  # fmt: skip
-
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.path != ROUTE_BATCHES:
-                    return self.reply(404, {"detail": "not found"})
-                try:
-                    batch = serde.decode_batch(body)
-                except serde.PayloadError as exc:
-                    return self.reply(422, {"detail": exc.message})
-                outer.batches.append(batch)
-                n = sum(b.num_samples for b in outer.batches)
-                self.reply(200, {"batch_id": f"b{len(outer.batches)}", "split": "train",
-                                 "samples": batch.num_samples, "duplicate": False,
-                                 "device_samples": {"train": n, "validation": 0}})  # fmt: skip
-
-            def reply(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def texts(n: int, seed: int) -> list[tuple[str, int]]:
@@ -114,19 +44,6 @@ def write_data(path: Path, rows: list[tuple[str, int]]) -> Path:
     return path
 
 
-def cli_without_torch(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    """`python -m fedmobillm.cli ARGS` in a process where torch cannot be imported."""
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    code = (
-        "import sys; from fedmobillm.cli import main; rc = main(sys.argv[1:]); "
-        "print('TORCH_LOADED', 'torch' in sys.modules); sys.exit(rc)"
-    )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def token_bundle(make_bundle) -> Path:
     return make_bundle(str(tiny_folder("bert")), **TOKENS)
@@ -140,7 +57,7 @@ def test_device_run_uploads_token_taps_without_torch(token_bundle, tmp_path):
     m = read_manifest(token_bundle)
     rows = texts(40, seed=3)
     data = write_data(tmp_path / "d.jsonl", rows)
-    server = Collector("dev-tok")
+    server = DeviceStandIn("dev-tok")
     state = tmp_path / "state"
     DeviceState(server.url, "tok", "dev-tok", "t", bundle_digest(m), m.architecture,
                  LABELS).save(state)  # fmt: skip
