@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fedmobillm.server.store_sql import (
     READ_COLUMNS,
@@ -51,6 +51,7 @@ __all__ = [
     "Store",
     "dequantize_sample",
     "hash_token",
+    "is_transient",
     "open_store",
 ]
 
@@ -111,7 +112,14 @@ def open_store(settings: ServerSettings, trainer: bool = False) -> SqlStore:
     PostgreSQL also claims the database's one trainer slot (FedMobiLLMError if another
     trainer holds it)."""
     if settings.database is None:
-        return Store(settings.db_path)
+        store = Store(settings.db_path)
+        if trainer:
+            try:
+                store.claim_trainer()
+            except BaseException:
+                store.close()
+                raise
+        return store
     from fedmobillm.server.store_pg import PostgresStore  # psycopg: only when asked for
 
     store = PostgresStore(settings.database.get_secret_value(), pool_size=settings.database_pool)
@@ -124,6 +132,31 @@ def open_store(settings: ServerSettings, trainer: bool = False) -> SqlStore:
     return store
 
 
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` (or an exception it was raised from) is a database error that a retry
+    can outlive: a connection dropped or refused (PostgreSQL restarted, pg_terminate_backend,
+    network), an admin shutdown, a locked or busy SQLite file. A bug (a wrong query, bad
+    data) is not transient."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, sqlite3.OperationalError):
+            return True
+        mod = type(exc).__module__ or ""
+        if mod.startswith("psycopg") and type(exc).__name__ in TRANSIENT_PG:
+            return True
+        if mod.startswith("psycopg"):
+            import psycopg
+
+            if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
+                return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+TRANSIENT_PG = {"AdminShutdown", "CannotConnectNow", "ConnectionException", "CrashShutdown"}
+
+
 class Store(SqlStore):
     """The embedded SQLite store (the default): one file, one writer."""
 
@@ -134,6 +167,7 @@ class Store(SqlStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.RLock()
+        self._trainer_lock: Any = None  # open file holding the flock of claim_trainer
         self._db = sqlite3.connect(
             str(path), timeout=30.0, isolation_level=None, check_same_thread=False
         )
@@ -174,6 +208,46 @@ class Store(SqlStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        if self._trainer_lock is not None:
+            self._trainer_lock.close()  # releases the trainer slot
+            self._trainer_lock = None
+
+    def claim_trainer(self) -> None:
+        """Take the data dir's one trainer slot: an exclusive ``flock`` on
+        ``store.sqlite3.trainer.lock`` beside the store, held while this store is open and
+        released by the kernel when its process dies (kill -9 included)."""
+        import fcntl
+
+        from fedmobillm.errors import FedMobiLLMError
+
+        lock_path = self.path.with_name(self.path.name + ".trainer.lock")
+        handle = open(lock_path, "a+")  # noqa: SIM115 - held open while this store is
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise FedMobiLLMError(
+                f"another trainer is running on {self.path}; one trainer per store",
+                hint="run `fedmobillm serve --no-train` beside `fedmobillm train`, or stop "
+                "the other trainer",
+            ) from None
+        self._trainer_lock = handle
+
+    def check_trainer(self) -> None:
+        """Nothing to check: the flock lives as long as this process."""
+
+    def put_meta(self, key: str, value: str) -> None:
+        """Upsert one meta row (its own short transaction): for values only one process
+        writes (the trainer's published status), never the task's pinned rows."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO meta VALUES (?, ?) ON CONFLICT (key) "
+                "DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def get_meta(self, key: str) -> str | None:
+        return self.meta(key)
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:

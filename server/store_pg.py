@@ -302,6 +302,13 @@ class PostgresStore(SqlStore):
             )
         self._trainer_conn = conn
 
+    def check_trainer(self) -> None:
+        """Raise (psycopg.OperationalError) if the connection holding the trainer slot was
+        dropped (PostgreSQL restarted, pg_terminate_backend): the slot is gone with it, and
+        the trainer reconnects and claims it again. No-op for a store that holds none."""
+        if self._trainer_conn is not None:
+            self._trainer_conn.execute("SELECT 1").fetchone()
+
     def put_meta(self, key: str, value: str) -> None:
         """Upsert one meta row on its own (autocommit, no write lock): for values only this
         process writes (the trainer's published status), never the task's pinned rows."""

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -55,7 +56,13 @@ from fedmobillm.server.policies import balanced_sample, label_distribution, shou
 from fedmobillm.server.service import QUARANTINE_AFTER
 from fedmobillm.server.settings import ServerSettings
 from fedmobillm.server.side import NonFiniteStep, SideConfig, SideTrainer, pad_tokens
-from fedmobillm.server.store import SampleRows, Store, dequantize_sample, open_store
+from fedmobillm.server.store import (
+    SampleRows,
+    Store,
+    dequantize_sample,
+    is_transient,
+    open_store,
+)
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +74,9 @@ HISTORY_LIMIT = 1000
 # fraction since it was taken (see Trainer._keep_best)
 REBASE_GROWTH = 0.1
 QUARANTINE_POLL_S = 1.0
+# backoff of the trainer's retries on a transient database error (seconds)
+RETRY_FIRST_S = 0.5
+RETRY_MAX_S = 30.0
 # Token samples per forward when evaluating (each chunk padded to its own longest sample)
 EVAL_CHUNK = 128
 # Pivot samples dequantized per forward when evaluating or blaming
@@ -713,6 +723,13 @@ class Trainer:
         # stored samples not read yet (ingest's back-pressure reads it; limits.IngestGate)
         self.backlog = 0
         self.stored = 0  # samples the store counts (as of the last poll)
+        # a transient database error being retried ({"error", "attempts", "retry_in_s",
+        # "since"}), None while the database answers
+        self.database_retry: dict[str, Any] | None = None
+        self._resume_wait = RETRY_FIRST_S
+        self._resumed = False
+        # which process trains: `serve` (the embedded thread) or `train` (its own process)
+        self.process = "serve"
         self._backlog_polled = 0.0
 
     # -- lifecycle --
@@ -728,21 +745,65 @@ class Trainer:
         import torch
 
         torch.set_num_threads(self.settings.trainer_threads)
-        store = open_store(self.settings, trainer=True)  # the one trainer of a database
         try:
-            self._resume()
             while not self._stop.is_set():
-                if not self._tick(store):
-                    self._stop.wait(0.2)
-                elif self.settings.step_sleep_s:
-                    self._stop.wait(self.settings.step_sleep_s)
+                try:  # the one trainer of a database: a second is refused (not transient)
+                    self._train_on(open_store(self.settings, trainer=True))
+                except Exception as exc:
+                    if not is_transient(exc):
+                        raise
+                    self._database_down(exc)
             self._finish()
         except Exception as exc:  # keep ingest alive; report in status
             log.exception("trainer stopped on an error")
             self.error = f"{type(exc).__name__}: {exc}"
             self.backlog = 0  # a stopped trainer must not hold back-pressure on ingest forever
+
+    def _train_on(self, store: Store) -> None:
+        """Train on ``store`` until stop (then return) or a database error (raised; the
+        caller retries a transient one on a fresh store). Closes ``store``."""
+        try:
+            if not self._resumed:  # once: checkpoints are files, not the database
+                self._resumed = True
+                self._resume()
+            while not self._stop.is_set():
+                if not self._tick(store):
+                    self._stop.wait(0.2)
+                elif self.settings.step_sleep_s:
+                    self._stop.wait(self.settings.step_sleep_s)
+                if self.database_retry is not None:
+                    log.info("trainer: the database is back; training again")
+                    self.database_retry, self._resume_wait = None, RETRY_FIRST_S
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._database_down(exc)
         finally:
-            store.close()
+            try:
+                store.close()
+            except Exception:  # noqa: BLE001 - a broken connection may not close cleanly
+                log.debug("closing the store after a database error", exc_info=True)
+
+    def _database_down(self, exc: BaseException) -> None:
+        """A transient database error: say so (log, status ``database_retry``) and wait with
+        exponential backoff (RETRY_FIRST_S doubling to RETRY_MAX_S) before the caller opens
+        the store again; what the cache holds and the weights stay as they are."""
+        wait = self._resume_wait
+        attempts = (self.database_retry or {}).get("attempts", 0) + 1
+        self.database_retry = {
+            "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}",
+            "attempts": attempts,
+            "retry_in_s": wait,
+            "since": (self.database_retry or {}).get("since", time.time()),
+        }
+        log.warning(
+            "trainer: database error (%s); retry %d in %.1f s",
+            self.database_retry["error"],
+            attempts,
+            wait,
+        )
+        self._resume_wait = min(wait * 2, RETRY_MAX_S)
+        self._stop.wait(wait)
 
     def export_fresh(self, architecture: str, timeout: float = 120.0) -> None:
         """Block until ``architecture``'s personal model reflects the current step.
@@ -845,6 +906,7 @@ class Trainer:
         now = time.monotonic()
         if now - self._backlog_polled >= QUARANTINE_POLL_S:
             self._backlog_polled = now
+            store.check_trainer()  # raises if the trainer slot's connection was dropped
             self.stored = sum(int(n) for *_, n in store.sample_counts())
             self.backlog = max(0, self.stored - self.cache.rows_read)
 
@@ -1170,6 +1232,13 @@ class Trainer:
                 "running": self._thread.is_alive(),
                 "idle": self.idle,
                 "error": self.error,
+                # who trains: {"command": "serve" | "train", "pid", "host"}
+                "process": {
+                    "command": self.process,
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                },
+                "database_retry": self.database_retry,
                 "step": side.step if side else 0,
                 "samples_seen": side.samples_seen if side else 0,
                 "loss": self.loss,

@@ -10,6 +10,7 @@ COMMAND_MODULES = [
     "inspect",
     "device",
     "serve",
+    "train",
     "server",
     "android",
     "demo",

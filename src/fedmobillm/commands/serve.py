@@ -41,7 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="development mode: generate and print an admin token if none is set",
     )
     parser.add_argument(
-        "--no-train", action="store_true", help="ingest only: do not run the trainer thread"
+        "--no-train",
+        action="store_true",
+        help="ingest only: do not run the trainer thread; run `fedmobillm train` with the "
+        "same --data-dir (and --database) beside it, whose status /v1/status shows"
     )
     parser.add_argument(
         "--ssl-certfile",
@@ -137,7 +140,12 @@ def run(args: argparse.Namespace) -> int:
     }
     if settings.workers > 1:
         return _run_workers(settings, options)
-    uvicorn.run(create_app(settings), **options)
+    view = None
+    if not settings.train:  # `fedmobillm train` may run beside: answer with its status
+        from fedmobillm.server.trainer_view import TrainerView
+
+        view = TrainerView
+    uvicorn.run(create_app(settings, trainer_view=view), **options)
     return 0
 
 

@@ -1,0 +1,104 @@
+"""`fedmobillm train` as its own process beside `fedmobillm serve --no-train` (issue 17):
+a real uvicorn server that only ingests and a real trainer process on the same SQLite store
+and data dir. The trainer process trains on the uploads, `/v1/status` of the server shows
+its published status (which process trains), and the personal model the server hands out
+is the one the trainer process exported. A second trainer on the same store is refused."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import time
+import zipfile
+
+import httpx
+import pytest
+from server_helpers import FAST, ServerProc, admin_headers, make_manifest, make_payload, register
+from train_helpers import TrainerProc
+
+pytestmark = pytest.mark.integration
+
+
+def _status(url: str) -> dict:
+    return httpx.get(f"{url}/v1/status", headers=admin_headers(), timeout=30).json()["trainer"]
+
+
+def _wait(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_trainer_process_trains_beside_an_ingest_only_server(tmp_path):
+    data = tmp_path / "data"
+    srv = ServerProc(data, FAST)
+    srv.args = ["--no-train"]
+    srv.start()
+    trainer = TrainerProc(data, srv._config_file())
+    try:
+        assert _status(srv.url)["running"] is False  # nothing published yet
+        m = make_manifest("tiny-a", depth=4, hidden=16, taps=[2, 4])
+        reg = register(srv.url, "a", m)
+        auth = {"Authorization": f"Bearer {reg['token']}"}
+        for split, n, seed in (("train", 300, 1), ("validation", 100, 11)):
+            body = make_payload(reg, m, range(n), split=split, seed=seed)
+            r = httpx.post(
+                f"{srv.url}/v1/batches",
+                content=body,
+                headers={**auth, "Content-Type": "application/octet-stream"},
+                timeout=30,
+            )
+            assert r.status_code == 200, r.text
+        time.sleep(1.0)
+        # the server alone trains nothing: no personal model
+        assert httpx.get(f"{srv.url}/v1/personal-model", headers=auth).status_code == 409
+        trainer.start()
+        st = _wait(
+            lambda: (s := _status(srv.url)).get("step", 0) >= 40 and s["personal_models"] and s,
+            180,
+            "the trainer process to train and export",
+        )
+        assert st["process"]["command"] == "train"
+        assert st["process"]["pid"] == trainer.proc.pid
+        assert st["published_age_s"] < 30 and st["database_retry"] is None
+        r = httpx.get(f"{srv.url}/v1/personal-model", headers=auth, timeout=30)
+        assert r.status_code == 200, r.text
+        meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("personal.json"))
+        exported = _status(srv.url)["personal_models"][reg["architecture"]]
+        assert 0 < meta["trainer_step"] <= exported  # written by the trainer process
+        # one trainer per store: a second `fedmobillm train` is refused
+        second = subprocess.run(
+            trainer.command(), capture_output=True, text=True, timeout=180
+        )
+        assert second.returncode != 0
+        assert "another trainer is running" in second.stdout + second.stderr
+        assert trainer.stop() == 0  # SIGTERM: final checkpoint
+        assert (data / "checkpoints" / "LATEST").exists()
+        assert "trainer process: data dir" in trainer.log()
+        assert "trainer off" in srv.log_path.read_text()
+    finally:
+        trainer.kill()
+        srv.stop()
+
+
+def test_train_refuses_while_serve_trains(tmp_path):
+    """`fedmobillm serve` (the embedded trainer) holds the store's trainer slot."""
+    data = tmp_path / "data"
+    srv = ServerProc(data, FAST).start()
+    try:
+        done = subprocess.run(
+            TrainerProc(data, srv._config_file()).command(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode != 0
+        assert "another trainer is running" in done.stdout + done.stderr
+        assert _wait(lambda: _status(srv.url)["process"]["command"] == "serve", 60, "status")
+    finally:
+        srv.stop()
