@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
+from federation_helpers import cli, run_cmd, run_devices, wait_trained
 
 from fedmobillm.server.local import LocalServer
 
@@ -38,24 +36,6 @@ SERVER = {
 }
 
 
-def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(
-        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-3000:])
-    return r
-
-
-def run_cmd(bundle: Path, data: Path, state: Path, split: str) -> list[str]:
-    """`fedmobillm device run --task lm` of one device on one split, one forward thread."""
-    return [sys.executable, "-m", "fedmobillm.cli", "device", "run", "--task", "lm",
-            "--bundle", str(bundle), "--data", str(data), "--state", str(state),
-            "--split", split, "--threads", "1", "--batch-size", "16"]  # fmt: skip
-
-
 def device_files(tmp_path: Path) -> list[dict[str, Path]]:
     """Two speakers' reply records: train, validation and test jsonl each."""
     from fedmobillm.data.lm import lm_devices, load_lm_corpus, write_lm_jsonl
@@ -71,21 +51,6 @@ def device_files(tmp_path: Path) -> list[dict[str, Path]]:
             write_lm_jsonl(files[split], recs)
         out.append(files)
     return out
-
-
-def wait_trained(url: str, timeout: float) -> dict:
-    """The trainer status once it idles with a personal model exported."""
-    deadline = time.monotonic() + timeout
-    st: dict = {}
-    while time.monotonic() < deadline:
-        r = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {ADMIN}"})
-        body = r.json()
-        st = body["trainer"]
-        assert st.get("error") is None, st["error"]
-        if st["idle"] and st["personal_models"] and st["step"] >= 100:
-            return body
-        time.sleep(1.0)
-    raise AssertionError(f"trainer did not settle in {timeout} s: {json.dumps(st)[:2000]}")
 
 
 def test_lm_federation_personal_model_beats_frozen_on_device(tmp_path):
@@ -113,16 +78,10 @@ def test_lm_federation_personal_model_beats_frozen_on_device(tmp_path):
                 "--name", f"phone-{d}", "--bundle", bundle, "--state", state,
                 "--task", "lm")  # fmt: skip
         for split in ("train", "validation"):  # both devices at once
-            procs = [
-                subprocess.Popen(run_cmd(bundle, files[d][split], state, split),
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                for d, state in enumerate(states)
-            ]  # fmt: skip
-            for p in procs:
-                out, err = p.communicate(timeout=300)
-                assert p.returncode == 0, (split, out[-2000:], err[-3000:])
+            run_devices([run_cmd(bundle, files[d][split], state, split, 16, task="lm")
+                         for d, state in enumerate(states)], split)  # fmt: skip
         phases["uploads"] = time.monotonic() - start
-        status = wait_trained(server.url, timeout=300)
+        status = wait_trained(server.url, ADMIN, timeout=300)
         phases["trained"] = time.monotonic() - start
         model = tmp_path / "personal"
         cli("device", "fetch-model", "--state", states[0], "--out", model)

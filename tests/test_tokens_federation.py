@@ -7,14 +7,12 @@ text and must beat the majority rate by 10 points."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
+from federation_helpers import cli, run_cmd, run_devices, wait_trained
 
 from fedmobillm.server.local import LocalServer
 
@@ -36,46 +34,11 @@ SERVER = {
 }
 
 
-def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    r = subprocess.run(
-        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert r.returncode == 0, (args, r.stdout[-2000:], r.stderr[-3000:])
-    return r
-
-
-PIPES = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-
-
-def run_cmd(bundle: Path, data: Path, state: Path, split: str) -> list[str]:
-    """`fedmobillm device run` of one device on one split, one forward thread."""
-    return [sys.executable, "-m", "fedmobillm.cli", "device", "run", "--bundle", str(bundle),
-            "--data", str(data), "--state", str(state), "--split", split, "--threads", "1",
-            "--batch-size", "32"]  # fmt: skip
-
-
 def write_jsonl(path: Path, records: list, names: list[str]) -> Path:
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps({"text": r.text, "label": names[r.label]}) + "\n")
     return path
-
-
-def wait_trained(url: str, timeout: float) -> dict:
-    """The trainer status once it idles with a personal model exported."""
-    deadline = time.monotonic() + timeout
-    st: dict = {}
-    while time.monotonic() < deadline:
-        r = httpx.get(f"{url}/v1/status", headers={"Authorization": f"Bearer {ADMIN}"})
-        st = r.json()["trainer"]
-        assert st.get("error") is None, st["error"]
-        if st["idle"] and st["personal_models"] and st["step"] >= 100:
-            return st
-        time.sleep(1.0)
-    raise AssertionError(f"trainer did not settle in {timeout} s: {json.dumps(st)[:2000]}")
 
 
 def test_token_federation_end_to_end_beats_majority(make_bundle, tmp_path):
@@ -119,15 +82,10 @@ def test_token_federation_end_to_end_beats_majority(make_bundle, tmp_path):
                 "--name", f"phone-{d}", "--bundle", bundle, "--state", state,
                 "--labels", ",".join(names))  # fmt: skip
         for split, which in (("train", 0), ("validation", 1)):  # both devices at once
-            procs = [
-                subprocess.Popen(run_cmd(bundle, files[d][which], state, split), **PIPES)
-                for d, state in enumerate(states)
-            ]
-            for p in procs:
-                out, err = p.communicate(timeout=300)
-                assert p.returncode == 0, (split, out[-2000:], err[-3000:])
+            run_devices([run_cmd(bundle, files[d][which], state, split, 32)
+                         for d, state in enumerate(states)], split)  # fmt: skip
         phases["uploads"] = time.monotonic() - start
-        st = wait_trained(server.url, timeout=240)
+        st = wait_trained(server.url, ADMIN, timeout=240)["trainer"]
         phases["trained"] = time.monotonic() - start
         model = tmp_path / "personal"
         cli("device", "fetch-model", "--state", states[0], "--out", model)
