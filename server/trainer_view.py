@@ -14,6 +14,7 @@ import threading
 import time
 from typing import Any
 
+from fedmobillm.server.store import is_transient
 from fedmobillm.server.store_pg import PostgresStore
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,11 @@ def publish_status(trainer: Any, store: PostgresStore, stop: threading.Event) ->
         try:
             status = {**trainer.status(), "published": time.time()}
             store.put_meta(STATUS_KEY, json.dumps(status, default=_jsonable))
-        except Exception:  # noqa: BLE001 - the next tick retries
-            log.exception("could not publish the trainer status")
+        except Exception as exc:  # noqa: BLE001 - the next tick retries
+            if is_transient(exc):  # the database restarting: one line, not a traceback
+                log.warning("could not publish the trainer status (%s); retrying", exc)
+            else:
+                log.exception("could not publish the trainer status")
         if stop.wait(PUBLISH_EVERY_S):
             return
 

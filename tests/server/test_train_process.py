@@ -72,9 +72,7 @@ def test_trainer_process_trains_beside_an_ingest_only_server(tmp_path):
         exported = _status(srv.url)["personal_models"][reg["architecture"]]
         assert 0 < meta["trainer_step"] <= exported  # written by the trainer process
         # one trainer per store: a second `fedmobillm train` is refused
-        second = subprocess.run(
-            trainer.command(), capture_output=True, text=True, timeout=180
-        )
+        second = subprocess.run(trainer.command(), capture_output=True, text=True, timeout=180)
         assert second.returncode != 0
         assert "another trainer is running" in second.stdout + second.stderr
         assert trainer.stop() == 0  # SIGTERM: final checkpoint
