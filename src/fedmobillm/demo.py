@@ -28,10 +28,10 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedmobillm.demo_report import model_name, plot_validation, quant_change, table_lines
 from fedmobillm.errors import FedMobiLLMError
@@ -270,19 +270,54 @@ class _OursOrErrors(logging.Filter):
 _OURS_OR_ERRORS = _OursOrErrors()
 
 
-class Demo:
-    def __init__(self, cfg: DemoConfig) -> None:
-        self.cfg = cfg
-        self.out = cfg.out
-        self.procs: list[subprocess.Popen] = []
+class DemoRun:
+    """What both demos (classify: ``Demo``, lm: ``demo_lm.LmDemo``) keep of a run: the
+    processes they started, the progress history, the device processes that failed."""
+
+    def __init__(self, out: Path, debug: bool) -> None:
+        self.out = out
+        self.procs: list[subprocess.Popen] = []  # server and device shells: stopped at the end
         self.t_start = time.monotonic()
         self.history: list[dict[str, Any]] = []
-        self.failed_backbones: dict[str, str] = {}
-        self.quants: dict[str, dict[str, Any]] = {}  # backbone -> quant_change(...)
         self.architectures: dict[str, str] = {}  # backbone -> its bundle's architecture
         self.kept: dict[str, dict[str, Any]] = {}  # server's best_validation, last seen
+        self.dead: dict[str, int] = {}  # device name -> exit code of a failed device process
         # the environment of every process the demo starts
-        self.child_env = {**os.environ, **({} if cfg.debug else QUIET_CHILD_ENV)}
+        self.child_env = {**os.environ, **({} if debug else QUIET_CHILD_ENV)}
+
+    def _reap(self, running: dict[str, subprocess.Popen]) -> set[str]:
+        """The device processes that ended; a failed one is logged once and kept in dead."""
+        done = {n for n, p in running.items() if p.poll() is not None}
+        for n in sorted(done - set(self.dead)):
+            if running[n].returncode != 0:
+                self.dead[n] = running[n].returncode
+                log.error("device %s exited with %d; carrying on with the rest (log: %s)",
+                          n, running[n].returncode, self.out / "logs" / f"{n}.log")  # fmt: skip
+        return done
+
+    def _end_devices(self, running: dict[str, subprocess.Popen]) -> None:
+        """After training: an error when every device process died, else the ones still
+        running stopped."""
+        if len(self.dead) == len(running):
+            raise FedMobiLLMError(
+                "every device process died; see the logs in " + str(self.out / "logs")
+            )
+        for p in running.values():
+            if p.poll() is None:
+                stop_process_group(p, grace=15.0)
+
+    def stop_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                stop_process_group(p, grace=15.0)
+
+
+class Demo(DemoRun):
+    def __init__(self, cfg: DemoConfig) -> None:
+        super().__init__(cfg.out, cfg.debug)
+        self.cfg = cfg
+        self.failed_backbones: dict[str, str] = {}
+        self.quants: dict[str, dict[str, Any]] = {}  # backbone -> quant_change(...)
 
     # ---- stages -------------------------------------------------------------------
     def prepare_data(self) -> list[DeviceSpec]:
@@ -422,7 +457,7 @@ class Demo:
 
         cfg = self.cfg
         quants = [cfg.quant] + (["fp32"] if cfg.quant != "fp32" else [])
-        errors = []
+        errors: list[str] = []
         for quant in quants:
             key = f"{backbone}-{quant}-k{num_taps}-s{cfg.max_seq_len}".replace("/", "_")
             out = cache_dir() / "bundles" / key
@@ -597,7 +632,6 @@ class Demo:
 
         cfg = self.cfg
         deadline = time.monotonic() + cfg.time_limit_s
-        self.dead: dict[str, int] = {}
         last_upload_step: int | None = None
         idle_polls = 0
         with httpx.Client(
@@ -605,17 +639,7 @@ class Demo:
         ) as http:
             while True:
                 time.sleep(2.0)
-                done = {n for n, p in running.items() if p.poll() is not None}
-                for n in done - set(self.dead):
-                    rc = running[n].returncode
-                    if rc != 0:
-                        self.dead[n] = rc
-                        log.error(
-                            "device %s exited with %d; carrying on with the rest (log: %s)",
-                            n,
-                            rc,
-                            self.out / "logs" / f"{n}.log",
-                        )
+                done = self._reap(running)
                 st = http.get(ROUTE_STATUS).json()
                 self.kept = (st.get("trainer") or {}).get("best_validation") or self.kept
                 row = _progress_row(st, len(running), len(done), time.monotonic() - self.t_start)
@@ -647,13 +671,7 @@ class Demo:
                 if time.monotonic() > deadline:
                     log.warning("time limit of %.0f s reached; stopping", cfg.time_limit_s)
                     break
-        if len(self.dead) == len(running):
-            raise FedMobiLLMError(
-                "every device process died; see the logs in " + str(self.out / "logs")
-            )
-        for p in running.values():
-            if p.poll() is None:
-                stop_process_group(p, grace=15.0)
+        self._end_devices(running)
 
     def evaluate(
         self, url: str, specs: list[DeviceSpec], bundles: dict[str, Path]
@@ -761,30 +779,35 @@ class Demo:
         print(f"summary: {self.out / 'summary.json'}  |  plot: {self.out / 'validation.png'}")
         return summary
 
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                stop_process_group(p, grace=15.0)
-
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """One run in ``cfg.out``: a new run each time, what an earlier one left there removed."""
-    removed = fresh_run_dir(cfg.out)
+    return run_fresh(cfg.out, cfg.debug, lambda: Demo(cfg), _stages)
+
+
+D = TypeVar("D", bound=DemoRun)
+
+
+def run_fresh(
+    out: Path, debug: bool, make: Callable[[], D], stages: Callable[[D], dict[str, Any]]
+) -> dict[str, Any]:
+    """A demo's run in ``out`` (``fresh_run_dir``: what an earlier run left there removed):
+    ``stages(make())`` with SIGTERM as Ctrl-C and third-party output quiet (unless
+    ``debug``); every process it started is stopped at the end, whatever happens."""
+    removed = fresh_run_dir(out)
     if removed:
-        log.info(
-            "new run in %s: removed the previous run's %s", cfg.out, ", ".join(sorted(removed))
-        )
+        log.info("new run in %s: removed the previous run's %s", out, ", ".join(sorted(removed)))
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per status poll is noise
-    demo = Demo(cfg)
+    demo = make()
     previous = signal.getsignal(signal.SIGTERM)
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
-        with quiet_third_party(cfg.debug):
-            return _stages(demo)
+        with quiet_third_party(debug):
+            return stages(demo)
     finally:
         demo.stop_all()
         signal.signal(signal.SIGTERM, previous)
-        _mark_run(cfg.out, running=False)
+        _mark_run(out, running=False)
 
 
 def _stages(demo: Demo) -> dict[str, Any]:

@@ -29,7 +29,6 @@ import math
 import random
 import secrets
 import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,17 +39,18 @@ from typing import Any
 
 from fedmobillm.demo import (
     QUIET_CHILD_ENV,
+    DemoRun,
     Stage,
     _cli,
-    _mark_run,
+    _fmt,
+    _mean,
     _read_json,
-    fresh_run_dir,
     quiet_loggers,
-    quiet_third_party,
+    run_fresh,
 )
 from fedmobillm.demo_report import lm_model_name, lm_table_lines, plot_lm_validation
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.local import LocalServer, free_port, stop_process_group
+from fedmobillm.server.local import LocalServer, free_port
 
 log = logging.getLogger("fedmobillm.demo")
 
@@ -194,20 +194,11 @@ def _sample(records: list[Any], n: int, rng: random.Random) -> list[Any]:
     return [records[i] for i in keep]
 
 
-class LmDemo:
+class LmDemo(DemoRun):
     def __init__(self, cfg: LmDemoConfig) -> None:
-        import os
-
+        super().__init__(cfg.out, cfg.debug)
         self.cfg = cfg
-        self.out = cfg.out
-        self.procs: list[subprocess.Popen] = []
-        self.t_start = time.monotonic()
-        self.history: list[dict[str, Any]] = []
-        self.architectures: dict[str, str] = {}  # backbone -> its bundle's architecture
-        self.kept: dict[str, dict[str, Any]] = {}
         self.trainer: dict[str, Any] = {}  # the last status' trainer entry
-        self.dead: dict[str, int] = {}
-        self.child_env = {**os.environ, **({} if cfg.debug else QUIET_CHILD_ENV)}
 
     # ---- data --------------------------------------------------------------------------
     def prepare_data(self) -> list[LmDeviceSpec]:
@@ -355,20 +346,7 @@ class LmDemo:
                 if time.monotonic() > deadline:
                     log.warning("time limit of %.0f s reached; stopping", self.cfg.time_limit_s)
                     break
-        if len(self.dead) == len(running):
-            raise FedMobiLLMError("every device process died; see " + str(self.out / "logs"))
-        for p in running.values():
-            if p.poll() is None:
-                stop_process_group(p, grace=15.0)
-
-    def _reap(self, running: dict[str, subprocess.Popen]) -> set[str]:
-        done = {n for n, p in running.items() if p.poll() is not None}
-        for n in sorted(done - set(self.dead)):
-            if running[n].returncode != 0:
-                self.dead[n] = running[n].returncode
-                log.error("device %s exited with %d; carrying on with the rest (log: %s)",
-                          n, running[n].returncode, self.out / "logs" / f"{n}.log")  # fmt: skip
-        return done
+        self._end_devices(running)
 
     # ---- evaluate ----------------------------------------------------------------------
     def evaluate(self, url: str, bundles: dict[str, Path]) -> list[dict[str, Any]]:
@@ -460,11 +438,6 @@ class LmDemo:
 
     def _layers(self, backbone: str) -> list[int] | None:
         return next((list(s.layers) for s in self.specs if s.backbone == backbone), None)
-
-    def stop_all(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                stop_process_group(p, grace=15.0)
 
 
 def heldout_perplexity(bundle: Path, model: Path, test_file: Path) -> dict[str, Any]:
@@ -580,23 +553,8 @@ def lm_progress_row(st: dict[str, Any], n_dev: int, n_done: int, t: float) -> di
 
 
 def run_lm_demo(cfg: LmDemoConfig) -> dict[str, Any]:
-    """One run in ``cfg.out``: a new run each time (see ``fedmobillm.demo.fresh_run_dir``)."""
-    removed = fresh_run_dir(cfg.out)
-    if removed:
-        log.info(
-            "new run in %s: removed the previous run's %s", cfg.out, ", ".join(sorted(removed))
-        )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    demo = LmDemo(cfg)
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
-    try:
-        with quiet_third_party(cfg.debug):
-            return _stages(demo)
-    finally:
-        demo.stop_all()
-        signal.signal(signal.SIGTERM, previous)
-        _mark_run(cfg.out, running=False)
+    """One run in ``cfg.out``: a new run each time (see ``fedmobillm.demo.run_fresh``)."""
+    return run_fresh(cfg.out, cfg.debug, lambda: LmDemo(cfg), _stages)
 
 
 def _stages(demo: LmDemo) -> dict[str, Any]:
@@ -615,15 +573,7 @@ def _stages(demo: LmDemo) -> dict[str, Any]:
     return demo.report(rows)
 
 
-def _fmt(x: Any) -> str:
-    return "-" if x is None else f"{x:.3f}"
-
-
 def _fmt_ppl(x: Any) -> str:
     if x is None:
         return "-"
     return f"{x:.1f}" if x < 1e5 else f"{x:.2e}"
-
-
-def _mean(xs: list[float]) -> float:
-    return float(sum(xs) / len(xs)) if xs else 0.0

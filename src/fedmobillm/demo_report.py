@@ -72,6 +72,20 @@ def table_lines(
     return lines
 
 
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (files only), or None (said) when matplotlib is
+    not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
+        return None
+    return plt
+
+
 def plot_validation(
     history: list[dict[str, Any]],
     path: Path,
@@ -86,13 +100,8 @@ def plot_validation(
     rate marked. ``names``: architecture -> model name (legend); ``kept``: the server's
     ``best_validation`` (architecture -> step, accuracy); ``test_accuracy``: architecture ->
     on-device test accuracy. False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return False
     t0 = first_upload_time(history)
     archs = sorted({a for h in history for a in h.get("val_per_architecture", {})} | set(kept))
@@ -243,13 +252,8 @@ def plot_lm_validation(
     upload, each architecture's frozen held-out perplexity dashed. ``names``: architecture
     -> backbone; ``frozen``: architecture -> frozen perplexity on the devices' test text.
     False when matplotlib is missing."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
+    plt = _pyplot()
+    if plt is None:
         return False
     t0 = first_upload_time(history)
     archs = sorted({a for h in history for a in h.get("val_per_architecture", {})} | set(frozen))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 NAME = "demo"
 DEFAULT_BACKBONES = "minilm-l3,minilm-l6,smollm2-135m"
@@ -119,20 +120,12 @@ def run(args: argparse.Namespace) -> int:
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     cfg = DemoConfig(
         backbones=backbones,
-        devices=args.devices or 6,
-        data=args.data or "movie-snippets",
         alpha=args.alpha,
-        quick=not args.full,
-        out=args.out or Path("runs/demo"),
-        seed=args.seed,
         train_limit=args.train_limit,
         eval_limit=args.eval_limit,
-        time_limit_s=args.time_limit or (3600.0 if args.full else 300.0),
         target_accuracy=args.target_accuracy,
-        settle_steps=args.settle_steps,
         anchors=args.anchors,
-        port=args.port,
-        debug=bool(getattr(args, "debug", False)),
+        **_shared(args, 6, "movie-snippets", "runs/demo", 3600.0 if args.full else 300.0),
     )
     run_demo(cfg)
     return 0
@@ -156,21 +149,31 @@ def run_lm(args: argparse.Namespace) -> int:
     fleet = (
         parse_fleet(args.fleet) if args.fleet else list(FULL_FLEET if args.full else QUICK_FLEET)
     )
+    lm_limit = 7200.0 if args.full else 900.0
     cfg = LmDemoConfig(
         fleet=fleet,
-        devices=args.devices or (6 if args.full else 4),
-        data=args.data or "friends",
-        quick=not args.full,
-        out=args.out or Path("runs/demo-lm"),
-        seed=args.seed,
         lines=args.lines,
         heldout_lines=args.heldout_lines,
-        time_limit_s=args.time_limit or (7200.0 if args.full else 900.0),
-        settle_steps=args.settle_steps,
         samples=args.samples,
         max_new_tokens=args.max_new_tokens,
-        port=args.port,
-        debug=bool(getattr(args, "debug", False)),
+        **_shared(args, 6 if args.full else 4, "friends", "runs/demo-lm", lm_limit),
     )
     run_lm_demo(cfg)
     return 0
+
+
+def _shared(
+    args: argparse.Namespace, devices: int, data: str, out: str, time_limit_s: float
+) -> dict[str, Any]:
+    """The options both demos take, with the task's defaults where they are not given."""
+    return {
+        "devices": args.devices or devices,
+        "data": args.data or data,
+        "quick": not args.full,
+        "out": args.out or Path(out),
+        "seed": args.seed,
+        "time_limit_s": args.time_limit or time_limit_s,
+        "settle_steps": args.settle_steps,
+        "port": args.port,
+        "debug": bool(getattr(args, "debug", False)),
+    }
