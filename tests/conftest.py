@@ -36,3 +36,15 @@ def make_bundle():
         return out
 
     return build
+
+
+# SmolLM2-135M blocks 1-2 as an lm token bundle with generation graphs: the lm task's tests
+SMOLLM2_LM = {"layers": [1, 2], "pivot": "none", "quant": "fp32", "formats": ("onnx",),
+              "max_seq_len": 64, "generate": True}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def smollm2_lm_bundle(make_bundle) -> Path:
+    """A 2-block truncation of SmolLM2-135M (taps 1, 2; hidden 576) as a decoder token bundle
+    (``--pivot none --quant fp32 --format onnx --max-seq-len 64 --generate``), cached."""
+    return make_bundle("smollm2-135m", **SMOLLM2_LM)

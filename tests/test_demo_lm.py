@@ -159,11 +159,7 @@ def test_prepare_data_from_a_user_jsonl_without_authors_splits_iid(tmp_path):
         assert test and not test & train
 
 
-LM_BUNDLE = {"layers": [1, 2], "pivot": "none", "quant": "fp32", "formats": ("onnx",),
-             "max_seq_len": 64, "generate": True}  # as tests/device_runtime/test_device_lm.py  # fmt: skip
-
-
-def test_heldout_scores_every_target_of_long_records_once(make_bundle):
+def test_heldout_scores_every_target_of_long_records_once(smollm2_lm_bundle):
     """Prepare held-out records longer than the bundle's 64 tokens (a long text, a reply
     after a prompt that alone fills 64 tokens) and a short one; Execute score_heldout on the
     2-block SmolLM2 generator; Assert every target token is scored once (as many as the
@@ -175,7 +171,7 @@ def test_heldout_scores_every_target_of_long_records_once(make_bundle):
     from fedmobillm.device_runtime.generate import Generator
     from fedmobillm.device_runtime.lm_samples import lm_samples
 
-    gen = Generator(make_bundle("smollm2-135m", **LM_BUNDLE), threads=1)
+    gen = Generator(smollm2_lm_bundle, threads=1)
     long = " ".join(f"line {i} of a long story told by the fire" for i in range(20))
     records = [LmRecord(long), LmRecord("We were on a break!", long),
                LmRecord("How you doin'?")]  # fmt: skip

@@ -41,14 +41,6 @@ from fedmobillm.device_runtime.protocol import bundle_digest, read_manifest
 from fedmobillm.device_runtime.uploader import RetryPolicy, ServerUnavailable
 from fedmobillm.errors import FedMobiLLMError
 
-LM_BUNDLE = {
-    "layers": [1, 2],
-    "pivot": "none",
-    "quant": "fp32",
-    "formats": ("onnx",),
-    "max_seq_len": 64,
-    "generate": True,
-}
 LONG = " ".join(f"line {i} of a long story told by the fire" for i in range(20))  # > 64 tokens
 RECORDS = [
     {"text": "I'll be there for you, when the rain starts to pour."},
@@ -62,8 +54,8 @@ RECORDS = [
 
 
 @pytest.fixture(scope="module")
-def lm_bundle(make_bundle) -> Path:
-    return make_bundle("smollm2-135m", **LM_BUNDLE)
+def lm_bundle(smollm2_lm_bundle) -> Path:
+    return smollm2_lm_bundle  # conftest.py: SmolLM2 blocks 1-2, an lm token bundle
 
 
 @pytest.fixture(scope="module")

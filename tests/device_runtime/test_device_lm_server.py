@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_device_lm import LM_BUNDLE, RECORDS, lm_records
+from test_device_lm import RECORDS, lm_records
 
 from fedmobillm.device_runtime.client import DeviceClient, RunConfig, register
 from fedmobillm.device_runtime.journal import JOURNAL_NAME
@@ -37,13 +37,13 @@ def stored_lm(data_dir: Path, device_id: str, split: str) -> dict[int, tuple[lis
     }
 
 
-def test_real_server_stores_the_devices_ids_and_masks(make_bundle, tmp_path):
+def test_real_server_stores_the_devices_ids_and_masks(smollm2_lm_bundle, tmp_path):
     """Prepare `serve --task lm --no-train` and a registered lm device; Execute a train
     run, a validation run, a classify registration, and a run after the journal lost its
     last ack line; Assert the server holds each window's token ids and loss mask as the
     device made them, refuses the classify device (409, with the fix), and answers the
     re-sent batch as a duplicate without storing anything twice."""
-    bundle = make_bundle("smollm2-135m", **LM_BUNDLE)
+    bundle = smollm2_lm_bundle
     data_dir = tmp_path / "server"
     with LocalServer(data_dir, admin_token=ADMIN, args=["--task", "lm", "--no-train"],
                      log_path=tmp_path / "server.log", startup_timeout=180.0) as srv:  # fmt: skip
