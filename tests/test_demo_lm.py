@@ -187,3 +187,37 @@ def test_heldout_scores_every_target_of_long_records_once(smollm2_lm_bundle):
     short = score_heldout(gen, records[2:])
     ref = gen.perplexity([records[2].scored()])
     assert short.tokens == ref.tokens and short.nll == pytest.approx(ref.nll, rel=1e-6)
+
+
+def test_evaluate_reports_a_device_whose_test_half_has_nothing_to_predict(
+    smollm2_lm_bundle, tmp_path, monkeypatch
+):
+    """Prepare a device whose test lines are one token each (nothing to predict); Execute
+    evaluate with fetch-model stubbed; Assert the device's row is an error that says so and
+    the run goes on (no exception)."""
+    import json
+
+    from fedmobillm.demo_lm import LmDemo, LmDeviceSpec
+
+    test = tmp_path / "d.test.jsonl"
+    test.write_text(json.dumps({"text": "Hi"}) + "\n")
+    spec = LmDeviceSpec("d0", "Ross", "phone", (1, 2), 20.0, tmp_path / "state",
+                        {"test": test}, {"test": 1})  # fmt: skip
+    demo = LmDemo(LmDemoConfig(fleet=[(1, 2)], devices=1, out=tmp_path / "run"))
+    demo.specs = [spec]
+    monkeypatch.setattr(demo, "_device_cli", lambda *a: None)  # the personal model "fetched"
+
+    class Zero:  # a personal model that adds nothing
+        def __init__(self, path) -> None:
+            pass
+
+        def check_compatible(self, manifest) -> None:
+            pass
+
+        def delta(self, taps, hidden):
+            return 0 * hidden
+
+    monkeypatch.setattr("fedmobillm.device_runtime.lm_personal.PersonalLM", Zero)
+    rows = demo.evaluate("http://127.0.0.1:9", {spec.backbone: smollm2_lm_bundle})
+    assert rows == [{"device": "d0", "error": rows[0]["error"]}]
+    assert "held-out perplexity" in rows[0]["error"] and "token to predict" in rows[0]["error"]

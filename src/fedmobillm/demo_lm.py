@@ -365,9 +365,14 @@ class LmDemo(DemoRun):
             if err:
                 rows.append({"device": s.name, "error": f"fetch-model failed: {err}"})
                 continue
+            try:  # a test half with nothing to predict is this device's error, not the run's
+                ppl = heldout_perplexity(bundles[s.backbone], model, s.files["test"])
+            except FedMobiLLMError as exc:
+                log.error("[evaluate] %s: no held-out perplexity: %s", s.name, exc)
+                rows.append({"device": s.name, "error": f"held-out perplexity: {exc}"})
+                continue
             row = {"device": s.name, "speaker": s.speaker, "class": s.klass,
-                   "backbone": s.backbone, "layers": list(s.layers), **s.counts,
-                   **heldout_perplexity(bundles[s.backbone], model, s.files["test"]),
+                   "backbone": s.backbone, "layers": list(s.layers), **s.counts, **ppl,
                    **upload_stats(s.state_dir)}  # fmt: skip
             if i < self.cfg.samples:
                 row["completion"] = self._completion(bundles[s.backbone], model, s.files["test"])
