@@ -496,7 +496,8 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
             )
             _check_error(fmt, opts.quant, err)
     generation = _generation(opts, folder, taps, tmp, ids, mask, tok) if opts.generate else None
-    projection = _dp_projection(opts, wrapped, tok, tmp) if opts.dp_projection else None
+    rank = opts.dp_projection
+    projection = _dp_projection(opts, wrapped, tok, tmp, rank) if rank else None
     with stage("write", t):
         tokenizer = save_tokenizer(tok, tmp / TOKENIZER_NAME, opts.max_seq_len)
         manifest = _manifest(
@@ -525,7 +526,7 @@ def _generation(opts: ExportOptions, folder: Path, taps, tmp: Path, ids, mask, t
     return made.info
 
 
-def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path) -> dict:
+def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> dict:
     """``--dp-projection R``: the per-tap PCA (rank R, centred) of the taps of up to
     DP_PROJECTION_TEXTS calibration texts (every real token's vectors for a token bundle),
     written into ``tmp`` (hashed with the other files). Returns the manifest's entry."""
@@ -541,7 +542,7 @@ def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path) -> dict:
         taps = np.asarray(calibrate.eager_taps(wrapped, ids, mask))  # (N, K, d) | (N, K, T, d)
         if taps.ndim == 4:  # a token bundle: every real token's K vectors
             taps = taps.transpose(0, 2, 1, 3)[np.asarray(mask, dtype=bool)]  # (M, K, d)
-        proj, kept = fit_projection(taps, int(opts.dp_projection))
+        proj, kept = fit_projection(taps, rank)
         proj.save(tmp / PROJECTION_FILE, {"calibration": str(source)})
         log.info(
             "dp-projection: rank %d of %d per tap from %d vectors of %d texts of %s (variance "
