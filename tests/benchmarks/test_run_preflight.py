@@ -31,3 +31,30 @@ def test_says_fedavg_runs_in_process_without_flower(monkeypatch, tmp_path, caplo
     with caplog.at_level(logging.INFO, logger="benchmarks"):
         run.preflight(a)
     assert "run in-process" in caplog.text and "--install-flower" in caplog.text
+
+
+def test_seeds_run_each_seed_apart_and_summarise(monkeypatch, tmp_path):
+    import json
+
+    seen = []
+
+    def fake_main(a):  # one seed's run: its own folder, its own headline.json
+        seen.append((a.seed, a.out))
+        a.out.mkdir(parents=True)
+        head = {
+            "seed": a.seed,
+            "comm_reduction": {"value": 0.8 + 0.01 * a.seed},
+            "test_accuracy": {"fedmobillm": 0.7},
+            "figures": {"x": float(a.seed)},
+        }
+        (a.out / "headline.json").write_text(json.dumps(head))
+        return 0
+
+    monkeypatch.setattr(run, "_main", fake_main)
+    monkeypatch.setattr(run, "preflight", lambda a: None)
+    assert run.main(["--quick", "--seeds", "3", "--seed", "5", "--out", str(tmp_path)]) == 0
+    assert seen == [(s, tmp_path / f"seed-{s}") for s in (5, 6, 7)]
+    summary = json.loads((tmp_path / "headline.json").read_text())
+    assert summary["seeds"] == [5, 6, 7]
+    assert abs(summary["comm_reduction"]["mean"] - 0.86) < 1e-9
+    assert "| comm_reduction |" in (tmp_path / "report.md").read_text()
