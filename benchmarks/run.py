@@ -811,6 +811,7 @@ def _plots(
         "fedmobillm (async, 3-eval mean)": R.smoothed(m.rep["curve"]),
         "FedAvg-LoRA (sync)": fedavg["lora"]["curve"],
         "FedAvg full FT (sync)": fedavg["full"]["curve"],
+        "federated linear probe (sync)": m.probe["curve"],
     }
     bars = {
         "bytes": {
