@@ -196,3 +196,63 @@ class LocalServer:
         body = f"{what}; log {self.log_path}" + (f", last lines:\n{tail}" if tail else " (empty)")
         cmd = " ".join(self.command())
         return FedMobiLLMError(body, hint=f"the whole log is {self.log_path}; the command: {cmd}")
+
+
+class LocalTrainer:
+    """`python -m fedmobillm.cli train --data-dir DATA_DIR [--config F] [--database URL]`
+    in its own process group (the trainer beside `serve --no-train`), stdout and stderr
+    appended to ``log_path`` (default ``<data_dir>-trainer.log``). ``start()`` again after
+    ``kill()`` (SIGKILL: no final checkpoint) or ``stop()`` (SIGTERM: final checkpoint)."""
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        config: Path | str | None = None,
+        database: str | None = None,
+        env: Mapping[str, str] | None = None,
+        log_path: Path | str | None = None,
+    ) -> None:
+        self.data_dir = Path(data_dir)
+        self.config, self.database = config, database
+        self.env = dict(env or {"OMP_NUM_THREADS": "1"})
+        self.log_path = (
+            Path(log_path)
+            if log_path
+            else self.data_dir.with_name(f"{self.data_dir.name}-trainer.log")
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "fedmobillm.cli", "train", "--data-dir", str(self.data_dir)]
+        cmd += ["--config", str(self.config)] if self.config is not None else []
+        return cmd + (["--database", self.database] if self.database else [])
+
+    def start(self) -> LocalTrainer:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as logf:
+            self.proc = subprocess.Popen(
+                self.command(),
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **self.env},
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL now: no final checkpoint."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self, grace: float = 60.0) -> int | None:
+        """SIGTERM (final checkpoint and export), SIGKILL after ``grace`` s; the exit code."""
+        return None if self.proc is None else stop_process_group(self.proc, grace)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
