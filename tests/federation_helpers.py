@@ -27,6 +27,16 @@ def cli(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
     return r
 
 
+def register_devices(url: str, admin: str, bundle: Path, root: Path, *extra: str) -> list[Path]:
+    """`fedmobillm device register` of two devices (phone-0, phone-1) with ``bundle`` and
+    ``extra`` options (``--task lm`` or ``--labels ...``); their state folders under ``root``."""
+    states = [root / f"device-{d}" for d in range(2)]
+    for d, state in enumerate(states):
+        cli("device", "register", "--server", url, "--admin-token", admin, "--name", f"phone-{d}",
+            "--bundle", bundle, "--state", state, *extra)  # fmt: skip
+    return states
+
+
 def run_cmd(
     bundle: Path, data: Path, state: Path, split: str, batch_size: int, task: str | None = None
 ) -> list[str]:

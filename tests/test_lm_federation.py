@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from federation_helpers import cli, run_cmd, run_devices, wait_trained
+from federation_helpers import cli, register_devices, run_cmd, run_devices, wait_trained
 
 from fedmobillm.server.local import LocalServer
 
@@ -72,11 +72,7 @@ def test_lm_federation_personal_model_beats_frozen_on_device(tmp_path):
         startup_timeout=120.0,
     )
     with server:
-        states = [tmp_path / f"device-{d}" for d in range(2)]
-        for d, state in enumerate(states):
-            cli("device", "register", "--server", server.url, "--admin-token", ADMIN,
-                "--name", f"phone-{d}", "--bundle", bundle, "--state", state,
-                "--task", "lm")  # fmt: skip
+        states = register_devices(server.url, ADMIN, bundle, tmp_path, "--task", "lm")
         for split in ("train", "validation"):  # both devices at once
             run_devices([run_cmd(bundle, files[d][split], state, split, 16, task="lm")
                          for d, state in enumerate(states)], split)  # fmt: skip

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from federation_helpers import cli, run_cmd, run_devices, wait_trained
+from federation_helpers import cli, register_devices, run_cmd, run_devices, wait_trained
 
 from fedmobillm.server.local import LocalServer
 
@@ -76,11 +76,8 @@ def test_token_federation_end_to_end_beats_majority(make_bundle, tmp_path):
         startup_timeout=60.0,
     )
     with server:
-        states = [tmp_path / f"device-{d}" for d in range(2)]
-        for d, state in enumerate(states):
-            cli("device", "register", "--server", server.url, "--admin-token", ADMIN,
-                "--name", f"phone-{d}", "--bundle", bundle, "--state", state,
-                "--labels", ",".join(names))  # fmt: skip
+        labels = ",".join(names)
+        states = register_devices(server.url, ADMIN, bundle, tmp_path, "--labels", labels)
         for split, which in (("train", 0), ("validation", 1)):  # both devices at once
             run_devices([run_cmd(bundle, files[d][which], state, split, 32)
                          for d, state in enumerate(states)], split)  # fmt: skip
