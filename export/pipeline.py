@@ -102,6 +102,7 @@ class ExportOptions:
     # rank R of the public per-tap PCA basis for the device's privacy mechanism (project
     # before noise, device_runtime/dp_projection.py); None: no projection in the bundle
     dp_projection: int | None = None
+    dp_projection_whiten: bool = True  # scale each component to unit public variance
 
     def __post_init__(self) -> None:
         from fedmobillm.export.graphs import check_combination
@@ -301,6 +302,7 @@ def export_bundle(
     fallback_quant: str | None = None,
     generate: bool = False,
     dp_projection: int | None = None,
+    dp_projection_whiten: bool = True,
 ) -> Manifest:
     """Export `model` to a bundle in `out_dir`; returns its (validated) manifest.
 
@@ -325,6 +327,7 @@ def export_bundle(
         fallback_quant=fallback_quant,
         generate=generate,
         dp_projection=dp_projection,
+        dp_projection_whiten=dp_projection_whiten,
     )
     check_out_dir(opts.out_dir)
     quiet_libraries()
@@ -542,7 +545,7 @@ def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> d
         taps = np.asarray(calibrate.eager_taps(wrapped, ids, mask))  # (N, K, d) | (N, K, T, d)
         if taps.ndim == 4:  # a token bundle: every real token's K vectors
             taps = taps.transpose(0, 2, 1, 3)[np.asarray(mask, dtype=bool)]  # (M, K, d)
-        proj, kept = fit_projection(taps, rank)
+        proj, kept = fit_projection(taps, rank, opts.dp_projection_whiten)
         proj.save(tmp / PROJECTION_FILE, {"calibration": str(source)})
         log.info(
             "dp-projection: rank %d of %d per tap from %d vectors of %d texts of %s (variance "
@@ -553,6 +556,7 @@ def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> d
         "file": PROJECTION_FILE,
         "rank": proj.rank,
         "centered": True,
+        "whitened": proj.whitened,
         "calibration": str(source),
         "texts": len(texts),
         "vectors": int(len(taps)),

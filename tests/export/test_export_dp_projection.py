@@ -33,4 +33,9 @@ def test_the_flag_reaches_the_pipeline(monkeypatch, tmp_path):
     args = p.parse_args(["minilm-l3", "--out", str(tmp_path / "b"), "--dp-projection", "16"])
     with pytest.raises(FedMobiLLMError, match="stop here"):
         cmd.run(args)
-    assert seen["dp_projection"] == 16
+    assert seen["dp_projection"] == 16 and seen["dp_projection_whiten"] is True
+    args = p.parse_args(["minilm-l3", "--out", str(tmp_path / "b"), "--dp-projection", "8",
+                         "--dp-projection-plain"])  # fmt: skip
+    with pytest.raises(FedMobiLLMError, match="stop here"):
+        cmd.run(args)
+    assert seen["dp_projection"] == 8 and seen["dp_projection_whiten"] is False

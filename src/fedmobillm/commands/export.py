@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the hidden size (docs/privacy.md)",
     )
     parser.add_argument(
+        "--dp-projection-plain",
+        action="store_true",
+        help="with --dp-projection: plain PCA coordinates instead of whitened ones (whitened "
+        "measured better on validation, docs/privacy.md)",
+    )
+    parser.add_argument(
         "--budget-mb",
         type=float,
         metavar="MB",
@@ -144,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
         generate=args.generate,
         fallback_quant=args.fallback_quant,
         dp_projection=args.dp_projection,
+        dp_projection_whiten=not args.dp_projection_plain,
     )
     _print_summary(manifest, args.out)
     return 0
