@@ -64,7 +64,13 @@ def test_report_writes_json_markdown_and_plot(tmp_path):
 @pytest.mark.slow
 def test_tiny_run_on_smollm2_beats_frozen(tmp_path):
     cfg = LmBenchConfig(
-        devices=2, train_lines=40, heldout_lines=10, steps=30, batch_lines=8, taps_from="torch"
+        devices=2,
+        train_lines=40,
+        heldout_lines=10,
+        steps=30,
+        batch_lines=8,
+        taps_from="torch",
+        select_every=10,
     )
     result = run(cfg, tmp_path)
     ppl = {(r["method"], r["backbone"]): r["perplexity"] for r in result["rows"]}
