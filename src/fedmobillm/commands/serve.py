@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-train",
         action="store_true",
         help="ingest only: do not run the trainer thread; run `fedmobillm train` with the "
-        "same --data-dir (and --database) beside it, whose status /v1/status shows"
+        "same --data-dir (and --database) beside it, whose status /v1/status shows",
     )
     parser.add_argument(
         "--ssl-certfile",
