@@ -18,7 +18,8 @@ MECHANISMS = ("gaussian-rdp",)
 
 def check_declaration(declared: dict[str, Any] | None, max_epsilon: float | None) -> None:
     """Raise BadRequest for a malformed declaration, Forbidden when ``max_epsilon`` is set
-    and the device declares no mechanism or an epsilon above it."""
+    and the device declares no mechanism or a per-text epsilon above it (the activations'
+    epsilon plus the label's randomised-response epsilon, as the device's ledger counts)."""
     if declared is not None:
         _well_formed(declared)
     if max_epsilon is None:
@@ -33,10 +34,12 @@ def check_declaration(declared: dict[str, Any] | None, max_epsilon: float | None
             "(max_epsilon); this device declares no privacy mechanism",
             hint=hint,
         )
-    if float(declared["epsilon"]) > max_epsilon:
+    taps, label = float(declared["epsilon"]), float(declared.get("label_epsilon") or 0.0)
+    if taps + label > max_epsilon * (1 + 1e-9):
+        said = f"epsilon {taps:g}" + (f" + label epsilon {label:g}" if label else "")
         raise Forbidden(
-            f"this server requires epsilon <= {max_epsilon:g} (max_epsilon); this device "
-            f"declares epsilon {float(declared['epsilon']):g}",
+            f"this server requires epsilon <= {max_epsilon:g} per text (max_epsilon: the "
+            f"activations' and the label's together); this device declares {said}",
             hint=hint,
         )
 
