@@ -232,10 +232,11 @@ class SqlStore:
                 f"device_id = ? AND split = ? AND sample_id IN ({','.join('?' * len(part))})",
                 (device.device_id, split, *part),
             ).fetchall()
-            for sid, label, enc, act, scales, tokens, ids in rows:
+            # the row's token ids must not rebind ``ids``: the next chunk is cut from it
+            for sid, label, enc, act, scales, tokens, tok_ids in rows:
                 q = _raw(enc, bytes(act), device.num_taps, device.hidden_size, tokens)
                 blob = None if scales is None else bytes(scales)
-                out[sid] = (label, dequantize_sample(q, _scales(blob)), _ids(ids))
+                out[sid] = (label, dequantize_sample(q, _scales(blob)), _ids(tok_ids))
         return out
 
     def insert_samples(

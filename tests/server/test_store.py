@@ -46,3 +46,29 @@ def test_sample_series_is_cumulative_per_architecture_and_bounded(tmp_path):
     assert trains == sorted(trains) and trains[0] < 90
     assert last == {a: 1008.0, b: 1009.0}
     store.close()
+
+
+def test_stored_samples_reads_every_chunk_of_a_large_upload(tmp_path):
+    """More than 900 ids are read in chunks; a stored row must not cut the next chunk
+    (its token-ids column once rebound the id list: TypeError on the second chunk)."""
+    import numpy as np
+
+    store = Store(tmp_path / "store.sqlite3")
+    a, _ = _fleet(store)
+    device = store.device(a)
+    n = 1000
+    act = np.arange(n * 2 * 16, dtype=np.int64).reshape(n, 2, 16) % 100
+    ids = np.arange(n, dtype=np.int64)
+    labels = ids % 2
+    with store.transaction() as db:
+        store.add_batch(db, "b1", a, "k1", "train", n, {})
+        store.insert_samples(
+            db, device, "train", "b1", "int8", act.astype(np.int8),
+            np.full(2, 0.05, np.float32), labels, ids,
+        )
+    with store.transaction() as db:
+        stored = store.stored_samples(db, device, "train", ids)
+    assert sorted(stored) == list(range(n))
+    assert [stored[i][0] for i in range(n)] == labels.tolist()
+    assert np.allclose(stored[999][1], act[999] * 0.05)
+    store.close()
