@@ -567,12 +567,20 @@ class NextTokenStats:
     def to_dict(self) -> dict[str, float]:
         n = max(self.tokens, 1)
         return {
-            "perplexity": math.exp(self.nll / n) if self.tokens else float("nan"),
+            "perplexity": _perplexity(self.nll / n) if self.tokens else float("nan"),
             "nll_per_token": self.nll / n,
             "next_token_top1": self.top1 / n,
             "next_token_top3": self.top3 / n,
             "tokens": self.tokens,
         }
+
+
+def _perplexity(mean_nll: float) -> float:
+    """exp(mean NLL); inf where that overflows a float (mean NLL > ~709), not an error."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return float("inf")
 
 
 # -- personal lm export ----------------------------------------------------------------------

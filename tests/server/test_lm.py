@@ -277,3 +277,13 @@ def test_generate_with_the_personal_model_runs_without_torch(trained, bundle, tm
         timeout=300,
     )
     assert done.returncode != 0 and "not a personal model" in done.stderr
+
+
+def test_perplexity_of_a_huge_mean_nll_is_inf_not_an_error():
+    """A mean NLL past ~709 overflows exp: the stats say inf instead of raising."""
+    from fedmobillm.server.lm import NextTokenStats
+
+    stats = NextTokenStats(nll=2000.0, tokens=2)
+    out = stats.to_dict()
+    assert out["perplexity"] == float("inf") and out["nll_per_token"] == 1000.0
+    assert NextTokenStats(nll=2.0, tokens=2).to_dict()["perplexity"] == pytest.approx(np.e)
