@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 PROJECTION_FILE = "dp_projection.safetensors"
 MANIFEST_KEY = "dp_projection"  # manifest entry: {"file", "rank", "centered", ...}
 FORMAT = "fedmobillm-dp-projection-1"
+MIN_VARIANCE_SHARE = 1e-6  # components under this x the top public variance are refused
 ORTHONORMAL_TOL = 1e-4
 
 
@@ -184,6 +185,12 @@ def fit_projection(
             f"--dp-projection {rank} must be in 1..{v.shape[2]} (the hidden size)",
             hint="a rank of a few dozen keeps most of the variance of a tap",
         )
+    if rank > v.shape[0] - 1:  # M centred vectors span at most M - 1 directions
+        raise FedMobiLLMError(
+            f"--dp-projection {rank} needs more public vectors: {v.shape[0]} centred vectors "
+            f"span at most {v.shape[0] - 1} directions, the rest would have zero variance",
+            hint="pass more public calibration text (--calibration) or a smaller rank",
+        )
     bases, means, kept, scales = [], [], [], []
     for k in range(v.shape[1]):
         x = v[:, k, :]
@@ -196,10 +203,26 @@ def fit_projection(
         bases.append(np.ascontiguousarray(basis, np.float32))
         means.append(mu.astype(np.float32))
         var = np.einsum("rd,de,re->r", basis, cov, basis)  # (R,) public variance
+        _check_variance(var, k, rank)
         scales.append(1.0 / np.sqrt(np.maximum(var, 1e-12)) if whiten else np.ones(rank))
         kept.append(float(vals[::-1][:rank].sum() / max(vals.sum(), 1e-30)))
     scale = np.stack(scales).astype(np.float32)
     return DpProjection(np.stack(bases), np.stack(means), scale), kept
+
+
+def _check_variance(var: np.ndarray, tap: int, rank: int) -> None:
+    """Refuse a basis whose components (var (R,), public variance) include one with under
+    MIN_VARIANCE_SHARE of the largest: whitening would scale it by ~1/sqrt(0) (fp16 uploads
+    non-finite, int8 saturated) and the clip budget would go to directions the public text
+    never uses."""
+    low = np.flatnonzero(var < MIN_VARIANCE_SHARE * max(float(var.max()), 1e-30))
+    if low.size:
+        raise FedMobiLLMError(
+            f"--dp-projection {rank}: tap {tap} has {low.size} of {rank} components with "
+            f"public variance under {MIN_VARIANCE_SHARE:g} of the largest (a degenerate "
+            "basis: its coordinates would be noise and rounding)",
+            hint=f"use a rank of at most {int(low[0])} or more varied public calibration text",
+        )
 
 
 def manifest_entry(manifest: Any) -> dict[str, Any] | None:

@@ -72,6 +72,24 @@ def test_a_rank_beyond_the_width_and_a_skewed_basis_are_refused():
 
 
 @pytest.mark.parametrize("whiten", [False, True])
+def test_a_rank_the_public_vectors_cannot_span_is_refused(whiten):
+    """M public vectors span M - 1 centred directions: rank M would whiten a zero-variance
+    component by ~1e6 (junk uploads), so it is refused, as is a rank reaching into
+    directions with (almost) no public variance."""
+    x = public_vectors(m=8)  # (8, 3, 48): 7 directions
+    with pytest.raises(FedMobiLLMError, match="span at most 7 directions"):
+        fit_projection(x, 8, whiten)
+    proj, _ = fit_projection(x, 7, whiten)
+    assert np.isfinite(proj.scale).all() and proj.scale.max() < 1e3
+    flat = public_vectors()
+    flat[..., :] = flat @ np.diag([1.0] * 5 + [0.0] * 43)  # 5 directions carry variance
+    flat += np.random.default_rng(1).normal(scale=1e-6, size=flat.shape)  # rounding
+    with pytest.raises(FedMobiLLMError, match="5 of 10 components with public variance under"):
+        fit_projection(flat, 10, whiten)
+    assert fit_projection(flat, 5, whiten)[0].rank == 5
+
+
+@pytest.mark.parametrize("whiten", [False, True])
 def test_uploads_lie_in_the_subspace_and_clip_bounds_the_coordinates(whiten):
     x = public_vectors(200, seed=1)
     proj, _ = fit_projection(public_vectors(), 5, whiten)
