@@ -258,8 +258,8 @@ class TrainingCache:
         return new
 
     def _take(self, store: Store, rows: SampleRows) -> int:
-        """Screen and cache one page of store rows (the range check for the page at once)."""
-        self.rows_read += len(rows.ids)
+        """Screen and cache one page of store rows (the range check for the page at once).
+        A database error raises before anything is counted: the page is read again."""
         if set(rows.device_ids) - self._known_devices:
             self._ensure_archs(store)
         ok = self._screen(rows)
@@ -295,6 +295,7 @@ class TrainingCache:
                 "dropped %d stored samples of %s: values outside its bundle's range", n, device
             )
         self.watermark = rows.cursor  # SQLite: the last row id; PostgreSQL: see store_pg
+        self.rows_read += len(rows.ids)
         return new
 
     def _screen(self, rows: SampleRows) -> list[bool | None]:
@@ -319,12 +320,19 @@ class TrainingCache:
                 ok[i] = g
         return ok
 
-    def _ids_ok(self, rows: SampleRows, i: int) -> bool:
-        """lm: the row's token ids lie below its architecture's vocabulary (True otherwise)."""
+    def _ids_ok(self, rows: SampleRows, i: int) -> bool | None:
+        """lm: the row's token ids lie below its architecture's vocabulary (True otherwise);
+        None (skipped with a warning, not an offence) when no vocabulary is on record."""
         if not self.lm:
             return True
         ids = _lm_fields(rows, i)[0]
         vocab = self.archs[rows.architectures[i]].vocab
+        if not vocab:
+            log.warning(
+                "lm sample of %s skipped: architecture %s has no vocabulary size on record",
+                rows.device_ids[i], rows.architectures[i],
+            )
+            return None
         return ids is not None and len(ids) > 0 and 0 <= int(ids.min()) and int(ids.max()) < vocab
 
     def _bulk_row(self, rows: SampleRows, i: int, label: int) -> bool:
@@ -573,8 +581,11 @@ class TrainingCache:
             log.warning("device %s data deleted: %d cached samples dropped", device, n)
 
     def _ensure_archs(self, store: Store) -> None:
+        """Learn the devices (and architectures) the store holds. A device becomes known
+        only once its architecture is complete: an lm architecture's vocabulary is read
+        first, so a database error in between leaves the device unknown (read again with
+        the next page), and a vocabulary not on record (0) is read again, never used."""
         for d in store.devices():
-            self._known_devices.add(d.device_id)
             self._bounds[d.device_id] = value_bound(d.manifest)
             if d.architecture not in self.archs:
                 m = d.manifest
@@ -586,7 +597,9 @@ class TrainingCache:
                 from fedmobillm.server.service import VOCAB_KEY
 
                 a.vocab = int(store.meta(VOCAB_KEY + d.architecture) or 0)
-            self.archs[d.architecture].bundle_sha256s.add(d.bundle_sha256)
+            a.bundle_sha256s.add(d.bundle_sha256)
+            if a.vocab or not self.lm:
+                self._known_devices.add(d.device_id)
 
     def _anchor_archs(self) -> list[tuple[str, ArchData]]:
         return sorted((k, a) for k, a in list(self.archs.items()) if a.anchor_x and a.num_train)
