@@ -135,6 +135,14 @@ class ExportOptions:
                 f"--dp-projection {self.dp_projection!r} must be a positive rank",
                 hint="e.g. --dp-projection 16 (at most the hidden size)",
             )
+        if self.dp_projection is not None and not self.calibration:
+            raise FedMobiLLMError(
+                "--dp-projection needs --calibration: the basis, its centre and its scales "
+                "are public, so they must be fitted on public text, not on the default "
+                "calibration (movie-snippets' train split, the text the device flows federate)",
+                hint="pass public text of another corpus, e.g. --calibration nyt-snippets or "
+                "--calibration public.txt (one text a line)",
+            )
         check_combination(self.quant, self.formats)
         if self.fallback_quant:
             check_combination(self.fallback_quant, self.formats)
@@ -538,8 +546,10 @@ def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> d
     from fedmobillm.device_runtime.dp_projection import PROJECTION_FILE, fit_projection
     from fedmobillm.export import calibrate
 
+    if not opts.calibration:  # ExportOptions refuses this; never fit on a fallback text
+        raise FedMobiLLMError("--dp-projection needs --calibration (public text)")
     with stage("dp-projection", opts.stage_seconds):
-        source = opts.calibration or calibrate.DEFAULT_CALIBRATION
+        source = _calibration_source(opts.calibration)
         texts = calibrate.calibration_texts(opts.calibration, limit=DP_PROJECTION_TEXTS)
         ids, mask = calibrate.tokenize(tok, texts, opts.max_seq_len)
         taps = np.asarray(calibrate.eager_taps(wrapped, ids, mask))  # (N, K, d) | (N, K, T, d)
@@ -562,6 +572,13 @@ def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> d
         "vectors": int(len(taps)),
         "variance_kept": [round(float(v), 4) for v in kept],
     }
+
+
+def _calibration_source(calibration: str) -> str:
+    """The calibration source as the manifest records it: a .txt file's absolute path, else
+    the data set's name (calibration_texts reads exactly that, or raises)."""
+    path = Path(calibration)
+    return str(path.resolve()) if path.suffix == ".txt" else calibration
 
 
 def _write_manifest(manifest: Manifest, folder: Path) -> None:

@@ -208,13 +208,15 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
     from fedmobillm.server.local import LocalServer
 
     bundle = make_bundle(
-        "minilm-l3", num_taps=3, formats=("onnx",), max_seq_len=64, dp_projection=8
-    )
+        "minilm-l3", num_taps=3, formats=("onnx",), max_seq_len=64, dp_projection=8,
+        calibration="nyt-snippets",  # public text, not the federated movie-snippets
+    )  # fmt: skip
     manifest = load_verified_bundle(bundle)  # every file's sha256 checked
     assert (
         PROJECTION_FILE in manifest.files and len(manifest.files[PROJECTION_FILE]["sha256"]) == 64
     )
     assert manifest.extra["dp_projection"]["rank"] == 8
+    assert manifest.extra["dp_projection"]["calibration"] == "nyt-snippets"
     proj = load_projection(bundle, manifest)
     assert proj is not None and orthonormality_error(proj.basis) < 1e-5
     data = tmp_path / "texts.jsonl"

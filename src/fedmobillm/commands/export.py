@@ -62,7 +62,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--calibration",
         metavar="DATA",
-        help="data name or file for activation pre-scales (default movie-snippets)",
+        help="data name or file for activation pre-scales (default movie-snippets); required "
+        "with --dp-projection, and then it must be public text (e.g. another corpus)",
     )
     parser.add_argument(
         "--dp-projection",
