@@ -135,12 +135,14 @@ def open_store(settings: ServerSettings, trainer: bool = False) -> SqlStore:
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` (or an exception it was raised from) is a database error that a retry
     can outlive: a connection dropped or refused (PostgreSQL restarted, pg_terminate_backend,
-    network), an admin shutdown, a locked or busy SQLite file. A bug (a wrong query, bad
-    data) is not transient."""
+    network), an admin shutdown, a locked or busy SQLite file (SQLITE_BUSY / SQLITE_LOCKED).
+    A bug or a permanent fault (a wrong query, no such table or column, a read-only or
+    failing disk, bad data) is not transient. Follows ``__cause__`` only (``raise ... from``):
+    an error raised while handling a transient one is not itself transient."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, sqlite3.OperationalError):
+        if isinstance(exc, sqlite3.OperationalError) and _sqlite_busy(exc):
             return True
         mod = type(exc).__module__ or ""
         if mod.startswith("psycopg") and type(exc).__name__ in TRANSIENT_PG:
@@ -150,8 +152,20 @@ def is_transient(exc: BaseException) -> bool:
 
             if isinstance(exc, psycopg.OperationalError | psycopg.InterfaceError):
                 return True
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__
     return False
+
+
+SQLITE_BUSY, SQLITE_LOCKED = 5, 6  # primary result codes (extended codes keep the low byte)
+
+
+def _sqlite_busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY or SQLITE_LOCKED: by its error code (Python >= 3.11), else its message."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in (SQLITE_BUSY, SQLITE_LOCKED)
+    msg = str(exc).lower()
+    return "database is locked" in msg or "database table is locked" in msg or "busy" in msg
 
 
 TRANSIENT_PG = {"AdminShutdown", "CannotConnectNow", "ConnectionException", "CrashShutdown"}

@@ -77,6 +77,7 @@ QUARANTINE_POLL_S = 1.0
 # backoff of the trainer's retries on a transient database error (seconds)
 RETRY_FIRST_S = 0.5
 RETRY_MAX_S = 30.0
+RETRY_GIVE_UP_S = 600.0  # continuous database failure after which the trainer stops
 # Token samples per forward when evaluating (each chunk padded to its own longest sample)
 EVAL_CHUNK = 128
 # Pivot samples dequantized per forward when evaluating or blaming
@@ -800,14 +801,23 @@ class Trainer:
     def _database_down(self, exc: BaseException) -> None:
         """A transient database error: say so (log, status ``database_retry``) and wait with
         exponential backoff (RETRY_FIRST_S doubling to RETRY_MAX_S) before the caller opens
-        the store again; what the cache holds and the weights stay as they are."""
+        the store again; what the cache holds and the weights stay as they are. After
+        RETRY_GIVE_UP_S of continuous failure it gives up: raises (the trainer's error)."""
         wait = self._resume_wait
         attempts = (self.database_retry or {}).get("attempts", 0) + 1
+        since = (self.database_retry or {}).get("since", time.time())
+        if time.time() - since > RETRY_GIVE_UP_S:
+            raise FedMobiLLMError(
+                f"the database has failed for {time.time() - since:.0f} s "
+                f"({attempts - 1} retries); last error: {type(exc).__name__}: "
+                f"{str(exc).strip()[:300]}",
+                hint="fix the database (see the error), then restart the trainer",
+            ) from None  # no cause: the give-up itself is not transient
         self.database_retry = {
             "error": f"{type(exc).__name__}: {str(exc).strip()[:300]}",
             "attempts": attempts,
             "retry_in_s": wait,
-            "since": (self.database_retry or {}).get("since", time.time()),
+            "since": since,
         }
         log.warning(
             "trainer: database error (%s); retry %d in %.1f s",
