@@ -68,7 +68,7 @@ class PrivacyConfig:
     units; None = ``int8_clip`` of the bundle, set by ``resolved``); label_epsilon:
     randomised response on labels (None = labels as they are); budget: the most any one
     text may spend in all, its taps' and its label's releases composed (default: epsilon +
-    label_epsilon, one release); device_budget: optional cap on the device-level epsilon
+    releases x label_epsilon: each release charges the label again); device_budget: optional cap on the device-level epsilon
     (all its releases composed)."""
 
     epsilon: float
@@ -100,7 +100,7 @@ class PrivacyConfig:
                 f"--budget {self.budget} is below one release's epsilon {self.release_epsilon:g} "
                 f"(--epsilon {self.epsilon:g} for the activations + --label-epsilon "
                 f"{self.label_epsilon or 0:g} for the label): no text could be uploaded even once",
-                hint="drop --budget (it defaults to one release) or raise it",
+                hint="drop --budget (it defaults to all the releases) or raise it",
             )
 
     @property
@@ -110,7 +110,11 @@ class PrivacyConfig:
 
     @property
     def text_budget(self) -> float:
-        return self.budget if self.budget is not None else self.release_epsilon
+        """--budget, else all ``releases`` releases of a text: the taps' epsilon (the noise
+        is calibrated for them composed) plus ``releases`` label epsilons (one each)."""
+        if self.budget is not None:
+            return self.budget
+        return self.epsilon + self.releases * (self.label_epsilon or 0.0)
 
     @property
     def z(self) -> float:

@@ -122,6 +122,24 @@ def test_label_randomised_response_is_charged_in_the_ledger(tmp_path):
     assert ledger.check(no_labels, "k2", ["c"]) == pytest.approx(library_epsilon(config.z, 1, 1e-5))
 
 
+def test_the_default_budget_charges_the_label_once_per_release():
+    """With releases = 2 the noise is calibrated for two tap releases at epsilon; each
+    release also charges the label: the default budget admits the second release, and a
+    third is refused. The --budget floor stays one release (epsilon + label_epsilon)."""
+    config = P.PrivacyConfig(epsilon=4.0, clip=1.0, label_epsilon=1.0, releases=2)
+    assert config.text_budget == pytest.approx(6.0)
+    ledger = P.PrivacyLedger(1e-5)
+    for i in range(2):
+        eps = ledger.check(config, f"k{i}", ["a"])
+        ledger.add(f"k{i}", config.z, ["a"], (config.z, 1.0, 1.0))
+    assert eps == pytest.approx(library_epsilon(config.z, 2, 1e-5) + 2.0) and eps <= 6.0
+    with pytest.raises(P.PrivacyBudgetExceeded, match="released 2 time"):
+        ledger.check(config, "k2", ["a"])
+    assert P.PrivacyConfig(epsilon=4.0, label_epsilon=1.0, releases=2, budget=5.0).text_budget == 5
+    with pytest.raises(FedMobiLLMError, match="below one release's epsilon 5"):
+        P.PrivacyConfig(epsilon=4.0, label_epsilon=1.0, releases=2, budget=4.5)
+
+
 def test_a_budget_below_one_release_with_its_label_is_refused():
     with pytest.raises(FedMobiLLMError, match="below one release's epsilon 6"):
         P.PrivacyConfig(epsilon=4.0, label_epsilon=2.0, budget=5.0)
