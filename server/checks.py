@@ -131,18 +131,30 @@ def check_values(device: Device, batch: Batch) -> None:
 
 
 def batch_content(batch: Batch) -> str:
-    """Digest of what a batch claims: split, sample ids and labels (activations are compared
-    sample by sample, within a tolerance)."""
+    """Digest of what a batch claims: split, sample ids and labels, and an lm batch's token
+    ids and loss mask (activations are compared sample by sample, within a tolerance)."""
     h = hashlib.sha256(batch.split.encode())
     h.update(np.ascontiguousarray(batch.sample_ids, np.int64).tobytes())
     h.update(np.ascontiguousarray(batch.labels, np.int64).tobytes())
     if batch.token_ids is not None:  # an lm batch: its targets are its token ids
         h.update(np.ascontiguousarray(batch.token_ids, np.int64).tobytes())
+    if batch.loss_mask is not None:  # which of those targets are scored
+        h.update(b"loss_mask")
+        h.update((np.asarray(batch.loss_mask) != 0).astype(np.uint8).tobytes())
     return h.hexdigest()
 
 
+def _same_mask(sent: np.ndarray, stored: np.ndarray | None) -> bool:
+    """Whether a re-sent loss mask (T,) scores the stored one's (L,) positions alike."""
+    if stored is None:
+        return False
+    return np.array_equal(np.asarray(sent)[: len(stored)] != 0, np.asarray(stored) != 0)
+
+
 def check_resent(
-    device: Device, batch: Batch, stored: dict[int, tuple[int, np.ndarray, np.ndarray | None]]
+    device: Device,
+    batch: Batch,
+    stored: dict[int, tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]],
 ) -> None:
     """Raise ``Conflict`` if a sample the device already uploaded comes back different."""
     if not stored:
@@ -152,7 +164,7 @@ def check_resent(
     for i, sid in enumerate(batch.sample_ids.tolist()):
         if sid not in stored:
             continue
-        label, x, ids = stored[sid]  # int, (K, d) or (K, L, d), (L,) lm ids or None
+        label, x, ids, mask = stored[sid]  # int, (K, d) or (K, L, d), lm (L,) ids, mask
         q = batch.activations[i]  # (K, d) or (K, T, d)
         if batch.lengths is not None:
             q = q[:, : int(batch.lengths[i])]  # (K, L_i, d)
@@ -164,11 +176,13 @@ def check_resent(
             ids is None or not np.array_equal(batch.token_ids[i, : len(ids)], ids)
         ):
             bad.append(sid)  # an lm sample re-sent with other token ids
+        elif batch.loss_mask is not None and not _same_mask(batch.loss_mask[i], mask):
+            bad.append(sid)  # an lm sample re-sent with another loss mask
     if bad:
         raise Conflict(
             f"{len(bad)} sample id(s) of split {batch.split!r} were uploaded before with other "
-            f"content (label, activations, length or token ids), e.g. {bad[:5]}; the stored "
-            "samples are kept",
+            f"content (label, activations, length, token ids or loss mask), e.g. {bad[:5]}; "
+            "the stored samples are kept",
             hint="sample ids name one record for good: give new records new ids, or register "
             "a new device for a new data set",
         )

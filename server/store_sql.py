@@ -219,24 +219,27 @@ class SqlStore:
 
     def stored_samples(
         self, db: Any, device: Device, split: str, sample_ids: np.ndarray
-    ) -> dict[int, tuple[int, np.ndarray, np.ndarray | None]]:
+    ) -> dict[int, tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]]:
         """sample id -> (label, float32 (K, d), or (K, L, d) for a token sample, the token
-        ids (L,) int64 of an lm sample or None) for the ids of ``sample_ids`` already stored."""
-        out: dict[int, tuple[int, np.ndarray, np.ndarray | None]] = {}
+        ids (L,) int64 and loss mask (L,) uint8 of an lm sample or None) for the ids of
+        ``sample_ids`` already stored."""
+        out: dict[int, tuple[int, np.ndarray, np.ndarray | None, np.ndarray | None]] = {}
         ids = [int(i) for i in sample_ids]
         for start in range(0, len(ids), 900):  # SQLite's bound-parameter limit
             part = ids[start : start + 900]
             rows = db.execute(
-                "SELECT sample_id, label, encoding, act, scales, tokens, token_ids FROM samples "
+                "SELECT sample_id, label, encoding, act, scales, tokens, token_ids, loss_mask "
+                "FROM samples "
                 "WHERE "
                 f"device_id = ? AND split = ? AND sample_id IN ({','.join('?' * len(part))})",
                 (device.device_id, split, *part),
             ).fetchall()
             # the row's token ids must not rebind ``ids``: the next chunk is cut from it
-            for sid, label, enc, act, scales, tokens, tok_ids in rows:
+            for sid, label, enc, act, scales, tokens, tok_ids, mask in rows:
                 q = _raw(enc, bytes(act), device.num_taps, device.hidden_size, tokens)
                 blob = None if scales is None else bytes(scales)
-                out[sid] = (label, dequantize_sample(q, _scales(blob)), _ids(tok_ids))
+                x = dequantize_sample(q, _scales(blob))
+                out[sid] = (label, x, _ids(tok_ids), _mask(mask))
         return out
 
     def insert_samples(
