@@ -245,15 +245,26 @@ def _report_bad_rows(path: Path, bad: list[str], skip: bool) -> None:
 # --------------------------------------------------------------------------- task lm
 
 
-def lm_device_records(data: str, skip_bad_rows: bool = False, limit: int | None = None) -> list:
+def lm_device_records(
+    data: str, skip_bad_rows: bool = False, limit: int | None = None, split: str = "train"
+) -> list:
     """The text of an lm device (``fedmobillm.data.lm.LmRecord``: ``text``, ``prompt``):
     a local .jsonl file with ``{"text": ...}`` or ``{"prompt": ..., "response": ...}`` per
     line (an empty text is a bad row: an error naming its line, or skipped and logged with
-    ``skip_bad_rows``), or a named lm corpus (all of it); the first ``limit`` records."""
-    from fedmobillm.data.lm import load_lm_corpus
+    ``skip_bad_rows``), or a named lm corpus (all of it, so only for ``split`` train: its
+    validation would be the same records); the first ``limit`` records."""
+    from fedmobillm.data.lm import LM_CORPORA, load_lm_corpus
 
     if limit is not None and limit < 1:
         raise FedMobiLLMError("--limit must be at least 1")
+    if split != "train" and str(data) in LM_CORPORA:
+        raise FedMobiLLMError(
+            f"--split {split} with the named corpus {data}: a named lm corpus is read whole, "
+            "so its validation would be the same records as its train",
+            hint="split it into per-device train and held-out .jsonl files first (as "
+            "`fedmobillm demo --task lm` does with fedmobillm.data.lm.write_lm_devices) and "
+            "pass the held-out file with --split validation",
+        )
     if Path(data).suffix.lower() == ".csv":
         raise FedMobiLLMError(
             f"{data}: task lm reads .jsonl files",

@@ -288,3 +288,41 @@ def test_lm_registration_and_run_refusals(lm_bundle, stand_in, tmp_path):
         DeviceClient(lm, lm_bundle, RunConfig(task="lm", privacy=PrivacyConfig(epsilon=4.0)))
     with pytest.raises(FedMobiLLMError, match="no anchor set"):
         DeviceClient(lm, lm_bundle, RunConfig(task="lm", split="anchor"))
+
+
+def test_a_named_corpus_is_refused_as_validation(monkeypatch, tmp_path):
+    """A named lm corpus is read whole: as --split validation it would upload the train
+    records again, so `device run --task lm --data friends --split validation` is refused
+    with a hint (a held-out .jsonl file, as demo --task lm writes, is accepted)."""
+    import argparse
+
+    from fedmobillm.commands import device as cmd
+    from fedmobillm.device_runtime import client as client_mod
+    from fedmobillm.device_runtime.records import lm_device_records
+
+    with pytest.raises(FedMobiLLMError, match="same records as its train") as err:
+        lm_device_records("friends", split="validation")
+    assert "write_lm_devices" in err.value.hint and "held-out" in err.value.hint
+    held = tmp_path / "device_00.heldout.jsonl"
+    held.write_text('{"text": "a held-out line"}\n')
+    assert [r.text for r in lm_device_records(str(held), split="validation")] == ["a held-out line"]
+
+    ran = []
+
+    class FakeClient:  # the command's records reach run(); no bundle or server needed
+        def __init__(self, *a, **kw):
+            pass
+
+        def run(self, records):
+            ran.append(records)
+            raise FedMobiLLMError("stop here")
+
+    monkeypatch.setattr(client_mod, "DeviceClient", FakeClient)
+    p = argparse.ArgumentParser()
+    cmd.add_arguments(p)
+    base = ["run", "--task", "lm", "--bundle", str(tmp_path), "--state", str(tmp_path / "s")]
+    with pytest.raises(FedMobiLLMError, match="same records as its train"):
+        cmd.run(p.parse_args([*base, "--data", "friends", "--split", "validation"]))
+    with pytest.raises(FedMobiLLMError, match="stop here"):
+        cmd.run(p.parse_args([*base, "--data", str(held), "--split", "validation"]))
+    assert [r.text for r in ran[0]] == ["a held-out line"]

@@ -349,7 +349,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.split == "anchor":
         records = client.anchor_records()
     elif args.task == "lm":
-        records = lm_device_records(args.data, args.skip_bad_rows, args.limit)
+        records = lm_device_records(args.data, args.skip_bad_rows, args.limit, args.split)
     else:
         records = device_records(
             args.data, args.split, client.state.label_names, args.skip_bad_rows, args.limit
