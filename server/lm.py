@@ -225,13 +225,35 @@ def lm_loss(
     hidden: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Summed next-token NLL (nats) over the scored positions and their count. The head
-    runs at the scored positions only (V is large)."""
+    runs at the scored positions only (V is large), CE_CHUNK of them at a time: the (n, V)
+    float32 logits of a step are never whole (``_chunked_ce``)."""
     scored, target = next_token_targets(ids, mask, loss_mask)
     h = head.hidden(x[:, -1]) if hidden is None else hidden  # (B, T, d)
     if personal is not None:
         h = h + personal(x, mask)
-    logits = head(h[scored])  # (n, V)
-    return F.cross_entropy(logits, target[scored], reduction="sum"), int(scored.sum())
+    return _chunked_ce(head, h[scored], target[scored]), int(scored.sum())
+
+
+CE_CHUNK = 4096  # scored tokens whose (CE_CHUNK, V) logits one cross-entropy chunk holds
+
+
+def _chunked_ce(head: FrozenLMHead, h: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of h (n, d) through ``head`` against tgt (n,), CE_CHUNK rows at
+    a time; with gradients each chunk's logits are recomputed in backward (activation
+    checkpointing), so a step holds one chunk's (CE_CHUNK, V) logits, not (n, V)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def ce(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(hc), tc, reduction="sum")
+
+    if len(tgt) <= CE_CHUNK:
+        return ce(h, tgt)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    parts = []
+    for s in range(0, len(tgt), CE_CHUNK):
+        hc, tc = h[s : s + CE_CHUNK], tgt[s : s + CE_CHUNK]
+        parts.append(checkpoint(ce, hc, tc, use_reentrant=False) if grad else ce(hc, tc))
+    return torch.stack(parts).sum()
 
 
 # -- trainer -------------------------------------------------------------------------------

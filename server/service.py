@@ -85,6 +85,7 @@ class Service:
         anchors: AnchorSet | None = None,
         inputs: str = "pivot",
         task: str = "classify",
+        lm_max_seq_len: int = 512,  # lm: the longest bundle max_seq_len registration accepts
     ) -> None:
         if inputs not in INPUTS:
             raise FedMobiLLMError(f"inputs must be one of {INPUTS}, not {inputs!r}")
@@ -95,6 +96,7 @@ class Service:
         self.anchors = anchors
         self.inputs = inputs
         self.task = task
+        self.lm_max_seq_len = lm_max_seq_len
         self.counters = Counters()
         self._vocab: dict[str, int] = {}  # lm: architecture -> vocabulary size (meta)
         self._pin_task(task)  # first: an lm data dir says --task lm, not only --inputs tokens
@@ -245,6 +247,13 @@ class Service:
                 f"{m.kind} ({m.source_model})",
                 hint="export a decoder with `fedmobillm export smollm2-135m --pivot none "
                 "--generate`",
+            )
+        if m.max_seq_len > self.lm_max_seq_len:
+            raise Conflict(
+                f"this bundle's max_seq_len {m.max_seq_len} exceeds this server's "
+                f"lm_max_seq_len {self.lm_max_seq_len} (it bounds the trainer's step memory)",
+                hint=f"re-export the bundle with --max-seq-len {self.lm_max_seq_len} (or less), "
+                "or start the server with a larger lm_max_seq_len",
             )
         from fedmobillm.server.lm_heads import head_for
 

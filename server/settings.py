@@ -133,6 +133,9 @@ class ServerSettings(BaseSettings):
     # token's taps and ids; side.inputs is then "tokens" and the side network causal, see
     # _lm_side). A data dir keeps its task. `fedmobillm server start --task lm`.
     task: Literal["classify", "lm"] = "classify"
+    # lm: the longest bundle max_seq_len registration accepts (a device's T bounds the
+    # trainer's step memory); env FEDMOBILLM_LM_MAX_SEQ_LEN
+    lm_max_seq_len: int = Field(512, gt=0)
 
     @model_validator(mode="before")
     @classmethod

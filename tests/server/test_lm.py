@@ -287,3 +287,25 @@ def test_perplexity_of_a_huge_mean_nll_is_inf_not_an_error():
     out = stats.to_dict()
     assert out["perplexity"] == float("inf") and out["nll_per_token"] == 1000.0
     assert NextTokenStats(nll=2.0, tokens=2).to_dict()["perplexity"] == pytest.approx(np.e)
+
+
+def test_chunked_cross_entropy_matches_the_whole_and_its_gradient(monkeypatch):
+    """lm_loss's head runs CE_CHUNK scored tokens at a time: the same sum and gradient."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    from fedmobillm.server import lm as lm_mod
+
+    torch.manual_seed(0)
+    head = lm_mod.FrozenLMHead(nn.LayerNorm(8), torch.randn(50, 8), None)
+    h = torch.randn(23, 8, requires_grad=True)
+    tgt = torch.randint(0, 50, (23,))
+    whole = F.cross_entropy(head(h), tgt, reduction="sum")
+    (g_whole,) = torch.autograd.grad(whole, h)
+    monkeypatch.setattr(lm_mod, "CE_CHUNK", 5)
+    chunked = lm_mod._chunked_ce(head, h, tgt)
+    (g_chunked,) = torch.autograd.grad(chunked, h)
+    assert torch.allclose(whole, chunked, atol=1e-5)
+    assert torch.allclose(g_whole, g_chunked, atol=1e-5)
+    with torch.no_grad():
+        assert torch.allclose(lm_mod._chunked_ce(head, h, tgt), whole, atol=1e-5)

@@ -149,6 +149,14 @@ def test_lm_setting_implies_tokens_and_refuses_contradictions(tmp_path):
         load_settings(None, dev=True, task="lm", anchors=tmp_path / "a.txt")
 
 
+def test_lm_max_seq_len_setting_reads_the_environment(monkeypatch):
+    from fedmobillm.server.settings import ServerSettings
+
+    assert ServerSettings(task="lm").lm_max_seq_len == 512
+    monkeypatch.setenv("FEDMOBILLM_LM_MAX_SEQ_LEN", "128")
+    assert ServerSettings(task="lm").lm_max_seq_len == 128
+
+
 def test_data_dir_keeps_its_task(tmp_path):
     from fedmobillm.server.service import Service
     from fedmobillm.server.store import Store
@@ -170,6 +178,8 @@ def test_registration_checks_task_bundle_and_weights(server_factory, manifest, t
     r = register(lm.url, "m", {**manifest, "source_model": str(tmp_path / "nowhere")}, "lm")
     assert r.status_code == 409 and "no local copy" in r.text
     assert register(lm.url, "l", manifest, "lm", labels=["a", "b"]).status_code == 400
+    r = register(lm.url, "long", {**manifest, "max_seq_len": 4096}, "lm")  # past lm_max_seq_len
+    assert r.status_code == 409 and "--max-seq-len 512" in r.text, r.text
     ok = register(lm.url, "ok", manifest, "lm")
     assert ok.status_code == 201, ok.text
     assert ok.json()["task"] == "lm"
