@@ -187,7 +187,8 @@ class LMTrainer(Trainer):
         head = side.inner.heads[name]
         n = len(a.val_x)
         frozen = self.frozen.get(name)
-        stale = frozen is None or frozen["n"] != n
+        # keyed on the validation rows' version, not their count (a replaced row keeps n)
+        stale = frozen is None or frozen.get("version") != a.val_version
         stats, fstats = NextTokenStats(), NextTokenStats()
         for idx in _token_chunks([s.tokens for s in a.val_x]):
             x, mask, ids, lmask = (
@@ -197,7 +198,7 @@ class LMTrainer(Trainer):
             if stale:
                 scored_logits(fstats, None, head, x.float(), ids, mask, lmask)
         if stale:
-            self.frozen[name] = frozen = {"n": n, **fstats.to_dict()}
+            self.frozen[name] = frozen = {"n": n, "version": a.val_version, **fstats.to_dict()}
         assert frozen is not None
         return {**stats.to_dict(), "n": n, "frozen_perplexity": frozen["perplexity"]}
 

@@ -145,6 +145,7 @@ class ArchData:
     val_x: list[Any] = field(default_factory=list)  # PivotSample / TokenSample / (K, d)
     val_y: list[int] = field(default_factory=list)
     val_from: list[str] = field(default_factory=list)  # the device of each validation row
+    val_version: int = 0  # bumped on every change of the validation rows (caches key on it)
     # anchor id -> PivotSample (K, d) (or TokenSample): the public anchor texts through it
     anchor_x: dict[int, Any] = field(default_factory=dict)
     anchor_from: dict[int, str] = field(default_factory=dict)  # anchor id -> device
@@ -444,6 +445,7 @@ class TrainingCache:
             a.val_from.append(device)
         else:
             a.val_x[slot], a.val_y[slot], a.val_from[slot] = x, y, device
+        a.val_version += 1
 
     def _quota(self, arch: str, split: str) -> int | None:
         """Samples one stream of ``arch`` may hold (None: no cap). Until the cache first
@@ -493,6 +495,7 @@ class TrainingCache:
                     a.val_x = [a.val_x[i] for i in keep]
                     a.val_y = [a.val_y[i] for i in keep]
                     a.val_from = [a.val_from[i] for i in keep]
+                    a.val_version += 1
         self.held_bytes = self._held_bytes()
         held, read = self.held_samples(), self.samples_read()
         now = time.monotonic()
@@ -575,6 +578,7 @@ class TrainingCache:
                 a.val_x = [a.val_x[i] for i in keep]
                 a.val_y = [a.val_y[i] for i in keep]
                 a.val_from = [a.val_from[i] for i in keep]
+                a.val_version += 1
                 for sid in [i for i, d in a.anchor_from.items() if d == device]:
                     del a.anchor_x[sid], a.anchor_from[sid]
                     n += 1
