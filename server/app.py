@@ -48,7 +48,11 @@ def open_service(settings: ServerSettings) -> Service:
     store = open_store(settings)  # SQLite in data_dir, or PostgreSQL at settings.database
     try:
         return Service(
-            store, settings.max_samples_per_batch, anchors, settings.side.inputs, settings.task,
+            store,
+            settings.max_samples_per_batch,
+            anchors,
+            settings.side.inputs,
+            settings.task,
             lm_max_seq_len=settings.lm_max_seq_len,
         )
     except BaseException:

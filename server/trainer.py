@@ -332,7 +332,8 @@ class TrainingCache:
         if not vocab:
             log.warning(
                 "lm sample of %s skipped: architecture %s has no vocabulary size on record",
-                rows.device_ids[i], rows.architectures[i],
+                rows.device_ids[i],
+                rows.architectures[i],
             )
             return None
         return ids is not None and len(ids) > 0 and 0 <= int(ids.min()) and int(ids.max()) < vocab

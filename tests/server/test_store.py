@@ -63,8 +63,15 @@ def test_stored_samples_reads_every_chunk_of_a_large_upload(tmp_path):
     with store.transaction() as db:
         store.add_batch(db, "b1", a, "k1", "train", n, {})
         store.insert_samples(
-            db, device, "train", "b1", "int8", act.astype(np.int8),
-            np.full(2, 0.05, np.float32), labels, ids,
+            db,
+            device,
+            "train",
+            "b1",
+            "int8",
+            act.astype(np.int8),
+            np.full(2, 0.05, np.float32),
+            labels,
+            ids,
         )
     with store.transaction() as db:
         stored = store.stored_samples(db, device, "train", ids)
