@@ -51,9 +51,29 @@ def test_sample_series_is_cumulative_per_architecture_and_bounded(tmp_path):
 def test_stored_samples_reads_every_chunk_of_a_large_upload(tmp_path):
     """More than 900 ids are read in chunks; a stored row must not cut the next chunk
     (its token-ids column once rebound the id list: TypeError on the second chunk)."""
+    _check_stored_samples(Store(tmp_path / "store.sqlite3"))
+
+
+def test_stored_samples_reads_every_chunk_on_postgres():
+    import pytest
+    from pg_helpers import Postgres, pg_bin
+
+    from fedmobillm.server.store_pg import PostgresStore
+
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("Debian's postgresql is not installed")
+    pg = Postgres(bindir).start()
+    try:
+        _check_stored_samples(PostgresStore(pg.database()))
+    finally:
+        pg.stop()
+
+
+def _check_stored_samples(store) -> None:
+    """Store 1,000 int8 samples of one device; stored_samples gives all of them back."""
     import numpy as np
 
-    store = Store(tmp_path / "store.sqlite3")
     a, _ = _fleet(store)
     device = store.device(a)
     n = 1000
