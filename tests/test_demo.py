@@ -70,7 +70,15 @@ def _demo_cmd(out, *extra):
 
 def _interrupt_once_devices_run(cmd, timeout=300.0):
     """Start the demo, Ctrl-C it (SIGINT) once its device processes are launched; its stderr."""
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # SIGINT back to its default in the child: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then keeps ignoring Ctrl-C.
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     deadline = time.monotonic() + timeout
     try:
