@@ -21,11 +21,20 @@ log = logging.getLogger(__name__)
 
 STATUS_KEY = "trainer_status"
 PUBLISH_EVERY_S = 1.0
+# A publication older than this is a trainer that stopped (killed, crashed, shut down):
+# its backlog no longer holds back ingest, and its status says it is not running. Wide
+# enough for a publisher waiting on a busy database and for clock skew between hosts.
+STALE_AFTER_S = 30.0
+
+
+def _age_s(status: dict[str, Any]) -> float:
+    return time.time() - float(status.get("published", 0) or 0)
 
 
 class TrainerView:
     """``status()`` as the trainer last published it, with ``published`` (unix time) and
-    ``published_age_s``; ``{"running": False, ...}`` before the first publication."""
+    ``published_age_s``; ``{"running": False, ...}`` before the first publication, and
+    ``running: False, stale: True`` (backlog 0) once the last is older than STALE_AFTER_S."""
 
     def __init__(self, store: PostgresStore) -> None:
         self.store = store
@@ -48,7 +57,9 @@ class TrainerView:
         while True:
             try:
                 raw = self.store.get_meta(STATUS_KEY)
-                self._backlog = int((json.loads(raw) if raw else {}).get("backlog") or 0)
+                status = json.loads(raw) if raw else {}
+                fresh = status and _age_s(status) <= STALE_AFTER_S
+                self._backlog = int(status.get("backlog") or 0) if fresh else 0
             except Exception:  # noqa: BLE001 - a view: no back-pressure from a failed read
                 log.debug("could not read the trainer's backlog", exc_info=True)
                 self._backlog = 0
@@ -59,7 +70,14 @@ class TrainerView:
         if raw is None:
             return {"running": False, "note": "the trainer has not published its status yet"}
         status = json.loads(raw)
-        status["published_age_s"] = round(time.time() - float(status.get("published", 0)), 3)
+        age = _age_s(status)
+        status["published_age_s"] = round(age, 3)
+        if age > STALE_AFTER_S:  # the trainer stopped publishing: it is not running
+            status.update(running=False, stale=True, backlog=0)
+            status["note"] = (
+                f"the trainer last published {age:.0f} s ago: it is not running (start "
+                f"`fedmobillm train` with this store); uploads are stored, none trained"
+            )
         return status
 
     def export_fresh(self, architecture: str, timeout: float = 120.0) -> None:
