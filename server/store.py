@@ -112,17 +112,13 @@ def open_store(settings: ServerSettings, trainer: bool = False) -> SqlStore:
     PostgreSQL also claims the database's one trainer slot (FedMobiLLMError if another
     trainer holds it)."""
     if settings.database is None:
-        store = Store(settings.db_path)
-        if trainer:
-            try:
-                store.claim_trainer()
-            except BaseException:
-                store.close()
-                raise
-        return store
-    from fedmobillm.server.store_pg import PostgresStore  # psycopg: only when asked for
+        store: SqlStore = Store(settings.db_path)
+    else:
+        from fedmobillm.server.store_pg import PostgresStore  # psycopg: only when asked for
 
-    store = PostgresStore(settings.database.get_secret_value(), pool_size=settings.database_pool)
+        store = PostgresStore(
+            settings.database.get_secret_value(), pool_size=settings.database_pool
+        )
     if trainer:
         try:
             store.claim_trainer()
