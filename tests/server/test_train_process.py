@@ -14,51 +14,30 @@ import zipfile
 
 import httpx
 import pytest
-from server_helpers import FAST, ServerProc, admin_headers, make_manifest, make_payload, register
-from train_helpers import TrainerProc
+from server_helpers import FAST, ServerProc, make_payload, register, upload
+from train_helpers import TrainerProc, start_ingest_only, tiny_manifest, wait_for
+from train_helpers import trainer_status as _status
 
 pytestmark = pytest.mark.integration
-
-
-def _status(url: str) -> dict:
-    return httpx.get(f"{url}/v1/status", headers=admin_headers(), timeout=30).json()["trainer"]
-
-
-def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_trainer_process_trains_beside_an_ingest_only_server(tmp_path):
     data = tmp_path / "data"
     srv = ServerProc(data, FAST)
-    srv.args = ["--no-train"]
-    srv.start()
-    trainer = TrainerProc(data, srv._config_file())
+    trainer = start_ingest_only(srv)
     try:
         assert _status(srv.url)["running"] is False  # nothing published yet
-        m = make_manifest("tiny-a", depth=4, hidden=16, taps=[2, 4])
+        m = tiny_manifest()
         reg = register(srv.url, "a", m)
         auth = {"Authorization": f"Bearer {reg['token']}"}
         for split, n, seed in (("train", 300, 1), ("validation", 100, 11)):
-            body = make_payload(reg, m, range(n), split=split, seed=seed)
-            r = httpx.post(
-                f"{srv.url}/v1/batches",
-                content=body,
-                headers={**auth, "Content-Type": "application/octet-stream"},
-                timeout=30,
-            )
+            r = upload(srv.url, reg, make_payload(reg, m, range(n), split=split, seed=seed))
             assert r.status_code == 200, r.text
         time.sleep(1.0)
         # the server alone trains nothing: no personal model
         assert httpx.get(f"{srv.url}/v1/personal-model", headers=auth).status_code == 409
         trainer.start()
-        st = _wait(
+        st = wait_for(
             lambda: (s := _status(srv.url)).get("step", 0) >= 40 and s["personal_models"] and s,
             180,
             "the trainer process to train and export",
@@ -97,6 +76,6 @@ def test_train_refuses_while_serve_trains(tmp_path):
         )
         assert done.returncode != 0
         assert "another trainer is running" in done.stdout + done.stderr
-        assert _wait(lambda: _status(srv.url)["process"]["command"] == "serve", 60, "status")
+        assert wait_for(lambda: _status(srv.url)["process"]["command"] == "serve", 60, "status")
     finally:
         srv.stop()

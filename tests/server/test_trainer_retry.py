@@ -11,28 +11,19 @@ import time
 import httpx
 import psycopg
 import pytest
-from server_helpers import FAST, admin_headers, make_manifest, make_payload, register
+from server_helpers import FAST, make_payload, register
 from test_postgres import PgServer, postgres  # noqa: F401 - the module's PostgreSQL fixture
-from train_helpers import TrainerProc
+from train_helpers import start_ingest_only, tiny_manifest, wait_for
+from train_helpers import trainer_status as _status
 
 pytestmark = pytest.mark.integration
 
-
-def _status(url: str) -> dict:
-    return httpx.get(f"{url}/v1/status", headers=admin_headers(), timeout=30).json()["trainer"]
+# the server between database connections answers errors or partial status: ask again
+_BETWEEN_CONNECTIONS = (httpx.HTTPError, KeyError, ValueError)
 
 
 def _wait(pred, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            got = pred()
-        except (httpx.HTTPError, KeyError, ValueError):
-            got = None  # the server between database connections: ask again
-        if got:
-            return got
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    return wait_for(pred, timeout, what, transient=_BETWEEN_CONNECTIONS)
 
 
 def _upload(url: str, reg: dict, body: bytes) -> None:
@@ -67,10 +58,8 @@ def test_trainer_retries_through_terminated_connections_and_a_restart(postgres, 
     url = postgres.database()
     data = tmp_path / "data"
     srv = PgServer(data, FAST, url, workers=1)
-    srv.args.append("--no-train")
-    srv.start()
-    trainer = TrainerProc(data, srv._config_file(), database=url)
-    m = make_manifest("tiny-a", depth=4, hidden=16, taps=[2, 4])
+    trainer = start_ingest_only(srv, database=url)
+    m = tiny_manifest()
     try:
         reg = register(srv.url, "a", m)
         trainer.start()

@@ -1,11 +1,20 @@
 """A real `fedmobillm train` process (imported by the tests as `train_helpers`): the trainer
-on its own beside `fedmobillm serve --no-train` (ServerProc with ``args=["--no-train"]``)."""
+on its own beside `fedmobillm serve --no-train`, and what the tests of that pair share:
+the ingest-only server plus its trainer, the trainer's published status, and polling."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+import httpx
+from server_helpers import ServerProc, admin_headers, make_manifest
 
 from fedmobillm.server.local import LocalTrainer
+
+T = TypeVar("T")
 
 
 class TrainerProc(LocalTrainer):
@@ -13,3 +22,41 @@ class TrainerProc(LocalTrainer):
 
     def __init__(self, data_dir: Path, config: Path, database: str | None = None) -> None:
         super().__init__(data_dir, config, database)
+
+
+def tiny_manifest() -> dict:
+    """The device manifest these tests register: a 4-layer, width-16 backbone tapped at 2 and 4."""
+    return make_manifest("tiny-a", depth=4, hidden=16, taps=[2, 4])
+
+
+def start_ingest_only(srv: ServerProc, database: str | None = None) -> TrainerProc:
+    """Start ``srv`` as `serve --no-train` and return (not started) the trainer process on
+    the same data dir, config and database."""
+    srv.args.append("--no-train")
+    srv.start()
+    return TrainerProc(srv.data_dir, srv._config_file(), database=database)
+
+
+def trainer_status(url: str) -> dict:
+    """The ``trainer`` section of the server's `/v1/status` (the trainer's published status)."""
+    return httpx.get(f"{url}/v1/status", headers=admin_headers(), timeout=30).json()["trainer"]
+
+
+def wait_for(
+    pred: Callable[[], T],
+    timeout: float,
+    what: str,
+    transient: tuple[type[Exception], ...] = (),
+) -> T:
+    """Poll ``pred`` every 0.3 s until it returns something truthy, and return that; an
+    exception in ``transient`` counts as "not yet". AssertionError naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            got = pred()
+        except transient:
+            got = None
+        if got:
+            return got
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
