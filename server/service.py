@@ -3,6 +3,7 @@ exceptions; knows nothing about HTTP."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -69,6 +70,24 @@ class Counters:
 
 INPUTS = ("pivot", "tokens")
 VOCAB_KEY = "lm_vocab/"  # meta key prefix: an lm architecture's vocabulary size
+
+
+def _before_mask_digest(batch: Batch, was: str) -> bool:
+    """Whether ``was`` is ``batch``'s content digest as acknowledged before an lm batch's
+    loss mask joined it (split, ids, labels, token ids only). Such a re-send is answered with
+    its acknowledgement once ``check_resent`` found every stored sample's mask (stored
+    with the rows all along) equal to the re-sent one; logged, never silent."""
+    if batch.loss_mask is None:
+        return False
+    if batch_content(dataclasses.replace(batch, loss_mask=None)) != was:
+        return False
+    log.info(
+        "idempotency key %r of device %s was acknowledged before loss masks joined the "
+        "batch digest: the re-sent masks are compared with the stored samples' instead",
+        batch.idempotency_key,
+        batch.device_id,
+    )
+    return True
 
 
 class Service:
@@ -438,14 +457,14 @@ class Service:
             stored = self.store.stored_samples(db, device, batch.split, batch.sample_ids)
             if found is not None:
                 ack, was = found
-                if was is not None and was != content:
+                if was is not None and was != content and not _before_mask_digest(batch, was):
                     raise Conflict(
                         f"idempotency key {batch.idempotency_key!r} was acknowledged for other "
-                        "samples or labels; the first upload is kept",
+                        "samples, labels, token ids or loss mask; the first upload is kept",
                         hint="use a new idempotency key for new content (fedmobillm device run "
                         "derives it from the sample ids)",
                     )
-                check_resent(device, batch, stored)
+                check_resent(device, batch, stored)  # the loss mask against the stored one
                 return {**ack, "duplicate": True}
             check_resent(device, batch, stored)
             batch_id = "b-" + uuid.uuid4().hex[:20]
