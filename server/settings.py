@@ -113,6 +113,12 @@ class ServerSettings(BaseSettings):
     # the store (server/trainer.py TrainingCache). 0 = no cap.
     trainer_memory_mb: float = Field(1024.0, ge=0)
     step_sleep_s: float = Field(0.0, ge=0)  # pause between steps (leave CPU to ingest)
+    # How the trainer draws within an architecture's share of a mini-batch
+    # (server/policies.py balanced_sample): "device" (a device uniformly, then one of its
+    # samples; the default), "sample" (a sample uniformly), "label" (a label uniformly among
+    # those the architecture holds, then a sample of it: for fleets with label skew, issue
+    # 23, docs/skew.md). Env FEDMOBILLM_SAMPLER_BALANCE, config file sampler_balance.
+    sampler_balance: Literal["device", "sample", "label"] = "device"
     # Anchor set (server/anchors.py): public unlabelled texts, one per line or .jsonl
     # {"text"}; each device forwards its share of anchors_per_device of them (`fedmobillm
     # device run --split anchor`). Keep the file fixed for a data dir: ids are positions.
@@ -162,6 +168,16 @@ class ServerSettings(BaseSettings):
                 side[name] = data.pop(flat)
         data["side"] = side
         return data
+
+    @model_validator(mode="after")
+    def _balance_needs_labels(self) -> ServerSettings:
+        """``sampler_balance = "label"`` draws by label: an lm federation has none."""
+        if self.task == "lm" and self.sampler_balance == "label":
+            raise ValueError(
+                'sampler_balance "label" draws by label and task lm has no labels: use '
+                '"device" or "sample"'
+            )
+        return self
 
     @field_validator("database")
     @classmethod

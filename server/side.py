@@ -66,10 +66,17 @@ def optimizer_step(
     or the gradients are not finite. Shared by the side and lm trainers."""
     if not torch.isfinite(loss):
         raise NonFiniteStep("loss")
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    apply_gradients(optimizer, lr, max_grad_norm)
+
+
+def apply_gradients(optimizer: torch.optim.Optimizer, lr: float, max_grad_norm: float) -> None:
+    """Step on the gradients already in ``.grad`` at ``lr`` (times each param group's
+    ``lr_scale``), clipped to ``max_grad_norm``. Raises ``NonFiniteStep`` (gradients cleared,
+    nothing applied) when they are not finite."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     params = [p for g in optimizer.param_groups for p in g["params"]]
     norm = nn.utils.clip_grad_norm_(params, max_grad_norm)
     if not torch.isfinite(norm):
@@ -79,6 +86,76 @@ def optimizer_step(
 
 
 ANCHOR_TARGETS = ("mean", "quality")
+# SideConfig.conflict_projection: which gradients are projected off an architecture's own
+# labelled-loss gradient where they conflict with it (``project_gradients``)
+CONFLICT_PROJECTIONS = ("off", "anchors", "all")
+# alternating projections onto the half-spaces {v: <v, g_a> >= 0}: passes before giving up
+PROJECTION_PASSES = 20
+
+
+def remove_conflicts(
+    h: torch.Tensor, gs: list[torch.Tensor], passes: int = PROJECTION_PASSES
+) -> tuple[torch.Tensor, int, bool]:
+    """``h`` (n,) projected off every ``g`` of ``gs`` (each (n,)) it conflicts with
+    (``<h, g> < 0``: h -= <h, g> / |g|^2 g), in order, for up to ``passes`` passes
+    (alternating projections onto the half-spaces {v: <v, g> >= 0}, whose intersection holds
+    0, so they converge). Returns (h' (n,), projections made, True when no conflict is left);
+    with one pass this is PCGrad's projection."""
+    made = 0
+    for _ in range(passes):
+        hit = False
+        for g in gs:
+            gg = float(g @ g)
+            dot = float(h @ g)
+            if gg > 0 and dot < -1e-9 * math.sqrt(gg * float(h @ h)):
+                h = h - (dot / gg) * g
+                made, hit = made + 1, True
+        if not hit:
+            return h, made, True
+    return h, made, all(float(h @ g) >= -1e-6 * float(g.norm() * h.norm()) for g in gs)
+
+
+def project_gradients(
+    own: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    transfer: tuple[torch.Tensor, dict[str, torch.Tensor]] | None,
+    mode: str,
+) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, int]]:
+    """The step's gradient with the conflicts removed (``SideConfig.conflict_projection``).
+
+    ``own``: arch -> (gradient of its labelled loss on the shared side network (n_s,), on its
+    alignment (n_a,)); ``transfer``: the anchor terms' gradient (shared (n_s,), arch ->
+    alignment (n_a,)), or None. Mode "anchors": the transfer gradient is projected, on each
+    alignment, off that architecture's own gradient where they conflict, and on the shared
+    network off every architecture's own until it conflicts with none (zero if that fails);
+    so to first order it never raises any architecture's labelled loss. "all": in addition
+    each architecture's own gradient on the shared network is projected off the other
+    architectures' where they conflict (PCGrad, one pass in name order). Returns (shared
+    gradient (n_s,) or None, arch -> alignment gradient, counts of projections made)."""
+    counts = {"shared": 0, "shared_dropped": 0}
+    names = sorted(own)
+    shared = {a: own[a][0] for a in names}
+    if mode == "all":
+        for a in names:
+            others = [own[b][0] for b in names if b != a]
+            shared[a], made, _ = remove_conflicts(own[a][0], others, passes=1)
+            counts["shared"] += made
+    total = torch.stack(list(shared.values())).sum(0) if shared else None
+    aligns = {a: own[a][1] for a in names}
+    if transfer is not None:
+        h, resolved = transfer[0], True
+        if shared:
+            h, made, resolved = remove_conflicts(h, [own[a][0] for a in names])
+            counts["shared"] += made
+        if not resolved:
+            counts["shared_dropped"] += 1
+            h = torch.zeros_like(h)
+        total = h if total is None else total + h
+        for a, ha in transfer[1].items():
+            if a in own:
+                ha, made, _ = remove_conflicts(ha, [own[a][1]])
+                counts[f"align:{a}"] = made
+            aligns[a] = ha if a not in aligns else aligns[a] + ha
+    return total, aligns, counts
 
 
 @dataclass
@@ -160,12 +237,25 @@ class SideConfig:
     anchor_target: str = "mean"
     anchor_protect_best: bool = False
     anchor_shared: bool = True
+    # Negative transfer without a ranking (issue 23, docs/skew.md): "anchors" projects the
+    # anchor terms' gradient off each architecture's own labelled-loss gradient wherever they
+    # conflict (its alignment: off its own; the shared network: off every architecture's), so
+    # to first order the anchors never raise any architecture's own loss, whatever the
+    # validation split says; "all" also projects each architecture's labelled gradient on the
+    # shared network off the others' (PCGrad); "off": one plain backward pass. Costs one
+    # backward pass per architecture, plus one for the anchors (``project_gradients``).
+    conflict_projection: str = "off"
 
     def __post_init__(self) -> None:
         problems = self._token_problems()
         if self.logit_adjust_prior not in ("fleet", "uniform"):
             problems.append(
                 f"logit_adjust_prior must be 'fleet' or 'uniform', not {self.logit_adjust_prior!r}"
+            )
+        if self.conflict_projection not in CONFLICT_PROJECTIONS:
+            problems.append(
+                f"conflict_projection must be one of {list(CONFLICT_PROJECTIONS)}, "
+                f"not {self.conflict_projection!r}"
             )
         if self.anchor_target not in ANCHOR_TARGETS:
             problems.append(
@@ -540,6 +630,10 @@ class SideTrainer:
         # anchor_protect_best). Not saved: it is refreshed at the next evaluation.
         self.arch_quality: dict[str, float] = {}
         self._quality_warned = False
+        # conflict_projection: steps taken and projections made ("shared", "align:<arch>",
+        # "shared_dropped": steps whose anchor gradient on the shared network was dropped).
+        # Not saved.
+        self.conflicts: dict[str, int] = {}
         torch.manual_seed(seed)
         side_cls = TokenSideNetwork if config.tokens else SideNetwork
         self.side: SideNetwork | TokenSideNetwork = side_cls(config, len(label_names))
@@ -709,16 +803,68 @@ class SideTrainer:
         if self.config.logit_adjust:
             shift = self._label_shift()
             logits = [lg + shift[a] for lg, a in zip(logits, archs, strict=True)]
-        loss = F.cross_entropy(
-            torch.cat(logits), torch.cat(targets), label_smoothing=self.config.label_smoothing
-        )
-        if anchors is not None and len(anchors) > 1:
-            loss = loss + self._anchor_loss(anchors)
-        optimizer_step(self.optimizer, loss, self.lr_at(self.step), self.config.max_grad_norm)
+        anchored = anchors is not None and len(anchors) > 1
+        if self.config.conflict_projection != "off":
+            loss = self._projected_step(logits, targets, archs, anchors if anchored else None)
+        else:
+            loss = F.cross_entropy(
+                torch.cat(logits), torch.cat(targets), label_smoothing=self.config.label_smoothing
+            )
+            if anchored:
+                loss = loss + self._anchor_loss(anchors)  # type: ignore[arg-type]
+            optimizer_step(self.optimizer, loss, self.lr_at(self.step), self.config.max_grad_norm)
         self.step += 1
         self._update_ema()
         self.samples_seen += sum(len(t) for t in targets)
         return float(loss.detach())
+
+    def _projected_step(
+        self,
+        logits: list[torch.Tensor],
+        targets: list[torch.Tensor],
+        archs: list[str],
+        anchors: list[tuple] | None,
+    ) -> torch.Tensor:
+        """``conflict_projection``: each architecture's labelled loss (its share of the
+        batch's mean cross-entropy; logits (N_a, C), targets (N_a,)) and the anchor terms
+        differentiated apart, the gradients projected (``project_gradients``) and applied.
+        Returns the total loss, the same number as the plain step's."""
+        n = sum(len(t) for t in targets)
+        own: dict[str, torch.Tensor] = {}
+        for lg, t, a in zip(logits, targets, archs, strict=True):
+            part = F.cross_entropy(
+                lg, t, reduction="sum", label_smoothing=self.config.label_smoothing
+            )
+            own[a] = own.get(a, torch.zeros(())) + part / n
+        transfer = self._anchor_loss(anchors) if anchors is not None else None
+        loss = sum(own.values(), torch.zeros(())) + (0.0 if transfer is None else transfer)
+        if not torch.isfinite(loss):
+            raise NonFiniteStep("loss")
+        shared = list(self.side.parameters())
+        align = {a: list(self.aligns[s.key].parameters()) for a, s in self.archs.items()}
+        grads = {a: _flat_grads(own[a], [*shared, *align[a]]) for a in own}
+        ns = sum(p.numel() for p in shared)
+        split = {a: (g[:ns], g[ns:]) for a, g in grads.items()}
+        moved = None
+        if transfer is not None and transfer.requires_grad:
+            everything = [*shared, *(p for a in self.archs for p in align[a])]
+            flat = _flat_grads(transfer, everything)
+            moved = (flat[:ns], {})
+            at = ns
+            for a in self.archs:
+                size = sum(p.numel() for p in align[a])
+                moved[1][a] = flat[at : at + size]
+                at += size
+        g_shared, g_align, counts = project_gradients(split, moved, self.config.conflict_projection)
+        self.optimizer.zero_grad(set_to_none=True)
+        if g_shared is not None:
+            _set_grads(shared, g_shared)
+        for a, g in g_align.items():
+            _set_grads(align[a], g)
+        for k, v in {"steps": 1, **counts}.items():
+            self.conflicts[k] = self.conflicts.get(k, 0) + v
+        apply_gradients(self.optimizer, self.lr_at(self.step), self.config.max_grad_norm)
+        return loss
 
     def _label_shift(self) -> dict[str, torch.Tensor]:
         """logit_adjust * (log p_a - log p) per architecture, (C,) each (add-one smoothed);
@@ -968,6 +1114,25 @@ class SideTrainer:
             pte=pte,
             quant=quant,
         )
+
+
+def _flat_grads(loss: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:
+    """d loss / d params, flattened in order (zeros where the loss does not reach): (n,)."""
+    got = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return torch.cat(
+        [
+            (torch.zeros_like(p) if g is None else g).reshape(-1)
+            for p, g in zip(params, got, strict=True)
+        ]
+    )
+
+
+def _set_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    """Each parameter's ``.grad`` from its slice of ``flat`` (n,), in order."""
+    at = 0
+    for p in params:
+        p.grad = flat[at : at + p.numel()].view_as(p).clone()
+        at += p.numel()
 
 
 def _pool_blocks(u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
