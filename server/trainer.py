@@ -887,7 +887,7 @@ class Trainer:
             self.idle = True
             return False
         rng = self._rng()
-        groups = self.cache.sample(rng, self.settings.batch_size)
+        groups = self.cache.sample(rng, self.settings.batch_size, self.settings.sampler_balance)
         if not groups:
             return False
         self.idle = False
