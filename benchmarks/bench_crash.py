@@ -141,20 +141,28 @@ def _trainer_status(srv: LocalServer) -> dict:
     return httpx.get(f"{srv.url}{ROUTE_STATUS}", headers=headers, timeout=15).json()["trainer"]
 
 
-def _latest_checkpoint(data: Path) -> int | None:
+def latest_checkpoint(data: Path) -> int | None:
+    """The step of the data dir's last checkpoint (``checkpoints/LATEST``); None before one."""
     try:
         return int(json.loads((data / "checkpoints" / "LATEST").read_text())["step"])
     except FileNotFoundError:
         return None
 
 
-def _kill_worker(srv: LocalServer) -> None:
-    """SIGKILL one uvicorn worker of `serve --workers N`; wait until it is replaced."""
+def kill_worker(srv: LocalServer, expected: int | None = None, timeout: float = 180) -> None:
+    """SIGKILL one uvicorn worker of `serve --workers N` (not the process group); wait until
+    uvicorn's supervisor has replaced it. ``expected``: the number of workers there must be."""
     import psutil
 
-    assert srv.proc is not None
+    if srv.proc is None:
+        raise FedMobiLLMError("kill_worker: the server is not running; start() it first")
     parent = psutil.Process(srv.proc.pid)
     workers = [p for p in parent.children() if "resource_tracker" not in " ".join(p.cmdline())]
+    if expected is not None and len(workers) != expected:
+        raise FedMobiLLMError(
+            f"kill_worker: {len(workers)} workers, expected {expected}: "
+            f"{[p.cmdline() for p in workers]}"
+        )
     victim = workers[0]
     victim.kill()
     _wait(
@@ -162,7 +170,7 @@ def _kill_worker(srv: LocalServer) -> None:
             victim.pid not in [p.pid for p in parent.children()]
             and len(parent.children()) >= len(workers)
         ),
-        180,
+        timeout,
         "uvicorn to replace the killed worker",
     )
 
@@ -270,12 +278,12 @@ def _cycle(
     trainer.kill()
     t0 = time.monotonic()
     if worker_only:
-        _kill_worker(srv)
+        kill_worker(srv)
     else:
         srv.kill()
         srv.start()
     ingest_back = time.monotonic() - t0
-    checkpoint = _latest_checkpoint(srv.data_dir)
+    checkpoint = latest_checkpoint(srv.data_dir)
     trainer.start()
     new_pid = trainer.proc.pid if trainer.proc else None
 

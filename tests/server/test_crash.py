@@ -3,7 +3,6 @@ Every acknowledged sample is stored exactly once; training resumes from its last
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 
@@ -11,18 +10,10 @@ import httpx
 import pytest
 from server_helpers import ServerProc, admin_headers, make_manifest, make_payload, register
 
+from benchmarks.bench_crash import SETTINGS, latest_checkpoint
+
 pytestmark = pytest.mark.integration
 
-SETTINGS = {
-    "train": True,
-    "batch_size": 16,
-    "checkpoint_every": 5,
-    "eval_every": 10_000,
-    "export_every": 10_000,
-    "idle_after_epochs": 0,
-    "side_width": 16,
-    "side_blocks": 2,
-}
 CYCLES = 10
 BATCH = 8
 
@@ -62,13 +53,6 @@ class Device:
         self.acked.update(self.pending_ids)
         self.pending = None
         return True
-
-
-def latest_checkpoint(data_dir) -> int | None:
-    try:
-        return json.loads((data_dir / "checkpoints" / "LATEST").read_text())["step"]
-    except FileNotFoundError:
-        return None
 
 
 def trainer_status(url: str) -> dict:

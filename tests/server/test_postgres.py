@@ -29,6 +29,7 @@ from server_helpers import (
 from test_crash import Device, latest_checkpoint, trainer_status, wait_for
 from test_tokens import token_batch, token_manifest
 
+from benchmarks.bench_crash import kill_worker
 from fedmobillm.device_runtime.serde import encode_batch
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.errors import Conflict
@@ -261,27 +262,11 @@ def _upload_while(devices: list[Device], url: str, stop: threading.Event) -> lis
 def _kill_one_worker(srv: PgServer, devices: list[Device]) -> None:
     """SIGKILL one uvicorn worker process (not the group) while devices upload; uvicorn's
     supervisor replaces it. An upload that died with it stays pending: the caller re-sends."""
-    import psutil
-
-    workers = [
-        p
-        for p in psutil.Process(srv.proc.pid).children()
-        if "resource_tracker" not in " ".join(p.cmdline())
-    ]
-    assert len(workers) == 2, [p.cmdline() for p in workers]
     acked = _acked(devices)
     stop = threading.Event()
     threads = _upload_while(devices, srv.url, stop)
     wait_for(lambda: _acked(devices) >= acked + 16, 120, "uploads before the worker kill")
-    workers[0].kill()
-    wait_for(
-        lambda: (
-            workers[0].pid not in [p.pid for p in psutil.Process(srv.proc.pid).children()]
-            and len(psutil.Process(srv.proc.pid).children()) >= len(workers)
-        ),
-        120,
-        "the worker replaced",
-    )
+    kill_worker(srv, expected=2, timeout=120)
     stop.set()
     for t in threads:
         t.join(30)
