@@ -32,7 +32,10 @@ Methods, on the same held-out text of each backbone's devices:
   architecture;
 - ``centralised``: the same side network on every device's data pooled, one backbone;
 - ``local``: one side network per device on its own text only;
-- ``fedavg-lora``: not run yet (listed in lm.md as such).
+- ``fedavg-lora``: peft LoRA on the whole full decoder, FedAvg rounds over the same speakers
+  and lines (in-process FedAvg, not Flower: ``benchmarks._lm_lora``), as many training tokens
+  as fedmobillm's steps drew for the full decoder; with ``device_cost``: each method's device
+  FLOPs, bytes and peak memory to reach the worse one's best validation perplexity.
 """
 
 from __future__ import annotations
@@ -82,10 +85,22 @@ class LmBenchConfig:
     select_every: int = 0
     threads: int = 2
     centralised: list[str] = field(default_factory=lambda: list(BACKBONES))
+    # fedavg-lora (benchmarks._lm_lora): run it; its settings tried, "rank:targets:lr"
+    fedavg_lora: bool = True
+    lora_sweep: list[str] = field(default_factory=lambda: ["4:qv:2e-3", "16:qv:2e-3"])
+    # its token budget: this fraction of the scored tokens fedmobillm's steps drew for the
+    # full decoder (1: the same budget); sampled clients and local steps per round
+    lora_budget: float = 1.0
+    lora_clients: int = 2
+    lora_local_steps: int = 2
+    # without select_every, fedmobillm's validation perplexity is still logged every this
+    # many steps (its perplexity-vs-device-cost curve); 0: not logged
+    curve_every: int = 10
 
     @classmethod
     def quick(cls) -> LmBenchConfig:
-        return cls(devices=4, train_lines=64, heldout_lines=24, steps=40, batch_lines=8)
+        return cls(devices=4, train_lines=64, heldout_lines=24, steps=40, batch_lines=8,
+                   lora_budget=0.25, lora_local_steps=1)  # fmt: skip
 
 
 @dataclass
@@ -387,9 +402,12 @@ def train(
     pools: dict[str, tuple[Texts, np.ndarray]],
     batch: int,
     on_select: Any = None,
+    every: int = 0,
 ) -> list[float]:
     """``cfg.steps`` steps; each draws ``batch`` lines per architecture from its pool rows.
-    ``on_select(step)`` runs every ``cfg.select_every`` steps and after the last."""
+    ``on_select(step)`` runs every ``every`` (default ``cfg.select_every``) steps and after
+    the last. (``benchmarks._lm_lora.fedmobillm_draws`` repeats these draws.)"""
+    every = every or cfg.select_every
     losses = []
     for step in range(cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
@@ -399,7 +417,7 @@ def train(
             groups.append(group(texts, np.sort(pick)))
         losses.append(trainer.train_step(groups))
         last = step + 1 == cfg.steps
-        if on_select is not None and (last or (step + 1) % cfg.select_every == 0):
+        if on_select is not None and (last or (step + 1) % every == 0):
             on_select(step + 1)
     return losses
 
@@ -525,12 +543,53 @@ def run(cfg: LmBenchConfig, out: Path) -> dict[str, Any]:
     t = time.perf_counter()
     rows += bench.local_rows()
     timing["local_s"] = time.perf_counter() - t
+    extra: dict[str, Any] = {"fedmobillm_curve": bench.curve}
+    if cfg.fedavg_lora:
+        t = time.perf_counter()
+        lora_row, got = fedavg_lora(cfg, bench, rows, fed)
+        rows.append(lora_row)
+        extra |= got
+        timing["fedavg_lora_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t0
     result = {"config": asdict(cfg), "rows": rows, "timing": timing,
               "devices": [{**d.summary(), "val": len(v), "backbone": arch_of[i]}
                           for i, (d, v) in enumerate(zip(devices, val, strict=True))],
-              "targets": targets(rows), "machine": _machine(), "fedmobillm_losses": losses}  # fmt: skip
+              "targets": targets(rows), "machine": _machine(), "fedmobillm_losses": losses,
+              **extra}  # fmt: skip
     return result
+
+
+def fedavg_lora(cfg: LmBenchConfig, bench: Bench, rows: list[dict], fed: Any) -> tuple[dict, dict]:
+    """The fedavg-lora row and the device-cost comparison (``benchmarks._lm_lora``) on the
+    bench's own lines; fedmobillm's side from its full-decoder curve and rows."""
+    from benchmarks._lm_lora import BenchInputs, Lines, LoraFedConfig, bench_fedavg_lora
+
+    d = bench.data
+    lines = {s: Lines(d[s].texts[MODEL].ids, d[s].device) for s in ("train", "val", "test")}
+    row = {r["method"]: r for r in rows if r["backbone"] == MODEL}
+    curve = [p for p in bench.curve if p["backbone"] == MODEL]
+    if not curve:  # no validation curve logged: the final model only
+        curve = [{"step": cfg.steps, "val_perplexity": row["fedmobillm"]["val_perplexity"]}]
+    sweep = []
+    for spec in cfg.lora_sweep:
+        try:
+            r, t, lr = spec.split(":")
+            sweep.append((int(r), t, float(lr)))
+        except ValueError:
+            raise FedMobiLLMError(f"--lora-sweep {spec!r} is not RANK:TARGETS:LR",
+                                  hint="e.g. 8:qv:2e-3 (targets qv or attn)") from None  # fmt: skip
+    inp = BenchInputs(
+        lines["train"], lines["val"], lines["test"],
+        [i for i, a in bench.arch_of.items() if a == MODEL],
+        [bench.rows_of("train", b) for b in BACKBONES], list(BACKBONES).index(MODEL), curve,
+        row["frozen"]["val_perplexity"], row["fedmobillm"]["bytes_per_token"] + 9.0,
+        4 * fed.num_parameters(d["train"].texts[MODEL].acts.architecture),
+        cfg.steps, cfg.batch_lines, cfg.seed, MODEL, BACKBONES[MODEL][-1],
+    )  # fmt: skip
+    lcfg = LoraFedConfig(sweep=sweep, clients=cfg.lora_clients, local_steps=cfg.lora_local_steps,
+                         batch_lines=cfg.batch_lines, budget_fraction=cfg.lora_budget,
+                         seed=cfg.seed, threads=cfg.threads)  # fmt: skip
+    return bench_fedavg_lora(inp, lcfg)
 
 
 class Bench:
@@ -540,6 +599,7 @@ class Bench:
     def __init__(self, cfg: LmBenchConfig, data: dict[str, Split], arch_of: dict[int, str],
                  head: Any) -> None:  # fmt: skip
         self.cfg, self.data, self.arch_of, self.head = cfg, data, arch_of, head
+        self.curve: list[dict[str, Any]] = []  # fedmobillm's validation perplexity per step
 
     def rows_of(self, split: str, b: str, device: int | None = None) -> np.ndarray:
         """Line indices of ``split`` on backbone ``b``'s devices (or on ``device`` only)."""
@@ -560,7 +620,8 @@ class Bench:
             else:
                 rows = self.rows_of("train", b, None if pool == "fleet" else int(pool))
             pools[b] = (tr[b], rows)
-        if not self.cfg.select_every:
+        every = self.cfg.select_every or (self.cfg.curve_every if pool == "fleet" else 0)
+        if not every or not len(self.data["val"].device):
             return trainer, train(self.cfg, trainer, pools, batch)
         chosen = Selected(trainer)
         device = None if pool in ("fleet", "all") else int(pool)
@@ -568,9 +629,15 @@ class Bench:
         def select(step: int) -> None:
             for b in archs:
                 a = tr[b].acts.architecture
-                chosen.offer(a, step, self.score(trainer, "val", b, device=device)["perplexity"])
+                ppl = self.score(trainer, "val", b, device=device)["perplexity"]
+                if pool == "fleet":  # fedmobillm's curve (fedavg-lora's device cost)
+                    self.curve.append({"step": step, "backbone": b, "val_perplexity": ppl})
+                if self.cfg.select_every:
+                    chosen.offer(a, step, ppl)
 
-        losses = train(self.cfg, trainer, pools, batch, select)
+        losses = train(self.cfg, trainer, pools, batch, select, every)
+        if not self.cfg.select_every:
+            return trainer, losses
         log.info("chosen on validation (step, perplexity): %s", chosen.chosen)
         return chosen, losses
 
@@ -696,7 +763,7 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> None:
                          "computes from the uploaded taps.")  # fmt: skip
     lines += [
         "",
-        "fedavg-lora: not run yet (flwr is not installed here).",
+        *_lora_lines(result),
         "",
         "## Targets (full SmolLM2)",
         "",
@@ -705,6 +772,18 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> None:
         lines.append(f"- {name}: {json.dumps(t)}")
     (out / "lm.md").write_text("\n".join(lines) + "\n")
     _plot(result, out / "lm.png")
+    if "device_cost" in result:
+        from benchmarks._lm_lora import plot_cost
+
+        plot_cost(result["device_cost"], out / "lm_cost.png")
+
+
+def _lora_lines(result: dict[str, Any]) -> list[str]:
+    if "device_cost" not in result:
+        return ["fedavg-lora: not run yet (--no-fedavg-lora)."]
+    from benchmarks._lm_lora import markdown
+
+    return markdown(result)
 
 
 def _plot(result: dict[str, Any], path: Path) -> None:
@@ -713,7 +792,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["frozen", "local", "fedmobillm", "centralised"]
+    methods = ["frozen", "local", "fedmobillm", "centralised", "fedavg-lora"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for j, b in enumerate(BACKBONES):
         vals = [next((r["perplexity"] for r in result["rows"]
@@ -747,6 +826,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--centralised", nargs="+", choices=list(BACKBONES),
                    help="backbones the centralised method runs on (default: both)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-fedavg-lora", action="store_true", help="skip the fedavg-lora baseline")
+    p.add_argument(
+        "--lora-sweep",
+        nargs="+",
+        metavar="RANK:TARGETS:LR",
+        help="fedavg-lora settings tried (targets qv or attn), chosen on validation",
+    )
+    p.add_argument(
+        "--curve-every",
+        type=int,
+        help="log fedmobillm's validation perplexity every N steps (default 10)",
+    )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = LmBenchConfig.quick() if a.quick else LmBenchConfig()
@@ -757,6 +848,11 @@ def main(argv: list[str] | None = None) -> int:
             setattr(cfg, name, getattr(a, name))
     if a.centralised:
         cfg.centralised = list(a.centralised)
+    cfg.fedavg_lora = not a.no_fedavg_lora
+    if a.lora_sweep:
+        cfg.lora_sweep = list(a.lora_sweep)
+    if a.curve_every is not None:
+        cfg.curve_every = a.curve_every
     result = run(cfg, a.out)
     write_report(
         result,
