@@ -1,13 +1,29 @@
-"""How long the trainer's cache takes to read a store back after a restart, and what it holds.
+"""How long a trainer takes to restart on a growing store, and how much memory it holds.
 
-    python -m benchmarks.bench_restart --rows 100000 [--devices 64] [--memory-mb 64] [--out DIR]
+    python -m benchmarks.bench_restart --rows 10000,100000,1000000 [--devices 64]
+        [--memory-mb 64] [--full-max 100000] [--data-dir DIR] [--database postgresql://...]
+        [--out DIR]
 
-Fills a fresh SQLite store through the service layer (``Service.ingest``: the same checks and
-commits as the API, no HTTP) with ``--rows`` int8 pivot samples (K=3 taps x d=384, as a
-MiniLM-L6 int8 bundle uploads, 1,152 B of values a sample) from ``--devices`` devices of two
-architectures, then times ``TrainingCache.refresh`` reading everything back (vectorised range
-screen, reservoir within ``--memory-mb``), and reports rows/s, samples held vs read, held
-bytes and the process RSS growth. Writes DIR/bench_restart.json.
+For each ``--rows`` (ascending) the store is grown to that many samples through the service
+layer (``Service.ingest``: the API's checks and commits, no HTTP; ``_restart_fill``: int8
+K=3 x d=384, 1,152 B of values a sample, ``--devices`` devices of two architectures, one batch
+in ten validation), then a real trainer restarts on it in a fresh process (the one
+``fedmobillm train`` runs: ``create_trainer(settings).start()``; it resumes from the previous
+run's checkpoint) and stops once its cache is full. Restart, measured (wall clock):
+
+- ``process_to_first_step_s``: process start (spawn) to the trainer's first training step
+  (imports and the checkpoint's load included; ``imports_s``: the imports alone, torch's
+  lazily imported parts (the optimizer's ``torch._dynamo``, the export's ``torch.onnx``)
+  included);
+- ``start_to_first_step_s``: ``Trainer.start()`` to the first step (resume from the
+  checkpoint, the cache's first rows, the side network, one step);
+- ``start_to_full_s``: ``Trainer.start()`` to a full cache (the sampled read-back done, or
+  every stored row read);
+
+and the trainer process's RSS when its cache is full and its peak. With ``--full-max N``,
+stores of at most N rows are also restarted with the sampled read-back switched off (the
+whole store read back, as before), for comparison. Writes DIR/bench_restart.json,
+DIR/bench_restart.md and DIR/bench_restart.png (restart s and RSS vs rows).
 """
 
 from __future__ import annotations
@@ -15,88 +31,230 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-import psutil
-
-from fedmobillm.device_runtime.serde import Batch, encode_batch, quantize_int8
-from fedmobillm.server.service import Service
-from fedmobillm.server.store import Store
-from fedmobillm.server.trainer import TrainingCache
-
-from .bench_server import LABELS, manifest
-
-K, D, BATCH = 3, 384, 500
+POLL_S = 0.01
 
 
-def fill(service: Service, rows: int, devices: int) -> float:
-    """``rows`` samples spread over ``devices`` devices; returns seconds taken."""
-    rng = np.random.default_rng(0)
-    scales = np.full(K, 0.05, np.float32)
-    q = quantize_int8(rng.normal(size=(BATCH, K, D)).astype(np.float32), scales)  # (B, K, d)
-    y = rng.integers(0, 2, BATCH)
-    regs = []
-    for i in range(devices):
-        name = ("minilm-l6-like", 6, D, [2, 4, 6]) if i % 2 else ("other-like", 12, D, [4, 8, 12])
-        m = manifest(*name)
-        reg = service.register(f"d{i}", m, LABELS)
-        regs.append(service.store.device(reg["device_id"]))
-    t0, done, i = time.perf_counter(), 0, 0
-    while done < rows:
-        dev = regs[i % devices]
-        n = min(BATCH, rows - done)
-        ids = np.arange(done, done + n, dtype=np.int64)
-        body = Batch(
-            dev.device_id, dev.bundle_sha256, uuid.uuid4().hex, "train", "int8",
-            q[:n], y[:n], ids, scales,
-        )  # fmt: skip
-        service.ingest(dev, encode_batch(body))
-        done, i = done + n, i + 1
-    return time.perf_counter() - t0
+def child(args: argparse.Namespace) -> int:
+    """One restart in this (fresh) process: print its timings and RSS as one JSON line."""
+    import psutil
+    import torch._dynamo  # noqa: F401 - imported lazily by the first optimizer: an import cost
+    import torch.onnx  # noqa: F401 - and by the first personal-model export
+
+    from fedmobillm.server.settings import load_settings
+    from fedmobillm.server.trainer import create_trainer
+
+    imported = time.time()
+    settings, _ = load_settings(
+        None, dev=True, data_dir=args.data_dir, trainer_memory_mb=args.memory_mb,
+        database=args.database, batch_size=32, eval_every=10**6, checkpoint_every=10**6,
+        export_every=10**6,
+    )  # fmt: skip
+    proc = psutil.Process()
+    trainer = create_trainer(settings)
+    trainer.cache.sampled_restart = not args.full
+    t0 = time.time()
+    trainer.start()
+    first = full = None
+    peak = proc.memory_info().rss
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline and trainer.error is None:
+        peak = max(peak, proc.memory_info().rss)
+        side = trainer.side  # its step counts on from the checkpoint it resumed from
+        if first is None and side is not None and side.step > (trainer.resumed_from or 0):
+            first = time.time()
+        c = trainer.cache
+        if full is None and not c.filling and c.rows_read >= trainer.stored > 0:
+            full = time.time()
+        if first is not None and full is not None:
+            break
+        time.sleep(POLL_S)
+    time.sleep(1.0)  # the cache as it stays: RSS a second after it is full
+    rss = proc.memory_info().rss
+    peak = max(peak, rss)
+    c = trainer.cache
+    report = {
+        "spawned": args.spawned,
+        "imported": imported,
+        "start": t0,
+        "first_step": first,
+        "full": full,
+        "error": trainer.error,
+        "sampled": c.horizon is not None,
+        "rows_fetched": c.rows_fetched,
+        "samples_held": c.held_samples(),
+        "samples_read": c.samples_read(),
+        "held_mb": round(c.held_bytes / 2**20, 1),
+        "rss_mb": round(rss / 2**20),
+        "rss_peak_mb": round(peak / 2**20),
+        "resumed_from": trainer.resumed_from,
+    }
+    trainer.stop()
+    print(json.dumps(report), flush=True)
+    return 0
+
+
+def restart(args: argparse.Namespace, data_dir: Path, full: bool) -> dict[str, Any]:
+    """Run ``child`` in a fresh process; its report with the restart times derived."""
+    cmd = [
+        sys.executable, "-m", "benchmarks.bench_restart", "--child", "--data-dir",
+        str(data_dir), "--memory-mb", str(args.memory_mb), "--spawned", repr(time.time()),
+    ]  # fmt: skip
+    if args.database:
+        cmd += ["--database", args.database]
+    if full:
+        cmd.append("--full")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout + 300)
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"restart failed (rc {done.returncode}): {done.stderr[-3000:]}")
+    r = json.loads(lines[-1])
+
+    def since(a: str, b: str) -> float | None:
+        return None if r[b] is None else round(r[b] - r[a], 2)
+
+    r["process_to_first_step_s"] = since("spawned", "first_step")
+    r["start_to_first_step_s"] = since("start", "first_step")
+    r["start_to_full_s"] = since("start", "full")
+    r["imports_s"] = since("spawned", "imported")
+    return r
+
+
+def run(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
+    from benchmarks._restart_fill import fill_to, open_for_fill, stored
+    from fedmobillm.server.service import Service
+
+    results = []
+    for rows in sorted(args.rows):
+        store = open_for_fill(data_dir, args.database)
+        try:
+            fill_s = fill_to(Service(store), rows, args.devices)
+            total = stored(store)
+        finally:
+            store.close()
+        modes = [False, True] if rows <= args.full_max else [False]
+        for full in modes:
+            r = restart(args, data_dir, full)
+            r.update(
+                rows=total, mode="read all (before)" if full else "default", fill_s=round(fill_s, 1)
+            )
+            r["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+            print(json.dumps(_row(r)), file=sys.stderr, flush=True)
+            results.append(r)
+    return results
+
+
+COLUMNS = [
+    ("rows", "stored rows"),
+    ("mode", "read-back"),
+    ("sampled", "sampled"),
+    ("process_to_first_step_s", "process start → 1st step s"),
+    ("start_to_first_step_s", "trainer start → 1st step s"),
+    ("start_to_full_s", "trainer start → cache full s"),
+    ("rows_fetched", "rows fetched"),
+    ("samples_held", "samples held"),
+    ("held_mb", "held MB"),
+    ("rss_mb", "RSS MB"),
+    ("rss_peak_mb", "RSS peak MB"),
+    ("load_avg", "load avg"),
+]
+
+
+def _row(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r.get(k) for k, _ in COLUMNS}
+
+
+def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    head = "| " + " | ".join(t for _, t in COLUMNS) + " |"
+    lines = [
+        f"# bench_restart: cap {args.memory_mb:g} MB, {args.devices} devices, "
+        f"{'PostgreSQL' if args.database else 'SQLite'}",
+        "",
+        head,
+        "|" + "---|" * len(COLUMNS),
+    ]
+    for r in results:
+        cells = []
+        for k, _ in COLUMNS:
+            v = r.get(k)
+            if k == "rows" or k == "rows_fetched" or k == "samples_held":
+                v = f"{v:,}"
+            elif k == "load_avg":
+                v = "/".join(str(x) for x in v)
+            cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict[str, Any]], path: Path, memory_mb: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for mode, style in (("default", "-o"), ("read all (before)", "--s")):
+        rs = [r for r in results if r["mode"] == mode]
+        if not rs:
+            continue
+        x = [r["rows"] for r in rs]
+        for key, label in (
+            ("process_to_first_step_s", "process start → 1st step"),
+            ("start_to_first_step_s", "trainer start → 1st step"),
+            ("start_to_full_s", "trainer start → cache full"),
+        ):
+            ax1.plot(x, [r[key] for r in rs], style, label=f"{label} ({mode})")
+        ax2.plot(x, [r["rss_mb"] for r in rs], style, label=f"RSS, cache full ({mode})")
+        ax2.plot(x, [r["rss_peak_mb"] for r in rs], style, alpha=0.5, label=f"RSS peak ({mode})")
+    ax1.axhline(2.0, color="grey", lw=0.8, ls=":")
+    ax1.set(xscale="log", xlabel="stored samples", ylabel="seconds", title="trainer restart")
+    ax2.set(xscale="log", xlabel="stored samples", ylabel="MB", title="trainer RSS")
+    ax2.axhline(memory_mb, color="grey", lw=0.8, ls=":", label=f"cap {memory_mb:g} MB")
+    for ax in (ax1, ax2):
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_restart", description=__doc__)
-    p.add_argument("--rows", type=int, default=100_000)
+    p.add_argument(
+        "--rows", type=lambda s: [int(x) for x in s.split(",")], default=[10_000, 100_000]
+    )
     p.add_argument("--devices", type=int, default=64)
     p.add_argument("--memory-mb", type=float, default=64.0)
+    p.add_argument("--full-max", type=int, default=0, help="also read all back up to N rows")
+    p.add_argument("--data-dir", type=Path, default=None, help="keep (and grow) the store here")
+    p.add_argument("--database", default=None, help="postgresql://... instead of SQLite")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--spawned", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.child:
+        return child(args)
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
-        store = Store(Path(tmp) / "store.sqlite3")
-        try:
-            fill_s = fill(Service(store), args.rows, args.devices)
-            proc = psutil.Process()
-            rss0 = proc.memory_info().rss
-            cache = TrainingCache(memory_mb=args.memory_mb)
-            t0 = time.perf_counter()
-            cache.refresh(store, budget_s=float("inf"))
-            read_s = time.perf_counter() - t0
-            rss1 = proc.memory_info().rss
-        finally:
-            store.close()
+        results = run(args, args.data_dir or Path(tmp))
     report = {
-        "rows": args.rows,
-        "devices": args.devices,
         "memory_mb": args.memory_mb,
-        "fill_s": round(fill_s, 1),
-        "restart_read_s": round(read_s, 2),
-        "rows_per_s": round(args.rows / read_s),
-        "samples_held": cache.held_samples(),
-        "samples_read": cache.samples_read(),
-        "held_mb": round(cache.held_bytes / 2**20, 1),
-        "rss_growth_mb": round((rss1 - rss0) / 2**20, 1),
-        "load_avg": [round(x, 1) for x in os.getloadavg()],
+        "devices": args.devices,
+        "backend": "postgresql" if args.database else "sqlite",
+        "results": results,
     }
-    print(json.dumps(report, indent=1))
+    print(markdown(results, args))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_restart.json").write_text(json.dumps(report, indent=1))
+        (args.out / "bench_restart.md").write_text(markdown(results, args))
+        plot(results, args.out / "bench_restart.png", args.memory_mb)
     return 0
 
 

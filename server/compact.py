@@ -8,6 +8,8 @@ fp16), dequantised only when drawn, and the reservoir that bounds how many are h
 - ``Reservoir``: Algorithm R per stream (a uniform random subset of everything offered) with
   a quota that may shrink (a uniform subset of a uniform subset is uniform).
 - ``screen_pivot``: the store rows' range check for a whole page at once (vectorised).
+- ``FillStream``: one stream of a restart's sampled read-back, its row ids in the store's
+  fixed pseudo-random order.
 
 Torch-free.
 """
@@ -21,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fedmobillm.server.store import dequantize_sample
+from fedmobillm.server.store_sql import sample_order
 
 # Bytes a held sample costs beyond its values: its scales' object, label, list slot
 SAMPLE_OVERHEAD = 16
@@ -205,6 +208,42 @@ class Reservoir:
 
     def forget(self, key: Any) -> None:
         self.seen.pop(key, None)
+
+
+@dataclass
+class FillStream:
+    """One stream of a restarting trainer's sampled read-back (``TrainingCache``): the rows of
+    (arch, device, split) stored at or before the plan's horizon, taken in the store's fixed
+    pseudo-random order (``store_sql.SAMPLE_ORDER``, bottom-k sampling), a few at a time.
+    ``ids``: (m,) row ids fetched from the index and not taken yet, in that order; ``more``:
+    the store may hold more after them; ``limit``: rows to take at most (None: up to the
+    cache's quota for the stream)."""
+
+    arch: str
+    device: str
+    split: str  # train | validation | anchor
+    ids: np.ndarray  # (m,) int64
+    more: bool
+    limit: int | None = None
+    taken: int = 0
+    _last_key: int = -1  # SAMPLE_ORDER of the last id taken
+
+    def take(self, store: Any, k: int, horizon: int) -> np.ndarray:
+        """The next (<= k,) row ids, fetched from the store's index when ``ids`` runs out."""
+        if len(self.ids) < k and self.more:
+            after = int(sample_order(self.ids[-1:])[0]) if len(self.ids) else self._last_key
+            got = store.stream_sample(self.device, self.split, horizon, max(k, 256), after)
+            self.more = len(got) >= max(k, 256)
+            self.ids = np.concatenate([self.ids, got])
+        out, self.ids = self.ids[:k], self.ids[k:]
+        if len(out):
+            self._last_key = int(sample_order(out[-1:])[0])
+        self.taken += len(out)
+        return out
+
+    @property
+    def exhausted(self) -> bool:
+        return not len(self.ids) and not self.more
 
 
 def screen_pivot(

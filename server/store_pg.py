@@ -39,7 +39,13 @@ from contextlib import contextmanager
 from typing import Any
 
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.store_sql import READ_COLUMNS, SampleRows, SqlStore, sample_rows
+from fedmobillm.server.store_sql import (
+    READ_COLUMNS,
+    SAMPLE_ORDER_INDEX,
+    SampleRows,
+    SqlStore,
+    sample_rows,
+)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +109,7 @@ SCHEMA = [
 # storage; every statement is idempotent. They run when meta's schema_version is below
 # SCHEMA_VERSION (bump it with each new statement): ALTER TABLE locks the table exclusively,
 # which must not happen at every worker (re)start while the others ingest.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS = [
     "ALTER TABLE batches ADD COLUMN IF NOT EXISTS content TEXT",
     "ALTER TABLE devices ADD COLUMN IF NOT EXISTS revoked DOUBLE PRECISION",
@@ -115,6 +121,8 @@ MIGRATIONS = [
     # version 2: an lm sample's token ids (int32 x L) and loss mask (uint8 x L)
     "ALTER TABLE samples ADD COLUMN IF NOT EXISTS token_ids BYTEA",
     "ALTER TABLE samples ADD COLUMN IF NOT EXISTS loss_mask BYTEA",
+    # version 3: a restarting trainer's sampled read-back (stream_sample), index only
+    SAMPLE_ORDER_INDEX + " INCLUDE (txid, id)",
 ]
 
 INSERT_SAMPLES = (
@@ -354,6 +362,22 @@ class PostgresStore(SqlStore):
 
     def _series_bucket(self) -> str:
         return "LEAST(floor((b.created - ?) / ?)::bigint, ?)"
+
+    cursor_column = "txid"
+    ids_clause = "s.id = ANY(?)"
+
+    def _id_list(self, ids: list[int]) -> Any:
+        return ids  # a bigint[] parameter
+
+    def sample_horizon(self) -> int:
+        """One below the oldest transaction still running: every row of a transaction at or
+        below it is committed (or never will be), and ``read_samples(horizon)`` returns the
+        rows of the transactions after it."""
+        with self._connection() as conn:
+            row = conn.execute(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint - 1"
+            ).fetchone()
+        return int(row[0])
 
     def read_samples(self, after: int, limit: int = 10_000) -> SampleRows:
         """Rows of transactions with id > ``after`` that have all finished (below the oldest

@@ -99,6 +99,22 @@ def sample_rows(rows: list[tuple], cursor: int) -> SampleRows:
     )
 
 
+# A fixed pseudo-random order of the rows: a multiplicative hash of the row id (31 bits, the
+# golden-ratio multiplier: consecutive ids spread evenly), indexed per (device, split) as
+# ``samples_order`` so that a stream's first k rows in this order cost O(k) to find. No
+# overflow: (2^31 - 1) * 1327217885 < 2^62.
+SAMPLE_ORDER = "((id % 2147483648) * 1327217885 % 2147483648)"
+SAMPLE_ORDER_INDEX = (
+    f"CREATE INDEX IF NOT EXISTS samples_order ON samples (device_id, split, {SAMPLE_ORDER})"
+)
+
+
+def sample_order(ids: np.ndarray) -> np.ndarray:
+    """``SAMPLE_ORDER`` of row ids (n,) int64 -> keys (n,) int64, as the database computes."""
+    ids = np.asarray(ids, dtype=np.int64)
+    return (ids % 2147483648) * 1327217885 % 2147483648
+
+
 class SqlStore:
     """The store API (both backends). Subclasses provide ``transaction()``, ``_query()``,
     ``close()``, ``_insert_rows()``, ``_series_bucket()`` and ``read_samples()``."""
@@ -133,6 +149,73 @@ class SqlStore:
 
     def read_samples(self, after: int, limit: int = 10_000) -> SampleRows:
         raise NotImplementedError
+
+    # -- sampled read-back (a trainer restarting on a store larger than its memory cap) --
+
+    # the column ``read_samples``' cursor counts in (SQLite: the row id; PostgreSQL: txid)
+    cursor_column = "id"
+
+    def sample_horizon(self) -> int:
+        """A cursor that splits the store in two: the rows stored so far (cursor column <=
+        it: ``stream_sample``, ``stream_ids``) and the rows ``read_samples(horizon)`` returns
+        from now on."""
+        raise NotImplementedError
+
+    def stream_sample(
+        self, device_id: str, split: str, horizon: int, k: int, after_key: int = -1
+    ) -> np.ndarray:
+        """Row ids (<= k,) int64 of the device's ``split`` rows at or before ``horizon``, the
+        smallest ``SAMPLE_ORDER`` keys above ``after_key`` first: the first k rows of the
+        stream in a fixed pseudo-random order (bottom-k sampling), read off the index
+        ``samples_order`` (O(k); no activation is read, the stream's size does not matter).
+        Pass the last key returned (``sample_order(ids[-1])``) as ``after_key`` for the next
+        k."""
+        rows = self._query(
+            f"SELECT id FROM samples WHERE device_id = ? AND split = ? AND "
+            f"{self.cursor_column} <= ? AND {SAMPLE_ORDER} > ? ORDER BY {SAMPLE_ORDER} LIMIT ?",
+            (device_id, split, horizon, after_key, k),
+        )
+        return np.asarray(rows, dtype=np.int64).reshape(-1)
+
+    def stream_ids(self, device_id: str, split: str, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row ids (n,) int64, sample ids (n,) int64) of all the device's ``split`` rows at or
+        before ``horizon`` (an index-only scan: for the anchors, bounded by the anchor set)."""
+        rows = self._query(
+            f"SELECT id, sample_id FROM samples WHERE device_id = ? AND split = ? "
+            f"AND {self.cursor_column} <= ?",
+            (device_id, split, horizon),
+        )
+        both = np.asarray(rows, dtype=np.int64).reshape(-1, 2)  # (n, 2)
+        return both[:, 0].copy(), both[:, 1].copy()
+
+    def stored_bytes(self, device_id: str, limit: int = 16) -> float | None:
+        """Mean stored activation bytes of up to ``limit`` of the device's rows (None: it has
+        none): what a held sample of its architecture costs, before any is read."""
+        rows = self._query(
+            "SELECT avg(length(act)) FROM (SELECT act FROM samples WHERE device_id = ? LIMIT ?) t",
+            (device_id, limit),
+        )
+        return None if not rows or rows[0][0] is None else float(rows[0][0])
+
+    # ``s.id`` among the ids of one parameter (``_id_list`` makes it): SQLite's json_each
+    ids_clause = "s.id IN (SELECT value FROM json_each(?))"
+
+    def _id_list(self, ids: list[int]) -> Any:
+        return json.dumps(ids)
+
+    def read_samples_by_id(self, ids: np.ndarray, chunk: int = 4096) -> SampleRows:
+        """The rows with these row ids (m,), in row id order, as ``read_samples`` returns them
+        (ids no longer stored, e.g. of a device whose data was deleted, are absent); cursor
+        0 (these rows are not a page of ``read_samples``)."""
+        out: list[tuple] = []
+        id_list = sorted(int(i) for i in ids)
+        for start in range(0, len(id_list), chunk):
+            out += self._query(
+                f"SELECT {READ_COLUMNS} FROM samples s JOIN devices d "
+                f"ON s.device_id = d.device_id WHERE {self.ids_clause} ORDER BY s.id",
+                (self._id_list(id_list[start : start + chunk]),),
+            )
+        return sample_rows(out, 0)
 
     # -- task --------------------------------------------------------------------------
 

@@ -45,6 +45,7 @@ from fedmobillm.server.checks import FP16_RANGE
 from fedmobillm.server.compact import (
     SAMPLE_OVERHEAD,
     TOKEN_OBJECT_BYTES,
+    FillStream,
     PivotSample,
     PivotStream,
     Reservoir,
@@ -89,6 +90,14 @@ REFRESH_BUDGET_S = 2.0
 VALIDATION_SHARE = 0.2
 # Seconds between two log lines about the cache's subset
 CACHE_LOG_EVERY_S = 30.0
+# The sampled read-back of a restart on a store larger than the cap (TrainingCache._plan_fill):
+# rows of its first round (training can start once they are in), of each later round; a fill
+# of more than FILL_EAGER_ROWS rows returns after its first round and then tops up for at most
+# FILL_SLICE_S per refresh, between training steps (a smaller one completes within a refresh)
+FIRST_ROWS = 2_048
+ROUND_ROWS = 8_192
+FILL_EAGER_ROWS = 20_000
+FILL_SLICE_S = 0.25
 
 
 @dataclass(slots=True)
@@ -138,6 +147,7 @@ class ArchData:
     vocab: int = 0  # lm: the vocabulary size registration recorded (0: none / classify)
     bundle_sha256s: set[str] = field(default_factory=set)
     encodings: set[str] = field(default_factory=set)  # of the uploads: int8 / fp16
+    byte_hint: float = 0.0  # stored bytes of a sample as the store says, before any is read
     # device -> its samples: a PivotStream (pivot), a list of TokenSamples (tokens), or a list
     # of float32 (K, d) arrays (what the benchmarks' simulated clock puts here)
     train_x: dict[str, Any] = field(default_factory=dict)
@@ -175,7 +185,7 @@ class ArchData:
 
     def sample_bytes(self) -> float:
         """Mean bytes one held sample of this architecture costs (values, scales, label)."""
-        values = self.byte_sum / max(self.rows, 1)
+        values = self.byte_sum / self.rows if self.rows else self.byte_hint
         extra = 4 * len(self.taps) + SAMPLE_OVERHEAD + (TOKEN_OBJECT_BYTES if self.tokens else 0)
         return values + extra
 
@@ -215,7 +225,15 @@ class TrainingCache:
     kind ("pivot" | "tokens"); a stored row of the other kind is skipped with a warning.
     ``task`` "lm": token samples carry their ids and loss mask (TokenSample), are training
     data without a label, and a row whose ids reach past its architecture's vocabulary is
-    dropped as impossible."""
+    dropped as impossible.
+
+    Restart over the cap (``sampled_restart``, on by default): the first refresh of a capped
+    cache on a store larger than the cap does not read the store back; it takes each stream's
+    share from the store's fixed pseudo-random order (``store_sql.SAMPLE_ORDER``, an index:
+    O(cap) rows and index entries, whatever the store holds), fetched by row id, screened as
+    every row is, and tops it up round by round (``_plan_fill``); rows stored later are read
+    from the horizon on as before, once the fill is done. ``rows_fetched`` counts the store
+    rows fetched with their activations, either way."""
 
     def __init__(
         self, inputs: str = "pivot", memory_mb: float = 0.0, seed: int = 0, task: str = "classify"
@@ -242,11 +260,35 @@ class TrainingCache:
         self.offences: dict[str, str] = {}  # device -> reason, for the trainer to record
         self.mismatched = 0  # rows of the other input kind, skipped
         self.rows_read = 0  # store rows read so far (cached, held, dropped or skipped)
+        # (a sampled read-back counts every row at or before its horizon as read)
+        self.rows_fetched = 0  # store rows fetched with their activations
+        self.sampled_restart = True  # False: the first refresh reads everything (as before)
+        self.horizon: int | None = None  # the sampled read-back's cursor (None: none)
+        self.fill_seconds: float | None = None  # how long the sampled read-back took
+        self._planned = False
+        self._fill: list[FillStream] | None = None  # the read-back's streams while it lasts
+        self._fill_rounds = 0
+        self._fill_eager = False
+        self._fill_t0 = 0.0
+        self._skipped: set[str] = set()  # quarantined at the plan: sampled once released
+        self._paused: dict[str, list[FillStream]] = {}  # quarantined during the fill
+        self._replan: set[str] = set()  # released, to be sampled at the next refresh
 
     def refresh(self, store: Store, budget_s: float = REFRESH_BUDGET_S) -> int:
         """Pull new rows, a page of PAGE_ROWS at a time until caught up or ``budget_s`` is
-        spent; returns how many labelled training and anchor samples arrived."""
+        spent; returns how many labelled training and anchor samples arrived. The first
+        refresh may sample the store instead (``_plan_fill``); while that fill lasts, a
+        refresh tops it up (``_fill_step``) and returns."""
         new, t0 = 0, time.monotonic()
+        if not self._planned:
+            self._plan_fill(store)
+            self._planned = True
+        if self._replan:
+            self._plan_released(store)
+        if self._fill is not None:
+            new = self._fill_step(store, t0, budget_s)
+            if self._fill is not None:
+                return new
         while True:
             rows = store.read_samples(self.watermark, PAGE_ROWS)
             if len(rows.ids) == 0:
@@ -259,9 +301,240 @@ class TrainingCache:
                 break
         return new
 
-    def _take(self, store: Store, rows: SampleRows) -> int:
+    # -- sampled read-back (a restart on a store larger than the cap) -----------------------
+
+    @property
+    def filling(self) -> bool:
+        """Whether a sampled read-back is still topping the cache up."""
+        return self._fill is not None
+
+    def _plan_fill(self, store: Store) -> None:
+        """How the first refresh reads the store: all of it (no cap, ``sampled_restart``
+        off, or a store whose samples fit in the cap: as before), else a sample of it
+        (``_start_fill``). The store's rows up to now count as read (``rows_read``)."""
+        if self.cap_bytes is None or not self.sampled_restart or self.watermark:
+            return
+        horizon = store.sample_horizon()
+        counts = store.sample_counts()  # (device, arch, split, n); read after the horizon
+        deleted, quarantined = store.data_deleted(), store.quarantined()
+        self._ensure_archs(store)
+        live = sorted(c for c in counts if c[0] not in deleted and c[1] in self.archs and c[3])
+        estimate = self._estimate_bytes(store, [c for c in live if c[0] not in quarantined])
+        if estimate <= self.cap_bytes:
+            return
+        self.set_deleted(deleted)
+        self.set_quarantined(quarantined)
+        self._start_fill(store, horizon, live)
+        self.rows_read += sum(int(c[3]) for c in counts)
+        self.watermark = horizon
+        log.info(
+            "trainer cache: the store's %d samples (~%.0f MB held) exceed the cap of %.0f MB: "
+            "sampling each stream's share of them instead of reading them all",
+            sum(int(c[3]) for c in live),
+            estimate / 2**20,
+            self.cap_bytes / 2**20,
+        )
+
+    def _estimate_bytes(self, store: Store, live: list[tuple]) -> float:
+        """Bytes the cache would hold for all of ``live`` (device, arch, split, n): each
+        architecture's stored bytes per sample from a few rows of one of its devices
+        (``ArchData.byte_hint``), plus what holding one costs."""
+        for device, arch, _, _ in live:
+            a = self.archs[arch]
+            if not a.byte_hint and not a.rows:
+                a.byte_hint = store.stored_bytes(device) or 0.0
+        return sum(int(n) * self.archs[arch].sample_bytes() for _, arch, _, n in live)
+
+    def _stream(self, arch: str, device: str) -> None:
+        """Make the (empty) training stream of (arch, device) if it is not there."""
+        a = self.archs[arch]
+        if device not in a.train_x:
+            xs = [] if self.tokens else PivotStream(len(a.taps), a.hidden)
+            a.train_x[device] = xs
+            a.train_y[device] = xs.labels if isinstance(xs, PivotStream) else []
+            self._quotas = None
+
+    def _start_fill(self, store: Store, horizon: int, live: list[tuple]) -> None:
+        """Sample the store's rows at or before ``horizon``: every training stream made at
+        once (so the shares are known from the start), then each stream's first ids in the
+        store's order read off the index; validation in proportion to each device's rows;
+        anchors all taken (one row per anchor id and architecture). Quarantined devices wait
+        for their release (``_plan_released``)."""
+        self.horizon = horizon
+        rows = [c for c in live if c[0] not in self.quarantined]
+        self._skipped |= {c[0] for c in live} - {c[0] for c in rows}
+        for device, arch, split, n in rows:
+            if split == "train":
+                self._stream(arch, device)
+                self.reservoir.seen[(arch, device)] = int(n)
+            elif split == "validation":
+                self._val_archs.add(arch)
+                key = (arch, "validation")
+                self.reservoir.seen[key] = self.reservoir.seen.get(key, 0) + int(n)
+        self._capped, self._quotas = True, None
+        quotas = self._quotas = self._compute_quotas()
+        streams: list[FillStream] = []
+        anchors: dict[str, dict[int, int]] = {}  # arch -> anchor id -> its newest row id
+        for device, arch, split, n in rows:
+            if split == "anchor":
+                ids, sids = store.stream_ids(device, "anchor", horizon)
+                by_sid = anchors.setdefault(arch, {})
+                for i, sid in zip(ids.tolist(), sids.tolist(), strict=True):
+                    by_sid[sid] = max(i, by_sid.get(sid, -1))
+            elif split in ("train", "validation"):
+                streams.append(self._fill_stream(store, arch, device, split, int(n), quotas))
+        for arch, by_sid in sorted(anchors.items()):
+            ids = np.sort(np.fromiter(by_sid.values(), np.int64, len(by_sid)))
+            streams.append(FillStream(arch, "", "anchor", ids, more=False))
+        for name, a in self.archs.items():
+            for xs in a.train_x.values():
+                if isinstance(xs, PivotStream):
+                    xs.limit = quotas.get((name, "train"))
+        self._fill, self._fill_rounds, self._fill_t0 = streams, 0, time.monotonic()
+        want = sum(min(s.limit or quotas.get((s.arch, "train"), 1), len(s.ids)) for s in streams)
+        self._fill_eager = want > FILL_EAGER_ROWS
+
+    def _fill_stream(
+        self,
+        store: Store,
+        arch: str,
+        device: str,
+        split: str,
+        n: int,
+        quotas: dict[tuple[str, str], int],
+    ) -> FillStream:
+        """The fill stream of one device's ``split`` rows (n of them): training up to the
+        stream's quota, validation its part (n / the architecture's validation rows) of the
+        validation quota; its first ids (the share and a margin) read off the index."""
+        assert self.horizon is not None
+        limit = None
+        want = quotas.get((arch, "train"), 1)
+        if split == "validation":
+            total = self.reservoir.seen.get((arch, "validation"), n)
+            want = limit = max(1, -(-quotas.get((arch, "validation"), 1) * n // max(total, 1)))
+        k = min(n, want + want // 8 + 16)
+        ids = store.stream_sample(device, split, self.horizon, k)
+        return FillStream(arch, device, split, ids, more=len(ids) >= k, limit=limit)
+
+    def _plan_released(self, store: Store) -> None:
+        """Devices released since the plan: one quarantined during the fill gets its streams
+        back (``_paused``); one quarantined at the plan (``_skipped``) has its rows sampled
+        now (``_released_streams``; the fill starts again if it was done)."""
+        devices, self._replan = sorted(self._replan), set()
+        quotas = self._compute_quotas()
+        streams: list[FillStream] = []
+        for device in devices:
+            d = store.device(device)
+            if d is None or device in self.deleted or d.architecture not in self.archs:
+                continue
+            counts = store.device_samples(device)
+            if device in self._paused:
+                streams += self._paused.pop(device)
+            elif device in self._skipped:
+                self._skipped.discard(device)
+                streams += self._released_streams(store, d.architecture, device, counts, quotas)
+            # its rows at or before the horizon are the population its stream samples
+            self.reservoir.seen[(d.architecture, device)] = int(counts.get("train", 0))
+        if streams:
+            self._fill = (self._fill or []) + streams
+            self._fill_rounds = max(self._fill_rounds, 1)
+            log.info("trainer cache: sampling the stored rows of released %s", devices)
+
+    def _released_streams(
+        self,
+        store: Store,
+        arch: str,
+        device: str,
+        counts: dict[str, int],
+        quotas: dict[tuple[str, str], int],
+    ) -> list[FillStream]:
+        """The fill streams of a device quarantined at the plan: training (its own stream),
+        validation (its part of the architecture's validation rows), the anchor ids the
+        architecture does not hold yet."""
+        assert self.horizon is not None
+        out = []
+        n = int(counts.get("train", 0))
+        if n:
+            self._stream(arch, device)
+            out.append(self._fill_stream(store, arch, device, "train", n, quotas))
+        n = int(counts.get("validation", 0))
+        if n:
+            key = (arch, "validation")
+            self._val_archs.add(arch)
+            self.reservoir.seen[key] = self.reservoir.seen.get(key, 0) + n
+            out.append(self._fill_stream(store, arch, device, "validation", n, quotas))
+        if counts.get("anchor"):
+            ids, sids = store.stream_ids(device, "anchor", self.horizon)
+            new = np.asarray([i not in self.archs[arch].anchor_x for i in sids.tolist()], bool)
+            out.append(FillStream(arch, device, "anchor", ids[new], more=False))
+        return out
+
+    def _fill_step(self, store: Store, t0: float, budget_s: float) -> int:
+        """Rounds of the fill until it is done or the budget is spent (an eager fill: after
+        its first round, then FILL_SLICE_S at most); training and anchor samples cached."""
+        slice_s = min(budget_s, FILL_SLICE_S) if self._fill_eager else budget_s
+        new = 0
+        while self._fill is not None:
+            got, more = self._fill_round(store)
+            new += got
+            self._fill_rounds += 1
+            if not more:
+                self._finish_fill()
+            elif (self._fill_eager and self._fill_rounds == 1) or time.monotonic() - t0 > slice_s:
+                break
+        return new
+
+    def _fill_round(self, store: Store) -> tuple[int, bool]:
+        """One round: every stream short of its share takes its next ids (anchors all of
+        theirs; the others FIRST_ROWS, then ROUND_ROWS, in all, in proportion to what each
+        lacks), fetched by row id, screened and cached. (samples cached, whether any stream
+        lacked rows)."""
+        assert self._fill is not None and self.horizon is not None
+        quotas = self._quotas = self._compute_quotas()
+        needs = [(f, n) for f in self._fill if not f.exhausted and (n := self._need(f, quotas)) > 0]
+        if not needs:
+            return 0, False
+        budget = ROUND_ROWS if self._fill_rounds else FIRST_ROWS
+        scale = min(1.0, budget / max(1, sum(n for f, n in needs if f.split != "anchor")))
+        picked = [
+            f.take(store, n if f.split == "anchor" else max(1, int(n * scale)), self.horizon)
+            for f, n in needs
+        ]
+        ids = np.concatenate(picked)
+        got = self._take(store, store.read_samples_by_id(ids), direct=True) if len(ids) else 0
+        self._enforce()
+        return got, True
+
+    def _need(self, f: FillStream, quotas: dict[tuple[str, str], int]) -> int:
+        """Rows fill stream ``f`` still lacks."""
+        a = self.archs.get(f.arch)
+        if a is None or f.device in self.deleted or f.device in self.quarantined:
+            return 0
+        if f.split == "anchor":
+            return len(f.ids)
+        if f.limit is not None:
+            return f.limit - f.taken
+        return quotas.get((f.arch, "train"), 1) - len(a.train_y.get(f.device, ()))
+
+    def _finish_fill(self) -> None:
+        self._fill = None
+        self.fill_seconds = time.monotonic() - self._fill_t0
+        log.info(
+            "trainer cache: sampled read-back done in %.1f s: %d samples held (%.1f MB, cap "
+            "%.0f MB) of the %d read, %d rows fetched; new samples are read from here on",
+            self.fill_seconds,
+            self.held_samples(),
+            self.held_bytes / 2**20,
+            (self.cap_bytes or 0) / 2**20,
+            self.samples_read(),
+            self.rows_fetched,
+        )
+
+    def _take(self, store: Store, rows: SampleRows, direct: bool = False) -> int:
         """Screen and cache one page of store rows (the range check for the page at once).
-        A database error raises before anything is counted: the page is read again."""
+        A database error raises before anything is counted: the page is read again.
+        ``direct``: rows of a sampled read-back, appended to their streams as they come (the
+        sample is already uniform: no reservoir offer) and not moving the cursor."""
         if set(rows.device_ids) - self._known_devices:
             self._ensure_archs(store)
         ok = self._screen(rows)
@@ -287,17 +560,19 @@ class TrainingCache:
             else:
                 x = (TokenSample if self.tokens else PivotSample)(rows.raw[i], rows.scales[i])
             row = (rows.architectures[i], device, rows.splits[i], int(rows.sample_ids[i]))
-            new += self._add((*row, int(rows.labels[i]), x))
+            new += self._add((*row, int(rows.labels[i]), x), direct)
         for (arch, device, _), idx in bulk.items():
-            new += self._keep_train_rows(arch, device, rows, idx)
+            new += self._keep_train_rows(arch, device, rows, idx, direct)
         for device, n in bad.items():
             self.dropped[device] = self.dropped.get(device, 0) + n
             self.offences[device] = f"{n} stored samples outside the bundle's range dropped"
             log.warning(
                 "dropped %d stored samples of %s: values outside its bundle's range", n, device
             )
-        self.watermark = rows.cursor  # SQLite: the last row id; PostgreSQL: see store_pg
-        self.rows_read += len(rows.ids)
+        self.rows_fetched += len(rows.ids)
+        if not direct:
+            self.watermark = rows.cursor  # SQLite: the last row id; PostgreSQL: see store_pg
+            self.rows_read += len(rows.ids)
         return new
 
     def _screen(self, rows: SampleRows) -> list[bool | None]:
@@ -350,9 +625,12 @@ class TrainingCache:
             and device not in self.deleted
         )
 
-    def _keep_train_rows(self, arch: str, device: str, rows: SampleRows, idx: list[int]) -> int:
+    def _keep_train_rows(
+        self, arch: str, device: str, rows: SampleRows, idx: list[int], direct: bool = False
+    ) -> int:
         """Offer m screened pivot training rows of one device and dtype to its stream at
-        once (appends while under the quota, Algorithm R replacements past it); m."""
+        once (appends while under the quota, Algorithm R replacements past it; ``direct``:
+        appends them all, a sampled read-back's rows); m."""
         a, m = self.archs[arch], len(idx)
         a.rows += m
         a.byte_sum += m * int(rows.raw[idx[0]].nbytes)
@@ -367,8 +645,10 @@ class TrainingCache:
         q = np.stack([rows.raw[i] for i in idx])  # (m, K, d) int8 or float16
         sc = np.stack([ones if rows.scales[i] is None else rows.scales[i] for i in idx])  # (m, K)
         y = rows.labels[idx]  # (m,)
-        take, at, slots = self.reservoir.offer_many(
-            (arch, device), len(xs), self._quota(arch, "train"), m
+        take, at, slots = (
+            (m, np.zeros(0, np.int64), np.zeros(0, np.int64))
+            if direct
+            else self.reservoir.offer_many((arch, device), len(xs), self._quota(arch, "train"), m)
         )
         xs.extend(q[:take], sc[:take], y[:take])
         if len(at):
@@ -385,8 +665,9 @@ class TrainingCache:
                 "lm" if self.lm else "token" if self.tokens else "pivot",
             )
 
-    def _add(self, row: Row) -> int:
-        """Cache one row (held if its device is quarantined); 1 if it is new training data."""
+    def _add(self, row: Row, direct: bool = False) -> int:
+        """Cache one row (held if its device is quarantined); 1 if it is new training data.
+        ``direct``: a sampled read-back's row, appended without a reservoir offer."""
         arch, device, split, sid, y, x = row
         if device in self.deleted:
             return 0
@@ -395,18 +676,21 @@ class TrainingCache:
             return 0
         a = self.archs[arch]
         if split == "validation":
-            self._keep_validation(a, arch, device, x, y)
+            self._keep_validation(a, arch, device, x, y, direct)
         elif split == "anchor":
             a.anchor_x[sid] = x
             a.anchor_from[sid] = device
             return 1  # wakes an idle trainer: the alignment has more to learn from
         elif y >= 0 or self.lm:  # an lm sample's targets are its own tokens (label -1)
-            self._keep_train(a, arch, device, x, y)
+            self._keep_train(a, arch, device, x, y, direct)
             return 1
         return 0
 
-    def _keep_train(self, a: ArchData, arch: str, device: str, x: Any, y: int) -> None:
-        """Offer one training sample to its (arch, device) stream's reservoir."""
+    def _keep_train(
+        self, a: ArchData, arch: str, device: str, x: Any, y: int, direct: bool = False
+    ) -> None:
+        """Offer one training sample to its (arch, device) stream's reservoir (``direct``:
+        append it)."""
         xs = a.train_x.get(device)
         if xs is None:
             xs = [] if self.tokens else PivotStream(len(a.taps), a.hidden)
@@ -416,7 +700,8 @@ class TrainingCache:
             if isinstance(xs, PivotStream):
                 xs.limit = self._quota(arch, "train")
         ys = a.train_y[device]
-        slot = self.reservoir.offer((arch, device), len(ys), self._quota(arch, "train"))
+        quota = self._quota(arch, "train")
+        slot = -1 if direct else self.reservoir.offer((arch, device), len(ys), quota)
         if slot is None:
             return
         a._stacked.pop(device, None)
@@ -431,13 +716,16 @@ class TrainingCache:
         else:
             xs[slot], ys[slot] = x, y
 
-    def _keep_validation(self, a: ArchData, arch: str, device: str, x: Any, y: int) -> None:
-        """Offer one validation sample to its architecture's reservoir."""
+    def _keep_validation(
+        self, a: ArchData, arch: str, device: str, x: Any, y: int, direct: bool = False
+    ) -> None:
+        """Offer one validation sample to its architecture's reservoir (``direct``: append
+        it)."""
         if arch not in self._val_archs:
             self._val_archs.add(arch)
             self._quotas = None
         quota = self._quota(arch, "validation")
-        slot = self.reservoir.offer((arch, "validation"), len(a.val_y), quota)
+        slot = -1 if direct else self.reservoir.offer((arch, "validation"), len(a.val_y), quota)
         if slot is None:
             return
         if slot < 0:
@@ -555,9 +843,14 @@ class TrainingCache:
                     held.append((arch, device, "anchor", sid, -1, a.anchor_x.pop(sid)))
                     del a.anchor_from[sid]
             self._quotas = None
+            if self._fill is not None and any(f.device == device for f in self._fill):
+                self._paused[device] = [f for f in self._fill if f.device == device]
+                self._fill = [f for f in self._fill if f.device != device]
             log.warning("device %s quarantined: %d samples held out of training", device, len(held))
         for device in sorted(self.quarantined - devices):
             self.quarantined.discard(device)
+            if device in self._paused or device in self._skipped:
+                self._replan.add(device)  # its stored rows are sampled at the next refresh
             for row in self.held.pop(device, []):
                 self._add(row)
             log.info("device %s released: its samples are back in training", device)
@@ -568,6 +861,11 @@ class TrainingCache:
         for device in sorted(devices - self.deleted):
             self.deleted.add(device)
             n = len(self.held.pop(device, []))
+            self._paused.pop(device, None)
+            self._skipped.discard(device)
+            self._replan.discard(device)
+            if self._fill is not None:
+                self._fill = [f for f in self._fill if f.device != device]
             self._quotas = None
             for arch, a in self.archs.items():
                 n += len(a.train_y.pop(device, []))
