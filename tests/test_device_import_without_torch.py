@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from torch_blocker import MESSAGE, python_without_torch
 
 import fedmobillm.device_runtime
-
-BLOCKER = '''
-import sys
-
-class _Blocker:
-    """Make torch (and what drags it in) unimportable in this interpreter."""
-    BLOCKED = ("torch", "transformers", "executorch", "torchao")
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, _Blocker())
-'''
 
 DEVICE_DIR = Path(fedmobillm.device_runtime.__file__).parent
 REQUIRED = [
@@ -42,16 +26,12 @@ OTHERS = sorted(
 
 
 def run_blocked(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
-    )
+    return python_without_torch(["-c", code], tmp_path)
 
 
 def test_the_blocker_blocks_torch(tmp_path):
     result = run_blocked("import torch", tmp_path)
-    assert result.returncode != 0 and "blocked in this test" in result.stderr
+    assert result.returncode != 0 and MESSAGE in result.stderr
 
 
 @pytest.mark.parametrize("module", REQUIRED + OTHERS)

@@ -9,34 +9,19 @@ and checked with ``serde.decode_batch``, deduplicated by idempotency key)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+
+from torch_blocker import python_without_torch
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.messages import ROUTE_BATCHES, ROUTE_DEVICES, device_route
 
 Answer = tuple[Any, ...]  # (status, json body) or (status, json body, headers)
 NOT_FOUND: Answer = (404, {"detail": "not found"})
-
-BLOCKER = '''
-import sys
-
-class _Blocker:
-    """Make torch (and what drags it in) unimportable in this interpreter."""
-    BLOCKED = ("torch", "transformers", "executorch", "torchao")
-
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in self.BLOCKED:
-            raise ImportError(f"{name} is blocked in this test")
-        return None
-
-sys.meta_path.insert(0, _Blocker())
-'''
 
 
 class LoopbackServer:
@@ -137,12 +122,8 @@ class DeviceStandIn(LoopbackServer):
 def cli_without_torch(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     """`python -m fedmobillm.cli ARGS` in a process where torch cannot be imported; its
     stdout ends with ``TORCH_LOADED False`` when torch stayed out."""
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
-    path = os.pathsep.join(p for p in (str(tmp_path), os.environ.get("PYTHONPATH")) if p)
-    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
     code = (
         "import sys; from fedmobillm.cli import main; rc = main(sys.argv[1:]); "
         "print('TORCH_LOADED', 'torch' in sys.modules); sys.exit(rc)"
     )
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          env=env, timeout=300)  # fmt: skip
+    return python_without_torch(["-c", code, *args], tmp_path, timeout=300, OMP_NUM_THREADS="1")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from device_stand_in import cli_without_torch
 
 from fedmobillm.device_runtime.messages import DeviceState, device_route
 from fedmobillm.server.local import LocalServer, free_port
@@ -213,20 +214,6 @@ def test_pte_and_onnx_devices_upload_the_same_activations(server, make_bundle, t
     assert acts["onnx"].shape == (32, 3 * 384) and diff.mean() < 0.1 and diff.max() <= 2
 
 
-BLOCK_TORCH = """
-import sys
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not installed on this device")
-sys.meta_path.insert(0, _NoTorch())
-from fedmobillm.cli import main
-rc = main(sys.argv[1:])
-print("TORCH_LOADED", "torch" in sys.modules)
-sys.exit(rc)
-"""
-
-
 def test_onnx_path_runs_without_torch(server, bundles, tmp_path):
     """A device process in which `import torch` fails registers, uploads and finishes."""
     state, n = tmp_path / "state", 48
@@ -234,10 +221,7 @@ def test_onnx_path_runs_without_torch(server, bundles, tmp_path):
     device_id = register(server, "e2e-notorch", bundles["l6"], state)
 
     extra = ("--bandwidth-mbps", "4", "--slowdown", "2", "--summary-json", tmp_path / "s.json")
-    r = subprocess.run(
-        [sys.executable, "-c", BLOCK_TORCH, *run_args(bundles["l6"], data, state, *map(str, extra))],
-        capture_output=True, text=True, timeout=180,
-    )  # fmt: skip
+    r = cli_without_torch(run_args(bundles["l6"], data, state, *map(str, extra)), tmp_path)
 
     assert r.returncode == 0, r.stderr
     assert "TORCH_LOADED False" in r.stdout

@@ -6,7 +6,6 @@ the whole path runs with torch unimportable."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 from gen_helpers import PROMPTS, gen_bundle  # noqa: E402
+from torch_blocker import env_without_torch  # noqa: E402
 
 from fedmobillm.errors import FedMobiLLMError  # noqa: E402
 
@@ -148,16 +148,7 @@ def test_cli_refuses_a_folder_that_is_not_a_personal_model(bundle, tmp_path):
 
 
 def test_generation_runs_with_torch_unimportable(bundle, tmp_path):
-    blocker = (
-        "import sys\n"
-        "class _B:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'executorch', 'torchao'):\n"
-        "            raise ImportError(name + ' is blocked in this test')\n"
-        "sys.meta_path.insert(0, _B())\n"
-    )
-    (tmp_path / "sitecustomize.py").write_text(blocker)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = env_without_torch(tmp_path)
     done = _cli("--bundle", str(bundle), "--prompt", PROMPTS[2], "--max-new-tokens", "4", env=env)
     assert done.returncode == 0, done.stderr
     assert "tokens/s" in done.stdout

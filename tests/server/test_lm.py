@@ -6,7 +6,6 @@ the device path with torch unimportable (and scores what the trainer scores)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
 from gen_helpers import gen_bundle, tiny_llama  # noqa: E402
+from torch_blocker import env_without_torch  # noqa: E402
 
 from fedmobillm.errors import FedMobiLLMError  # noqa: E402
 from fedmobillm.server.lm import (  # noqa: E402
@@ -233,16 +233,7 @@ def test_device_perplexity_with_the_personal_model_matches_the_trainer(trained, 
 
 def test_generate_with_the_personal_model_runs_without_torch(trained, bundle, tmp_path):
     _, out = trained
-    blocker = (
-        "import sys\n"
-        "class _B:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'executorch', 'torchao'):\n"
-        "            raise ImportError(name + ' is blocked in this test')\n"
-        "sys.meta_path.insert(0, _B())\n"
-    )
-    (tmp_path / "sitecustomize.py").write_text(blocker)
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = env_without_torch(tmp_path)
     args = ["--bundle", str(bundle), "--prompt", "the quick fox", "--max-new-tokens", "6"]
     runs = {}
     for name, extra in (("frozen", []), ("personal", ["--personal", str(out)])):
