@@ -6,13 +6,12 @@ against a real server stores uploads that lie in the bundle's subspace."""
 
 from __future__ import annotations
 
-import json
 import sqlite3
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from privacy_helpers import cli, journal_lines, privacy_server, write_notes
+from torch_blocker import python_without_torch
 
 from fedmobillm.device_runtime import privacy as P
 from fedmobillm.device_runtime.dp_projection import (
@@ -23,9 +22,6 @@ from fedmobillm.device_runtime.dp_projection import (
     orthonormality_error,
 )
 from fedmobillm.errors import FedMobiLLMError
-
-ADMIN = "dp-projection-test-admin-token-4c1d"
-LABELS = ["negative", "positive"]
 
 
 def public_vectors(m: int = 600, k: int = 3, d: int = 48, seed: int = 0) -> np.ndarray:
@@ -189,13 +185,6 @@ def test_save_and_load_through_the_manifest(tmp_path):
 # -- end to end: a real export, a real server, the CLI --------------------------------------
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
@@ -205,7 +194,6 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
     its subspace up to fp16 error; the run summary says the projection; the journal's
     releases are at epsilon 8 (the accounting is unchanged)."""
     from fedmobillm.device_runtime.protocol import load_verified_bundle
-    from fedmobillm.server.local import LocalServer
 
     bundle = make_bundle(
         "minilm-l3", num_taps=3, formats=("onnx",), max_seq_len=64, dp_projection=8,
@@ -219,14 +207,9 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
     assert manifest.extra["dp_projection"]["calibration"] == "nyt-snippets"
     proj = load_projection(bundle, manifest)
     assert proj is not None and orthonormality_error(proj.basis) < 1e-5
-    data = tmp_path / "texts.jsonl"
-    data.write_text("".join(
-        json.dumps({"text": f"my private note {i} about the film", "label": LABELS[i % 2]}) + "\n"
-        for i in range(6)))  # fmt: skip
+    data = write_notes(tmp_path / "texts.jsonl")
     state, plain = tmp_path / "phone", tmp_path / "plain"
-    with LocalServer(tmp_path / "srv", admin_token=ADMIN, args=["--no-train"]) as srv:
-        reg = ["device", "register", "--server", srv.url, "--admin-token", ADMIN,
-               "--bundle", bundle, "--labels", ",".join(LABELS)]  # fmt: skip
+    with privacy_server(tmp_path / "srv", bundle) as (srv, reg):
         ok = cli(*reg, "--name", "phone", "--state", state, "--epsilon", 8)
         ok_plain = cli(*reg, "--name", "plain", "--state", plain)  # no noise
         run = ["device", "run", "--bundle", bundle, "--data", data, "--batch-size", 4,
@@ -252,7 +235,7 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
     assert in_subspace_error(proj, taps.astype(np.float64)) < 1e-5
     plain_rows = y[[name == "plain" for _, name in rows]].astype(np.float32)
     assert np.linalg.norm(plain_rows, axis=-1).min() > 0.1  # not noise: the view
-    lines = [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines()]
+    lines = journal_lines(state)
     releases = [x for x in lines if x["event"] == "release"]
     assert releases and all(x["info"]["epsilon"] == pytest.approx(8.0, rel=1e-6) for x in releases)
 
@@ -260,16 +243,7 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
 def test_the_projection_runs_with_torch_blocked(tmp_path):
     """The phone role has no torch: fitting, saving, loading and the projected mechanism
     need numpy and safetensors only (the device client and personal model import it)."""
-    import os
 
-    (tmp_path / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class B:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'executorch'):\n"
-        "            raise ImportError(name + ' is blocked')\n"
-        "sys.meta_path.insert(0, B())\n"
-    )
     code = (
         "import sys, numpy as np\n"
         "from fedmobillm.device_runtime import client, personal, dp_projection as D\n"
@@ -280,7 +254,6 @@ def test_the_projection_runs_with_torch_blocked(tmp_path):
         "projection=p)\n"
         "assert y.shape == (2, 3, 16) and 'torch' not in sys.modules\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    r = python_without_torch(["-c", code], tmp_path)
 
     assert r.returncode == 0, r.stderr

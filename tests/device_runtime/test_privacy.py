@@ -8,24 +8,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 import dp_accounting
 import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
+from privacy_helpers import ADMIN, cli, journal_lines, privacy_server, write_notes
+from torch_blocker import python_without_torch
 
 from fedmobillm.device_runtime import privacy as P
 from fedmobillm.device_runtime.journal import Entry, Journal
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.local import LocalServer
-
-ADMIN = "privacy-test-admin-token-7f3a9c1e5b"
-LABELS = ["negative", "positive"]
 
 
 def library_epsilon(z: float, n: int, delta: float) -> float:
@@ -273,38 +268,18 @@ def test_a_run_may_not_loosen_what_was_declared():
 
 def test_accounting_runs_with_torch_blocked(tmp_path):
     """The phone role has no torch: dp-accounting calibrates and composes without it."""
-    (tmp_path / "sitecustomize.py").write_text(
-        "import sys\n"
-        "class B:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        "        if name.split('.')[0] in ('torch', 'transformers', 'executorch'):\n"
-        "            raise ImportError(name + ' is blocked')\n"
-        "sys.meta_path.insert(0, B())\n"
-    )
     code = (
         "import sys; from fedmobillm.device_runtime import privacy as P; "
         "z = P.noise_multiplier(8.0, 1e-5); print(P.epsilon_of([(z, 1)], 1e-5)); "
         "assert 'torch' not in sys.modules"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    r = python_without_torch(["-c", code], tmp_path)
 
     assert r.returncode == 0, r.stderr
     assert float(r.stdout) == pytest.approx(8.0, rel=1e-6)
 
 
 # -- end to end: real server, real bundle, the CLI ---------------------------------------
-
-
-def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fedmobillm.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-
-def journal_lines(state: Path) -> list[dict]:
-    return [json.loads(x) for x in (state / "journal.jsonl").read_text().splitlines()]
 
 
 def stored(data_dir: Path, split: str) -> list[bytes]:
@@ -323,14 +298,8 @@ def test_server_max_epsilon_and_a_device_past_its_budget(make_bundle, tmp_path):
     with --budget 16 the same run uploads them, each text at the library's epsilon of two
     releases."""
     bundle = make_bundle("minilm-l3", num_taps=3, formats=("onnx",))
-    data = tmp_path / "texts.jsonl"
-    data.write_text("".join(
-        json.dumps({"text": f"my private note {i} about the film", "label": LABELS[i % 2]}) + "\n"
-        for i in range(6)))  # fmt: skip
-    with LocalServer(tmp_path / "srv", admin_token=ADMIN, config={"max_epsilon": 8.0},
-                     args=["--no-train"]) as srv:  # fmt: skip
-        reg = ["device", "register", "--server", srv.url, "--admin-token", ADMIN,
-               "--bundle", bundle, "--labels", ",".join(LABELS)]  # fmt: skip
+    data = write_notes(tmp_path / "texts.jsonl")
+    with privacy_server(tmp_path / "srv", bundle, {"max_epsilon": 8.0}) as (srv, reg):
         none = cli(*reg, "--name", "plain", "--state", tmp_path / "plain")
         loose = cli(*reg, "--name", "loose", "--state", tmp_path / "loose",
                     "--epsilon", 16, "--clip", 2)  # fmt: skip
