@@ -24,10 +24,10 @@ is the trainer's torch figure (``--onnx``: through ``personal.onnx`` on onnxrunt
 device's path; the two agree within 0.3 pt, docs/accuracy.md). A seed whose test accuracy
 is within ``COLLAPSE_MARGIN`` of the majority rate is collapsed, and reported so.
 
-``--side KEY=VALUE`` sets ``SideConfig`` fields (e.g. ``anchor_protect_best=true``,
-``anchor_target=quality``, ``logit_adjust=1``); ``--balance`` the sampler's
-(``server.policies.BALANCES``). Variants are compared on ``val_accuracy`` (the validation
-split); test figures are for the table.
+``--side KEY=VALUE`` sets ``SideConfig`` fields (e.g. ``conflict_projection=anchors``,
+``anchor_protect_best=true``, ``anchor_target=quality``, ``logit_adjust=1``); ``--balance``
+the sampler's (``server.policies.BALANCES``). Variants are compared on ``val_accuracy``
+(the validation split); test figures are for the table.
 """
 
 from __future__ import annotations
@@ -278,6 +278,8 @@ def seed_rows(
                 best, curve = train(cfg, sc.balance, label_names, data, devices, anchors)
                 for b in backbones:
                     extra = {**meta[b], "seconds": time.perf_counter() - t0}
+                    # conflict_projection: steps and projections made up to the snapshot
+                    extra["conflicts"] = dict(best[b].conflicts)
                     extra.update(_onnx(sc, best[b], data[b], bundles.get(b)))
                     rows.append(_row(method, fleet, partition, b, best[b], curve, data[b], extra))
             for b in backbones if "single" in sc.methods else []:

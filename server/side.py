@@ -119,6 +119,7 @@ def project_gradients(
     own: dict[str, tuple[torch.Tensor, torch.Tensor]],
     transfer: tuple[torch.Tensor, dict[str, torch.Tensor]] | None,
     mode: str,
+    protected: set[str] | None = None,
 ) -> tuple[torch.Tensor | None, dict[str, torch.Tensor], dict[str, int]]:
     """The step's gradient with the conflicts removed (``SideConfig.conflict_projection``).
 
@@ -127,7 +128,10 @@ def project_gradients(
     alignment (n_a,)), or None. Mode "anchors": the transfer gradient is projected, on each
     alignment, off that architecture's own gradient where they conflict, and on the shared
     network off every architecture's own until it conflicts with none (zero if that fails);
-    so to first order it never raises any architecture's labelled loss. "all": in addition
+    so to first order it never raises any architecture's labelled loss. ``protected``: the
+    architectures whose own gradients the transfer is projected off (None: all of ``own``;
+    the trainer leaves out one whose batch lacks a label: an own loss over one label says
+    only "predict that label", and the anchors are then its one teacher). "all": in addition
     each architecture's own gradient on the shared network is projected off the other
     architectures' where they conflict (PCGrad, one pass in name order). Returns (shared
     gradient (n_s,) or None, arch -> alignment gradient, counts of projections made)."""
@@ -141,17 +145,18 @@ def project_gradients(
             counts["shared"] += made
     total = torch.stack(list(shared.values())).sum(0) if shared else None
     aligns = {a: own[a][1] for a in names}
+    guard = [a for a in names if protected is None or a in protected]
     if transfer is not None:
         h, resolved = transfer[0], True
-        if shared:
-            h, made, resolved = remove_conflicts(h, [own[a][0] for a in names])
+        if guard:
+            h, made, resolved = remove_conflicts(h, [own[a][0] for a in guard])
             counts["shared"] += made
         if not resolved:
             counts["shared_dropped"] += 1
             h = torch.zeros_like(h)
         total = h if total is None else total + h
         for a, ha in transfer[1].items():
-            if a in own:
+            if a in guard:
                 ha, made, _ = remove_conflicts(ha, [own[a][1]])
                 counts[f"align:{a}"] = made
             aligns[a] = ha if a not in aligns else aligns[a] + ha
@@ -241,7 +246,8 @@ class SideConfig:
     # anchor terms' gradient off each architecture's own labelled-loss gradient wherever they
     # conflict (its alignment: off its own; the shared network: off every architecture's), so
     # to first order the anchors never raise any architecture's own loss, whatever the
-    # validation split says; "all" also projects each architecture's labelled gradient on the
+    # validation split says (an architecture whose batch lacks a label is not guarded: its
+    # own loss cannot speak for the missing label, the anchors can); "all" also projects each architecture's labelled gradient on the
     # shared network off the others' (PCGrad); "off": one plain backward pass. Costs one
     # backward pass per architecture, plus one for the anchors (``project_gradients``).
     conflict_projection: str = "off"
@@ -831,7 +837,9 @@ class SideTrainer:
         Returns the total loss, the same number as the plain step's."""
         n = sum(len(t) for t in targets)
         own: dict[str, torch.Tensor] = {}
+        seen: dict[str, set[int]] = {}
         for lg, t, a in zip(logits, targets, archs, strict=True):
+            seen.setdefault(a, set()).update(t.tolist())
             part = F.cross_entropy(
                 lg, t, reduction="sum", label_smoothing=self.config.label_smoothing
             )
@@ -855,7 +863,12 @@ class SideTrainer:
                 size = sum(p.numel() for p in align[a])
                 moved[1][a] = flat[at : at + size]
                 at += size
-        g_shared, g_align, counts = project_gradients(split, moved, self.config.conflict_projection)
+        every = len(self.label_names)
+        protected = {a for a, labels in seen.items() if len(labels) == every}
+        g_shared, g_align, counts = project_gradients(
+            split, moved, self.config.conflict_projection, protected
+        )
+        counts["unprotected"] = len(seen) - len(protected)
         self.optimizer.zero_grad(set_to_none=True)
         if g_shared is not None:
             _set_grads(shared, g_shared)

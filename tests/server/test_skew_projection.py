@@ -103,8 +103,9 @@ def test_trainer_steps_on_the_projected_gradient(monkeypatch):
     seen: list[tuple] = []
     real = side_mod.project_gradients
 
-    def spy(own, transfer, mode):
-        out = real(own, transfer, mode)
+    def spy(own, transfer, mode, protected=None):
+        assert protected == {"A", "B"}  # both batches hold both labels
+        out = real(own, transfer, mode, protected)
         seen.append((own, transfer, out))
         return out
 
@@ -183,3 +184,32 @@ def test_the_server_trainer_draws_by_label_when_set(server_factory, tmp_path):
         time.sleep(0.5)
     share = counts[1] / sum(counts)
     assert 0.35 < share < 0.65, counts
+
+
+def test_an_architecture_whose_batch_lacks_a_label_is_not_guarded(monkeypatch):
+    """B's batch holds one label: its own loss says only "predict that label", so the anchor
+    gradient on B's alignment is kept whole (the anchors are its one teacher); A's, whose
+    batch holds both labels, is still projected."""
+    seen: list[tuple] = []
+    real = side_mod.project_gradients
+
+    def spy(own, transfer, mode, protected=None):
+        seen.append((own, transfer, protected))
+        return real(own, transfer, mode, protected)
+
+    monkeypatch.setattr(side_mod, "project_gradients", spy)
+    t = two_arch_trainer(conflict_projection="anchors", anchor_kl=30.0)
+    groups, anc = batch(0)
+    xb = groups[1][1]
+    t.train_step([groups[0], ("B", xb, np.ones(len(xb), np.int64))], anc)
+    ((own, transfer, protected),) = seen
+    assert protected == {"A"} and t.conflicts["unprotected"] == 1
+    _, aligns, _ = real(own, transfer, "anchors", protected)
+    assert torch.allclose(aligns["B"], own["B"][1] + transfer[1]["B"])
+    # the same anchor gradient on A's side of a constructed conflict is projected
+    own2 = {"A": (torch.ones(2), torch.tensor([1.0])), "B": (torch.ones(2), torch.tensor([1.0]))}
+    tr2 = (torch.zeros(2), {"A": torch.tensor([-1.0]), "B": torch.tensor([-1.0])})
+    _, al2, _ = real(own2, tr2, "anchors", {"A"})
+    assert torch.allclose(al2["A"], torch.tensor([1.0])) and torch.allclose(
+        al2["B"], torch.tensor([0.0])
+    )
