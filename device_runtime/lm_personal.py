@@ -70,6 +70,9 @@ class PersonalLM:
             options=OnnxOptions(threads, quiet=True),
             name=f"{path}/{PERSONAL_ONNX}",
         )
+        self.lens = _lens_note(Path(path), self.info)
+        if self.lens is not None:
+            log.info("personal lm model %s starts from a tuned lens: %s", path, self.lens)
         if activations == "auto":
             activations = "fp32" if self.info.encoding in ("fp16", "fp32") else "int8"
         self.trained_on_int8 = activations == "int8"
@@ -120,3 +123,25 @@ class PersonalLM:
         Right-padded batches are fine: the model is causal, so padding never reaches a
         real position."""
         return self.run(taps)
+
+
+LENS_FILE = "lens.json"
+
+
+def _lens_note(path: Path, info: PersonalManifest) -> dict | None:
+    """lens.json of a personal lm model whose graph holds a tuned lens (a truncated bundle's
+    model: its delta includes the lens's move from the logit lens), None without one."""
+    if LENS_FILE not in (info.files or {}):
+        return None
+    try:
+        if path.is_dir():
+            raw = (path / LENS_FILE).read_bytes()
+        else:
+            import zipfile
+
+            with zipfile.ZipFile(path) as zf:
+                raw = zf.read(LENS_FILE)
+        return dict(json.loads(raw))
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("%s: personal.json lists %s but it cannot be read: %s", path, LENS_FILE, exc)
+        return {"unreadable": str(exc)}

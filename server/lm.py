@@ -64,6 +64,11 @@ STATE_FILE = "lm.json"
 WEIGHTS_FILE = "lm.safetensors"
 FORMAT_VERSION = 1
 DELTA_OUTPUT = "delta"
+LENS_FILE = "lens.json"  # in a personal lm model whose graph holds a tuned lens
+LENS_NOTE = (
+    "delta includes final_norm(W h + b) - final_norm(h) of the deepest tap h: an affine map "
+    "to the full model's last block fitted on public text (server.lm_lens)"
+)
 LM_PERSONAL_DEFAULTS = {"inputs": "tokens", "causal": True, "token_block": "transformer"}
 
 
@@ -154,17 +159,26 @@ class DeltaOut(nn.Module):
 
 class LMPersonal(nn.Module):
     """One architecture's personal lm model: activations (B, K, T, d_a) + attention_mask
-    (B, T) -> delta (B, T, d_a). What ``personal.onnx`` holds (no head, no final norm)."""
+    (B, T) -> delta (B, T, d_a). What ``personal.onnx`` holds (no head; a truncated
+    architecture's fixed tuned lens, ``server.lm_lens.TunedLens``, holds a copy of the
+    final norm). With a lens: delta = lens(deepest tap) + out(s), so at step 0 (out = 0)
+    the model predicts exactly what the tuned lens does."""
 
-    def __init__(self, align: Alignment, body: TokenSideNetwork, out: DeltaOut) -> None:
+    def __init__(
+        self, align: Alignment, body: TokenSideNetwork, out: DeltaOut, lens: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.align, self.body, self.out = align, body, out
+        self.lens = lens
         self.tokens = True
 
     def forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         has_input: torch.Tensor = self.align.has_input  # type: ignore[assignment]
         s = self.body.token_states(self.align(activations), attention_mask, has_input)
-        return self.out(s)  # (B, T, d_a)
+        delta = self.out(s)  # (B, T, d_a)
+        if self.lens is not None:
+            delta = delta + self.lens(activations[:, -1])
+        return delta
 
 
 def lm_logits(
@@ -265,6 +279,7 @@ class LMArch(ArchSpec):
 
     source_model: str = ""
     vocab_size: int = 0
+    lens: dict[str, Any] = field(default_factory=dict)  # the tuned lens's fit ({}: none)
 
 
 @dataclass
@@ -303,6 +318,7 @@ class LMSideTrainer:
             self.ema = {"body": copy.deepcopy(self.body).requires_grad_(False)}
         self.archs: dict[str, LMArch] = {}
         self.heads: dict[str, FrozenLMHead] = {}
+        self.lenses: dict[str, nn.Module] = {}  # arch key -> fixed tuned lens (truncated)
         self.optimizer = torch.optim.AdamW(
             [{"params": list(self.body.parameters()), "lr_scale": 1.0}],
             lr=config.lr,
@@ -319,9 +335,12 @@ class LMSideTrainer:
         hidden: int,
         head: FrozenLMHead,
         source_model: str = "",
+        lens: nn.Module | None = None,
     ) -> None:
         """Idempotent. A new architecture gets a fresh alignment and a zero output
-        projection; ``head``'s hidden size must be ``hidden``."""
+        projection; ``head``'s hidden size must be ``hidden``. ``lens``: a fixed
+        ``TunedLens`` for an architecture whose graph ends before the model's last block
+        (its personal model starts at the lens's predictions; None: at the frozen ones)."""
         if head.hidden_size != hidden:
             raise FedMobiLLMError(
                 f"architecture {arch}: head width {head.hidden_size} != tap width {hidden}"
@@ -344,6 +363,10 @@ class LMSideTrainer:
             self.ema[f"align.{key}"] = copy.deepcopy(align).requires_grad_(False)
             self.ema[f"out.{key}"] = copy.deepcopy(out).requires_grad_(False)
         self.archs[arch], self.heads[arch] = spec, head
+        if lens is not None:
+            self.lenses[key] = lens.requires_grad_(False)
+            spec.lens = dict(getattr(lens, "meta", {}) or {"fitted": True})
+            log.info("architecture %s starts at its tuned lens %s", arch, spec.lens)
         params = list(align.parameters()) + list(out.parameters())
         self.optimizer.add_param_group({"params": params, "lr_scale": self.config.align_lr_scale})
 
@@ -354,8 +377,8 @@ class LMSideTrainer:
         key = self.archs[arch].key
         if averaged and self.ema is not None:
             e = self.ema
-            return LMPersonal(e[f"align.{key}"], e["body"], e[f"out.{key}"])  # type: ignore[arg-type]
-        return LMPersonal(self.aligns[key], self.body, self.outs[key])  # type: ignore[arg-type]
+            return LMPersonal(e[f"align.{key}"], e["body"], e[f"out.{key}"], self.lenses.get(key))  # type: ignore[arg-type]
+        return LMPersonal(self.aligns[key], self.body, self.outs[key], self.lenses.get(key))  # type: ignore[arg-type]
 
     def _live_modules(self) -> list[tuple[str, nn.Module]]:
         mods: list[tuple[str, nn.Module]] = [("body", self.body)]
@@ -446,6 +469,8 @@ class LMSideTrainer:
             tensors.update({f"live.{name}.{k}": v for k, v in mod.state_dict().items()})
         for name, mod in (self.ema or {}).items():
             tensors.update({f"ema.{name}.{k}": v for k, v in mod.state_dict().items()})
+        for key, lens in self.lenses.items():
+            tensors.update({f"lens.{key}.{k}": v for k, v in lens.state_dict().items()})
         opt = self.optimizer.state_dict()
         for pid, st in opt["state"].items():
             for key, value in st.items():
@@ -487,6 +512,7 @@ class LMSideTrainer:
         if sha256_file(directory / WEIGHTS_FILE) != state["weights_sha256"]:
             raise FedMobiLLMError(f"{directory}: weights do not match state (torn checkpoint)")
         trainer = cls(SideConfig(**state["config"]), state["seed"])
+        tensors = load_file(str(directory / WEIGHTS_FILE))
         cache: dict[str, FrozenLMHead] = {}
         for a in state["archs"]:
             spec = LMArch(**a)
@@ -496,12 +522,13 @@ class LMSideTrainer:
                 if spec.source_model not in cache:
                     cache[spec.source_model] = FrozenLMHead.from_model(spec.source_model)
                 head = cache[spec.source_model]
+            lens = _saved_lens(tensors, f"lens.a{len(trainer.archs)}.", head, spec.lens)
             trainer.add_architecture(
-                spec.name, spec.taps, spec.depth, spec.hidden, head, spec.source_model
+                spec.name, spec.taps, spec.depth, spec.hidden, head, spec.source_model, lens
             )
             trainer.archs[spec.name].bundle_sha256s = list(spec.bundle_sha256s)
             trainer.archs[spec.name].encoding = spec.encoding
-        _load_tensors(trainer, load_file(str(directory / WEIGHTS_FILE)), state)
+        _load_tensors(trainer, tensors, state)
         trainer.step, trainer.tokens_seen = state["step"], state["tokens_seen"]
         return trainer
 
@@ -535,6 +562,23 @@ def _load_tensors(trainer: LMSideTrainer, tensors: dict[str, torch.Tensor], stat
     )
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors["rng.torch"])
+
+
+def _saved_lens(
+    tensors: dict[str, torch.Tensor], prefix: str, head: FrozenLMHead, meta: dict[str, Any]
+) -> nn.Module | None:
+    """The fixed tuned lens saved under ``prefix`` (None when the architecture has none)."""
+    from fedmobillm.server.lm_lens import TunedLens
+
+    if not meta:
+        return None
+    saved = _strip(tensors, prefix)
+    if "proj.weight" not in saved:
+        raise FedMobiLLMError(f"checkpoint names a tuned lens but has no {prefix}proj.weight")
+    lens = TunedLens(saved["proj.weight"], saved["proj.bias"], head.norm)
+    lens.load_state_dict(saved)
+    lens.meta = dict(meta)
+    return lens
 
 
 def _strip(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -660,6 +704,11 @@ def export_personal_lm(
     weights = {n: v.detach().contiguous() for n, v in model.state_dict().items()}
     save_file(weights, str(out_dir / PERSONAL_WEIGHTS))
     files = [PERSONAL_ONNX, PERSONAL_WEIGHTS]
+    if model.lens is not None:  # the graph holds a fixed tuned lens: say so beside it
+        lens = {"tuned_lens": getattr(model.lens, "meta", {}), "what": LENS_NOTE}
+        (out_dir / LENS_FILE).write_text(json.dumps(lens, indent=1))
+        files.append(LENS_FILE)
+        log.info("personal lm model of %s includes its tuned lens", spec.name)
     manifest = PersonalManifest(
         format_version=PERSONAL_FORMAT_VERSION,
         architecture=spec.name,

@@ -7,7 +7,11 @@ trainer's own.
   and zero-initialised residual, read out through each architecture's frozen LM head),
   behind ``LMSide``, which gives it the interface the trainer steps.
 - Each architecture's frozen head comes from the server's own copy of its bundle's source
-  model (``lm_heads.head_for``, checked at registration).
+  model (``lm_heads.head_for``, checked at registration). An architecture whose bundle
+  ends before the model's last block (a truncation) starts at a tuned lens fitted on
+  public text with the same weights (``server.lm_lens``; logged, cached on disk; the
+  first fit of a (model, depth) takes minutes on 2 cores; ``FEDMOBILLM_LM_LENS=off``
+  turns it off); a full-depth one starts exactly at the frozen model.
 - Validation (the devices' validation split, per architecture): ``perplexity``,
   ``nll_per_token``, ``next_token_top1``, ``next_token_top3`` over the scored tokens, and
   the frozen model's perplexity on the same set (``frozen_perplexity``: what the personal
@@ -87,10 +91,11 @@ class LMSide:
         return all(bool(torch.isfinite(p).all()) for m in mods for p in m.parameters())
 
     def add_architecture(
-        self, arch: str, a: ArchData, head: FrozenLMHead, source: dict[str, Any]
-    ) -> None:
+        self, arch: str, a: ArchData, head: FrozenLMHead, source: dict[str, Any],
+        lens: Any = None,
+    ) -> None:  # fmt: skip
         self.inner.add_architecture(
-            arch, a.taps, a.depth, a.hidden, head, str(source.get("source_model", ""))
+            arch, a.taps, a.depth, a.hidden, head, str(source.get("source_model", "")), lens
         )
         self.sources[arch] = source
 
@@ -166,7 +171,8 @@ class LMTrainer(Trainer):
                 source = {
                     k: a.manifest.get(k) for k in ("source_model", "source_sha256", "hidden_size")
                 }
-                side.add_architecture(name, a, head_for(source), source)
+                head = head_for(source)
+                side.add_architecture(name, a, head, source, _lens(source, a.depth, head))
             spec = side.archs[name]
             spec.bundle_sha256s = sorted(set(spec.bundle_sha256s) | a.bundle_sha256s)
             spec.encoding = "int8" if "int8" in a.encodings or not a.encodings else "fp16"
@@ -210,6 +216,19 @@ class LMTrainer(Trainer):
             "labels": "an lm sample's targets are its own tokens",
         }
         return out
+
+
+def _lens(source: dict[str, Any], depth: int, head: FrozenLMHead) -> Any:
+    """The tuned lens of an architecture whose bundle ends before its model's last block
+    (``server.lm_lens``; fitted once on public text with the server's own copy of the
+    weights, then cached on disk), None at full depth or with FEDMOBILLM_LM_LENS=off."""
+    from fedmobillm.server.lm_heads import local_source
+    from fedmobillm.server.lm_lens import lens_for
+
+    folder = local_source(str(source.get("source_model", "")))
+    if folder is None:  # head_for has refused this already; say it again if not
+        raise FedMobiLLMError(f"no local copy of {source.get('source_model')!r} for its lens")
+    return lens_for(folder, depth, head.norm, str(source.get("source_sha256") or "") or None)
 
 
 def _token_chunks(lengths: list[int], budget: int = EVAL_TOKENS) -> list[list[int]]:
