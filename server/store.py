@@ -107,11 +107,13 @@ CREATE TABLE IF NOT EXISTS device_counts (
 """
 
 
-def open_store(settings: ServerSettings, trainer: bool = False) -> SqlStore:
+def open_store(
+    settings: ServerSettings, trainer: bool = False, owner: str | None = None
+) -> SqlStore:
     """The store ``settings`` name: PostgreSQL at ``settings.database`` when it is set, else
     the embedded SQLite file in the data dir. ``trainer``: the store of the trainer, which on
     PostgreSQL also claims the database's one trainer slot (FedMobiLLMError if another
-    trainer holds it)."""
+    trainer holds it); ``owner``: the claiming trainer's id (``claim_trainer``)."""
     if settings.database is None:
         store: SqlStore = Store(settings.db_path)
     else:
@@ -122,7 +124,7 @@ def open_store(settings: ServerSettings, trainer: bool = False) -> SqlStore:
         )
     if trainer:
         try:
-            store.claim_trainer()
+            store.claim_trainer(owner)
         except BaseException:
             store.close()
             raise
@@ -226,10 +228,12 @@ class Store(SqlStore):
             self._trainer_lock.close()  # releases the trainer slot
             self._trainer_lock = None
 
-    def claim_trainer(self) -> None:
+    def claim_trainer(self, owner: str | None = None) -> None:
         """Take the data dir's one trainer slot: an exclusive ``flock`` on
         ``store.sqlite3.trainer.lock`` beside the store, held while this store is open and
-        released by the kernel when its process dies (kill -9 included)."""
+        released by the kernel when its process dies (kill -9 included). ``owner`` is not
+        needed here: a trainer's previous store is closed (its flock released) before it
+        claims again."""
         import fcntl
 
         from fedmobillm.errors import FedMobiLLMError

@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 SCHEMA_LOCK = 0x66656401  # schema creation and migration
 WRITE_LOCK = 0x66656402  # shared by ingests, exclusive for every other write
 TRAINER_LOCK = 0x66656403  # held by the database's one trainer, for its session
+TRAINER_APP = "fedmobillm-trainer"  # application_name of the session holding TRAINER_LOCK
+SLOT_WAIT_S = 30.0  # how long a trainer waits for its own stale session to release the slot
 DEVICE_LOCKS = 0x6665  # pg_advisory_xact_lock(DEVICE_LOCKS, hashtext(device_id))
 
 SCHEMA = [
@@ -206,10 +208,10 @@ class PostgresStore(SqlStore):
 
     # -- connections -------------------------------------------------------------------
 
-    def _connect(self) -> Any:
+    def _connect(self, **kwargs: Any) -> Any:
         try:
             return self._psycopg.connect(
-                self.url, autocommit=True, connect_timeout=int(self.connect_timeout)
+                self.url, autocommit=True, connect_timeout=int(self.connect_timeout), **kwargs
             )
         except self._psycopg.Error as exc:
             raise FedMobiLLMError(
@@ -297,18 +299,55 @@ class PostgresStore(SqlStore):
                     self.where,
                 )
 
-    def claim_trainer(self) -> None:
-        """Take the database's one trainer slot (a session advisory lock on a connection of
-        its own, released when this store closes or its process dies)."""
-        conn = self._connect()
-        if not conn.execute("SELECT pg_try_advisory_lock(%s)", (TRAINER_LOCK,)).fetchone()[0]:
+    def claim_trainer(self, owner: str | None = None) -> None:
+        """Take the database's one trainer slot: a session advisory lock on a connection of
+        its own (``application_name`` ``fedmobillm-trainer OWNER``), released when this store
+        closes or its process dies. ``owner``: the trainer's id (``Trainer.slot_owner``, one
+        per trainer, kept across reconnects). If the slot is held by a session of the same
+        owner (its connection dropped on this side, e.g. a network cut, and PostgreSQL has
+        not yet seen that backend die), that stale session is ended (pg_terminate_backend)
+        and the slot taken once it is gone (lock_timeout SLOT_WAIT_S: past it the error is a
+        transient LockNotAvailable and the trainer retries). Any other holder:
+        FedMobiLLMError ``another trainer is running``."""
+        name = f"{TRAINER_APP} {owner}" if owner else TRAINER_APP
+        conn = self._connect(application_name=name)
+        try:
+            if not conn.execute("SELECT pg_try_advisory_lock(%s)", (TRAINER_LOCK,)).fetchone()[0]:
+                self._reclaim_trainer(conn, name, owner)
+        except BaseException:
             conn.close()
+            raise
+        self._trainer_conn = conn
+
+    def _reclaim_trainer(self, conn: Any, name: str, owner: str | None) -> None:
+        """The slot is held: take it over from this owner's own stale session, or refuse."""
+        holder = conn.execute(
+            "SELECT l.pid, a.application_name FROM pg_locks l "
+            "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
+            "AND l.objsubid = 1 AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())",
+            (TRAINER_LOCK >> 32, TRAINER_LOCK & 0xFFFFFFFF),
+        ).fetchone()
+        if owner is None or holder is None or holder[1] != name:
+            who = "" if holder is None else f" (backend pid {holder[0]}, {holder[1] or '?'})"
             raise FedMobiLLMError(
-                f"another trainer is running on the database {self.where}; one trainer per "
-                "database",
+                f"another trainer is running on the database {self.where}{who}; one trainer "
+                "per database",
                 hint="run the other servers with --no-train (or stop the other trainer)",
             )
-        self._trainer_conn = conn
+        log.warning(
+            "the trainer slot is held by this trainer's own previous session (backend pid %d; "
+            "its connection dropped and the database has not seen it die): ending it and "
+            "taking the slot back (waiting up to %.0f s)",
+            holder[0],
+            SLOT_WAIT_S,
+        )
+        conn.execute("SELECT pg_terminate_backend(%s)", (holder[0],))
+        conn.execute(f"SET lock_timeout = '{int(SLOT_WAIT_S * 1000)}ms'")
+        conn.execute("SELECT pg_advisory_lock(%s)", (TRAINER_LOCK,))  # LockNotAvailable: retried
+        conn.execute("RESET lock_timeout")
+        log.info("trainer slot taken back from backend pid %d", holder[0])
 
     def check_trainer(self) -> None:
         """Raise (psycopg.OperationalError) if the connection holding the trainer slot was

@@ -363,14 +363,16 @@ class TrainingCache:
         self.horizon = horizon
         rows = [c for c in live if c[0] not in self.quarantined]
         self._skipped |= {c[0] for c in live} - {c[0] for c in rows}
+        val_n: dict[str, int] = {}  # arch -> its validation rows
         for device, arch, split, n in rows:
             if split == "train":
                 self._stream(arch, device)
-                self.reservoir.seen[(arch, device)] = int(n)
+                self.reservoir.seen[(arch, device)] = int(n)  # the population it samples
             elif split == "validation":
                 self._val_archs.add(arch)
-                key = (arch, "validation")
-                self.reservoir.seen[key] = self.reservoir.seen.get(key, 0) + int(n)
+                val_n[arch] = val_n.get(arch, 0) + int(n)
+        for arch, n in val_n.items():
+            self.reservoir.seen[(arch, "validation")] = n
         self._capped, self._quotas = True, None
         quotas = self._quotas = self._compute_quotas()
         streams: list[FillStream] = []
@@ -1048,6 +1050,13 @@ class Trainer:
         # which process trains: `serve` (the embedded thread) or `train` (its own process)
         self.process = "serve"
         self._backlog_polled = 0.0
+        # the store's one trainer slot: this trainer's id (kept across reconnects, so a
+        # PostgreSQL session of its own left behind by a dropped connection is taken back),
+        # set once the slot is held (the status is published only then), and whether a
+        # (re)claim was refused or failed (another trainer's slot: publish nothing more)
+        self.slot_owner = uuid.uuid4().hex
+        self.slot_claimed = threading.Event()
+        self.slot_refused = False
 
     # -- lifecycle --
 
@@ -1064,17 +1073,32 @@ class Trainer:
         torch.set_num_threads(self.settings.trainer_threads)
         try:
             while not self._stop.is_set():
-                try:  # the one trainer of a database: a second is refused (not transient)
-                    self._train_on(open_store(self.settings, trainer=True))
-                except Exception as exc:
-                    if not is_transient(exc):
-                        raise
-                    self._database_down(exc)
+                store = self._claim()
+                if store is not None:
+                    self._train_on(store)
             self._finish()
         except Exception as exc:  # keep ingest alive; report in status
-            log.exception("trainer stopped on an error")
+            if self.slot_refused:  # another trainer's slot: its message says it all
+                log.error("trainer not started: %s", exc)
+            else:
+                log.exception("trainer stopped on an error")
             self.error = f"{type(exc).__name__}: {exc}"
             self.backlog = 0  # a stopped trainer must not hold back-pressure on ingest forever
+
+    def _claim(self) -> Store | None:
+        """The store with the trainer slot held (``slot_claimed`` set), or None after a
+        transient database error (said and waited for). The one trainer of a store: a second
+        is refused (not transient; ``slot_refused`` set, raised)."""
+        try:
+            store = open_store(self.settings, trainer=True, owner=self.slot_owner)
+        except Exception as exc:
+            if not is_transient(exc):
+                self.slot_refused = True
+                raise
+            self._database_down(exc)
+            return None
+        self.slot_claimed.set()
+        return store
 
     def _train_on(self, store: Store) -> None:
         """Train on ``store`` until stop (then return) or a database error (raised; the
@@ -1284,9 +1308,42 @@ class Trainer:
         return np.random.default_rng([self.settings.seed, step])
 
     def _finish(self) -> None:
-        if self.side is not None and self.side.step != self.checkpoint_step:
+        """The final checkpoint and personal models (those behind the last step)."""
+        if self.side is None:
+            return
+        if self.side.step != self.checkpoint_step:
             self._checkpoint()
+        if self._stale_exports():
             self._export()
+
+    def _stale_exports(self) -> dict[str, int]:
+        """architecture -> the step its personal model was exported at (-1: never), for those
+        behind the current step (an architecture with a best-validation snapshot keeps it)."""
+        if self.side is None:
+            return {}
+        step = self.side.step
+        with self._lock:
+            exported = dict(self.exported)
+        return {
+            name: exported.get(name, -1)
+            for name, a in list(self.cache.archs.items())
+            if a.num_train
+            and name in self.side.archs
+            and name not in self.best
+            and exported.get(name, -1) < step
+        }
+
+    def unwritten(self) -> list[str]:
+        """What the final stop has not written (yet): the checkpoint of the last step and the
+        personal models behind it; [] once everything is on disk."""
+        if self.side is None:
+            return []
+        step = self.side.step
+        missing = [] if self.checkpoint_step == step else [f"the checkpoint of step {step}"]
+        for name, at in sorted(self._stale_exports().items()):
+            was = "never exported" if at < 0 else f"last exported at step {at}"
+            missing.append(f"the personal model of {name} at step {step} ({was})")
+        return missing
 
     # -- model --
 

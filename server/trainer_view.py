@@ -1,10 +1,12 @@
 """The trainer as `serve --workers N` workers see it: the trainer runs in the `serve` process
 (one per database), the workers answer `/v1/status`, `/metrics` and personal-model downloads.
 
-``publish_status`` (a thread in the `serve` process) writes ``trainer.status()`` into the
-PostgreSQL store's meta table every PUBLISH_EVERY_S seconds; ``TrainerView`` (each worker's
-``app.state.trainer``) reads it back, its ``backlog`` too (ingest's back-pressure reads it). ``export_fresh`` cannot reach the trainer from a worker:
-a download gets the latest periodic export (``export_every``)."""
+``publish_status`` (a thread in the `serve` process, or in `fedmobillm train`) writes
+``trainer.status()`` into the store's meta table every PUBLISH_EVERY_S seconds while the
+trainer holds the store's trainer slot; ``TrainerView`` (each worker's ``app.state.trainer``)
+reads it back, its ``backlog`` too (ingest's back-pressure reads it). ``export_fresh`` cannot
+reach the trainer from a worker: a download gets the latest periodic export
+(``export_every``)."""
 
 from __future__ import annotations
 
@@ -87,8 +89,14 @@ class TrainerView:
 def publish_status(trainer: Any, store: PostgresStore, stop: threading.Event) -> None:
     """Until ``stop``: ``trainer.status()`` into the store every PUBLISH_EVERY_S seconds (one
     upsert of one meta row, outside the write lock: it never waits for ingest). Errors are
-    logged and retried: the status is a view, training goes on without it."""
-    while True:
+    logged and retried: the status is a view, training goes on without it.
+
+    Only a trainer that holds the store's trainer slot publishes: nothing before it claimed
+    the slot, nothing once a (re)claim was refused (the status row is the slot holder's; a
+    refused second trainer must not overwrite it, even for a second)."""
+    if not _wait_for_slot(trainer, stop):
+        return
+    while not trainer.slot_refused:
         try:
             status = {**trainer.status(), "published": time.time()}
             store.put_meta(STATUS_KEY, json.dumps(status, default=_jsonable))
@@ -99,6 +107,16 @@ def publish_status(trainer: Any, store: PostgresStore, stop: threading.Event) ->
                 log.exception("could not publish the trainer status")
         if stop.wait(PUBLISH_EVERY_S):
             return
+
+
+def _wait_for_slot(trainer: Any, stop: threading.Event) -> bool:
+    """Wait until ``trainer`` holds the trainer slot (True), or until ``stop``, a refused
+    claim or the trainer's thread ending without the slot (False: publish nothing)."""
+    while not trainer.slot_claimed.wait(0.1):
+        if stop.is_set() or trainer.slot_refused or trainer.error is not None:
+            log.info("the trainer does not hold the trainer slot: no status published")
+            return False
+    return not trainer.slot_refused
 
 
 def _jsonable(value: Any) -> Any:

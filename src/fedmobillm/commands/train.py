@@ -4,9 +4,13 @@ It reads the samples ingest stored (the SQLite file of --data-dir, or --database
 postgresql://...), writes checkpoints and personal models into --data-dir (where `serve`
 reads them: give both the same --data-dir) and publishes its status into the store's meta
 table every second, which `serve --no-train` (and every `--workers N` worker) answers
-`/v1/status` and back-pressure from. One trainer per store: a second is refused. A transient
-database error (PostgreSQL restarted, a dropped connection) is retried with backoff, said in
-the log and in the status's ``database_retry``."""
+`/v1/status` and back-pressure from. One trainer per store: a second is refused and publishes nothing.
+The task and inputs are the ones `serve` records in the store (waited for on a store that
+records none yet; the trainer never pins them). A transient database error (PostgreSQL
+restarted, a dropped connection) is retried with backoff, said in the log and in the
+status's ``database_retry``. SIGTERM waits, without a time limit, for the final checkpoint
+and personal models (exit 0 once written, 1 saying what is missing); a second SIGTERM exits
+at once, non-zero."""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import argparse
 import logging
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +26,9 @@ NAME = "train"
 HELP = "run the trainer as its own process beside `fedmobillm serve --no-train`"
 
 log = logging.getLogger(__name__)
+
+WAIT_LOG_S = 30.0  # how often a wait (for serve's task, for the final write) is logged
+PIN_POLL_S = 1.0  # how often the store is asked for the task serve records
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,13 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task",
         choices=("classify", "lm"),
         default=None,
-        help="default: the task the store was started with (classify for a new store)",
+        help="default: the task `fedmobillm serve` recorded in the store (a store that has "
+        "none yet is waited for); given, it must match it",
     )
     parser.add_argument(
         "--inputs",
         choices=("pivot", "tokens"),
         default=None,
-        help="default: the inputs the store was started with (pivot for a new store)",
+        help="default: the inputs `fedmobillm serve` recorded in the store (waited for "
+        "likewise); given, they must match them",
     )
 
 
@@ -62,17 +72,16 @@ def run(args: argparse.Namespace) -> int:
     from fedmobillm.server.app import open_service
     from fedmobillm.server.trainer import create_trainer
 
-    settings = _settings(args, args.task, args.inputs)
-    task, inputs = _pinned(settings)
-    if (args.task is None and task) or (args.inputs is None and inputs):
-        log.info("task %s, %s inputs: as the store was started", task, inputs)
-        settings = _settings(args, args.task or task, args.inputs or inputs)
+    stop, again = threading.Event(), threading.Event()
+    _on_signals(stop, again)
+    pinned = _wait_for_federation(args, stop)
+    if pinned is None:
+        log.info("stopped before the store recorded a task: nothing trained")
+        return 0
+    settings = _settings(args, *pinned)
     open_service(settings).store.close()  # data dir, schema, task and inputs checked here
     trainer = create_trainer(settings)
     trainer.process = "train"
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
     log.info(
         "trainer process: data dir %s; store %s; task %s; %s inputs",
         settings.data_dir.resolve(),
@@ -84,16 +93,103 @@ def run(args: argparse.Namespace) -> int:
     publisher = threading.Thread(
         target=_publish, args=(trainer, settings, stop), name="trainer-status", daemon=True
     )
-    publisher.start()
+    publisher.start()  # publishes only once the trainer holds the store's trainer slot
     while not stop.wait(1.0):
         if not trainer._thread.is_alive():  # stopped on an error that is not transient
             log.error("the trainer stopped: %s", trainer.error)
             stop.set()
             publisher.join(5)
             return 1
-    trainer.stop()  # final checkpoint and export
+    return _finish(trainer, publisher, again)
+
+
+def _on_signals(stop: threading.Event, again: threading.Event) -> None:
+    """SIGTERM / SIGINT: the first sets ``stop`` (finish: final checkpoint and export), a
+    second ``again`` (exit at once, non-zero, saying what was not written)."""
+
+    def handle(*_: Any) -> None:
+        if stop.is_set():
+            again.set()
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, handle)
+
+
+def _finish(trainer: Any, publisher: threading.Thread, again: threading.Event) -> int:
+    """Wait, without a time limit, for the trainer's final checkpoint and personal-model
+    export; 0 once they are written, 1 (saying what is missing) if the trainer failed,
+    wrote less, or a second signal cut the wait short."""
+    log.info(
+        "stopping: writing the final checkpoint and personal models (a second SIGTERM or "
+        "Ctrl-C exits at once without them)"
+    )
+    trainer.stop(timeout=0)  # asks the trainer thread to finish; waited for below
+    began = said = time.monotonic()
+    while trainer._thread.is_alive():
+        if again.wait(0.5):
+            missing = trainer.unwritten()
+            log.error(
+                "exiting on a second signal before the final write: not written: %s",
+                "; ".join(missing) or "nothing (it had just finished)",
+            )
+            return 1 if missing else 0
+        if time.monotonic() - said >= WAIT_LOG_S:
+            said = time.monotonic()
+            log.info(
+                "still writing the final checkpoint and personal models (%.0f s): %s",
+                said - began,
+                "; ".join(trainer.unwritten()) or "finishing",
+            )
     publisher.join(5)
+    if trainer.error is not None:
+        log.error("the trainer failed while finishing: %s", trainer.error)
+        return 1
+    missing = trainer.unwritten()
+    if missing:
+        log.error("the trainer stopped without writing: %s", "; ".join(missing))
+        return 1
+    log.info(
+        "final checkpoint (step %s) and personal models written in %.1f s",
+        trainer.checkpoint_step,
+        time.monotonic() - began,
+    )
     return 0
+
+
+def _wait_for_federation(args: argparse.Namespace, stop: threading.Event) -> tuple | None:
+    """The (task, inputs) the store records, once `fedmobillm serve` has recorded them (it
+    does at its start; the trainer never pins a federation, so a store that records none yet
+    is waited for, said in the log every WAIT_LOG_S). --task / --inputs given must agree
+    with them (FedMobiLLMError). None if ``stop`` came first."""
+    settings = _settings(args, args.task, args.inputs)  # where the store is
+    said = 0.0
+    while True:
+        task, inputs = _pinned(settings)
+        if task is not None and inputs is not None:
+            break
+        if time.monotonic() - said >= WAIT_LOG_S:
+            said = time.monotonic()
+            log.info(
+                "waiting for `fedmobillm serve` to record the federation's task and inputs in "
+                "the store (it does at its start; the trainer takes them and records none "
+                "itself)%s",
+                "" if args.task is None else f"; --task {args.task} must match it",
+            )
+        if stop.wait(PIN_POLL_S):
+            return None
+    for flag, given, recorded in (("task", args.task, task), ("inputs", args.inputs, inputs)):
+        if given is not None and given != recorded:
+            from fedmobillm.errors import FedMobiLLMError
+
+            raise FedMobiLLMError(
+                f"the store holds a federation of {flag} {recorded} (recorded by `fedmobillm "
+                f"serve`); this trainer was started with --{flag} {given}",
+                hint=f"start `fedmobillm train` with --{flag} {recorded} or without --{flag} "
+                "(it takes the store's)",
+            )
+    log.info("task %s, %s inputs: as `fedmobillm serve` recorded them in the store", task, inputs)
+    return task, inputs
 
 
 def _settings(args: argparse.Namespace, task: str | None, inputs: str | None) -> Any:
@@ -114,11 +210,17 @@ def _settings(args: argparse.Namespace, task: str | None, inputs: str | None) ->
 
 
 def _pinned(settings: Any) -> tuple[str | None, str | None]:
-    """The task and inputs the store pins (None while it pins none): a data dir keeps its
-    task and inputs, and the flags left out default to them."""
-    from fedmobillm.server.store import open_store
+    """The task and inputs the store records (None while it records none); a transient
+    database error is said and counts as none yet (the caller polls again)."""
+    from fedmobillm.server.store import is_transient, open_store
 
-    store = open_store(settings)
+    try:
+        store = open_store(settings)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        log.warning("cannot open the store (%s); retrying", exc)
+        return None, None
     try:
         return store.meta("task"), store.meta("inputs")
     finally:
@@ -126,20 +228,20 @@ def _pinned(settings: Any) -> tuple[str | None, str | None]:
 
 
 def _publish(trainer: Any, settings: Any, stop: threading.Event) -> None:
-    """publish_status on a store of its own (reopened after a transient error)."""
-    import time
-
+    """publish_status on a store of its own (opened again while the database is down);
+    it publishes nothing until the trainer holds the slot, and nothing if it was refused."""
     from fedmobillm.server.store import open_store
     from fedmobillm.server.trainer_view import publish_status
 
-    while not stop.is_set():
+    while not stop.is_set() and not trainer.slot_refused:
         try:
             store = open_store(settings.model_copy(update={"database_pool": 1}))
         except Exception:  # noqa: BLE001 - the database is down: the trainer says so too
             log.warning("cannot open the store to publish the status; retrying", exc_info=True)
-            time.sleep(2.0)
+            stop.wait(2.0)
             continue
         try:
             publish_status(trainer, store, stop)
         finally:
             store.close()
+        return

@@ -1,0 +1,180 @@
+"""`fedmobillm train` from start to stop (issue 17 review), real processes on real SQLite:
+
+- started first on a fresh data dir it pins nothing: it waits for `fedmobillm serve` to record
+  the federation's task and inputs (here `serve --task lm`, which the old trainer's pinned
+  classify refused), takes them, and a --task that disagrees is refused;
+- a refused second trainer publishes nothing: the status row stays the live trainer's;
+- SIGTERM waits for the final checkpoint and personal models however long they take (the old
+  60 s bound exited 0 without them), and a second SIGTERM exits non-zero saying what was not
+  written."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from server_helpers import FAST, ServerProc, make_payload, register, upload
+from train_helpers import TrainerProc, tiny_manifest, wait_for
+from train_helpers import trainer_status as _status
+
+pytestmark = pytest.mark.integration
+
+# the trainer never idles and writes no checkpoint or export of its own after the first
+# step: the final ones are left to the stop
+NO_PERIODIC = {
+    **FAST,
+    "checkpoint_every": 1_000_000,
+    "export_every": 1_000_000,
+    "eval_every": 1_000_000,
+    "step_sleep_s": 0.02,
+}
+
+# `fedmobillm train` whose final write (Trainer._finish) first sleeps FINAL_DELAY_S
+SLOW_FINISH = """
+import os, sys, time
+from fedmobillm.server import trainer as t
+finish = t.Trainer._finish
+def slow(self):
+    print(f"SLOW FINISH at step {self.side.step if self.side else 0}", flush=True)
+    time.sleep(float(os.environ["FINAL_DELAY_S"]))
+    finish(self)
+t.Trainer._finish = slow
+from fedmobillm.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _published(db: Path) -> dict | None:
+    """The trainer status row as published in the SQLite store (None before any)."""
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'trainer_status'").fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def _publishers_while(proc: subprocess.Popen, db: Path) -> set[int]:
+    """The pids the status row names, read every 50 ms until ``proc`` exits."""
+    pids = set()
+    while proc.poll() is None:
+        st = _published(db)
+        if st is not None:
+            pids.add(st["process"]["pid"])
+        time.sleep(0.05)
+    return pids
+
+
+def test_train_started_first_waits_for_serve_and_a_refused_one_publishes_nothing(tmp_path):
+    data = tmp_path / "data"
+    config = tmp_path / "trainer.json"
+    config.write_text(json.dumps(FAST))  # no task: the trainer takes what serve records
+    trainer = TrainerProc(data, config).start()
+    srv = ServerProc(data, FAST)
+    srv.args += ["--no-train", "--task", "lm"]
+    try:
+        wait_for(lambda: "waiting for `fedmobillm serve`" in trainer.log(), 120, "the wait")
+        time.sleep(2.0)  # the trainer polls the store meanwhile: it records nothing
+        assert trainer.running, trainer.log()[-3000:]
+        srv.start()  # refused ("holds a classify federation") when the trainer pinned it
+        wait_for(lambda: "task lm, tokens inputs: as `fedmobillm serve`" in trainer.log(), 60, "lm")
+        st = wait_for(
+            lambda: (s := _status(srv.url)).get("process", {}).get("pid") == trainer.proc.pid and s,
+            120,
+            "the trainer's published status",
+        )
+        assert st["task"] == "lm" and st["inputs"] == "tokens" and st["running"] is True
+        # a second trainer is refused and publishes nothing, not even for a second
+        second = subprocess.Popen(
+            TrainerProc(data, config).command() + ["--task", "lm"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        pids = _publishers_while(second, data / "store.sqlite3")
+        out = second.stdout.read()
+        assert second.returncode != 0 and "another trainer is running" in out, out[-2000:]
+        assert pids == {trainer.proc.pid}, (pids, out[-2000:])
+        # a --task the store does not record is refused with what to do
+        other = subprocess.run(
+            TrainerProc(data, config).command() + ["--task", "classify"],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert other.returncode != 0
+        assert "federation of task lm" in other.stderr and "--task classify" in other.stderr
+        assert trainer.stop() == 0  # nothing trained: nothing to write
+        assert "records none itself" in trainer.log()
+    finally:
+        trainer.kill()
+        srv.stop()
+
+
+def _slow_trainer(tmp_path: Path, delay_s: float) -> tuple[ServerProc, subprocess.Popen, Path]:
+    """`serve --no-train` with 300 uploaded samples and a training `fedmobillm train` whose
+    final write is delay_s late; (server, trainer process, its log)."""
+    data = tmp_path / "data"
+    srv = ServerProc(data, NO_PERIODIC)
+    srv.args.append("--no-train")
+    srv.start()
+    m = tiny_manifest()
+    reg = register(srv.url, "a", m)
+    r = upload(srv.url, reg, make_payload(reg, m, range(300), seed=1))
+    assert r.status_code == 200, r.text
+    log = tmp_path / "trainer.log"
+    cmd = TrainerProc(data, srv._config_file()).command()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SLOW_FINISH, *cmd[3:]],  # cmd: python -m fedmobillm.cli
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1", "FINAL_DELAY_S": str(delay_s)},
+            start_new_session=True,
+        )
+    wait_for(lambda: _status(srv.url).get("step", 0) >= 5, 180, "training steps")
+    return srv, proc, log
+
+
+def test_a_second_sigterm_exits_non_zero_naming_what_was_not_written(tmp_path):
+    srv, proc, log = _slow_trainer(tmp_path, delay_s=600)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        wait_for(lambda: "SLOW FINISH" in log.read_text(), 60, "the final write to begin")
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(90)  # the old trainer waited 60 s, then exited 0 without them
+        text = log.read_text()
+        assert rc == 1, text[-3000:]
+        step = int(text.split("SLOW FINISH at step ")[1].split()[0])
+        assert f"not written: the checkpoint of step {step}" in text, text[-3000:]
+        assert "the personal model of " in text and f"at step {step}" in text, text[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        srv.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_waits_for_a_final_write_longer_than_a_minute(tmp_path):
+    srv, proc, log = _slow_trainer(tmp_path, delay_s=70)
+    data = tmp_path / "data"
+    try:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(300)
+        text = log.read_text()
+        assert rc == 0, text[-3000:]
+        step = int(text.split("SLOW FINISH at step ")[1].split()[0])
+        latest = json.loads((data / "checkpoints" / "LATEST").read_text())
+        assert latest["step"] == step, (latest, text[-2000:])  # the final checkpoint
+        (personal,) = (data / "personal").glob("*/personal.json")
+        assert json.loads(personal.read_text())["trainer_step"] == step  # the final export
+        assert "final checkpoint (step" in text
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        srv.stop()

@@ -1,0 +1,215 @@
+"""`fedmobillm train` on PostgreSQL (issue 17 review), real processes on a real PostgreSQL:
+
+- the PostgreSQL variant of test_train_process: `serve --no-train --workers 2` and a real
+  `fedmobillm train` on one database: the trainer trains on the uploads, `/v1/status` of the
+  workers names it, the personal model served is its export, and a second trainer is refused
+  and publishes nothing (the status row stays the live trainer's);
+- a trainer whose connections drop on its side (a network cut: PostgreSQL keeps its backends,
+  the trainer slot's advisory lock included, until it notices) takes its own slot back when
+  it reconnects (the old code refused it: "another trainer is running", and it stopped),
+  while another trainer is still refused."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import socket
+import subprocess
+import threading
+import time
+import zipfile
+
+import httpx
+import psycopg
+import pytest
+from server_helpers import FAST, make_payload, register, upload
+from test_postgres import PgServer, postgres  # noqa: F401 - the module's PostgreSQL fixture
+from train_helpers import TrainerProc, start_ingest_only, tiny_manifest, wait_for
+from train_helpers import trainer_status as _status
+
+from fedmobillm.server.service import Service
+from fedmobillm.server.store_pg import TRAINER_APP, TRAINER_LOCK, PostgresStore
+
+pytestmark = pytest.mark.integration
+
+
+def _published(url: str) -> dict | None:
+    """The trainer status row as published in the database (None before any)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'trainer_status'").fetchone()
+    return json.loads(row[0]) if row else None
+
+
+def _slot_holder(url: str) -> tuple[int, str] | None:
+    """(backend pid, application_name) of the session holding the trainer slot, or None."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT l.pid, a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+            "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted AND l.objid = %s "
+            "AND l.objsubid = 1 AND l.database = "
+            "(SELECT oid FROM pg_database WHERE datname = current_database())",
+            (TRAINER_LOCK & 0xFFFFFFFF,),
+        ).fetchone()
+
+
+def _refused_publishing_nothing(cmd: list[str], url: str, live_pid: int) -> None:
+    """Run a second trainer ``cmd``: it is refused, and the status row names ``live_pid``
+    all along (read every 50 ms while it runs)."""
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = set()
+    while second.poll() is None:
+        st = _published(url)
+        if st is not None:
+            pids.add(st["process"]["pid"])
+        time.sleep(0.05)
+    out = second.stdout.read()
+    assert second.returncode != 0 and "another trainer is running" in out, out[-2000:]
+    assert pids == {live_pid}, (pids, out[-2000:])
+
+
+def test_pg_trainer_process_trains_beside_ingest_workers(postgres, tmp_path):  # noqa: F811
+    url = postgres.database()
+    data = tmp_path / "data"
+    srv = PgServer(data, FAST, url, workers=2)
+    trainer = start_ingest_only(srv, database=url)
+    try:
+        assert _status(srv.url)["running"] is False  # nothing published yet
+        m = tiny_manifest()
+        reg = register(srv.url, "a", m)
+        auth = {"Authorization": f"Bearer {reg['token']}"}
+        for split, n, seed in (("train", 300, 1), ("validation", 100, 11)):
+            r = upload(srv.url, reg, make_payload(reg, m, range(n), split=split, seed=seed))
+            assert r.status_code == 200, r.text
+        assert httpx.get(f"{srv.url}/v1/personal-model", headers=auth).status_code == 409
+        trainer.start()
+        st = wait_for(
+            lambda: (s := _status(srv.url)).get("step", 0) >= 40 and s["personal_models"] and s,
+            240,
+            "the trainer process to train and export",
+        )
+        assert st["process"]["command"] == "train" and st["process"]["pid"] == trainer.proc.pid
+        assert st["published_age_s"] < 30 and st["database_retry"] is None
+        holder = _slot_holder(url)
+        assert holder is not None and holder[1].startswith(TRAINER_APP + " "), holder
+        r = httpx.get(f"{srv.url}/v1/personal-model", headers=auth, timeout=30)
+        assert r.status_code == 200, r.text
+        meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("personal.json"))
+        exported = _status(srv.url)["personal_models"][reg["architecture"]]
+        assert 0 < meta["trainer_step"] <= exported  # written by the trainer process
+        _refused_publishing_nothing(trainer.command(), url, trainer.proc.pid)
+        assert trainer.stop() == 0  # SIGTERM: final checkpoint and export
+        latest = json.loads((data / "checkpoints" / "LATEST").read_text())
+        assert latest["step"] >= st["step"]
+        assert "final checkpoint (step" in trainer.log()
+    finally:
+        trainer.kill()
+        srv.stop()
+
+
+class DropProxy:
+    """A loopback TCP proxy to PostgreSQL. ``drop_clients()`` cuts every connection open now
+    on the client's side only: the client sees its connection gone, PostgreSQL sees nothing
+    (its side stays open) and keeps the backend, and whatever locks it holds, alive."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.pairs: list[dict] = []
+        self.closed = False
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            pair = {"client": client, "upstream": upstream, "dropped": False}
+            with self._lock:
+                self.pairs.append(pair)
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(pair, src, dst), daemon=True).start()
+
+    def _pump(self, pair: dict, src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        if not pair["dropped"] and not self.closed:  # an ordinary close: pass it on
+            for s in (pair["client"], pair["upstream"]):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def drop_clients(self) -> int:
+        with self._lock:
+            live = [p for p in self.pairs if not p["dropped"]]
+            for pair in live:
+                pair["dropped"] = True
+                with contextlib.suppress(OSError):
+                    pair["client"].shutdown(socket.SHUT_RDWR)
+        return len(live)
+
+    def close(self) -> None:
+        self.closed = True
+        self.listener.close()
+        with self._lock:
+            for pair in self.pairs:
+                for s in (pair["client"], pair["upstream"]):
+                    with contextlib.suppress(OSError):
+                        s.close()
+
+
+def test_trainer_takes_back_its_own_slot_after_its_connections_drop(postgres, tmp_path):  # noqa: F811
+    url = postgres.database()
+    Service(PostgresStore(url)).store.close()  # what `serve` records at its start
+    proxy = DropProxy(postgres.port)
+    via_proxy = url.replace(f":{postgres.port}/", f":{proxy.port}/")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(FAST))
+    trainer = TrainerProc(tmp_path / "data", config, database=via_proxy).start()
+    try:
+        wait_for(
+            lambda: (_published(url) or {}).get("process", {}).get("pid") == trainer.proc.pid,
+            120,
+            "the trainer's first status",
+        )
+        before = _slot_holder(url)
+        assert before is not None and before[1].startswith(TRAINER_APP + " "), before
+        cut = time.time()
+        assert proxy.drop_clients() >= 2  # the slot's session and the pool's
+        wait_for(lambda: "trainer: database error" in trainer.log(), 60, "the trainer's retry")
+        after = wait_for(
+            lambda: (h := _slot_holder(url)) is not None and h[0] != before[0] and h,
+            90,
+            f"the trainer to take its slot back; log: {trainer.log()[-1500:]}",
+        )
+        assert after[1] == before[1]  # the same trainer (owner id), a new session
+        wait_for(
+            lambda: (
+                (s := _published(url) or {}).get("published", 0) > cut + 1
+                and s["database_retry"] is None
+                and s["running"]
+            ),
+            60,
+            "a fresh status after the reconnect",
+        )
+        assert trainer.running, trainer.log()[-3000:]
+        # it found the slot still held by its old backend (PostgreSQL had not noticed the cut)
+        assert f"own previous session (backend pid {before[0]};" in trainer.log()
+        # another trainer (another owner) is still refused, directly or through the proxy
+        second = subprocess.run(
+            TrainerProc(tmp_path / "data", config, database=url).command(),
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert second.returncode != 0
+        assert "another trainer is running" in second.stdout + second.stderr
+        assert _slot_holder(url) == after and trainer.running
+        assert trainer.stop() == 0
+    finally:
+        trainer.kill()
+        proxy.close()
