@@ -77,10 +77,12 @@ def test_train_started_first_waits_for_serve_and_a_refused_one_publishes_nothing
     srv = ServerProc(data, FAST)
     srv.args += ["--no-train", "--task", "lm"]
     try:
-        wait_for(lambda: "waiting for `fedmobillm serve`" in trainer.log(), 120, "the wait")
+        started = ("waiting for `fedmobillm serve`", "trainer process: data dir")
+        wait_for(lambda: any(s in trainer.log() for s in started), 120, "the trainer to start")
         time.sleep(2.0)  # the trainer polls the store meanwhile: it records nothing
         assert trainer.running, trainer.log()[-3000:]
         srv.start()  # refused ("holds a classify federation") when the trainer pinned it
+        assert "waiting for `fedmobillm serve`" in trainer.log()
         wait_for(lambda: "task lm, tokens inputs: as `fedmobillm serve`" in trainer.log(), 60, "lm")
         st = wait_for(
             lambda: (s := _status(srv.url)).get("process", {}).get("pid") == trainer.proc.pid and s,
