@@ -9,18 +9,11 @@ from benchmarks._models import MeanPooler, mean_pool
 
 
 def _tiny_bert():
-    from transformers import BertConfig, BertForSequenceClassification
+    from tiny_models import tiny_config
+    from transformers import BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=50,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        num_labels=2,
-    )
-    return BertForSequenceClassification(cfg).eval()
+    return BertForSequenceClassification(tiny_config("bert", vocab_size=50, num_labels=2)).eval()
 
 
 def test_mean_pool_replaces_the_pooler_and_ignores_padding():

@@ -9,22 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
-VOCAB = 30522  # the MiniLM tokenizer is reused (as in tests/export/test_export_tiny.py)
-
-
-def _config(family: str):
-    import transformers as tf
-
-    if family == "bert":
-        return tf.BertConfig(
-            vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-            intermediate_size=64,
-        )  # fmt: skip
-    return tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256,
-    )  # fmt: skip
+from tiny_models import tiny_config
 
 
 def tiny_folder(family: str) -> Path:
@@ -40,7 +25,7 @@ def tiny_folder(family: str) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     torch.manual_seed(0)
-    model = AutoModel.from_config(_config(family))
+    model = AutoModel.from_config(tiny_config(family))
     tmp = out.with_name(f"{out.name}.tmp{np.random.randint(1 << 30)}")
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(resolve_model_folder("minilm-l6")).save_pretrained(tmp)

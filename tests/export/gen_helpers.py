@@ -35,8 +35,9 @@ def tiny_llama(tied: bool = True) -> Path:
 
 def _build(out: Path, tied: bool) -> None:
     import torch
+    from tiny_models import tiny_config
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -51,14 +52,9 @@ def _build(out: Path, tied: bool) -> None:
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
     torch.manual_seed(0 if tied else 1)
-    config = LlamaConfig(
+    config = tiny_config(  # llama: 3 blocks x 32, 4 heads / 2 kv, MLP 64, 256 positions
+        "llama",
         vocab_size=tok.get_vocab_size(),
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=256,
         tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,

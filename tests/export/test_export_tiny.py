@@ -8,58 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-FAMILIES = ["bert", "roberta", "llama", "qwen2", "mistral", "gpt2", "gpt_neox", "opt"]
-VOCAB = 30522  # the MiniLM (bert-base-uncased) tokenizer is reused for every family
-
-
-def _config(family: str):
-    import transformers as tf
-
-    common = {"vocab_size": VOCAB}
-    if family in ("bert", "roberta"):
-        cls = tf.BertConfig if family == "bert" else tf.RobertaConfig
-        extra = {"pad_token_id": 0, "max_position_embeddings": 260} if family == "roberta" else {}
-        return cls(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=64,
-            **common,
-            **extra,
-        )
-    if family in ("llama", "qwen2", "mistral"):
-        cls = {"llama": tf.LlamaConfig, "qwen2": tf.Qwen2Config, "mistral": tf.MistralConfig}
-        cls = cls[family]
-        return cls(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=256,
-            **common,
-        )
-    if family == "gpt2":
-        return tf.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=256, **common)
-    if family == "gpt_neox":  # fused qkv projection, split in the graph
-        return tf.GPTNeoXConfig(
-            hidden_size=32,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=256,
-            **common,
-        )
-    return tf.OPTConfig(
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        ffn_dim=64,
-        max_position_embeddings=256,
-        word_embed_proj_dim=32,
-        **common,
-    )
+from tiny_models import FAMILIES, VOCAB, tiny_config
 
 
 @pytest.fixture(scope="session")
@@ -76,7 +25,7 @@ def tiny_model():
         if (out / "model.safetensors").is_file():
             return out
         torch.manual_seed(0)
-        model = AutoModel.from_config(_config(family))
+        model = AutoModel.from_config(tiny_config(family))
         tmp = out.with_name(out.name + ".tmp")
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(resolve_model_folder("minilm-l6")).save_pretrained(tmp)
@@ -171,7 +120,7 @@ def test_final_norm_and_head_not_in_graph(make_bundle, tiny_model):
     folder = tiny_model("llama")
     bundle = make_bundle(str(folder), layers=[3], formats=("onnx",))
     m = _check(bundle, "onnx")
-    cfg = _config("llama")
+    cfg = tiny_config("llama")
     per_block = 4 * 32 * 32 // 2 + 32 * 32 + 3 * 32 * 64 + 2 * 32  # q,o + k,v (kv 2 heads)
     extra = m["graph_params"] - (VOCAB * 32 + 3 * per_block)
     assert 0 <= extra < 32, extra  # rotary frequencies only; a final norm would add 32

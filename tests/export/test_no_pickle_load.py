@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_config
+from transformers import LlamaForCausalLM
 
 from fedmobillm.export.generate import load_causal_lm
 from fedmobillm.export.wrapper import load_hf_model
@@ -12,15 +13,7 @@ from fedmobillm.export.wrapper import load_hf_model
 
 @pytest.fixture
 def tiny_folder(tmp_path):
-    cfg = LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    LlamaForCausalLM(tiny_config("llama", vocab_size=64)).save_pretrained(tmp_path)
     return tmp_path
 
 
