@@ -13,6 +13,9 @@ HELP = (
     "processes, asynchronous training, on-device evaluation (--task lm: personal language "
     "models on the friends transcripts, completions before and after)"
 )
+# options of one task, passed to its config under the same names when given
+CLASSIFY_ONLY = ("alpha", "target_accuracy", "train_limit", "eval_limit", "anchors")
+LM_ONLY = ("lines", "heldout_lines", "samples", "max_new_tokens")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -120,11 +123,7 @@ def run(args: argparse.Namespace) -> int:
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
     cfg = DemoConfig(
         backbones=backbones,
-        alpha=args.alpha,
-        train_limit=args.train_limit,
-        eval_limit=args.eval_limit,
-        target_accuracy=args.target_accuracy,
-        anchors=args.anchors,
+        **_options(args, CLASSIFY_ONLY),
         **_shared(args, 6, "movie-snippets", "runs/demo", 3600.0 if args.full else 300.0),
     )
     run_demo(cfg)
@@ -136,10 +135,10 @@ def run_lm(args: argparse.Namespace) -> int:
     from fedmobillm.demo_lm import FULL_FLEET, QUICK_FLEET, LmDemoConfig, parse_fleet, run_lm_demo
     from fedmobillm.errors import FedMobiLLMError
 
-    classify_only = {"--backbones": args.backbones != DEFAULT_BACKBONES, "--alpha": args.alpha,
-                     "--iid": args.iid, "--target-accuracy": args.target_accuracy,
-                     "--train-limit": args.train_limit, "--eval-limit": args.eval_limit,
-                     "--anchors": args.anchors}  # fmt: skip
+    classify_only = {"--backbones": args.backbones != DEFAULT_BACKBONES, "--iid": args.iid}
+    classify_only.update(
+        {f"--{name.replace('_', '-')}": v for name, v in _options(args, CLASSIFY_ONLY).items()}
+    )
     given = [k for k, v in classify_only.items() if v not in (None, False)]
     if given:
         raise FedMobiLLMError(
@@ -152,14 +151,16 @@ def run_lm(args: argparse.Namespace) -> int:
     lm_limit = 7200.0 if args.full else 900.0
     cfg = LmDemoConfig(
         fleet=fleet,
-        lines=args.lines,
-        heldout_lines=args.heldout_lines,
-        samples=args.samples,
-        max_new_tokens=args.max_new_tokens,
+        **_options(args, LM_ONLY),
         **_shared(args, 6 if args.full else 4, "friends", "runs/demo-lm", lm_limit),
     )
     run_lm_demo(cfg)
     return 0
+
+
+def _options(args: argparse.Namespace, names: tuple[str, ...]) -> dict[str, Any]:
+    """``{name: args.name}`` for a task's own options (the config's fields of those names)."""
+    return {name: getattr(args, name) for name in names}
 
 
 def _shared(
