@@ -78,8 +78,9 @@ class SkewConfig:
     methods: tuple[str, ...] = ("fedmobillm", "single", "centralised")
     backbones: tuple[str, ...] = BACKBONES
     dataset: str = "movie-snippets"
-    seed: int = 0
+    seed: int = 0  # the data's (split order, cached activations) and the first run's
     repeats: int = 3
+    first_repeat: int = 0  # runs use seeds seed + first_repeat ... (more seeds, same data)
     steps: int = 500
     eval_every: int = 50
     batch_per_arch: int = 32
@@ -500,8 +501,8 @@ def run(sc: SkewConfig, out: Path) -> dict:
     label_names, n_train = list(ds.label_names), len(ds.splits["train"])
     data = {b: load_split(base, bundles[b], sc.dataset, n_train) for b in sc.backbones}
     runs: list[dict] = []
-    for r in range(sc.repeats):
-        log.info("seed %d (%d/%d)", sc.seed + r, r + 1, sc.repeats)
+    for r in range(sc.first_repeat, sc.first_repeat + sc.repeats):
+        log.info("seed %d (%d/%d)", sc.seed + r, r + 1 - sc.first_repeat, sc.repeats)
         runs += seed_rows(sc, sc.seed + r, label_names, data, bundles)
     rows = summarise(runs)
     result = {
@@ -543,6 +544,7 @@ def config_from(a: argparse.Namespace) -> SkewConfig:
         "methods": _csv(a.methods),
         "backbones": _csv(a.backbones),
         "repeats": a.repeats,
+        "first_repeat": a.first_repeat,
         "seed": a.seed,
         "steps": a.steps,
         "anchors": a.anchors,
@@ -576,7 +578,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", help=f"comma-separated, of: {', '.join(METHODS)}")
     p.add_argument("--backbones", help="comma-separated backbone names")
     p.add_argument("--repeats", type=int)
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="the data's seed and the first run's (default 0)")
+    p.add_argument(
+        "--first-repeat",
+        type=int,
+        help="start the runs' seeds at seed + this (more seeds on the same data and cache)",
+    )
     p.add_argument("--steps", type=int)
     p.add_argument("--anchors", type=int)
     p.add_argument("--train-limit", type=int, help="labelled train records (default 3000)")
