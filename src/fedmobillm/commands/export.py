@@ -13,6 +13,17 @@ HELP = "export a Hugging Face encoder/decoder to a tapped, pre-scaled bundle (.p
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The export options, in the order `fedmobillm export --help` lists them."""
+    _add_model_arguments(parser)
+    _add_tap_arguments(parser)
+    _add_quant_arguments(parser)
+    _add_graph_arguments(parser)
+    _add_calibration_arguments(parser)
+    _add_device_arguments(parser)
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """MODEL and --out."""
     parser.add_argument(
         "model",
         metavar="MODEL",
@@ -25,6 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="bundle folder to create (an existing bundle there is replaced)",
     )
+
+
+def _add_tap_arguments(parser: argparse.ArgumentParser) -> None:
+    """Which blocks are tapped (--taps or --layers) and what each tap emits (--pivot)."""
     taps = parser.add_mutually_exclusive_group()
     taps.add_argument(
         "--taps",
@@ -43,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "over real tokens, or every token (none). auto: last for decoders; mean for encoders "
         "whose folder declares mean pooling (sentence-transformers), else first",
     )
-    _add_quant_arguments(parser)
+
+
+def _add_graph_arguments(parser: argparse.ArgumentParser) -> None:
+    """--format and --max-seq-len of the backbone graphs."""
     parser.add_argument(
         "--format",
         default="onnx,pte",
@@ -59,6 +77,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="longest sequence the graph accepts (default 128)",
     )
+
+
+def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
+    """--calibration text and the public --dp-projection basis fitted on it."""
     parser.add_argument(
         "--calibration",
         metavar="DATA",
@@ -79,6 +101,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --dp-projection: plain PCA coordinates instead of whitened ones (whitened "
         "measured better on validation, docs/privacy.md)",
     )
+
+
+def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """Fitting the bundle to a device (--budget-mb, --device-profile) and what it runs
+    besides the backbone (--generate)."""
     parser.add_argument(
         "--budget-mb",
         type=float,
