@@ -57,7 +57,13 @@ def tune(cfg: LmBenchConfig, settings: list[str], out: Path, methods: tuple[str,
     for b in BACKBONES:
         line[b] = frozen.score(None, "val", b)["perplexity"]
         line[f"{b}.server_hidden"] = frozen.score(None, "val", b, phone=False)["perplexity"]
-    _append(out, line)
+    if cfg.lens:  # the 12-block backbone through its tuned lens: its personal model's start
+        from benchmarks.bench_lm import new_trainer
+
+        l12 = list(BACKBONES)[1]
+        start = new_trainer(cfg, dict.fromkeys(BACKBONES, head), data["train"].texts, [l12])
+        line = {"setting": "frozen-tuned-lens", l12: frozen.score(start, "val", l12)["perplexity"]}
+        _append(out, line)
     for text in settings:
         run_cfg = dataclasses.replace(cfg, **parse_setting(text))
         bench = Bench(run_cfg, data, arch_of, head)
@@ -66,6 +72,9 @@ def tune(cfg: LmBenchConfig, settings: list[str], out: Path, methods: tuple[str,
             if method == "fedmobillm":
                 trainer, losses = bench.fit(list(BACKBONES), "fleet", run_cfg.batch_lines)
                 scored = {b: bench.score(trainer, "val", b) for b in BACKBONES}
+            elif method == "full-only":  # the fleet's full-model devices, no l12 arch
+                trainer, losses = bench.fit([MODEL], "fleet", run_cfg.batch_lines)
+                scored = {MODEL: bench.score(trainer, "val", MODEL)}
             else:  # centralised on the full backbone
                 trainer, losses = bench.fit([MODEL], "all", run_cfg.batch_lines * 2)
                 scored = {MODEL: bench.score(trainer, "val", MODEL)}
@@ -89,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--taps-from", choices=("bundle", "torch"), default="bundle")
     p.add_argument("--encoding", choices=("fp16", "int8"), default="fp16")
     p.add_argument("--out", type=Path, required=True, help="JSON lines, appended")
-    p.add_argument("--method", action="append", choices=("fedmobillm", "centralised"))
+    p.add_argument("--method", action="append", choices=("fedmobillm", "full-only", "centralised"))
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("settings", nargs="+", help="key=value,... (LmBenchConfig fields)")
     a = p.parse_args(argv)

@@ -96,10 +96,14 @@ class LmBenchConfig:
     # without select_every, fedmobillm's validation perplexity is still logged every this
     # many steps (its perplexity-vs-device-cost curve); 0: not logged
     curve_every: int = 10
+    # 1: an architecture whose graph ends before the model's last block (l12) starts at its
+    # tuned lens (server.lm_lens: fitted on public text, cached); 0: at the logit lens
+    lens: int = 1
 
     @classmethod
     def quick(cls) -> LmBenchConfig:
-        return cls(devices=4, train_lines=64, heldout_lines=24, steps=40, batch_lines=8,
+        # 96 held-out lines per device (24 gave the full backbone 541 test tokens: too few)
+        return cls(devices=4, train_lines=64, heldout_lines=96, steps=40, batch_lines=8,
                    lora_budget=0.25, lora_local_steps=1)  # fmt: skip
 
 
@@ -392,8 +396,25 @@ def new_trainer(
     trainer = LMSideTrainer(side, seed=cfg.seed)
     for b in archs:
         a = data[b].acts
-        trainer.add_architecture(a.architecture, a.taps, a.depth, a.hidden, heads[b], MODEL)
+        lens = bench_lens(a.depth, heads[b]) if cfg.lens else None
+        trainer.add_architecture(a.architecture, a.taps, a.depth, a.hidden, heads[b], MODEL, lens)
     return trainer
+
+
+_LENSES: dict[int, Any] = {}
+
+
+def bench_lens(depth: int, head: Any) -> Any:
+    """The tuned lens of SmolLM2 truncated after block ``depth`` (None at full depth):
+    ``server.lm_lens.lens_for`` on the local model folder, fitted once (cached on disk)."""
+    if depth not in _LENSES:
+        from fedmobillm.export.models import resolve_model
+        from fedmobillm.server.lm_lens import lens_for
+
+        _LENSES[depth] = lens_for(Path(resolve_model(MODEL)), depth, head.norm)
+        if _LENSES[depth] is not None:
+            log.info("tuned lens for %d blocks: %s", depth, _LENSES[depth].meta)
+    return _LENSES[depth]
 
 
 def train(
@@ -522,6 +543,10 @@ def run(cfg: LmBenchConfig, out: Path) -> dict[str, Any]:
         row = bench.row("frozen", b, None)
         row["perplexity_server_hidden"] = bench.score(None, "test", b, phone=False)["perplexity"]
         rows.append(row)
+        lens = bench_lens(BACKBONES[b][-1], head) if cfg.lens else None
+        if lens is not None:  # the truncated backbone through its tuned lens (step 0)
+            start = new_trainer(cfg, dict.fromkeys(BACKBONES, head), tr, [b])
+            rows.append(bench.row("frozen-tuned-lens", b, start, lens=lens.meta))
     t = time.perf_counter()
     fed, losses = bench.fit(list(BACKBONES), "fleet", cfg.batch_lines)
     timing["fedmobillm_s"] = time.perf_counter() - t
@@ -723,6 +748,9 @@ def targets(rows: list[dict]) -> dict[str, Any]:
     small = ppl.get(("fedmobillm", "smollm2-135m-l12"))
     if small and fro:
         out["l12_personal_vs_full_frozen"] = {"ratio": small / fro}
+    lens = ppl.get(("frozen-tuned-lens", "smollm2-135m-l12"))
+    if lens and fro:
+        out["l12_tuned_lens_vs_full_frozen"] = {"ratio": lens / fro}
     return out
 
 
@@ -761,6 +789,15 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> None:
             lines.append(f"\nfrozen {r['backbone']}: {r['perplexity']:.2f} with the phone's fp32 "
                          f"hidden, {r['perplexity_server_hidden']:.2f} with the hidden the server "
                          "computes from the uploaded taps.")  # fmt: skip
+    for r in result["rows"]:
+        if r["method"] == "frozen-tuned-lens":
+            m = r.get("lens", {})
+            lines.append(f"\nfrozen-tuned-lens {r['backbone']}: the truncated model read through "
+                         "an affine map to the full model's last block, fitted by ridge on "
+                         f"public text ({', '.join(m.get('corpora', []))}; {m.get('rows')} "
+                         f"tokens, ridge {m.get('ridge')}, held-out R^2 "
+                         f"{m.get('heldout_r2', math.nan):.3f}): its personal model's start "
+                         "(the frozen row is the logit lens).")  # fmt: skip
     lines += [
         "",
         *_lora_lines(result),
@@ -792,7 +829,7 @@ def _plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["frozen", "local", "fedmobillm", "centralised", "fedavg-lora"]
+    methods = ["frozen", "frozen-tuned-lens", "local", "fedmobillm", "centralised", "fedavg-lora"]
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for j, b in enumerate(BACKBONES):
         vals = [next((r["perplexity"] for r in result["rows"]
@@ -821,12 +858,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="how devices upload taps (lm devices upload fp16 by default)")  # fmt: skip
     for name, kind in (("steps", int), ("devices", int), ("train-lines", int), ("lr", float),
                        ("width", int), ("warmup", int), ("ema", float), ("dropout", float),
-                       ("batch-lines", int), ("select-every", int)):  # fmt: skip
+                       ("batch-lines", int), ("select-every", int),
+                       ("heldout-lines", int)):  # fmt: skip
         p.add_argument(f"--{name}", type=kind, help="overrides the (--quick) setting")
     p.add_argument("--centralised", nargs="+", choices=list(BACKBONES),
                    help="backbones the centralised method runs on (default: both)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-fedavg-lora", action="store_true", help="skip the fedavg-lora baseline")
+    p.add_argument("--no-lens", action="store_true",
+                   help="the 12-block backbone starts at the logit lens, not its tuned lens")  # fmt: skip
     p.add_argument(
         "--lora-sweep",
         nargs="+",
@@ -843,12 +883,13 @@ def main(argv: list[str] | None = None) -> int:
     cfg = LmBenchConfig.quick() if a.quick else LmBenchConfig()
     cfg.taps_from, cfg.threads, cfg.encoding = a.taps_from, a.threads, a.encoding
     for name in ("steps", "devices", "train_lines", "lr", "width", "warmup", "ema", "dropout",
-                 "batch_lines", "select_every"):  # fmt: skip
+                 "batch_lines", "select_every", "heldout_lines"):  # fmt: skip
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
     if a.centralised:
         cfg.centralised = list(a.centralised)
     cfg.fedavg_lora = not a.no_fedavg_lora
+    cfg.lens = 0 if a.no_lens else 1
     if a.lora_sweep:
         cfg.lora_sweep = list(a.lora_sweep)
     if a.curve_every is not None:

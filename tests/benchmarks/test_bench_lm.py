@@ -71,11 +71,15 @@ def test_tiny_run_on_smollm2_beats_frozen(tmp_path):
         batch_lines=8,
         taps_from="torch",
         select_every=10,
+        fedavg_lora=False,
     )
     result = run(cfg, tmp_path)
     ppl = {(r["method"], r["backbone"]): r["perplexity"] for r in result["rows"]}
-    assert {m for m, _ in ppl} == {"frozen", "fedmobillm", "centralised", "local"}
+    assert {m for m, _ in ppl} == {"frozen", "frozen-tuned-lens", "fedmobillm", "centralised",
+                                   "local"}  # fmt: skip
     assert ppl[("fedmobillm", MODEL)] < ppl[("frozen", MODEL)]
+    l12 = "smollm2-135m-l12"  # its tuned lens is a language model, its logit lens is not
+    assert ppl[("frozen-tuned-lens", l12)] < ppl[("frozen", l12)] / 1000
 
 
 def test_validation_lines_come_from_other_episodes_than_training_and_test():
