@@ -241,6 +241,10 @@ class SideConfig:
     #                 is moved by the labelled loss alone).
     anchor_target: str = "mean"
     anchor_protect_best: bool = False
+    # with anchor_protect_best: every architecture whose validation accuracy is within this
+    # (a fraction, 0.02 = 2 points) of the best is a teacher only too, so validation noise
+    # between two close architectures cannot leave the truly strongest one pulled
+    anchor_protect_margin: float = 0.0
     anchor_shared: bool = True
     # Negative transfer without a ranking (issue 23, docs/skew.md): "anchors" projects the
     # anchor terms' gradient off each architecture's own labelled-loss gradient wherever they
@@ -281,6 +285,10 @@ class SideConfig:
             problems.append("arch_norms needs MLP side blocks")
         if self.block == "transformer" and self.width % self.heads:
             problems.append(f"width {self.width} must be divisible by heads {self.heads}")
+        if not 0.0 <= self.anchor_protect_margin <= 1.0:
+            problems.append(
+                f"anchor_protect_margin must be in [0, 1], not {self.anchor_protect_margin}"
+            )
         if self.anchor_batch < 1 or min(self.anchor_kl, self.anchor_feature) < 0:
             problems.append("anchor_batch must be positive, anchor_kl and anchor_feature >= 0")
         if min(self.width, self.blocks, self.expansion) <= 0 or self.gate_temperature <= 0:
@@ -908,8 +916,8 @@ class SideTrainer:
         inputs = [self._tensors_in(x, mask) for _, x, mask in items]
         us = [m.align(x) for m, (x, _) in zip(models, inputs, strict=True)]
         # each (M, K_s, d_s), or (M, K_s, T_a, d_s) in token mode
-        best = self.anchor_teacher(archs) if c.anchor_protect_best else None
-        pulled = torch.tensor([0.0 if a == best else 1.0 for a in archs])  # (A,)
+        teachers = self.anchor_teachers(archs) if c.anchor_protect_best else set()
+        pulled = torch.tensor([0.0 if a in teachers else 1.0 for a in archs])  # (A,)
         loss = torch.zeros(())
         if c.anchor_feature:
             pooled = [
@@ -917,7 +925,7 @@ class SideTrainer:
                 for u, (_, mt) in zip(us, inputs, strict=True)
             ]
             z = torch.stack(
-                [p if a != best else p.detach() for p, a in zip(pooled, archs, strict=True)]
+                [p.detach() if a in teachers else p for p, a in zip(pooled, archs, strict=True)]
             )
             z = F.layer_norm(z, z.shape[-1:])  # (A, M, K_s, d_s)
             loss = loss + c.anchor_feature * (z - z.mean(0, keepdim=True)).pow(2).mean()
@@ -956,6 +964,15 @@ class SideTrainer:
             self._say_no_quality()
             return None
         return max(known, key=lambda a: (self.arch_quality[a], a))
+
+    def anchor_teachers(self, archs: list[str]) -> set[str]:
+        """``anchor_teacher`` and every architecture of ``archs`` whose validation accuracy is
+        within ``anchor_protect_margin`` of it (empty before any evaluation)."""
+        best = self.anchor_teacher(archs)
+        if best is None:
+            return set()
+        floor = self.arch_quality[best] - self.config.anchor_protect_margin
+        return {a for a in archs if self.arch_quality.get(a, -1.0) >= floor} | {best}
 
     def anchor_weights(self, archs: list[str]) -> np.ndarray:
         """(A,) weights of the architectures' predictions in the anchor KL target, summing

@@ -5,6 +5,7 @@ each architecture's own labelled-loss gradient where they conflict
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 
@@ -213,3 +214,28 @@ def test_an_architecture_whose_batch_lacks_a_label_is_not_guarded(monkeypatch):
     assert torch.allclose(al2["A"], torch.tensor([1.0])) and torch.allclose(
         al2["B"], torch.tensor([0.0])
     )
+
+
+def test_protect_margin_keeps_every_close_architecture_a_teacher():
+    """anchor_protect_margin 0.02: A (0.80) and B (0.79) are both teachers, C (0.70) is
+    pulled; the anchor gradient reaches C's alignment only. Margin 0 keeps the best alone."""
+    t = SideTrainer(
+        SideConfig(width=32, anchor_protect_best=True, anchor_protect_margin=0.02, dropout=0.0),
+        ["neg", "pos"],
+    )
+    for name in ("A", "B", "C"):
+        t.add_architecture(name, [2, 4], 4, 16)
+    t.arch_quality = {"A": 0.80, "B": 0.79, "C": 0.70}
+    assert t.anchor_teachers(["A", "B", "C"]) == {"A", "B"}
+    xs = [synthetic(16, 2, 16, s)[0] for s in (1, 2, 3)]
+    t._anchor_loss([(n, x) for n, x in zip("ABC", xs, strict=True)]).backward()
+    grad = {
+        n: sum(float(p.grad.abs().sum()) for p in t.aligns[t.archs[n].key].parameters()
+               if p.grad is not None)
+        for n in "ABC"
+    }  # fmt: skip
+    assert grad["A"] == 0.0 and grad["B"] == 0.0 and grad["C"] > 0.0
+    t.config = dataclasses.replace(t.config, anchor_protect_margin=0.0)
+    assert t.anchor_teachers(["A", "B", "C"]) == {"A"}
+    with pytest.raises(FedMobiLLMError, match="anchor_protect_margin"):
+        SideConfig(anchor_protect_margin=2.0)
