@@ -575,55 +575,81 @@ def sweep_row(
 
 
 def run(cfg: PrivacyConfig, out: Path) -> dict:
+    """Prepare the data and bundle, run every sweep, write privacy.json/.md under ``out``."""
     import torch
-
-    from benchmarks.bench_accuracy import versions
 
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     data = prepare(cfg)
     timings = {"data": time.perf_counter() - t_start}
-    rows, reid_curve = [], []
     with tempfile.TemporaryDirectory(prefix="bench-privacy-") as tmp:
-        work = Path(tmp)
-        t0 = time.perf_counter()
-        if cfg.plain:
-            rule, clip_run, clip_tried = choose_clip(cfg, data, work)
-        else:  # the projected mechanism only: the undefended reference row, no clip choice
-            rule, clip_run, clip_tried = "int8", None, []
-        timings["clip_choice"] = time.perf_counter() - t0
-        for eps in cfg.epsilons if cfg.plain else (math.inf,):
-            t0 = time.perf_counter()
-            s = setting_for(eps, rule, data, cfg.delta)
-            reuse = clip_run if eps == TARGET_EPSILON else None
-            rows.append(sweep_row(cfg, data, s, work / f"eps-{eps}", reuse))
-            timings[f"eps-{eps}"] = time.perf_counter() - t0
-        for eps in sorted({*cfg.epsilons, *cfg.reid_epsilons}, reverse=True):
-            s = setting_for(eps, rule, data, cfg.delta)
-            reid_curve.append(
-                {
-                    "epsilon": eps,
-                    "noise_std": s.std,
-                    "reid_top1": reid(cfg, data, s, victim_uploads(cfg, data, s)["train"]),
-                }
-            )
-        t0 = time.perf_counter()
-        proj_rows, proj_choice, proj_curve = projected_rows(cfg, data, work)
-        timings["projected"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        labels = label_rows(cfg, data, work)
-        timings["labels"] = time.perf_counter() - t0
+        parts = _sweeps(cfg, data, Path(tmp), timings)
+    result = _result(cfg, data, parts, timings, t_start)
+    write_outputs(result, out)
+    return result
+
+
+def _timed(timings: dict[str, float], key: str, fn: Any, *args: Any) -> Any:
+    """``fn(*args)``, its wall seconds stored as ``timings[key]``."""
+    t0 = time.perf_counter()
+    got = fn(*args)
+    timings[key] = time.perf_counter() - t0
+    return got
+
+
+def _sweeps(cfg: PrivacyConfig, data: Data, work: Path, timings: dict[str, float]) -> dict:
+    """Every measurement, in this order: the plain mechanism per epsilon (after the clip
+    choice), the re-identification curve, the projected mechanism, label noise alone."""
+    if cfg.plain:
+        rule, clip_run, clip_tried = _timed(timings, "clip_choice", choose_clip, cfg, data, work)
+    else:  # the projected mechanism only: the undefended reference row, no clip choice
+        rule, clip_run, clip_tried = "int8", None, []
+        timings["clip_choice"] = 0.0
+    rows = []
+    for eps in cfg.epsilons if cfg.plain else (math.inf,):
+        s = setting_for(eps, rule, data, cfg.delta)
+        reuse = clip_run if eps == TARGET_EPSILON else None
+        rows.append(
+            _timed(timings, f"eps-{eps}", sweep_row, cfg, data, s, work / f"eps-{eps}", reuse)
+        )
+    reid_curve = _reid_curve(cfg, data, rule)
+    proj_rows, proj_choice, proj_curve = _timed(
+        timings, "projected", projected_rows, cfg, data, work
+    )
+    labels = _timed(timings, "labels", label_rows, cfg, data, work)
+    return {"rows": rows, "rule": rule, "clip_tried": clip_tried, "reid_curve": reid_curve,
+            "proj_rows": proj_rows, "proj_choice": proj_choice, "proj_curve": proj_curve,
+            "labels": labels}  # fmt: skip
+
+
+def _reid_curve(cfg: PrivacyConfig, data: Data, rule: str) -> list[dict]:
+    """Re-identification top-1 of the plain mechanism per epsilon, loosest first."""
+    curve = []
+    for eps in sorted({*cfg.epsilons, *cfg.reid_epsilons}, reverse=True):
+        s = setting_for(eps, rule, data, cfg.delta)
+        top1 = reid(cfg, data, s, victim_uploads(cfg, data, s)["train"])
+        curve.append({"epsilon": eps, "noise_std": s.std, "reid_top1": top1})
+    return curve
+
+
+def _result(
+    cfg: PrivacyConfig, data: Data, parts: dict, timings: dict[str, float], t_start: float
+) -> dict:
+    """privacy.json's content from the sweeps' ``parts``; the total time runs to now."""
+    from benchmarks.bench_accuracy import versions
+
+    rows, proj_rows, proj_curve = parts["rows"], parts["proj_rows"], parts["proj_curve"]
     n_eval = min(cfg.attack_eval, len(data.labels["train"]))
     prior = prior_scores(data, n_eval)
-    result = {
+    return {
         "rows": rows,
         "prior": prior,
-        "reid_curve": reid_curve,
-        "reid_below_10pct_under": reid_threshold(reid_curve),
-        "label_rows": labels,
+        "reid_curve": parts["reid_curve"],
+        "reid_below_10pct_under": reid_threshold(parts["reid_curve"]),
+        "label_rows": parts["labels"],
         "clip_choice": {
-            "rule": rule,
-            "tried": clip_tried,
+            "rule": parts["rule"],
+            "tried": parts["clip_tried"],
             "how": (
                 f"the clip rule with the best clean-validation accuracy at epsilon "
                 f"{TARGET_EPSILON:g} (side lr {cfg.side_lrs[0]:g}), used at every epsilon"
@@ -631,7 +657,7 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
         },
         "targets": targets(rows, prior["f1"]),
         "projected_rows": proj_rows,
-        "projection_choice": proj_choice,
+        "projection_choice": parts["proj_choice"],
         "projected_reid_curve": proj_curve,
         "projected_reid_below_10pct_under": reid_threshold(proj_curve) if proj_curve else None,
         # the undefended reference is the plain inf row (no projection, no noise)
@@ -642,17 +668,7 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
         ),
         "default": choose_default(rows, proj_rows),
         "lm": LM_NOTE,
-        "data": {
-            "victim": cfg.dataset,
-            "public": data.meta["public_source"],
-            "train_uploads": int(len(data.labels["train"])),
-            "validation": int(len(data.labels["validation"])),
-            "test": int(len(data.labels["test"])),
-            "public_train": len(data.sets["public"]),
-            "public_val": len(data.sets["public_val"]),
-            "attack_eval": n_eval,
-            "reid_candidates": min(cfg.reid_candidates, len(data.labels["train"])),
-        },  # fmt: skip
+        "data": _data_counts(cfg, data, n_eval),
         "bundle": {
             "path": str(data.bundle),
             **{k: v for k, v in data.meta.items() if k != "public_source"},
@@ -661,8 +677,21 @@ def run(cfg: PrivacyConfig, out: Path) -> dict:
         "timings_s": {**timings, "total": time.perf_counter() - t_start},
         "versions": versions(),
     }
-    write_outputs(result, out)
-    return result
+
+
+def _data_counts(cfg: PrivacyConfig, data: Data, n_eval: int) -> dict:
+    """The victim and public sets' sources and sizes."""
+    return {
+        "victim": cfg.dataset,
+        "public": data.meta["public_source"],
+        "train_uploads": int(len(data.labels["train"])),
+        "validation": int(len(data.labels["validation"])),
+        "test": int(len(data.labels["test"])),
+        "public_train": len(data.sets["public"]),
+        "public_val": len(data.sets["public_val"]),
+        "attack_eval": n_eval,
+        "reid_candidates": min(cfg.reid_candidates, len(data.labels["train"])),
+    }
 
 
 def label_rows(cfg: PrivacyConfig, data: Data, work: Path) -> list[dict]:
