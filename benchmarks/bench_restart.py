@@ -2,12 +2,14 @@
 
     python -m benchmarks.bench_restart --rows 10000,100000,1000000 [--devices 64]
         [--memory-mb 64] [--full-max 100000] [--data-dir DIR] [--database postgresql://...]
-        [--out DIR]
+        [--http] [--out DIR]
 
-For each ``--rows`` (ascending) the store is grown to that many samples through the service
-layer (``Service.ingest``: the API's checks and commits, no HTTP; ``_restart_fill``: int8
-K=3 x d=384, 1,152 B of values a sample, ``--devices`` devices of two architectures, one batch
-in ten validation), then a real trainer restarts on it in a fresh process (the one
+For each ``--rows`` (ascending) the store is grown to that many samples (int8 K=3 x d=384,
+1,152 B of values a sample, ``--devices`` devices of two architectures): through the service
+layer (``Service.ingest``: the API's checks and commits, no HTTP; ``_restart_fill``: one
+batch in ten validation), or with ``--http`` through the HTTP API of a real ``fedmobillm
+serve`` whose trainer runs at the same cap (``_restart_http``: its RSS recorded while it
+ingests and once its trainer has caught up; training batches only). Then a real trainer restarts on it in a fresh process (the one
 ``fedmobillm train`` runs: ``create_trainer(settings).start()``; it resumes from the previous
 run's checkpoint) and stops once its cache is full. Restart, measured (wall clock):
 
@@ -138,6 +140,9 @@ def run(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
             total = stored(store)
         finally:
             store.close()
+        if total > rows:
+            print(f"the store already holds {total:,} samples (> {rows:,}): measured at that",
+                  file=sys.stderr)  # fmt: skip
         modes = [False, True] if rows <= args.full_max else [False]
         for full in modes:
             r = restart(args, data_dir, full)
@@ -147,6 +152,33 @@ def run(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
             r["load_avg"] = [round(x, 2) for x in os.getloadavg()]
             print(json.dumps(_row(r)), file=sys.stderr, flush=True)
             results.append(r)
+    return results
+
+
+def run_http(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
+    """``--http``: grow the store through a real ``fedmobillm serve`` (trainer on, capped),
+    recording its RSS while it ingests and once its trainer has caught up; then stop it and
+    restart a trainer on the data dir (``restart``), and start the server again to grow on."""
+    import psutil
+
+    from ._restart_http import grow
+
+    results = []
+    for rows in sorted(args.rows):
+        srv, ingest = grow(data_dir, rows, args)
+        try:
+            cache = srv.trainer()["cache"]
+            rss = psutil.Process(srv.proc.pid).memory_info().rss
+        finally:
+            srv.stop()
+        r = restart(args, data_dir, False)
+        r.update(
+            rows=cache["store_samples"], mode="default", server_rss_mb=round(rss / 2**20),
+            server_cache_mb=round(cache["bytes"] / 2**20, 1), **ingest,
+        )  # fmt: skip
+        r["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+        print(json.dumps(_row(r)), file=sys.stderr, flush=True)
+        results.append(r)
     return results
 
 
@@ -164,24 +196,37 @@ COLUMNS = [
     ("rss_peak_mb", "RSS peak MB"),
     ("load_avg", "load avg"),
 ]
+HTTP_COLUMNS = [
+    ("ingest_samples_per_s", "API ingest samples/s"),
+    ("server_rss_peak_mb", "serve RSS peak while ingesting MB"),
+    ("server_rss_mb", "serve RSS caught up MB"),
+    ("server_cache_mb", "serve cache MB"),
+]
+
+
+def _columns(results: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    http = any("server_rss_mb" in r for r in results)
+    return COLUMNS[:1] + HTTP_COLUMNS + COLUMNS[1:] if http else COLUMNS
 
 
 def _row(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r.get(k) for k, _ in COLUMNS}
+    return {k: r.get(k) for k, _ in _columns([r])}
 
 
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    head = "| " + " | ".join(t for _, t in COLUMNS) + " |"
+    columns = _columns(results)
+    head = "| " + " | ".join(t for _, t in columns) + " |"
     lines = [
         f"# bench_restart: cap {args.memory_mb:g} MB, {args.devices} devices, "
-        f"{'PostgreSQL' if args.database else 'SQLite'}",
+        f"{'PostgreSQL' if args.database else 'SQLite'}, filled through "
+        f"{'the HTTP API (fedmobillm serve, trainer on)' if args.http else 'Service.ingest'}",
         "",
         head,
-        "|" + "---|" * len(COLUMNS),
+        "|" + "---|" * len(columns),
     ]
     for r in results:
         cells = []
-        for k, _ in COLUMNS:
+        for k, _ in columns:
             v = r.get(k)
             if k == "rows" or k == "rows_fetched" or k == "samples_held":
                 v = f"{v:,}"
@@ -212,10 +257,15 @@ def plot(results: list[dict[str, Any]], path: Path, memory_mb: float) -> None:
             ax1.plot(x, [r[key] for r in rs], style, label=f"{label} ({mode})")
         ax2.plot(x, [r["rss_mb"] for r in rs], style, label=f"RSS, cache full ({mode})")
         ax2.plot(x, [r["rss_peak_mb"] for r in rs], style, alpha=0.5, label=f"RSS peak ({mode})")
+        ax2.plot(x, [r["held_mb"] for r in rs], style, alpha=0.7, label=f"cache held ({mode})")
+        if "server_rss_mb" in rs[0]:
+            ax2.plot(x, [r["server_rss_mb"] for r in rs], "-^", label="serve RSS, caught up")
+            peak = [r["server_rss_peak_mb"] for r in rs]
+            ax2.plot(x, peak, ":^", label="serve RSS peak, ingesting")
     ax1.axhline(2.0, color="grey", lw=0.8, ls=":")
     ax1.set(xscale="log", xlabel="stored samples", ylabel="seconds", title="trainer restart")
     ax2.set(xscale="log", xlabel="stored samples", ylabel="MB", title="trainer RSS")
-    ax2.axhline(memory_mb, color="grey", lw=0.8, ls=":", label=f"cap {memory_mb:g} MB")
+    ax2.axhline(memory_mb, color="grey", lw=0.8, ls=":", label=f"cache cap {memory_mb:g} MB")
     for ax in (ax1, ax2):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
@@ -235,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--database", default=None, help="postgresql://... instead of SQLite")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=600.0)
+    p.add_argument("--http", action="store_true", help="fill through a real server's API")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -242,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         return child(args)
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
-        results = run(args, args.data_dir or Path(tmp))
+        results = (run_http if args.http else run)(args, args.data_dir or Path(tmp))
     report = {
         "memory_mb": args.memory_mb,
         "devices": args.devices,
