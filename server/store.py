@@ -31,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.store_sql import (
     READ_COLUMNS,
     SAMPLE_ORDER_INDEX,
@@ -50,11 +51,18 @@ __all__ = [
     "SampleRows",
     "SqlStore",
     "Store",
+    "TrainerSlotTaken",
     "dequantize_sample",
     "hash_token",
     "is_transient",
     "open_store",
 ]
+
+
+class TrainerSlotTaken(FedMobiLLMError):
+    """The store's one trainer slot is held by another trainer (``claim_trainer``): not
+    transient, the claiming trainer stops (a refusal, not a bug: no traceback)."""
+
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -112,7 +120,7 @@ def open_store(
 ) -> SqlStore:
     """The store ``settings`` name: PostgreSQL at ``settings.database`` when it is set, else
     the embedded SQLite file in the data dir. ``trainer``: the store of the trainer, which on
-    PostgreSQL also claims the database's one trainer slot (FedMobiLLMError if another
+    PostgreSQL also claims the database's one trainer slot (TrainerSlotTaken if another
     trainer holds it); ``owner``: the claiming trainer's id (``claim_trainer``)."""
     if settings.database is None:
         store: SqlStore = Store(settings.db_path)
@@ -236,15 +244,13 @@ class Store(SqlStore):
         claims again."""
         import fcntl
 
-        from fedmobillm.errors import FedMobiLLMError
-
         lock_path = self.path.with_name(self.path.name + ".trainer.lock")
         handle = open(lock_path, "a+")  # noqa: SIM115 - held open while this store is
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             handle.close()
-            raise FedMobiLLMError(
+            raise TrainerSlotTaken(
                 f"another trainer is running on {self.path}; one trainer per store",
                 hint="run `fedmobillm serve --no-train` beside `fedmobillm train`, or stop "
                 "the other trainer",

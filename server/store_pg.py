@@ -308,7 +308,7 @@ class PostgresStore(SqlStore):
         not yet seen that backend die), that stale session is ended (pg_terminate_backend)
         and the slot taken once it is gone (lock_timeout SLOT_WAIT_S: past it the error is a
         transient LockNotAvailable and the trainer retries). Any other holder:
-        FedMobiLLMError ``another trainer is running``."""
+        TrainerSlotTaken ``another trainer is running``."""
         name = f"{TRAINER_APP} {owner}" if owner else TRAINER_APP
         conn = self._connect(application_name=name)
         try:
@@ -330,8 +330,10 @@ class PostgresStore(SqlStore):
             (TRAINER_LOCK >> 32, TRAINER_LOCK & 0xFFFFFFFF),
         ).fetchone()
         if owner is None or holder is None or holder[1] != name:
+            from fedmobillm.server.store import TrainerSlotTaken
+
             who = "" if holder is None else f" (backend pid {holder[0]}, {holder[1] or '?'})"
-            raise FedMobiLLMError(
+            raise TrainerSlotTaken(
                 f"another trainer is running on the database {self.where}{who}; one trainer "
                 "per database",
                 hint="run the other servers with --no-train (or stop the other trainer)",

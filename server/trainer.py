@@ -60,6 +60,7 @@ from fedmobillm.server.side import NonFiniteStep, SideConfig, SideTrainer, pad_t
 from fedmobillm.server.store import (
     SampleRows,
     Store,
+    TrainerSlotTaken,
     dequantize_sample,
     is_transient,
     open_store,
@@ -1057,6 +1058,7 @@ class Trainer:
         self.slot_owner = uuid.uuid4().hex
         self.slot_claimed = threading.Event()
         self.slot_refused = False
+        self._slot_held_once = False  # a refusal after it: the slot was lost, not "not started"
 
     # -- lifecycle --
 
@@ -1079,7 +1081,8 @@ class Trainer:
             self._finish()
         except Exception as exc:  # keep ingest alive; report in status
             if self.slot_refused:  # another trainer's slot: its message says it all
-                log.error("trainer not started: %s", exc)
+                what = "lost the trainer slot" if self._slot_held_once else "trainer not started"
+                log.error("%s: %s", what, exc)
             else:
                 log.exception("trainer stopped on an error")
             self.error = f"{type(exc).__name__}: {exc}"
@@ -1088,15 +1091,19 @@ class Trainer:
     def _claim(self) -> Store | None:
         """The store with the trainer slot held (``slot_claimed`` set), or None after a
         transient database error (said and waited for). The one trainer of a store: a second
-        is refused (not transient; ``slot_refused`` set, raised)."""
+        is refused (TrainerSlotTaken; ``slot_refused`` set, raised); any other error that is
+        not transient is raised as it is (a bug or a permanent fault: its traceback logged)."""
         try:
             store = open_store(self.settings, trainer=True, owner=self.slot_owner)
+        except TrainerSlotTaken:
+            self.slot_refused = True
+            raise
         except Exception as exc:
             if not is_transient(exc):
-                self.slot_refused = True
                 raise
             self._database_down(exc)
             return None
+        self._slot_held_once = True
         self.slot_claimed.set()
         return store
 

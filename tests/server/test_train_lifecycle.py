@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from server_helpers import FAST, ServerProc, make_payload, register, upload
@@ -180,3 +182,81 @@ def test_sigterm_waits_for_a_final_write_longer_than_a_minute(tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         srv.stop()
+
+
+# -- the trainer slot in-process (issue 17 review): real Trainer, real SQLite store --------
+
+
+def _sqlite_trainer(tmp_path: Path) -> Any:
+    from fedmobillm.server.settings import load_settings
+    from fedmobillm.server.trainer import Trainer
+
+    settings, _ = load_settings(None, dev=True, data_dir=tmp_path, train=True)
+    return Trainer(settings)
+
+
+class _Flaky:
+    """``open_store`` for the trainer module: the real store, whose quarantine poll fails
+    once with SQLITE_BUSY (a transient database error); ``before_reopen`` runs before each
+    later open (a rival claiming the slot meanwhile)."""
+
+    def __init__(self, before_reopen: Any = None) -> None:
+        from fedmobillm.server import store as store_mod
+
+        self.real, self.opened, self.before_reopen = store_mod.open_store, 0, before_reopen
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.opened += 1
+        if self.opened > 1 and self.before_reopen is not None:
+            self.before_reopen()
+        store = self.real(*args, **kwargs)
+        if self.opened == 1:
+
+            def busy() -> Any:
+                raise sqlite3.OperationalError("database is locked")
+
+            store.quarantined = busy
+        return store
+
+
+def test_a_refusal_after_a_database_error_says_lost_the_trainer_slot(tmp_path, monkeypatch, caplog):
+    """The slot taken by a rival while the trainer retried a database error: TrainerSlotTaken,
+    logged as "lost the trainer slot" (not "trainer not started"), no traceback."""
+    from fedmobillm.server import trainer as trainer_mod
+    from fedmobillm.server.store import Store
+
+    trainer = _sqlite_trainer(tmp_path)
+    rival = Store(trainer.settings.db_path)
+
+    monkeypatch.setattr(trainer_mod, "open_store", _Flaky(before_reopen=rival.claim_trainer))
+    caplog.set_level(logging.INFO)
+    try:
+        trainer.start()
+        trainer._thread.join(60)
+        assert not trainer._thread.is_alive() and trainer.slot_refused
+        assert "TrainerSlotTaken: another trainer is running" in trainer.error
+        records = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert [r.getMessage().split(":")[0] for r in records] == ["lost the trainer slot"]
+        assert records[0].exc_info is None
+    finally:
+        rival.close()
+
+
+def test_a_non_refusal_open_error_keeps_its_traceback(tmp_path, monkeypatch, caplog):
+    """An error opening the store that is neither transient nor a refusal (a bug, a broken
+    file) is no "trainer not started": slot_refused stays False and it is logged with its
+    traceback."""
+    from fedmobillm.server import trainer as trainer_mod
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise sqlite3.DatabaseError("file is not a database")
+
+    trainer = _sqlite_trainer(tmp_path)
+    monkeypatch.setattr(trainer_mod, "open_store", broken)
+    caplog.set_level(logging.INFO)
+    trainer.start()
+    trainer._thread.join(60)
+    assert not trainer.slot_refused and "file is not a database" in trainer.error
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.getMessage() for r in errors] == ["trainer stopped on an error"]
+    assert errors[0].exc_info is not None
