@@ -1056,7 +1056,7 @@ class Trainer:
         # set once the slot is held (the status is published only then), and whether a
         # (re)claim was refused or failed (another trainer's slot: publish nothing more)
         self.slot_owner = uuid.uuid4().hex
-        self.slot_claimed = threading.Event()
+        self.slot_claimed = threading.Event()  # cleared while a database error is retried
         self.slot_refused = False
         self._slot_held_once = False  # a refusal after it: the slot was lost, not "not started"
 
@@ -1125,6 +1125,9 @@ class Trainer:
         except Exception as exc:
             if not is_transient(exc):
                 raise
+            # the store (and with it the slot) is given up: publish nothing until it is held
+            # again (another trainer may claim it meanwhile; its status row is then its own)
+            self.slot_claimed.clear()
             self._database_down(exc)
         finally:
             try:

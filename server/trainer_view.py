@@ -92,11 +92,19 @@ def publish_status(trainer: Any, store: PostgresStore, stop: threading.Event) ->
     logged and retried: the status is a view, training goes on without it.
 
     Only a trainer that holds the store's trainer slot publishes: nothing before it claimed
-    the slot, nothing once a (re)claim was refused (the status row is the slot holder's; a
-    refused second trainer must not overwrite it, even for a second)."""
-    if not _wait_for_slot(trainer, stop):
-        return
+    the slot, nothing while it retries a database error (``slot_claimed`` cleared: another
+    trainer may claim the slot meanwhile), nothing once a (re)claim was refused (the status
+    row is the slot holder's; a refused second trainer must not overwrite it, even for a
+    second)."""
+    held = False  # whether it held the slot at the last tick
     while not trainer.slot_refused:
+        if not trainer.slot_claimed.is_set():
+            if held:
+                log.info("the trainer gave the slot up (database error): no status published "
+                         "until it holds the slot again")
+            if not _wait_for_slot(trainer, stop):
+                return
+        held = True
         try:
             status = {**trainer.status(), "published": time.time()}
             store.put_meta(STATUS_KEY, json.dumps(status, default=_jsonable))

@@ -219,6 +219,54 @@ class _Flaky:
         return store
 
 
+def test_a_database_error_clears_slot_claimed_and_the_status_is_not_published(
+    tmp_path, monkeypatch
+):
+    """While the trainer retries a database error it holds no slot (its store is given up;
+    another trainer may claim it): slot_claimed is cleared and publish_status publishes
+    nothing until the trainer holds the slot again (the old flag stayed set: it published
+    all through the outage, over another trainer's status)."""
+    import threading
+    from types import SimpleNamespace
+
+    from fedmobillm.server import trainer as trainer_mod
+    from fedmobillm.server.store import Store
+    from fedmobillm.server.trainer_view import STATUS_KEY, publish_status
+
+    trainer = _sqlite_trainer(tmp_path)
+    flaky = _Flaky()
+    monkeypatch.setattr(trainer_mod, "open_store", flaky)
+    store = trainer._claim()
+    assert trainer.slot_claimed.is_set()
+    trainer._train_on(store)  # the quarantine poll fails: said, waited for, store closed
+    assert trainer.database_retry is not None and not trainer.slot_claimed.is_set()
+
+    # publish_status follows slot_claimed: publishing, paused, publishing again
+    claimed, stop = threading.Event(), threading.Event()
+    fake = SimpleNamespace(
+        slot_claimed=claimed, slot_refused=False, error=None, status=lambda: {"pid": 1}
+    )
+    view = Store(tmp_path / "view.sqlite3")
+    published = lambda: (json.loads(view.get_meta(STATUS_KEY) or "{}")).get("published")  # noqa: E731
+    claimed.set()
+    thread = threading.Thread(target=publish_status, args=(fake, view, stop), daemon=True)
+    thread.start()
+    try:
+        first = wait_for(published, 10, "a first status")
+        claimed.clear()
+        time.sleep(1.5)  # longer than PUBLISH_EVERY_S: one tick in flight may still land
+        paused = published()
+        time.sleep(2.5)
+        assert published() == paused, "published while the slot was not held"
+        assert paused - first < 2.5
+        claimed.set()
+        wait_for(lambda: published() > paused, 10, "publishing again once the slot is held")
+    finally:
+        stop.set()
+        thread.join(10)
+        view.close()
+
+
 def test_a_refusal_after_a_database_error_says_lost_the_trainer_slot(tmp_path, monkeypatch, caplog):
     """The slot taken by a rival while the trainer retried a database error: TrainerSlotTaken,
     logged as "lost the trainer slot" (not "trainer not started"), no traceback."""
