@@ -121,14 +121,19 @@ def open_store(
     """The store ``settings`` name: PostgreSQL at ``settings.database`` when it is set, else
     the embedded SQLite file in the data dir. ``trainer``: the store of the trainer, which on
     PostgreSQL also claims the database's one trainer slot (TrainerSlotTaken if another
-    trainer holds it); ``owner``: the claiming trainer's id (``claim_trainer``)."""
+    trainer holds it); ``owner``: the trainer's id (``claim_trainer``; also given to the
+    trainer's other stores, e.g. its status publisher's): on PostgreSQL every connection of
+    the store is named ``fedmobillm-trainer-data OWNER``, so that the trainer taking its slot
+    back after a network cut ends them too."""
     if settings.database is None:
         store: SqlStore = Store(settings.db_path)
     else:
-        from fedmobillm.server.store_pg import PostgresStore  # psycopg: only when asked for
+        from fedmobillm.server.store_pg import TRAINER_DATA_APP, PostgresStore
 
         store = PostgresStore(
-            settings.database.get_secret_value(), pool_size=settings.database_pool
+            settings.database.get_secret_value(),
+            pool_size=settings.database_pool,
+            application_name=f"{TRAINER_DATA_APP} {owner}" if owner else None,
         )
     if trainer:
         try:

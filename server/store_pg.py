@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,7 +55,18 @@ SCHEMA_LOCK = 0x66656401  # schema creation and migration
 WRITE_LOCK = 0x66656402  # shared by ingests, exclusive for every other write
 TRAINER_LOCK = 0x66656403  # held by the database's one trainer, for its session
 TRAINER_APP = "fedmobillm-trainer"  # application_name of the session holding TRAINER_LOCK
+# application_name of the trainer's other connections (its data pool, its status publisher):
+# "fedmobillm-trainer-data OWNER", ended with its slot session when the trainer takes it back
+TRAINER_DATA_APP = "fedmobillm-trainer-data"
 SLOT_WAIT_S = 30.0  # how long a trainer waits for its own stale session to release the slot
+# client TCP keepalives on every connection (libpq parameters; the URL's own values win): a
+# connection whose peer vanished (a network cut) is seen dead in ~60 s, not the kernel's ~2 h
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+}
 DEVICE_LOCKS = 0x6665  # pg_advisory_xact_lock(DEVICE_LOCKS, hashtext(device_id))
 
 SCHEMA = [
@@ -141,6 +153,17 @@ def _pg(sql: str) -> str:
     return sql.replace("%", "%%").replace("?", "%s")
 
 
+def _keepalives(url: str) -> dict[str, int]:
+    """KEEPALIVES less the parameters ``url`` sets itself (an operator's choice wins)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        given = conninfo_to_dict(url)
+    except Exception:  # noqa: BLE001 - a malformed URL: connect() says so
+        given = {}
+    return {k: v for k, v in KEEPALIVES.items() if k not in given}
+
+
 def describe(url: str) -> str:
     """``url`` without its password, for messages and logs."""
     from psycopg.conninfo import conninfo_to_dict
@@ -186,7 +209,16 @@ class PostgresStore(SqlStore):
 
     backend = "postgresql"
 
-    def __init__(self, url: str, pool_size: int = 8, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        pool_size: int = 8,
+        connect_timeout: float = 10.0,
+        application_name: str | None = None,
+    ) -> None:
+        """``application_name``: the name of every pooled connection (the trainer's:
+        ``fedmobillm-trainer-data OWNER``, so that its take-back can end them); None: the
+        URL's or libpq's default."""
         try:
             import psycopg
         except ImportError as exc:
@@ -198,6 +230,8 @@ class PostgresStore(SqlStore):
         self.url = url
         self.where = describe(url)
         self.connect_timeout = connect_timeout
+        self.application_name = application_name
+        self._keepalives = _keepalives(url)
         self._idle: queue.LifoQueue[Any] = queue.LifoQueue()
         self._slots = threading.BoundedSemaphore(pool_size)
         self._trainer_conn: Any = None
@@ -209,9 +243,17 @@ class PostgresStore(SqlStore):
     # -- connections -------------------------------------------------------------------
 
     def _connect(self, **kwargs: Any) -> Any:
+        """A new autocommit connection with client TCP keepalives (KEEPALIVES) and, unless
+        ``kwargs`` names another, this store's ``application_name``."""
+        if self.application_name is not None:
+            kwargs.setdefault("application_name", self.application_name)
         try:
             return self._psycopg.connect(
-                self.url, autocommit=True, connect_timeout=int(self.connect_timeout), **kwargs
+                self.url,
+                autocommit=True,
+                connect_timeout=int(self.connect_timeout),
+                **self._keepalives,
+                **kwargs,
             )
         except self._psycopg.Error as exc:
             raise FedMobiLLMError(
@@ -305,23 +347,30 @@ class PostgresStore(SqlStore):
         closes or its process dies. ``owner``: the trainer's id (``Trainer.slot_owner``, one
         per trainer, kept across reconnects). If the slot is held by a session of the same
         owner (its connection dropped on this side, e.g. a network cut, and PostgreSQL has
-        not yet seen that backend die), that stale session is ended (pg_terminate_backend)
-        and the slot taken once it is gone (lock_timeout SLOT_WAIT_S: past it the error is a
+        not yet seen that backend die), that stale session and every other backend of this
+        owner (``fedmobillm-trainer-data OWNER``: its pool, its status publisher, which may
+        hold the write lock in a cut transaction) are ended (pg_terminate_backend), and the
+        slot taken once it is gone (lock_timeout SLOT_WAIT_S: past it the error is a
         transient LockNotAvailable and the trainer retries). Any other holder:
         TrainerSlotTaken ``another trainer is running``."""
         name = f"{TRAINER_APP} {owner}" if owner else TRAINER_APP
         conn = self._connect(application_name=name)
         try:
-            if not conn.execute("SELECT pg_try_advisory_lock(%s)", (TRAINER_LOCK,)).fetchone()[0]:
+            if not self._try_slot(conn):
                 self._reclaim_trainer(conn, name, owner)
         except BaseException:
             conn.close()
             raise
         self._trainer_conn = conn
 
-    def _reclaim_trainer(self, conn: Any, name: str, owner: str | None) -> None:
-        """The slot is held: take it over from this owner's own stale session, or refuse."""
-        holder = conn.execute(
+    @staticmethod
+    def _try_slot(conn: Any) -> bool:
+        return bool(conn.execute("SELECT pg_try_advisory_lock(%s)", (TRAINER_LOCK,)).fetchone()[0])
+
+    @staticmethod
+    def _slot_holder(conn: Any) -> tuple[int, str | None] | None:
+        """(backend pid, application_name) of the session holding the slot, None if none."""
+        return conn.execute(
             "SELECT l.pid, a.application_name FROM pg_locks l "
             "LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %s AND l.objid = %s "
@@ -329,27 +378,59 @@ class PostgresStore(SqlStore):
             "(SELECT oid FROM pg_database WHERE datname = current_database())",
             (TRAINER_LOCK >> 32, TRAINER_LOCK & 0xFFFFFFFF),
         ).fetchone()
-        if owner is None or holder is None or holder[1] != name:
-            from fedmobillm.server.store import TrainerSlotTaken
 
-            who = "" if holder is None else f" (backend pid {holder[0]}, {holder[1] or '?'})"
-            raise TrainerSlotTaken(
-                f"another trainer is running on the database {self.where}{who}; one trainer "
-                "per database",
-                hint="run the other servers with --no-train (or stop the other trainer)",
-            )
+    def _reclaim_trainer(self, conn: Any, name: str, owner: str | None) -> None:
+        """The slot is held: take it over from this owner's own stale session, or refuse
+        (TrainerSlotTaken)."""
+        holder = self._slot_holder(conn)
+        if owner is None or holder is None or holder[1] != name:
+            self._refuse(holder)
         log.warning(
             "the trainer slot is held by this trainer's own previous session (backend pid %d; "
             "its connection dropped and the database has not seen it die): ending it and "
-            "taking the slot back (waiting up to %.0f s)",
+            "this trainer's other stale sessions, taking the slot back (waiting up to %.0f s)",
             holder[0],
             SLOT_WAIT_S,
         )
-        conn.execute("SELECT pg_terminate_backend(%s)", (holder[0],))
+        self._end_stale_sessions(conn, owner)
         conn.execute(f"SET lock_timeout = '{int(SLOT_WAIT_S * 1000)}ms'")
         conn.execute("SELECT pg_advisory_lock(%s)", (TRAINER_LOCK,))  # LockNotAvailable: retried
         conn.execute("RESET lock_timeout")
         log.info("trainer slot taken back from backend pid %d", holder[0])
+
+    def _refuse(self, holder: tuple[int, str | None] | None) -> None:
+        from fedmobillm.server.store import TrainerSlotTaken
+
+        who = "" if holder is None else f" (backend pid {holder[0]}, {holder[1] or '?'})"
+        raise TrainerSlotTaken(
+            f"another trainer is running on the database {self.where}{who}; one trainer "
+            "per database",
+            hint="run the other servers with --no-train (or stop the other trainer)",
+        )
+
+    def _end_stale_sessions(self, conn: Any, owner: str) -> None:
+        """pg_terminate_backend every backend of this database named for ``owner`` (its slot
+        session and its ``fedmobillm-trainer-data OWNER`` connections), except ``conn`` and
+        this store's own pooled connections; never another owner's or anyone else's."""
+        own = [conn.info.backend_pid] + [c.info.backend_pid for c in list(self._idle.queue)]
+        stale = conn.execute(
+            "SELECT pid, application_name, state FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name = ANY(%s) "
+            "AND NOT pid = ANY(%s)",
+            ([f"{TRAINER_APP} {owner}", f"{TRAINER_DATA_APP} {owner}"], own),
+        ).fetchall()
+        for pid, app, state in stale:
+            log.warning("ending this trainer's stale backend pid %d (%s, %s)", pid, app, state)
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        pids = [pid for pid, *_ in stale]
+        deadline = time.monotonic() + SLOT_WAIT_S
+        while pids and time.monotonic() < deadline:  # gone: their locks are released
+            left = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)"
+            if conn.execute(left, (pids,)).fetchone()[0] == 0:
+                return
+            time.sleep(0.05)
+        if pids:
+            log.warning("stale backends %s still exist %.0f s after being ended", pids, SLOT_WAIT_S)
 
     def check_trainer(self) -> None:
         """Raise (psycopg.OperationalError) if the connection holding the trainer slot was

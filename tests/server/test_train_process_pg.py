@@ -7,7 +7,9 @@
 - a trainer whose connections drop on its side (a network cut: PostgreSQL keeps its backends,
   the trainer slot's advisory lock included, until it notices) takes its own slot back when
   it reconnects (the old code refused it: "another trainer is running", and it stopped),
-  while another trainer is still refused."""
+  ending with it its pool's and publisher's backends cut at the same time (one of them cut
+  inside a write transaction blocked every ingest until PostgreSQL saw it die), never
+  another owner's, while another trainer is still refused."""
 
 from __future__ import annotations
 
@@ -29,7 +31,13 @@ from train_helpers import TrainerProc, start_ingest_only, tiny_manifest, wait_fo
 from train_helpers import trainer_status as _status
 
 from fedmobillm.server.service import Service
-from fedmobillm.server.store_pg import TRAINER_APP, TRAINER_LOCK, PostgresStore
+from fedmobillm.server.store_pg import (
+    TRAINER_APP,
+    TRAINER_DATA_APP,
+    TRAINER_LOCK,
+    WRITE_LOCK,
+    PostgresStore,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -178,6 +186,9 @@ def test_trainer_takes_back_its_own_slot_after_its_connections_drop(postgres, tm
         )
         before = _slot_holder(url)
         assert before is not None and before[1].startswith(TRAINER_APP + " "), before
+        data_app = f"{TRAINER_DATA_APP} {before[1].split()[-1]}"  # its pool and publisher
+        stale = {pid for pid, app in _backends(url).items() if app == data_app}
+        assert stale, _backends(url)
         cut = time.time()
         assert proxy.drop_clients() >= 2  # the slot's session and the pool's
         wait_for(lambda: "trainer: database error" in trainer.log(), 60, "the trainer's retry")
@@ -187,6 +198,9 @@ def test_trainer_takes_back_its_own_slot_after_its_connections_drop(postgres, tm
             f"the trainer to take its slot back; log: {trainer.log()[-1500:]}",
         )
         assert after[1] == before[1]  # the same trainer (owner id), a new session
+        # its data and publisher backends cut with the slot's were ended with it, not left
+        # alive on the server (where one cut inside a write transaction blocks every ingest)
+        assert not stale & set(_backends(url)), (stale, _backends(url))
         wait_for(
             lambda: (
                 (s := _published(url) or {}).get("published", 0) > cut + 1
@@ -213,3 +227,61 @@ def test_trainer_takes_back_its_own_slot_after_its_connections_drop(postgres, tm
     finally:
         trainer.kill()
         proxy.close()
+
+
+def _backends(url: str) -> dict[int, str]:
+    """pid -> application_name of every backend of the database."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        return dict(
+            conn.execute(
+                "SELECT pid, application_name FROM pg_stat_activity "
+                "WHERE datname = current_database()"
+            ).fetchall()
+        )
+
+
+def test_take_back_ends_every_stale_backend_of_its_owner_and_no_other(postgres):  # noqa: F811
+    """A cut that lands inside a write transaction of the trainer's pool (add_offence: the
+    exclusive write lock) leaves that backend alive on the server; the take-back ends it with
+    the slot session, so ingest no longer waits behind it (for ~2 h, until PostgreSQL sees
+    the dead peer). Another owner's trainer connections and anyone else's are left alone."""
+    url = postgres.database()
+    PostgresStore(url).close()
+    owner = "abc123"
+
+    def session(name: str) -> psycopg.Connection:
+        return psycopg.connect(url, autocommit=True, application_name=name)
+
+    stale_slot = session(f"{TRAINER_APP} {owner}")
+    stale_slot.execute("SELECT pg_advisory_lock(%s)", (TRAINER_LOCK,))
+    stale_pool = session(f"{TRAINER_DATA_APP} {owner}")
+    stale_pool.execute("BEGIN")
+    stale_pool.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+    stale_pool.execute("INSERT INTO meta VALUES ('cut', 'mid-transaction')")
+    others = [session(f"{TRAINER_DATA_APP} someone-else"), session("psql")]
+    # the trainer reconnects: a fresh store named for the same owner takes its slot back
+    store = PostgresStore(url, application_name=f"{TRAINER_DATA_APP} {owner}")
+    try:
+        store.claim_trainer(owner)
+        alive = _backends(url)
+        assert stale_slot.info.backend_pid not in alive
+        assert stale_pool.info.backend_pid not in alive
+        for conn in others:  # never another owner's or anyone else's
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        with psycopg.connect(url, autocommit=True) as ingest:  # not blocked any more
+            ingest.execute("SET lock_timeout = '2s'")
+            with ingest.transaction():
+                ingest.execute("SELECT pg_advisory_xact_lock_shared(%s)", (WRITE_LOCK,))
+        assert store.get_meta("cut") is None  # the cut transaction rolled back
+        # the store's own connections: named for the owner, with client TCP keepalives
+        assert _slot_holder(url)[1] == f"{TRAINER_APP} {owner}"
+        assert f"{TRAINER_DATA_APP} {owner}" in _backends(url).values()
+        conn = store._idle.get_nowait()
+        params = conn.info.get_parameters()
+        store._idle.put(conn)
+        assert (params["keepalives_idle"], params["keepalives_interval"]) == ("30", "10")
+        assert params["keepalives_count"] == "3"
+    finally:
+        store.close()
+        for conn in [stale_slot, stale_pool, *others]:
+            conn.close()

@@ -193,7 +193,10 @@ def _run_workers(settings: ServerSettings, options: dict[str, Any]) -> int:
 
         trainer = create_trainer(settings)
         trainer.start()
-        view_store = open_store(settings.model_copy(update={"database_pool": 1}))
+        # named for the trainer (owner): its slot take-back after a network cut ends it too
+        view_store = open_store(
+            settings.model_copy(update={"database_pool": 1}), owner=trainer.slot_owner
+        )
         publisher = threading.Thread(
             target=publish_status, args=(trainer, view_store, stop), name="trainer-status"
         )

@@ -235,7 +235,10 @@ def _publish(trainer: Any, settings: Any, stop: threading.Event) -> None:
 
     while not stop.is_set() and not trainer.slot_refused:
         try:
-            store = open_store(settings.model_copy(update={"database_pool": 1}))
+            # named for the trainer (owner): its slot take-back after a cut ends it too
+            store = open_store(
+                settings.model_copy(update={"database_pool": 1}), owner=trainer.slot_owner
+            )
         except Exception:  # noqa: BLE001 - the database is down: the trainer says so too
             log.warning("cannot open the store to publish the status; retrying", exc_info=True)
             stop.wait(2.0)
