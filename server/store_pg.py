@@ -59,6 +59,8 @@ TRAINER_APP = "fedmobillm-trainer"  # application_name of the session holding TR
 # "fedmobillm-trainer-data OWNER", ended with its slot session when the trainer takes it back
 TRAINER_DATA_APP = "fedmobillm-trainer-data"
 SLOT_WAIT_S = 30.0  # how long a trainer waits for its own stale session to release the slot
+# the slot's holder gone between a failed try-lock and the look-up of who holds it: try again
+SLOT_RACE_TRIES = 5
 # client TCP keepalives on every connection (libpq parameters; the URL's own values win): a
 # connection whose peer vanished (a network cut) is seen dead in ~60 s, not the kernel's ~2 h
 KEEPALIVES = {
@@ -380,10 +382,24 @@ class PostgresStore(SqlStore):
         ).fetchone()
 
     def _reclaim_trainer(self, conn: Any, name: str, owner: str | None) -> None:
-        """The slot is held: take it over from this owner's own stale session, or refuse
-        (TrainerSlotTaken)."""
+        """The slot was held at the try-lock: take it (its holder exited meanwhile), take it
+        over from this owner's own stale session, or refuse (TrainerSlotTaken)."""
         holder = self._slot_holder(conn)
-        if owner is None or holder is None or holder[1] != name:
+        for _ in range(SLOT_RACE_TRIES):
+            if holder is not None:
+                break
+            # the holder exited between the try-lock and the look-up: the slot may be free
+            if self._try_slot(conn):
+                log.info("the trainer slot was released meanwhile: taken")
+                return
+            time.sleep(0.05)
+            holder = self._slot_holder(conn)
+        if holder is None:  # held, yet no holder seen SLOT_RACE_TRIES times: try again later
+            raise self._psycopg.OperationalError(
+                "the trainer slot is held but its holder could not be found (it changed "
+                f"hands {SLOT_RACE_TRIES} times); retrying"
+            )
+        if owner is None or holder[1] != name:
             self._refuse(holder)
         log.warning(
             "the trainer slot is held by this trainer's own previous session (backend pid %d; "
@@ -398,13 +414,12 @@ class PostgresStore(SqlStore):
         conn.execute("RESET lock_timeout")
         log.info("trainer slot taken back from backend pid %d", holder[0])
 
-    def _refuse(self, holder: tuple[int, str | None] | None) -> None:
+    def _refuse(self, holder: tuple[int, str | None]) -> None:
         from fedmobillm.server.store import TrainerSlotTaken
 
-        who = "" if holder is None else f" (backend pid {holder[0]}, {holder[1] or '?'})"
         raise TrainerSlotTaken(
-            f"another trainer is running on the database {self.where}{who}; one trainer "
-            "per database",
+            f"another trainer is running on the database {self.where} (backend pid "
+            f"{holder[0]}, {holder[1] or '?'}); one trainer per database",
             hint="run the other servers with --no-train (or stop the other trainer)",
         )
 

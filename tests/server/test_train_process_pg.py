@@ -9,7 +9,8 @@
   it reconnects (the old code refused it: "another trainer is running", and it stopped),
   ending with it its pool's and publisher's backends cut at the same time (one of them cut
   inside a write transaction blocked every ingest until PostgreSQL saw it die), never
-  another owner's, while another trainer is still refused."""
+  another owner's, while another trainer is still refused; a holder that exits between the
+  failed try-lock and the look-up is no refusal."""
 
 from __future__ import annotations
 
@@ -285,3 +286,27 @@ def test_take_back_ends_every_stale_backend_of_its_owner_and_no_other(postgres):
         store.close()
         for conn in [stale_slot, stale_pool, *others]:
             conn.close()
+
+
+def test_a_holder_gone_before_the_look_up_is_not_another_trainer(postgres, monkeypatch):  # noqa: F811
+    """The slot's holder exits between the failed try-lock and the look-up of who holds it:
+    the slot is free, and the trainer takes it (the old code found no holder and refused,
+    not transient: the trainer stopped for good)."""
+    url = postgres.database()
+    PostgresStore(url).close()
+    holder = psycopg.connect(url, autocommit=True, application_name=f"{TRAINER_APP} gone")
+    holder.execute("SELECT pg_advisory_lock(%s)", (TRAINER_LOCK,))
+    reclaim = PostgresStore._reclaim_trainer
+
+    def holder_exits_first(self, conn, name, owner):
+        holder.close()  # the holder's backend exits right after the try-lock failed
+        wait_for(lambda: _slot_holder(url) is None, 10, "the holder's backend to exit")
+        return reclaim(self, conn, name, owner)
+
+    monkeypatch.setattr(PostgresStore, "_reclaim_trainer", holder_exits_first)
+    store = PostgresStore(url)
+    try:
+        store.claim_trainer("another-owner")
+        assert _slot_holder(url)[1] == f"{TRAINER_APP} another-owner"
+    finally:
+        store.close()
