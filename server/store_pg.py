@@ -420,7 +420,9 @@ class PostgresStore(SqlStore):
         raise TrainerSlotTaken(
             f"another trainer is running on the database {self.where} (backend pid "
             f"{holder[0]}, {holder[1] or '?'}); one trainer per database",
-            hint="run the other servers with --no-train (or stop the other trainer)",
+            hint="run the other servers with --no-train (or stop the other trainer); if that "
+            f"trainer is gone, run SELECT pg_terminate_backend({holder[0]}) or wait for TCP "
+            "keepalive to end its session",
         )
 
     def _end_stale_sessions(self, conn: Any, owner: str) -> None:

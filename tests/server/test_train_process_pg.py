@@ -10,7 +10,7 @@
   ending with it its pool's and publisher's backends cut at the same time (one of them cut
   inside a write transaction blocked every ingest until PostgreSQL saw it die), never
   another owner's, while another trainer is still refused; a holder that exits between the
-  failed try-lock and the look-up is no refusal."""
+  failed try-lock and the look-up is no refusal; the refusal says how to end a gone one."""
 
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ from train_helpers import TrainerProc, start_ingest_only, tiny_manifest, wait_fo
 from train_helpers import trainer_status as _status
 
 from fedmobillm.server.service import Service
+from fedmobillm.server.store import TrainerSlotTaken, is_transient
 from fedmobillm.server.store_pg import (
     TRAINER_APP,
     TRAINER_DATA_APP,
@@ -310,3 +311,24 @@ def test_a_holder_gone_before_the_look_up_is_not_another_trainer(postgres, monke
         assert _slot_holder(url)[1] == f"{TRAINER_APP} another-owner"
     finally:
         store.close()
+
+
+def test_another_trainer_is_refused_with_how_to_end_a_gone_one(postgres):  # noqa: F811
+    """The refusal (TrainerSlotTaken, not transient) names the holder's backend pid and how
+    to end its session if that trainer is gone."""
+    url = postgres.database()
+    PostgresStore(url).close()
+    first = PostgresStore(url)
+    first.claim_trainer("first")
+    pid = _slot_holder(url)[0]
+    second = PostgresStore(url)
+    try:
+        with pytest.raises(TrainerSlotTaken, match="another trainer is running") as info:
+            second.claim_trainer("second")
+        assert not is_transient(info.value)
+        assert f"SELECT pg_terminate_backend({pid})" in str(info.value)
+        assert "wait for TCP keepalive to end its session" in str(info.value)
+        assert _slot_holder(url)[0] == pid  # nothing was ended
+    finally:
+        second.close()
+        first.close()
