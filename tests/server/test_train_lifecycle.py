@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -308,3 +309,35 @@ def test_a_non_refusal_open_error_keeps_its_traceback(tmp_path, monkeypatch, cap
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.getMessage() for r in errors] == ["trainer stopped on an error"]
     assert errors[0].exc_info is not None
+
+
+def test_waiting_names_the_store_creates_no_file_and_says_errors_once(tmp_path):
+    """`fedmobillm train` waiting for serve says at once where it waits (the resolved SQLite
+    path; a PostgreSQL URL without its password), creates no store.sqlite3 in a data dir that
+    has none (a mistyped --data-dir no longer gets an empty store), and says a database it
+    cannot reach once per WAIT_LOG_S, not at every 1 s poll."""
+    config = tmp_path / "trainer.json"
+    config.write_text(json.dumps(FAST))
+    typo = tmp_path / "typo"
+    sqlite = TrainerProc(typo, config).start()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://fed:sekrit@127.0.0.1:{port}/nodb"
+    pg = TrainerProc(tmp_path / "pgdata", config, database=url).start()
+    try:
+        for proc in (sqlite, pg):
+            wait_for(lambda p=proc: "waiting for `fedmobillm serve`" in p.log(), 120, "waiting")
+        time.sleep(4.0)  # four polls more
+        assert sqlite.running and pg.running, sqlite.log()[-2000:] + pg.log()[-2000:]
+        assert not (typo / "store.sqlite3").exists()
+        said = sqlite.log()
+        assert f"in the store {(typo / 'store.sqlite3').resolve()} (SQLite" in said, said
+        assert "no store.sqlite3 there yet" in said and said.count("waiting for") == 1
+        said = pg.log()
+        assert f"postgresql://fed@127.0.0.1:{port}/nodb" in said and "sekrit" not in said, said
+        assert said.count("cannot read the store") == 1, said
+    finally:
+        for proc in (sqlite, pg):
+            proc.stop(30)
+            proc.kill()

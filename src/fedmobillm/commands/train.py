@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import threading
 import time
@@ -160,24 +161,38 @@ def _finish(trainer: Any, publisher: threading.Thread, again: threading.Event) -
 def _wait_for_federation(args: argparse.Namespace, stop: threading.Event) -> tuple | None:
     """The (task, inputs) the store records, once `fedmobillm serve` has recorded them (it
     does at its start; the trainer never pins a federation, so a store that records none yet
-    is waited for, said in the log every WAIT_LOG_S). --task / --inputs given must agree
-    with them (FedMobiLLMError). None if ``stop`` came first."""
+    is waited for, said in the log at once and every WAIT_LOG_S, naming the store waited on).
+    --task / --inputs given must agree with them (FedMobiLLMError). None if ``stop`` came
+    first."""
     settings = _settings(args, args.task, args.inputs)  # where the store is
-    said = 0.0
-    while True:
-        task, inputs = _pinned(settings)
-        if task is not None and inputs is not None:
-            break
-        if time.monotonic() - said >= WAIT_LOG_S:
-            said = time.monotonic()
-            log.info(
-                "waiting for `fedmobillm serve` to record the federation's task and inputs in "
-                "the store (it does at its start; the trainer takes them and records none "
-                "itself)%s",
-                "" if args.task is None else f"; --task {args.task} must match it",
-            )
-        if stop.wait(PIN_POLL_S):
-            return None
+    poll = _PinPoll(settings)
+    said = -math.inf  # the first turn says it
+    try:
+        while True:
+            task, inputs = poll.pinned()
+            if task is not None and inputs is not None:
+                break
+            if time.monotonic() - said >= WAIT_LOG_S:
+                said = time.monotonic()
+                log.info(
+                    "waiting for `fedmobillm serve` to record the federation's task and inputs "
+                    "in the store %s (%s; serve does at its start; the trainer takes them and "
+                    "records none itself; is this the --data-dir / --database serve uses?)%s",
+                    poll.where,
+                    poll.state,
+                    "" if args.task is None else f"; --task {args.task} must match it",
+                )
+            if stop.wait(PIN_POLL_S):
+                return None
+    finally:
+        poll.close()
+    _check_flags(args, task, inputs)
+    log.info("task %s, %s inputs: as `fedmobillm serve` recorded them in the store", task, inputs)
+    return task, inputs
+
+
+def _check_flags(args: argparse.Namespace, task: str, inputs: str) -> None:
+    """FedMobiLLMError if --task / --inputs were given and differ from the recorded ones."""
     for flag, given, recorded in (("task", args.task, task), ("inputs", args.inputs, inputs)):
         if given is not None and given != recorded:
             from fedmobillm.errors import FedMobiLLMError
@@ -188,8 +203,6 @@ def _wait_for_federation(args: argparse.Namespace, stop: threading.Event) -> tup
                 hint=f"start `fedmobillm train` with --{flag} {recorded} or without --{flag} "
                 "(it takes the store's)",
             )
-    log.info("task %s, %s inputs: as `fedmobillm serve` recorded them in the store", task, inputs)
-    return task, inputs
 
 
 def _settings(args: argparse.Namespace, task: str | None, inputs: str | None) -> Any:
@@ -209,22 +222,71 @@ def _settings(args: argparse.Namespace, task: str | None, inputs: str | None) ->
     return settings
 
 
-def _pinned(settings: Any) -> tuple[str | None, str | None]:
-    """The task and inputs the store records (None while it records none); a transient
-    database error is said and counts as none yet (the caller polls again)."""
-    from fedmobillm.server.store import is_transient, open_store
+class _PinPoll:
+    """Reads the task and inputs the store records, for the wait before training: one store
+    kept open across polls (reopened after a transient error, said at most every
+    WAIT_LOG_S); on SQLite nothing is opened while the data dir has no store.sqlite3 (a
+    mistyped --data-dir must not get an empty store: `serve` creates it). ``where``: the
+    store, as said in the log (a PostgreSQL password left out); ``state``: what the last
+    poll found."""
 
-    try:
-        store = open_store(settings)
-    except Exception as exc:
-        if not is_transient(exc):
-            raise
-        log.warning("cannot open the store (%s); retrying", exc)
-        return None, None
-    try:
-        return store.meta("task"), store.meta("inputs")
-    finally:
-        store.close()
+    def __init__(self, settings: Any) -> None:
+        self.settings = settings
+        self.store: Any = None
+        self.state = "not read yet"
+        self._warned = -math.inf
+        if settings.database is None:
+            self.where = f"{settings.db_path.resolve()} (SQLite in the data dir)"
+        else:
+            from fedmobillm.server.store_pg import describe
+
+            self.where = describe(settings.database.get_secret_value())
+
+    def pinned(self) -> tuple[str | None, str | None]:
+        """(task, inputs) as recorded, None for each while none is (or on a transient error:
+        the caller polls again)."""
+        from fedmobillm.server.store import is_transient
+
+        try:
+            if self.store is None:
+                if self.settings.database is None and not self.settings.db_path.exists():
+                    self.state = "no store.sqlite3 there yet"
+                    return None, None
+                self.store = self._open()
+            task, inputs = self.store.meta("task"), self.store.meta("inputs")
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            self._transient(exc)
+            return None, None
+        self.state = "it records no task yet"
+        return task, inputs
+
+    def _open(self) -> Any:
+        from fedmobillm.server.store import open_store
+
+        return open_store(self.settings)
+
+    def _transient(self, exc: BaseException) -> None:
+        self.state = f"cannot read it: {type(exc).__name__}"
+        self.close()
+        if time.monotonic() - self._warned >= WAIT_LOG_S:
+            self._warned = time.monotonic()
+            log.warning(
+                "cannot read the store %s (%s); retrying every %.0f s (said again in %.0f s)",
+                self.where,
+                str(exc).strip(),
+                PIN_POLL_S,
+                WAIT_LOG_S,
+            )
+
+    def close(self) -> None:
+        if self.store is not None:
+            try:
+                self.store.close()
+            except Exception:  # noqa: BLE001 - a broken connection may not close cleanly
+                log.debug("closing the store after a database error", exc_info=True)
+            self.store = None
 
 
 def _publish(trainer: Any, settings: Any, stop: threading.Event) -> None:
