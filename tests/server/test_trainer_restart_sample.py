@@ -229,3 +229,33 @@ def test_a_real_trainer_restarts_on_a_sample(tmp_path, backend):
         assert t.cache.held_bytes <= 2 * 2**20
     finally:
         t.stop()
+
+
+def test_a_token_federation_restarts_on_a_sample(tmp_path):
+    """Token samples (K, L_i, d) too: a store over the cap is sampled, every device's stream
+    the same share of TokenSamples, what was fetched well under the store, and a drawn batch
+    is padded token arrays."""
+    from test_tokens import token_batch, token_manifest
+
+    from fedmobillm.device_runtime.serde import encode_batch
+
+    store = Store(tmp_path / "store.sqlite3")
+    try:
+        service = Service(store, inputs="tokens")
+        for i in range(4):
+            reg = service.register(f"tok{i}", token_manifest(), LABELS)
+            dev = store.device(reg["device_id"])
+            for start in range(0, 1000, 250):
+                batch = token_batch(reg, range(start, start + 250), seed=i)
+                service.ingest(dev, encode_batch(batch))
+        cache = TrainingCache("tokens", memory_mb=0.5, seed=1)
+        _refresh_until_full(cache, store)
+        assert cache.horizon is not None and cache.rows_fetched < 4000 / 2
+        (a,) = cache.archs.values()
+        shares = {len(ys) for ys in a.train_y.values()}
+        assert len(a.train_y) == 4 and len(shares) == 1 and 0 < shares.pop() < 1000
+        assert cache.held_bytes <= 0.5 * 2**20
+        ((_arch, x, y, mask),) = cache.sample(np.random.default_rng(0), 16)
+        assert x.ndim == 4 and x.shape[0] == 16 == len(y) and mask.shape == (16, x.shape[2])
+    finally:
+        store.close()
