@@ -259,3 +259,32 @@ def test_a_token_federation_restarts_on_a_sample(tmp_path):
         assert x.ndim == 4 and x.shape[0] == 16 == len(y) and mask.shape == (16, x.shape[2])
     finally:
         store.close()
+
+
+def test_the_sampled_rows_are_screened_and_a_dropped_row_is_replaced(service):
+    """Rows stored before the checks with values the bundle cannot produce (fp16 60,000):
+    the sampled read-back drops and counts them as the read-back does, and the stream takes
+    more rows of its order instead, so both devices still hold the same share, all of it
+    within range."""
+    store = service.store
+    name, depth, taps = ARCHS[0]
+    m = make_manifest(name, depth, D, taps)
+    regs = [service.register(f"s{i}", m, LABELS) for i in range(2)]
+    rng = np.random.default_rng(0)
+    for i, reg in enumerate(regs):
+        dev = store.device(reg["device_id"])
+        x = rng.normal(size=(1500, 3, D)).astype(np.float16)  # (N, K, d)
+        if i == 1:
+            x[::3, 0, 0] = 60000  # a third of its rows impossible
+        with store.transaction() as db:
+            store.insert_samples(db, dev, "train", "b", "fp16", x, None,
+                                 rng.integers(0, 2, 1500), np.arange(1500))  # fmt: skip
+    cache = TrainingCache(memory_mb=1.0, seed=1)
+    _refresh_until_full(cache, store)
+    assert cache.horizon is not None
+    (a,) = cache.archs.values()
+    shares = {d: len(ys) for d, ys in a.train_y.items()}
+    assert len(set(shares.values())) == 1 and 0 < shares[regs[1]["device_id"]] < 1000, shares
+    bad = regs[1]["device_id"]
+    assert 0 < cache.dropped[bad] < 1500 / 2 and bad in cache.offences
+    assert float(np.abs(a.train_x[bad][np.arange(len(a.train_x[bad]))]).max()) < 100
