@@ -20,7 +20,8 @@ def _defaults(family: str) -> dict[str, Any]:
                     intermediate_size=64, **extra)  # fmt: skip
     if family in ("llama", "qwen2", "mistral"):
         return dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256)  # fmt: skip
+                    num_key_value_heads=2, intermediate_size=64,
+                    max_position_embeddings=256)  # fmt: skip
     if family == "gpt2":
         return dict(n_embd=32, n_layer=3, n_head=4, n_positions=256)
     if family == "gpt_neox":  # fused qkv projection, split in the graph
