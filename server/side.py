@@ -251,9 +251,10 @@ class SideConfig:
     # conflict (its alignment: off its own; the shared network: off every architecture's), so
     # to first order the anchors never raise any architecture's own loss, whatever the
     # validation split says (an architecture whose batch lacks a label is not guarded: its
-    # own loss cannot speak for the missing label, the anchors can); "all" also projects each architecture's labelled gradient on the
-    # shared network off the others' (PCGrad); "off": one plain backward pass. Costs one
-    # backward pass per architecture, plus one for the anchors (``project_gradients``).
+    # own loss cannot speak for the missing label, the anchors can); "all" also projects
+    # each architecture's labelled gradient on the shared network off the others' (PCGrad);
+    # "off": one plain backward pass. Costs one backward pass per architecture, plus one for
+    # the anchors (``project_gradients``). Measured, not chosen (docs/skew.md).
     conflict_projection: str = "off"
 
     def __post_init__(self) -> None:
@@ -884,6 +885,13 @@ class SideTrainer:
             _set_grads(align[a], g)
         for k, v in {"steps": 1, **counts}.items():
             self.conflicts[k] = self.conflicts.get(k, 0) + v
+        if counts["shared_dropped"] and self.conflicts["shared_dropped"] == 1:
+            log.info(
+                "conflict_projection: the anchor gradient on the shared side network conflicts "
+                "with some architecture's own after %d projection passes; it is left out of "
+                "such steps (counted in SideTrainer.conflicts['shared_dropped'])",
+                PROJECTION_PASSES,
+            )
         apply_gradients(self.optimizer, self.lr_at(self.step), self.config.max_grad_norm)
         return loss
 

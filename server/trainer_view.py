@@ -100,8 +100,10 @@ def publish_status(trainer: Any, store: PostgresStore, stop: threading.Event) ->
     while not trainer.slot_refused:
         if not trainer.slot_claimed.is_set():
             if held:
-                log.info("the trainer gave the slot up (database error): no status published "
-                         "until it holds the slot again")
+                log.info(
+                    "the trainer gave the slot up (database error): no status published "
+                    "until it holds the slot again"
+                )
             if not _wait_for_slot(trainer, stop):
                 return
         held = True
