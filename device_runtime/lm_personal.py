@@ -21,11 +21,10 @@ import numpy as np
 
 from fedmobillm.device_runtime import serde
 from fedmobillm.device_runtime.graph import Graph, OnnxOptions
-from fedmobillm.device_runtime.messages import MessageError, PersonalManifest
-from fedmobillm.device_runtime.personal import _read_members
+from fedmobillm.device_runtime.messages import PersonalManifest
+from fedmobillm.device_runtime.personal import read_personal
 from fedmobillm.device_runtime.protocol import (
     PERSONAL_INPUT,
-    PERSONAL_MANIFEST,
     PERSONAL_MASK,
     PERSONAL_ONNX,
     Manifest,
@@ -48,15 +47,7 @@ class PersonalLM:
     """personal.onnx of the lm task, loaded from a folder or a zip."""
 
     def __init__(self, path: str | Path, activations: str = "auto", threads: int | None = None):
-        if activations not in ("auto", "int8", "fp32"):
-            raise FedMobiLLMError(f"activations must be auto, int8 or fp32, not {activations!r}")
-        members = _read_members(Path(path))
-        try:
-            self.info = PersonalManifest.from_dict(json.loads(members[PERSONAL_MANIFEST]))
-        except ValueError as exc:
-            raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST} is not JSON: {exc}") from exc
-        except MessageError as exc:
-            raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST}: {exc.message}") from exc
+        self.info, onnx, self.trained_on_int8 = read_personal(path, activations)
         if not is_lm_personal(self.info):
             raise FedMobiLLMError(
                 f"{path} is a classification personal model, not an lm one",
@@ -64,7 +55,7 @@ class PersonalLM:
                 "personal model of an lm federation",
             )
         self._graph = Graph(
-            members[PERSONAL_ONNX],
+            onnx,
             [PERSONAL_INPUT, PERSONAL_MASK],
             [DELTA_OUTPUT],
             options=OnnxOptions(threads, quiet=True),
@@ -73,9 +64,6 @@ class PersonalLM:
         self.lens = _lens_note(Path(path), self.info)
         if self.lens is not None:
             log.info("personal lm model %s starts from a tuned lens: %s", path, self.lens)
-        if activations == "auto":
-            activations = "fp32" if self.info.encoding in ("fp16", "fp32") else "int8"
-        self.trained_on_int8 = activations == "int8"
         self._scales: np.ndarray | None = None
 
     def check_compatible(self, manifest: Manifest) -> None:

@@ -67,6 +67,25 @@ def _read_members(path: Path) -> dict[str, bytes]:
         raise FedMobiLLMError(f"{path} is neither a folder nor a zip file: {exc}") from exc
 
 
+def read_personal(path: str | Path, activations: str) -> tuple[PersonalManifest, bytes, bool]:
+    """A personal model (folder or zip) of either task: its personal.json, personal.onnx's
+    bytes, and whether the side network was trained on int8 taps. ``activations``: "int8",
+    "fp32", or "auto" (personal.json's "encoding" if it says fp16/fp32, else int8, the
+    default upload encoding)."""
+    if activations not in ("auto", "int8", "fp32"):
+        raise FedMobiLLMError(f"activations must be auto, int8 or fp32, not {activations!r}")
+    members = _read_members(Path(path))
+    try:
+        info = PersonalManifest.from_dict(json.loads(members[PERSONAL_MANIFEST]))
+    except ValueError as exc:
+        raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST} is not JSON: {exc}") from exc
+    except MessageError as exc:
+        raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST}: {exc.message}") from exc
+    if activations == "auto":
+        activations = "fp32" if info.encoding in ("fp16", "fp32") else "int8"
+    return info, members[PERSONAL_ONNX], activations == "int8"
+
+
 def side_inputs(info: PersonalManifest) -> str:
     """What the personal graph takes, "tokens" or "pivot", as personal.json says
     (``side_inputs``; older files: an ``attention_mask`` among its input specs)."""
@@ -114,29 +133,17 @@ class PersonalModel:
         see: "int8" (quantize/dequantize with the bundle's scales, as uploads do),
         "fp32", or "auto" (personal.json's "encoding" if it says, else int8, the default
         upload encoding)."""
-        if activations not in ("auto", "int8", "fp32"):
-            raise FedMobiLLMError(f"activations must be auto, int8 or fp32, not {activations!r}")
-
-        members = _read_members(Path(path))
-        try:
-            self.info = PersonalManifest.from_dict(json.loads(members[PERSONAL_MANIFEST]))
-        except ValueError as exc:
-            raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST} is not JSON: {exc}") from exc
-        except MessageError as exc:
-            raise FedMobiLLMError(f"{path}: {PERSONAL_MANIFEST}: {exc.message}") from exc
+        self.info, onnx, self.trained_on_int8 = read_personal(path, activations)
         self.label_names: list[str] = list(self.info.label_names)
         self.tokens = side_inputs(self.info) == "tokens"
         self._graph = Graph(
-            members[PERSONAL_ONNX],
+            onnx,
             [PERSONAL_INPUT, PERSONAL_MASK] if self.tokens else [PERSONAL_INPUT],
             [PERSONAL_OUTPUT],
             options=OnnxOptions(quiet=True),
             name=f"{path}/{PERSONAL_ONNX}",
         )
         self._scales: np.ndarray | None = None
-        if activations == "auto":
-            activations = "fp32" if self.info.encoding in ("fp16", "fp32") else "int8"
-        self.trained_on_int8 = activations == "int8"
 
     def check_compatible(self, manifest: Manifest) -> None:
         """Refuses a bundle this model cannot read: another architecture, or pivot taps
