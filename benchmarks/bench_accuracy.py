@@ -194,19 +194,17 @@ def fleet(
 # -- side-network training (shared by fedmobillm, centralised, single) ---------------------
 
 
-def train_side(
+def side_trainer(
     cfg: AccuracyConfig,
     label_names: list[str],
     data: dict[str, Split],
     devices: dict[str, dict[str, np.ndarray]],
-    snapshots: Path | None = None,
-    anchors: bool = False,
-) -> tuple[Any, list[dict]]:
-    """One SideTrainer over the architectures in ``devices`` (backbone -> device -> train
-    rows), batches drawn by the server trainer's sampler; with ``anchors``, every backbone's
-    anchor activations join the cache as the server's do. With ``snapshots``, the trainer is
-    saved to ``snapshots/<backbone>`` whenever that backbone's validation accuracy improves
-    (model selection on the validation split devices upload)."""
+    anchors: bool,
+) -> tuple[Any, Any]:
+    """A fresh ``SideTrainer`` with an architecture per backbone in ``devices`` (backbone ->
+    device -> train rows) and the ``TrainingCache`` it draws from: each device's train rows,
+    and with ``anchors`` every backbone's anchor activations, as the server's cache holds
+    them. Returns (trainer, cache)."""
     from fedmobillm.server.side import SideTrainer
     from fedmobillm.server.trainer import ArchData, TrainingCache
 
@@ -223,6 +221,23 @@ def train_side(
         if anchors and data[b].anchors is not None:
             a.anchor_x = dict(enumerate(data[b].anchors))  # anchor id -> (K, d)
         cache.archs[tr.architecture] = a
+    return trainer, cache
+
+
+def train_side(
+    cfg: AccuracyConfig,
+    label_names: list[str],
+    data: dict[str, Split],
+    devices: dict[str, dict[str, np.ndarray]],
+    snapshots: Path | None = None,
+    anchors: bool = False,
+) -> tuple[Any, list[dict]]:
+    """One SideTrainer over the architectures in ``devices`` (backbone -> device -> train
+    rows), batches drawn by the server trainer's sampler; with ``anchors``, every backbone's
+    anchor activations join the cache as the server's do. With ``snapshots``, the trainer is
+    saved to ``snapshots/<backbone>`` whenever that backbone's validation accuracy improves
+    (model selection on the validation split devices upload)."""
+    trainer, cache = side_trainer(cfg, label_names, data, devices, anchors)
     batch = cfg.batch_per_arch * len(devices)
     curve: list[dict[str, Any]] = []
     best: dict[str, float] = {}

@@ -55,6 +55,7 @@ from benchmarks.bench_accuracy import (
     majority,
     parse_side,
     personal_accuracy,
+    side_trainer,
     versions,
 )
 from fedmobillm.errors import FedMobiLLMError
@@ -165,22 +166,7 @@ def train(
     validation accuracy is measured, handed to the trainer (``arch_quality``, which the
     anchor terms may read) and the best snapshot per backbone kept (a deep copy).
     Returns (backbone -> best trainer, validation curve)."""
-    from fedmobillm.server.side import SideTrainer
-    from fedmobillm.server.trainer import ArchData, TrainingCache
-
-    trainer = SideTrainer(cfg.side_config(), label_names, seed=cfg.seed)
-    cache = TrainingCache()
-    for b, devs in devices.items():
-        tr = data[b].train
-        trainer.add_architecture(tr.architecture, tr.taps, tr.depth, tr.hidden)
-        a = ArchData(tr.taps, tr.depth, tr.hidden, bundle_sha256s={tr.bundle_sha256})
-        for dev, rows in devs.items():
-            if len(rows):
-                a.train_x[dev] = list(tr.x[rows])  # [(K, d)]
-                a.train_y[dev] = tr.y[rows].tolist()
-        if anchors and data[b].anchors is not None:
-            a.anchor_x = dict(enumerate(data[b].anchors))  # anchor id -> (K, d)
-        cache.archs[tr.architecture] = a
+    trainer, cache = side_trainer(cfg, label_names, data, devices, anchors)
     batch = cfg.batch_per_arch * len(devices)
     curve: list[dict[str, Any]] = []
     best: dict[str, tuple[float, Any]] = {}
