@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,10 +265,12 @@ def first_reach(curve: list[dict[str, float]], target: float, key: str = "accura
 
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, json.dumps(data, indent=2, default=_json_default))
+    write_atomic(path, json.dumps(data, indent=2, default=jsonable))
 
 
-def _json_default(o: Any) -> Any:
+def jsonable(o: Any) -> Any:
+    """``json.dumps``'s ``default`` for benchmark results: paths as strings, numpy scalars
+    (and one-element arrays) as Python numbers, other arrays as lists."""
     if isinstance(o, Path):
         return str(o)
     if hasattr(o, "item"):
@@ -274,3 +278,58 @@ def _json_default(o: Any) -> Any:
     if hasattr(o, "tolist"):
         return o.tolist()
     raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+# -- the benchmark commands' shared command line ------------------------------------------
+
+
+def split_csv(value: str | None) -> tuple[str, ...] | None:
+    """A comma-separated option's items, blanks dropped; None where it is not given."""
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
+
+
+def write_report(
+    out: Path,
+    name: str,
+    result: dict,
+    markdown: Callable[[dict], str],
+    plot: Callable[[dict, Path], None] | None,
+) -> None:
+    """A benchmark's outputs: OUT/NAME.json (indent 1), OUT/NAME.md and, with ``plot``,
+    OUT/NAME.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=1, default=jsonable))
+    (out / f"{name}.md").write_text(markdown(result))
+    if plot is not None:
+        plot(result, out / f"{name}.png")
+
+
+def merge_command(
+    argv: list[str], merge: Callable[[list[Path], Path], dict], markdown: Callable[[dict], str]
+) -> int:
+    """``--merge DIR1,DIR2,... --out DIR``: ``merge`` the runs' folders into DIR and print
+    the merged result's markdown; exit status 2 with the usage on other words."""
+    if len(argv) != 4 or argv[2] != "--out":
+        print("usage: --merge DIR1,DIR2,... --out DIR", file=sys.stderr)
+        return 2
+    print(markdown(merge([Path(f) for f in argv[1].split(",")], Path(argv[3]))))
+    return 0
+
+
+def run_command(
+    work: Callable[[], dict], markdown: Callable[[dict], str], verbose: bool = False
+) -> int:
+    """A benchmark command's run: logs to stderr (DEBUG with ``verbose``), then ``work``;
+    its result's markdown on stdout (exit status 0), or a ``FedMobiLLMError`` as
+    ``error: ...`` on stderr (exit status 2)."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(message)s",
+    )
+    try:
+        result = work()
+    except FedMobiLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(markdown(result))
+    return 0

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks._activations import Activations, BundleSpec, bundle_for, extract, split_order
+from benchmarks._common import merge_command, run_command, split_csv, write_report
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks.accuracy")
@@ -996,19 +997,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "accuracy.json").write_text(json.dumps(result, indent=1, default=_jsonable))
-    (out / "accuracy.md").write_text(markdown(result))
-    plot(result, out / "accuracy.png")
+    write_report(out, "accuracy", result, markdown, plot)
     log.info("wrote %s/accuracy.{json,md,png}", out)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(type(o))
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -1034,39 +1024,26 @@ def parse_side(items: list[str], flag: str = "--side") -> dict[str, Any]:
     return out
 
 
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--merge"]:
-        if len(argv) != 4 or argv[2] != "--out":
-            print("usage: --merge DIR1,DIR2,... --out DIR", file=sys.stderr)
-            return 2
-        print(markdown(merge([Path(f) for f in argv[1].split(",")], Path(argv[3]))))
-        return 0
+        return merge_command(argv, merge, markdown)
     a = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-    )
-    try:
-        cfg = _config(a)
-        cfg.side_config()
-        if cfg.repeats < 1:
-            raise FedMobiLLMError(
-                f"--repeats {cfg.repeats} trains nothing", hint="use --repeats 1 or more"
-            )
-        for p_ in cfg.partitions:
-            alpha_of(p_)
-        check_methods(cfg)
-        result = run(cfg, a.out)
-    except FedMobiLLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    return 0
+    return run_command(lambda: run(_checked_config(a), a.out), markdown, a.verbose)
+
+
+def _checked_config(a: argparse.Namespace) -> AccuracyConfig:
+    """``_config(a)``, refused before any work where it trains nothing or cannot run."""
+    cfg = _config(a)
+    cfg.side_config()
+    if cfg.repeats < 1:
+        raise FedMobiLLMError(
+            f"--repeats {cfg.repeats} trains nothing", hint="use --repeats 1 or more"
+        )
+    for p_ in cfg.partitions:
+        alpha_of(p_)
+    check_methods(cfg)
+    return cfg
 
 
 def merge(folders: list[Path], out: Path) -> dict:
@@ -1192,8 +1169,8 @@ def _config(a: argparse.Namespace) -> AccuracyConfig:
     """The run's AccuracyConfig: the mode's, with the options given."""
     return AccuracyConfig.for_mode(
         a.quick,
-        datasets=_csv(a.datasets),
-        backbones=_csv(a.backbones),
+        datasets=split_csv(a.datasets),
+        backbones=split_csv(a.backbones),
         steps=a.steps,
         batch_per_arch=a.batch_per_arch,
         train_limit=a.train_limit,
@@ -1201,19 +1178,19 @@ def _config(a: argparse.Namespace) -> AccuracyConfig:
         val_limit=a.val_limit,
         test_limit=a.test_limit,
         devices_per_backbone=a.devices_per_backbone,
-        partitions=_csv(a.partitions),
+        partitions=split_csv(a.partitions),
         seed=a.seed,
         repeats=a.repeats,
         repeat_offset=a.repeat_offset,
         select=a.select,
         full_ft=False if a.no_full_ft else None,
-        full_ft_models=_csv(a.full_ft_model),
+        full_ft_models=split_csv(a.full_ft_model),
         full_ft_train=a.full_ft_train,
         bundles=dict(parse_pairs(a.bundle, "--bundle")) or None,
         token_bundles=dict(parse_pairs(a.token_bundle, "--token-bundle")) or None,
         side=parse_side(a.side) or None,
         token_side={**TOKEN_SIDE, **parse_side(a.token_side, "--token-side")} or None,
-        methods=_csv(a.methods),
+        methods=split_csv(a.methods),
         validation_only=a.validation_only or None,
     )
 

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import merge_command, run_command, split_csv, write_report
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks.compression")
@@ -230,13 +231,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    from benchmarks.bench_accuracy import _jsonable
-
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compression.json").write_text(json.dumps(result, indent=1, default=_jsonable))
-    (out / "compression.md").write_text(markdown(result))
-    if result["rows"]:
-        plot(result, out / "compression.png")
+    write_report(out, "compression", result, markdown, plot if result["rows"] else None)
 
 
 def merge(folders: list[Path], out: Path) -> dict:
@@ -258,16 +253,10 @@ def merge(folders: list[Path], out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks import bench_accuracy as A
-
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--merge"]:
-        if len(argv) != 4 or argv[2] != "--out":
-            print("usage: --merge DIR1,DIR2,... --out DIR", file=sys.stderr)
-            return 2
-        print(markdown(merge([Path(f) for f in argv[1].split(",")], Path(argv[3]))))
-        return 0
+        return merge_command(argv, merge, markdown)
 
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_compression", description=__doc__.split("\n\n")[0]
@@ -288,38 +277,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-side", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--no-lora", action="store_true", help="skip the FedAvg-LoRA reference")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        cfg = A.AccuracyConfig.for_mode(
-            a.quick,
-            backbones=A._csv(a.backbones),
-            steps=a.steps,
-            seed=a.seed,
-            train_limit=a.train_limit,
-            anchors=a.anchors,
-            val_limit=a.val_limit,
-            test_limit=a.test_limit,
-            devices_per_backbone=a.devices_per_backbone,
-            batch_per_arch=a.batch_per_arch,
-            token_bundles=dict(A.parse_pairs(a.token_bundle, "--token-bundle")) or None,
-            token_side={**A.TOKEN_SIDE, **A.parse_side(a.token_side, "--token-side")},
-            partitions=("iid",),
-            datasets=("movie-snippets",) if not a.quick else None,
-        )
-        options = A._csv(a.options) or OPTIONS
-        from benchmarks._compress import Option
+    return run_command(lambda: _run_command(a), markdown)
 
-        for name in options:  # an unknown option fails before any extraction
-            for part in name.split("+"):
-                Option(part).value  # noqa: B018
-                if Option(part).kind not in ("tokens", "taps", "pca", "int4", "seg"):
-                    raise FedMobiLLMError(f"unknown compression option {part!r}")
-        result = run(cfg, options, a.out, lora=not a.no_lora)
-    except FedMobiLLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    return 0
+
+def _run_command(a: argparse.Namespace) -> dict:
+    """The run the options ask for, its options checked before any extraction."""
+    from benchmarks import bench_accuracy as A
+
+    cfg = A.AccuracyConfig.for_mode(
+        a.quick,
+        backbones=split_csv(a.backbones),
+        steps=a.steps,
+        seed=a.seed,
+        train_limit=a.train_limit,
+        anchors=a.anchors,
+        val_limit=a.val_limit,
+        test_limit=a.test_limit,
+        devices_per_backbone=a.devices_per_backbone,
+        batch_per_arch=a.batch_per_arch,
+        token_bundles=dict(A.parse_pairs(a.token_bundle, "--token-bundle")) or None,
+        token_side={**A.TOKEN_SIDE, **A.parse_side(a.token_side, "--token-side")},
+        partitions=("iid",),
+        datasets=("movie-snippets",) if not a.quick else None,
+    )
+    options = split_csv(a.options) or OPTIONS
+    from benchmarks._compress import Option
+
+    for name in options:  # an unknown option fails before any extraction
+        for part in name.split("+"):
+            Option(part).value  # noqa: B018
+            if Option(part).kind not in ("tokens", "taps", "pca", "int4", "seg"):
+                raise FedMobiLLMError(f"unknown compression option {part!r}")
+    return run(cfg, options, a.out, lora=not a.no_lora)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -58,6 +57,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import run_command, split_csv, write_report
 from benchmarks._privacy_attack import InverterConfig
 from fedmobillm.errors import FedMobiLLMError
 
@@ -990,23 +990,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def write_outputs(result: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "privacy.json").write_text(
-        json.dumps(result, indent=1, default=_jsonable, allow_nan=True)
-    )
-    (out / "privacy.md").write_text(markdown(result))
-    plot(result, out / "privacy.png")
+    write_report(out, "privacy", result, markdown, plot)  # inf and nan as JSON's Infinity, NaN
     log.info("wrote %s/privacy.{json,md,png}", out)
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o))
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -1029,13 +1014,9 @@ def _ranks(value: str | None) -> tuple[int, ...] | None:
     if value == "none":
         return ()
     try:
-        return tuple(int(v) for v in _csv(value) or ()) or None
+        return tuple(int(v) for v in split_csv(value) or ()) or None
     except ValueError as exc:
         raise FedMobiLLMError(f"--projection-ranks {value!r}", hint="e.g. 8,16,32") from exc
-
-
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
 def _quantile(text: str) -> bool:
@@ -1099,7 +1080,7 @@ def _config(a: argparse.Namespace) -> PrivacyConfig:
         a.quick, epsilons=_floats(a.epsilons), reid_epsilons=_floats(a.reid_epsilons), delta=a.delta,
         train_limit=a.train_limit, val_limit=a.val_limit, test_limit=a.test_limit,
         public_limit=a.public_limit, attack_eval=a.attack_eval, reid_candidates=a.reid_candidates,
-        clip_rules=_csv(a.clip_rules),
+        clip_rules=split_csv(a.clip_rules),
         projection_ranks=_ranks(a.projection_ranks), plain=False if a.projected_only else None,
         projection_whiten={"both": (False, True), "yes": (True,), "no": (False,)}[
             a.projection_whiten],
@@ -1140,17 +1121,7 @@ def check(cfg: PrivacyConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     a = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-    )
-    try:
-        result = run(_config(a), a.out)
-    except FedMobiLLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    return 0
+    return run_command(lambda: run(_config(a), a.out), markdown, a.verbose)
 
 
 if __name__ == "__main__":

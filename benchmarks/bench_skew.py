@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import logging
 import sys
 import tempfile
@@ -46,6 +45,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import run_command, split_csv, write_report
 from benchmarks.bench_accuracy import (
     BACKBONES,
     AccuracyConfig,
@@ -500,24 +500,9 @@ def run(sc: SkewConfig, out: Path) -> dict:
         "seconds": time.perf_counter() - t_start,
         "versions": versions(),
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "skew.json").write_text(json.dumps(result, indent=1, default=_jsonable))
-    (out / "skew.md").write_text(markdown(result))
-    plot(result, out / "skew.png")
+    write_report(out, "skew", result, markdown, plot)
     log.info("wrote %s/skew.{json,md,png} in %.0f s", out, result["seconds"])
     return result
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, Path):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(type(o))
-
-
-def _csv(value: str | None) -> tuple[str, ...] | None:
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else None
 
 
 def config_from(a: argparse.Namespace) -> SkewConfig:
@@ -525,10 +510,10 @@ def config_from(a: argparse.Namespace) -> SkewConfig:
     from fedmobillm.server.policies import BALANCES
 
     given = {
-        "fleets": tuple(int(v) for v in _csv(a.fleets) or ()) or None,
-        "partitions": _csv(a.partitions),
-        "methods": _csv(a.methods),
-        "backbones": _csv(a.backbones),
+        "fleets": tuple(int(v) for v in split_csv(a.fleets) or ()) or None,
+        "partitions": split_csv(a.partitions),
+        "methods": split_csv(a.methods),
+        "backbones": split_csv(a.backbones),
         "repeats": a.repeats,
         "first_repeat": a.first_repeat,
         "seed": a.seed,
@@ -579,17 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--onnx", action="store_true", help="test accuracy through personal.onnx")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if a.verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(message)s",
-    )
-    try:
-        result = run(config_from(a), a.out)
-    except FedMobiLLMError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(markdown(result))
-    return 0
+    return run_command(lambda: run(config_from(a), a.out), markdown, a.verbose)
 
 
 if __name__ == "__main__":
