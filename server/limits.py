@@ -13,9 +13,10 @@
 - ``IngestGate``: back-pressure on batch uploads. An authenticated upload is answered 429
   with ``Retry-After`` (seconds, with jitter) when ``max_inflight_uploads`` uploads are
   already in flight, when the trainer's unread backlog is past ``max_backlog_samples``, or
-  when it waited ``max_write_wait_s`` for the store's write slot; always before anything of
-  it is stored, so a 429 never loses an acknowledged sample and a retry is safe. Uploads run
-  on their own thread limiter, so ``/v1/status`` and the other routes keep their threads.
+  when it waited ``max_write_wait_s`` for the store's write slot (SQLite with group commit:
+  for a place in the next group); always before anything of it is stored, so a 429 never
+  loses an acknowledged sample and a retry is safe. Uploads run on their own thread
+  limiter, so ``/v1/status`` and the other routes keep their threads.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from limits.strategies import MovingWindowRateLimiter
 
 from fedmobillm.device_runtime.messages import ROUTE_BATCHES, ErrorBody
 from fedmobillm.server.errors import ServerError
+from fedmobillm.server.store_sql import WriteWaitExpired
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -78,8 +80,10 @@ class AuthThrottle:
 class IngestGate:
     """Back-pressure on batch uploads (see the module docstring). ``admit()`` runs on the
     event loop around the whole upload; ``write_slot()`` on the upload's worker thread
-    around the store commit (``write_slots`` commits at once: 1 for SQLite's one writer).
-    ``backlog()``: stored samples the trainer has not read (0 without a trainer)."""
+    around the store commit (``write_slots`` commits at once: 1 for SQLite's one writer
+    without group commit; with it the store's group queue is the wait, bounded by the rest
+    of ``max_write_wait_s`` that the slot yields). ``backlog()``: stored samples the trainer
+    has not read (0 without a trainer)."""
 
     def __init__(
         self,
@@ -139,16 +143,25 @@ class IngestGate:
             self.inflight -= 1
 
     @contextmanager
-    def write_slot(self) -> Iterator[None]:
+    def write_slot(self) -> Iterator[float]:
         """Hold one of the store's write slots, or raise TooManyRequests after waiting
-        ``max_write_wait_s`` (on a worker thread)."""
+        ``max_write_wait_s`` (on a worker thread). Yields what is left of that wait: the
+        bound of the store's own wait for a place in a group commit, whose expiry
+        (``WriteWaitExpired``, nothing stored) is answered the same 429."""
+        start = time.monotonic()
         if not self._slots.acquire(timeout=self.max_write_wait_s):
             raise self._refuse(
                 "write_wait",
                 f"the store's writer is busy (waited {self.max_write_wait_s:g} s)",
             )
         try:
-            yield
+            yield max(0.0, self.max_write_wait_s - (time.monotonic() - start))
+        except WriteWaitExpired:
+            raise self._refuse(
+                "write_wait",
+                f"the store's writer is busy (waited {self.max_write_wait_s:g} s for a place "
+                "in a group commit)",
+            ) from None
         finally:
             self._slots.release()
 

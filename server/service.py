@@ -4,6 +4,7 @@ exceptions; knows nothing about HTTP."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import secrets
@@ -306,7 +307,8 @@ class Service:
     ) -> dict:
         """Decode, check and commit one upload; its acknowledgement. ``write_slot``: held
         around the commit (``limits.IngestGate.write_slot``: bounded wait, else 429 before
-        anything is stored)."""
+        anything is stored); what it yields is the rest of that wait, for a place in the
+        store's next group commit (SQLite)."""
         if device.device_id in self.store.quarantined():
             raise Forbidden(
                 f"device {device.device_id} is quarantined: its uploads are refused and its "
@@ -329,8 +331,8 @@ class Service:
                 exc.hint = f"{exc.hint}; this device is now quarantined"
             raise
         try:
-            with write_slot() if write_slot is not None else nullcontext():
-                ack = self._commit(device, batch)
+            with write_slot() if write_slot is not None else nullcontext() as wait_s:
+                ack = self._commit(device, batch, wait_s)
         except Conflict:
             with self.counters.lock:
                 self.counters.conflicts += 1
@@ -444,62 +446,74 @@ class Service:
             self._vocab[architecture] = int(value)
         return self._vocab[architecture]
 
-    def _commit(self, device: Device, batch: Batch) -> dict:
+    def _commit(self, device: Device, batch: Batch, wait_s: float | None = None) -> dict:
+        """Store the batch (or find its acknowledgement) in a write of the store: on SQLite
+        joined with the uploads committing at the same time (group commit), each in its own
+        savepoint; returns once its commit returned. ``wait_s``: the longest wait for a place
+        in a commit (``WriteWaitExpired``: nothing stored)."""
         content = batch_content(batch)
-        with self.store.transaction() as db:
-            found = self.store.find_ack(db, device.device_id, batch.idempotency_key)
-            if self.store.is_revoked(db, device.device_id):  # revoked while this one waited
-                raise Unauthorized(
-                    "unknown token: the device was revoked while this upload waited; nothing "
-                    "of it was stored",
-                    hint="register the device to get a token",
+        return self.store.write(
+            functools.partial(self._store_batch, device, batch, content),
+            samples=batch.num_samples,
+            wait_s=wait_s,
+        )
+
+    def _store_batch(self, device: Device, batch: Batch, content: str, db: Any) -> dict:
+        """Inside a write transaction: the checks against what is stored, then the batch and
+        its new samples; its acknowledgement (raises, storing nothing, when refused)."""
+        found = self.store.find_ack(db, device.device_id, batch.idempotency_key)
+        if self.store.is_revoked(db, device.device_id):  # revoked while this one waited
+            raise Unauthorized(
+                "unknown token: the device was revoked while this upload waited; nothing "
+                "of it was stored",
+                hint="register the device to get a token",
+            )
+        stored = self.store.stored_samples(db, device, batch.split, batch.sample_ids)
+        if found is not None:
+            ack, was = found
+            if was is not None and was != content and not _before_mask_digest(batch, was):
+                raise Conflict(
+                    f"idempotency key {batch.idempotency_key!r} was acknowledged for other "
+                    "samples, labels, token ids or loss mask; the first upload is kept",
+                    hint="use a new idempotency key for new content (fedmobillm device run "
+                    "derives it from the sample ids)",
                 )
-            stored = self.store.stored_samples(db, device, batch.split, batch.sample_ids)
-            if found is not None:
-                ack, was = found
-                if was is not None and was != content and not _before_mask_digest(batch, was):
-                    raise Conflict(
-                        f"idempotency key {batch.idempotency_key!r} was acknowledged for other "
-                        "samples, labels, token ids or loss mask; the first upload is kept",
-                        hint="use a new idempotency key for new content (fedmobillm device run "
-                        "derives it from the sample ids)",
-                    )
-                check_resent(device, batch, stored)  # the loss mask against the stored one
-                return {**ack, "duplicate": True}
-            check_resent(device, batch, stored)
-            batch_id = "b-" + uuid.uuid4().hex[:20]
-            new = self.store.insert_samples(
-                db,
-                device,
-                batch.split,
-                batch_id,
-                batch.encoding,
-                batch.activations,
-                batch.scales,
-                batch.labels,
-                batch.sample_ids,
-                batch.lengths,
-                batch.token_ids,
-                batch.loss_mask,
-            )
-            ack = {
-                "batch_id": batch_id,
-                "samples": new,
-                "skipped": batch.num_samples - new,
-                "split": batch.split,
-                "duplicate": False,
-                "device_samples": self.store.device_samples(device.device_id, db),
-            }
-            self.store.add_batch(
-                db,
-                batch_id,
-                device.device_id,
-                batch.idempotency_key,
-                batch.split,
-                new,
-                ack,
-                content,
-            )
+            check_resent(device, batch, stored)  # the loss mask against the stored one
+            return {**ack, "duplicate": True}
+        check_resent(device, batch, stored)
+        batch_id = "b-" + uuid.uuid4().hex[:20]
+        new = self.store.insert_samples(
+            db,
+            device,
+            batch.split,
+            batch_id,
+            batch.encoding,
+            batch.activations,
+            batch.scales,
+            batch.labels,
+            batch.sample_ids,
+            batch.lengths,
+            batch.token_ids,
+            batch.loss_mask,
+        )
+        ack = {
+            "batch_id": batch_id,
+            "samples": new,
+            "skipped": batch.num_samples - new,
+            "split": batch.split,
+            "duplicate": False,
+            "device_samples": self.store.device_samples(device.device_id, db),
+        }
+        self.store.add_batch(
+            db,
+            batch_id,
+            device.device_id,
+            batch.idempotency_key,
+            batch.split,
+            new,
+            ack,
+            content,
+        )
         return ack
 
     def release(self, device_id: str) -> None:

@@ -89,6 +89,11 @@ class ServerSettings(BaseSettings):
     # bound; workers without a trainer do not check it).
     max_inflight_uploads: int = Field(64, gt=0)
     max_write_wait_s: float = Field(1.0, gt=0)
+    # SQLite group commit (server/store.py Store.write): uploads arriving while a commit is
+    # under way are committed together, each in its own savepoint, with one fsync; at most
+    # this many uploads / samples a commit (ingest_group_max = 1: one commit per upload)
+    ingest_group_max: int = Field(64, gt=0)
+    ingest_group_samples: int = Field(8192, gt=0)
     max_backlog_samples: int = Field(200_000, ge=0)
     retry_after_s: int = Field(1, gt=0)
     # Trainer

@@ -1,10 +1,17 @@
 """Durable store: SQLite in WAL mode, activations as per-sample blobs in the same database.
 
-Durability (fsync policy): ``journal_mode=WAL`` with ``synchronous=FULL``. Every ingest is one
-``BEGIN IMMEDIATE`` transaction (batch row + its samples); SQLite fsyncs the WAL before
+Durability (fsync policy): ``journal_mode=WAL`` with ``synchronous=FULL``. Every ingest runs
+in a ``BEGIN IMMEDIATE`` transaction (batch row + its samples); SQLite fsyncs the WAL before
 ``COMMIT`` returns, and the server acknowledges only after ``COMMIT``. An acknowledged batch
 therefore survives a process kill and (on a file system that honours fsync) a power loss.
 WAL checkpoints into the main file are SQLite's automatic ones (fsynced as well).
+
+Group commit (``Store.write``): ingests that arrive while a commit is under way wait in a
+queue; the next one to lead takes the queue (up to ``group_max`` writes and
+``group_samples`` samples) into one transaction, each write inside its own ``SAVEPOINT`` (a
+write that raises is rolled back alone and gets its own error, the others go on), commits
+once (one fsync) and only then hands every write its result. A failed ``COMMIT`` (or an
+error that ends the whole transaction) fails every write of the group: none is acknowledged.
 
 Uniqueness: ``UNIQUE(device_id, idempotency_key)`` on batches and
 ``UNIQUE(device_id, split, sample_id)`` on samples. A re-sent batch (same key) returns the
@@ -14,8 +21,9 @@ original acknowledgement; samples a device already uploaded under another key ar
 Tokens are stored as sha256 hex digests (they are 256-bit random strings, so no salt is
 needed); a token is shown once, at registration.
 
-One ``Store`` object = one connection guarded by a lock: the API shares one, the trainer
-opens its own (WAL lets it read while ingest writes).
+One ``Store`` object = one write connection guarded by a lock and one read connection (WAL
+readers do not wait for the writer's commit, so uploads are authenticated and checked while a
+group commits): the API shares one, the trainer opens its own.
 
 The store API itself (devices, batches, samples, flags, views) is ``store_sql.SqlStore``,
 shared with the PostgreSQL backend (``store_pg.PostgresStore``, ``--database
@@ -24,12 +32,16 @@ postgresql://...``); ``open_store(settings)`` picks the backend.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.store_sql import (
@@ -38,6 +50,8 @@ from fedmobillm.server.store_sql import (
     Device,
     SampleRows,
     SqlStore,
+    WriteStats,
+    WriteWaitExpired,
     dequantize_sample,
     hash_token,
     sample_rows,
@@ -52,6 +66,7 @@ __all__ = [
     "SqlStore",
     "Store",
     "TrainerSlotTaken",
+    "WriteWaitExpired",
     "dequantize_sample",
     "hash_token",
     "is_transient",
@@ -126,7 +141,11 @@ def open_store(
     the store is named ``fedmobillm-trainer-data OWNER``, so that the trainer taking its slot
     back after a network cut ends them too."""
     if settings.database is None:
-        store: SqlStore = Store(settings.db_path)
+        store: SqlStore = Store(
+            settings.db_path,
+            group_max=settings.ingest_group_max,
+            group_samples=settings.ingest_group_samples,
+        )
     else:
         from fedmobillm.server.store_pg import TRAINER_DATA_APP, PostgresStore
 
@@ -182,17 +201,51 @@ def _sqlite_busy(exc: sqlite3.OperationalError) -> bool:
 
 TRANSIENT_PG = {"AdminShutdown", "CannotConnectNow", "ConnectionException", "CrashShutdown"}
 
+T = TypeVar("T")
+# group commit bounds (settings ingest_group_max / ingest_group_samples; 1 = one write a commit)
+GROUP_MAX = 64
+GROUP_SAMPLES = 8192
+
+
+@dataclass(eq=False)
+class _Write:
+    """One write waiting for its group (``Store.write``)."""
+
+    work: Callable[[sqlite3.Connection], Any]
+    samples: int
+    taken: bool = False  # in a group being committed: no longer withdrawn at its deadline
+    done: bool = False  # its group ended: ``value`` or ``error`` is final
+    value: Any = None
+    error: BaseException | None = None
+
 
 class Store(SqlStore):
-    """The embedded SQLite store (the default): one file, one writer."""
+    """The embedded SQLite store (the default): one file, one writer. ``group_max`` /
+    ``group_samples``: the most writes / samples one group commit joins (``write``; 1: a
+    commit per write)."""
 
     backend = "sqlite"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, group_max: int = GROUP_MAX, group_samples: int = GROUP_SAMPLES
+    ) -> None:
+        if group_max < 1 or group_samples < 1:
+            raise FedMobiLLMError(
+                f"group commit bounds must be >= 1 (got {group_max} writes, {group_samples} "
+                "samples)",
+                hint="set ingest_group_max / ingest_group_samples to 1 or more",
+            )
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._lock = threading.RLock()
+        self.group_max = group_max
+        self.group_samples = group_samples
+        self.write_stats = WriteStats()
+        self._lock = threading.RLock()  # the write connection
+        self._writing = threading.local()  # .active: this thread is in a write transaction
+        self._queue: deque[_Write] = deque()  # writes waiting for a group
+        self._group = threading.Condition(threading.Lock())  # guards _queue, _leading, _Write
+        self._leading = False  # a thread is committing a group
         self._trainer_lock: Any = None  # open file holding the flock of claim_trainer
         self._db = sqlite3.connect(
             str(path), timeout=30.0, isolation_level=None, check_same_thread=False
@@ -208,6 +261,14 @@ class Store(SqlStore):
             if stmt.strip():
                 self._db.execute(stmt)
         self._migrate()
+        # reads (``_query``) outside a write transaction: they see every committed write and
+        # never wait for a commit's fsync
+        self._read_lock = threading.Lock()
+        self._reader = sqlite3.connect(
+            str(path), timeout=30.0, isolation_level=None, check_same_thread=False
+        )
+        self._reader.execute("PRAGMA busy_timeout=30000")
+        self._reader.execute("PRAGMA query_only=ON")
 
     def _migrate(self) -> None:
         """Columns added since a store was created (SQLite has no ADD COLUMN IF NOT EXISTS)."""
@@ -237,6 +298,8 @@ class Store(SqlStore):
     def close(self) -> None:
         with self._lock:
             self._db.close()
+        with self._read_lock:
+            self._reader.close()
         if self._trainer_lock is not None:
             self._trainer_lock.close()  # releases the trainer slot
             self._trainer_lock = None
@@ -283,16 +346,111 @@ class Store(SqlStore):
         """``BEGIN IMMEDIATE`` ... ``COMMIT`` (rolled back on error), under the lock."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            self._writing.active = True
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._writing.active = False
             self._db.execute("COMMIT")
 
-    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+    def write(self, work: Callable[[Any], T], samples: int = 0, wait_s: float | None = None) -> T:
+        """``work(db)`` committed with the writes of other threads waiting at the same time
+        (group commit, see the module docstring); its result once that ``COMMIT`` returned.
+        ``wait_s``: the longest it waits for a place in a group; past it the write is
+        withdrawn, unrun, and ``WriteWaitExpired`` raised. ``group_max`` 1: a transaction of
+        its own, as ``SqlStore.write``."""
+        if self.group_max == 1:
+            return super().write(work, samples, wait_s)
+        item = _Write(work, samples)
+        deadline = None if wait_s is None else time.monotonic() + wait_s
+        with self._group:
+            self._queue.append(item)
+        while True:
+            with self._group:
+                while not item.done and (self._leading or item.taken):
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0 and not item.taken:
+                        self._queue.remove(item)
+                        raise WriteWaitExpired(
+                            f"waited {wait_s:g} s for a place in a group commit; nothing of "
+                            "this write was stored"
+                        )
+                    self._group.wait(None if item.taken else left)
+                if item.done:
+                    break
+                self._leading = True  # no group is being committed: lead the next one
+            try:
+                self._lead()
+            finally:
+                with self._group:
+                    self._leading = False
+                    self._group.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.value
+
+    def _lead(self) -> None:
+        """Take the queue's first writes (within the bounds) into a group and commit it. The
+        write lock first: writes that arrive while another transaction holds it join."""
         with self._lock:
+            with self._group:
+                group: list[_Write] = []
+                samples = 0
+                while self._queue and len(group) < self.group_max:
+                    nxt = self._queue[0]
+                    if group and samples + nxt.samples > self.group_samples:
+                        break
+                    group.append(self._queue.popleft())
+                    nxt.taken = True
+                    samples += nxt.samples
+            if group:
+                self._commit_group(group)
+
+    def _commit_group(self, group: list[_Write]) -> None:
+        """One ``BEGIN IMMEDIATE`` ... ``COMMIT`` holding every write of ``group``, each in
+        its own savepoint; then every write is done (under the write lock)."""
+        db = self._db
+        failed: BaseException | None = None
+        self._writing.active = True
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for item in group:
+                db.execute("SAVEPOINT write")
+                try:
+                    item.value = item.work(db)
+                except Exception as exc:
+                    if not db.in_transaction:  # SQLite rolled back all of it (I/O, full, ...)
+                        raise
+                    db.execute("ROLLBACK TO write")
+                    item.value, item.error = None, exc
+                db.execute("RELEASE write")
+            db.execute("COMMIT")
+        except BaseException as exc:
+            failed = exc
+            if db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+        finally:
+            self._writing.active = False
+            with self._group:
+                for item in group:
+                    if failed is not None and item.error is None:  # none acknowledged
+                        item.value, item.error = None, failed
+                    item.done = True
+                self._group.notify_all()
+        if failed is None:
+            self.write_stats.count(sum(1 for item in group if item.error is None))
+        elif not isinstance(failed, Exception):
+            raise failed  # KeyboardInterrupt, SystemExit: after every write got its answer
+
+    def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
+        if getattr(self._writing, "active", False):  # inside this thread's write transaction
             return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def _insert_rows(self, db: sqlite3.Connection, rows: list[tuple]) -> int:
         before = db.total_changes

@@ -45,6 +45,7 @@ from fedmobillm.server.store_sql import (
     SAMPLE_ORDER_INDEX,
     SampleRows,
     SqlStore,
+    WriteStats,
     sample_rows,
 )
 
@@ -238,6 +239,7 @@ class PostgresStore(SqlStore):
         self._slots = threading.BoundedSemaphore(pool_size)
         self._trainer_conn: Any = None
         self._closed = False
+        self.write_stats = WriteStats()
         with self._connection() as conn:
             self._create_schema(conn)
             self._check_durability(conn)

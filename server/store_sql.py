@@ -13,19 +13,49 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import time
 import uuid
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from fedmobillm.errors import FedMobiLLMError
 
+T = TypeVar("T")
+
 
 def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
+
+
+class WriteWaitExpired(FedMobiLLMError):
+    """An upload's write waited its whole budget for a place in a commit (SQLite: in the next
+    group) and was withdrawn: nothing of it was stored (``limits.IngestGate`` answers 429)."""
+
+
+@dataclass
+class WriteStats:
+    """What ``SqlStore.write`` committed since the store opened (``/metrics``): ``commits``
+    transactions holding ``writes`` writes (uploads), the most in one: ``largest``."""
+
+    commits: int = 0
+    writes: int = 0
+    largest: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, writes: int) -> None:
+        with self.lock:
+            self.commits += 1
+            self.writes += writes
+            self.largest = max(self.largest, writes)
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return {"commits": self.commits, "writes": self.writes, "largest": self.largest}
 
 
 @dataclass
@@ -120,9 +150,22 @@ class SqlStore:
     ``close()``, ``_insert_rows()``, ``_series_bucket()`` and ``read_samples()``."""
 
     backend = "sql"
+    write_stats: WriteStats  # set by each backend's __init__
 
     def transaction(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
+
+    def write(self, work: Callable[[Any], T], samples: int = 0, wait_s: float | None = None) -> T:
+        """``work(db)`` inside a write transaction; its result once the transaction holding it
+        has committed (durable), its exception (nothing of it stored) if it raised. Here:
+        a transaction of its own (PostgreSQL: concurrent connections share WAL flushes).
+        SQLite (``store.Store``) joins concurrent writes into one transaction (group commit).
+        ``samples``: the write's size (a group's bound); ``wait_s``: how long it may wait for
+        its place in a commit before ``WriteWaitExpired`` (None: no bound)."""
+        with self.transaction() as db:
+            value = work(db)
+        self.write_stats.count(1)
+        return value
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:
         raise NotImplementedError

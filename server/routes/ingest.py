@@ -2,8 +2,9 @@
 
 Back-pressure (``limits.IngestGate``): the gate is the route's first dependency, so an
 upload past a bound is answered 429 + Retry-After before its token is even looked up, and
-the commit waits a bounded time for the store's write slot; uploads run on the gate's own
-thread limiter, so the other routes keep the default thread pool."""
+the commit waits a bounded time for the store's write slot (SQLite: for a place in a group
+commit); uploads run on the gate's own thread limiter, so the other routes keep the default
+thread pool."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def ingest_gate(request: Request) -> IngestGate:
             s.max_backlog_samples,
             s.retry_after_s,
             backlog=(lambda: trainer.backlog) if trainer is not None else (lambda: 0),
-            write_slots=1 if sqlite else s.max_inflight_uploads,  # SQLite: one writer
+            # SQLite: one writer; with group commit (ingest_group_max > 1) the uploads wait in
+            # the store's group queue instead, for what is left of max_write_wait_s
+            write_slots=1 if sqlite and s.ingest_group_max == 1 else s.max_inflight_uploads,
         )
         state.ingest_gate = gate
     return gate

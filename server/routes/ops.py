@@ -57,6 +57,7 @@ def metrics(request: Request, service: ServiceDep) -> str:
 def _metrics_text(service: Service, trainer: Any) -> str:
     c = service.counters
     totals = service.store.totals()
+    writes = service.store.write_stats.snapshot()
     lines = [
         "# TYPE fedmobillm_acked_batches_total counter",
         f"fedmobillm_acked_batches_total {c.acked_batches}",
@@ -72,6 +73,14 @@ def _metrics_text(service: Service, trainer: Any) -> str:
         f"fedmobillm_conflict_requests_total {c.conflicts}",
         "# TYPE fedmobillm_refused_values_total counter",
         f"fedmobillm_refused_values_total {c.offences}",
+        # store commits holding uploads, and the uploads they held (SQLite group commit:
+        # several a commit; the largest group since start)
+        "# TYPE fedmobillm_ingest_commits_total counter",
+        f"fedmobillm_ingest_commits_total {writes['commits']}",
+        "# TYPE fedmobillm_ingest_committed_uploads_total counter",
+        f"fedmobillm_ingest_committed_uploads_total {writes['writes']}",
+        "# TYPE fedmobillm_ingest_largest_group gauge",
+        f"fedmobillm_ingest_largest_group {writes['largest']}",
         "# TYPE fedmobillm_quarantined_devices gauge",
         f"fedmobillm_quarantined_devices {len(service.store.quarantined())}",
         "# TYPE fedmobillm_rejected_requests_total counter",
