@@ -25,6 +25,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,30 +163,21 @@ def extract(
     records = load_dataset(dataset, seed=seed).splits[split]
     if not records:
         raise FedMobiLLMError(f"data set {dataset} has an empty {split} split")
-    order = split_order(len(records), seed)
     n = len(records) if limit is None else min(limit, len(records))
     folder = _cache_folder(digest, dataset, seed, split)
     scales = np.asarray(m.activation_scales, np.float32)  # (K,)
     qs, ys, idxs = [], [], []
-    t0, done = time.perf_counter(), 0
-    for c, start in enumerate(range(0, n, CHUNK)):
-        want = order[start : min(start + CHUNK, n)]  # (n_c,)
-        q = _read_chunk(folder, c, want)
-        if q is None:
-            chunk = [records[i] for i in want]
-            q = _compute_chunk(backbone, chunk, scales, batch, forward_batch)
-            _write_chunk(folder, c, q, want)
-            done += len(want)
-            rate = done / (time.perf_counter() - t0)
-            log.info(
-                "%s %s/%s: %d/%d samples (%.0f/s)",
-                m.source_model,
-                dataset,
-                split,
-                min(start + CHUNK, n),
-                n,
-                rate,
-            )
+    chunks = _cached_chunks(
+        split_order(len(records), seed)[:n],
+        read=lambda c, want: _read_chunk(folder, c, want),
+        compute=lambda want: _compute_chunk(
+            backbone, [records[i] for i in want], scales, batch, forward_batch
+        ),
+        write=lambda c, q, want: _write_chunk(folder, c, q, want),
+        label=f"{m.source_model} {dataset}/{split}:",
+        decimals=0,
+    )
+    for want, q in chunks:
         qs.append(q)
         idxs.append(want)
         ys.append(np.asarray([records[i].label for i in want], np.int64))
@@ -203,6 +195,31 @@ def extract(
         hidden=int(m.hidden_size),
         bundle_sha256=digest,
     )
+
+
+def _cached_chunks(
+    order: np.ndarray,
+    read: Callable[[int, np.ndarray], Any],
+    compute: Callable[[np.ndarray], Any],
+    write: Callable[[int, Any, np.ndarray], None],
+    label: str,
+    decimals: int,
+) -> Iterator[tuple[np.ndarray, Any]]:
+    """(rows, what they hold) per chunk of ``CHUNK`` rows of ``order``: ``read`` from chunk
+    c of the cache, else ``compute``d, ``write``n to the cache and the rate logged (a line
+    starting with ``label``, samples/s with ``decimals`` decimals)."""
+    n = len(order)
+    t0, done = time.perf_counter(), 0
+    for c, start in enumerate(range(0, n, CHUNK)):
+        want = order[start : min(start + CHUNK, n)]  # (n_c,)
+        got = read(c, want)
+        if got is None:
+            got = compute(want)
+            write(c, got, want)
+            done += len(want)
+            rate = done / (time.perf_counter() - t0)
+            log.info("%s %d/%d samples (%.*f/s)", label, min(start + CHUNK, n), n, decimals, rate)
+        yield want, got
 
 
 def _compute_chunk(
@@ -229,7 +246,12 @@ def _chunk_path(folder: Path, c: int) -> Path:
     return folder / f"chunk-{c:05d}.safetensors"
 
 
-def _read_chunk(folder: Path, c: int, want: np.ndarray) -> np.ndarray | None:
+def _load_chunk(
+    folder: Path, c: int, want: np.ndarray, needs: tuple[str, ...] = ()
+) -> dict[str, np.ndarray] | None:
+    """Chunk ``c``'s tensors where its records start with ``want`` (in that order) and it
+    has every tensor in ``needs``; None where the chunk must be computed (missing,
+    unreadable, shorter, of another kind, or of other records)."""
     from safetensors.numpy import load_file
 
     path = _chunk_path(folder, c)
@@ -241,21 +263,32 @@ def _read_chunk(folder: Path, c: int, want: np.ndarray) -> np.ndarray | None:
         log.warning("ignoring unreadable cache chunk %s: %s", path, exc)
         return None
     index = t.get("index")
-    if index is None or len(index) < len(want):
+    if index is None or any(t.get(k) is None for k in needs) or len(index) < len(want):
         return None  # a shorter (earlier, smaller) extraction: extend it
     if not np.array_equal(index[: len(want)], want):
         log.warning("cache chunk %s holds other records; recomputing", path)
         return None
-    return t["q"][: len(want)]
+    return t
 
 
-def _write_chunk(folder: Path, c: int, q: np.ndarray, want: np.ndarray) -> None:
+def _save_chunk(folder: Path, c: int, tensors: dict[str, np.ndarray], want: np.ndarray) -> None:
+    """Chunk ``c`` of ``folder``: ``tensors`` and the records' ``index`` (``want``), written
+    whole or not at all."""
     from safetensors.numpy import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".chunk-{c:05d}.{uuid.uuid4().hex[:8]}.tmp"
-    save_file({"q": np.ascontiguousarray(q), "index": want.astype(np.int64)}, str(tmp))
+    save_file({**tensors, "index": want.astype(np.int64)}, str(tmp))
     os.replace(tmp, _chunk_path(folder, c))
+
+
+def _read_chunk(folder: Path, c: int, want: np.ndarray) -> np.ndarray | None:
+    t = _load_chunk(folder, c, want)
+    return None if t is None else t["q"][: len(want)]
+
+
+def _write_chunk(folder: Path, c: int, q: np.ndarray, want: np.ndarray) -> None:
+    _save_chunk(folder, c, {"q": np.ascontiguousarray(q)}, want)
 
 
 # -- token taps (pivot "none") ----------------------------------------------------------
@@ -373,29 +406,21 @@ def extract_tokens(
     records = load_dataset(dataset, seed=seed).splits[split]
     if not records:
         raise FedMobiLLMError(f"data set {dataset} has an empty {split} split")
-    order = split_order(len(records), seed)
     n = len(records) if limit is None else min(limit, len(records))
     folder = _cache_folder(bundle_digest(m), dataset, seed, split)
     scales = np.asarray(m.activation_scales, np.float32)  # (K,)
     qs, ls, ys, idxs = [], [], [], []
-    t0, done = time.perf_counter(), 0
-    for c, start in enumerate(range(0, n, CHUNK)):
-        want = order[start : min(start + CHUNK, n)]  # (n_c,)
-        got = _read_token_chunk(folder, c, want)
-        if got is None:
-            got = _token_chunk(backbone, [records[i] for i in want], scales, batch, forward_batch)
-            _write_token_chunk(folder, c, got, want)
-            done += len(want)
-            rate = done / (time.perf_counter() - t0)
-            log.info(
-                "%s %s/%s tokens: %d/%d samples (%.1f/s)",
-                m.source_model,
-                dataset,
-                split,
-                min(start + CHUNK, n),
-                n,
-                rate,
-            )
+    chunks = _cached_chunks(
+        split_order(len(records), seed)[:n],
+        read=lambda c, want: _read_token_chunk(folder, c, want),
+        compute=lambda want: _token_chunk(
+            backbone, [records[i] for i in want], scales, batch, forward_batch
+        ),
+        write=lambda c, got, want: _write_token_chunk(folder, c, got, want),
+        label=f"{m.source_model} {dataset}/{split} tokens:",
+        decimals=1,
+    )
+    for want, got in chunks:
         qs.append(got[0])
         ls.append(got[1])
         idxs.append(want)
@@ -432,36 +457,17 @@ def _token_chunk(
 def _read_token_chunk(
     folder: Path, c: int, want: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    from safetensors.numpy import load_file
-
-    path = _chunk_path(folder, c)
-    if not path.is_file():
+    t = _load_chunk(folder, c, want, needs=("lengths",))  # a pivot chunk has no lengths
+    if t is None:
         return None
-    try:
-        t = load_file(str(path))
-    except Exception as exc:  # a torn or foreign file: recompute it
-        log.warning("ignoring unreadable cache chunk %s: %s", path, exc)
-        return None
-    index, lengths = t.get("index"), t.get("lengths")
-    if index is None or lengths is None or len(index) < len(want):
-        return None  # a shorter (earlier, smaller) extraction, or a pivot chunk
-    if not np.array_equal(index[: len(want)], want):
-        log.warning("cache chunk %s holds other records; recomputing", path)
-        return None
-    lengths = lengths[: len(want)]
+    lengths = t["lengths"][: len(want)]
     return t["q"][: int(lengths.sum())], lengths
 
 
 def _write_token_chunk(
     folder: Path, c: int, got: tuple[np.ndarray, np.ndarray], want: np.ndarray
 ) -> None:
-    from safetensors.numpy import save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".chunk-{c:05d}.{uuid.uuid4().hex[:8]}.tmp"
-    tensors = {"q": got[0], "lengths": got[1], "index": want.astype(np.int64)}
-    save_file(tensors, str(tmp))
-    os.replace(tmp, _chunk_path(folder, c))
+    _save_chunk(folder, c, {"q": got[0], "lengths": got[1]}, want)
 
 
 def main(argv: list[str] | None = None) -> int:
