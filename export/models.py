@@ -19,7 +19,6 @@ an existing folder as itself, anything else as a Hugging Face id.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib.metadata
 import json
 import logging
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedmobillm.device_runtime.files import sha256_file
-from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.errors import FedMobiLLMError, did_you_mean
 from fedmobillm.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -295,10 +294,8 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def unknown_model_error(name: str) -> FedMobiLLMError:
-    close = difflib.get_close_matches(name, list(MODELS), n=1)
-    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
     return FedMobiLLMError(
-        f"unknown model {name!r}{suggestion}; known models: {', '.join(MODELS)}",
+        f"unknown model {name!r}{did_you_mean(name, MODELS)}; known models: {', '.join(MODELS)}",
         hint="pass a known name, a local Hugging Face folder, or a Hugging Face id like org/name",
     )
 

@@ -3,7 +3,6 @@ Hugging Face ``datasets`` folder."""
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from fedmobillm.data.splits import (
     stratified_split,
 )
 from fedmobillm.device_runtime.records import Record, read_records
-from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.errors import FedMobiLLMError, did_you_mean
 from fedmobillm.paths import cache_dir
 
 log = logging.getLogger(__name__)
@@ -217,10 +216,9 @@ def fetch_dataset(name: str, seed: int = 0) -> Dataset:
 
 
 def unknown_dataset_error(name: str) -> FedMobiLLMError:
-    close = difflib.get_close_matches(name, list(DATASETS), n=1)
-    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
     return FedMobiLLMError(
-        f"unknown dataset {name!r}{suggestion}; known datasets: {', '.join(DATASETS)}",
+        f"unknown dataset {name!r}{did_you_mean(name, DATASETS)}; known datasets: "
+        f"{', '.join(DATASETS)}",
         hint="pass a known name, a local .jsonl/.csv file (columns text,label), "
         "or a Hugging Face datasets folder",
     )

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedmobillm.data.fetch import ORANGE, VADER, orange_tab, publish, vader_file
-from fedmobillm.errors import FedMobiLLMError
+from fedmobillm.errors import FedMobiLLMError, did_you_mean
 from fedmobillm.paths import cache_dir, ensure_dir
 
 log = logging.getLogger(__name__)
@@ -222,12 +222,9 @@ def fetch_lm_corpus(name: str) -> LmCorpus:
 
 
 def unknown_lm_corpus_error(name: str) -> FedMobiLLMError:
-    import difflib
-
-    close = difflib.get_close_matches(name, list(LM_CORPORA), n=1)
-    suggestion = f" (did you mean {close[0]!r}?)" if close else ""
     return FedMobiLLMError(
-        f"unknown lm corpus {name!r}{suggestion}; known: {', '.join(LM_CORPORA)}",
+        f"unknown lm corpus {name!r}{did_you_mean(name, LM_CORPORA)}; known: "
+        f"{', '.join(LM_CORPORA)}",
         hint='pass a known name or a .jsonl file with {"text": ...} or '
         '{"prompt": ..., "response": ...} per line',
     )
