@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fedmobillm.data.fetch import ORANGE, VADER, orange_tab, publish, vader_file
+from fedmobillm.data.fetch import ORANGE, VADER, orange_tab, publish, staging, vader_file
 from fedmobillm.data.splits import (
     DATASET_SPLITS,
     SPLIT_RULE_A,
@@ -179,8 +178,7 @@ def _read_cached(folder: Path, name: str) -> Dataset | None:
 
 
 def _write_cached(folder: Path, ds: Dataset, source: str, rule: str, seed: int) -> None:
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(folder)
     tmp.mkdir(parents=True)
     for s in DATASET_SPLITS:
         write_jsonl(tmp / f"{s}.jsonl", ds.splits[s])

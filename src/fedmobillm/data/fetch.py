@@ -29,8 +29,7 @@ def pip_download(requirement: str, *extra: str) -> Path:
     found = sorted(p for p in dest.glob("*") if p.is_file()) if dest.is_dir() else []
     if found:
         return found[0]
-    tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(dest)
     log.info("downloading %s (pip download --no-deps %s)", requirement, " ".join(extra))
     cmd = [
         sys.executable,
@@ -54,6 +53,14 @@ def pip_download(requirement: str, *extra: str) -> Path:
         )
     publish(tmp, dest)
     return dest / files[0].name
+
+
+def staging(final: Path) -> Path:
+    """Where this process builds ``final`` before ``publish``: a sibling folder of its own
+    (``NAME.tmp-PID``), emptied of an earlier, interrupted try (not created)."""
+    tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
 
 
 def publish(tmp: Path, final: Path) -> None:

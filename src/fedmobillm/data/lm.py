@@ -30,13 +30,12 @@ import logging
 import os
 import random
 import re
-import shutil
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmobillm.data.fetch import ORANGE, VADER, orange_tab, publish, vader_file
+from fedmobillm.data.fetch import ORANGE, VADER, orange_tab, publish, staging, vader_file
 from fedmobillm.errors import FedMobiLLMError, did_you_mean
 from fedmobillm.paths import cache_dir, ensure_dir
 
@@ -190,8 +189,7 @@ def _read_cached(folder: Path, spec: LmCorpusSpec) -> LmCorpus | None:
 
 
 def _write_cached(folder: Path, corpus: LmCorpus) -> None:
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = staging(folder)
     tmp.mkdir(parents=True)
     write_lm_jsonl(tmp / "records.jsonl", corpus.records)
     meta = {
