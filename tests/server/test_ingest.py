@@ -205,59 +205,22 @@ def test_server_status_command(srv, dev_a):
     import subprocess
     import sys
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedmobillm.cli",
-            "server",
-            "status",
-            "--server",
-            srv.url,
-            "--admin-token",
-            ADMIN,
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def status(token: str, *extra: str) -> subprocess.CompletedProcess:
+        cmd = ["server", "status", "--server", srv.url, "--admin-token", token, *extra]
+        return subprocess.run(
+            [sys.executable, "-m", "fedmobillm.cli", *cmd],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    out = status(ADMIN, "--json")
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert any(d["name"] == "phone-a" for d in st["devices"])
-    table = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedmobillm.cli",
-            "server",
-            "status",
-            "--server",
-            srv.url,
-            "--admin-token",
-            ADMIN,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    table = status(ADMIN)
     assert table.returncode == 0 and "phone-a" in table.stdout
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "fedmobillm.cli",
-            "server",
-            "status",
-            "--server",
-            srv.url,
-            "--admin-token",
-            "wrong",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    bad = status("wrong")
     assert bad.returncode == 1 and "refused" in bad.stderr
 
 
