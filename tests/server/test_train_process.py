@@ -6,16 +6,21 @@ is the one the trainer process exported. A second trainer on the same store is r
 
 from __future__ import annotations
 
-import io
-import json
 import subprocess
 import time
-import zipfile
 
 import httpx
 import pytest
-from server_helpers import FAST, ServerProc, make_payload, register, upload
-from train_helpers import TrainerProc, start_ingest_only, tiny_manifest, wait_for
+from server_helpers import FAST, ServerProc, register
+from train_helpers import (
+    TrainerProc,
+    assert_served_model_is_the_trainers,
+    start_ingest_only,
+    tiny_manifest,
+    upload_train_and_validation,
+    wait_for,
+    wait_trained_and_exported,
+)
 from train_helpers import trainer_status as _status
 
 pytestmark = pytest.mark.integration
@@ -30,26 +35,16 @@ def test_trainer_process_trains_beside_an_ingest_only_server(tmp_path):
         m = tiny_manifest()
         reg = register(srv.url, "a", m)
         auth = {"Authorization": f"Bearer {reg['token']}"}
-        for split, n, seed in (("train", 300, 1), ("validation", 100, 11)):
-            r = upload(srv.url, reg, make_payload(reg, m, range(n), split=split, seed=seed))
-            assert r.status_code == 200, r.text
+        upload_train_and_validation(srv.url, reg, m)
         time.sleep(1.0)
         # the server alone trains nothing: no personal model
         assert httpx.get(f"{srv.url}/v1/personal-model", headers=auth).status_code == 409
         trainer.start()
-        st = wait_for(
-            lambda: (s := _status(srv.url)).get("step", 0) >= 40 and s["personal_models"] and s,
-            180,
-            "the trainer process to train and export",
-        )
+        st = wait_trained_and_exported(srv.url, 180)
         assert st["process"]["command"] == "train"
         assert st["process"]["pid"] == trainer.proc.pid
         assert st["published_age_s"] < 30 and st["database_retry"] is None
-        r = httpx.get(f"{srv.url}/v1/personal-model", headers=auth, timeout=30)
-        assert r.status_code == 200, r.text
-        meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("personal.json"))
-        exported = _status(srv.url)["personal_models"][reg["architecture"]]
-        assert 0 < meta["trainer_step"] <= exported  # written by the trainer process
+        assert_served_model_is_the_trainers(srv.url, reg)
         # one trainer per store: a second `fedmobillm train` is refused
         second = subprocess.run(trainer.command(), capture_output=True, text=True, timeout=180)
         assert second.returncode != 0

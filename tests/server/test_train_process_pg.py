@@ -15,20 +15,26 @@
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import socket
 import subprocess
 import threading
 import time
-import zipfile
 
 import httpx
 import psycopg
 import pytest
-from server_helpers import FAST, make_payload, register, upload
+from server_helpers import FAST, register
 from test_postgres import PgServer, postgres  # noqa: F401 - the module's PostgreSQL fixture
-from train_helpers import TrainerProc, start_ingest_only, tiny_manifest, wait_for
+from train_helpers import (
+    TrainerProc,
+    assert_served_model_is_the_trainers,
+    start_ingest_only,
+    tiny_manifest,
+    upload_train_and_validation,
+    wait_for,
+    wait_trained_and_exported,
+)
 from train_helpers import trainer_status as _status
 
 from fedmobillm.server.service import Service
@@ -88,25 +94,15 @@ def test_pg_trainer_process_trains_beside_ingest_workers(postgres, tmp_path):  #
         m = tiny_manifest()
         reg = register(srv.url, "a", m)
         auth = {"Authorization": f"Bearer {reg['token']}"}
-        for split, n, seed in (("train", 300, 1), ("validation", 100, 11)):
-            r = upload(srv.url, reg, make_payload(reg, m, range(n), split=split, seed=seed))
-            assert r.status_code == 200, r.text
+        upload_train_and_validation(srv.url, reg, m)
         assert httpx.get(f"{srv.url}/v1/personal-model", headers=auth).status_code == 409
         trainer.start()
-        st = wait_for(
-            lambda: (s := _status(srv.url)).get("step", 0) >= 40 and s["personal_models"] and s,
-            240,
-            "the trainer process to train and export",
-        )
+        st = wait_trained_and_exported(srv.url, 240)
         assert st["process"]["command"] == "train" and st["process"]["pid"] == trainer.proc.pid
         assert st["published_age_s"] < 30 and st["database_retry"] is None
         holder = _slot_holder(url)
         assert holder is not None and holder[1].startswith(TRAINER_APP + " "), holder
-        r = httpx.get(f"{srv.url}/v1/personal-model", headers=auth, timeout=30)
-        assert r.status_code == 200, r.text
-        meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("personal.json"))
-        exported = _status(srv.url)["personal_models"][reg["architecture"]]
-        assert 0 < meta["trainer_step"] <= exported  # written by the trainer process
+        assert_served_model_is_the_trainers(srv.url, reg)
         _refused_publishing_nothing(trainer.command(), url, trainer.proc.pid)
         assert trainer.stop() == 0  # SIGTERM: final checkpoint and export
         latest = json.loads((data / "checkpoints" / "LATEST").read_text())

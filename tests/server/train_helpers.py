@@ -4,13 +4,16 @@ the ingest-only server plus its trainer, the trainer's published status, and pol
 
 from __future__ import annotations
 
+import io
+import json
 import time
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
 import httpx
-from server_helpers import ServerProc, admin_headers, make_manifest
+from server_helpers import ServerProc, admin_headers, make_manifest, make_payload, upload
 
 from fedmobillm.server.local import LocalTrainer
 
@@ -40,6 +43,35 @@ def start_ingest_only(srv: ServerProc, database: str | None = None) -> TrainerPr
 def trainer_status(url: str) -> dict:
     """The ``trainer`` section of the server's `/v1/status` (the trainer's published status)."""
     return httpx.get(f"{url}/v1/status", headers=admin_headers(), timeout=30).json()["trainer"]
+
+
+def upload_train_and_validation(url: str, reg: dict, m: dict) -> None:
+    """300 train and 100 validation records of the registered device ``reg`` (manifest
+    ``m``), each upload acked."""
+    for split, n, seed in (("train", 300, 1), ("validation", 100, 11)):
+        r = upload(url, reg, make_payload(reg, m, range(n), split=split, seed=seed))
+        assert r.status_code == 200, r.text
+
+
+def wait_trained_and_exported(url: str, timeout: float) -> dict:
+    """The trainer's published status once it has taken 40 steps and exported a personal
+    model."""
+    return wait_for(
+        lambda: (s := trainer_status(url)).get("step", 0) >= 40 and s["personal_models"] and s,
+        timeout,
+        "the trainer process to train and export",
+    )
+
+
+def assert_served_model_is_the_trainers(url: str, reg: dict) -> None:
+    """The personal model the server hands ``reg``'s device is the trainer process's export:
+    its trainer_step is at most the step of the trainer's last published export."""
+    auth = {"Authorization": f"Bearer {reg['token']}"}
+    r = httpx.get(f"{url}/v1/personal-model", headers=auth, timeout=30)
+    assert r.status_code == 200, r.text
+    meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("personal.json"))
+    exported = trainer_status(url)["personal_models"][reg["architecture"]]
+    assert 0 < meta["trainer_step"] <= exported
 
 
 def wait_for(
