@@ -105,42 +105,16 @@ def test_run_device_uploads_what_device_run_uploads(
         "--batch-size",
         "8",
     )
-    ph = adb_server.cli(
-        "android",
-        "run-device",
-        phone.serial,
-        str(pte_bundle),
-        "--data",
-        str(data),
-        "--server",
-        url,
-        "--admin-token",
-        ADMIN,
-        "--state",
-        str(phone_state),
-        "--name",
-        "phone-1",
-        "--runner",
-        str(host_runner),
-        "--batch-size",
-        "8",
-    )
-    again = adb_server.cli(
-        "android",
-        "run-device",
-        phone.serial,
-        str(pte_bundle),
-        "--data",
-        str(data),
-        "--server",
-        url,
-        "--state",
-        str(phone_state),
-        "--runner",
-        str(host_runner),
-        "--batch-size",
-        "8",
-    )
+
+    def run_device(*extra: str) -> subprocess.CompletedProcess[str]:
+        return adb_server.cli(
+            "android", "run-device", phone.serial, str(pte_bundle), "--data", str(data),
+            "--server", url, "--state", str(phone_state), "--runner", str(host_runner),
+            "--batch-size", "8", *extra,
+        )  # fmt: skip
+
+    ph = run_device("--admin-token", ADMIN, "--name", "phone-1")
+    again = run_device()  # registered by the first run: its state is enough
 
     assert host.returncode == 0, host.stderr[-3000:]
     assert ph.returncode == 0, ph.stderr[-3000:]
