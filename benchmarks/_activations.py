@@ -153,18 +153,13 @@ def extract(
     threads: int | None = None,
 ) -> Activations:
     """Activations of the first ``limit`` records (in ``split_order``) of ``split``."""
-    from fedmobillm.data import load_dataset
     from fedmobillm.device_runtime.backbone import Backbone
-    from fedmobillm.device_runtime.protocol import bundle_digest
 
     backbone = Backbone(bundle_dir, backend="onnx", threads=threads)
     m = backbone.manifest
-    digest = bundle_digest(m)
-    records = load_dataset(dataset, seed=seed).splits[split]
-    if not records:
-        raise FedMobiLLMError(f"data set {dataset} has an empty {split} split")
-    n = len(records) if limit is None else min(limit, len(records))
-    folder = _cache_folder(digest, dataset, seed, split)
+    bundle = bundle_fields(m)
+    records, n = _split_records(dataset, split, seed, limit)
+    folder = _cache_folder(bundle["bundle_sha256"], dataset, seed, split)
     scales = np.asarray(m.activation_scales, np.float32)  # (K,)
     qs, ys, idxs = [], [], []
     chunks = _cached_chunks(
@@ -189,12 +184,34 @@ def extract(
         y=np.concatenate(ys),
         index=np.concatenate(idxs).astype(np.int64),
         scales=scales,
-        architecture=m.architecture,
-        taps=list(m.taps),
-        depth=int(m.depth),
-        hidden=int(m.hidden_size),
-        bundle_sha256=digest,
+        **bundle,
     )
+
+
+def bundle_fields(manifest: Any) -> dict[str, Any]:
+    """What ``Activations`` and ``TokenActivations`` keep of the bundle that made them, as
+    the server knows it from the device's manifest: architecture, taps, depth, hidden and
+    the bundle's digest (``bundle_sha256``)."""
+    from fedmobillm.device_runtime.protocol import bundle_digest
+
+    return {
+        "architecture": manifest.architecture,
+        "taps": list(manifest.taps),
+        "depth": int(manifest.depth),
+        "hidden": int(manifest.hidden_size),
+        "bundle_sha256": bundle_digest(manifest),
+    }
+
+
+def _split_records(dataset: str, split: str, seed: int, limit: int | None) -> tuple[list[Any], int]:
+    """The records of ``split`` of ``dataset`` (seed ``seed``) and how many of them to
+    extract (``limit``, at most all); an empty split is refused."""
+    from fedmobillm.data import load_dataset
+
+    records = load_dataset(dataset, seed=seed).splits[split]
+    if not records:
+        raise FedMobiLLMError(f"data set {dataset} has an empty {split} split")
+    return records, len(records) if limit is None else min(limit, len(records))
 
 
 def _cached_chunks(
@@ -392,9 +409,7 @@ def extract_tokens(
     """Token taps of the first ``limit`` records (in ``split_order``) of ``split`` through a
     ``pivot="none"`` bundle, int8 per tap with the manifest's scales as devices upload them.
     Cached like ``extract`` (chunks of ``CHUNK`` records, prefix-compatible)."""
-    from fedmobillm.data import load_dataset
     from fedmobillm.device_runtime.backbone import Backbone
-    from fedmobillm.device_runtime.protocol import bundle_digest
 
     backbone = Backbone(bundle_dir, backend="onnx", threads=threads)
     m = backbone.manifest
@@ -403,11 +418,9 @@ def extract_tokens(
             f"bundle {bundle_dir} has pivot {m.pivot!r}: token taps need a pivot none bundle",
             hint='export it with BundleSpec(..., pivot="none")',
         )
-    records = load_dataset(dataset, seed=seed).splits[split]
-    if not records:
-        raise FedMobiLLMError(f"data set {dataset} has an empty {split} split")
-    n = len(records) if limit is None else min(limit, len(records))
-    folder = _cache_folder(bundle_digest(m), dataset, seed, split)
+    bundle = bundle_fields(m)
+    records, n = _split_records(dataset, split, seed, limit)
+    folder = _cache_folder(bundle["bundle_sha256"], dataset, seed, split)
     scales = np.asarray(m.activation_scales, np.float32)  # (K,)
     qs, ls, ys, idxs = [], [], [], []
     chunks = _cached_chunks(
@@ -431,11 +444,7 @@ def extract_tokens(
         y=np.concatenate(ys),
         index=np.concatenate(idxs).astype(np.int64),
         scales=scales,
-        architecture=m.architecture,
-        taps=list(m.taps),
-        depth=int(m.depth),
-        hidden=int(m.hidden_size),
-        bundle_sha256=bundle_digest(m),
+        **bundle,
     )
 
 

@@ -543,9 +543,8 @@ def token_bundle_for(cfg: BenchConfig, quant: str) -> Path:
 
 def token_activations(bundle: Path, records: list[Any], batch: int = 32) -> Any:
     """``TokenActivations`` of ``records`` (int8 as uploaded, each sample unpadded)."""
-    from benchmarks._activations import TokenActivations, _token_chunk
+    from benchmarks._activations import TokenActivations, _token_chunk, bundle_fields
     from fedmobillm.device_runtime.backbone import FORWARD_BATCH, Backbone
-    from fedmobillm.device_runtime.protocol import bundle_digest
 
     bb = Backbone(bundle, "onnx", threads=1)
     m = bb.manifest
@@ -557,11 +556,7 @@ def token_activations(bundle: Path, records: list[Any], batch: int = 32) -> Any:
         y=np.asarray([r.label for r in records], np.int64),
         index=np.arange(len(records), dtype=np.int64),
         scales=scales,
-        architecture=m.architecture,
-        taps=list(m.taps),
-        depth=int(m.depth),
-        hidden=int(m.hidden_size),
-        bundle_sha256=bundle_digest(m),
+        **bundle_fields(m),
     )
 
 
