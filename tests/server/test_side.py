@@ -11,20 +11,12 @@ import onnxruntime as ort
 import pytest
 import torch
 from server_helpers import synthetic
+from torch_helpers import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.side import SideConfig, SideTrainer, tap_blocks
 
 CFG = SideConfig(width=32, warmup_steps=5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def batches(steps: int, seed: int = 0):

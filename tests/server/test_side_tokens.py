@@ -11,21 +11,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from torch_helpers import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.side import SideConfig, SideTrainer, pad_tokens
 
 CFG = SideConfig(width=32, heads=4, blocks=2, inputs="tokens", warmup_steps=5, dropout=0.1)
 D_A, D_B = 16, 24
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def trainer(seed: int = 0, **config) -> SideTrainer:

@@ -19,20 +19,13 @@ from server_helpers import (
     synthetic,
     upload,
 )
+from torch_helpers import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server.policies import balanced_sample, label_distribution
 from fedmobillm.server.side import SideConfig, SideTrainer
 
 CFG = SideConfig(width=32, warmup_steps=5)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def trainer(**config) -> SideTrainer:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from server_helpers import FAST, make_manifest, make_payload, register, synthetic, upload
+from torch_helpers import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.server import side as side_mod
@@ -20,14 +21,6 @@ from fedmobillm.server.settings import load_settings
 from fedmobillm.server.side import SideConfig, SideTrainer, project_gradients, remove_conflicts
 
 STRONG = "kV3q9Zr7yP2wLx8tNf4hJc6B"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_remove_conflicts_leaves_no_conflict_with_any_gradient():
