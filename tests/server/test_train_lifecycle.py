@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 from server_helpers import FAST, ServerProc, make_payload, register, upload
-from train_helpers import TrainerProc, tiny_manifest, wait_for
+from train_helpers import TrainerProc, assert_refused_publishing_nothing, tiny_manifest, wait_for
 from train_helpers import trainer_status as _status
 
 pytestmark = pytest.mark.integration
@@ -61,17 +61,6 @@ def _published(db: Path) -> dict | None:
     return json.loads(row[0]) if row else None
 
 
-def _publishers_while(proc: subprocess.Popen, db: Path) -> set[int]:
-    """The pids the status row names, read every 50 ms until ``proc`` exits."""
-    pids = set()
-    while proc.poll() is None:
-        st = _published(db)
-        if st is not None:
-            pids.add(st["process"]["pid"])
-        time.sleep(0.05)
-    return pids
-
-
 def test_train_started_first_waits_for_serve_and_a_refused_one_publishes_nothing(tmp_path):
     data = tmp_path / "data"
     config = tmp_path / "trainer.json"
@@ -94,16 +83,11 @@ def test_train_started_first_waits_for_serve_and_a_refused_one_publishes_nothing
         )
         assert st["task"] == "lm" and st["inputs"] == "tokens" and st["running"] is True
         # a second trainer is refused and publishes nothing, not even for a second
-        second = subprocess.Popen(
+        assert_refused_publishing_nothing(
             TrainerProc(data, config).command() + ["--task", "lm"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            lambda: _published(data / "store.sqlite3"),
+            trainer.proc.pid,
         )
-        pids = _publishers_while(second, data / "store.sqlite3")
-        out = second.stdout.read()
-        assert second.returncode != 0 and "another trainer is running" in out, out[-2000:]
-        assert pids == {trainer.proc.pid}, (pids, out[-2000:])
         # a --task the store does not record is refused with what to do
         other = subprocess.run(
             TrainerProc(data, config).command() + ["--task", "classify"],

@@ -28,6 +28,7 @@ from server_helpers import FAST, register
 from test_postgres import PgServer, postgres  # noqa: F401 - the module's PostgreSQL fixture
 from train_helpers import (
     TrainerProc,
+    assert_refused_publishing_nothing,
     assert_served_model_is_the_trainers,
     start_ingest_only,
     tiny_manifest,
@@ -69,21 +70,6 @@ def _slot_holder(url: str) -> tuple[int, str] | None:
         ).fetchone()
 
 
-def _refused_publishing_nothing(cmd: list[str], url: str, live_pid: int) -> None:
-    """Run a second trainer ``cmd``: it is refused, and the status row names ``live_pid``
-    all along (read every 50 ms while it runs)."""
-    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    pids = set()
-    while second.poll() is None:
-        st = _published(url)
-        if st is not None:
-            pids.add(st["process"]["pid"])
-        time.sleep(0.05)
-    out = second.stdout.read()
-    assert second.returncode != 0 and "another trainer is running" in out, out[-2000:]
-    assert pids == {live_pid}, (pids, out[-2000:])
-
-
 def test_pg_trainer_process_trains_beside_ingest_workers(postgres, tmp_path):  # noqa: F811
     url = postgres.database()
     data = tmp_path / "data"
@@ -103,7 +89,9 @@ def test_pg_trainer_process_trains_beside_ingest_workers(postgres, tmp_path):  #
         holder = _slot_holder(url)
         assert holder is not None and holder[1].startswith(TRAINER_APP + " "), holder
         assert_served_model_is_the_trainers(srv.url, reg)
-        _refused_publishing_nothing(trainer.command(), url, trainer.proc.pid)
+        assert_refused_publishing_nothing(
+            trainer.command(), lambda: _published(url), trainer.proc.pid
+        )
         assert trainer.stop() == 0  # SIGTERM: final checkpoint and export
         latest = json.loads((data / "checkpoints" / "LATEST").read_text())
         assert latest["step"] >= st["step"]

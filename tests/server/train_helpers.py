@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import time
 import zipfile
 from collections.abc import Callable
@@ -72,6 +73,24 @@ def assert_served_model_is_the_trainers(url: str, reg: dict) -> None:
     meta = json.loads(zipfile.ZipFile(io.BytesIO(r.content)).read("personal.json"))
     exported = trainer_status(url)["personal_models"][reg["architecture"]]
     assert 0 < meta["trainer_step"] <= exported
+
+
+def assert_refused_publishing_nothing(
+    cmd: list[str], published: Callable[[], dict | None], live_pid: int
+) -> None:
+    """Run a second trainer ``cmd``: it is refused ("another trainer is running"), and the
+    published status row (``published()``, None before any) names ``live_pid`` all along,
+    read every 50 ms while it runs."""
+    second = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    pids = set()
+    while second.poll() is None:
+        st = published()
+        if st is not None:
+            pids.add(st["process"]["pid"])
+        time.sleep(0.05)
+    out = second.stdout.read()
+    assert second.returncode != 0 and "another trainer is running" in out, out[-2000:]
+    assert pids == {live_pid}, (pids, out[-2000:])
 
 
 def wait_for(
