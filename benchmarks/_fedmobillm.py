@@ -27,6 +27,7 @@ import math
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -389,7 +390,7 @@ def replay(
     """The server's learning core over the devices' activations on the simulated clock.
     ``features``, when given, receives the activations (dev_x, dev_y, vx, vy, tx) for the
     rivals that run on the same single forward (``benchmarks._probe``)."""
-    from fedmobillm.server.policies import balanced_sample, should_idle
+    from fedmobillm.server.policies import balanced_sample
 
     rng = np.random.default_rng(cfg.seed)
     dev_x, dev_y, manifest = _device_activations(data, profiles, bundles)
@@ -408,38 +409,23 @@ def replay(
     settings = _settings(cfg)
     batch = settings.batch_size
     arch = manifest.architecture
-    have = [0] * len(profiles)
-    clock, ei, since, step_times, curve = 0.0, 0, 0, [], []
+    clock, curve = _SimClock(events, len(profiles)), []
     all_in = events[-1][0] if events else 0.0
-    while True:
-        arrived = False
-        while ei < len(events) and events[ei][0] <= clock:
-            have[events[ei][1]] = max(have[events[ei][1]], events[ei][3])
-            ei += 1
-            arrived = True
-        if arrived:
-            since = 0
-        ready = [d for d in range(len(profiles)) if have[d] > 0]
-        if not ready or should_idle(settings, since, int(sum(have))):
-            if ei >= len(events):
-                break  # idle with every upload in: the server's training is done
-            clock = events[ei][0]  # idle until the next upload wakes the trainer
-            continue
+    have = clock.have
+    for ready in clock.steps(settings):
         groups = balanced_sample(  # [(arch, x (B, K, d), y (B,))]
             rng, batch, {arch: ready}, lambda _, d: (dev_x[d][: have[d]], dev_y[d][: have[d]])
         )
         t0 = time.perf_counter()
         tr.train_step(groups)
-        step_times.append(time.perf_counter() - t0)
-        clock += float(np.median(step_times[-50:]))
-        since += 1
+        clock.stepped(time.perf_counter() - t0)
         if tr.step % cfg.eval_every == 0:
-            curve.append(_replay_point(tr, arch, vx, vy, clock, int(sum(have))))
+            curve.append(_replay_point(tr, arch, vx, vy, clock.t, int(sum(have))))
             if tr.step % (10 * cfg.eval_every) == 0:
                 log.info(
                     "replay step %d: sim clock %.1f s, %d samples in, validation %.4f",
                     tr.step,
-                    clock,
+                    clock.t,
                     int(sum(have)),
                     curve[-1]["accuracy"],
                 )
@@ -448,11 +434,56 @@ def replay(
         "curve": curve,
         "timelines": timelines,
         "all_data_in_s": all_in,
-        "server_step_s": float(np.median(step_times)),
+        "server_step_s": float(np.median(clock.step_times)),
         "steps": tr.step,
         "test": test,
         "side_params": tr.num_parameters(arch),
     }
+
+
+class _SimClock:
+    """A replay's simulated server clock. ``events``: the devices' uploads, (arrival time,
+    device, first row, end row) in time order; ``have[d]``: device d's samples arrived so far;
+    ``t``: the clock; ``step_times``: each server step's measured host time."""
+
+    def __init__(self, events: list[tuple], devices: int) -> None:
+        self.events = events
+        self.have = [0] * devices
+        self.t = 0.0
+        self.since = 0  # steps since the last upload arrived
+        self.step_times: list[float] = []
+
+    def steps(self, settings: Any) -> Iterator[list[int]]:
+        """Before each server step, the devices with samples in. Uploads arrive as the clock
+        passes them; while no device has data, or the server's idle rule (``should_idle``:
+        idle after ``idle_after_epochs`` epochs without new data) holds, the clock jumps to
+        the next upload, which wakes the trainer; idle with every upload in, it ends. The
+        caller takes the step and reports its time (``stepped``)."""
+        from fedmobillm.server.policies import should_idle
+
+        events, have, ei = self.events, self.have, 0
+        while True:
+            arrived = False
+            while ei < len(events) and events[ei][0] <= self.t:
+                have[events[ei][1]] = max(have[events[ei][1]], events[ei][3])
+                ei += 1
+                arrived = True
+            if arrived:
+                self.since = 0
+            ready = [d for d in range(len(have)) if have[d] > 0]
+            if not ready or should_idle(settings, self.since, int(sum(have))):
+                if ei >= len(events):
+                    return  # idle with every upload in: the server's training is done
+                self.t = events[ei][0]  # idle until the next upload wakes the trainer
+                continue
+            yield ready
+
+    def stepped(self, host_s: float) -> None:
+        """A server step took ``host_s`` on the host: the clock moves on by the median of
+        the last 50 steps' times."""
+        self.step_times.append(host_s)
+        self.t += float(np.median(self.step_times[-50:]))
+        self.since += 1
 
 
 def _device_activations(
@@ -604,7 +635,7 @@ def replay_tokens(
     bytes over its uplink); the server's token side network (``side``: SideConfig
     overrides on top of the server's settings, inputs "tokens") steps on what arrived, with
     the same sampler and idle rule as the pivot replay."""
-    from fedmobillm.server.policies import balanced_sample, should_idle
+    from fedmobillm.server.policies import balanced_sample
 
     rng = np.random.default_rng(cfg.seed)
     devs = [
@@ -622,21 +653,9 @@ def replay_tokens(
     tr = _token_side(cfg, data.label_names, devs[0], side)
     settings = _settings(cfg)
     arch = devs[0].architecture
-    have = [0] * len(profiles)
-    clock, ei, since, step_times, curve = 0.0, 0, 0, [], []
-    while True:
-        arrived = False
-        while ei < len(events) and events[ei][0] <= clock:
-            have[events[ei][1]] = max(have[events[ei][1]], events[ei][3])
-            ei += 1
-            arrived = True
-        since = 0 if arrived else since
-        ready = [d for d in range(len(profiles)) if have[d] > 0]
-        if not ready or should_idle(settings, since, int(sum(have))):
-            if ei >= len(events):
-                break
-            clock = events[ei][0]
-            continue
+    clock, curve = _SimClock(events, len(profiles)), []
+    have = clock.have
+    for ready in clock.steps(settings):
         ((_, ids, y),) = balanced_sample(  # row ids of each device's arrived samples
             rng, settings.batch_size, {arch: ready},
             lambda _, d: (np.arange(have[d]) * len(profiles) + d, devs[d].y[: have[d]]),
@@ -644,19 +663,17 @@ def replay_tokens(
         x, mask = _token_batch(devs, ids, len(profiles))
         t0 = time.perf_counter()
         tr.train_step([(arch, x, y, mask)])
-        step_times.append(time.perf_counter() - t0)
-        clock += float(np.median(step_times[-50:]))
-        since += 1
+        clock.stepped(time.perf_counter() - t0)
         if tr.step % cfg.eval_every == 0:
             acc = _token_accuracy(tr, val)
             curve.append(
-                {"step": tr.step, "time_s": clock, "accuracy": acc, "samples_arrived": sum(have)}
+                {"step": tr.step, "time_s": clock.t, "accuracy": acc, "samples_arrived": sum(have)}
             )
     return {
         "curve": curve,
         "timelines": timelines,
         "all_data_in_s": events[-1][0] if events else 0.0,
-        "server_step_s": float(np.median(step_times)) if step_times else math.nan,
+        "server_step_s": float(np.median(clock.step_times)) if clock.step_times else math.nan,
         "steps": tr.step,
         "test": {q: {"accuracy": _token_accuracy(tr, a), "n": len(a)} for q, a in test.items()},
         "side_params": tr.num_parameters(arch),
