@@ -36,7 +36,7 @@ import psutil
 
 from fedmobillm.device_runtime.messages import ROUTE_BATCHES, ROUTE_DEVICES, ROUTE_STATUS
 
-from .bench_server import LABELS, Server, manifest
+from .bench_server import LABELS, Server, ingest_commits, manifest, per_commit
 
 log = logging.getLogger("benchmarks.fleet")
 
@@ -185,14 +185,17 @@ def run_size(ray: Any, workdir: Path, n: int, args: argparse.Namespace) -> dict:
             for a, act in enumerate(actors)
         ]
         time.sleep(max(0.0, t_start - time.time()))
+        commits = ingest_commits(srv.url)
         polled = _poll(srv, t_start + args.duration, args.poll)
         parts = ray.get(futures)
         stored = srv.trainer().get("cache", {}) or {}
+        grouped = per_commit(commits, ingest_commits(srv.url))
     finally:
         srv.stop()
     records = [r for p in parts for r in p["records"]]
     load = [round(x, 1) for x in os.getloadavg()]
-    return summarise(n, records, polled, t_start, args.duration, load, stored)
+    row = summarise(n, records, polled, t_start, args.duration, load, stored)
+    return {**row, "uploads_per_commit": grouped}
 
 
 def summarise(
@@ -252,15 +255,16 @@ def markdown(report: dict) -> str:
         f"uptime before: {report['uptime_before']}",
         "",
         "| devices | acked samples/s | p50 ms | p99 ms | 429 share | timeouts | errors | "
-        "trainer samples/s | server RSS MB (max) | status s (max) | load avg (end) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "trainer samples/s | server RSS MB (max) | status s (max) | uploads/commit | "
+        "load avg (end) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['devices']} | {r['acked_samples_per_s']} | {r['p50_ms']} | {r['p99_ms']} | "
             f"{r['share_429']:.1%} | {r['timeouts']} | {r['errors']} | "
             f"{r['trainer_samples_per_s']} | {r['server_rss_mb_max']} | {r['status_s_max']} | "
-            f"{' / '.join(str(x) for x in r['load_avg_end'])} |"
+            f"{r.get('uploads_per_commit')} | {' / '.join(str(x) for x in r['load_avg_end'])} |"
         )
     return "\n".join(lines) + "\n"
 

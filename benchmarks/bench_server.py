@@ -1,7 +1,8 @@
 # Owner: H4.
 """Ingest throughput of the real server with many concurrent simulated devices.
 
-    python -m benchmarks.bench_server [--devices 32] [--duration 20] [--batch 32] --out DIR
+    python -m benchmarks.bench_server [--devices 32] [--duration 20] [--batch 32]
+        [--set KEY=JSON ...] --out DIR
 
 Starts `fedmobillm serve` (uvicorn on loopback, real SQLite in a temporary data dir) twice:
 once ingest-only, once with the trainer stepping on pre-loaded data. In each, D devices
@@ -9,8 +10,10 @@ once ingest-only, once with the trainer stepping on pre-loaded data. In each, D 
 of pivot activations as fast as acknowledgements come back, from one asyncio client
 process. Activations are drawn before the clock starts; each
 batch is encoded (new key and sample ids) just before it is sent. Reports acknowledged batches/s,
-MB/s, p50/p99 acknowledgement latency, and the trainer's samples/s.
-Writes DIR/bench_server.json and prints a Markdown table.
+MB/s, p50/p99 acknowledgement latency, the trainer's samples/s, and the uploads per store
+commit during the run (``/metrics``: SQLite group commit joins concurrent uploads; ``--set
+ingest_group_max=1`` commits each alone). Writes DIR/bench_server.json and prints a Markdown
+table.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import numpy as np
 from fedmobillm.device_runtime.messages import (
     ROUTE_BATCHES,
     ROUTE_DEVICES,
+    ROUTE_METRICS,
     ROUTE_STATUS,
     RegisterRequest,
     RegisterResponse,
@@ -124,6 +128,27 @@ class Server(LocalServer):
         r = httpx.get(f"{self.url}{ROUTE_STATUS}", headers=self.admin, timeout=30)
         return r.json()["trainer"]
 
+    def commits(self) -> tuple[int, int]:
+        """(store commits holding uploads, uploads they held) since the server started."""
+        return ingest_commits(self.url)
+
+
+def ingest_commits(url: str) -> tuple[int, int]:
+    """(fedmobillm_ingest_commits_total, fedmobillm_ingest_committed_uploads_total) of the
+    server at ``url`` (its /metrics)."""
+    text = httpx.get(f"{url}{ROUTE_METRICS}", timeout=30).text
+    values = dict(ln.split(" ", 1) for ln in text.splitlines() if ln and not ln.startswith("#"))
+    return (
+        int(float(values["fedmobillm_ingest_commits_total"])),
+        int(float(values["fedmobillm_ingest_committed_uploads_total"])),
+    )
+
+
+def per_commit(before: tuple[int, int], after: tuple[int, int]) -> float | None:
+    """Uploads per commit between two ``ingest_commits`` readings (None: no commit)."""
+    commits = after[0] - before[0]
+    return round((after[1] - before[1]) / commits, 2) if commits else None
+
 
 async def device_loop(
     client: httpx.AsyncClient,
@@ -199,6 +224,7 @@ def run_mode(workdir: Path, args: argparse.Namespace, training: bool) -> dict:
         "eval_every": 1000,
         "export_every": 100_000,
         "batch_size": 64,
+        **args.settings,
     }
     srv = Server(data_dir, settings)
     try:
@@ -210,6 +236,7 @@ def run_mode(workdir: Path, args: argparse.Namespace, training: bool) -> dict:
                 time.sleep(0.5)
         fleet = register_fleet(srv, args.devices, args.batch, 0)
         before = srv.trainer() if training else None
+        commits = srv.commits()
         log.info(
             "%s: %d devices uploading for %.0f s",
             "with training" if training else "ingest only",
@@ -218,6 +245,7 @@ def run_mode(workdir: Path, args: argparse.Namespace, training: bool) -> dict:
         )
         t0 = time.monotonic()
         result = asyncio.run(load(srv.url, fleet, args.duration))
+        result["uploads_per_commit"] = per_commit(commits, srv.commits())
         if training:
             after = srv.trainer()
             dt = time.monotonic() - t0
@@ -244,6 +272,7 @@ def trainer_only(workdir: Path, args: argparse.Namespace) -> float:
             "eval_every": 1000,
             "export_every": 100_000,
             "batch_size": 64,
+            **args.settings,
         },
     )
     try:
@@ -265,8 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--duration", type=float, default=20.0, help="seconds per mode")
     p.add_argument("--batch", type=int, default=32, help="samples per upload")
     p.add_argument("--quick", action="store_true", help="5 s per mode")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=JSON",
+        help="a server setting, e.g. --set ingest_group_max=1",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
+    args.settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     if args.quick:
         args.duration = 5.0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -280,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         "batch_samples": args.batch,
         "duration_s": args.duration,
         "cpu_cores": os.cpu_count(),
+        "settings": args.settings,
+        "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "rows": rows,
         "trainer_samples_per_s_no_ingest": idle_rate,
     }
@@ -291,17 +327,22 @@ def main(argv: list[str] | None = None) -> int:
 def markdown(report: dict) -> str:
     lines = [
         f"{report['devices']} devices, {report['batch_samples']} samples/upload (int8), "
-        f"{report['duration_s']:.0f} s per mode, {report['cpu_cores']} cores",
+        f"{report['duration_s']:.0f} s per mode, {report['cpu_cores']} cores, settings "
+        f"{json.dumps(report['settings'])}, load average at the end "
+        f"{' / '.join(str(x) for x in report['load_avg_end'])}",
         "",
-        "| mode | acked batches/s | MB/s | p50 ack ms | p99 ack ms | trainer samples/s |",
-        "|---|---|---|---|---|---|",
+        "| mode | acked batches/s | MB/s | p50 ack ms | p99 ack ms | uploads/commit | "
+        "trainer samples/s |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         lines.append(
             f"| {r['mode']} | {r['batches_per_s']} | {r['mb_per_s']} | {r['p50_ms']} | "
-            f"{r['p99_ms']} | {r.get('trainer_samples_per_s', '-')} |"
+            f"{r['p99_ms']} | {r['uploads_per_commit']} | {r.get('trainer_samples_per_s', '-')} |"
         )
-    lines.append(f"| trainer alone | - | - | - | - | {report['trainer_samples_per_s_no_ingest']} |")
+    lines.append(
+        f"| trainer alone | - | - | - | - | - | {report['trainer_samples_per_s_no_ingest']} |"
+    )
     return "\n".join(lines)
 
 

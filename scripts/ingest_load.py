@@ -2,6 +2,7 @@
 
     python scripts/ingest_load.py --workers 1,2,4 --devices 32 --seconds 20 [--sqlite]
     python scripts/ingest_load.py --workers "" --direct 1,16 --seconds 10
+    python scripts/ingest_load.py --workers "" --direct-sqlite 1,16 --seconds 8
 
 Starts its own PostgreSQL cluster (Debian's binaries, in a temporary directory, as
 tests/server/pg_helpers.py does), then for each worker count a `fedmobillm serve --database
@@ -11,7 +12,9 @@ batches (``--batch`` samples of K=3 taps x d=384, 1,152 B per sample, as a MiniL
 bundle sends) as fast as the server acknowledges them, for ``--seconds``. Reports acknowledged
 uploads/s and samples/s, p50/p99 latency, and for PostgreSQL the WAL fsyncs per
 acknowledged batch (pg_stat_wal.wal_sync / committed ingests): below 1 means group commit.
-Writes a JSON line per run to stdout.
+``--direct-sqlite``: the SQLite store alone (no HTTP, no PostgreSQL started), each thread
+count with group commit off (``ingest_group_max`` 1) and on (64): uploads/s and uploads per
+commit. Writes a JSON line per run to stdout.
 """
 
 from __future__ import annotations
@@ -209,6 +212,56 @@ def direct(args: argparse.Namespace, database: str, threads: int) -> dict:
     }
 
 
+def direct_sqlite(args: argparse.Namespace, threads: int, group_max: int, tmp: Path) -> dict:
+    """The SQLite store alone, no HTTP: ``threads`` threads each ingest batches of their own
+    device through Service.ingest on one Store with ``group_max`` (1: a commit per upload)
+    for ``--seconds``; uploads/s and uploads per commit (the store's write counter)."""
+    from fedmobillm.server.service import Service
+    from fedmobillm.server.store import Store
+
+    store = Store(tmp / f"direct-{threads}-{group_max}.sqlite3", group_max=group_max)
+    service = Service(store)
+    manifest = make_manifest("load", depth=6, hidden=D, taps=[2, 4, 6])
+    regs = [service.register(f"d{i}", manifest, ["negative", "positive"]) for i in range(threads)]
+    n_batches = 1000
+    bodies = {
+        r["device_id"]: [_int8_payload(r, i, args.batch) for i in range(n_batches)] for r in regs
+    }
+    done: list[int] = []
+    until = time.time() + args.seconds
+
+    def loop(reg: dict) -> None:
+        device = store.device(reg["device_id"])
+        n = 0
+        while time.time() < until and n < n_batches:
+            service.ingest(device, bodies[reg["device_id"]][n])
+            n += 1
+        done.append(n)
+
+    pool = [threading.Thread(target=loop, args=(r,)) for r in regs]
+    t0 = time.time()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    wall = time.time() - t0
+    stats = store.write_stats.snapshot()
+    store.close()
+    uploads = sum(done)
+    return {
+        "store": "sqlite (direct, no HTTP)",
+        "threads": threads,
+        "ingest_group_max": group_max,
+        "batch": args.batch,
+        "seconds": round(wall, 1),
+        "uploads_per_s": round(uploads / wall, 1),
+        "samples_per_s": round(uploads * args.batch / wall, 1),
+        "commits": stats["commits"],
+        "uploads_per_commit": round(stats["writes"] / max(stats["commits"], 1), 2),
+        "loadavg": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
@@ -221,8 +274,18 @@ def main() -> None:
     ap.add_argument(
         "--direct", default="", help="comma-separated thread counts: the store alone, no HTTP"
     )
+    ap.add_argument(
+        "--direct-sqlite", default="",
+        help="comma-separated thread counts: the SQLite store alone, group commit off and on",
+    )  # fmt: skip
     ap.add_argument("--pg-option", action="append", default=[], help="-c NAME=VALUE for postgres")
     args = ap.parse_args()
+    for t in (int(x) for x in args.direct_sqlite.split(",") if x):
+        for group_max in (1, 64):
+            with tempfile.TemporaryDirectory(prefix="ingest-load-") as tmp:
+                print(json.dumps(direct_sqlite(args, t, group_max, Path(tmp))), flush=True)
+    if not (args.workers or args.direct or args.sqlite):
+        return
     bindir = pg_bin()
     if bindir is None:
         sys.exit("Debian's postgresql is not installed (/usr/lib/postgresql/*/bin/initdb)")
