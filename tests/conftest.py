@@ -38,7 +38,9 @@ def make_bundle():
     return build
 
 
-# SmolLM2-135M blocks 1-2 as an lm token bundle with generation graphs: the lm task's tests
+# SmolLM2-135M blocks 1-2 as an lm token bundle with generation graphs: the one real-weights
+# lm bundle of the CI tests (test_lm_federation, server/test_lm_server, test_demo_lm,
+# device_runtime/test_device_lm*); another option set is another export (minutes, cold cache)
 SMOLLM2_LM = {"layers": [1, 2], "pivot": "none", "quant": "fp32", "formats": ("onnx",),
               "max_seq_len": 64, "generate": True}  # fmt: skip
 

@@ -1,5 +1,6 @@
-"""An lm federation end to end (issue 16): real weights (SmolLM2-135M truncated after block 4,
-taps 2 and 4, an fp32 ONNX token bundle with generation graphs), a real server (`fedmobillm
+"""An lm federation end to end (issue 16): real weights (SmolLM2-135M truncated after block 2,
+taps 1 and 2, an fp32 ONNX token bundle with generation graphs: conftest.py's
+smollm2_lm_bundle, the one lm bundle the tests share), a real server (`fedmobillm
 serve --task lm`, uvicorn on loopback), two real device processes (`fedmobillm device
 register/run --task lm`, then `fetch-model`) on two speakers of the friends transcripts
 (reply records: the previous line as prompt, loss on the speaker's line). The personal model
@@ -22,7 +23,6 @@ from fedmobillm.server.local import LocalServer
 pytestmark = pytest.mark.integration
 
 ADMIN = "lm-e2e-admin-token-3b8e1f0c5d7a"
-LAYERS = (2, 4)  # SmolLM2 blocks 1-4: a fast bundle; its frozen perplexity is poor
 N_TRAIN, N_HELDOUT = 200, 60  # per device; held out: half validation (uploaded), half test
 SERVER = {
     "train": True,
@@ -53,12 +53,12 @@ def device_files(tmp_path: Path) -> list[dict[str, Path]]:
     return out
 
 
-def test_lm_federation_personal_model_beats_frozen_on_device(tmp_path):
-    from fedmobillm.demo_lm import heldout_perplexity, lm_bundle
+def test_lm_federation_personal_model_beats_frozen_on_device(smollm2_lm_bundle, tmp_path):
+    from fedmobillm.demo_lm import heldout_perplexity
     from fedmobillm.device_runtime.protocol import read_manifest
 
     start = time.monotonic()
-    bundle = lm_bundle(LAYERS)
+    bundle = smollm2_lm_bundle  # SmolLM2 blocks 1-2: a fast bundle; its frozen perplexity is poor
     phases = {"bundle": time.monotonic() - start}
     manifest = read_manifest(bundle)
     assert manifest.kind == "decoder" and manifest.pivot == "none"

@@ -1,6 +1,7 @@
 """The server side of the lm task (issue 16) with a real `fedmobillm serve` (uvicorn on
 loopback) and real weights: a 2-block truncation of SmolLM2-135M exported as a decoder token
-bundle (--layers 1,2 --pivot none --quant fp32, max_seq_len 64), the uploads built from its
+bundle (--layers 1,2 --pivot none --quant fp32, max_seq_len 64, --generate: the one lm bundle
+the tests share, conftest.py smollm2_lm_bundle), the uploads built from its
 real taps (device_runtime.Backbone) and the ids of its tokenizer.
 
 Checked: the task setting and its pin on the data dir; registration (task, decoder token
@@ -34,14 +35,6 @@ from fedmobillm.device_runtime.messages import (
 from fedmobillm.device_runtime.serde import Batch, encode_batch
 from fedmobillm.errors import FedMobiLLMError
 
-MODEL = "smollm2-135m"
-BUNDLE_OPTS = {
-    "layers": [1, 2],
-    "pivot": "none",
-    "quant": "fp32",
-    "formats": ("onnx",),
-    "max_seq_len": 64,
-}
 SUBJECTS = ["The cat", "My phone", "A small robot", "The old man", "Our team"]
 VERBS = ["walks to", "writes to", "talks with", "waits for", "looks at"]
 OBJECTS = ["the station", "a friend", "the garden", "the sea", "my brother"]
@@ -80,8 +73,8 @@ def friends_lines(speaker: str) -> tuple[list[str], list[str]]:
 
 
 @pytest.fixture(scope="module")
-def bundle(make_bundle) -> Path:
-    return make_bundle(MODEL, **BUNDLE_OPTS)
+def bundle(smollm2_lm_bundle) -> Path:
+    return smollm2_lm_bundle  # exported once for every lm test (its generation graphs unused here)
 
 
 @pytest.fixture(scope="module")
