@@ -209,10 +209,13 @@ GROUP_SAMPLES = 8192
 
 @dataclass(eq=False)
 class _Write:
-    """One write waiting for its group (``Store.write``)."""
+    """One write waiting for its group (``Store.write``). ``wake``: its own condition on the
+    store's group lock, so that a group's end wakes its writers only and a leader's end one
+    writer (the next to lead), not every thread waiting."""
 
     work: Callable[[sqlite3.Connection], Any]
     samples: int
+    wake: threading.Condition
     taken: bool = False  # in a group being committed: no longer withdrawn at its deadline
     done: bool = False  # its group ended: ``value`` or ``error`` is final
     value: Any = None
@@ -244,7 +247,7 @@ class Store(SqlStore):
         self._lock = threading.RLock()  # the write connection
         self._writing = threading.local()  # .active: this thread is in a write transaction
         self._queue: deque[_Write] = deque()  # writes waiting for a group
-        self._group = threading.Condition(threading.Lock())  # guards _queue, _leading, _Write
+        self._group = threading.Lock()  # guards _queue, _leading and every _Write
         self._leading = False  # a thread is committing a group
         self._trainer_lock: Any = None  # open file holding the flock of claim_trainer
         self._db = sqlite3.connect(
@@ -364,7 +367,7 @@ class Store(SqlStore):
         its own, as ``SqlStore.write``."""
         if self.group_max == 1:
             return super().write(work, samples, wait_s)
-        item = _Write(work, samples)
+        item = _Write(work, samples, threading.Condition(self._group))
         deadline = None if wait_s is None else time.monotonic() + wait_s
         with self._group:
             self._queue.append(item)
@@ -378,7 +381,7 @@ class Store(SqlStore):
                             f"waited {wait_s:g} s for a place in a group commit; nothing of "
                             "this write was stored"
                         )
-                    self._group.wait(None if item.taken else left)
+                    item.wake.wait(None if item.taken else left)
                 if item.done:
                     break
                 self._leading = True  # no group is being committed: lead the next one
@@ -387,7 +390,8 @@ class Store(SqlStore):
             finally:
                 with self._group:
                     self._leading = False
-                    self._group.notify_all()
+                    if self._queue:  # the first writer waiting leads the next group
+                        self._queue[0].wake.notify()
         if item.error is not None:
             raise item.error
         return item.value
@@ -440,7 +444,7 @@ class Store(SqlStore):
                     if failed is not None and item.error is None:  # none acknowledged
                         item.value, item.error = None, failed
                     item.done = True
-                self._group.notify_all()
+                    item.wake.notify()
         if failed is None:
             self.write_stats.count(sum(1 for item in group if item.error is None))
         elif not isinstance(failed, Exception):
