@@ -53,7 +53,14 @@ log = logging.getLogger(__name__)
 FAMILIES = ("llama", "mistral", "qwen2")  # pre-norm blocks, rotary, grouped-query attention
 MASKED = -1e9  # additive attention bias of a masked key (finite: no NaN on all-masked rows)
 FP32_MIN_COSINE = 0.9999  # step logits vs eager Hugging Face, fp32 graph
-INT8_MIN_COSINE = 0.98  # and for the int8 graph (see docs/lm.md for measured values)
+INT8_MIN_COSINE = 0.98  # and for the int8 and 8da4w graphs (docs/lm.md: measured values)
+# --generate's quantizations -> what the manifest's generation entry says of the weights
+GEN_QUANT = {
+    "fp32": "fp32",
+    "int8": "MatMul weights 8-bit in blocks of 32 (MatMulNBits), fp32 activations; embedding 8-bit",
+    "8da4w": "step MatMul weights 4-bit HQQ in blocks of 32 with int8 activations (MatMulNBits), "
+    "embedding 8-bit; head 8-bit",
+}
 VERIFY_NEW_TOKENS = 8  # greedy tokens compared with Hugging Face's generate at export
 
 
@@ -285,14 +292,15 @@ def write_generation(
     tokenizer,
 ) -> GenerationExport:
     """Write ``decoder_step.onnx`` and ``lm_head.onnx`` (weights as external data) into
-    ``out`` at ``quant`` (fp32 or int8; ``ids``/``mask`` [N, T]: calibration text for the
-    int8 outlier rule). Returns the manifest's generation entry, less its verification."""
+    ``out`` at ``quant`` (``GEN_QUANT``). Returns the manifest's generation entry, less its
+    verification. ``ids``/``mask``: calibration text (not needed by today's quantizations,
+    which need no data)."""
     from fedmobillm.export.graphs import externalize_onnx
 
-    if quant not in ("fp32", "int8"):
+    if quant not in GEN_QUANT:
         raise FedMobiLLMError(
             f"--generate writes ONNX graphs, which have no {quant} quantization",
-            hint="use --quant fp32 or int8 with --generate",
+            hint=f"use --quant {' or '.join(GEN_QUANT)} with --generate",
         )
     model = load_causal_lm(folder)
     step = DecoderStep(model, taps).eval()
@@ -309,10 +317,8 @@ def write_generation(
     )
     write_step_onnx(step, shape, raw_step)
     write_head_onnx(LmHead(model), shape.hidden_size, raw_head)
-    excluded: list[str] = []
-    if quant == "int8":
-        excluded = quantize_step_int8(raw_step, step_path, shape, ids, mask)
-        quantize_head_int8(raw_head, head_path)
+    if quant != "fp32":
+        quantize_generation(raw_step, step_path, raw_head, head_path, quant)
         raw_step.unlink()
         raw_head.unlink()
     externalize_onnx(step_path, GEN_STEP_DATA)
@@ -332,7 +338,7 @@ def write_generation(
         "max_context": max_context(model.config),
         "eos_token_ids": eos_token_ids(model, tokenizer),
         "tied_head": bool(getattr(model.config, "tie_word_embeddings", False)),
-        "int8_fp32_matmuls": len(excluded),
+        "weights": GEN_QUANT[quant],
     }
     return GenerationExport(info, model, [int(t) for t in taps])
 
@@ -348,44 +354,30 @@ def max_context(config) -> int:
     return limit
 
 
-def quantize_step_int8(
-    src: Path, dst: Path, shape: StepShape, ids: np.ndarray, mask: np.ndarray
-) -> list[str]:
-    """Dynamic int8 step graph; MatMuls with outlier input ranges on the calibration text
-    stay fp32 (``graphs.OUTLIER_RATIO``, as for backbones). Returns those node names."""
-    from fedmobillm.export.graphs import BACKBONE_QUANT_OPS, quantize_onnx_int8
+def quantize_generation(
+    raw_step: Path, step_path: Path, raw_head: Path, head_path: Path, quant: str
+) -> None:
+    """The step and head graphs at ``quant`` (onnxruntime MatMulNBits, blocks of 32).
 
-    exclude = step_outlier_matmuls(src, shape, ids, mask)
-    log.info("generate: int8 step graph, %d MatMul(s) with outlier inputs stay fp32", len(exclude))
-    quantize_onnx_int8(src, dst, op_types=BACKBONE_QUANT_OPS, exclude=exclude, quiet=True)
-    return exclude
-
-
-def quantize_head_int8(src: Path, dst: Path) -> None:
-    from fedmobillm.export.graphs import quantize_onnx_int8
-
-    quantize_onnx_int8(src, dst, op_types=("MatMul", "Gemm"), quiet=True)
-
-
-def step_outlier_matmuls(
-    src: Path, shape: StepShape, ids: np.ndarray, mask: np.ndarray, rows: int = 8
-) -> list[str]:
-    """Weight MatMuls whose input max |x| over ``rows`` calibration texts (empty cache) is
-    more than ``OUTLIER_RATIO`` times the median over all weight MatMuls."""
-    from fedmobillm.export.graphs import matmul_input_probe, outlier_nodes
-
-    probe = matmul_input_probe(src)
-    if probe is None:
-        return []
-    sess, inputs, tensors = probe
-    b = min(rows, len(ids))
-    feeds = {"input_ids": ids[:b].astype(np.int64), "attention_mask": mask[:b].astype(np.int64)}
-    empty = np.zeros((b, shape.num_kv_heads, 0, shape.head_dim), np.float32)
-    feeds.update({n: empty for n in gen_past_names(shape.depth)})
-    values = dict(zip(tensors, sess.run(tensors, feeds), strict=True))
-    return outlier_nodes(
-        {node: float(np.abs(values[t]).max()) if t in values else 0.0 for node, t in inputs.items()}
+    int8: weight-only 8-bit (activations fp32). onnxruntime's dynamic int8 (one activation
+    scale per tensor, as for backbones) failed SmolLM2's check (logits min cosine 0.814,
+    greedy agreement 6%) even with its outlier MatMuls kept fp32; 8-bit weights alone keep
+    0.996. 8da4w: 4-bit HQQ weights with int8 dynamic activations per block in the step
+    graph. The step graph's embedding table is 8-bit in both; the head (the tied
+    embedding's copy) keeps 8-bit weights, as ExecuTorch's 8da4w keeps 8-bit embeddings."""
+    from fedmobillm.export.graphs import (
+        INT8_ACTIVATIONS,
+        quantize_gathers_int8,
+        quantize_onnx_nbits,
     )
+
+    if quant == "8da4w":
+        log.info("generate: 8da4w step graph (4-bit HQQ weights, int8 activations)")
+        quantize_gathers_int8(raw_step, step_path, bits=4, accuracy_level=INT8_ACTIVATIONS)
+    else:
+        log.info("generate: int8 step graph (8-bit weights, fp32 activations)")
+        quantize_gathers_int8(raw_step, step_path, bits=8)
+    quantize_onnx_nbits(raw_head, head_path, bits=8)
 
 
 def reference_logits(
@@ -453,8 +445,10 @@ def verify_generation(
             f"(logits min cosine {result['logits_min_cosine']:.5f} < {floor})",
             hint="export without --generate, or with --quant fp32",
         )
-    # int8 graphs quantize activations per tensor, dynamically: a one-token step and a
-    # whole-context forward see different scales, so only fp32 must agree exactly.
+    # Quantized graphs round differently in a one-token step and a whole-context forward
+    # (8da4w: int8 activation scales per block of the rows it sees), and greedy tokens can
+    # part at a near tie, so only fp32 must agree exactly; the others are held to the
+    # logits floor above, and their greedy agreement is recorded.
     if info["quant"] == "fp32" and (
         not result["cache_matches_no_cache"] or result.get("hf_greedy_agreement", 1.0) < 1.0
     ):

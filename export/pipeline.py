@@ -146,10 +146,10 @@ class ExportOptions:
         check_combination(self.quant, self.formats)
         if self.fallback_quant:
             check_combination(self.fallback_quant, self.formats)
-        if self.generate and ("onnx" not in self.formats or self.quant == "8da4w"):
+        if self.generate and "onnx" not in self.formats:
             raise FedMobiLLMError(
-                "--generate writes ONNX generation graphs (fp32 or int8)",
-                hint="add onnx to --format and use --quant fp32 or int8 with --generate",
+                "--generate writes ONNX generation graphs",
+                hint="add onnx to --format",
             )
 
 
@@ -489,7 +489,7 @@ def _build_into(opts: ExportOptions, tmp: Path) -> Manifest:
         graph_params = graphs.graph_param_count(ep)
         log.info("export: %s parameters in the graph", f"{graph_params:,}")
     if "onnx" in opts.formats:
-        _write_onnx(opts, ep, example, shapes, tmp, ids, mask)
+        _write_onnx(opts, ep, example, shapes, tmp, ids, mask, depth=max(taps))
     if "pte" in opts.formats:
         _write_pte(opts, wrapped, ep, example, shapes, tmp, ids, mask)
     errors = {}
@@ -602,7 +602,8 @@ def _check_error(fmt: str, quant: str, err) -> None:
         )
 
 
-def _write_onnx(opts, ep, example, shapes, tmp: Path, ids, mask) -> None:
+def _write_onnx(opts, ep, example, shapes, tmp: Path, ids, mask, depth: int) -> None:
+    """The backbone graph at ``opts.quant``; ``depth``: blocks in it (the deepest tap)."""
     from fedmobillm.export import graphs
 
     target = tmp / graphs.FILE_NAMES["onnx"]
@@ -612,8 +613,12 @@ def _write_onnx(opts, ep, example, shapes, tmp: Path, ids, mask) -> None:
         graphs.write_onnx(ep, fp32_path, example, shapes)
     if opts.quant != "fp32":
         with stage("quantize", opts.stage_seconds):
-            log.info("quantize: ONNX %s (onnxruntime quantize_dynamic)", opts.quant)
-            graphs.quantize_backbone_onnx(fp32_path, target, ids, mask)
+            if opts.quant == "8da4w":
+                log.info("quantize: ONNX 8da4w (onnxruntime MatMulNBits, 4-bit HQQ weights)")
+                graphs.quantize_backbone_onnx_8da4w(fp32_path, target, depth)
+            else:
+                log.info("quantize: ONNX %s (onnxruntime quantize_dynamic)", opts.quant)
+                graphs.quantize_backbone_onnx(fp32_path, target, ids, mask)
             fp32_path.unlink()
     with stage("export", opts.stage_seconds):
         graphs.externalize_onnx(target, graphs.ONNX_DATA)  # weights mapped, not copied

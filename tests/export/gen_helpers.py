@@ -7,7 +7,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-VERSION = "v2"  # bump when the builders below change
+VERSION = "v3"  # bump when the builders below change
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
     "hello world, how are you today?",

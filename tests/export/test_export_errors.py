@@ -46,23 +46,6 @@ def test_taps_beyond_depth(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []  # no temporary folder left either
 
 
-def test_unsupported_quant_format_pair(tmp_path, capsys):
-    rc, err = _cli(
-        [
-            "export",
-            "minilm-l6",
-            "--out",
-            str(tmp_path / "b"),
-            "--quant",
-            "8da4w",
-            "--format",
-            "onnx,pte",
-        ],
-        capsys,
-    )
-    assert rc == 1 and "8da4w cannot be exported to onnx" in err and "--format pte" in err
-
-
 def test_unknown_format(tmp_path):
     with pytest.raises(FedMobiLLMError, match="unknown format 'tflite'"):
         export_bundle("minilm-l6", tmp_path / "b", formats=("tflite",))

@@ -193,3 +193,32 @@ def test_smollm2_generates_the_tokens_hf_generates(make_bundle):
         assert gen.generate_ids(ids, 16, use_cache=False)[0] == want
     ppl = gen.perplexity(["The cat sat on the mat and looked out of the window at the rain."])
     assert 2 < ppl.perplexity < 200
+
+
+@pytest.mark.parametrize("quant", ["int8", "8da4w"])
+def test_smollm2_quantized_generation_graphs_pass_their_check(
+    make_bundle, smollm2_lm_bundle, quant
+):
+    """Real SmolLM2-135M blocks 1-2: the int8 (8-bit weights) and 8da4w (4-bit HQQ weights,
+    int8 activations) generation graphs pass the export's logits check against eager fp32,
+    are MatMulNBits graphs a fraction of the fp32 ones' size, and generate."""
+    import onnx
+
+    from fedmobillm.device_runtime.generate import Generator
+
+    opts = {"layers": [1, 2], "pivot": "none", "formats": ("onnx",), "max_seq_len": 64}
+    gen = Generator(make_bundle("smollm2-135m", quant=quant, generate=True, **opts))
+    assert gen.info["quant"] == quant and gen.info["weights"].startswith(
+        "MatMul weights 8-bit" if quant == "int8" else "step MatMul weights 4-bit"
+    )
+    assert gen.info["verification"]["logits_min_cosine"] >= 0.98
+    step = onnx.load(str(gen.bundle_dir / "decoder_step.onnx"), load_external_data=False)
+    bits = {
+        a.i for n in step.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+        if a.name == "bits"
+    }  # fmt: skip
+    assert bits == ({8} if quant == "int8" else {4})
+    size = (gen.bundle_dir / "decoder_step.onnx.data").stat().st_size
+    assert size < 0.35 * (smollm2_lm_bundle / "decoder_step.onnx.data").stat().st_size
+    new, why, _ = gen.generate_ids(gen.encode("The capital of France is"), 8)
+    assert len(new) >= 1 and why in ("max_new_tokens", "eos")

@@ -116,7 +116,7 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
         "--generate",
         action="store_true",
         help="decoders: also write the generation graphs (decoder step with a KV cache, LM "
-        "head; ONNX, fp32 or int8) for `fedmobillm device generate`",
+        "head; ONNX, any --quant) for `fedmobillm device generate`",
     )
     parser.add_argument(
         "--device-profile",
@@ -132,7 +132,7 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
         "--quant",
         default="fp32",
         choices=["fp32", "int8", "8da4w"],
-        help="weight quantization (8da4w: ExecuTorch only)",
+        help="weight quantization (8da4w: 4-bit weights, int8 activations)",
     )
     parser.add_argument(
         "--fallback-quant",
