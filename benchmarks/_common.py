@@ -312,7 +312,21 @@ def merge_command(
     if len(argv) != 4 or argv[2] != "--out":
         print("usage: --merge DIR1,DIR2,... --out DIR", file=sys.stderr)
         return 2
-    print(markdown(merge([Path(f) for f in argv[1].split(",")], Path(argv[3]))))
+    folders = [Path(f) for f in argv[1].split(",")]
+    try:
+        result = merge(folders, Path(argv[3]))
+    except FileNotFoundError as exc:
+        print(
+            f"error: cannot merge: {exc.filename} does not exist (each DIR must be the --out "
+            "folder of a finished run)",
+            file=sys.stderr,
+        )
+        return 2
+    except (json.JSONDecodeError, KeyError) as exc:
+        print(f"error: cannot merge: a run's result file is not one this command wrote ({exc})",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    print(markdown(result))
     return 0
 
 

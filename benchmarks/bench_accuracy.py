@@ -170,7 +170,16 @@ def alpha_of(partition: str) -> float | None:
     if partition == "iid":
         return None
     if partition.startswith("dirichlet-"):
-        return float(partition.removeprefix("dirichlet-"))
+        try:
+            alpha = float(partition.removeprefix("dirichlet-"))
+        except ValueError:
+            alpha = 0.0
+        if alpha > 0 and alpha != float("inf"):
+            return alpha
+        raise FedMobiLLMError(
+            f"partition {partition!r}: the Dirichlet alpha must be a positive number",
+            hint="e.g. dirichlet-0.1 or dirichlet-1",
+        )
     raise FedMobiLLMError(f"unknown partition {partition!r}", hint="use iid or dirichlet-ALPHA")
 
 
