@@ -47,7 +47,7 @@ from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks.lm")
 
-ENGINE = "in-process FedAvg (not Flower: flwr is not installable here), weighted by tokens"
+ENGINE = "in-process FedAvg (not Flower: flwr conflicts with constraints.txt), weighted by tokens"
 TARGET_MODULES = {"qv": ["q_proj", "v_proj"],
                   "attn": ["q_proj", "k_proj", "v_proj", "o_proj"]}  # fmt: skip
 
