@@ -621,6 +621,7 @@ def plot_cost(dc: dict[str, Any], path: Any) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, key, label, scale in ((axes[0], "flops_per_device", "device GFLOP", 1e-9),
@@ -631,6 +632,10 @@ def plot_cost(dc: dict[str, Any], path: Any) -> None:
                     marker="o", label=name)  # fmt: skip
         ax.axhline(dc["target_val_perplexity"], color="grey", ls="--", lw=0.8)
         ax.set_xscale("log")
+        ticks = matplotlib.ticker  # 1-2-5 ticks in plain numbers, no crowded minor labels
+        ax.xaxis.set_major_locator(ticks.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticks.FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(ticks.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel("validation perplexity")
     axes[0].legend()
