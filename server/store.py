@@ -387,6 +387,11 @@ class Store(SqlStore):
                 self._leading = True  # no group is being committed: lead the next one
             try:
                 self._lead()
+            except BaseException:
+                with self._group:  # our own write, if no group took it, leaves unrun
+                    if not item.taken and item in self._queue:
+                        self._queue.remove(item)
+                raise
             finally:
                 with self._group:
                     self._leading = False
@@ -434,8 +439,8 @@ class Store(SqlStore):
             db.execute("COMMIT")
         except BaseException as exc:
             failed = exc
-            if db.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error):  # a closed connection raises here too
+                if db.in_transaction:
                     db.execute("ROLLBACK")
         finally:
             self._writing.active = False

@@ -272,14 +272,60 @@ def test_groups_keep_their_bounds(tmp_path):
 
 
 def test_one_write_a_commit_when_group_max_is_1(tmp_path):
-    """group_max 1 is the old behaviour: a transaction per write, whatever is waiting."""
-    store = _store(tmp_path, group_max=1)
-    service, regs, m = _fleet(store, 4)
-    before = wal_commits(store.path)
-    for i, reg in enumerate(regs):
-        service.ingest(store.device(reg["device_id"]), make_payload(reg, m, range(4), seed=i))
-    assert wal_commits(store.path) - before == 4
-    assert store.write_stats.snapshot() == {"commits": 4, "writes": 4, "largest": 1}
+    """group_max 1 is the old behaviour: a transaction per write, whatever is waiting. Four
+    writes start while the write lock is held, so they are all waiting at once (with group
+    commit on they would share one commit: checked beside it)."""
+    for group_max, commits in ((1, 4), (64, 1)):
+        store = _store(tmp_path / str(group_max), group_max=group_max)
+
+        def put(key: str, store: Store = store):
+            def work(db):
+                db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
+                return key
+
+            return store.write(work, samples=1)
+
+        out: dict[str, object] = {}
+        threads = [
+            threading.Thread(target=lambda k=k, out=out: out.setdefault(k, put(k))) for k in "abcd"
+        ]
+        before = wal_commits(store.path)
+        with store._lock:
+            for t in threads:
+                t.start()
+            time.sleep(0.5)  # every writer is waiting: for the lock (1) or in the queue (64)
+            assert not out, "a write returned while the lock was held"
+        for t in threads:
+            t.join(30)
+        assert out == {k: k for k in "abcd"}
+        assert wal_commits(store.path) - before == commits, group_max
+        assert store.write_stats.snapshot()["commits"] == commits
+        store.close()
+
+
+def test_a_leader_that_fails_before_its_group_leaves_its_own_write_unrun(tmp_path):
+    """The leader raises before taking its own write into a group (here: _lead fails at
+    once): its write is withdrawn from the queue, not left there for a later group to commit
+    unacknowledged; the next write commits alone."""
+    store = _store(tmp_path)
+    ran: list[str] = []
+
+    def work(key: str):
+        def run(db):
+            ran.append(key)
+            db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
+            return key
+
+        return run
+
+    lead = store._lead
+    store._lead = lambda: (_ for _ in ()).throw(RuntimeError("leader failed"))
+    with pytest.raises(RuntimeError, match="leader failed"):
+        store.write(work("lost"), samples=1)
+    assert not store._queue and not store._leading
+    store._lead = lead
+    assert store.write(work("next"), samples=1) == "next"
+    assert ran == ["next"] and store.meta("lost") is None and store.meta("next") == "v"
     store.close()
 
 
