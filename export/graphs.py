@@ -169,17 +169,16 @@ def quantize_backbone_onnx(
 # ONNX 8da4w and weight-only int8: onnxruntime's MatMulNBits (com.microsoft), weights in
 # blocks of NBITS_BLOCK along the input dimension, one scale (and zero point) per block.
 NBITS_BLOCK = 32
-# MatMulNBits accuracy_level 4: the activations are quantized to int8 per block at run time
-# (the "8da" of 8da4w); None: they stay fp32 (weight-only).
-INT8_ACTIVATIONS = 4
 
 
 def quantize_backbone_onnx_8da4w(src: Path, dst: Path, depth: int) -> None:
-    """A backbone's 8da4w ONNX graph: weight MatMuls 4-bit (HQQ, blocks of 32) with int8
-    dynamic activations, embedding tables 8-bit (``quantize_gathers_int8``), and the
-    deepest block (the graph ends at the deepest tap) at 8-bit weights, as the ExecuTorch
-    8da4w keeps it: on MiniLM-L6 (mean pivot) that lifts the last tap's worst cosine
-    against the fp32 graph from 0.950 to 0.959."""
+    """A backbone's ``8da4w`` ONNX graph: weight MatMuls 4-bit (HQQ, blocks of 32),
+    embedding tables 8-bit (``quantize_gathers_int8``), and the deepest block (the graph ends
+    at the deepest tap) at 8-bit weights, as the ExecuTorch 8da4w keeps it: on MiniLM-L6
+    (mean pivot) that lifts the last tap's worst cosine against the fp32 graph from 0.950
+    to 0.959. Unlike the .pte, activations stay fp32 (weight-only): onnxruntime's int8
+    activations need integer zero points, which HQQ does not write, and round-to-nearest
+    4-bit with them broke SmolLM2 (logits min cosine 0.12 against fp32, docs/export.md)."""
     import onnx
 
     model = onnx.load(str(src), load_external_data=False)
@@ -197,9 +196,9 @@ def quantize_backbone_onnx_8da4w(src: Path, dst: Path, depth: int) -> None:
         )  # fmt: skip
     four = dst.with_name(dst.name + ".4bit.tmp")
     try:
-        quantize_gathers_int8(src, four, bits=4, accuracy_level=INT8_ACTIVATIONS, exclude=last)
+        quantize_gathers_int8(src, four, bits=4, exclude=last)
         if last:
-            quantize_onnx_nbits(four, dst, bits=8, accuracy_level=INT8_ACTIVATIONS)
+            quantize_onnx_nbits(four, dst, bits=8)
         else:
             four.replace(dst)
     finally:
@@ -210,32 +209,26 @@ def quantize_gathers_int8(
     src: Path,
     dst: Path,
     bits: int,
-    accuracy_level: int | None = None,
     exclude: Sequence[str] = (),
 ) -> None:
-    """Embedding tables (Gather) to per-channel 8-bit weights (``quantize_onnx_int8``: they
-    are only gathered, so neither the per-tensor activation scale nor the 7-bit rule for
-    MatMuls applies), then the weight MatMuls to ``bits``-bit MatMulNBits
+    """Embedding tables (Gather) to 8-bit weights, one scale and zero point per table
+    (``quantize_onnx_int8``, 8 bits: a table is only gathered, so the 7-bit rule for MatMuls
+    does not apply; a table with outlier channels would lose resolution everywhere, which
+    the export's check then reports), then the weight MatMuls to ``bits``-bit MatMulNBits
     (``quantize_onnx_nbits``; ``exclude``: MatMuls it keeps fp32). Without the first step
     MiniLM-L6's 8da4w weights were 53 MiB, its fp32 word embeddings 45 of them."""
     gathered = dst.with_name(dst.name + ".gather.tmp")
     try:
         quantize_onnx_int8(src, gathered, op_types=("Gather",), quiet=True, reduce_range=False)
-        quantize_onnx_nbits(gathered, dst, bits, accuracy_level=accuracy_level, exclude=exclude)
+        quantize_onnx_nbits(gathered, dst, bits, exclude=exclude)
     finally:
         gathered.unlink(missing_ok=True)
 
 
-def quantize_onnx_nbits(
-    src: Path,
-    dst: Path,
-    bits: int,
-    accuracy_level: int | None = None,
-    exclude: Sequence[str] = (),
-) -> None:
+def quantize_onnx_nbits(src: Path, dst: Path, bits: int, exclude: Sequence[str] = ()) -> None:
     """Weight MatMuls of ``src`` to ``bits``-bit MatMulNBits (onnxruntime
-    ``MatMulNBitsQuantizer``), blocks of ``NBITS_BLOCK`` input channels; ``exclude``: node
-    names kept fp32; ``accuracy_level``: ``INT8_ACTIVATIONS`` or None (fp32 activations).
+    ``MatMulNBitsQuantizer``), blocks of ``NBITS_BLOCK`` input channels, activations fp32;
+    ``exclude``: node names kept fp32.
 
     4 bits use HQQ (half-quadratic scales and zero points, no calibration data): plain
     round-to-nearest 4-bit broke SmolLM2's generation graph (logits min cosine -0.04 against
@@ -262,7 +255,6 @@ def quantize_onnx_nbits(
                 bits=bits,
                 block_size=NBITS_BLOCK,
                 is_symmetric=bits == 8,
-                accuracy_level=accuracy_level,
                 nodes_to_exclude=list(exclude),
                 op_types_to_quantize=("MatMul",),
                 algo_config=algo,
@@ -270,13 +262,6 @@ def quantize_onnx_nbits(
             quantizer.process()
     finally:
         root.setLevel(level)
-    if accuracy_level is not None:  # the HQQ config carries no accuracy level: set it here
-        for node in quantizer.model.model.graph.node:
-            if node.op_type == "MatMulNBits":
-                kept = [a for a in node.attribute if a.name != "accuracy_level"]
-                del node.attribute[:]
-                node.attribute.extend(kept)
-                node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
     quantizer.model.save_model_to_file(str(dst), use_external_data_format=False)
 
 

@@ -112,7 +112,7 @@ def test_onnx_int8_close_to_eager(make_bundle, model):
 
 
 def test_onnx_8da4w_close_to_eager(make_bundle):
-    """ONNX 8da4w (onnxruntime MatMulNBits: 4-bit HQQ weights in blocks of 32, int8
+    """ONNX 8da4w (onnxruntime MatMulNBits: 4-bit HQQ weights in blocks of 32, fp32
     activations; embedding tables and the deepest block 8-bit): every other weight MatMul of
     the graph is 4-bit, the weights file is under a quarter of fp32's, and every tap stays
     close to eager fp32 (the last tap measured 0.959 for the worst sentence, as the .pte)."""
@@ -124,8 +124,7 @@ def test_onnx_8da4w_close_to_eager(make_bundle):
     graph = onnx.load(str(bundle / "backbone.onnx"), load_external_data=False).graph
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     bits = [next(a.i for a in n.attribute if a.name == "bits") for n in nbits]
-    levels = {a.i for n in nbits for a in n.attribute if a.name == "accuracy_level"}
-    assert len(nbits) == 36 and levels == {4}  # 6 blocks x 6 weight MatMuls, int8 activations
+    assert len(nbits) == 36  # 6 blocks x 6 weight MatMuls
     assert bits == [4] * 30 + [8] * 6  # the deepest block keeps 8-bit weights, as in the .pte
     fp32 = make_bundle("minilm-l6", num_taps=3, formats=("onnx",))
     size = (bundle / "backbone.onnx.data").stat().st_size

@@ -200,7 +200,7 @@ def test_smollm2_quantized_generation_graphs_pass_their_check(
     make_bundle, smollm2_lm_bundle, quant
 ):
     """Real SmolLM2-135M blocks 1-2: the int8 (8-bit weights) and 8da4w (4-bit HQQ weights,
-    int8 activations) generation graphs pass the export's logits check against eager fp32,
+    fp32 activations) generation graphs pass the export's logits check against eager fp32,
     are MatMulNBits graphs a fraction of the fp32 ones' size, and generate."""
     import onnx
 

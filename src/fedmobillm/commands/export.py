@@ -132,7 +132,7 @@ def _add_quant_arguments(parser: argparse.ArgumentParser) -> None:
         "--quant",
         default="fp32",
         choices=["fp32", "int8", "8da4w"],
-        help="weight quantization (8da4w: 4-bit weights, int8 activations)",
+        help="weight quantization (8da4w: 4-bit weights; int8 activations in .pte only)",
     )
     parser.add_argument(
         "--fallback-quant",
