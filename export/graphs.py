@@ -188,6 +188,20 @@ def quantize_backbone_onnx_8da4w(src: Path, dst: Path, depth: int) -> None:
         for n in model.graph.node
         if n.op_type == "MatMul" and len(n.input) > 1 and n.input[1] in weights
     ]
+    gemms = [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "Gemm" and len(n.input) > 1 and n.input[1] in weights
+    ]
+    if gemms:
+        log.warning(
+            "quantize: %d Gemm node(s) with weights stay fp32 (MatMulNBits takes MatMuls): %s",
+            len(gemms), gemms[:3],
+        )  # fmt: skip
+    # The graph's blocks are its only weight MatMuls for the families exported today (the
+    # pivots, pooling and dp-projection add none), so the deepest block's are the last
+    # len // depth in graph order; a model with extra weight MatMuls outside its blocks
+    # would need a count that does not divide evenly to be noticed.
     last = nodes[-(len(nodes) // depth) :] if depth > 0 and len(nodes) % depth == 0 else []
     if not last:
         log.warning(
