@@ -1,6 +1,6 @@
 """Write and quantise graphs: ONNX (torch.onnx dynamo for backbones, the TorchScript exporter
-for personal models; onnxruntime dynamic int8, MatMulNBits 8da4w) and ExecuTorch .pte (torch.export -> XNNPACK
-lowering; fp32, PT2E int8, torchao 8da4w). The one place graphs are written: the bundle
+for personal models; onnxruntime dynamic int8, MatMulNBits 8da4w) and ExecuTorch .pte
+(torch.export -> XNNPACK lowering; fp32, PT2E int8, torchao 8da4w). The one place graphs are written: the bundle
 exporter and the server's personal-model export call it. They run through
 ``fedmobillm.device_runtime.graph``.
 
