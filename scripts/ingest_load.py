@@ -162,6 +162,39 @@ def _int8_payload(reg: dict, i: int, batch: int) -> bytes:
     )
 
 
+DIRECT_BATCHES = 1000  # payloads built per device before a direct run (outside the timing)
+
+
+def _payloads(regs: list[dict], batch: int) -> dict[str, list[bytes]]:
+    """device id -> DIRECT_BATCHES int8 upload bodies of new sample ids, built up front."""
+    return {
+        r["device_id"]: [_int8_payload(r, i, batch) for i in range(DIRECT_BATCHES)] for r in regs
+    }
+
+
+def _ingest_threads(store, service, bodies: dict[str, list[bytes]], seconds: float):
+    """One thread per device ingesting its bodies through Service.ingest, as fast as the
+    store takes them, for ``seconds`` (or until its bodies run out): (uploads, wall s)."""
+    done: list[int] = []
+    until = time.time() + seconds
+
+    def loop(device_id: str) -> None:
+        device = store.device(device_id)
+        n = 0
+        while time.time() < until and n < len(bodies[device_id]):
+            service.ingest(device, bodies[device_id][n])
+            n += 1
+        done.append(n)
+
+    pool = [threading.Thread(target=loop, args=(d,)) for d in bodies]
+    t0 = time.time()
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    return sum(done), time.time() - t0
+
+
 def direct(args: argparse.Namespace, database: str, threads: int) -> dict:
     """The store alone, no HTTP: ``threads`` threads each ingest batches of their own device
     through Service.ingest on one PostgresStore (pool of ``threads`` connections) for
@@ -173,32 +206,11 @@ def direct(args: argparse.Namespace, database: str, threads: int) -> dict:
     service = Service(store)
     manifest = make_manifest("load", depth=6, hidden=D, taps=[2, 4, 6])
     regs = [service.register(f"d{i}", manifest, ["negative", "positive"]) for i in range(threads)]
-    n_batches = 1000
-    bodies = {
-        r["device_id"]: [_int8_payload(r, i, args.batch) for i in range(n_batches)] for r in regs
-    }
-    done: list[int] = []
+    bodies = _payloads(regs, args.batch)
     before = wal_counters(database)
-    until = time.time() + args.seconds
-
-    def loop(reg: dict) -> None:
-        device = store.device(reg["device_id"])
-        n = 0
-        while time.time() < until and n < n_batches:
-            service.ingest(device, bodies[reg["device_id"]][n])
-            n += 1
-        done.append(n)
-
-    pool = [threading.Thread(target=loop, args=(r,)) for r in regs]
-    t0 = time.time()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    wall = time.time() - t0
+    uploads, wall = _ingest_threads(store, service, bodies, args.seconds)
     syncs = wal_counters(database)[0] - before[0]
     store.close()
-    uploads = sum(done)
     return {
         "store": "postgresql (direct, no HTTP)",
         "threads": threads,
@@ -223,31 +235,10 @@ def direct_sqlite(args: argparse.Namespace, threads: int, group_max: int, tmp: P
     service = Service(store)
     manifest = make_manifest("load", depth=6, hidden=D, taps=[2, 4, 6])
     regs = [service.register(f"d{i}", manifest, ["negative", "positive"]) for i in range(threads)]
-    n_batches = 1000
-    bodies = {
-        r["device_id"]: [_int8_payload(r, i, args.batch) for i in range(n_batches)] for r in regs
-    }
-    done: list[int] = []
-    until = time.time() + args.seconds
-
-    def loop(reg: dict) -> None:
-        device = store.device(reg["device_id"])
-        n = 0
-        while time.time() < until and n < n_batches:
-            service.ingest(device, bodies[reg["device_id"]][n])
-            n += 1
-        done.append(n)
-
-    pool = [threading.Thread(target=loop, args=(r,)) for r in regs]
-    t0 = time.time()
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
-    wall = time.time() - t0
+    bodies = _payloads(regs, args.batch)
+    uploads, wall = _ingest_threads(store, service, bodies, args.seconds)
     stats = store.write_stats.snapshot()
     store.close()
-    uploads = sum(done)
     return {
         "store": "sqlite (direct, no HTTP)",
         "threads": threads,
