@@ -75,6 +75,19 @@ def _run_held(store: Store, calls: list) -> list:
     return out
 
 
+def put_meta(key: str, ran: list[str] | None = None):
+    """A write's work: one meta row ``key`` = 'v', the key as its result; ``ran`` records
+    that the work ran."""
+
+    def run(db):
+        if ran is not None:
+            ran.append(key)
+        db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
+        return key
+
+    return run
+
+
 def _stored(store: Store) -> dict[str, list[int]]:
     """device id -> its stored sample ids (each once per row: a duplicate would show)."""
     rows = store.read_samples(0, limit=1_000_000)
@@ -251,11 +264,7 @@ def test_groups_keep_their_bounds(tmp_path):
     store = _store(tmp_path / "a", group_max=4)
 
     def put(key: str, samples: int):
-        def work(db):
-            db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
-            return key
-
-        return lambda: store.write(work, samples=samples)
+        return lambda: store.write(put_meta(key), samples=samples)
 
     before = wal_commits(store.path)
     out = _run_held(store, [put(f"k{i}", 1) for i in range(10)])
@@ -279,11 +288,7 @@ def test_one_write_a_commit_when_group_max_is_1(tmp_path):
         store = _store(tmp_path / str(group_max), group_max=group_max)
 
         def put(key: str, store: Store = store):
-            def work(db):
-                db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
-                return key
-
-            return store.write(work, samples=1)
+            return store.write(put_meta(key), samples=1)
 
         out: dict[str, object] = {}
         threads = [
@@ -310,21 +315,13 @@ def test_a_leader_that_fails_before_its_group_leaves_its_own_write_unrun(tmp_pat
     store = _store(tmp_path)
     ran: list[str] = []
 
-    def work(key: str):
-        def run(db):
-            ran.append(key)
-            db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
-            return key
-
-        return run
-
     lead = store._lead
     store._lead = lambda: (_ for _ in ()).throw(RuntimeError("leader failed"))
     with pytest.raises(RuntimeError, match="leader failed"):
-        store.write(work("lost"), samples=1)
+        store.write(put_meta("lost", ran), samples=1)
     assert not store._queue and not store._leading
     store._lead = lead
-    assert store.write(work("next"), samples=1) == "next"
+    assert store.write(put_meta("next", ran), samples=1) == "next"
     assert ran == ["next"] and store.meta("lost") is None and store.meta("next") == "v"
     store.close()
 
@@ -337,29 +334,21 @@ def test_a_write_waiting_past_its_budget_is_withdrawn_unrun(tmp_path):
     store = _store(tmp_path)
     ran: list[str] = []
 
-    def work(key: str):
-        def run(db):
-            ran.append(key)
-            db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
-            return key
-
-        return run
-
     gate = IngestGate(8, 0.2, 0, 1, write_slots=8)
     leader: list = []
     with store._lock:
-        t = threading.Thread(target=lambda: leader.append(store.write(work("lead"), 1)))
+        t = threading.Thread(target=lambda: leader.append(store.write(put_meta("lead", ran), 1)))
         t.start()
         while not store._leading:
             time.sleep(0.01)
         t0 = time.monotonic()
         with pytest.raises(WriteWaitExpired, match="waited 0.2 s"):
-            store.write(work("late"), 1, wait_s=0.2)
+            store.write(put_meta("late", ran), 1, wait_s=0.2)
         waited = time.monotonic() - t0
         with pytest.raises(TooManyRequests, match="group commit"):
             with gate.write_slot() as left:
                 assert 0 < left <= 0.2
-                store.write(work("gated"), 1, wait_s=left)
+                store.write(put_meta("gated", ran), 1, wait_s=left)
         assert list(store._queue) != [] and len(store._queue) == 1  # the leader's own
     t.join(30)
     assert 0.2 <= waited < 5
