@@ -528,13 +528,7 @@ def full_finetune(cfg: AccuracyConfig, dataset: str, model_name: str) -> dict:
         order = rng.permutation(len(train))
         for s in range(0, len(train), cfg.full_ft_batch):
             chunk = [train[i] for i in order[s : s + cfg.full_ft_batch]]
-            enc = tok(
-                [r.text for r in chunk],
-                padding=True,
-                truncation=True,
-                max_length=cfg.max_seq_len,
-                return_tensors="pt",
-            )
+            enc = _encode(tok, chunk, cfg.max_seq_len)
             y = torch.tensor([r.label for r in chunk])  # (B,)
             loss = torch.nn.functional.cross_entropy(model(**enc).logits, y)  # logits (B, C)
             opt.zero_grad(set_to_none=True)
@@ -543,21 +537,7 @@ def full_finetune(cfg: AccuracyConfig, dataset: str, model_name: str) -> dict:
             steps += 1
             if steps % 50 == 0:
                 log.info("full-ft epoch %d step %d loss %.4f", epoch, steps, float(loss))
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for s in range(0, len(test), 64):
-            chunk = test[s : s + 64]
-            enc = tok(
-                [r.text for r in chunk],
-                padding=True,
-                truncation=True,
-                max_length=cfg.max_seq_len,
-                return_tensors="pt",
-            )
-            pred = model(**enc).logits.argmax(-1)  # (B,)
-            correct += int((pred == torch.tensor([r.label for r in chunk])).sum())
-    acc = correct / len(test)
+    acc = _classifier_accuracy(model, tok, test, cfg.max_seq_len)
     log.info("full-ft %s %s acc %.4f (%d steps)", model_name, dataset, acc, steps)
     return {
         "method": "full-ft",
@@ -574,6 +554,31 @@ def full_finetune(cfg: AccuracyConfig, dataset: str, model_name: str) -> dict:
         "trainable_params": sum(p.numel() for p in model.parameters()),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _encode(tok, records: list, max_len: int):
+    """The records' texts as one right-padded, truncated batch of torch tensors."""
+    return tok(
+        [r.text for r in records],
+        padding=True,
+        truncation=True,
+        max_length=max_len,
+        return_tensors="pt",
+    )
+
+
+def _classifier_accuracy(model, tok, records: list, max_len: int, batch: int = 64) -> float:
+    """Accuracy of a sequence classifier on ``records`` (eval mode, no gradients)."""
+    import torch
+
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(records), batch):
+            chunk = records[s : s + batch]
+            pred = model(**_encode(tok, chunk, max_len)).logits.argmax(-1)  # (B,)
+            correct += int((pred == torch.tensor([r.label for r in chunk])).sum())
+    return correct / len(records)
 
 
 def _subset(records: list, limit: int | None, seed: int) -> list:
