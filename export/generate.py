@@ -287,14 +287,11 @@ def write_generation(
     taps: list[int],
     quant: str,
     out: Path,
-    ids: np.ndarray,
-    mask: np.ndarray,
     tokenizer,
 ) -> GenerationExport:
     """Write ``decoder_step.onnx`` and ``lm_head.onnx`` (weights as external data) into
-    ``out`` at ``quant`` (``GEN_QUANT``). Returns the manifest's generation entry, less its
-    verification. ``ids``/``mask``: calibration text (not needed by today's quantizations,
-    which need no data)."""
+    ``out`` at ``quant`` (``GEN_QUANT``; none of them needs calibration data). Returns the
+    manifest's generation entry, less its verification."""
     from fedmobillm.export.graphs import externalize_onnx
 
     if quant not in GEN_QUANT:

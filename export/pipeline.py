@@ -529,8 +529,7 @@ def _generation(opts: ExportOptions, folder: Path, taps, tmp: Path, ids, mask, t
     from fedmobillm.export import generate
 
     with stage("generate", opts.stage_seconds):
-        cids, cmask = _trim(ids[:8], mask[:8])
-        made = generate.write_generation(folder, taps, opts.quant, tmp, cids, cmask, tok)
+        made = generate.write_generation(folder, taps, opts.quant, tmp, tok)
     with stage("verify", opts.stage_seconds):
         vids, vmask = _trim(ids[:VERIFY_SENTENCES], mask[:VERIFY_SENTENCES])
         made.info["verification"] = generate.verify_generation(made, tmp, vids, vmask)
