@@ -829,13 +829,21 @@ def _lora_lines(result: dict[str, Any]) -> list[str]:
     return markdown(result)
 
 
+def plotted_methods(rows: list[dict[str, Any]], order: list[str]) -> list[str]:
+    """The methods of ``order`` that have a row (a method not run, e.g. fedavg-lora with
+    --no-fedavg-lora, gets no empty group on the plot), then any others in row order."""
+    ran = list(dict.fromkeys(r["method"] for r in rows))
+    return [m for m in order if m in ran] + [m for m in ran if m not in order]
+
+
 def _plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    methods = ["frozen", "frozen-tuned-lens", "local", "fedmobillm", "centralised", "fedavg-lora"]
+    order = ["frozen", "frozen-tuned-lens", "local", "fedmobillm", "centralised", "fedavg-lora"]
+    methods = plotted_methods(result["rows"], order)
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for j, b in enumerate(BACKBONES):
         vals = [next((r["perplexity"] for r in result["rows"]

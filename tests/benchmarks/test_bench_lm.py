@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from benchmarks.bench_lm import MODEL, LmBenchConfig, run, targets, write_report
+from benchmarks.bench_lm import (
+    MODEL,
+    LmBenchConfig,
+    plotted_methods,
+    run,
+    targets,
+    write_report,
+)
 
 
 def _row(method: str, backbone: str, ppl: float) -> dict:
@@ -59,6 +66,15 @@ def test_report_writes_json_markdown_and_plot(tmp_path):
     md = (tmp_path / "lm.md").read_text()
     assert "| fedmobillm | smollm2-135m | 40.00 |" in md and "fedavg-lora: not run yet" in md
     assert (tmp_path / "lm.png").stat().st_size > 1000
+
+
+def test_the_plot_omits_methods_that_were_not_run():
+    order = ["frozen", "frozen-tuned-lens", "local", "fedmobillm", "centralised", "fedavg-lora"]
+    rows = [_row(m, MODEL, 50.0) for m in ("fedmobillm", "frozen", "centralised")]
+    assert plotted_methods(rows, order) == ["frozen", "fedmobillm", "centralised"]
+    rows.append(_row("fedavg-lora", MODEL, 40.0))
+    rows.append(_row("other", MODEL, 40.0))
+    assert plotted_methods(rows, order)[-2:] == ["fedavg-lora", "other"]
 
 
 @pytest.mark.slow
