@@ -364,16 +364,16 @@ def quantize_generation(
     embedding table is 8-bit in both; the head (the tied embedding's copy) keeps 8-bit
     weights, as ExecuTorch's 8da4w keeps 8-bit embeddings."""
     from fedmobillm.export.graphs import (
-        quantize_gathers_int8,
         quantize_onnx_nbits,
+        quantize_onnx_weights,
     )
 
     if quant == "8da4w":
         log.info("generate: 8da4w step graph (4-bit HQQ weights, fp32 activations)")
-        quantize_gathers_int8(raw_step, step_path, bits=4)
+        quantize_onnx_weights(raw_step, step_path, bits=4)
     else:
         log.info("generate: int8 step graph (8-bit weights, fp32 activations)")
-        quantize_gathers_int8(raw_step, step_path, bits=8)
+        quantize_onnx_weights(raw_step, step_path, bits=8)
     quantize_onnx_nbits(raw_head, head_path, bits=8)
 
 

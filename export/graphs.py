@@ -8,6 +8,7 @@ Imports torch: import this module lazily from anything that must start without i
 
 from __future__ import annotations
 
+import ast
 import logging
 import warnings
 from collections.abc import Sequence
@@ -173,7 +174,7 @@ NBITS_BLOCK = 32
 
 def quantize_backbone_onnx_8da4w(src: Path, dst: Path, depth: int) -> None:
     """A backbone's ``8da4w`` ONNX graph: weight MatMuls 4-bit (HQQ, blocks of 32),
-    embedding tables 8-bit (``quantize_gathers_int8``), and the deepest block (the graph ends
+    embedding tables 8-bit (``quantize_onnx_weights``), and the deepest block (the graph ends
     at the deepest tap) at 8-bit weights, as the ExecuTorch 8da4w keeps it: on MiniLM-L6
     (mean pivot) that lifts the last tap's worst cosine against the fp32 graph from 0.950
     to 0.959. Unlike the .pte, activations stay fp32 (weight-only): onnxruntime's int8
@@ -198,11 +199,7 @@ def quantize_backbone_onnx_8da4w(src: Path, dst: Path, depth: int) -> None:
             "quantize: %d Gemm node(s) with weights stay fp32 (MatMulNBits takes MatMuls): %s",
             len(gemms), gemms[:3],
         )  # fmt: skip
-    # The graph's blocks are its only weight MatMuls for the families exported today (the
-    # pivots, pooling and dp-projection add none), so the deepest block's are the last
-    # len // depth in graph order; a model with extra weight MatMuls outside its blocks
-    # would need a count that does not divide evenly to be noticed.
-    last = nodes[-(len(nodes) // depth) :] if depth > 0 and len(nodes) % depth == 0 else []
+    last = deepest_block_matmuls(model, nodes, depth)
     if not last:
         log.warning(
             "quantize: %d weight MatMuls over %d blocks: the deepest block is not told apart, "
@@ -210,7 +207,7 @@ def quantize_backbone_onnx_8da4w(src: Path, dst: Path, depth: int) -> None:
         )  # fmt: skip
     four = dst.with_name(dst.name + ".4bit.tmp")
     try:
-        quantize_gathers_int8(src, four, bits=4, exclude=last)
+        quantize_onnx_weights(src, four, bits=4, exclude=last)
         if last:
             quantize_onnx_nbits(four, dst, bits=8)
         else:
@@ -219,7 +216,48 @@ def quantize_backbone_onnx_8da4w(src: Path, dst: Path, depth: int) -> None:
         four.unlink(missing_ok=True)
 
 
-def quantize_gathers_int8(
+def _block_index(node: Any) -> int | None:
+    """The index of the block a node of a dynamo-exported graph belongs to: the outermost
+    module scope ending in an integer (``model.layers.29``, ``encoder.layer.5``) in the
+    node's ``pkg.torch.onnx.name_scopes`` metadata; None outside any block or without it."""
+    for prop in node.metadata_props:
+        if prop.key == "pkg.torch.onnx.name_scopes":
+            try:
+                scopes = ast.literal_eval(prop.value)
+            except (ValueError, SyntaxError):
+                return None
+            for scope in scopes if isinstance(scopes, list) else ():
+                last = str(scope).rsplit(".", 1)[-1]
+                if last.isdigit():
+                    return int(last)
+            return None
+    return None
+
+
+def deepest_block_matmuls(model: Any, nodes: Sequence[str], depth: int) -> list[str]:
+    """The weight MatMuls (names in ``nodes``, graph order) of the deepest block of
+    ``model``'s ``depth`` blocks. From the exporter's module scopes where every weight
+    MatMul of a block carries one (MatMuls outside any block, e.g. a projection, are never
+    taken); otherwise, for graphs without that metadata, the last ``len // depth`` in graph
+    order when the count divides evenly (the blocks are then the only weight MatMuls, true
+    of every family exported today); [] when neither tells the block apart."""
+    by_name = {n.name: n for n in model.graph.node}
+    index = {name: _block_index(by_name[name]) for name in nodes}
+    known = [i for i in index.values() if i is not None]
+    if known:
+        deepest = max(known)
+        if len(set(known)) == depth or depth <= 0:
+            return [name for name in nodes if index[name] == deepest]
+        log.warning(
+            "quantize: the graph's module scopes name %d blocks, the bundle %d: falling back "
+            "to the MatMul count", len(set(known)), depth,
+        )  # fmt: skip
+    if depth > 0 and nodes and len(nodes) % depth == 0:
+        return list(nodes[-(len(nodes) // depth) :])
+    return []
+
+
+def quantize_onnx_weights(
     src: Path,
     dst: Path,
     bits: int,
