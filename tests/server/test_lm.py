@@ -168,6 +168,29 @@ def test_training_lowers_held_out_loss_and_survives_save_load(backbone, head, tm
         LMSideTrainer.load(tmp_path / "lm", head_for=lambda spec: head)
 
 
+def test_ema_is_the_normalised_moving_average_with_the_configured_decay(backbone, head):
+    """The averaged model after t steps is sum_i ema^(t-i) w_i / sum_i ema^(t-i) over the
+    weights w_i after each step (the initial weights count nothing), so two ema settings
+    give two models from the first steps (the old min(ema, (1+t)/(10+t)) warm-up gave the
+    same model for every ema above 0.47 for the first 8 steps)."""
+    from torch.nn.utils import parameters_to_vector as flat
+
+    g = encode(backbone, corpus(12, 3))
+    got = {}
+    for ema in (0.9, 0.5):
+        trainer = new_trainer(backbone, head, ema=ema, warmup_steps=1)
+        live = []
+        for _ in range(6):
+            trainer.train_step([g])
+            live.append(flat(trainer.model(g.arch).parameters()).detach().clone())
+        weights = torch.tensor([ema ** (len(live) - 1 - i) for i in range(len(live))])
+        want = (torch.stack(live) * weights[:, None]).sum(0) / weights.sum()
+        got[ema] = flat(trainer.model(g.arch, averaged=True).parameters())
+        assert torch.allclose(got[ema], want, atol=1e-6), (ema, (got[ema] - want).abs().max())
+        assert not torch.allclose(got[ema], live[-1], atol=1e-6)  # an average, not the last
+    assert not torch.allclose(got[0.9], got[0.5], atol=1e-6)
+
+
 def test_config_must_be_causal_tokens():
     from fedmobillm.server.side import SideConfig
 
