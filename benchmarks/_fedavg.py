@@ -11,6 +11,13 @@ Simulated clock of a round: every selected device downloads the global arrays, t
 `local_epochs` over its records, uploads its arrays; the round ends when the slowest
 selected device is done (synchronous). Device time = bytes / link + FLOPs / device speed,
 with the FLOPs per sample counted by `_models.flops_per_sample`.
+
+Straggler-tolerant variant (``deadline_quantile``, in-process only): deadline-based partial
+participation. The server fixes one round deadline D for the run, the ``q``-quantile of the
+fleet's expected round times (what a server learns from its devices' past rounds; here from
+their profiles); a selected device expected past D is cut at D: what it downloaded,
+computed and uploaded until D is spent and counted, its update never arrives and it is not
+aggregated. A round lasts D at most.
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class FedAvgJob:
     max_seq_len: int
     seed: int
     target: float | None = None  # stop early once validation accuracy reaches it
+    deadline_quantile: float | None = None  # straggler-tolerant rounds (module docstring)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
@@ -178,6 +186,7 @@ class RoundLog:
 
     def add_round(self, server_round: int, client_metrics: list[dict]) -> None:
         sims = [m["sim_s"] for m in client_metrics]
+        losses = [m["loss"] for m in client_metrics if not m.get("dropped")]
         self.clock += max(sims) if sims else 0.0
         for m in client_metrics:
             d = self.per_device[int(m["device"])]
@@ -194,7 +203,8 @@ class RoundLog:
                 "slowest_device": int(client_metrics[int(np.argmax(sims))]["device"])
                 if sims
                 else None,
-                "mean_loss": float(np.mean([m["loss"] for m in client_metrics])) if sims else None,
+                "mean_loss": float(np.mean(losses)) if losses else None,
+                "dropped": [int(m["device"]) for m in client_metrics if m.get("dropped")],
                 "host_train_s": float(sum(m["host_train_s"] for m in client_metrics)),
                 "clients": [
                     {k: m[k] for k in ("device", "sim_s", "bytes_up", "bytes_down", "flops")}
@@ -257,27 +267,85 @@ def fedavg_aggregate(results: list[tuple[list[np.ndarray], int]]) -> list[np.nda
     ]
 
 
+def expected_round_s(job: FedAvgJob, device: int, trainable_bytes: int, records: int) -> float:
+    """A device's simulated round time before it trains: download, ``local_epochs`` over its
+    ``records``, upload (``ClientWork.fit`` measures the same quantities)."""
+    prof = DeviceProfile(**job.profiles[device])
+    flops = job.train_flops_per_sample * records * job.local_epochs
+    return prof.down_s(trainable_bytes) + prof.compute_s(flops) + prof.up_s(trainable_bytes)
+
+
+def dropped_at_deadline(
+    job: FedAvgJob, device: int, trainable_bytes: int, records: int, deadline: float
+) -> dict[str, Any]:
+    """The record of a device cut at ``deadline``: what it downloaded, computed and uploaded
+    until then is spent and counted; its update never arrives and is not aggregated."""
+    prof = DeviceProfile(**job.profiles[device])
+    down_s = prof.down_s(trainable_bytes)
+    flops = job.train_flops_per_sample * records * job.local_epochs
+    computing = min(max(0.0, deadline - down_s), prof.compute_s(flops))
+    uploading = max(0.0, deadline - down_s - prof.compute_s(flops))
+    return {
+        "num-examples": 0,
+        "loss": None,
+        "device": device,
+        "sim_s": deadline,
+        "bytes_down": int(min(trainable_bytes, deadline * prof.downlink_mbps * 1e6 / 8)),
+        "bytes_up": int(min(trainable_bytes, uploading * prof.uplink_mbps * 1e6 / 8)),
+        "flops": computing * prof.effective_gflops * 1e9,
+        "host_train_s": 0.0,
+        "dropped": True,
+    }
+
+
 def run_inprocess(job: FedAvgJob) -> dict[str, Any]:
-    """FedAvg without Flower's engine: same client work, same weighted aggregation."""
+    """FedAvg without Flower's engine: same client work, same weighted aggregation; with
+    ``job.deadline_quantile`` the straggler-tolerant rounds of the module docstring."""
     rng = np.random.default_rng(job.seed)
     work = ClientWork(job)
     evaluator = ServerEval(job)
     arrays = initial_arrays(job)
-    rl = RoundLog(job, "in-process FedAvg (weighted by num-examples)")
+    deadline = None
+    engine = "in-process FedAvg (weighted by num-examples)"
+    if job.deadline_quantile is not None:
+        size = int(sum(a.nbytes for a in arrays))
+        sizes = [
+            len(read_records(Path(job.data_dir) / f"device-{i}.jsonl"))
+            for i in range(job.num_devices)
+        ]
+        expected = [expected_round_s(job, i, size, n) for i, n in enumerate(sizes)]
+        deadline = float(np.quantile(expected, job.deadline_quantile))
+        engine += f", round deadline {deadline:.1f} s (q = {job.deadline_quantile})"
+        log.info(
+            "FedAvg-%s deadline %.1f s: the %.2f-quantile of the expected round times "
+            "(%.1f-%.1f s); slower selected devices are cut",
+            job.method, deadline, job.deadline_quantile, min(expected), max(expected),
+        )  # fmt: skip
+    rl = RoundLog(job, engine)
     rl.add_eval(0, evaluator(arrays))
     per_round = max(1, int(round(job.fraction_train * job.num_devices)))
     for r in range(1, job.rounds + 1):
         chosen = sorted(rng.choice(job.num_devices, per_round, replace=False).tolist())
         results, metrics = [], []
         for dev in chosen:
+            if deadline is not None and expected[dev] > deadline:
+                metrics.append(dropped_at_deadline(job, dev, size, sizes[dev], deadline))
+                continue
             out, m = work.fit(arrays, dev, r)
             results.append((out, int(m["num-examples"])))
             metrics.append(m)
-        arrays = fedavg_aggregate(results)
+        if results:  # every selected device cut: the round changes nothing
+            arrays = fedavg_aggregate(results)
         rl.add_round(r, metrics)
         res = evaluator(arrays)
         rl.add_eval(r, res)
         rl.keep_best(r, res["accuracy"], arrays)
         if job.target is not None and res["accuracy"] >= job.target:
             break
-    return rl.result(evaluator, arrays)
+    out = rl.result(evaluator, arrays)
+    if deadline is not None:
+        out["method"] = f"fedavg-{job.method}-deadline"
+        out["deadline_s"], out["deadline_quantile"] = deadline, job.deadline_quantile
+        out["dropped_updates"] = sum(len(r["dropped"]) for r in rl.rounds)
+        out["selected_updates"] = sum(len(r["devices"]) for r in rl.rounds)
+    return out

@@ -272,6 +272,19 @@ def _time_to_target(res: dict[str, Any]) -> list[str]:
         f"arrived). "
         "time_to_target_speedup = FedAvg-LoRA time / fedmobillm time.\n"
     )
+    if "lora-deadline" in fa:
+        dl, dt = fa["lora-deadline"], res["fedavg_to_target"]["lora-deadline"]
+        add(
+            f"FedAvg-LoRA with round deadlines (straggler-tolerant, `--methods "
+            f"fedavg-lora-deadline`): each round ends at {dl['deadline_s']:.1f} s at the latest "
+            f"(the {dl['deadline_quantile']}-quantile of the fleet's expected round "
+            f"times); {dl['dropped_updates']} of {dl['selected_updates']} selected updates were "
+            f"cut (their download and compute until the deadline counted, not aggregated). "
+            f"Reached the target: {dt['reached']} at round {dt['round']}, t = {dt['time_s']:.1f} "
+            f"s; {mb(dt['bytes_per_device'])} and {dt['flops_per_device'] / 1e9:.1f} GFLOP per "
+            f"device; test accuracy {100 * dl['test']['accuracy']:.2f}% "
+            f"({dl.get('selection', 'last round')}).\n"
+        )
     return L
 
 

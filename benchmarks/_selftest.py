@@ -91,6 +91,9 @@ def main() -> int:
     cfg = BenchConfig.for_mode("quick")
     profiles = fleet_profiles(cfg)[:1] + fleet_profiles(cfg)[-1:]  # one fast, one slow
     out["fedavg"] = _fedavg_round(args.out, model, profiles, out["flops"]["lora_train_step"])
+    out["fedavg_deadline"] = _fedavg_round(
+        args.out, model, profiles, out["flops"]["lora_train_step"], deadline_quantile=0.5
+    )
     out["arrivals"] = {p.name: device_arrivals(40, p, 1e9, 16, 2000.0) for p in profiles}
 
     step = _device_step(args.out, model, texts)
@@ -101,8 +104,15 @@ def main() -> int:
     return 0
 
 
-def _fedavg_round(work: Path, model: str, profiles: list, lora_step_flops: float) -> dict:
-    """One in-process FedAvg-LoRA round over two tiny devices."""
+def _fedavg_round(
+    work: Path,
+    model: str,
+    profiles: list,
+    lora_step_flops: float,
+    deadline_quantile: float | None = None,
+) -> dict:
+    """One in-process FedAvg-LoRA round over two tiny devices (``deadline_quantile``: with
+    straggler-tolerant rounds)."""
     from benchmarks import _fedavg as FA
 
     data = work / "fedavg-data"
@@ -127,6 +137,7 @@ def _fedavg_round(work: Path, model: str, profiles: list, lora_step_flops: float
         lora_rank=4,
         max_seq_len=32,
         seed=0,
+        deadline_quantile=deadline_quantile,
     )
     return FA.run_inprocess(job)
 

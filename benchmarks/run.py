@@ -46,8 +46,10 @@ log = logging.getLogger("benchmarks")
 REPO = Path(__file__).resolve().parent.parent
 MIN_LEARNED = 0.02  # best validation accuracy this far above the majority rate = learned
 # fedmobillm, FedAvg-LoRA and FedAvg full FT always run (the headline compares them);
-# fedmobillm-tokens (issue 15) is the per-token upload, on the simulated clock
-OPTIONAL_METHODS = ("fedmobillm-tokens",)
+# fedmobillm-tokens (issue 15) is the per-token upload, on the simulated clock;
+# fedavg-lora-deadline is FedAvg-LoRA with straggler-tolerant rounds (benchmarks._fedavg)
+OPTIONAL_METHODS = ("fedmobillm-tokens", "fedavg-lora-deadline")
+DEADLINE_QUANTILE = 0.75  # not tuned: the slowest quarter of the fleet misses each deadline
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,7 +96,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="",
         metavar="fedmobillm-tokens",
         help="extra methods beside fedmobillm, FedAvg-LoRA and FedAvg full FT: "
-        "fedmobillm-tokens (every token's taps uploaded; device cost and bytes against LoRA)",
+        "fedmobillm-tokens (every token's taps uploaded; device cost and bytes against LoRA), "
+        "fedavg-lora-deadline (FedAvg-LoRA whose rounds cut devices past a fixed deadline)",
+    )
+    p.add_argument(
+        "--deadline-quantile",
+        type=float,
+        default=DEADLINE_QUANTILE,
+        metavar="Q",
+        help="fedavg-lora-deadline's round deadline: the Q-quantile of the fleet's expected "
+        f"round times (default {DEADLINE_QUANTILE})",
     )
     p.add_argument(
         "--token-side",
@@ -139,6 +150,11 @@ def make_config(a: argparse.Namespace) -> tuple[BenchConfig, dict[str, Path]]:
     if unknown:
         raise FedMobiLLMError(
             f"unknown method(s) {', '.join(unknown)}", hint=f"use {', '.join(OPTIONAL_METHODS)}"
+        )
+    if not 0.0 < a.deadline_quantile <= 1.0:
+        raise FedMobiLLMError(
+            f"--deadline-quantile {a.deadline_quantile} is not in (0, 1]",
+            hint="0.75: the slowest quarter of the fleet misses each round's deadline",
         )
     a.extra_methods = extra
     return cfg, files
@@ -203,7 +219,10 @@ def run_fedavg(
     flops: dict,
     work: Path,
     install: bool,
+    deadline_quantile: float | None = None,
 ) -> dict:
+    """One FedAvg run (``method`` lora | full); ``deadline_quantile``: the straggler-tolerant
+    rounds of ``benchmarks._fedavg``, which only the in-process engine runs."""
     from dataclasses import asdict
 
     from benchmarks._fedavg import FedAvgJob, run_inprocess
@@ -225,12 +244,16 @@ def run_fedavg(
         lora_rank=cfg.lora_rank,
         max_seq_len=cfg.max_seq_len,
         seed=cfg.seed,
+        deadline_quantile=deadline_quantile,
     )
-    path = flower_pythonpath(install) if cfg.use_flower_engine else None
+    flower = cfg.use_flower_engine and deadline_quantile is None
+    path = flower_pythonpath(install) if flower else None
     if path is None:
         why = (
             "--no-flower"
             if not cfg.use_flower_engine
+            else "round deadlines are run in-process only"
+            if deadline_quantile is not None
             else "flwr is not importable and no private install exists (--install-flower)"
         )
         log.info("FedAvg-%s in-process (%s)", method, why)
@@ -406,6 +429,13 @@ def _main(a: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     profiles = fleet_profiles(cfg, profile_files)
     m = _measure(cfg, profiles, work, a.install_flower)
+    if "fedavg-lora-deadline" in a.extra_methods:
+        with Timer("FedAvg-lora with round deadlines") as t:
+            m.fedavg["lora-deadline"] = run_fedavg(
+                cfg, "lora", _model_dir(cfg), m.data, profiles, m.flops, work, False,
+                deadline_quantile=a.deadline_quantile,
+            )  # fmt: skip
+        m.stages["fedavg_lora_deadline"] = t.s
     if "fedmobillm-tokens" in a.extra_methods:
         with Timer("fedmobillm-tokens: replay on the simulated clock") as t:
             m.tokens = _tokens_replay(cfg, m, _token_side(a.token_side))
@@ -421,6 +451,10 @@ def _main(a: argparse.Namespace) -> int:
     head = _headline(m, fm, lora, fair)
     results = _results(cfg, m, target, best, majority, fm, lora, full)
     results["fair"] = fair
+    if "lora-deadline" in m.fedavg:
+        results["fedavg_to_target"]["lora-deadline"] = R.fedavg_to_target(
+            m.fedavg["lora-deadline"], target, len(profiles)
+        )
     results["linear_probe"] = {"run": m.probe, "to_target": probe}
     if m.tokens is not None:
         results["fedmobillm_tokens"] = _tokens_result(m, target, lora)
@@ -548,6 +582,12 @@ def _measure(
         stages[f"fedavg_{method}"] = t.s
     fwd = fwdgrad_cost(flops, mem, profiles, cfg.local_batch)
     return Measured(profiles, data, flops, mem, real, rep, cen, fedavg, fwd, stages, probe)
+
+
+def _model_dir(cfg: BenchConfig) -> str:
+    from benchmarks import _models as M
+
+    return M.model_dir_of(cfg.model)
 
 
 def _probe(
@@ -790,7 +830,12 @@ def _headline_json(
             "fedavg_lora": m.fedavg["lora"]["test"]["accuracy"],
             "fedavg_full": m.fedavg["full"]["test"]["accuracy"],
             "linear_probe": m.probe["test"]["accuracy"],
-        },
+        }
+        | (
+            {"fedavg_lora_deadline": m.fedavg["lora-deadline"]["test"]["accuracy"]}
+            if "lora-deadline" in m.fedavg
+            else {}
+        ),
         "versions": versions_,
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - t_start,
@@ -813,6 +858,8 @@ def _plots(
         "FedAvg full FT (sync)": fedavg["full"]["curve"],
         "federated linear probe (sync)": m.probe["curve"],
     }
+    if "lora-deadline" in fedavg:
+        curves["FedAvg-LoRA (sync, round deadline)"] = fedavg["lora-deadline"]["curve"]
     bars = {
         "bytes": {
             "fedmobillm": fm["bytes_per_device"] / 1e6,

@@ -61,6 +61,24 @@ def test_one_fedavg_round(selftest: dict) -> None:
     assert 0.0 <= res["test"]["accuracy"] <= 1.0
 
 
+def test_a_round_deadline_cuts_the_straggler(selftest: dict) -> None:
+    """fedavg-lora-deadline: the deadline (the median of two devices' expected round times)
+    cuts the slow device; what it downloaded, computed and uploaded until the deadline is
+    counted (no more than a full round's), its update is not aggregated, and the round lasts the deadline, not the slow device's time."""
+    sync, res = selftest["fedavg"], selftest["fedavg_deadline"]
+    (rnd,) = res["rounds"]
+    assert rnd["dropped"] == [1] and sorted(rnd["devices"]) == [0, 1]
+    clients = {c["device"]: c for c in rnd["clients"]}
+    full = {c["device"]: c for c in sync["rounds"][0]["clients"]}
+    assert full[0]["sim_s"] < res["deadline_s"] < full[1]["sim_s"]
+    assert rnd["round_sim_s"] == pytest.approx(res["deadline_s"])
+    assert clients[1]["bytes_up"] < res["trainable_bytes"] == clients[1]["bytes_down"]
+    assert 0 < clients[1]["flops"] <= full[1]["flops"]
+    assert clients[0] == pytest.approx(full[0])  # the fast device's round is unchanged
+    assert (res["dropped_updates"], res["selected_updates"]) == (1, 2)
+    assert res["method"] == "fedavg-lora-deadline"
+
+
 def test_simulated_clock_arrivals(selftest: dict) -> None:
     fast, slow = selftest["arrivals"]["fast"], selftest["arrivals"]["slow"]
     assert [a[1:] for a in fast] == [[0, 16], [16, 32], [32, 40]]
