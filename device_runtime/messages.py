@@ -27,6 +27,7 @@ Any error: ErrorBody, with the HTTP status saying which.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -248,11 +249,18 @@ class PersonalManifest(Message):
 # -- validation --------------------------------------------------------------------------
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field, ...]]:
+    """A message class's resolved type hints and fields, worked out once per class
+    (``get_type_hints`` evaluates every annotation string anew: most of an upload's
+    acknowledgement time on the server's event loop before it was cached)."""
+    return get_type_hints(cls), dataclasses.fields(cls)
+
+
 def _build(cls: type[M], data: Any, where: str) -> M:
     if not isinstance(data, dict):
         raise _error(where, "a JSON object", data)
-    hints = get_type_hints(cls)
-    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    hints, fields = _fields(cls)
     missing = [
         f.name
         for f in fields

@@ -119,6 +119,7 @@ class Service:
         self.lm_max_seq_len = lm_max_seq_len
         self.counters = Counters()
         self._vocab: dict[str, int] = {}  # lm: architecture -> vocabulary size (meta)
+        self._labels: list[str] | None = None  # label_names once set (pinned: never change)
         self._pin_task(task)  # first: an lm data dir says --task lm, not only --inputs tokens
         self._pin_inputs(inputs)
         if anchors is not None:
@@ -391,7 +392,7 @@ class Service:
                     "in the server's anchor set) and label -1",
                     hint="fetch the anchors with GET /v1/anchors and upload them as given",
                 )
-        num_labels = len(self.store.label_names() or [])
+        num_labels = len(self.label_names() or [])
         bad = (batch.labels < -1) | (batch.labels >= num_labels)
         if bad.any():
             raise BadRequest(
@@ -433,6 +434,13 @@ class Service:
                 f"({vocab} tokens): the bundle's tokenizer cannot produce it",
                 hint="upload the ids the registered bundle's tokenizer gives",
             )
+
+    def label_names(self) -> list[str] | None:
+        """The task's label names (meta), read once they are set: the first registration
+        pins them and later ones must match (``register``), so a set value never changes."""
+        if self._labels is None:
+            self._labels = self.store.label_names()
+        return self._labels
 
     def vocab_size(self, architecture: str) -> int:
         """The lm architecture's vocabulary size, as registration stored it (meta)."""

@@ -1,5 +1,10 @@
 """What every router shares: authentication (admin token or device token), the service and
-settings of the app, and the error responses every route documents."""
+settings of the app, and the error responses every route documents.
+
+Dependencies that do not block are ``async def``: FastAPI runs a plain ``def`` dependency on
+a worker thread, a hop (and, with the trainer thread in the same process, a wait for the
+GIL) per dependency per request. Only ``_authenticate`` reads the store and stays on a
+thread."""
 
 from __future__ import annotations
 
@@ -30,11 +35,11 @@ class Principal:
 _bearer = HTTPBearer(auto_error=False, description="admin token or device token")
 
 
-def _service(request: Request) -> Service:
+async def _service(request: Request) -> Service:
     return request.app.state.service
 
 
-def _settings(request: Request) -> ServerSettings:
+async def _settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
@@ -58,13 +63,13 @@ def _authenticate(
     return Principal(admin=False, device=device)
 
 
-def _admin(principal: Annotated[Principal, Depends(_authenticate)]) -> Principal:
+async def _admin(principal: Annotated[Principal, Depends(_authenticate)]) -> Principal:
     if not principal.admin:
         raise Forbidden("this endpoint needs the admin token")
     return principal
 
 
-def _device(principal: Annotated[Principal, Depends(_authenticate)]) -> Device:
+async def _device(principal: Annotated[Principal, Depends(_authenticate)]) -> Device:
     if principal.device is None:
         raise Forbidden("this endpoint needs a device token")
     return principal.device

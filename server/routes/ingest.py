@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse
 
 from fedmobillm.device_runtime.messages import ROUTE_BATCHES, Ack
 from fedmobillm.server.errors import PayloadTooLarge, UnsupportedMediaType
@@ -31,9 +32,14 @@ BATCH_BODY = {
 
 
 def ingest_gate(request: Request) -> IngestGate:
-    """The app's IngestGate, made on first use (the trainer, whose backlog it reads, is
-    started by the app's lifespan)."""
-    state = request.app.state
+    """The app's IngestGate (``gate_of``)."""
+    return gate_of(request.app.state)
+
+
+def gate_of(state: Any) -> IngestGate:
+    """The IngestGate of an app's ``state``, made on first use: by the app's lifespan once its
+    trainer started (the gate reads its backlog; the trainer yields while uploads are in
+    flight), else by the first upload."""
     gate = getattr(state, "ingest_gate", None)
     if gate is None:
         s = state.settings
@@ -59,18 +65,20 @@ async def _admitted(request: Request) -> AsyncIterator[IngestGate]:
         yield gate
 
 
-@router.post(ROUTE_BATCHES, openapi_extra=BATCH_BODY)
+@router.post(ROUTE_BATCHES, response_model=Ack, openapi_extra=BATCH_BODY)
 async def upload(
     gate: Annotated[IngestGate, Depends(_admitted)],  # first: 429 before auth when busy
     request: Request,
     device: DeviceAuth,
     service: ServiceDep,
     settings: SettingsDep,
-) -> Ack:
+) -> JSONResponse:
     body = await _read_body(request, settings.max_body_bytes)
     ingest = functools.partial(service.ingest, device, body, write_slot=gate.write_slot)
     ack = await anyio.to_thread.run_sync(ingest, limiter=gate.limiter)
-    return Ack.from_dict(ack)
+    # checked against the Ack message here; returned as a response, so that FastAPI does not
+    # validate and serialise it a second time through the response model (documented above)
+    return JSONResponse(Ack.from_dict(ack).to_dict())
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
