@@ -5,7 +5,8 @@
 
 For each fleet size: a fresh `fedmobillm serve` subprocess (uvicorn on loopback, SQLite,
 trainer on, back-pressure at its defaults); Ray actors (``--actors``), each driving many
-simulated devices from one asyncio loop. A device registers, waits a start jitter, then loops:
+simulated devices from one asyncio loop, each device with its own HTTP client and keep-alive
+connection. A device registers, waits a start jitter, then loops:
 "computes" a batch (sleeps its profile's ms per sample x batch), "sends" it (sleeps the bytes
 at its profile's bandwidth), POSTs a real int8 batch (K=3 taps x d=384 per sample, the
 MiniLM-L6 int8 pivot layout: synthetic values, quantised with the bundle's scales, encoded by
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import random
+import ssl
 import sys
 import tempfile
 import time
@@ -71,17 +73,23 @@ class FleetWorker:
     async def _run(self, ids: list[int], t_start: float, duration: float, jitter_s: float):
         limits = httpx.Limits(max_connections=len(ids) + 8, max_keepalive_connections=len(ids))
         records: list[tuple] = []
+        self.failures: dict[str, int] = {}  # failed answers (no HTTP status) by exception
         async with httpx.AsyncClient(timeout=TIMEOUT_S, limits=limits) as client:
             regs = await asyncio.gather(*(self._register(client, i) for i in ids))
-            await asyncio.sleep(max(0.0, t_start - time.time()))
-            t_end = t_start + duration
-            await asyncio.gather(
-                *(
-                    self._device(client, i, r, t_end, jitter_s, records)
-                    for i, r in zip(ids, regs, strict=True)
-                )
+        await asyncio.sleep(max(0.0, t_start - time.time()))
+        t_end = t_start + duration
+        # each device its own client and connection, as a phone has: one pool shared by all
+        # the actor's devices cost the client O(devices) per request (httpcore scans every
+        # pooled connection), most of the actor's CPU on the cores the server shares; one TLS
+        # context for all (unused on http://, made once instead of per client)
+        tls = ssl.create_default_context()
+        await asyncio.gather(
+            *(
+                self._device(tls, i, r, t_end, jitter_s, records)
+                for i, r in zip(ids, regs, strict=True)
             )
-        return {"records": records}
+        )
+        return {"records": records, "failures": self.failures}
 
     async def _register(self, client: httpx.AsyncClient, i: int) -> dict:
         m = manifest(*ARCHS[i % len(ARCHS)])
@@ -95,9 +103,15 @@ class FleetWorker:
         raise RuntimeError(f"registration of device {i} failed: {r.status_code} {r.text[:200]}")
 
     async def _device(
-        self, client: httpx.AsyncClient, i: int, reg: dict, t_end: float, jitter_s: float, out
+        self, tls: ssl.SSLContext, i: int, reg: dict, t_end: float, jitter_s: float, out
     ) -> None:
         """Upload batches until t_end; append (t_ack, latency_s, status, samples, tries)."""
+        async with httpx.AsyncClient(timeout=TIMEOUT_S, verify=tls) as client:
+            await self._uploads(client, i, reg, t_end, jitter_s, out)
+
+    async def _uploads(
+        self, client: httpx.AsyncClient, i: int, reg: dict, t_end: float, jitter_s: float, out
+    ) -> None:
         from fedmobillm.device_runtime.serde import Batch, encode_batch, quantize_int8
 
         rng = np.random.default_rng(self.seed * 100_003 + i)
@@ -130,10 +144,12 @@ class FleetWorker:
                         f"{self.url}{ROUTE_BATCHES}", content=body, headers=headers
                     )
                     status = r.status_code
-                except httpx.TimeoutException:
+                except httpx.TimeoutException as exc:
                     status = -1
-                except httpx.TransportError:
+                    self._failed(exc)
+                except httpx.TransportError as exc:
                     status = -2
+                    self._failed(exc)
                 t1 = time.time()
                 n = self.batch if status == 200 else 0
                 out.append((t1, t1 - t0, status, n, tries))
@@ -141,6 +157,10 @@ class FleetWorker:
                     break
                 wait = float(r.headers.get("Retry-After", "1"))
                 await asyncio.sleep(wait + random.uniform(0.0, wait))
+
+    def _failed(self, exc: Exception) -> None:
+        name = f"{type(exc).__name__}: {str(exc)[:80]}"
+        self.failures[name] = self.failures.get(name, 0) + 1
 
 
 def _poll(srv: Server, t_end: float, every: float) -> list[dict]:
@@ -154,7 +174,9 @@ def _poll(srv: Server, t_end: float, every: float) -> list[dict]:
             tr = r.json()["trainer"]
         except httpx.HTTPError:
             tr = {}
-        rss = sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        procs = [proc, *proc.children(recursive=True)]
+        rss = sum(p.memory_info().rss for p in procs)
+        cpu = sum(sum(p.cpu_times()[:2]) for p in procs)  # user + system, s
         out.append(
             {
                 "t": t0,
@@ -163,6 +185,7 @@ def _poll(srv: Server, t_end: float, every: float) -> list[dict]:
                 "cache": tr.get("cache"),
                 "backlog": tr.get("backlog"),
                 "rss_mb": rss / 2**20,
+                "cpu_s": cpu,
             }
         )
         time.sleep(max(0.0, every - (time.time() - t0)))
@@ -195,7 +218,11 @@ def run_size(ray: Any, workdir: Path, n: int, args: argparse.Namespace) -> dict:
     records = [r for p in parts for r in p["records"]]
     load = [round(x, 1) for x in os.getloadavg()]
     row = summarise(n, records, polled, t_start, args.duration, load, stored)
-    return {**row, "uploads_per_commit": grouped}
+    failures: dict[str, int] = {}
+    for p in parts:
+        for name, k in p["failures"].items():
+            failures[name] = failures.get(name, 0) + k
+    return {**row, "uploads_per_commit": grouped, "failures": failures}
 
 
 def summarise(
@@ -209,6 +236,14 @@ def summarise(
     seen = [p["samples_seen"] for p in polled]
     t_poll = [p["t"] for p in polled]
     trainer_rate = (seen[-1] - seen[0]) / (t_poll[-1] - t_poll[0]) if len(seen) > 1 else None
+    # the server's CPU (its trainer thread included) per upload acknowledged between the
+    # first and the last poll, and its share of one core
+    cpu_ms = cores = None
+    if len(polled) > 1:
+        span = ok[(ok[:, 0] >= t_poll[0]) & (ok[:, 0] < t_poll[-1])]
+        cpu = polled[-1]["cpu_s"] - polled[0]["cpu_s"]
+        cpu_ms = 1000 * cpu / len(span) if len(span) else None
+        cores = cpu / (t_poll[-1] - t_poll[0])
     timeline = []
     for s in range(int(duration)):
         w = rec[(rec[:, 0] >= t0 + s) & (rec[:, 0] < t0 + s + 1)]
@@ -239,6 +274,8 @@ def summarise(
             for k, v in zip(*np.unique(rec[:, 2], return_counts=True), strict=True)
         },
         "trainer_samples_per_s": round(trainer_rate, 1) if trainer_rate is not None else None,
+        "server_cpu_ms_per_ack": round(cpu_ms, 2) if cpu_ms is not None else None,
+        "server_cpu_cores": round(cores, 3) if cores is not None else None,
         "server_rss_mb_max": round(max(p["rss_mb"] for p in polled), 1) if polled else None,
         "status_s_max": round(max(p["status_s"] for p in polled), 2) if polled else None,
         "trainer_cache_end": stored,

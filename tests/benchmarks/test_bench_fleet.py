@@ -26,7 +26,8 @@ def test_bench_fleet_writes_its_report(tmp_path):
     report = json.loads((out / "fleet.json").read_text())
     (row,) = report["rows"]
     assert row["devices"] == 6 and row["acked_samples"] > 0
-    assert row["errors"] == 0 and row["timeouts"] == 0
+    assert row["errors"] == 0 and row["timeouts"] == 0 and row["failures"] == {}
+    assert row["server_cpu_ms_per_ack"] > 0 and row["server_cpu_cores"] > 0
     assert row["acked_batches"] + round(row["share_429"] * row["responses"]) == row["responses"]
     assert len(row["timeline"]) == 6 and row["polled"]
     assert (out / "fleet.png").stat().st_size > 0 and "| 6 |" in (out / "fleet.md").read_text()
