@@ -57,37 +57,48 @@ def victim_split(dataset: str, split: str, limit: int | None, seed: int) -> Text
     )
 
 
-def _amazon_texts() -> list[str]:
+def _amazon_texts() -> list[tuple[str, int]]:
+    """(text, label) of the Amazon snippets: label 1 for a mean rating above 0, 0 below, -1
+    for a zero rating (as the vader data sets label theirs)."""
     from fedmobillm.data.fetch import vader_file
 
     out = []
     for line in vader_file(AMAZON_FILE).splitlines():
         parts = line.split("\t", 2)
         if len(parts) == 3 and parts[2].strip():
-            out.append(parts[2].strip())
+            rating = float(parts[1])
+            out.append((parts[2].strip(), int(rating > 0) if rating != 0 else -1))
     return out
 
 
 def public_texts(exclude: set[str], limit: int | None, seed: int) -> Texts:
     """The attacker's public text (see the module docstring), shuffled (seeded), texts in
-    ``exclude`` (the victim corpus) and duplicates dropped, the first ``limit``."""
+    ``exclude`` (the victim corpus) and duplicates dropped, the first ``limit``. Its labels
+    are the public corpora's own sentiment (1 positive, 0 negative, -1 a zero Amazon
+    rating): public, like the texts (a supervised projection is fitted on them)."""
     from fedmobillm.data import load_dataset
 
-    pool: list[str] = []
+    pool: list[tuple[str, int]] = []
     for name in PUBLIC_SETS:
         ds = load_dataset(name, seed=seed)
-        pool += [r.text for s in ("train", "validation", "test") for r in ds.splits[s]]
+        if list(ds.label_names) != ["negative", "positive"]:
+            raise FedMobiLLMError(f"{name}: labels {ds.label_names}, not negative/positive")
+        pool += [
+            (r.text, int(r.label)) for s in ("train", "validation", "test") for r in ds.splits[s]
+        ]
     pool += _amazon_texts()
     seen = set(exclude)
     unique = []
-    for t in pool:
+    for t, y in pool:
         if t not in seen:
             seen.add(t)
-            unique.append(t)
+            unique.append((t, y))
     order = np.random.default_rng([seed, 19]).permutation(len(unique))
     chosen = [unique[i] for i in order[: limit if limit is not None else len(unique)]]
     return Texts(
-        chosen, np.full(len(chosen), -1, np.int64), "+".join((*PUBLIC_SETS, "amazon-snippets"))
+        [t for t, _ in chosen],
+        np.asarray([y for _, y in chosen], np.int64),
+        "+".join((*PUBLIC_SETS, "amazon-snippets")),
     )
 
 

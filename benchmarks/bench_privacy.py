@@ -103,6 +103,8 @@ class PrivacyConfig:
     # TARGET_EPSILON on validation; the best is used at every epsilon ((): not measured)
     projection_ranks: tuple[int, ...] = (8, 16, 32, 64)
     projection_whiten: tuple[bool, ...] = (False, True)  # plain PCA and/or whitened, tried
+    # discriminant directions of the public labels first (0: plain PCA), tried
+    projection_supervised: tuple[int, ...] = (0,)
     plain: bool = True  # also the unprojected mechanism's rows (False: only its inf row)
     side_lrs: tuple[float, ...] = (2e-3, 5e-4)  # noise-aware choice on validation, per eps
     steps: int = 300
@@ -146,7 +148,9 @@ class Data:
     meta: dict[str, Any]  # architecture, taps, depth, hidden, bundle_sha256
     label_names: list[str]
     taps: dict[str, np.ndarray]  # train / validation / test / public / public_val
-    labels: dict[str, np.ndarray]  # train / validation / test: (N,) int64
+    # train / validation / test: (N,) int64; public / public_val: the public corpora's own
+    # sentiment (-1: none), for a supervised projection
+    labels: dict[str, np.ndarray]
     sets: dict[str, list[frozenset[str]]]  # content words: train / validation / public / public_val
 
 
@@ -178,6 +182,7 @@ def prepare(cfg: PrivacyConfig) -> Data:
     n_val = max(1, int(round(cfg.public_val * len(public.texts))))
     both, every_public = taps.pop("public_all"), texts.pop("public_all")
     taps["public"], taps["public_val"] = both[n_val:], both[:n_val]
+    public_labels = {"public": public.labels[n_val:], "public_val": public.labels[:n_val]}
     texts["public"], texts["public_val"] = every_public[n_val:], every_public[:n_val]
     stop = stop_words()
     return Data(
@@ -195,7 +200,7 @@ def prepare(cfg: PrivacyConfig) -> Data:
         },
         label_names=list(full.label_names),
         taps=taps,
-        labels={s: v.labels for s, v in victim.items()},
+        labels={**{s: v.labels for s, v in victim.items()}, **public_labels},
         sets={
             s: [words(x, stop) for x in texts[s]]
             for s in ("train", "validation", "public", "public_val")
@@ -275,13 +280,18 @@ def setting_for(
     return Setting(epsilon, float(clip), sigma, z, data.scales, projection)
 
 
-def fit_public_projection(data: Data, rank: int, whiten: bool) -> tuple[Any, list[float]]:
-    """The per-tap PCA basis of rank ``rank`` on the attacker's public training sentences
-    (public text of other corpora, never the victim's), as ``export --dp-projection`` fits
-    it on public calibration text. Returns (projection, variance share kept per tap)."""
+def fit_public_projection(
+    data: Data, rank: int, whiten: bool, supervised: int = 0
+) -> tuple[Any, list[float]]:
+    """The per-tap basis of rank ``rank`` on the attacker's public training sentences (public
+    text of other corpora, never the victim's), as ``export --dp-projection`` fits it on
+    public calibration text: PCA, or with ``supervised`` S the first S rows the discriminant
+    directions of the public corpora's own sentiment labels (``export
+    --dp-projection-supervised S``). Returns (projection, variance share kept per tap)."""
     from fedmobillm.device_runtime.dp_projection import fit_projection
 
-    return fit_projection(data.taps["public"], rank, whiten)
+    labels = data.labels["public"] if supervised else None
+    return fit_projection(data.taps["public"], rank, whiten, labels, supervised)
 
 
 def saturation(setting: Setting, uploads: np.ndarray) -> float:
@@ -473,16 +483,24 @@ def choose_rank(cfg: PrivacyConfig, data: Data, work: Path) -> tuple[Any, dict, 
     device's default int8 clip rule, first side learning rate; the test split is never
     looked at). Returns (projection, its run, the choice's summary)."""
     tried, best = [], None
-    for rank, whiten in [(r, w) for r in cfg.projection_ranks for w in cfg.projection_whiten]:
-        proj, kept = fit_public_projection(data, rank, whiten)
+    grid = [
+        (r, w, sup)
+        for r in cfg.projection_ranks
+        for w in cfg.projection_whiten
+        for sup in cfg.projection_supervised
+        if sup <= r
+    ]
+    for rank, whiten, sup in grid:
+        proj, kept = fit_public_projection(data, rank, whiten, sup)
         s = setting_for(TARGET_EPSILON, "int8", data, cfg.delta, proj)
         up = victim_uploads(cfg, data, s)["train"]
-        tag = f"rank-{rank}{'-whitened' if whiten else ''}"
+        tag = f"rank-{rank}{'-whitened' if whiten else ''}-sup{sup}"
         run = train_side_network(cfg, data, up, cfg.side_lrs[0], work / tag, setting=s)
         tried.append(
             {
                 "rank": rank,
                 "whiten": whiten,
+                "supervised": sup,
                 "clip": s.clip,
                 "variance_kept": kept,
                 "lr": cfg.side_lrs[0],
@@ -490,21 +508,28 @@ def choose_rank(cfg: PrivacyConfig, data: Data, work: Path) -> tuple[Any, dict, 
             }
         )
         log.info(
-            "projection rank %d%s (variance kept %s, clip %.4g): val accuracy %.4f at eps %g",
-            rank, " whitened" if whiten else "", [round(v, 3) for v in kept], s.clip,
-            run["val_accuracy"], TARGET_EPSILON,
+            "projection rank %d%s, %d supervised (variance kept %s, clip %.4g): val accuracy "
+            "%.4f at eps %g", rank, " whitened" if whiten else "", sup,
+            [round(v, 3) for v in kept], s.clip, run["val_accuracy"], TARGET_EPSILON,
         )  # fmt: skip
         if best is None or run["val_accuracy"] > best[1]["val_accuracy"]:
-            best = (proj, run)
+            best = (proj, run, sup)
     if best is None:
         raise FedMobiLLMError("no projection rank to try", hint="give --projection-ranks")
     how = (
         f"the rank with the best clean-validation accuracy at epsilon {TARGET_EPSILON:g} "
         f"(side lr {cfg.side_lrs[0]:g}, the device's int8 clip rule), used at every epsilon; "
-        "per-tap PCA of the attacker's public training sentences (never the victim's data); "
-        "the test split is not used for the choice"
+        "per-tap basis of the attacker's public training sentences (PCA, or its first "
+        "directions the discriminants of their own sentiment labels: never the victim's data "
+        "or labels); the test split is not used for the choice"
     )
-    choice = {"rank": best[0].rank, "whiten": best[0].whitened, "tried": tried, "how": how}
+    choice = {
+        "rank": best[0].rank,
+        "whiten": best[0].whitened,
+        "supervised": best[2],
+        "tried": tried,
+        "how": how,
+    }
     return best[0], best[1], choice
 
 
@@ -517,12 +542,14 @@ def projected_rows(
         return [], {}, []
     t0 = time.perf_counter()
     proj, run8, choice = choose_rank(cfg, data, work / "ranks")
+    proj_sup = choice["supervised"]
     choice["seconds"] = time.perf_counter() - t0
     rows, curve = [], []
     for eps in cfg.epsilons:
         s = setting_for(eps, "int8", data, cfg.delta, proj)
         reuse = run8 if eps == TARGET_EPSILON else None
-        rows.append(sweep_row(cfg, data, s, work / f"proj-eps-{eps}", reuse))
+        row = sweep_row(cfg, data, s, work / f"proj-eps-{eps}", reuse)
+        rows.append({**row, "projection_supervised": proj_sup})
     for eps in sorted({*cfg.epsilons, *cfg.reid_epsilons}, reverse=True):
         s = setting_for(eps, "int8", data, cfg.delta, proj)
         up = victim_uploads(cfg, data, s)["train"]
@@ -835,6 +862,11 @@ def _target_line(t: dict) -> str:
     )
 
 
+def _basis_name(choice: dict) -> str:
+    sup = choice.get("supervised") or 0
+    return f"{sup} discriminant + PCA basis" if sup else "PCA basis"
+
+
 def projected_markdown(result: dict) -> list[str]:
     """The projected mechanism's section of privacy.md (empty when not measured)."""
     rows, c = result.get("projected_rows") or [], result.get("projection_choice") or {}
@@ -842,12 +874,13 @@ def projected_markdown(result: dict) -> list[str]:
         return []
     lines = [
         "",
-        f"### Projected before noise (rank {c['rank']} per tap, public PCA basis"
+        f"### Projected before noise (rank {c['rank']} per tap, public {_basis_name(c)}"
         f"{', whitened' if c.get('whiten') else ''})",
         "",
         "Rank chosen on validation: "
         + ", ".join(
-            f"R {t['rank']}{' whitened' if t.get('whiten') else ''}: val "
+            f"R {t['rank']}{' whitened' if t.get('whiten') else ''}"
+            f"{', ' + str(t['supervised']) + ' supervised' if t.get('supervised') else ''}: val "
             f"{100 * t['val_accuracy']:.2f}% (variance kept "
             f"{min(t['variance_kept']):.2f}-{max(t['variance_kept']):.2f}, clip {t['clip']:.3g})"
             for t in c["tried"]
@@ -1019,6 +1052,13 @@ def _ranks(value: str | None) -> tuple[int, ...] | None:
         raise FedMobiLLMError(f"--projection-ranks {value!r}", hint="e.g. 8,16,32") from exc
 
 
+def _ranks0(value: str | None) -> tuple[int, ...] | None:
+    try:
+        return tuple(int(v) for v in split_csv(value) or ()) or None
+    except ValueError as exc:
+        raise FedMobiLLMError(f"--projection-supervised {value!r}", hint="e.g. 0,1") from exc
+
+
 def _quantile(text: str) -> bool:
     try:
         return 0.0 < float(text) <= 1.0
@@ -1060,6 +1100,11 @@ def _parser() -> argparse.ArgumentParser:
         help="try whitened PCA bases, plain ones, or both (default both)",
     )
     p.add_argument(
+        "--projection-supervised",
+        help="comma-separated counts of discriminant directions of the public labels to try "
+        "first in the basis (default 0: plain PCA; 1: export --dp-projection-supervised 1)",
+    )
+    p.add_argument(
         "--projected-only",
         action="store_true",
         help="measure the projected mechanism only (the plain one's inf row as the reference)",
@@ -1084,6 +1129,7 @@ def _config(a: argparse.Namespace) -> PrivacyConfig:
         projection_ranks=_ranks(a.projection_ranks), plain=False if a.projected_only else None,
         projection_whiten={"both": (False, True), "yes": (True,), "no": (False,)}[
             a.projection_whiten],
+        projection_supervised=_ranks0(a.projection_supervised),
         label_epsilons=() if a.label_epsilons == "none" else _floats(a.label_epsilons), side_lrs=_floats(a.side_lrs), steps=a.steps,
         bundle=a.bundle, seed=a.seed,
     )  # fmt: skip
@@ -1109,6 +1155,8 @@ def check(cfg: PrivacyConfig) -> None:
             raise FedMobiLLMError(f"unknown clip rule {rule!r}", hint="int8 or qX, 0 < X <= 1")
     if not cfg.clip_rules:
         raise FedMobiLLMError("--clip-rules is empty", hint="e.g. int8,q0.5")
+    if any(s < 0 for s in cfg.projection_supervised) or not cfg.projection_supervised:
+        raise FedMobiLLMError("--projection-supervised must be counts >= 0", hint="e.g. 0,1")
     if any(r < 1 for r in cfg.projection_ranks):
         raise FedMobiLLMError("--projection-ranks must be positive", hint="e.g. 8,16,32")
     if not cfg.plain and not cfg.projection_ranks:

@@ -45,6 +45,7 @@ MANIFEST_KEY = "dp_projection"  # manifest entry: {"file", "rank", "centered", .
 FORMAT = "fedmobillm-dp-projection-1"
 MIN_VARIANCE_SHARE = 1e-6  # components under this x the top public variance are refused
 ORTHONORMAL_TOL = 1e-4
+SHRINKAGE = 0.1  # discriminants: covariance + SHRINKAGE * its mean eigenvalue
 
 
 @dataclass(frozen=True)
@@ -171,12 +172,26 @@ def orthonormality_error(basis: np.ndarray) -> float:
 
 
 def fit_projection(
-    vectors: np.ndarray, rank: int, whiten: bool = False
+    vectors: np.ndarray,
+    rank: int,
+    whiten: bool = False,
+    labels: np.ndarray | None = None,
+    supervised: int = 0,
+    shrinkage: float = SHRINKAGE,
 ) -> tuple[DpProjection, list[float]]:
-    """PCA per tap of public activations ``vectors`` (M, K, d) (pivot vectors, or every real
-    token's vectors stacked): centre = the mean, basis = the top ``rank`` eigenvectors of
-    the covariance; ``whiten``: scale = 1 / sqrt(each component's public variance). Returns
-    the projection and, per tap, the share of variance it keeps."""
+    """The per-tap basis of public activations ``vectors`` (M, K, d) (pivot vectors, or every
+    real token's vectors stacked): centre = the mean; basis = first ``supervised``
+    discriminant directions of the public ``labels`` (M,) (-1: unlabelled, counted in the
+    covariance only), then the top eigenvectors of the covariance of what they leave
+    (plain PCA when ``supervised`` is 0), ``rank`` rows in all, orthonormal; ``whiten``:
+    scale = 1 / sqrt(each component's public variance). Returns the projection and, per
+    tap, the share of variance it keeps.
+
+    The discriminant directions (``discriminants``: Fisher's LDA with a shrunk covariance)
+    are where the public labels differ most per unit of public spread: for a task like the
+    public labels' (sentiment of other corpora) a few such coordinates carry more of the
+    label than many of the largest-variance ones, and each coordinate costs the same noise.
+    The labels must be public too: they shape what every upload keeps."""
     v = np.asarray(vectors, np.float64)
     if v.ndim != 3 or v.shape[0] < 2:
         raise FedMobiLLMError(f"fit_projection takes public vectors (M >= 2, K, d), got {v.shape}")
@@ -191,23 +206,84 @@ def fit_projection(
             f"span at most {v.shape[0] - 1} directions, the rest would have zero variance",
             hint="pass more public calibration text (--calibration) or a smaller rank",
         )
+    y = _check_labels(labels, supervised, rank, v.shape[0])
     bases, means, kept, scales = [], [], [], []
     for k in range(v.shape[1]):
         x = v[:, k, :]
         mu = x.mean(axis=0)
         cov = np.cov(x - mu, rowvar=False)  # (d, d)
-        vals, vecs = np.linalg.eigh(cov)  # ascending
-        top = vecs[:, ::-1][:, :rank].T  # (R, d) orthonormal rows
-        q, _ = np.linalg.qr(top.T)  # re-orthonormalise (fp error)
+        lead = discriminants(x, y, supervised, shrinkage) if supervised else np.zeros((0, len(mu)))
+        # the covariance of what the discriminant directions leave: P = I - L^T L
+        rest = np.eye(len(mu)) - lead.T @ lead  # (d, d)
+        vals, vecs = np.linalg.eigh(rest @ cov @ rest)  # ascending
+        top = np.vstack([lead, vecs[:, ::-1][:, : rank - len(lead)].T])  # (R, d)
+        q, _ = np.linalg.qr(top.T)  # re-orthonormalise (fp error), keeps the order
         basis = q.T  # (R, d)
         bases.append(np.ascontiguousarray(basis, np.float32))
         means.append(mu.astype(np.float32))
         var = np.einsum("rd,de,re->r", basis, cov, basis)  # (R,) public variance
         _check_variance(var, k, rank)
         scales.append(1.0 / np.sqrt(np.maximum(var, 1e-12)) if whiten else np.ones(rank))
-        kept.append(float(vals[::-1][:rank].sum() / max(vals.sum(), 1e-30)))
+        kept.append(float(var.sum() / max(np.trace(cov), 1e-30)))
     scale = np.stack(scales).astype(np.float32)
     return DpProjection(np.stack(bases), np.stack(means), scale), kept
+
+
+def discriminants(
+    x: np.ndarray, labels: np.ndarray, count: int, shrinkage: float = SHRINKAGE
+) -> np.ndarray:
+    """(count, d) orthonormal rows spanning the top ``count`` Fisher discriminant directions
+    of ``x`` (M, d) with ``labels`` (M,) (-1: unlabelled): the leading generalized
+    eigenvectors of S_b w = lambda C w, S_b the between-class scatter of the labelled
+    vectors, C the covariance of all of them shrunk towards its mean eigenvalue
+    (C + shrinkage * tr(C) / d * I, so that directions of tiny public variance cannot
+    dominate). At most (number of classes - 1) directions exist."""
+    x = np.asarray(x, np.float64)
+    mu = x.mean(axis=0)
+    cov = np.cov(x - mu, rowvar=False)
+    reg = cov + shrinkage * np.trace(cov) / len(mu) * np.eye(len(mu))
+    lab = labels >= 0
+    classes = np.unique(labels[lab])
+    if len(classes) - 1 < count:
+        raise FedMobiLLMError(
+            f"{count} discriminant directions need {count + 1} public classes, the labels "
+            f"have {len(classes)}",
+            hint="ask for fewer supervised directions or use labelled public text",
+        )
+    centre = x[lab].mean(axis=0)
+    diffs = np.stack(
+        [np.sqrt(np.sum(labels == c)) * (x[labels == c].mean(axis=0) - centre) for c in classes]
+    )  # (C, d): S_b = diffs^T diffs
+    # C^-1/2 S_b C^-1/2 is symmetric: its top eigenvectors e give w = C^-1/2 e
+    vals, vecs = np.linalg.eigh(reg)
+    inv_root = (vecs / np.sqrt(vals)) @ vecs.T  # (d, d)
+    m = inv_root @ diffs.T  # (d, C)
+    u, _, _ = np.linalg.svd(m, full_matrices=False)  # top left singular vectors of m m^T
+    w = inv_root @ u[:, :count]  # (d, count)
+    q, _ = np.linalg.qr(w)
+    return q.T  # (count, d)
+
+
+def _check_labels(
+    labels: np.ndarray | None, supervised: int, rank: int, m: int
+) -> np.ndarray | None:
+    """The public labels as (M,) int64 when ``supervised`` directions are asked for."""
+    if supervised < 0 or supervised > rank:
+        raise FedMobiLLMError(
+            f"{supervised} supervised directions must be in 0..{rank} (the rank)",
+            hint="e.g. 1 for a two-class task",
+        )
+    if not supervised:
+        return None
+    if labels is None:
+        raise FedMobiLLMError(
+            "a supervised dp projection needs the public text's labels",
+            hint="pass labelled public calibration data (a data set or .jsonl/.csv with labels)",
+        )
+    y = np.asarray(labels).astype(np.int64)
+    if y.shape != (m,):
+        raise FedMobiLLMError(f"{len(y)} labels for {m} public vectors")
+    return y
 
 
 def _check_variance(var: np.ndarray, tap: int, rank: int) -> None:

@@ -69,6 +69,29 @@ def calibration_texts(source: str | None, limit: int = 64) -> list[str]:
     return texts
 
 
+def calibration_records(source: str, limit: int) -> tuple[list[str], list[int]]:
+    """Texts and their labels (-1: none) from a labelled data name or .jsonl/.csv file (its
+    train split, else its first): what a supervised ``--dp-projection`` is fitted on. A
+    .txt file has no labels and is refused, as is data with fewer than two classes."""
+    if Path(source).suffix == ".txt":
+        raise FedMobiLLMError(
+            f"calibration file {source} has no labels (one text a line)",
+            hint="a supervised dp projection needs labelled public data: a data set name or "
+            "a .jsonl/.csv file with columns text,label",
+        )
+    from fedmobillm.data import load_dataset
+
+    dataset = load_dataset(source)
+    split = dataset.splits.get("train") or next(iter(dataset.splits.values()))
+    rows = [(r.text, int(r.label)) for r in split if r.text.strip()][:limit]
+    if len({y for _, y in rows if y >= 0}) < 2:
+        raise FedMobiLLMError(
+            f"calibration data {source!r} has fewer than two labelled classes",
+            hint="a supervised dp projection needs labelled public data",
+        )
+    return [t for t, _ in rows], [y for _, y in rows]
+
+
 def texts_from_file(path: Path) -> list[str]:
     return [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
 

@@ -103,6 +103,9 @@ class ExportOptions:
     # before noise, device_runtime/dp_projection.py); None: no projection in the bundle
     dp_projection: int | None = None
     dp_projection_whiten: bool = True  # scale each component to unit public variance
+    # its first rows: the discriminant directions of the calibration data's labels (which
+    # must be public and labelled); the rest PCA of what they leave
+    dp_projection_supervised: int = 0
 
     def __post_init__(self) -> None:
         from fedmobillm.export.graphs import check_combination
@@ -142,6 +145,15 @@ class ExportOptions:
                 "calibration (movie-snippets' train split, the text the device flows federate)",
                 hint="pass public text of another corpus, e.g. --calibration nyt-snippets or "
                 "--calibration public.txt (one text a line)",
+            )
+        if self.dp_projection_supervised and (
+            self.dp_projection is None
+            or not 0 < self.dp_projection_supervised <= self.dp_projection
+        ):
+            raise FedMobiLLMError(
+                f"--dp-projection-supervised {self.dp_projection_supervised} needs "
+                "--dp-projection R with R at least as large",
+                hint="e.g. --dp-projection 16 --dp-projection-supervised 1",
             )
         check_combination(self.quant, self.formats)
         if self.fallback_quant:
@@ -311,6 +323,7 @@ def export_bundle(
     generate: bool = False,
     dp_projection: int | None = None,
     dp_projection_whiten: bool = True,
+    dp_projection_supervised: int = 0,
 ) -> Manifest:
     """Export `model` to a bundle in `out_dir`; returns its (validated) manifest.
 
@@ -321,7 +334,8 @@ def export_bundle(
     listed under ``generation`` in manifest.json. ``dp_projection``: rank R of a per-tap PCA
     basis fitted on the (public!) calibration text, written as ``dp_projection.safetensors``
     and named by the manifest's ``dp_projection`` entry: the device's privacy mechanism
-    clips and noises in that subspace."""
+    clips and noises in that subspace; ``dp_projection_supervised`` of its rows are the
+    discriminant directions of the calibration data's labels (labelled public data)."""
     opts = ExportOptions(
         model,
         Path(out_dir),
@@ -336,6 +350,7 @@ def export_bundle(
         generate=generate,
         dp_projection=dp_projection,
         dp_projection_whiten=dp_projection_whiten,
+        dp_projection_supervised=dp_projection_supervised,
     )
     check_out_dir(opts.out_dir)
     quiet_libraries()
@@ -539,7 +554,9 @@ def _generation(opts: ExportOptions, folder: Path, taps, tmp: Path, ids, mask, t
 def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> dict:
     """``--dp-projection R``: the per-tap PCA (rank R, centred) of the taps of up to
     DP_PROJECTION_TEXTS calibration texts (every real token's vectors for a token bundle),
-    written into ``tmp`` (hashed with the other files). Returns the manifest's entry."""
+    written into ``tmp`` (hashed with the other files); with ``dp_projection_supervised``
+    S, its first S rows are the discriminant directions of the calibration labels (every
+    token of a text carries the text's label). Returns the manifest's entry."""
     import numpy as np
 
     from fedmobillm.device_runtime.dp_projection import PROJECTION_FILE, fit_projection
@@ -549,12 +566,22 @@ def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> d
         raise FedMobiLLMError("--dp-projection needs --calibration (public text)")
     with stage("dp-projection", opts.stage_seconds):
         source = _calibration_source(opts.calibration)
-        texts = calibrate.calibration_texts(opts.calibration, limit=DP_PROJECTION_TEXTS)
+        sup = opts.dp_projection_supervised
+        if sup:
+            texts, y = calibrate.calibration_records(opts.calibration, DP_PROJECTION_TEXTS)
+            labels = np.asarray(y, np.int64)  # (N,)
+        else:
+            texts = calibrate.calibration_texts(opts.calibration, limit=DP_PROJECTION_TEXTS)
+            labels = np.full(len(texts), -1, np.int64)
         ids, mask = calibrate.tokenize(tok, texts, opts.max_seq_len)
         taps = np.asarray(calibrate.eager_taps(wrapped, ids, mask))  # (N, K, d) | (N, K, T, d)
         if taps.ndim == 4:  # a token bundle: every real token's K vectors
-            taps = taps.transpose(0, 2, 1, 3)[np.asarray(mask, dtype=bool)]  # (M, K, d)
-        proj, kept = fit_projection(taps, rank, opts.dp_projection_whiten)
+            real = np.asarray(mask, dtype=bool)  # (N, T)
+            taps = taps.transpose(0, 2, 1, 3)[real]  # (M, K, d)
+            labels = np.broadcast_to(labels[:, None], real.shape)[real]  # (M,)
+        proj, kept = fit_projection(
+            taps, rank, opts.dp_projection_whiten, labels if sup else None, sup
+        )
         proj.save(tmp / PROJECTION_FILE, {"calibration": str(source)})
         log.info(
             "dp-projection: rank %d of %d per tap from %d vectors of %d texts of %s (variance "
@@ -566,6 +593,7 @@ def _dp_projection(opts: ExportOptions, wrapped, tok, tmp: Path, rank: int) -> d
         "rank": proj.rank,
         "centered": True,
         "whitened": proj.whitened,
+        "supervised": int(opts.dp_projection_supervised),
         "calibration": str(source),
         "texts": len(texts),
         "vectors": int(len(taps)),

@@ -17,6 +17,7 @@ from fedmobillm.device_runtime import privacy as P
 from fedmobillm.device_runtime.dp_projection import (
     PROJECTION_FILE,
     DpProjection,
+    discriminants,
     fit_projection,
     load_projection,
     orthonormality_error,
@@ -161,6 +162,68 @@ def test_accounting_and_the_release_settings_do_not_change():
     assert projected.clip == pytest.approx(plain.clip / proj.spread)
 
 
+def labelled_vectors(m: int = 800, k: int = 2, d: int = 32, seed: int = 0):
+    """(m, K, d) vectors whose label lives in a direction of small variance (the last of
+    ``public_vectors``' spread), and (m,) labels with a few unlabelled (-1)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, m)  # (m,)
+    spread = np.geomspace(5.0, 0.05, d)  # (d,)
+    x = rng.standard_normal((m, k, d)) * spread  # (m, K, d)
+    x[:, :, -1] += np.where(y == 1, 0.2, -0.2)[:, None]  # 4 x its spread apart
+    y[:10] = -1
+    return x + 3.0, y
+
+
+def test_a_supervised_basis_leads_with_the_label_direction():
+    """The label lives in the direction of least variance: plain PCA of rank 4 misses it;
+    with one supervised direction the basis's first row is it (the remaining rows are the
+    top variance of what it leaves), orthonormal, and the label separates there."""
+    x, y = labelled_vectors()
+    plain, _ = fit_projection(x, 4, whiten=True)
+    sup, kept = fit_projection(x, 4, whiten=True, labels=y, supervised=1)
+    e = np.eye(32)[-1]  # the label direction
+    assert np.abs(plain.basis[:, :, -1]).max() < 0.05  # PCA: nothing of it
+    assert np.abs(sup.basis[:, 0] @ e).min() > 0.95  # (K,): the first row, per tap
+    assert orthonormality_error(sup.basis) < 1e-5
+    assert np.abs(sup.basis[:, 1:] @ plain.basis[:, :3].transpose(0, 2, 1)).max() > 0.95
+
+    def gap(u: np.ndarray) -> np.ndarray:  # (m, K, R) -> (K, R) class-mean gap / spread
+        return np.abs(u[y == 1].mean(0) - u[y == 0].mean(0)) / u[y >= 0].std(0)
+
+    assert gap(sup.coords(x))[:, 0].min() > 1.2  # the classes far apart along it
+    assert gap(plain.coords(x)).max() < 0.3  # and along none of PCA's rows
+    assert len(kept) == 2 and all(0 < v < 1 for v in kept)
+
+
+def test_supervised_directions_need_labels_and_classes():
+    x, y = labelled_vectors()
+    with pytest.raises(FedMobiLLMError, match="needs the public text's labels"):
+        fit_projection(x, 4, labels=None, supervised=1)
+    with pytest.raises(FedMobiLLMError, match="need 3 public classes"):
+        fit_projection(x, 4, labels=y, supervised=2)  # two classes: one direction
+    with pytest.raises(FedMobiLLMError, match="must be in 0..4"):
+        fit_projection(x, 4, labels=y, supervised=5)
+    with pytest.raises(FedMobiLLMError, match="labels for"):
+        fit_projection(x, 4, labels=y[:-1], supervised=1)
+    three = np.where(np.arange(len(y)) % 3 == 0, 2, y)  # a third class: two directions
+    assert discriminants(x[:, 0], three, 2).shape == (2, 32)
+
+
+def test_a_supervised_basis_is_the_same_mechanism():
+    """A supervised basis is a DpProjection like any other: the device's clip_and_noise
+    releases P^T (clip(u) + noise) with the calibrated sigma in its R dims."""
+    x, y = labelled_vectors(m=400)
+    proj, _ = fit_projection(x, 3, whiten=True, labels=y, supervised=1)
+    out = P.clip_and_noise(x, 0.5, 0.0, np.random.default_rng(0), projection=proj)
+    assert np.allclose(out, proj.clean(x, 0.5), atol=1e-5)  # no noise: the clipped view
+    noisy = P.clip_and_noise(x, 0.5, 2.0, np.random.default_rng(0), projection=proj)
+    noise = proj.coords(noisy.astype(np.float64) + proj.mean[None]) - proj.coords(
+        out.astype(np.float64) + proj.mean[None]
+    )  # (N, K, R) in scaled coordinates
+    raw = noise / proj.scale[None]  # the noise as added, before P^T
+    assert raw.std() == pytest.approx(2.0 * 0.5, rel=0.05)
+
+
 def test_save_and_load_through_the_manifest(tmp_path):
     proj, _ = fit_projection(public_vectors(), 5, whiten=True)
     proj.save(tmp_path / PROJECTION_FILE)
@@ -238,6 +301,48 @@ def test_a_projected_bundle_uploads_in_its_subspace(make_bundle, tmp_path):
     lines = journal_lines(state)
     releases = [x for x in lines if x["event"] == "release"]
     assert releases and all(x["info"]["epsilon"] == pytest.approx(8.0, rel=1e-6) for x in releases)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_supervised_projection_is_fitted_on_the_calibration_labels(make_bundle):
+    """Prepare: MiniLM-L3 exported with --dp-projection 4 --dp-projection-supervised 1 on
+    nyt-snippets (public, labelled). Assert: the manifest says so; each tap's first row
+    separates nyt-snippets' labels on texts the export did not fit on (its validation
+    split) more than any of the other, PCA, rows."""
+    from fedmobillm.data import load_dataset
+    from fedmobillm.device_runtime.backbone import Backbone
+    from fedmobillm.device_runtime.protocol import load_verified_bundle
+
+    bundle = make_bundle(
+        "minilm-l3", num_taps=3, formats=("onnx",), max_seq_len=64, dp_projection=4,
+        dp_projection_supervised=1, calibration="nyt-snippets",
+    )  # fmt: skip
+    manifest = load_verified_bundle(bundle)
+    entry = manifest.extra["dp_projection"]
+    assert entry["supervised"] == 1 and entry["rank"] == 4 and entry["whitened"] is True
+    proj = load_projection(bundle, manifest)
+    assert proj is not None and orthonormality_error(proj.basis) < 1e-5
+    recs = load_dataset("nyt-snippets").splits["validation"][:300]
+    y = np.asarray([r.label for r in recs])
+    taps = np.concatenate(
+        [Backbone(bundle, "onnx")([r.text for r in recs[i : i + 50]]) for i in range(0, 300, 50)]
+    )  # (300, K, d)
+    u = proj.coords(taps)  # (300, K, 4)
+    gap = np.abs(u[y == 1].mean(0) - u[y == 0].mean(0)) / u.std(0)  # (K, 4)
+    assert (gap[:, 0] > gap[:, 1:].max(axis=1)).all(), gap
+
+
+def test_supervised_calibration_needs_labelled_data(tmp_path):
+    from fedmobillm.export.calibrate import calibration_records
+    from fedmobillm.export.pipeline import ExportOptions
+
+    (tmp_path / "public.txt").write_text("a text\nanother\n")
+    with pytest.raises(FedMobiLLMError, match="has no labels"):
+        calibration_records(str(tmp_path / "public.txt"), 10)
+    with pytest.raises(FedMobiLLMError, match="needs --dp-projection R"):
+        ExportOptions("minilm-l3", tmp_path / "b", calibration="nyt-snippets",
+                      dp_projection=4, dp_projection_supervised=5)  # fmt: skip
 
 
 def test_the_projection_runs_with_torch_blocked(tmp_path):

@@ -101,6 +101,16 @@ def _add_calibration_arguments(parser: argparse.ArgumentParser) -> None:
         help="with --dp-projection: plain PCA coordinates instead of whitened ones (whitened "
         "measured better on validation, docs/privacy.md)",
     )
+    parser.add_argument(
+        "--dp-projection-supervised",
+        type=int,
+        default=0,
+        metavar="S",
+        help="with --dp-projection R: the first S of the R directions are the discriminant "
+        "(LDA) directions of the --calibration data's labels, which must then be labelled "
+        "PUBLIC data (a data set or .jsonl/.csv with text,label); the rest PCA "
+        "(docs/privacy.md)",
+    )
 
 
 def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -179,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
         fallback_quant=args.fallback_quant,
         dp_projection=args.dp_projection,
         dp_projection_whiten=not args.dp_projection_plain,
+        dp_projection_supervised=args.dp_projection_supervised,
     )
     _print_summary(manifest, args.out)
     return 0
@@ -212,7 +223,8 @@ def _print_summary(manifest, out: Path) -> None:
     proj = extra.get("dp_projection")
     if proj:
         print(
-            f"  dp projection: rank {proj['rank']} of {manifest.hidden_size} per tap "
+            f"  dp projection: rank {proj['rank']} of {manifest.hidden_size} per tap"
+            f"{' (' + str(proj['supervised']) + ' supervised)' if proj.get('supervised') else ''} "
             f"({proj['file']}), fitted on {proj['texts']} texts of {proj['calibration']}, "
             f"variance kept {min(proj['variance_kept']):.2f}-{max(proj['variance_kept']):.2f}"
         )
