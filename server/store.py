@@ -222,6 +222,30 @@ class _Write:
     error: BaseException | None = None
 
 
+class GroupCommitFailed(Exception):
+    """A write's own error for its group's failed COMMIT when the COMMIT's exception cannot
+    be re-made (``_own_error``); chained to that exception (``__cause__``)."""
+
+
+def _own_error(failed: BaseException) -> BaseException:
+    """One write's own exception for the failed COMMIT of its group: the same type, message
+    and SQLite error code as ``failed``, chained to it (``__cause__``). Every write of the
+    group raises its own in its own thread: one object raised in several threads gathers all
+    their frames in one traceback."""
+    try:
+        err = type(failed)(*failed.args)
+    except Exception:  # noqa: BLE001 - a type whose constructor takes other arguments
+        err = GroupCommitFailed(
+            f"the group commit holding this write failed ({type(failed).__name__}: {failed}); "
+            "nothing of it was stored"
+        )
+    for attr in ("sqlite_errorcode", "sqlite_errorname"):  # is_transient reads the code
+        if hasattr(failed, attr):
+            setattr(err, attr, getattr(failed, attr))
+    err.__cause__ = failed
+    return err
+
+
 class Store(SqlStore):
     """The embedded SQLite store (the default): one file, one writer. ``group_max`` /
     ``group_samples``: the most writes / samples one group commit joins (``write``; 1: a
@@ -447,12 +471,13 @@ class Store(SqlStore):
             with self._group:
                 for item in group:
                     if failed is not None and item.error is None:  # none acknowledged
-                        item.value, item.error = None, failed
+                        item.value, item.error = None, _own_error(failed)
                     item.done = True
                     item.wake.notify()
-        if failed is None:
-            self.write_stats.count(sum(1 for item in group if item.error is None))
-        elif not isinstance(failed, Exception):
+        committed = sum(1 for item in group if item.error is None)
+        if failed is None and committed:  # a group whose writes all were refused holds none
+            self.write_stats.count(committed)
+        elif failed is not None and not isinstance(failed, Exception):
             raise failed  # KeyboardInterrupt, SystemExit: after every write got its answer
 
     def _query(self, sql: str, args: tuple = ()) -> list[tuple]:

@@ -191,6 +191,26 @@ def test_a_write_that_raises_is_rolled_back_alone(tmp_path):
     store.close()
 
 
+def test_a_group_whose_writes_all_were_refused_counts_no_commit(tmp_path):
+    """Two writes in one group, both refused (their savepoints rolled back): each gets its
+    error, nothing is stored, and /metrics' counters show no commit holding uploads."""
+    store = _store(tmp_path)
+
+    def refused(key: str):
+        def work(db):
+            db.execute("INSERT INTO meta VALUES (?, 'v')", (key,))
+            raise ValueError(f"refused {key}")
+
+        return lambda: store.write(work, samples=1)
+
+    out = _run_held(store, [refused("a"), refused("b")])
+
+    assert [str(o) for o in out] == ["refused a", "refused b"]
+    assert store.meta("a") is None and store.meta("b") is None
+    assert store.write_stats.snapshot() == {"commits": 0, "writes": 0, "largest": 0}
+    store.close()
+
+
 def test_a_failed_commit_fails_every_write_of_its_group(tmp_path):
     """Prepare: a group whose last write takes 0.3 s and leaves a deferred foreign-key
     violation, so that the COMMIT fails (every savepoint succeeded). Assert: all three
@@ -227,6 +247,13 @@ def test_a_failed_commit_fails_every_write_of_its_group(tmp_path):
 
     assert all(isinstance(o, sqlite3.IntegrityError) for o in out), out
     assert "FOREIGN KEY" in str(out[0])
+    # each writer its own exception (raised in its own thread: its own traceback), chained
+    # to the one the COMMIT raised, which none of them re-raised
+    assert len({id(o) for o in out}) == 3
+    cause = out[0].__cause__
+    assert isinstance(cause, sqlite3.IntegrityError) and all(o.__cause__ is cause for o in out)
+    assert all(o.sqlite_errorcode == cause.sqlite_errorcode for o in out)
+    assert all(o.__traceback__ is not cause.__traceback__ for o in out)
     assert wal_commits(store.path) == before
     assert store.meta("x") is None and store.meta("y") is None
     assert store._query("SELECT count(*) FROM batches") == [(0,)]
