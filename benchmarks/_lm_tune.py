@@ -57,6 +57,7 @@ def tune(cfg: LmBenchConfig, settings: list[str], out: Path, methods: tuple[str,
     for b in BACKBONES:
         line[b] = frozen.score(None, "val", b)["perplexity"]
         line[f"{b}.server_hidden"] = frozen.score(None, "val", b, phone=False)["perplexity"]
+    _append(out, line)
     if cfg.lens:  # the 12-block backbone through its tuned lens: its personal model's start
         from benchmarks.bench_lm import new_trainer
 

@@ -99,6 +99,9 @@ class LmBenchConfig:
     # 1: an architecture whose graph ends before the model's last block (l12) starts at its
     # tuned lens (server.lm_lens: fitted on public text, cached); 0: at the logit lens
     lens: int = 1
+    # upload compression options measured for their perplexity cost (benchmarks._lm_compress:
+    # none, int8, taps-N, int4, pca-R, joined with +); empty: not run (the default)
+    compression: list[str] = field(default_factory=list)
 
     @classmethod
     def quick(cls) -> LmBenchConfig:
@@ -504,6 +507,7 @@ class Split:
 
     texts: dict[str, Texts]
     device: np.ndarray
+    lines: list[str] = field(default_factory=list)  # the text of each line, in order
 
 
 def splits(cfg: LmBenchConfig, devices: list[Any], val: list[list[Any]]) -> dict[str, Split]:
@@ -514,7 +518,7 @@ def splits(cfg: LmBenchConfig, devices: list[Any], val: list[list[Any]]) -> dict
                       ("test", [d.heldout for d in devices])):  # fmt: skip
         lines = [r.text for recs in per for r in recs]
         dev = np.asarray([i for i, recs in enumerate(per) for _ in recs], np.int64)
-        out[name] = Split(encode_lines(source, lines, dev, cfg.encoding), dev)
+        out[name] = Split(encode_lines(source, lines, dev, cfg.encoding), dev, lines)
         _check_finite(out[name], name)
     return out
 
@@ -526,7 +530,9 @@ def _check_finite(split: Split, name: str) -> None:
                                   hint="upload int8 (--encoding int8) for this model")  # fmt: skip
 
 
-def run(cfg: LmBenchConfig, out: Path) -> dict[str, Any]:
+def run(cfg: LmBenchConfig, out: Path, command: str = "") -> dict[str, Any]:
+    """Every method's rows; with fedavg-lora (the longest part) and a ``command``, the
+    report of everything before it is written first to ``out/before-fedavg-lora/``."""
     import torch
 
     from fedmobillm.server.lm import FrozenLMHead
@@ -575,19 +581,33 @@ def run(cfg: LmBenchConfig, out: Path) -> dict[str, Any]:
     rows += bench.local_rows()
     timing["local_s"] = time.perf_counter() - t
     extra: dict[str, Any] = {"fedmobillm_curve": bench.curve}
+    if cfg.compression:
+        from benchmarks._lm_compress import compression_rows
+
+        t = time.perf_counter()
+        same = next((r for r in rows if r["method"] == "centralised" and r["backbone"] == MODEL),
+                    None)  # fmt: skip
+        extra["compression"] = compression_rows(cfg, data, arch_of, head, cfg.compression, same)
+        timing["compression_s"] = time.perf_counter() - t
+
+    def result() -> dict[str, Any]:
+        timing["total_s"] = time.perf_counter() - t0
+        return {"config": asdict(cfg), "rows": list(rows), "timing": dict(timing),
+                "devices": [{**d.summary(), "val": len(v), "backbone": arch_of[i]}
+                            for i, (d, v) in enumerate(zip(devices, val, strict=True))],
+                "targets": targets(rows), "machine": _machine(), "fedmobillm_losses": losses,
+                **extra}  # fmt: skip
+
     if cfg.fedavg_lora:
+        if command:
+            part = result() | {"partial": "written before fedavg-lora ran"}
+            write_report(part, out / "before-fedavg-lora", command + " (before fedavg-lora)")
         t = time.perf_counter()
         lora_row, got = fedavg_lora(cfg, bench, rows, fed)
         rows.append(lora_row)
         extra |= got
         timing["fedavg_lora_s"] = time.perf_counter() - t
-    timing["total_s"] = time.perf_counter() - t0
-    result = {"config": asdict(cfg), "rows": rows, "timing": timing,
-              "devices": [{**d.summary(), "val": len(v), "backbone": arch_of[i]}
-                          for i, (d, v) in enumerate(zip(devices, val, strict=True))],
-              "targets": targets(rows), "machine": _machine(), "fedmobillm_losses": losses,
-              **extra}  # fmt: skip
-    return result
+    return result()
 
 
 def fedavg_lora(cfg: LmBenchConfig, bench: Bench, rows: list[dict], fed: Any) -> tuple[dict, dict]:
@@ -804,6 +824,10 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> None:
                          f"tokens, ridge {m.get('ridge')}, held-out R^2 "
                          f"{m.get('heldout_r2', math.nan):.3f}): its personal model's start "
                          "(the frozen row is the logit lens).")  # fmt: skip
+    if result.get("compression"):
+        from benchmarks._lm_compress import markdown as compression_markdown
+
+        lines += ["", *compression_markdown(result["compression"])]
     lines += [
         "",
         *_lora_lines(result),
@@ -815,6 +839,12 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> None:
         lines.append(f"- {name}: {json.dumps(t)}")
     (out / "lm.md").write_text("\n".join(lines) + "\n")
     _plot(result, out / "lm.png")
+    if result.get("compression"):
+        from benchmarks._lm_compress import plot as plot_compression
+
+        frozen = next((r for r in result["rows"]
+                       if r["method"] == "frozen" and r["backbone"] == MODEL), {})  # fmt: skip
+        plot_compression(result["compression"], frozen, out / "lm_compression.png")
     if "device_cost" in result:
         from benchmarks._lm_lora import plot_cost
 
@@ -822,6 +852,8 @@ def write_report(result: dict[str, Any], out: Path, command: str) -> None:
 
 
 def _lora_lines(result: dict[str, Any]) -> list[str]:
+    if "partial" in result:
+        return [f"fedavg-lora: this report was {result['partial']}."]
     if "device_cost" not in result:
         return ["fedavg-lora: not run yet (--no-fedavg-lora)."]
     from benchmarks._lm_lora import markdown
@@ -879,6 +911,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="backbones the centralised method runs on (default: both)")  # fmt: skip
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-fedavg-lora", action="store_true", help="skip the fedavg-lora baseline")
+    p.add_argument("--compression", metavar="OPT,OPT,...",
+                   help="upload compression options measured for their perplexity cost "
+                   "(centralised, full backbone): none, int8, taps-N, int4, pca-R, joined "
+                   "with + (benchmarks._lm_compress); default: not run")  # fmt: skip
     p.add_argument("--no-lens", action="store_true",
                    help="the 12-block backbone starts at the logit lens, not its tuned lens")  # fmt: skip
     p.add_argument(
@@ -887,6 +923,9 @@ def main(argv: list[str] | None = None) -> int:
         metavar="RANK:TARGETS:LR",
         help="fedavg-lora settings tried (targets qv or attn), chosen on validation",
     )
+    p.add_argument("--lora-budget", type=float,
+                   help="fedavg-lora's training tokens as a fraction of those fedmobillm's "
+                   "steps drew for the full decoder (--quick: 0.25; 1: the same budget)")  # fmt: skip
     p.add_argument(
         "--curve-every",
         type=int,
@@ -903,17 +942,25 @@ def main(argv: list[str] | None = None) -> int:
     if a.centralised:
         cfg.centralised = list(a.centralised)
     cfg.fedavg_lora = not a.no_fedavg_lora
+    if a.compression:
+        from benchmarks._lm_compress import parse
+
+        cfg.compression = [o.strip() for o in a.compression.split(",") if o.strip()]
+        for o in cfg.compression:  # refused before the run, not after an hour
+            try:
+                parse(o)
+            except FedMobiLLMError as exc:
+                p.error(f"--compression: {exc}")
     cfg.lens = 0 if a.no_lens else 1
     if a.lora_sweep:
         cfg.lora_sweep = list(a.lora_sweep)
     if a.curve_every is not None:
         cfg.curve_every = a.curve_every
-    result = run(cfg, a.out)
-    write_report(
-        result,
-        a.out,
-        "python -m benchmarks.bench_lm " + " ".join(sys.argv[1:] if argv is None else argv),
-    )
+    if a.lora_budget is not None:
+        cfg.lora_budget = a.lora_budget
+    command = "python -m benchmarks.bench_lm " + " ".join(sys.argv[1:] if argv is None else argv)
+    result = run(cfg, a.out, command)
+    write_report(result, a.out, command)
     print((a.out / "lm.md").read_text())
     return 0
 
