@@ -89,13 +89,18 @@ class ClientWork:
         from benchmarks import _models as M
 
         torch.set_num_threads(1)
-        key = (job.model_dir, job.method, job.num_labels, job.lora_rank)
+        # one model per process and configuration, seed included; its initial trainable
+        # arrays are kept apart: the model itself holds whatever a run last set in it, so a
+        # second run in the process (another seed, the deadline variant) must not start there
+        key = (job.model_dir, job.method, job.num_labels, job.lora_rank, job.seed)
         if key not in self._cache:
             spec = M.ClassifierSpec(
                 job.model_dir, job.num_labels, job.method, job.lora_rank, job.max_seq_len, job.seed
             )
-            self._cache[key] = (M.build_classifier(spec), M.load_tokenizer(job.model_dir))
-        self.model, self.tok = self._cache[key]
+            model = M.build_classifier(spec)
+            init = [a.copy() for a in M.get_trainable(model)]
+            self._cache[key] = (model, M.load_tokenizer(job.model_dir), init)
+        self.model, self.tok, self.init = self._cache[key]
         self.job = job
 
     def fit(
@@ -138,9 +143,8 @@ class ClientWork:
 
 
 def initial_arrays(job: FedAvgJob) -> list[np.ndarray]:
-    from benchmarks import _models as M
-
-    return M.get_trainable(ClientWork(job).model)
+    """The model's trainable arrays as built for ``job`` (its seed), whatever ran before."""
+    return [a.copy() for a in ClientWork(job).init]
 
 
 class ServerEval:
