@@ -28,7 +28,7 @@ from fedmobillm.server.checks import (
     is_token_device,
 )
 from fedmobillm.server.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
-from fedmobillm.server.store import Device, SqlStore
+from fedmobillm.server.store import Device, SqlStore, hash_token
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,8 @@ MAX_LABELS = 1000
 # Refused uploads of impossible values (ValueRejected) and non-finite training steps traced to
 # a device count as offences; at this many the device is quarantined (an admin releases it).
 QUARANTINE_AFTER = 3
+# devices of batch uploads held by token (Service.cached_device): at this many, forgotten
+MAX_CACHED_DEVICES = 100_000
 
 
 @dataclass
@@ -120,6 +122,9 @@ class Service:
         self.counters = Counters()
         self._vocab: dict[str, int] = {}  # lm: architecture -> vocabulary size (meta)
         self._labels: list[str] | None = None  # label_names once set (pinned: never change)
+        # token hash -> Device, for batch uploads (``device_by_token``)
+        self._devices: dict[str, Device] = {}
+        self._devices_lock = threading.Lock()
         self._pin_task(task)  # first: an lm data dir says --task lm, not only --inputs tokens
         self._pin_inputs(inputs)
         if anchors is not None:
@@ -435,6 +440,32 @@ class Service:
                 hint="upload the ids the registered bundle's tokenizer gives",
             )
 
+    # -- devices of batch uploads ------------------------------------------------------
+
+    def device_by_token(self, token: str) -> Device | None:
+        """The device holding ``token`` as the store has it (None: unknown or revoked), kept
+        for ``cached_device``. A device's record does not change once registered but for its
+        revocation, which ``revoke`` forgets here and ``_store_batch`` checks again inside
+        every write transaction (a revocation by another process)."""
+        device = self.store.device_by_token(token)
+        if device is not None:
+            with self._devices_lock:
+                if len(self._devices) >= MAX_CACHED_DEVICES:
+                    self._devices.clear()
+                self._devices[hash_token(token)] = device
+        return device
+
+    def cached_device(self, token: str) -> Device | None:
+        """The device ``device_by_token`` found for ``token`` before, None if none (ask
+        ``device_by_token``)."""
+        with self._devices_lock:
+            return self._devices.get(hash_token(token))
+
+    def _forget_device(self, device_id: str) -> None:
+        with self._devices_lock:
+            for key in [k for k, d in self._devices.items() if d.device_id == device_id]:
+                del self._devices[key]
+
     def label_names(self) -> list[str] | None:
         """The task's label names (meta), read once they are set: the first registration
         pins them and later ones must match (``register``), so a set value never changes."""
@@ -535,6 +566,7 @@ class Service:
         """Revoke a device's token at once; with ``delete_data`` remove its samples too (the
         trainer drops them at its next poll). A Revoked message as a dict."""
         done = self.store.revoke(device_id, delete_data)
+        self._forget_device(device_id)
         if done is None:
             raise NotFound(
                 f"no device {device_id!r}", hint="list devices with `fedmobillm server devices`"

@@ -142,3 +142,27 @@ def test_an_upload_that_waited_past_a_revocation_stores_nothing(tmp_path):
     assert not any(store.device_samples(reg["device_id"]).values())
     assert store.device_batches(reg["device_id"]) == []
     store.close()
+
+
+def test_the_upload_cache_of_devices_forgets_a_revoked_device(tmp_path):
+    """Batch uploads find their device by token in the service's cache (filled by
+    ``device_by_token``); revoking the device through the service forgets it there, so its
+    token is unknown at once (a revocation by another process is refused in the write
+    transaction: the test above)."""
+    store = Store(tmp_path / "store.sqlite3")
+    service = Service(store)
+    reg = service.register("phone", make_manifest(), ["negative", "positive"])
+    other = service.register("other", make_manifest(), ["negative", "positive"])
+    assert service.cached_device(reg["token"]) is None  # nothing looked up yet
+    for r in (reg, other):
+        assert service.device_by_token(r["token"]).device_id == r["device_id"]
+    assert service.cached_device(reg["token"]).device_id == reg["device_id"]
+    assert service.cached_device("not-a-token") is None
+    assert service.device_by_token("not-a-token") is None
+
+    service.revoke(reg["device_id"], delete_data=False)
+
+    assert service.cached_device(reg["token"]) is None
+    assert service.device_by_token(reg["token"]) is None
+    assert service.cached_device(other["token"]).device_id == other["device_id"]
+    store.close()
