@@ -39,6 +39,12 @@ def test_the_flag_reaches_the_pipeline(monkeypatch, tmp_path):
     with pytest.raises(FedMobiLLMError, match="stop here"):
         cmd.run(args)
     assert seen["dp_projection"] == 8 and seen["dp_projection_whiten"] is False
+    assert seen["dp_projection_supervised"] == 0
+    args = p.parse_args(["minilm-l3", "--out", str(tmp_path / "b"), "--dp-projection", "16",
+                         "--dp-projection-supervised", "1"])  # fmt: skip
+    with pytest.raises(FedMobiLLMError, match="stop here"):
+        cmd.run(args)
+    assert seen["dp_projection"] == 16 and seen["dp_projection_supervised"] == 1
 
 
 def test_the_projection_needs_public_calibration_text(tmp_path):
