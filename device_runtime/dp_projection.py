@@ -3,8 +3,10 @@ mechanism (``privacy.clip_and_noise``).
 
 A bundle exported with ``--dp-projection R`` carries ``dp_projection.safetensors``: for every
 tap k a basis ``P_k`` (R, d) with orthonormal rows and a centre ``mu_k`` (d,), the PCA of the
-tap's activations on *public* calibration text (computed at export, hashed in the manifest
-like every bundle file, named by its ``dp_projection`` entry). With a privacy mechanism on,
+tap's activations on *public* calibration text (with ``--dp-projection-supervised S``, its
+first S rows the discriminant directions of that text's public labels: ``fit_projection``;
+computed at export, hashed in the manifest like every bundle file, named by its
+``dp_projection`` entry). With a privacy mechanism on,
 the device releases, per tap vector x (pivot: K per sample; token bundle: K per real token)
 
     u = S_k P_k (x - mu_k)                   (R,)   coordinates in the public subspace

@@ -125,6 +125,13 @@ def test_command_refuses_projected_only_without_ranks(tmp_path: Path) -> None:
     assert not (tmp_path / "privacy.json").exists()
 
 
+def test_command_refuses_negative_supervised_directions(tmp_path: Path) -> None:
+    from benchmarks.bench_privacy import main
+
+    assert main(["--quick", "--out", str(tmp_path), "--projection-supervised", "0,-1"]) == 2
+    assert not (tmp_path / "privacy.json").exists()
+
+
 def test_default_is_chosen_over_both_mechanisms() -> None:
     """choose_default: the smallest epsilon meeting both bounds on validation, projected rows
     included; none meeting them: no noise."""
@@ -151,6 +158,7 @@ def test_end_to_end_small(make_bundle, tmp_path: Path) -> None:
         "--public-limit", "2500", "--attack-eval", "500", "--reid-candidates", "500",
         "--clip-rules", "int8", "--side-lrs", "0.002", "--steps", "150",
         "--inverter-epochs", "10", "--projection-ranks", "8", "--projection-whiten", "yes",
+        "--projection-supervised", "0,1",
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
@@ -172,6 +180,10 @@ def test_end_to_end_small(make_bundle, tmp_path: Path) -> None:
     }
     assert set(proj) == {"inf", 1.0}
     assert data["projection_choice"]["rank"] == 8 and data["projection_choice"]["whiten"]
+    tried = data["projection_choice"]["tried"]  # PCA and 1 discriminant + PCA, on validation
+    assert sorted(t["supervised"] for t in tried) == [0, 1]
+    best = max(tried, key=lambda t: t["val_accuracy"])
+    assert data["projection_choice"]["supervised"] == best["supervised"]
     assert all(r["projection_rank"] == 8 for r in proj.values())
     assert proj[1.0]["inverter"]["f1"] < rows["inf"]["inverter"]["f1"]
     assert "Projected before noise (rank 8" in (tmp_path / "privacy.md").read_text()
