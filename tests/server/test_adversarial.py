@@ -330,10 +330,16 @@ def _fleet_accuracy(server_factory, tmp_path, name: str, flipper: bool) -> float
         ids = range(2000) if flips else range(200)
         _upload_hard(srv.url, reg, m, ids, seed=100 + i, flip=flips)
     _upload_hard(srv.url, devices[0], m, range(3000), seed=999, split="validation")
-    st = _wait(srv.url, lambda s: s["step"] >= 400)
+    arch = devices[0]["architecture"]
+
+    def scored(s):  # evaluations after the validation upload arrived (the trainer may run
+        # its first ones before it: it starts training on the first train upload)
+        return [h["validation"][arch]["accuracy"] for h in s["history"]
+                if arch in h.get("validation", {})]  # fmt: skip
+
+    st = _wait(srv.url, lambda s: s["step"] >= 400 and len(scored(s)) >= 4)
     srv.stop()
-    accs = [h["validation"][devices[0]["architecture"]]["accuracy"] for h in st["history"]]
-    return float(np.mean(accs[-4:]))
+    return float(np.mean(scored(st)[-4:]))
 
 
 def test_label_flipping_flooder_costs_honest_devices_little(server_factory, tmp_path):
