@@ -489,7 +489,9 @@ def test_anchor_shares_uploaded_paired_and_used_by_the_trainer(tmp_path_factory,
         deadline, trainer = time.monotonic() + 90, {}
         while time.monotonic() < deadline:
             trainer = httpx.get(f"{srv.url}/v1/status", headers=auth, timeout=10).json()["trainer"]
-            if trainer.get("step", 0) >= 20:
+            # the trainer starts on the first train upload (L3's) and takes the L6 device's
+            # samples in at a later poll of the store: wait for both, not the step alone
+            if trainer.get("step", 0) >= 20 and trainer.get("shared_anchors") == 20:
                 break
             time.sleep(1)
         assert trainer["shared_anchors"] == 20, trainer
