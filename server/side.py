@@ -16,7 +16,10 @@ Token mode (``SideConfig.inputs == "tokens"``): the taps of every real token com
 ``(N, K, T, d)`` zero-padded with a mask ``(N, T)`` (1 = real token). The same alignment
 applies at every token, ``h`` is ``(B, T, d_s)``, each side block is a pre-LN transformer
 layer over the tokens (keys masked at padding; ``causal``: never at later positions), and the
-head reads the masked mean (or a learned attention pooling) of the last block's states.
+head reads the masked mean (a learned attention pooling, or the last real token's state: a
+causal decoder's own pivot) of the last block's states. ``skip="linear"`` adds a
+per-architecture linear map of the pooled, LayerNormed last tap straight to the logits (a
+probe the side network refines; both start at zero logits).
 
 ``SideTrainer`` trains it from the activations devices upload (dequantized float32
 ``(N, K, d)``, or ``(N, K, T, d)`` + mask), saves/loads (safetensors + JSON, atomic) and
@@ -89,6 +92,8 @@ ANCHOR_TARGETS = ("mean", "quality")
 # SideConfig.conflict_projection: which gradients are projected off an architecture's own
 # labelled-loss gradient where they conflict with it (``project_gradients``)
 CONFLICT_PROJECTIONS = ("off", "anchors", "all")
+# Token mode: how the head reads the token states (SideConfig.pool)
+TOKEN_POOLS = ("mean", "attention", "last")
 # alternating projections onto the half-spaces {v: <v, g_a> >= 0}: passes before giving up
 PROJECTION_PASSES = 20
 
@@ -176,11 +181,17 @@ class SideConfig:
     inputs: str = "pivot"
     # Token mode only: side blocks ("transformer": pre-LN attention over the tokens + MLP;
     # "mlp": the MLP alone at each token, no mixing before pooling), the pooling the head
-    # reads ("mean": masked mean over real tokens; "attention": a learned query), and
-    # ``causal``: attention never looks at later positions (the lm task)
+    # reads ("mean": masked mean over real tokens; "attention": a learned query; "last": the
+    # last real token, which in a causal decoder is the only one that has read the whole
+    # text), and ``causal``: attention never looks at later positions (the lm task)
     token_block: str = "transformer"
     pool: str = "mean"
     causal: bool = False
+    # Token mode only: "linear" adds, per architecture, Linear(LayerNorm(pool of the last
+    # tap's tokens)) -> logits to the side network's logits (pooled by ``pool``'s rule, the
+    # masked mean for "attention"): a linear probe inside the personal model that the token
+    # network refines. Its weights and the side head's output layer start at zero. "none": off.
+    skip: str = "none"
     expansion: int = 2  # MLP hidden = expansion * d_s
     heads: int = 4  # transformer blocks only
     dropout: float = 0.3
@@ -310,8 +321,12 @@ class SideConfig:
             problems.append(f"inputs must be 'pivot' or 'tokens', not {self.inputs!r}")
         if self.token_block not in ("transformer", "mlp"):
             problems.append(f"token_block must be 'transformer' or 'mlp', not {self.token_block!r}")
-        if self.pool not in ("mean", "attention"):
-            problems.append(f"pool must be 'mean' or 'attention', not {self.pool!r}")
+        if self.pool not in TOKEN_POOLS:
+            problems.append(f"pool must be one of {list(TOKEN_POOLS)}, not {self.pool!r}")
+        if self.skip not in ("none", "linear"):
+            problems.append(f"skip must be 'none' or 'linear', not {self.skip!r}")
+        if self.inputs != "tokens" and (self.pool != "mean" or self.skip != "none"):
+            problems.append("pool and skip are token-mode options (inputs 'tokens')")
         if self.causal and self.inputs != "tokens":
             problems.append("causal needs inputs 'tokens' (pivot inputs have no token order)")
         if self.inputs == "tokens":
@@ -346,9 +361,25 @@ def tap_blocks(taps: list[int], depth: int, blocks: int) -> list[int]:
 class Alignment(nn.Module):
     """P_{a,k}: LayerNorm + Linear d_a -> d_s per tap; averaged per side block."""
 
-    def __init__(self, spec: ArchSpec, width: int, blocks: int, norms: bool = False) -> None:
+    def __init__(
+        self,
+        spec: ArchSpec,
+        width: int,
+        blocks: int,
+        norms: bool = False,
+        skip_labels: int = 0,
+        skip_pool: str = "mean",
+    ) -> None:
         super().__init__()
         self.block_of_tap = tap_blocks(spec.taps, spec.depth, blocks)
+        # token mode, SideConfig.skip "linear": LayerNorm + Linear d_a -> C on the pooled
+        # last tap, zero at start; its logits are added to the side network's
+        self.skip_pool = "last" if skip_pool == "last" else "mean"
+        self.skip_norm = nn.LayerNorm(spec.hidden) if skip_labels else None
+        self.skip = nn.Linear(spec.hidden, skip_labels) if skip_labels else None
+        if self.skip is not None:
+            nn.init.zeros_(self.skip.weight)
+            nn.init.zeros_(self.skip.bias)
         # per-architecture affine after each shared LayerNorm (blocks, then head)
         self.norm_scale = nn.Parameter(torch.ones(blocks + 1, width)) if norms else None
         self.norm_shift = nn.Parameter(torch.zeros(blocks + 1, width)) if norms else None
@@ -376,6 +407,15 @@ class Alignment(nn.Module):
         if z.dim() == 4:
             return torch.einsum("bktd,kj->bjtd", z, self.mix)  # (B, K_s, T, d_s)
         return torch.einsum("bkd,kj->bjd", z, self.mix)  # (B, K_s, d_s)
+
+    def skip_logits(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """The linear skip's logits (B, C) from the last tap's tokens x[:, -1] (B, T, d_a),
+        pooled under ``mask`` (B, T) by the side network's rule; None without a skip."""
+        if self.skip is None or self.skip_norm is None:
+            return None
+        last = x[:, -1]  # (B, T, d_a)
+        pooled = last_token(last, mask) if self.skip_pool == "last" else masked_mean(last, mask)
+        return self.skip(self.skip_norm(pooled))  # (B, C)
 
 
 class MLPBlock(nn.Module):
@@ -501,6 +541,15 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def last_token(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """h (B, T, d) at each row's last real token (mask (B, T) 0/1, padding anywhere): (B, d);
+    0 for no real token. A one-hot weighted sum (no gather: dynamic B and T in ONNX)."""
+    m = mask.to(h.dtype)  # (B, T)
+    seen = torch.cumsum(m, dim=1)  # (B, T) real tokens up to t
+    last = (seen == m.sum(1, keepdim=True)).to(h.dtype) * m  # (B, T) 1 at the last real one
+    return (h * last[..., None]).sum(1)
+
+
 class TokenBlock(nn.Module):
     """Pre-LN transformer layer over the token states (attention written out: explicit
     additive mask, exports to ONNX with dynamic B and T); ``attention`` False: MLP only."""
@@ -566,7 +615,11 @@ class TokenSideNetwork(nn.Module):
             TokenBlock(c.width, c.expansion, c.heads, c.dropout, attention) for _ in range(c.blocks)
         )
         self.pool = AttentionPool(c.width) if c.pool == "attention" else None
+        self.last = c.pool == "last"
         self.head = HEADS[c.head](c.width, num_labels)
+        if c.skip == "linear":  # the per-architecture skip's logits start alone, at zero
+            nn.init.zeros_(self.head.out.weight)
+            nn.init.zeros_(self.head.out.bias)
 
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha / self.temperature)  # (K_s,)
@@ -587,6 +640,8 @@ class TokenSideNetwork(nn.Module):
 
     def pooled(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, T, d_s) states -> (B, d_s) over the real tokens."""
+        if self.last:
+            return last_token(h, mask)
         return masked_mean(h, mask) if self.pool is None else self.pool(h, mask)
 
     def forward(self, u: torch.Tensor, mask: torch.Tensor, has_input: torch.Tensor) -> torch.Tensor:
@@ -606,7 +661,18 @@ class PersonalModel(nn.Module):
     def forward(
         self, activations: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.head(self.align(activations), attention_mask)  # (B, C)
+        logits = self.head(self.align(activations), attention_mask)  # (B, C)
+        return self.with_skip(logits, activations, attention_mask)
+
+    def with_skip(
+        self, logits: torch.Tensor, activations: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """logits (B, C) plus the alignment's linear skip on the raw taps (token mode, with
+        ``SideConfig.skip``), else logits unchanged."""
+        if mask is None:
+            return logits
+        skip = self.align.skip_logits(activations, mask)
+        return logits if skip is None else logits + skip
 
     def head(self, u: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Side network + head over already aligned taps u (B, K_s, d_s), or in token mode
@@ -675,7 +741,9 @@ class SideTrainer:
         spec = ArchSpec(arch, list(taps), int(depth), int(hidden), key=f"a{len(self.archs)}")
         with torch.random.fork_rng():
             torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(arch.encode()))
-            align = Alignment(spec, self.config.width, self.config.blocks, self.config.arch_norms)
+            c = self.config
+            skip_labels = len(self.label_names) if c.tokens and c.skip == "linear" else 0
+            align = Alignment(spec, c.width, c.blocks, c.arch_norms, skip_labels, c.pool)
         self.aligns[spec.key] = align
         if self.ema_aligns is not None:
             self.ema_aligns[spec.key] = copy.deepcopy(align).requires_grad_(False)
@@ -940,8 +1008,8 @@ class SideTrainer:
         if c.anchor_kl:
             logp = torch.stack(
                 [
-                    F.log_softmax(self._anchor_head(m, u, mt), -1)
-                    for m, u, (_, mt) in zip(models, us, inputs, strict=True)
+                    F.log_softmax(m.with_skip(self._anchor_head(m, u, mt), x, mt), -1)
+                    for m, u, (x, mt) in zip(models, us, inputs, strict=True)
                 ]
             )  # (A, M, C)
             w = torch.from_numpy(self.anchor_weights(archs)).float()  # (A,), sums to 1

@@ -14,7 +14,7 @@ import torch
 from torch_helpers import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.side import SideConfig, SideTrainer, pad_tokens
+from fedmobillm.server.side import SideConfig, SideTrainer, last_token, masked_mean, pad_tokens
 
 CFG = SideConfig(width=32, heads=4, blocks=2, inputs="tokens", warmup_steps=5, dropout=0.1)
 D_A, D_B = 16, 24
@@ -65,6 +65,9 @@ def test_config_is_checked():
         ({"inputs": "tokens", "width": 30, "heads": 4}, "divisible by heads"),
         ({"inputs": "tokens", "arch_norms": True}, "arch_norms is for pivot"),
         ({"causal": True}, "causal needs inputs 'tokens'"),
+        ({"inputs": "tokens", "skip": "mlp"}, "skip must be"),
+        ({"pool": "last"}, "token-mode options"),
+        ({"skip": "linear"}, "token-mode options"),
     ):
         with pytest.raises(FedMobiLLMError, match=match):
             SideConfig(**bad)
@@ -83,8 +86,16 @@ def test_pad_tokens():
 
 @pytest.mark.parametrize(
     "config",
-    [{}, {"pool": "attention"}, {"causal": True}, {"token_block": "mlp"}],
-    ids=["mean", "attention-pool", "causal", "mlp-blocks"],
+    [
+        {},
+        {"pool": "attention"},
+        {"causal": True},
+        {"token_block": "mlp"},
+        {"pool": "last"},
+        {"skip": "linear"},
+        {"pool": "last", "skip": "linear", "causal": True},
+    ],
+    ids=["mean", "attention-pool", "causal", "mlp-blocks", "last", "skip", "last-skip-causal"],
 )
 def test_padding_never_changes_the_output(config):
     """Appending padding positions (holding arbitrary values) leaves the logits unchanged,
@@ -103,6 +114,52 @@ def test_padding_never_changes_the_output(config):
         got = model(torch.from_numpy(x2), torch.from_numpy(mask2))
     np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
     np.testing.assert_allclose(t.predict("B", x2, mask2), t.predict("B", x, mask), atol=1e-5)
+
+
+def test_last_token_reads_each_rows_last_real_position():
+    h = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3) + 1.0
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]])  # right and left padding
+    got = last_token(h, mask)
+    torch.testing.assert_close(got, torch.stack([h[0, 2], h[1, 4]]))
+    none = last_token(h, torch.zeros(2, 5, dtype=torch.int64))
+    assert (none == 0).all()
+    assert not torch.allclose(masked_mean(h, mask), got)
+
+
+def test_last_pool_reads_only_the_last_token_without_mixing():
+    """With MLP token blocks (no attention) and pool "last", only the last real token's taps
+    reach the logits: changing the others changes nothing; with the mean pool it does."""
+    x, mask, _ = marker_task(6, 2, D_A, 3)
+    lengths = mask.sum(1)
+    x2 = x + np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+    for i, n in enumerate(lengths):
+        x2[i, :, n - 1] = x[i, :, n - 1]  # keep each last real token
+    for pool, same in (("last", True), ("mean", False)):
+        t = trainer(token_block="mlp", pool=pool)
+        train(t, 5)
+        diff = np.abs(t.predict("A", x2, mask) - t.predict("A", x, mask)).max()
+        assert (diff < 1e-5) == same, (pool, diff)
+
+
+def test_linear_skip_starts_at_zero_and_adds_the_last_taps_probe():
+    """skip "linear": the logits start at exactly zero (skip and side head both zero) and
+    are, after training, the side network's plus the alignment's linear map of the pooled
+    last tap; the skip's weights have moved and its logits change the prediction."""
+    t = trainer(skip="linear", pool="last")
+    x, mask, _ = marker_task(12, 3, D_B, 5)
+    np.testing.assert_array_equal(t.predict("B", x, mask), np.zeros((12, 2), np.float32))
+    train(t, 40)
+    model = t._model("B", averaged=True).eval()
+    xt, mt = torch.from_numpy(x), torch.from_numpy(mask)
+    with torch.no_grad():
+        side = model.head(model.align(xt), mt)  # (12, 2), without the skip
+        skip = model.align.skip_logits(xt, mt)
+        last = model.align.skip(model.align.skip_norm(last_token(xt[:, -1], mt)))
+    assert skip is not None and float(skip.abs().max()) > 1e-3
+    torch.testing.assert_close(skip, last)
+    np.testing.assert_allclose(t.predict("B", x, mask), (side + skip).numpy(), atol=1e-5)
+    plain = trainer()
+    assert plain._model("B").align.skip_logits(xt, mt) is None
 
 
 def test_a_row_without_real_tokens_is_finite():
@@ -189,8 +246,11 @@ def test_inputs_are_checked():
         p.train_step([("A", x[:, :, 0], y, mask)])
 
 
-def test_save_load_roundtrip_and_resume(tmp_path):
-    t = trainer(pool="attention", logit_adjust=1.0)
+@pytest.mark.parametrize(
+    "config", [{"pool": "attention"}, {"pool": "last", "skip": "linear"}], ids=["attn", "skip"]
+)
+def test_save_load_roundtrip_and_resume(tmp_path, config):
+    t = trainer(logit_adjust=1.0, **config)
     train(t, 12)
     assert t.is_finite()
     t.save(tmp_path / "ck")
@@ -232,10 +292,13 @@ def test_anchors_with_a_sequence_length_per_architecture():
         t.train_step([("A", xa, np.zeros(32, np.int64), ma)], [("A", xa), ("B", xb)])
 
 
-def test_exported_personal_onnx_takes_token_taps(tmp_path):
+@pytest.mark.parametrize(
+    "config", [{"pool": "attention"}, {"pool": "last", "skip": "linear"}], ids=["attn", "skip"]
+)
+def test_exported_personal_onnx_takes_token_taps(tmp_path, config):
     """personal.onnx: activations (B, K, T, d) + attention_mask (B, T) -> logits; dynamic
     B and T; the same logits as the trainer for two batch sizes and lengths."""
-    t = trainer(pool="attention")
+    t = trainer(**config)
     train(t, 30)
     out = t.export_personal("B", tmp_path / "p", ["sha-b"], quant="fp32")
     meta = json.loads((out / "personal.json").read_text())
