@@ -20,6 +20,7 @@ from fedmobillm.errors import FedMobiLLMError
 from fedmobillm.paths import ensure_dir
 from fedmobillm.server.errors import ServerError
 from fedmobillm.server.limits import AuthThrottle, RequestLimits, TooManyRequests
+from fedmobillm.server.metrics import metrics_registry
 from fedmobillm.server.routes import dashboard, devices, ingest, ops, personal
 from fedmobillm.server.service import Service
 from fedmobillm.server.settings import ServerSettings
@@ -108,6 +109,7 @@ def create_app(settings: ServerSettings, trainer_view: Any = None) -> FastAPI:
     app.state.service = service
     app.state.trainer = None
     app.state.throttle = AuthThrottle(settings.auth_failures_per_minute)
+    app.state.metrics = metrics_registry(service, lambda: app.state.trainer)
     app.add_middleware(
         RequestLimits,
         max_request_bytes=settings.max_request_bytes,

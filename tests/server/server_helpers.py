@@ -126,6 +126,19 @@ class ServerProc(LocalServer):
         )
 
 
+def metric_values(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The server's ``/metrics``, parsed by prometheus_client's own text parser (so a
+    malformed exposition fails here): {(sample name, sorted labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
 def admin_headers() -> dict:
     return {"Authorization": f"Bearer {ADMIN}"}
 

@@ -12,6 +12,7 @@ from server_helpers import (
     admin_headers,
     make_manifest,
     make_payload,
+    metric_values,
     register,
     upload,
 )
@@ -195,9 +196,18 @@ def test_status_and_metrics(srv, dev_a):
     st = httpx.get(f"{srv.url}/v1/status", headers=admin_headers()).json()
     assert st["label_names"] == LABELS
     assert st["totals"]["devices"] >= 1
-    text = httpx.get(f"{srv.url}/metrics").text
-    assert "fedmobillm_acked_batches_total" in text
-    assert ADMIN not in text
+    r = httpx.get(f"{srv.url}/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=")
+    assert ADMIN not in r.text
+    before = metric_values(srv.url)
+    reg, m = dev_a
+    assert upload(srv.url, reg, make_payload(reg, m, range(900, 907), key="k-metrics")).is_success
+    after = metric_values(srv.url)
+    for name, step in [("acked_batches", 1), ("acked_samples", 7), ("ingest_commits", 1)]:
+        key = (f"fedmobillm_{name}_total", ())
+        assert after[key] - before[key] == step, name
+    assert after[("fedmobillm_stored_samples", ())] == before[("fedmobillm_stored_samples", ())] + 7
+    assert after[("process_resident_memory_bytes", ())] > 0  # the standard process metrics
 
 
 def test_server_status_command(srv, dev_a):
