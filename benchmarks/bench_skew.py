@@ -91,6 +91,9 @@ class SkewConfig:
     test_limit: int | None = None
     side: dict[str, Any] = field(default_factory=dict)
     balance: str = "device"  # server.policies.BALANCES
+    # local adaptation variants (server/adapt.py): name -> SideConfig adapt_* fields; each
+    # adds rows "fedmobillm+<name>": the fedmobillm snapshot adapted per backbone
+    adapt: dict[str, dict[str, Any]] = field(default_factory=dict)
     onnx: bool = False  # test accuracy through personal.onnx (the device's path)
     threads: int = 1
 
@@ -187,6 +190,69 @@ def train(
     return {b: t for b, (_, t) in best.items()}, curve
 
 
+ADAPT_KEYS = {
+    "steps": "adapt_steps",
+    "every": "adapt_every",
+    "batch": "adapt_batch",
+    "lr_scale": "adapt_lr_scale",
+    "shared_lr_scale": "adapt_shared_lr_scale",
+}
+
+
+def adapt_row(
+    cfg: AccuracyConfig,
+    balance: str,
+    trainer: Any,
+    split: Split,
+    devices: dict[str, np.ndarray],
+    fields: dict[str, Any],
+) -> Any:
+    """``server.adapt.adapt`` of ``split``'s backbone on ``trainer`` (its best snapshot):
+    batches by the server's sampler over that backbone's devices (device -> train rows),
+    steps chosen on the validation split. Returns the ``Adapted``."""
+    from fedmobillm.server.adapt import adapt
+    from fedmobillm.server.policies import balanced_sample
+
+    tr, v = split.train, split.val
+    config = dataclasses.replace(trainer.config, **fields)
+    devs = {tr.architecture: sorted(d for d, r in devices.items() if len(r))}
+
+    def draw(rng: np.random.Generator) -> tuple:
+        ((_, x, y),) = balanced_sample(
+            rng,
+            config.adapt_batch,
+            devs,
+            lambda k, d: (tr.x[devices[d]], tr.y[devices[d]]),
+            balance,
+        )
+        return x, y
+
+    return adapt(trainer, tr.architecture, draw, lambda: [(v.x, v.y)], cfg.seed, config)
+
+
+def parse_adapt(specs: list[str]) -> dict[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE,...`` (KEY of ``ADAPT_KEYS``) -> name -> SideConfig adapt_* fields."""
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        name, _, body = spec.partition(":")
+        fields: dict[str, Any] = {}
+        for kv in filter(None, body.split(",")):
+            k, _, val = kv.partition("=")
+            if k not in ADAPT_KEYS or not val:
+                raise FedMobiLLMError(
+                    f"bad --adapt {spec!r}: {kv!r}",
+                    hint=f"use NAME:KEY=VALUE,... with KEY of {', '.join(ADAPT_KEYS)}",
+                )
+            key = ADAPT_KEYS[k]
+            fields[key] = float(val) if "scale" in key else int(val)
+        if not name or not fields.get("adapt_steps"):
+            raise FedMobiLLMError(
+                f"bad --adapt {spec!r}", hint="give a name and steps > 0: e.g. a100:steps=100"
+            )
+        out[name] = fields
+    return out
+
+
 def _sample(cache: Any, rng: np.random.Generator, batch: int, balance: str) -> list[tuple]:
     """The server trainer's draw (``TrainingCache.sample``) with the sampler's ``balance``."""
     if balance == "device":
@@ -210,7 +276,9 @@ def _row(
     acc = extra.pop("accuracy", None)
     if acc is None:
         acc = chosen.evaluate(t.architecture, t.x, t.y)["accuracy"]
-    val = max(p[b] for p in curve)
+    val = extra.pop("val_accuracy", None)
+    if val is None:
+        val = max(p[b] for p in curve)
     row = {
         "method": method,
         "backbone": b,
@@ -269,6 +337,24 @@ def seed_rows(
                     extra["conflicts"] = dict(best[b].conflicts)
                     extra.update(_onnx(sc, best[b], data[b], bundles.get(b)))
                     rows.append(_row(method, fleet, partition, b, best[b], curve, data[b], extra))
+                if method != "fedmobillm":
+                    continue
+                for name, fields in sc.adapt.items():
+                    for b in backbones:
+                        t1 = time.perf_counter()
+                        got = adapt_row(cfg, sc.balance, best[b], data[b], devices[b], fields)
+                        extra = {
+                            **meta[b],
+                            "seconds": time.perf_counter() - t1,
+                            "val_accuracy": got.accuracy,
+                            "shared_val_accuracy": got.shared_accuracy,
+                            "adapt": got.summary(),
+                        }
+                        extra.update(_onnx(sc, got.trainer, data[b], bundles.get(b)))
+                        rows.append(
+                            _row(f"fedmobillm+{name}", fleet, partition, b, got.trainer, curve,
+                                 data[b], extra)
+                        )  # fmt: skip
             for b in backbones if "single" in sc.methods else []:
                 t0 = time.perf_counter()
                 best, curve = train(cfg, sc.balance, label_names, data, {b: devices[b]}, False)
@@ -524,6 +610,7 @@ def config_from(a: argparse.Namespace) -> SkewConfig:
         "side": parse_side(a.side) or None,
         "balance": a.balance,
         "onnx": a.onnx or None,
+        "adapt": parse_adapt(a.adapt) or None,
     }
     sc = dataclasses.replace(SkewConfig(), **{k: v for k, v in given.items() if v is not None})
     bad = [m for m in sc.methods if m not in METHODS]
@@ -535,7 +622,9 @@ def config_from(a: argparse.Namespace) -> SkewConfig:
         raise FedMobiLLMError(f"--repeats {sc.repeats} trains nothing", hint="use 1 or more")
     for p in sc.partitions:
         alpha_of(p)
-    sc.accuracy_config(sc.seed).side_config()  # an unknown --side option fails now
+    side = sc.accuracy_config(sc.seed).side_config()  # an unknown --side option fails now
+    for fields in sc.adapt.values():
+        dataclasses.replace(side, **fields)  # a bad adapt value fails now
     return sc
 
 
@@ -562,6 +651,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--side", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--balance", help="the sampler's balance: device (default), sample, label")
     p.add_argument("--onnx", action="store_true", help="test accuracy through personal.onnx")
+    p.add_argument(
+        "--adapt",
+        action="append",
+        default=[],
+        metavar="NAME:KEY=VALUE,...",
+        help="a local-adaptation variant (server/adapt.py) on the fedmobillm snapshot, rows "
+        f"fedmobillm+NAME; KEY of {', '.join(ADAPT_KEYS)}",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
     return run_command(lambda: run(config_from(a), a.out), markdown, a.verbose)

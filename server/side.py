@@ -267,9 +267,26 @@ class SideConfig:
     # "off": one plain backward pass. Costs one backward pass per architecture, plus one for
     # the anchors (``project_gradients``). Measured, not chosen (docs/skew.md).
     conflict_projection: str = "off"
+    # Local adaptation (issue 23, server/adapt.py, docs/skew.md): an architecture's personal
+    # model is the shared one fine-tuned on that architecture's own labelled samples for up
+    # to ``adapt_steps`` steps (batches of ``adapt_batch``), the count (0 included: the
+    # shared model) chosen on its validation samples every ``adapt_every`` steps; the
+    # alignment and head at lr * adapt_lr_scale, the shared blocks and gates at that times
+    # adapt_shared_lr_scale (0: fixed). 0 steps = off. Classification only.
+    adapt_steps: int = 0
+    adapt_every: int = 25
+    adapt_batch: int = 32
+    adapt_lr_scale: float = 0.5
+    adapt_shared_lr_scale: float = 0.0
 
     def __post_init__(self) -> None:
         problems = self._token_problems()
+        if self.adapt_steps < 0 or self.adapt_every < 1 or self.adapt_batch < 1:
+            problems.append("adapt_steps must be >= 0 (0 = off), adapt_every and adapt_batch >= 1")
+        if min(self.adapt_lr_scale, self.adapt_shared_lr_scale) < 0:
+            problems.append("adapt_lr_scale and adapt_shared_lr_scale must be >= 0")
+        if self.adapt_steps and self.causal:
+            problems.append("adapt_steps is for classification (task lm: leave it 0)")
         if self.logit_adjust_prior not in ("fleet", "uniform"):
             problems.append(
                 f"logit_adjust_prior must be 'fleet' or 'uniform', not {self.logit_adjust_prior!r}"

@@ -1596,7 +1596,8 @@ class Trainer:
                 continue
             tmp = root / f".tmp-{uuid.uuid4().hex[:8]}"
             try:
-                self.side.export_personal(
+                source = self._personal_source(name, a)
+                source.export_personal(
                     name,
                     tmp,
                     sorted(a.bundle_sha256s),
@@ -1611,6 +1612,34 @@ class Trainer:
             with self._lock:
                 self.exported[name] = self.side.step
                 self._export_done.notify_all()
+
+    def _personal_source(self, name: str, a: ArchData) -> Any:
+        """What ``name``'s personal model is exported from: the side trainer, or with
+        ``side.adapt_steps`` (classification) a copy adapted on that architecture's own
+        samples, its steps chosen on its validation samples (``server.adapt``, issue 23)."""
+        side = self.side
+        if not isinstance(side, SideTrainer) or not side.config.adapt_steps or not a.val_y:
+            return side
+        from fedmobillm.server.adapt import adapt, cache_draw
+
+        c = side.config
+        y = np.asarray(a.val_y, np.int64)
+
+        def val() -> Any:  # chunks (x, y) | (x, y, mask), dequantized / collated per chunk
+            chunk = EVAL_CHUNK if self.cache.tokens else PIVOT_CHUNK
+            for i in range(0, len(y), chunk):
+                rows, yc = a.val_x[i : i + chunk], y[i : i + chunk]
+                if self.cache.tokens:
+                    x, mask = collate_tokens(rows)
+                    yield x, yc, mask
+                else:
+                    yield np.stack([dense(v) for v in rows]), yc
+
+        draw = cache_draw(self.cache, name, c.adapt_batch, self.settings.sampler_balance)
+        got = adapt(side, name, draw, val, seed=self.settings.seed + side.step)
+        if name in self.best:
+            self.best[name]["adapt"] = got.summary()
+        return got.trainer
 
     # -- status --
 
