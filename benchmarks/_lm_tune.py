@@ -1,8 +1,9 @@
 """Choose the lm side network's training settings on the VALIDATION lines (never the
 held-out test episodes): ``python -m benchmarks._lm_tune --quick --taps-from torch --out F``.
 
-Each setting ``key=value,...`` (fields of ``LmBenchConfig``: steps, lr, width, warmup, ema,
-dropout, batch_lines, blocks) trains ``fedmobillm`` (the heterogeneous fleet, one shared
+Each setting ``key=value,...`` (numeric fields of ``LmBenchConfig``: steps, lr, width,
+warmup, ema, dropout, batch_lines, blocks, share_out, arch_balance, align_lr_scale,
+full_batch_lines) trains ``fedmobillm`` (the heterogeneous fleet, one shared
 body) on the training lines and scores the validation lines of each backbone (the last
 ``val_lines`` lines of each device's training episodes, from episodes its training lines
 do not come from; see ``bench_lm.fleet``). One JSON line per setting is appended to ``F``
@@ -84,6 +85,12 @@ def tune(cfg: LmBenchConfig, settings: list[str], out: Path, methods: tuple[str,
                     "loss_last": float(np.mean(losses[-10:])), "load": os.getloadavg()}  # fmt: skip
             for b, r in scored.items():
                 line[b], line[f"{b}.top1"] = r["perplexity"], r["next_token_top1"]
+            if hasattr(trainer, "chosen"):  # Selected: each personal model's (step, val ppl)
+                line["chosen"] = {a: list(v) for a, v in trainer.chosen.items()}
+            if method == "fedmobillm" and bench.curve:  # validation per logged step
+                line["curve"] = [(p["step"], p["backbone"], round(p["val_perplexity"], 3))
+                                 for p in bench.curve]  # fmt: skip
+                bench.curve.clear()
             _append(out, line)
 
 

@@ -102,6 +102,14 @@ class LmBenchConfig:
     # upload compression options measured for their perplexity cost (benchmarks._lm_compress:
     # none, int8, taps-N, int4, pca-R, joined with +); empty: not run (the default)
     compression: list[str] = field(default_factory=list)
+    # the side network's per-architecture parts (server.lm.LMSideTrainer): 1 = architectures
+    # of one model share the output projection; 1 = a step's loss is the mean of each
+    # architecture's mean NLL (0: of every token); the alignment and projection lr x this
+    share_out: int = 0
+    arch_balance: int = 0
+    align_lr_scale: float = 1.0
+    # fedmobillm: lines per step drawn for the full backbone (0: batch_lines, as the others)
+    full_batch_lines: int = 0
 
     @classmethod
     def quick(cls) -> LmBenchConfig:
@@ -401,8 +409,10 @@ def new_trainer(
     from fedmobillm.server.lm import LMSideTrainer, lm_config
 
     side = lm_config(width=cfg.width, blocks=cfg.blocks, lr=cfg.lr, ema=cfg.ema,
-                     warmup_steps=cfg.warmup, dropout=cfg.dropout)  # fmt: skip
-    trainer = LMSideTrainer(side, seed=cfg.seed)
+                     warmup_steps=cfg.warmup, dropout=cfg.dropout,
+                     align_lr_scale=cfg.align_lr_scale)  # fmt: skip
+    trainer = LMSideTrainer(side, seed=cfg.seed, share_out=bool(cfg.share_out),
+                            arch_balance=bool(cfg.arch_balance))  # fmt: skip
     for b in archs:
         a = data[b].acts
         lens = bench_lens(a.depth, heads[b]) if cfg.lens else None
@@ -430,11 +440,12 @@ def train(
     cfg: LmBenchConfig,
     trainer: Any,
     pools: dict[str, tuple[Texts, np.ndarray]],
-    batch: int,
+    batch: int | dict[str, int],
     on_select: Any = None,
     every: int = 0,
 ) -> list[float]:
-    """``cfg.steps`` steps; each draws ``batch`` lines per architecture from its pool rows.
+    """``cfg.steps`` steps; each draws ``batch`` lines per architecture (a dict: per
+    architecture) from its pool rows.
     ``on_select(step)`` runs every ``every`` (default ``cfg.select_every``) steps and after
     the last. (``benchmarks._lm_lora.fedmobillm_draws`` repeats these draws.)"""
     every = every or cfg.select_every
@@ -442,8 +453,9 @@ def train(
     for step in range(cfg.steps):
         rng = np.random.default_rng([cfg.seed, step])
         groups = []
-        for texts, rows in pools.values():
-            pick = rng.choice(rows, min(batch, len(rows)), replace=False)
+        for b, (texts, rows) in pools.items():
+            n = batch[b] if isinstance(batch, dict) else batch
+            pick = rng.choice(rows, min(n, len(rows)), replace=False)
             groups.append(group(texts, np.sort(pick)))
         losses.append(trainer.train_step(groups))
         last = step + 1 == cfg.steps
@@ -659,7 +671,7 @@ class Bench:
             return np.flatnonzero(dev == device)
         return np.flatnonzero(np.isin(dev, [i for i, a in self.arch_of.items() if a == b]))
 
-    def fit(self, archs: list[str], pool: str | int, batch: int) -> tuple[Any, list[float]]:
+    def fit(self, archs: list[str], pool: str | int, batch: Any) -> tuple[Any, list[float]]:
         """A trainer on ``archs``' training lines: pool "fleet" (each backbone its own
         devices' lines), "all" (every device's lines) or a device index (its lines)."""
         tr = self.data["train"].texts
@@ -671,6 +683,8 @@ class Bench:
             else:
                 rows = self.rows_of("train", b, None if pool == "fleet" else int(pool))
             pools[b] = (tr[b], rows)
+        if pool == "fleet" and self.cfg.full_batch_lines and MODEL in archs:
+            batch = {b: self.cfg.full_batch_lines if b == MODEL else batch for b in archs}
         every = self.cfg.select_every or (self.cfg.curve_every if pool == "fleet" else 0)
         if not every or not len(self.data["val"].device):
             return trainer, train(self.cfg, trainer, pools, batch)

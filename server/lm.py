@@ -70,6 +70,12 @@ LENS_NOTE = (
     "to the full model's last block fitted on public text (server.lm_lens)"
 )
 LM_PERSONAL_DEFAULTS = {"inputs": "tokens", "causal": True, "token_block": "transformer"}
+# LMSideTrainer's defaults: architectures of one source model and width write their
+# residual with one shared output projection (share_out), and a step's loss is the mean
+# over architectures of each one's mean NLL rather than the mean over every token
+# (arch_balance); see docs/lm.md ("Why fedmobillm's full model trails centralised")
+SHARE_OUT = False
+ARCH_BALANCE = False
 
 
 def lm_config(**overrides: Any) -> SideConfig:
@@ -284,6 +290,9 @@ class LMArch(ArchSpec):
     source_model: str = ""
     vocab_size: int = 0
     lens: dict[str, Any] = field(default_factory=dict)  # the tuned lens's fit ({}: none)
+    # the key of the output projection this architecture writes its residual with ("": its
+    # own; with share_out, the first architecture's of the same source model and width)
+    out: str = ""
 
 
 @dataclass
@@ -304,13 +313,20 @@ class LMSideTrainer:
     projections, their optimiser and (``config.ema``) averaged copies. ``heads``: arch ->
     its frozen head (architectures of one model may share one head object)."""
 
-    def __init__(self, config: SideConfig, seed: int = 0) -> None:
+    def __init__(
+        self,
+        config: SideConfig,
+        seed: int = 0,
+        share_out: bool = SHARE_OUT,
+        arch_balance: bool = ARCH_BALANCE,
+    ) -> None:
         if not (config.tokens and config.causal):
             raise FedMobiLLMError(
                 "the lm side network needs SideConfig(inputs='tokens', causal=True)",
                 hint="build the config with fedmobillm.server.lm.lm_config()",
             )
         self.config, self.seed = config, seed
+        self.share_out, self.arch_balance = bool(share_out), bool(arch_balance)
         self.step, self.tokens_seen = 0, 0
         torch.manual_seed(seed)
         self.body = TokenSideNetwork(config, 2)
@@ -361,33 +377,51 @@ class LMSideTrainer:
         with torch.random.fork_rng():
             torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(arch.encode()))
             align = Alignment(spec, self.config.width, self.config.blocks)
-        out = DeltaOut(self.config.width, hidden)
-        self.aligns[key], self.outs[key] = align, out
+        spec.out = self._out_key(spec)
+        self.aligns[key] = align
+        params = list(align.parameters())
+        if spec.out not in self.outs:  # a new residual space: its own zero projection
+            out = DeltaOut(self.config.width, hidden)
+            self.outs[spec.out] = out
+            params += list(out.parameters())
+            if self.ema is not None:
+                self.ema[f"out.{spec.out}"] = copy.deepcopy(out).requires_grad_(False)
         if self.ema is not None:
             self.ema[f"align.{key}"] = copy.deepcopy(align).requires_grad_(False)
-            self.ema[f"out.{key}"] = copy.deepcopy(out).requires_grad_(False)
         self.archs[arch], self.heads[arch] = spec, head
         if lens is not None:
             self.lenses[key] = lens.requires_grad_(False)
             spec.lens = dict(getattr(lens, "meta", {}) or {"fitted": True})
             log.info("architecture %s starts at its tuned lens %s", arch, spec.lens)
-        params = list(align.parameters()) + list(out.parameters())
         self.optimizer.add_param_group({"params": params, "lr_scale": self.config.align_lr_scale})
+
+    def _out_key(self, spec: LMArch) -> str:
+        """The output projection ``spec`` writes its residual with: its own (its key) or,
+        with ``share_out``, that of the first architecture of the same source model and
+        width (one residual space: the same final norm and head read it)."""
+        if self.share_out and spec.source_model:
+            for other in self.archs.values():
+                if (other.source_model, other.hidden) == (spec.source_model, spec.hidden):
+                    return other.out or other.key
+        return spec.key
 
     def model(self, arch: str, averaged: bool = False) -> LMPersonal:
         """The live personal model of ``arch`` (training), or the EMA copy (``averaged``)."""
         if arch not in self.archs:
             raise FedMobiLLMError(f"unknown architecture {arch!r}", hint="add_architecture first")
-        key = self.archs[arch].key
+        spec = self.archs[arch]
+        key, out = spec.key, spec.out or spec.key
         if averaged and self.ema is not None:
             e = self.ema
-            return LMPersonal(e[f"align.{key}"], e["body"], e[f"out.{key}"], self.lenses.get(key))  # type: ignore[arg-type]
-        return LMPersonal(self.aligns[key], self.body, self.outs[key], self.lenses.get(key))  # type: ignore[arg-type]
+            return LMPersonal(e[f"align.{key}"], e["body"], e[f"out.{out}"], self.lenses.get(key))  # type: ignore[arg-type]
+        return LMPersonal(self.aligns[key], self.body, self.outs[out], self.lenses.get(key))  # type: ignore[arg-type]
 
     def _live_modules(self) -> list[tuple[str, nn.Module]]:
         mods: list[tuple[str, nn.Module]] = [("body", self.body)]
         for key in self.aligns:
-            mods += [(f"align.{key}", self.aligns[key]), (f"out.{key}", self.outs[key])]
+            mods.append((f"align.{key}", self.aligns[key]))
+            if key in self.outs:
+                mods.append((f"out.{key}", self.outs[key]))
         return mods
 
     def ema_decay(self, step: int) -> float:
@@ -414,8 +448,8 @@ class LMSideTrainer:
         """Trainable parameters: the shared body, plus ``arch``'s alignment and projection."""
         mods: list[nn.Module] = [self.body]
         if arch is not None:
-            key = self.archs[arch].key
-            mods += [self.aligns[key], self.outs[key]]
+            spec = self.archs[arch]
+            mods += [self.aligns[spec.key], self.outs[spec.out or spec.key]]
         return sum(p.numel() for m in mods for p in m.parameters())
 
     # -- optimisation --
@@ -436,13 +470,19 @@ class LMSideTrainer:
         for m in (self.body, self.aligns, self.outs):
             m.train()
         total, count = torch.zeros(()), 0
+        per_arch: dict[str, list] = {}
         for g in groups:
             x, ids, mask, lmask = _tensors(g)
             nll, n = lm_loss(self.model(g.arch), self.heads[g.arch], x, ids, mask, lmask)
             total, count = total + nll, count + n
+            got = per_arch.setdefault(g.arch, [torch.zeros(()), 0])
+            got[0], got[1] = got[0] + nll, got[1] + n
         if count == 0:
             return float("nan")
         loss = total / count
+        if self.arch_balance:  # each architecture's mean NLL counts alike
+            means = [s / n for s, n in per_arch.values() if n]
+            loss = torch.stack(means).mean()
         optimizer_step(self.optimizer, loss, self.lr_at(self.step), self.config.max_grad_norm)
         self.step += 1
         self.tokens_seen += count
@@ -473,6 +513,8 @@ class LMSideTrainer:
             "task": "lm",
             "config": asdict(self.config),
             "seed": self.seed,
+            "share_out": self.share_out,
+            "arch_balance": self.arch_balance,
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "archs": [asdict(a) for a in self.archs.values()],
@@ -526,7 +568,13 @@ class LMSideTrainer:
             raise FedMobiLLMError(f"{directory}: not an lm side state of version {FORMAT_VERSION}")
         if sha256_file(directory / WEIGHTS_FILE) != state["weights_sha256"]:
             raise FedMobiLLMError(f"{directory}: weights do not match state (torn checkpoint)")
-        trainer = cls(SideConfig(**state["config"]), state["seed"])
+        # checkpoints from before these options: per-architecture projections, token mean
+        trainer = cls(
+            SideConfig(**state["config"]),
+            state["seed"],
+            share_out=bool(state.get("share_out", False)),
+            arch_balance=bool(state.get("arch_balance", False)),
+        )
         tensors = load_file(str(directory / WEIGHTS_FILE))
         cache: dict[str, FrozenLMHead] = {}
         for a in state["archs"]:

@@ -191,6 +191,60 @@ def test_ema_is_the_normalised_moving_average_with_the_configured_decay(backbone
     assert not torch.allclose(got[0.9], got[0.5], atol=1e-6)
 
 
+def two_arch_trainer(backbone, head, **kw) -> tuple[LMSideTrainer, LMGroup, LMGroup]:
+    """A trainer with two architectures of one source model (the bundle's taps under two
+    names: as a full and a truncated SmolLM2 share one head) and a group of each."""
+    m = backbone.manifest
+    trainer = LMSideTrainer(lm_config(width=32, heads=4, blocks=2, lr=3e-3), seed=0, **kw)
+    for name in ("full", "short"):
+        trainer.add_architecture(name, m.taps, m.depth, m.hidden_size, head, str(tiny_llama()))
+    g = encode(backbone, corpus(12, 6))
+    return (
+        trainer,
+        LMGroup("full", g.x, g.ids, g.mask),
+        LMGroup("short", g.x[:5], g.ids[:5], g.mask[:5]),
+    )
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_share_out_lets_one_architecture_train_the_others_residual(backbone, head, share, tmp_path):
+    """share_out: architectures of one source model write their residual with one output
+    projection, so training only the "short" architecture moves the "full" one's delta
+    (without it, full's own projection stays zero and its delta exactly 0); checkpoints
+    keep the sharing."""
+    trainer, full, short = two_arch_trainer(backbone, head, share_out=share)
+    assert len(trainer.outs) == (1 if share else 2)
+    assert (trainer.model("full").out is trainer.model("short").out) == share
+    for _ in range(4):
+        trainer.train_step([short])
+    x, mask = torch.from_numpy(full.x), torch.from_numpy(full.mask)
+    with torch.no_grad():
+        delta = trainer.model("full", averaged=True).eval()(x, mask)
+    assert (delta.abs().max() > 0) == share
+    expect = trainer.num_parameters("full")
+    trainer.save(tmp_path / "lm")
+    again = LMSideTrainer.load(tmp_path / "lm", head_for=lambda spec: head)
+    assert again.share_out == share and len(again.outs) == len(trainer.outs)
+    assert again.evaluate([full]) == trainer.evaluate([full])
+    assert again.num_parameters("full") == expect
+
+
+def test_arch_balance_weighs_each_architectures_mean_alike(backbone, head):
+    """arch_balance: a step's loss is the mean of each architecture's mean NLL, not the
+    mean over every token (which lets the architecture with more tokens dominate)."""
+    got = {}
+    for balance in (False, True):
+        trainer, full, short = two_arch_trainer(backbone, head, arch_balance=balance)
+        got[balance] = trainer.train_step([full, short])  # delta 0: the frozen NLL
+    sums = [lm_loss(None, head, *(torch.from_numpy(a) for a in (g.x, g.ids, g.mask)))
+            for g in (full, short)]  # fmt: skip
+    (s1, n1), (s2, n2) = [(float(s), n) for s, n in sums]
+    assert n1 > n2  # unequal token counts, so the two losses differ
+    assert got[False] == pytest.approx((s1 + s2) / (n1 + n2), rel=1e-5)
+    assert got[True] == pytest.approx((s1 / n1 + s2 / n2) / 2, rel=1e-5)
+    assert got[True] != pytest.approx(got[False], rel=1e-4)
+
+
 def test_config_must_be_causal_tokens():
     from fedmobillm.server.side import SideConfig
 
