@@ -1,10 +1,17 @@
 """A fleet of simulated devices on Ray against a real server.
 
     python -m benchmarks.bench_fleet --devices 32,128,1024 [--duration 30] [--actors 2]
-        [--batch 32] [--out DIR]
+        [--batch 32] [--backend sqlite|postgresql] [--workers N] [--database URL]
+        [--trainer thread|process|off] [--out DIR]
 
-For each fleet size: a fresh `fedmobillm serve` subprocess (uvicorn on loopback, SQLite,
-trainer on, back-pressure at its defaults); Ray actors (``--actors``), each driving many
+For each fleet size: a fresh `fedmobillm serve` subprocess (uvicorn on loopback, back-pressure
+at its defaults) on a fresh store: SQLite in its data dir, or PostgreSQL (``--backend
+postgresql``: a throwaway server started as the tests start one, or ``--database URL`` whose
+database must be empty, with ``--workers N`` ingest worker processes). The trainer
+(``--trainer``): ``thread``, the embedded default (`serve` trains in its own process; with
+``--workers`` above 1 in the supervising process), ``process`` (`serve --no-train` and
+`fedmobillm train` beside it on the same store, as docs/deploy.md runs a fleet), or ``off``.
+Ray actors (``--actors``), each driving many
 simulated devices from one asyncio loop, each device with its own HTTP client and keep-alive
 connection. A device registers, waits a start jitter, then loops:
 "computes" a batch (sleeps its profile's ms per sample x batch), "sends" it (sleeps the bytes
@@ -12,7 +19,8 @@ at its profile's bandwidth), POSTs a real int8 batch (K=3 taps x d=384 per sampl
 MiniLM-L6 int8 pivot layout: synthetic values, quantised with the bundle's scales, encoded by
 the device's own serde) and, on 429, waits the server's Retry-After plus jitter and re-sends
 the same batch (same idempotency key). The driver polls /v1/status (its latency too) and the
-server's RSS. Writes DIR/fleet.json, DIR/fleet.md and DIR/fleet.png: acknowledged samples/s,
+server's RSS and CPU (its worker processes and a separate trainer's included). Writes
+DIR/fleet.json, DIR/fleet.md and DIR/fleet.png: acknowledged samples/s,
 p50/p99 acknowledgement latency, 429 share, trainer samples/s, server RSS over time.
 """
 
@@ -20,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +46,7 @@ import numpy as np
 import psutil
 
 from fedmobillm.device_runtime.messages import ROUTE_BATCHES, ROUTE_DEVICES, ROUTE_STATUS
+from fedmobillm.server.local import LocalTrainer
 
 from .bench_server import LABELS, Server, ingest_commits, manifest, per_commit
 
@@ -163,9 +173,12 @@ class FleetWorker:
         self.failures[name] = self.failures.get(name, 0) + 1
 
 
-def _poll(srv: Server, t_end: float, every: float) -> list[dict]:
-    """Status and RSS of the server every ``every`` s until t_end."""
-    proc = psutil.Process(srv.proc.pid)
+def _poll(srv: Server, t_end: float, every: float, trainer: Any = None) -> list[dict]:
+    """Status, RSS and CPU of the server (and of ``trainer``'s process, when the trainer runs
+    apart) every ``every`` s until t_end."""
+    roots = [psutil.Process(srv.proc.pid)]
+    if trainer is not None:
+        roots.append(psutil.Process(trainer.proc.pid))
     out = []
     while time.time() < t_end:
         t0 = time.time()
@@ -174,9 +187,12 @@ def _poll(srv: Server, t_end: float, every: float) -> list[dict]:
             tr = r.json()["trainer"]
         except httpx.HTTPError:
             tr = {}
-        procs = [proc, *proc.children(recursive=True)]
-        rss = sum(p.memory_info().rss for p in procs)
-        cpu = sum(sum(p.cpu_times()[:2]) for p in procs)  # user + system, s
+        procs = [q for p in roots for q in (p, *p.children(recursive=True))]
+        rss = cpu = 0.0
+        for q in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):  # e.g. Ray's or uvicorn's helpers
+                rss += q.memory_info().rss
+                cpu += sum(q.cpu_times()[:2])  # user + system, s
         out.append(
             {
                 "t": t0,
@@ -196,7 +212,15 @@ def run_size(ray: Any, workdir: Path, n: int, args: argparse.Namespace) -> dict:
     data_dir = workdir / f"fleet-{n}" / "data"
     data_dir.parent.mkdir(parents=True)
     settings = {"train": True, "idle_after_epochs": 0, "export_every": 100_000, **args.settings}
-    srv = Server(data_dir, settings)
+    extra: list[str] = ["--no-train"] if args.trainer in ("process", "off") else []
+    database = None
+    if args.backend == "postgresql":
+        database = args.database or args.pg.database()  # a fresh database per fleet size
+        extra += ["--database", database, "--workers", str(args.workers)]
+    srv = Server(data_dir, settings, args=extra, env={"OMP_NUM_THREADS": "1"})
+    trainer = None
+    if args.trainer == "process":
+        trainer = LocalTrainer(data_dir, srv._config_file(), database).start()
     try:
         worker = ray.remote(num_cpus=0)(FleetWorker)
         actors = [
@@ -209,11 +233,13 @@ def run_size(ray: Any, workdir: Path, n: int, args: argparse.Namespace) -> dict:
         ]
         time.sleep(max(0.0, t_start - time.time()))
         commits = ingest_commits(srv.url)
-        polled = _poll(srv, t_start + args.duration, args.poll)
+        polled = _poll(srv, t_start + args.duration, args.poll, trainer)
         parts = ray.get(futures)
         stored = srv.trainer().get("cache", {}) or {}
         grouped = per_commit(commits, ingest_commits(srv.url))
     finally:
+        if trainer is not None:
+            trainer.stop()
         srv.stop()
     records = [r for p in parts for r in p["records"]]
     load = [round(x, 1) for x in os.getloadavg()]
@@ -289,6 +315,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"{report['duration_s']:.0f} s per fleet, {report['batch']} samples per upload "
         f"(int8, K={K}, d={D}), {report['actors']} Ray actors, {report['cpu_cores']} cores; "
+        f"store {report.get('backend', 'sqlite')}, {report.get('workers', 1)} ingest "
+        f"worker(s), trainer {report.get('trainer', 'thread')}; "
         f"uptime before: {report['uptime_before']}",
         "",
         "| devices | acked samples/s | p50 ms | p99 ms | 429 share | timeouts | errors | "
@@ -359,10 +387,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--set", action="append", default=[], metavar="KEY=JSON",
         help="a server setting, e.g. --set max_inflight_uploads=32",
     )  # fmt: skip
+    p.add_argument("--backend", choices=("sqlite", "postgresql"), default="sqlite")
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="ingest worker processes (PostgreSQL only; default 2 there)",
+    )  # fmt: skip
+    p.add_argument(
+        "--database", default=None,
+        help="postgresql://... of an empty database, for one fleet size (default: a "
+        "throwaway PostgreSQL started here, a fresh database per fleet size)",
+    )  # fmt: skip
+    p.add_argument(
+        "--trainer", choices=("thread", "process", "off"), default="thread",
+        help="thread: serve trains (the embedded default); process: serve --no-train and "
+        "`fedmobillm train` beside it; off: ingest only",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("fleet-out"))
     args = p.parse_args(argv)
     args.sizes = [int(x) for x in args.devices.split(",") if x.strip()]
     args.settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    if args.backend == "sqlite" and args.database is not None:
+        p.error("--database takes a PostgreSQL URL: add --backend postgresql")
+    if args.backend == "sqlite" and args.workers not in (None, 1):
+        p.error("--workers needs --backend postgresql: the SQLite store has one writer")
+    if args.database is not None and len(args.sizes) > 1:
+        p.error("--database is used for one fleet size (each size needs an empty database)")
+    if args.workers is None:
+        args.workers = 2 if args.backend == "postgresql" else 1
+    if args.workers < 1:
+        p.error("--workers must be at least 1")
+    args.pg = None  # the throwaway PostgreSQL, started by main
     return args
 
 
@@ -380,6 +434,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     uptime = " / ".join(f"{x:.1f}" for x in os.getloadavg())
     rows = []
+    if args.backend == "postgresql" and args.database is None:
+        from .bench_crash import _start_postgres
+
+        args.pg = _start_postgres()
     try:
         with tempfile.TemporaryDirectory(prefix="bench-fleet-") as tmp:
             for n in args.sizes:
@@ -392,12 +450,17 @@ def main(argv: list[str] | None = None) -> int:
                 )
     finally:
         ray.shutdown()
+        if args.pg is not None:
+            args.pg.stop()
     report = {
         "duration_s": args.duration,
         "batch": args.batch,
         "actors": args.actors,
         "cpu_cores": os.cpu_count(),
         "settings": args.settings,
+        "backend": args.backend,
+        "workers": args.workers,
+        "trainer": args.trainer,
         "uptime_before": uptime,
         "rows": rows,
     }

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -109,13 +110,21 @@ class SimDevice:
 class Server(LocalServer):
     """`fedmobillm serve` with a fresh admin token and ``settings``, started on creation."""
 
-    def __init__(self, data_dir: Path, settings: dict) -> None:
+    def __init__(
+        self,
+        data_dir: Path,
+        settings: dict,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         super().__init__(
             data_dir,
             admin_token=uuid.uuid4().hex + uuid.uuid4().hex,
             config=settings,
+            args=args,  # e.g. --no-train, --database URL --workers N
+            env=env,
             log_path=data_dir.parent / "bench-server.log",
-            startup_timeout=120.0,
+            startup_timeout=240.0,  # `serve --workers 2` imports for ~30 s under load
             grace=120.0,
         )
         self.start()
