@@ -7,7 +7,7 @@ time per device to reach it, or that it never did.
 ``benchmarks.run`` writes the same files itself (cost_to_target.json / .md / .png).
 Bytes are all-in: training traffic to the target plus what does not depend on it
 (fedmobillm: the validator's share and the personal-model delivery; FedAvg and the probe:
-the final model's delivery to every device).
+the final model's delivery to every device; MeZO: the seed-and-scalar log a device replays).
 """
 
 from __future__ import annotations
@@ -49,7 +49,21 @@ def _fedavg_like(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {f"fedavg_{k}": v for k, v in results["fedavg"].items()}
     if "linear_probe" in results:
         out["linear_probe"] = results["linear_probe"]["run"]
+    if "mezo" in results:
+        out["mezo"] = results["mezo"]["run"]
     return out
+
+
+def delivery_bytes(run: dict[str, Any], cut: dict[str, Any]) -> float:
+    """The model delivered to a device at the end: FedAvg and the probe send the final
+    trainable arrays; MeZO sends the (seed, scalar) log of the rounds up to the cut, which a
+    device replays (``log_bytes`` of that round: a device that never took part replays all)."""
+    logged = [
+        r["log_bytes"] for r in run["rounds"] if "log_bytes" in r and r["round"] <= cut["round"]
+    ]
+    if logged or run.get("method") == "mezo":
+        return float(logged[-1]) if logged else 0.0
+    return float(run["trainable_bytes"])
 
 
 def cost_curves(results: dict[str, Any]) -> dict[str, Any]:
@@ -70,7 +84,7 @@ def cost_curves(results: dict[str, Any]) -> dict[str, Any]:
         methods[name] = []
         for t in ts:
             c = R.fedavg_to_target(run, t, n)
-            methods[name].append(_point(t, c, c["bytes_per_device"] + run["trainable_bytes"]))
+            methods[name].append(_point(t, c, c["bytes_per_device"] + delivery_bytes(run, c)))
     return {"targets": ts, "bests": _bests(results), "methods": methods}
 
 

@@ -1,12 +1,13 @@
 """One device step in a fresh process, to measure its peak RSS (VmHWM).
 
     python -m benchmarks._device_step fedmobillm --bundle DIR --texts FILE.json --batch 8
-    python -m benchmarks._device_step lora|full|fwdgrad --model DIR --texts FILE.json ...
+    python -m benchmarks._device_step lora|full|fwdgrad|mezo --model DIR --texts FILE.json ...
 
 fedmobillm: the bundle forward with onnxruntime at the bundle's quant, int8 quantisation
 and upload encoding of the taps, in a process that never imports torch (checked).
 lora / full: one AdamW training step of the real classifier. fwdgrad: one forward-gradient
-step (1 + P forward passes, no backprop). Prints one JSON line.
+step (1 + P forward passes, no backprop). mezo: one MeZO step (``benchmarks._mezo``: 2 P
+forwards, z regenerated from its seed, no gradient, no optimiser state). Prints one JSON line.
 
     python -m benchmarks._device_step imports-onnx|imports-torch --texts FILE.json
 
@@ -76,7 +77,11 @@ def _torch_step(args: argparse.Namespace, texts: list[str]) -> dict:
 
     torch.set_num_threads(args.threads)
     spec = M.ClassifierSpec(
-        args.model, args.num_labels, args.method, args.lora_rank, args.max_seq_len
+        args.model,
+        args.num_labels,
+        "fwdgrad" if args.method == "mezo" else args.method,  # mezo: the same LoRA + head
+        args.lora_rank,
+        args.max_seq_len,
     )
     model = M.build_classifier(spec)
     tok = M.load_tokenizer(args.model)
@@ -85,6 +90,11 @@ def _torch_step(args: argparse.Namespace, texts: list[str]) -> dict:
     t0 = time.perf_counter()
     if args.method == "fwdgrad":
         M.fwdgrad_step(model, enc, y, perturbations=args.perturbations, lr=1e-4)
+    elif args.method == "mezo":
+        from benchmarks import _mezo
+
+        seeds = list(range(1, args.perturbations + 1))
+        _mezo.mezo_step(model, enc, y, seeds, eps=_mezo.EPS, lr=_mezo.LR)
     else:
         M.train_step(model, M.make_optimizer(model, 1e-4), enc, y)
     return {"step_s": time.perf_counter() - t0, "torch_imported": True}
@@ -112,7 +122,7 @@ RUNTIMES = ("imports-onnx", "imports-torch")
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("method", choices=["fedmobillm", "lora", "full", "fwdgrad", *RUNTIMES])
+    p.add_argument("method", choices=["fedmobillm", "lora", "full", "fwdgrad", "mezo", *RUNTIMES])
     p.add_argument("--bundle")
     p.add_argument("--model")
     p.add_argument("--texts", required=True)

@@ -14,7 +14,7 @@ import numpy as np
 
 # the runtime each measured step runs on (``benchmarks._device_step`` imports-only runs)
 RUNTIME_OF = {"fedmobillm": "imports-onnx", "lora": "imports-torch", "full": "imports-torch"}
-RUNTIME_OF |= {"fwdgrad": "imports-torch"}
+RUNTIME_OF |= {"fwdgrad": "imports-torch", "mezo": "imports-torch"}
 
 
 def best_snapshot(curve: list[dict[str, Any]], key: str = "accuracy") -> int | None:

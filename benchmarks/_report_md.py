@@ -24,6 +24,7 @@ def write_report(path: Path, res: dict[str, Any], head: dict[str, Any], pngs: li
         *_time_to_target(res),
         *_accuracy(res),
         *_fwdgrad(res),
+        *_mezo(res),
         *_fairness(res),
         *_tail(res, pngs),
     ]
@@ -367,6 +368,46 @@ def _fwdgrad(res: dict[str, Any]) -> list[str]:
         + ". Its accuracy run is not part of this benchmark.\n"
     )
     return L
+
+
+def _mezo(res: dict[str, Any]) -> list[str]:
+    """6b. Federated zeroth-order (``--methods mezo``): configuration, cost, accuracy."""
+    if "mezo" not in res:
+        return []
+    z, t = res["mezo"]["run"], res["mezo"]["to_target"]
+    c = z["config"]
+    mem = res["memory"].get("mezo", {})
+    from benchmarks._curves import delivery_bytes
+
+    up = sum(cl["bytes_up"] for r in z["rounds"] for cl in r["clients"])
+    clients = sum(len(r["clients"]) for r in z["rounds"])
+    reached = (
+        f"reached the target {res['target']:.4f} at round {t['round']}, t = {t['time_s']:.1f} s, "
+        f"{t['flops_per_device'] / 1e9:.1f} GFLOP and "
+        f"{mb(t['bytes_per_device'] + delivery_bytes(z, t))} per device (all in)"
+        if t["reached"]
+        else f"**never reached the target {res['target']:.4f}** in its {len(z['rounds'])} rounds "
+        f"({t['flops_per_device'] / 1e9:.1f} GFLOP per device spent)"
+    )
+    return [
+        "## 6b. Federated zeroth-order tuning (MeZO, FedKSeed-style wire)\n",
+        f"FedAvg-LoRA's classifier ({z['trainable_params']:,} trainable values: LoRA r "
+        f"{c['lora_rank']} + head, same seed, mean pooling), the same fleet, device selection "
+        f"and batch ({c['local_batch']}); per step {c['perturbations']} seeded perturbation(s), "
+        f"2 forwards each, eps {c['eps']}, lr {c['lr']}, {c['local_epochs']} local epoch(s), "
+        f"{c['rounds']} rounds, validation every {c['eval_every']} rounds "
+        f"({'overridden: ' + str(z['overrides']) if z.get('overrides') else 'defaults of benchmarks._mezo, chosen on validation'}). "
+        f"Devices upload (seed, scalar) pairs only: {up / max(1, clients):.0f} B per device-round "
+        f"on average (FedAvg-LoRA: {mb(2 * z['trainable_bytes'])} per device-round both ways); "
+        f"they download the log of the rounds they missed (the whole log at the end, "
+        f"{mb(z['delivery_bytes_per_device'])}, {z['log_pairs']} pairs). Device FLOPs: 2 P "
+        f"forwards per sample (LoRA classifier forward "
+        f"{_g(res['flops_per_sample']['lora_forward'])} per sample) + the element-wise passes. "
+        f"Peak RSS of one step {mem.get('peak_rss_mb', float('nan')):.0f} MiB (fresh process; "
+        f"LoRA backprop step {res['memory']['lora']['peak_rss_mb']:.0f} MiB). Best validation "
+        f"{z['best_validation']:.4f} at round {z['best_round']}; test {100 * z['test']['accuracy']:.2f}% "
+        f"({z.get('selection')}); {reached}.\n",
+    ]
 
 
 def _tail(res: dict[str, Any], pngs: list[str]) -> list[str]:

@@ -48,7 +48,11 @@ MIN_LEARNED = 0.02  # best validation accuracy this far above the majority rate 
 # fedmobillm, FedAvg-LoRA and FedAvg full FT always run (the headline compares them);
 # fedmobillm-tokens (issue 15) is the per-token upload, on the simulated clock;
 # fedavg-lora-deadline is FedAvg-LoRA with straggler-tolerant rounds (benchmarks._fedavg)
-OPTIONAL_METHODS = ("fedmobillm-tokens", "fedavg-lora-deadline")
+# mezo is federated zeroth-order tuning (MeZO steps, seeds and scalars on the wire,
+# benchmarks._mezo)
+OPTIONAL_METHODS = ("fedmobillm-tokens", "fedavg-lora-deadline", "mezo")
+MEZO_KEYS = {"lr": float, "eps": float, "perturbations": int, "rounds": int, "eval_every": int}
+MEZO_KEYS |= {"local_epochs": int}
 DEADLINE_QUANTILE = 0.75  # not tuned: the slowest quarter of the fleet misses each deadline
 
 
@@ -97,7 +101,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="fedmobillm-tokens",
         help="extra methods beside fedmobillm, FedAvg-LoRA and FedAvg full FT: "
         "fedmobillm-tokens (every token's taps uploaded; device cost and bytes against LoRA), "
-        "fedavg-lora-deadline (FedAvg-LoRA whose rounds cut devices past a fixed deadline)",
+        "fedavg-lora-deadline (FedAvg-LoRA whose rounds cut devices past a fixed deadline), "
+        "mezo (federated zeroth-order: MeZO steps on FedAvg-LoRA's model, seeds and scalars up)",
+    )
+    p.add_argument(
+        "--mezo",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"mezo override, KEY one of {', '.join(MEZO_KEYS)} (default: benchmarks._mezo's, "
+        "chosen on validation)",
     )
     p.add_argument(
         "--deadline-quantile",
@@ -157,7 +170,29 @@ def make_config(a: argparse.Namespace) -> tuple[BenchConfig, dict[str, Path]]:
             hint="0.75: the slowest quarter of the fleet misses each round's deadline",
         )
     a.extra_methods = extra
+    a.mezo_overrides = parse_mezo(a.mezo)
     return cfg, files
+
+
+def parse_mezo(items: list[str]) -> dict[str, Any]:
+    """``--mezo KEY=VALUE`` items as typed overrides of ``benchmarks._mezo.MezoJob``."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in MEZO_KEYS:
+            raise FedMobiLLMError(
+                f"--mezo {item!r} is not KEY=VALUE with KEY one of {', '.join(MEZO_KEYS)}",
+                hint="e.g. --mezo lr=1e-3 --mezo rounds=40",
+            )
+        try:
+            out[key] = MEZO_KEYS[key](value)
+        except ValueError as exc:
+            raise FedMobiLLMError(
+                f"--mezo {key}={value!r}: not a {MEZO_KEYS[key].__name__}"
+            ) from exc
+        if out[key] <= 0:
+            raise FedMobiLLMError(f"--mezo {key}={value} must be > 0")
+    return out
 
 
 # -- stages --------------------------------------------------------------------------------
@@ -174,29 +209,34 @@ def measure_memory(
         runs[m] = [m, "--model", model_dir]
     for m in ("imports-onnx", "imports-torch"):  # each runtime alone: the methods' baselines
         runs[m] = [m]
-    out = {}
-    for name, args in runs.items():
-        cmd = [
-            sys.executable,
-            "-m",
-            "benchmarks._device_step",
-            *args,
-            "--texts",
-            str(tfile),
-            "--batch",
-            str(cfg.memory_batch),
-            "--max-seq-len",
-            str(cfg.max_seq_len),
-            "--lora-rank",
-            str(cfg.lora_rank),
-            "--perturbations",
-            str(cfg.fwd_perturbations),
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        if r.returncode != 0:
-            raise FedMobiLLMError(f"device step {name} failed: {r.stderr[-1500:]}")
-        out[name] = json.loads(r.stdout.strip().splitlines()[-1])
-        log.info("peak RSS %s: %.0f MiB", name, out[name]["peak_rss_mb"])
+    return {name: peak_rss(cfg, name, args, tfile) for name, args in runs.items()}
+
+
+def peak_rss(
+    cfg: BenchConfig, name: str, args: list[str], tfile: Path, perturbations: int | None = None
+) -> dict[str, Any]:
+    """One ``benchmarks._device_step`` run in a fresh process: its JSON line (peak RSS)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks._device_step",
+        *args,
+        "--texts",
+        str(tfile),
+        "--batch",
+        str(cfg.memory_batch),
+        "--max-seq-len",
+        str(cfg.max_seq_len),
+        "--lora-rank",
+        str(cfg.lora_rank),
+        "--perturbations",
+        str(perturbations or cfg.fwd_perturbations),
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+    if r.returncode != 0:
+        raise FedMobiLLMError(f"device step {name} failed: {r.stderr[-1500:]}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    log.info("peak RSS %s: %.0f MiB", name, out["peak_rss_mb"])
     return out
 
 
@@ -436,6 +476,10 @@ def _main(a: argparse.Namespace) -> int:
                 deadline_quantile=a.deadline_quantile,
             )  # fmt: skip
         m.stages["fedavg_lora_deadline"] = t.s
+    if "mezo" in a.extra_methods:
+        with Timer("mezo: federated zeroth-order") as t:
+            m.mezo = _mezo_run(cfg, m, work, a.mezo_overrides)
+        m.stages["mezo"] = t.s
     if "fedmobillm-tokens" in a.extra_methods:
         with Timer("fedmobillm-tokens: replay on the simulated clock") as t:
             m.tokens = _tokens_replay(cfg, m, _token_side(a.token_side))
@@ -456,6 +500,11 @@ def _main(a: argparse.Namespace) -> int:
             m.fedavg["lora-deadline"], target, len(profiles)
         )
     results["linear_probe"] = {"run": m.probe, "to_target": probe}
+    if m.mezo is not None:
+        results["mezo"] = {
+            "run": m.mezo,
+            "to_target": R.fedavg_to_target(m.mezo, target, len(profiles)),
+        }
     if m.tokens is not None:
         results["fedmobillm_tokens"] = _tokens_result(m, target, lora)
         head["tokens"] = results["fedmobillm_tokens"]["versus_lora"]
@@ -466,6 +515,8 @@ def _main(a: argparse.Namespace) -> int:
     write_json(out / "results.json", results)
     headline_json = _headline_json(cfg, m, head, target, results["versions"], t_start)
     headline_json["figures"] = _figures(m, fm, lora, fair) | _probe_figures(m, fm, probe, fair)
+    if m.mezo is not None:
+        headline_json["figures"] |= _mezo_figures(m, results["mezo"]["to_target"], lora)
     headline_json["load_average_at_start"] = load
     write_json(out / "headline.json", headline_json)
     pngs = _plots(out, m, fm, lora, full, target)
@@ -514,6 +565,7 @@ class Measured:
     stages: dict[str, float]
     probe: dict[str, Any]  # the federated linear probe (``benchmarks._probe``)
     tokens: dict[str, Any] | None = None  # fedmobillm-tokens' replay (``--methods``)
+    mezo: dict[str, Any] | None = None  # federated zeroth-order (``--methods mezo``)
 
 
 def _measure(
@@ -612,6 +664,66 @@ def _probe(
         seed=cfg.seed,
     )
     return P.federated_probe(job, P.from_replay(feats), [p.quant for p in profiles])
+
+
+def _mezo_run(
+    cfg: BenchConfig, m: Measured, work: Path, overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """Federated MeZO (``benchmarks._mezo``) on FedAvg-LoRA's model, data, fleet, device
+    selection and batch; its hyperparameters ``benchmarks._mezo``'s (chosen on validation)
+    unless ``overrides``; its one-step peak RSS measured as the other methods' are."""
+    from dataclasses import asdict
+
+    from benchmarks import _mezo as Z
+
+    job = Z.MezoJob(
+        model_dir=_model_dir(cfg),
+        num_labels=len(m.data.label_names),
+        data_dir=str(work / "fedavg-data"),
+        num_devices=len(m.profiles),
+        profiles=[asdict(p) for p in m.profiles],
+        forward_flops_per_sample=m.flops["lora_forward"],
+        fraction_train=cfg.fraction_train,
+        local_batch=cfg.local_batch,
+        lora_rank=cfg.lora_rank,
+        max_seq_len=cfg.max_seq_len,
+        seed=cfg.seed,
+        **overrides,
+    )
+    m.mem["mezo"] = peak_rss(
+        cfg,
+        "mezo",
+        ["mezo", "--model", _model_dir(cfg)],
+        work / "memory_texts.json",
+        perturbations=job.perturbations,
+    )
+    res = Z.run_mezo(job)
+    res["overrides"] = overrides
+    return res
+
+
+def _mezo_figures(m: Measured, z: dict[str, Any], lora: dict[str, Any]) -> dict[str, float]:
+    """MeZO against FedAvg-LoRA at the headline target: FLOPs, all-in bytes (the log a device
+    replays counted as its model delivery), time, peak RSS, test accuracy."""
+    run = m.mezo
+    delivery = _curves_delivery(run, z)
+    return {
+        "mezo_reached_target": float(z["reached"]),
+        "mezo_flops_per_device": z["flops_per_device"],
+        "mezo_bytes_per_device_all_in": z["bytes_per_device"] + delivery,
+        "mezo_time_to_target_s": z["time_s"],
+        "mezo_best_round": float(run["best_round"]),
+        "mezo_best_validation": run["best_validation"],
+        "mezo_peak_rss_mb": m.mem["mezo"]["peak_rss_mb"],
+        "mezo_flops_vs_lora": z["flops_per_device"] / lora["flops_per_device"],
+        "test_accuracy_mezo": run["test"]["accuracy"],
+    }
+
+
+def _curves_delivery(run: dict[str, Any], cut: dict[str, Any]) -> float:
+    from benchmarks._curves import delivery_bytes
+
+    return delivery_bytes(run, cut)
 
 
 def _token_side(items: list[str]) -> dict[str, Any]:
@@ -835,7 +947,8 @@ def _headline_json(
             {"fedavg_lora_deadline": m.fedavg["lora-deadline"]["test"]["accuracy"]}
             if "lora-deadline" in m.fedavg
             else {}
-        ),
+        )
+        | ({"mezo": m.mezo["test"]["accuracy"]} if m.mezo is not None else {}),
         "versions": versions_,
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - t_start,
@@ -860,6 +973,8 @@ def _plots(
     }
     if "lora-deadline" in fedavg:
         curves["FedAvg-LoRA (sync, round deadline)"] = fedavg["lora-deadline"]["curve"]
+    if m.mezo is not None:
+        curves["MeZO (sync, zeroth-order)"] = m.mezo["curve"]
     bars = {
         "bytes": {
             "fedmobillm": fm["bytes_per_device"] / 1e6,
