@@ -68,6 +68,7 @@ def test_config_is_checked():
         ({"inputs": "tokens", "skip": "mlp"}, "skip must be"),
         ({"pool": "last"}, "token-mode options"),
         ({"skip": "linear"}, "token-mode options"),
+        ({"inputs": "tokens", "skip": "linear", "skip_weight_decay": -1.0}, "skip_weight_decay"),
     ):
         with pytest.raises(FedMobiLLMError, match=match):
             SideConfig(**bad)
@@ -162,6 +163,25 @@ def test_linear_skip_starts_at_zero_and_adds_the_last_taps_probe():
     assert plain._model("B").align.skip_logits(xt, mt) is None
 
 
+def test_skip_weight_decay_shrinks_only_the_skip():
+    """skip_weight_decay puts the skip's weight matrix in an optimiser group of its own with
+    that decay: a strong one keeps it far smaller than the default's, and the rest of the
+    alignment gets the config's weight decay as before."""
+    norms = {}
+    for decay in (None, 200.0):
+        t = trainer(skip="linear", skip_weight_decay=decay)
+        train(t, 30)
+        a = t._model("B").align
+        norms[decay] = float(a.skip.weight.norm())
+        groups = [
+            g for g in t.optimizer.param_groups if any(p is a.skip.weight for p in g["params"])
+        ]
+        assert len(groups) == 1
+        assert groups[0]["weight_decay"] == (t.config.weight_decay if decay is None else decay)
+        assert (len(groups[0]["params"]) == 1) == (decay is not None)
+    assert norms[200.0] < 0.5 * norms[None], norms
+
+
 def test_a_row_without_real_tokens_is_finite():
     t = trainer(pool="attention", causal=True)
     x, mask, _ = marker_task(3, 2, D_A, 3)
@@ -247,7 +267,9 @@ def test_inputs_are_checked():
 
 
 @pytest.mark.parametrize(
-    "config", [{"pool": "attention"}, {"pool": "last", "skip": "linear"}], ids=["attn", "skip"]
+    "config",
+    [{"pool": "attention"}, {"pool": "last", "skip": "linear", "skip_weight_decay": 5.0}],
+    ids=["attn", "skip"],
 )
 def test_save_load_roundtrip_and_resume(tmp_path, config):
     t = trainer(logit_adjust=1.0, **config)
