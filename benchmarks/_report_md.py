@@ -286,6 +286,20 @@ def _time_to_target(res: dict[str, Any]) -> list[str]:
             f"device; test accuracy {100 * dl['test']['accuracy']:.2f}% "
             f"({dl.get('selection', 'last round')}).\n"
         )
+    if "hetlora" in fa:
+        h, ht = fa["hetlora"], res["fedavg_to_target"]["hetlora"]
+        add(
+            f"FedAvg-LoRA at heterogeneous ranks (`--methods fedavg-hetlora`, FlexLoRA): device "
+            f"ranks {h['ranks']} by class; {h['aggregation']}. Reached the target: "
+            f"{ht['reached']} at round {ht['round']}, t = {ht['time_s']:.1f} s; "
+            f"{mb(ht['bytes_per_device'])} and {ht['flops_per_device'] / 1e9:.1f} GFLOP per "
+            f"device (rounds to target); final delivery per rank "
+            + ", ".join(f"r{k} {mb(v)}" for k, v in h["delivery_bytes_by_rank"].items())
+            + f"; test accuracy {100 * h['test']['accuracy']:.2f}% at the largest rank "
+            f"({h.get('selection')}), per rank "
+            + ", ".join(f"r{k} {100 * v['accuracy']:.2f}%" for k, v in h["test_by_rank"].items())
+            + ".\n"
+        )
     return L
 
 

@@ -50,7 +50,8 @@ MIN_LEARNED = 0.02  # best validation accuracy this far above the majority rate 
 # fedavg-lora-deadline is FedAvg-LoRA with straggler-tolerant rounds (benchmarks._fedavg)
 # mezo is federated zeroth-order tuning (MeZO steps, seeds and scalars on the wire,
 # benchmarks._mezo)
-OPTIONAL_METHODS = ("fedmobillm-tokens", "fedavg-lora-deadline", "mezo")
+# fedavg-hetlora is heterogeneous-rank LoRA by device class (FlexLoRA, benchmarks._hetlora)
+OPTIONAL_METHODS = ("fedmobillm-tokens", "fedavg-lora-deadline", "mezo", "fedavg-hetlora")
 MEZO_KEYS = {"lr": float, "eps": float, "perturbations": int, "rounds": int, "eval_every": int}
 MEZO_KEYS |= {"local_epochs": int}
 DEADLINE_QUANTILE = 0.75  # not tuned: the slowest quarter of the fleet misses each deadline
@@ -102,7 +103,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="extra methods beside fedmobillm, FedAvg-LoRA and FedAvg full FT: "
         "fedmobillm-tokens (every token's taps uploaded; device cost and bytes against LoRA), "
         "fedavg-lora-deadline (FedAvg-LoRA whose rounds cut devices past a fixed deadline), "
-        "mezo (federated zeroth-order: MeZO steps on FedAvg-LoRA's model, seeds and scalars up)",
+        "mezo (federated zeroth-order: MeZO steps on FedAvg-LoRA's model, seeds and scalars up), "
+        "fedavg-hetlora (LoRA rank by device class, fast 8 / mid 4 / slow 2, FlexLoRA SVD)",
     )
     p.add_argument(
         "--mezo",
@@ -169,6 +171,15 @@ def make_config(a: argparse.Namespace) -> tuple[BenchConfig, dict[str, Path]]:
             f"--deadline-quantile {a.deadline_quantile} is not in (0, 1]",
             hint="0.75: the slowest quarter of the fleet misses each round's deadline",
         )
+    if "fedavg-hetlora" in extra:  # before minutes of work: every class needs its rank
+        from benchmarks._hetlora import RANKS
+
+        missing = sorted(set(cfg.fleet) - set(RANKS))
+        if missing:
+            raise FedMobiLLMError(
+                f"fedavg-hetlora has no LoRA rank for device class(es) {', '.join(missing)}",
+                hint=f"classes with a rank: {', '.join(f'{k}={v}' for k, v in RANKS.items())}",
+            )
     a.extra_methods = extra
     a.mezo_overrides = parse_mezo(a.mezo)
     return cfg, files
@@ -476,6 +487,13 @@ def _main(a: argparse.Namespace) -> int:
                 deadline_quantile=a.deadline_quantile,
             )  # fmt: skip
         m.stages["fedavg_lora_deadline"] = t.s
+    if "fedavg-hetlora" in a.extra_methods:
+        from benchmarks import _hetlora as H
+
+        with Timer("FedAvg-LoRA at heterogeneous ranks (FlexLoRA)") as t:
+            job = H.job_for(cfg, _model_dir(cfg), m.data, profiles, m.flops, work)
+            m.fedavg["hetlora"] = H.run_hetlora(job, H.ranks_of(profiles))
+        m.stages["fedavg_hetlora"] = t.s
     if "mezo" in a.extra_methods:
         with Timer("mezo: federated zeroth-order") as t:
             m.mezo = _mezo_run(cfg, m, work, a.mezo_overrides)
@@ -500,6 +518,10 @@ def _main(a: argparse.Namespace) -> int:
             m.fedavg["lora-deadline"], target, len(profiles)
         )
     results["linear_probe"] = {"run": m.probe, "to_target": probe}
+    if "hetlora" in m.fedavg:
+        results["fedavg_to_target"]["hetlora"] = R.fedavg_to_target(
+            m.fedavg["hetlora"], target, len(profiles)
+        )
     if m.mezo is not None:
         results["mezo"] = {
             "run": m.mezo,
@@ -948,7 +970,12 @@ def _headline_json(
             if "lora-deadline" in m.fedavg
             else {}
         )
-        | ({"mezo": m.mezo["test"]["accuracy"]} if m.mezo is not None else {}),
+        | ({"mezo": m.mezo["test"]["accuracy"]} if m.mezo is not None else {})
+        | (
+            {"fedavg_hetlora": m.fedavg["hetlora"]["test"]["accuracy"]}
+            if "hetlora" in m.fedavg
+            else {}
+        ),
         "versions": versions_,
         "command": "python -m benchmarks.run " + " ".join(sys.argv[1:]),
         "wall_s": time.perf_counter() - t_start,
@@ -975,6 +1002,8 @@ def _plots(
         curves["FedAvg-LoRA (sync, round deadline)"] = fedavg["lora-deadline"]["curve"]
     if m.mezo is not None:
         curves["MeZO (sync, zeroth-order)"] = m.mezo["curve"]
+    if "hetlora" in fedavg:
+        curves["FedAvg-LoRA, ranks by class (sync, FlexLoRA)"] = fedavg["hetlora"]["curve"]
     bars = {
         "bytes": {
             "fedmobillm": fm["bytes_per_device"] / 1e6,
