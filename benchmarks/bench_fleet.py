@@ -9,8 +9,9 @@ at its defaults) on a fresh store: SQLite in its data dir, or PostgreSQL (``--ba
 postgresql``: a throwaway server started as the tests start one, or ``--database URL`` whose
 database must be empty, with ``--workers N`` ingest worker processes). The trainer
 (``--trainer``): ``thread``, the embedded default (`serve` trains in its own process; with
-``--workers`` above 1 in the supervising process), ``process`` (`serve --no-train` and
-`fedmobillm train` beside it on the same store, as docs/deploy.md runs a fleet), or ``off``.
+``--workers`` above 1 in the supervising process), ``process`` (`serve --trainer-process`:
+the trainer in a child process of serve), ``separate`` (`serve --no-train` and `fedmobillm
+train` started beside it on the same store), or ``off``.
 Ray actors (``--actors``), each driving many
 simulated devices from one asyncio loop, each device with its own HTTP client and keep-alive
 connection. A device registers, waits a start jitter, then loops:
@@ -212,14 +213,16 @@ def run_size(ray: Any, workdir: Path, n: int, args: argparse.Namespace) -> dict:
     data_dir = workdir / f"fleet-{n}" / "data"
     data_dir.parent.mkdir(parents=True)
     settings = {"train": True, "idle_after_epochs": 0, "export_every": 100_000, **args.settings}
-    extra: list[str] = ["--no-train"] if args.trainer in ("process", "off") else []
+    extra: list[str] = {"process": ["--trainer-process"], "thread": []}.get(
+        args.trainer, ["--no-train"]
+    )
     database = None
     if args.backend == "postgresql":
         database = args.database or args.pg.database()  # a fresh database per fleet size
         extra += ["--database", database, "--workers", str(args.workers)]
     srv = Server(data_dir, settings, args=extra, env={"OMP_NUM_THREADS": "1"})
     trainer = None
-    if args.trainer == "process":
+    if args.trainer == "separate":
         trainer = LocalTrainer(data_dir, srv._config_file(), database).start()
     try:
         worker = ray.remote(num_cpus=0)(FleetWorker)
@@ -398,9 +401,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "throwaway PostgreSQL started here, a fresh database per fleet size)",
     )  # fmt: skip
     p.add_argument(
-        "--trainer", choices=("thread", "process", "off"), default="thread",
-        help="thread: serve trains (the embedded default); process: serve --no-train and "
-        "`fedmobillm train` beside it; off: ingest only",
+        "--trainer", choices=("thread", "process", "separate", "off"), default="thread",
+        help="thread: serve trains (the embedded default); process: serve --trainer-process "
+        "(a child process trains); separate: serve --no-train and `fedmobillm train` beside "
+        "it; off: ingest only",
     )  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("fleet-out"))
     args = p.parse_args(argv)

@@ -98,6 +98,9 @@ class ServerSettings(BaseSettings):
     retry_after_s: int = Field(1, gt=0)
     # Trainer
     train: bool = True  # run the trainer thread beside ingest
+    # `serve`: run the trainer as a child process (`fedmobillm train`) instead of a thread:
+    # uploads do not wait behind its steps for the GIL (server/trainer_child.py)
+    trainer_process: bool = False
     seed: int = 0
     batch_size: int = Field(64, gt=0)  # samples per step, split across architectures
     checkpoint_every: int = Field(200, gt=0)  # steps

@@ -47,6 +47,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "same --data-dir (and --database) beside it, whose status /v1/status shows",
     )
     parser.add_argument(
+        "--trainer-process",
+        action="store_true",
+        help="train in a child process (`fedmobillm train`, started, stopped and restarted "
+        "by serve) instead of a thread of the serving process: uploads no longer wait behind "
+        "training steps (config/env: trainer_process)",
+    )
+    parser.add_argument(
         "--ssl-certfile",
         type=Path,
         default=None,
@@ -103,9 +110,6 @@ KEEP_ALIVE_S = 20
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from fedmobillm.server.app import create_app
     from fedmobillm.server.settings import load_settings
 
     overrides = {
@@ -121,16 +125,19 @@ def run(args: argparse.Namespace) -> int:
     }
     if args.no_train:
         overrides["train"] = False
+    if args.trainer_process:
+        overrides["trainer_process"] = True
     if args.inputs:
         overrides["side"] = {"inputs": args.inputs}
     settings, generated = load_settings(args.config, dev=args.dev, **overrides)
     if generated:
         print(f"admin token (--dev, shown once): {generated}", flush=True)
+    child = settings.train and settings.trainer_process
     log.info(
         "data dir %s; store %s; trainer %s; task %s; %s inputs%s; %d worker(s)",
         settings.data_dir.resolve(),
         _store_name(settings),
-        "on" if settings.train else "off",
+        ("a child process" if child else "on") if settings.train else "off",
         settings.task,
         settings.side.inputs,
         " (task lm: every token's taps, causal side network)" if settings.task == "lm" else "",
@@ -146,6 +153,26 @@ def run(args: argparse.Namespace) -> int:
         "h11_max_incomplete_event_size": settings.max_header_bytes,  # headers, under h11
         **tls,
     }
+    if not child:
+        return _serve(settings, options)
+    from fedmobillm.server.app import open_service
+    from fedmobillm.server.trainer_child import TrainerChild, stopped_by_signal
+
+    open_service(settings).store.close()  # store, task and inputs recorded before the child
+    trainer = TrainerChild(settings).start()  # this process serves; its child trains
+    with stopped_by_signal() as stopped:
+        try:
+            return _serve(settings.model_copy(update={"train": False}), options)
+        finally:
+            trainer.stop()  # before this process exits: final checkpoint and models
+    return stopped.exit()
+
+
+def _serve(settings: ServerSettings, options: dict[str, Any]) -> int:
+    import uvicorn
+
+    from fedmobillm.server.app import create_app
+
     if settings.workers > 1:
         return _run_workers(settings, options)
     view = None

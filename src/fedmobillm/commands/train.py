@@ -206,7 +206,27 @@ def _check_flags(args: argparse.Namespace, task: str, inputs: str) -> None:
 
 
 def _settings(args: argparse.Namespace, task: str | None, inputs: str | None) -> Any:
-    from fedmobillm.server.settings import load_settings
+    import json
+    import os
+
+    from fedmobillm.server.settings import ServerSettings, load_settings
+    from fedmobillm.server.trainer_child import TRAINER_SETTINGS_ENV
+
+    given = os.environ.get(TRAINER_SETTINGS_ENV)
+    if given is not None:  # the child of `serve --trainer-process`: serve's own settings
+        settings = ServerSettings(**json.loads(given))
+        for what, recorded, own in (
+            ("task", task, settings.task),
+            ("inputs", inputs, settings.side.inputs),
+        ):
+            if recorded is not None and recorded != own:  # serve recorded its own at start
+                from fedmobillm.errors import FedMobiLLMError
+
+                raise FedMobiLLMError(
+                    f"the store records {what} {recorded}, the serving process has {own}",
+                    hint="start `fedmobillm serve` with the store's task and inputs",
+                )
+        return settings
 
     # dev=True: the trainer serves no HTTP, so it needs no admin token (none is printed)
     settings, _ = load_settings(
