@@ -95,3 +95,4 @@ def test_adapt_row_draws_only_the_backbones_own_devices():
         {"adapt_steps": 60, "adapt_every": 20, "adapt_lr_scale": 5.0},
     )
     assert got.shared_accuracy < 0.2 and got.steps > 0 and got.accuracy == 1.0, got.summary()
+    assert got.cv_gain > 0.5  # chosen on one half, measured on the other
