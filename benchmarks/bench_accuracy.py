@@ -67,6 +67,13 @@ TOKEN_MARGIN_PROBE = 0.03
 # the token side network of the measured runs (SideConfig overrides on top of
 # inputs="tokens"), chosen on the validation split (docs/accuracy.md, token sweep)
 TOKEN_SIDE: dict[str, Any] = {"width": 64, "blocks": 1}
+# per-backbone overrides on top of TOKEN_SIDE, chosen on validation for that backbone alone
+# (docs/accuracy.md, third token sweep): a causal decoder's token network reads its last real
+# token, plus a linear skip from the last tap's last token. Applied when every backbone of
+# the run has the same ones (one side network serves the whole fleet); --token-side wins.
+TOKEN_SIDE_BACKBONE: dict[str, dict[str, Any]] = {
+    "smollm2-135m": {"pool": "last", "skip": "linear"},
+}
 # the side network's learning rate of the measured runs (docs/accuracy.md); the server's is SideConfig.lr
 SIDE_LR = 2e-3
 
@@ -695,6 +702,24 @@ def _token_bundles(cfg: AccuracyConfig) -> dict[str, Path]:
     }
 
 
+def token_side_for(backbones: tuple[str, ...], overrides: dict[str, Any]) -> dict[str, Any]:
+    """The token side network's options for a run over ``backbones``: TOKEN_SIDE, then the
+    backbones' TOKEN_SIDE_BACKBONE entry when they all have the same one, then
+    ``overrides`` (--token-side). A fleet whose backbones have different entries gets
+    TOKEN_SIDE alone, and the log says so."""
+    own = [TOKEN_SIDE_BACKBONE.get(b, {}) for b in backbones]
+    per = own[0] if own and all(o == own[0] for o in own) else {}
+    if own and not per and any(own):
+        log.warning(
+            "backbones %s have different per-backbone token settings (%s): the shared token "
+            "side network uses TOKEN_SIDE %s without them; choose with --token-side",
+            ",".join(backbones),
+            "; ".join(f"{b}: {o or 'none'}" for b, o in zip(backbones, own, strict=True)),
+            TOKEN_SIDE,
+        )
+    return {**TOKEN_SIDE, **per, **overrides}
+
+
 def _token_side(cfg: AccuracyConfig) -> Any:
     from benchmarks._tokens import side_config
 
@@ -1203,7 +1228,10 @@ def _config(a: argparse.Namespace) -> AccuracyConfig:
         bundles=dict(parse_pairs(a.bundle, "--bundle")) or None,
         token_bundles=dict(parse_pairs(a.token_bundle, "--token-bundle")) or None,
         side=parse_side(a.side) or None,
-        token_side={**TOKEN_SIDE, **parse_side(a.token_side, "--token-side")} or None,
+        token_side=token_side_for(
+            split_csv(a.backbones) or AccuracyConfig().backbones,
+            parse_side(a.token_side, "--token-side"),
+        ),
         methods=split_csv(a.methods),
         validation_only=a.validation_only or None,
     )

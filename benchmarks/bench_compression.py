@@ -296,7 +296,10 @@ def _run_command(a: argparse.Namespace) -> dict:
         devices_per_backbone=a.devices_per_backbone,
         batch_per_arch=a.batch_per_arch,
         token_bundles=dict(A.parse_pairs(a.token_bundle, "--token-bundle")) or None,
-        token_side={**A.TOKEN_SIDE, **A.parse_side(a.token_side, "--token-side")},
+        token_side=A.token_side_for(
+            split_csv(a.backbones) or A.AccuracyConfig().backbones,
+            A.parse_side(a.token_side, "--token-side"),
+        ),
         partitions=("iid",),
         datasets=("movie-snippets",) if not a.quick else None,
     )
