@@ -414,7 +414,7 @@ def _mezo(res: dict[str, Any]) -> list[str]:
         f"Devices upload (seed, scalar) pairs only: {up / max(1, clients):.0f} B per device-round "
         f"on average (FedAvg-LoRA: {mb(2 * z['trainable_bytes'])} per device-round both ways); "
         f"they download the log of the rounds they missed (the whole log at the end, "
-        f"{mb(z['delivery_bytes_per_device'])}, {z['log_pairs']} pairs). Device FLOPs: 2 P "
+        f"{z['delivery_bytes_per_device']:,} B, {z['log_pairs']:,} pairs). Device FLOPs: 2 P "
         f"forwards per sample (LoRA classifier forward "
         f"{_g(res['flops_per_sample']['lora_forward'])} per sample) + the element-wise passes. "
         f"Peak RSS of one step {mem.get('peak_rss_mb', float('nan')):.0f} MiB (fresh process; "
