@@ -7,7 +7,9 @@ fedmobillm: the bundle forward with onnxruntime at the bundle's quant, int8 quan
 and upload encoding of the taps, in a process that never imports torch (checked).
 lora / full: one AdamW training step of the real classifier. fwdgrad: one forward-gradient
 step (1 + P forward passes, no backprop). mezo: one MeZO step (``benchmarks._mezo``: 2 P
-forwards, z regenerated from its seed, no gradient, no optimiser state). Prints one JSON line.
+forwards, z regenerated from its seed, no gradient, no optimiser state). infer: one forward
+of the same LoRA + head model under no_grad (torch inference, the floor for forward-only
+methods). Prints one JSON line.
 
     python -m benchmarks._device_step imports-onnx|imports-torch --texts FILE.json
 
@@ -79,7 +81,7 @@ def _torch_step(args: argparse.Namespace, texts: list[str]) -> dict:
     spec = M.ClassifierSpec(
         args.model,
         args.num_labels,
-        "fwdgrad" if args.method == "mezo" else args.method,  # mezo: the same LoRA + head
+        "fwdgrad" if args.method in ("mezo", "infer") else args.method,  # LoRA + head
         args.lora_rank,
         args.max_seq_len,
     )
@@ -95,6 +97,10 @@ def _torch_step(args: argparse.Namespace, texts: list[str]) -> dict:
 
         seeds = list(range(1, args.perturbations + 1))
         _mezo.mezo_step(model, enc, y, seeds, eps=_mezo.EPS, lr=_mezo.LR)
+    elif args.method == "infer":  # the same model's inference: the floor a forward-only step
+        with torch.no_grad():
+            model.eval()
+            model(**enc)
     else:
         M.train_step(model, M.make_optimizer(model, 1e-4), enc, y)
     return {"step_s": time.perf_counter() - t0, "torch_imported": True}
@@ -122,7 +128,9 @@ RUNTIMES = ("imports-onnx", "imports-torch")
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("method", choices=["fedmobillm", "lora", "full", "fwdgrad", "mezo", *RUNTIMES])
+    p.add_argument(
+        "method", choices=["fedmobillm", "lora", "full", "fwdgrad", "mezo", "infer", *RUNTIMES]
+    )
     p.add_argument("--bundle")
     p.add_argument("--model")
     p.add_argument("--texts", required=True)
