@@ -338,6 +338,13 @@ def test_exported_personal_onnx_takes_token_taps(tmp_path, config):
     x, mask, _ = marker_task(200, 3, D_B, 12)
     got_q = sq.run(["logits"], {"activations": x, "attention_mask": mask})[0]
     assert (got_q.argmax(1) == t.predict("B", x, mask).argmax(1)).mean() >= 0.97
+    # the device's runtime (no torch on its path) reads the folder and runs the same graph
+    from fedmobillm.device_runtime.personal import PersonalModel
+
+    device = PersonalModel(out, activations="fp32")
+    assert device.tokens
+    x, mask, _ = marker_task(9, 3, D_B, 13)
+    np.testing.assert_allclose(device.logits(x, mask), t.predict("B", x, mask), atol=1e-4)
 
 
 @pytest.mark.slow
