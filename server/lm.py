@@ -7,8 +7,10 @@ For architecture ``a`` (taps ``(B, K, T, d_a)`` at every real token, mask ``(B, 
   side block (``server.side.Alignment``, the classify task's own);
 - ``s = body(u)``: the shared ``TokenSideNetwork`` with ``causal=True`` (its
   ``token_states``: position t reads tokens <= t only), ``(B, T, d_s)``;
-- ``delta = out_a(LayerNorm_a(s))``: a per-architecture projection d_s -> d_a initialised
-  to **zero**, so at step 0 ``delta == 0`` and the personal model is exactly the frozen one;
+- ``delta = out_a(LayerNorm_a(s))``: a projection d_s -> d_a initialised to **zero**, so
+  at step 0 ``delta == 0`` and the personal model is exactly the frozen one; shared by the
+  architectures of one source model and width (``share_out``, the default: their
+  residuals live in one space, read by one final norm and head), else per architecture;
 - ``hidden = final_norm(taps[:, -1])``: the backbone's final norm at the deepest tap (a
   truncated bundle's last block goes through the full model's final norm, as its
   generation graph does), and ``logits = head(hidden + delta)`` with the frozen head
@@ -70,11 +72,13 @@ LENS_NOTE = (
     "to the full model's last block fitted on public text (server.lm_lens)"
 )
 LM_PERSONAL_DEFAULTS = {"inputs": "tokens", "causal": True, "token_block": "transformer"}
-# LMSideTrainer's defaults: architectures of one source model and width write their
-# residual with one shared output projection (share_out), and a step's loss is the mean
-# over architectures of each one's mean NLL rather than the mean over every token
-# (arch_balance); see docs/lm.md ("Why fedmobillm's full model trails centralised")
-SHARE_OUT = False
+# LMSideTrainer's defaults (the server's too): architectures of one source model and width
+# write their residual with one shared output projection (share_out: chosen on bench_lm
+# --quick's validation lines, where the full SmolLM2's personal model otherwise learns
+# from its own devices' lines only; docs/lm.md, "Why the full model trailed
+# centralised"), and a step's loss is the mean over every scored token (arch_balance
+# False; True: the mean of each architecture's mean NLL)
+SHARE_OUT = True
 ARCH_BALANCE = False
 
 

@@ -212,6 +212,7 @@ def test_share_out_lets_one_architecture_train_the_others_residual(backbone, hea
     projection, so training only the "short" architecture moves the "full" one's delta
     (without it, full's own projection stays zero and its delta exactly 0); checkpoints
     keep the sharing."""
+    assert LMSideTrainer(lm_config()).share_out  # the default (the server's trainer)
     trainer, full, short = two_arch_trainer(backbone, head, share_out=share)
     assert len(trainer.outs) == (1 if share else 2)
     assert (trainer.model("full").out is trainer.model("short").out) == share
