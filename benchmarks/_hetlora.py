@@ -217,3 +217,71 @@ def job_for(cfg: Any, model_dir: str, data: Any, profiles: list, flops: dict, wo
         max_seq_len=cfg.max_seq_len,
         seed=cfg.seed,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks._hetlora --from RUN --out DIR``: fedavg-hetlora alone on the
+    fleet, data, seed, FLOPs and target of an earlier ``benchmarks.run`` (its results.json),
+    then that run's cost-to-target curves with this method added (DIR/cost_to_target.*)."""
+    import argparse
+    import json
+    import sys
+    import time
+
+    from benchmarks import _curves
+    from benchmarks import _report as R
+    from benchmarks._common import BenchConfig, fleet_profiles, load_fleet_data, write_json
+    from benchmarks._models import model_dir_of
+    from benchmarks.run import write_fedavg_data
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks._hetlora")
+    p.add_argument("--from", dest="src", type=Path, required=True, help="a benchmarks.run DIR")
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    src = a.src / "results.json"
+    if not src.is_file():
+        print(
+            f"error: {src} does not exist (run benchmarks.run --out {a.src} first)", file=sys.stderr
+        )
+        return 2
+    res = json.loads(src.read_text())
+    c = res["config"]
+    cfg = BenchConfig(**{k: v for k, v in c.items() if k in BenchConfig.__dataclass_fields__})
+    profiles = fleet_profiles(cfg)
+    if [p.name for p in profiles] != [q["name"] for q in res["profiles"]]:
+        print("error: the run's fleet was given by --profile files; not supported", file=sys.stderr)
+        return 2
+    data = load_fleet_data(cfg)
+    work = a.out / "work"
+    write_fedavg_data(data, work / "fedavg-data")
+    import torch
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    job = job_for(cfg, model_dir_of(cfg.model), data, profiles, res["flops_per_sample"], work)
+    run = run_hetlora(job, ranks_of(profiles))
+    run["host_s"] = time.perf_counter() - t0
+    res["fedavg"]["hetlora"] = run
+    res["fedavg_to_target"]["hetlora"] = R.fedavg_to_target(run, res["target"], len(profiles))
+    write_json(a.out / "results.json", res)
+    _curves.write(a.out, res)
+    lora = res["fedavg"]["lora"]
+    print(
+        json.dumps(
+            {
+                "target": res["target"],
+                "hetlora": res["fedavg_to_target"]["hetlora"] | {"per_device": None},
+                "lora": res["fedavg_to_target"]["lora"] | {"per_device": None},
+                "test": {"hetlora": run["test"], "by_rank": run["test_by_rank"]},
+                "lora_test": lora["test"],
+                "host_s": run["host_s"],
+            },
+            default=float,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
