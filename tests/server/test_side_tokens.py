@@ -348,12 +348,15 @@ def test_exported_personal_onnx_takes_token_taps(tmp_path, config):
 
 
 @pytest.mark.slow
-def test_token_personal_pte_runs_one_text_at_a_time(tmp_path):
+@pytest.mark.parametrize(
+    "config", [{"causal": True}, {"pool": "last", "skip": "linear"}], ids=["causal", "last-skip"]
+)
+def test_token_personal_pte_runs_one_text_at_a_time(tmp_path, config):
     """XNNPACK lowers no reshape with two dynamic dimensions: the token .pte has batch 1 and
     a dynamic length, says so in personal.json, and matches the trainer row by row."""
     from fedmobillm.device_runtime.graph import Graph
 
-    t = trainer(causal=True)
+    t = trainer(**config)
     train(t, 10)
     out = t.export_personal("A", tmp_path / "p", ["sha-a"], pte=True)
     meta = json.loads((out / "personal.json").read_text())
