@@ -192,6 +192,10 @@ class SideConfig:
     # masked mean for "attention"): a linear probe inside the personal model that the token
     # network refines. Its weights and the side head's output layer start at zero. "none": off.
     skip: str = "none"
+    # Token mode, training only: each real token of a training sample is dropped from the
+    # mask with this probability (a sample keeps at least one), an augmentation against
+    # memorising few records; evaluation and export read every token. 0 = off.
+    token_dropout: float = 0.0
     # AdamW's (decoupled) weight decay on the skip's weight matrix; None: ``weight_decay``.
     # A linear probe on ~1,000 records wants a strong L2 (bench_accuracy's probe: C = 0.01).
     skip_weight_decay: float | None = None
@@ -347,8 +351,12 @@ class SideConfig:
             problems.append(f"skip must be 'none' or 'linear', not {self.skip!r}")
         if self.skip_weight_decay is not None and not self.skip_weight_decay >= 0:
             problems.append(f"skip_weight_decay must be >= 0, not {self.skip_weight_decay}")
-        if self.inputs != "tokens" and (self.pool != "mean" or self.skip != "none"):
-            problems.append("pool and skip are token-mode options (inputs 'tokens')")
+        if not 0.0 <= self.token_dropout < 1.0:
+            problems.append(f"token_dropout must be in [0, 1), not {self.token_dropout}")
+        if self.inputs != "tokens" and (
+            self.pool != "mean" or self.skip != "none" or self.token_dropout
+        ):
+            problems.append("pool, skip and token_dropout are token-mode options (inputs 'tokens')")
         if self.causal and self.inputs != "tokens":
             problems.append("causal needs inputs 'tokens' (pivot inputs have no token order)")
         if self.inputs == "tokens":
@@ -563,6 +571,15 @@ def masked_mean(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def drop_tokens(mask: torch.Tensor, p: float) -> torch.Tensor:
+    """A (B, T) 0/1 mask with each real token set to 0 with probability ``p``; a row left
+    without any real token keeps its own mask. Same dtype as ``mask``."""
+    m = mask.to(torch.float32)
+    keep = (torch.rand_like(m) >= p).to(torch.float32) * m
+    keep = torch.where(keep.sum(1, keepdim=True) > 0, keep, m)
+    return keep.to(mask.dtype)
+
+
 def last_token(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """h (B, T, d) at each row's last real token (mask (B, T) 0/1, padding anywhere): (B, d);
     0 for no real token. A one-hot weighted sum (no gather: dynamic B and T in ONNX)."""
@@ -638,6 +655,7 @@ class TokenSideNetwork(nn.Module):
         )
         self.pool = AttentionPool(c.width) if c.pool == "attention" else None
         self.last = c.pool == "last"
+        self.token_dropout = c.token_dropout
         self.head = HEADS[c.head](c.width, num_labels)
         if c.skip == "linear":  # the per-architecture skip's logits start alone, at zero
             nn.init.zeros_(self.head.out.weight)
@@ -683,6 +701,10 @@ class PersonalModel(nn.Module):
     def forward(
         self, activations: torch.Tensor, attention_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
+        side = self.side
+        if isinstance(side, TokenSideNetwork) and side.training and side.token_dropout:
+            if attention_mask is not None:  # training only: evaluation reads every token
+                attention_mask = drop_tokens(attention_mask, side.token_dropout)
         logits = self.head(self.align(activations), attention_mask)  # (B, C)
         return self.with_skip(logits, activations, attention_mask)
 

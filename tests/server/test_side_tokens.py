@@ -14,7 +14,14 @@ import torch
 from torch_helpers import one_thread  # noqa: F401 - autouse: one torch thread per test
 
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.side import SideConfig, SideTrainer, last_token, masked_mean, pad_tokens
+from fedmobillm.server.side import (
+    SideConfig,
+    SideTrainer,
+    drop_tokens,
+    last_token,
+    masked_mean,
+    pad_tokens,
+)
 
 CFG = SideConfig(width=32, heads=4, blocks=2, inputs="tokens", warmup_steps=5, dropout=0.1)
 D_A, D_B = 16, 24
@@ -68,6 +75,8 @@ def test_config_is_checked():
         ({"inputs": "tokens", "skip": "mlp"}, "skip must be"),
         ({"pool": "last"}, "token-mode options"),
         ({"skip": "linear"}, "token-mode options"),
+        ({"token_dropout": 0.1}, "token-mode options"),
+        ({"inputs": "tokens", "token_dropout": 1.0}, "token_dropout must be"),
         ({"inputs": "tokens", "skip": "linear", "skip_weight_decay": -1.0}, "skip_weight_decay"),
     ):
         with pytest.raises(FedMobiLLMError, match=match):
@@ -180,6 +189,35 @@ def test_skip_weight_decay_shrinks_only_the_skip():
         assert groups[0]["weight_decay"] == (t.config.weight_decay if decay is None else decay)
         assert (len(groups[0]["params"]) == 1) == (decay is not None)
     assert norms[200.0] < 0.5 * norms[None], norms
+
+
+def test_token_dropout_drops_real_tokens_in_training_only():
+    """drop_tokens never adds a token, never empties a row, drops about p of them; the model
+    drops them in training mode only (evaluation is deterministic and reads every token)."""
+    torch.manual_seed(0)
+    mask = torch.zeros(400, 20, dtype=torch.int64)
+    for i in range(400):
+        mask[i, : 1 + i % 20] = 1
+    got = drop_tokens(mask, 0.3)
+    assert got.dtype == mask.dtype and ((got == 1) <= (mask == 1)).all()
+    assert (got.sum(1) >= 1).all()
+    assert abs(1.0 - float(got.sum()) / float(mask.sum()) - 0.3) < 0.03
+    assert torch.equal(drop_tokens(mask, 0.0), mask)
+    t = trainer(token_dropout=0.5)
+    model = t._model("A")
+    x, m, _ = marker_task(16, 2, D_A, 3)
+    xt, mt = torch.from_numpy(x), torch.from_numpy(m)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(xt, mt), model(xt, mt)
+    assert torch.equal(a, b)
+    model.side.train()
+    model.side.blocks[0].drop.p = 0.0  # no weight dropout: only the tokens differ
+    model.side.input_drop.p = 0.0
+    with torch.no_grad():
+        c = model(xt, mt)
+    assert float((c - a).abs().max()) > 1e-4
+    np.testing.assert_array_equal(t.predict("A", x, m), t.predict("A", x, m))
 
 
 def test_a_row_without_real_tokens_is_finite():
