@@ -103,12 +103,13 @@ class LmBenchConfig:
     # none, int8, taps-N, int4, pca-R, joined with +); empty: not run (the default)
     compression: list[str] = field(default_factory=list)
     # the side network's per-architecture parts (server.lm.LMSideTrainer): 1 = architectures
-    # of one model share the output projection (chosen on validation: the full backbone
-    # 42.85 -> 40.35, 12 blocks 113.85 -> 110.83 in --quick; docs/lm.md); 1 = a step's loss
-    # is the mean of each architecture's mean NLL (0: of every token); the alignment and
+    # of one model share the output projection; 1 = a step's loss is the mean of each
+    # architecture's mean NLL (0: of every token). Both on: chosen on validation in --quick
+    # (full backbone / 12 blocks: neither 42.85 / 113.85, share_out 40.35 / 110.83,
+    # arch_balance 42.71 / 114.24, both 40.01 / 110.46; docs/lm.md). The alignment and
     # projection lr x align_lr_scale
     share_out: int = 1
-    arch_balance: int = 0
+    arch_balance: int = 1
     align_lr_scale: float = 1.0
     # fedmobillm: lines per step drawn for the full backbone (0: batch_lines, as the others)
     full_batch_lines: int = 0

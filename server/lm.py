@@ -76,10 +76,11 @@ LM_PERSONAL_DEFAULTS = {"inputs": "tokens", "causal": True, "token_block": "tran
 # write their residual with one shared output projection (share_out: chosen on bench_lm
 # --quick's validation lines, where the full SmolLM2's personal model otherwise learns
 # from its own devices' lines only; docs/lm.md, "Why the full model trailed
-# centralised"), and a step's loss is the mean over every scored token (arch_balance
-# False; True: the mean of each architecture's mean NLL)
+# centralised"), and a step's loss is the mean of each architecture's mean NLL
+# (arch_balance; False: the mean over every scored token, where the architecture with more
+# or harder tokens dominates the shared parts' gradient); the two together were best
 SHARE_OUT = True
-ARCH_BALANCE = False
+ARCH_BALANCE = True
 
 
 def lm_config(**overrides: Any) -> SideConfig:

@@ -233,6 +233,7 @@ def test_share_out_lets_one_architecture_train_the_others_residual(backbone, hea
 def test_arch_balance_weighs_each_architectures_mean_alike(backbone, head):
     """arch_balance: a step's loss is the mean of each architecture's mean NLL, not the
     mean over every token (which lets the architecture with more tokens dominate)."""
+    assert LMSideTrainer(lm_config()).arch_balance  # the default (the server's trainer)
     got = {}
     for balance in (False, True):
         trainer, full, short = two_arch_trainer(backbone, head, arch_balance=balance)
