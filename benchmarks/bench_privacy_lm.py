@@ -19,9 +19,9 @@ SmolLM2-135M with taps [10, 20, 30] of 30 blocks and a 12-block truncation tappe
   same mechanism (noise-aware, a fresh draw), so every position gives a (tap vector, token)
   pair. It standardises the K x d vector of a position, projects it on the top 256 principal
   directions of its public vectors and then (a) ``inverter``: a softmax regression onto the
-  public vocabulary's most frequent ``vocab`` tokens (epochs chosen on a held-out tenth of the
-  public text, Adam lr 3e-3, batches of 256), (b) ``nearest``: the token of the nearest public position (cosine), and
-  (c) ``prior``: the most frequent public token at every position.
+  public vocabulary's most frequent ``vocab`` tokens (Adam lr 3e-3, batches of 256, epochs
+  chosen on a held-out tenth of the public text), (b) ``nearest``: the token of the nearest
+  public position (cosine), and (c) ``prior``: the most frequent public token everywhere.
 - Per attack: token recovery (the share of the victims' positions whose token id is
   recovered), the exact-line rate (every token of a line recovered) and content-word
   precision / recall / F1 of the decoded line (``benchmarks._privacy_attack``'s words, as the
