@@ -56,7 +56,7 @@ PASS_FLOPS_PER_VALUE = 2.0  # draw one normal and add it: one pass over the trai
 LR = 1e-3
 EPS = 1e-3
 PERTURBATIONS = 1
-ROUNDS = 20  # about FedAvg-LoRA's device FLOPs (2 forwards x 20 rounds vs ~3 x 2 epochs x 6)
+ROUNDS = 20  # fixed budget: 1.7x FedAvg-LoRA's device FLOPs in the quick run (docs)
 EVAL_EVERY = 4  # rounds between validation evaluations (one costs ~16 s of host forwards)
 
 
