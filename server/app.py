@@ -87,6 +87,7 @@ def create_app(settings: ServerSettings, trainer_view: Any = None) -> FastAPI:
             from fedmobillm.server.trainer import create_trainer  # torch: only when training
 
             trainer = create_trainer(settings)
+            _warm_imports()
             trainer.start()
         app.state.trainer = trainer
         if trainer is None and trainer_view is not None:
@@ -120,6 +121,21 @@ def create_app(settings: ServerSettings, trainer_view: Any = None) -> FastAPI:
     for router in (ops.router, devices.router, ingest.router, personal.router, dashboard.router):
         app.include_router(router)
     return app
+
+
+def _warm_imports() -> None:
+    """Import now, before the app serves, what the trainer thread imports lazily at its
+    first step (``torch._dynamo``, through the optimizer) and its first personal-model export
+    (``onnx``, ``onnxruntime.quantization``): an import holds the GIL throughout (py-spy
+    under bench_fleet at load 7: 4.1 s and 1.5 s), during which the event loop answered no
+    upload of the fleet. A module missing here is left to fail where it is used, as before."""
+    import importlib
+
+    for name in ("torch._dynamo", "onnx", "onnxruntime.quantization"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            log.debug("%s not importable; the trainer reports it where it needs it", name)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
