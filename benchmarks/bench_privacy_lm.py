@@ -67,6 +67,7 @@ class PrivacyLmConfig:
     epochs: int = 12  # at most; the best on the held-out public tenth is kept
     patience: int = 2  # epochs without a better held-out accuracy before stopping
     utility: bool = True
+    attack: bool = True
     seed: int = 0
     threads: int = 2
 
@@ -257,7 +258,7 @@ def run(cfg: PrivacyLmConfig) -> dict[str, Any]:
     log.info("taps of %d victim and %d public lines in %.0f s", len(victims), len(public),
              time.perf_counter() - t0)  # fmt: skip
     rows: list[dict[str, Any]] = []
-    for b, taps in BACKBONES.items():
+    for b, taps in BACKBONES.items() if cfg.attack else ():
         v_taps = [t for t, _ in vt[b]]
         v_ids = np.concatenate([i for _, i in vt[b]])
         v_len = np.asarray([len(i) for _, i in vt[b]])
@@ -353,12 +354,15 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"({result['victims']['corpus']}), {result['public']['lines']} public lines "
         f"({result['public']['corpus']}); {result['seconds']:.0f} s, load average at the end "
         f"{' / '.join(map(str, result['load_avg_end']))}.",
-        "",
-        "| backbone | epsilon | z | inverter token recovery | inverter exact lines | "
-        "inverter word F1 | nearest token recovery | nearest word F1 | prior token recovery | "
-        "prior word F1 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    if result["attack"]:
+        lines += [
+            "",
+            "| backbone | epsilon | z | inverter token recovery | inverter exact lines | "
+            "inverter word F1 | nearest token recovery | nearest word F1 | prior token recovery | "
+            "prior word F1 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for r in result["attack"]:
         z = "-" if r["z"] is None else f"{r['z']:.3g}"
         inv, nn, pr = r["inverter"], r["nearest"], r["prior"]
@@ -428,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epsilons", default=None, help="comma-separated, inf = no noise")
     p.add_argument("--public", type=int, default=None, help="public lines the attacker forwards")
     p.add_argument("--no-utility", action="store_true", help="the attack only")
+    p.add_argument("--no-attack", action="store_true", help="the utility only")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -439,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
             if a.public < 100:
                 raise FedMobiLLMError(f"--public {a.public}: at least 100 lines")
             cfg.public = a.public
-        cfg.utility = not a.no_utility
+        cfg.utility, cfg.attack = not a.no_utility, not a.no_attack
+        if not (cfg.utility or cfg.attack):
+            raise FedMobiLLMError("--no-utility with --no-attack leaves nothing to run")
         result = run(cfg)
     except FedMobiLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -448,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "privacy_lm.json").write_text(json.dumps(result, indent=1, default=str))
     (a.out / "privacy_lm.md").write_text(markdown(result, command))
-    plot(result, a.out / "privacy_lm.png")
+    if result["attack"]:
+        plot(result, a.out / "privacy_lm.png")
     print(markdown(result, command))
     return 0
 
