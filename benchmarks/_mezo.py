@@ -28,6 +28,7 @@ are: 2 d per pass (draw z, add it), 4 P passes per step (+eps, -2 eps, +eps, upd
 per replayed pair. Rounds are synchronous as FedAvg's (``benchmarks._fedavg.RoundLog``).
 
     python -m benchmarks._mezo sweep --out DIR [--rounds 12]   # lr / eps / P on validation
+    python -m benchmarks._mezo one-batch --out DIR     # the step alone: one batch's loss
 """
 
 from __future__ import annotations
@@ -365,9 +366,45 @@ def sweep(out: Path, rounds: int, configs: list[dict[str, Any]], seed: int = 0) 
     return rows
 
 
+def one_batch(steps: int, lrs: list[float], eps: float = EPS, seed: int = 0) -> list[dict]:
+    """MeZO on one training batch (8 records of the quick fleet's device 4) of the real
+    model: the batch's loss before and after ``steps`` steps per lr (is the step sound?)."""
+    import torch
+
+    from benchmarks import _models as M
+    from benchmarks._common import BenchConfig, load_fleet_data
+
+    torch.set_num_threads(1)
+    cfg = BenchConfig.for_mode("quick", seed=seed)
+    data = load_fleet_data(cfg)
+    md = M.model_dir_of(cfg.model)
+    tok = M.load_tokenizer(md)
+    recs = data.devices[4][:8]
+    enc = M.tokenize(tok, [r.text for r in recs], cfg.max_seq_len)
+    y = torch.tensor([r.label for r in recs])  # (8,)
+    rows = []
+    for lr in lrs:
+        spec = M.ClassifierSpec(md, len(data.label_names), "fwdgrad", cfg.lora_rank,
+                                cfg.max_seq_len, seed)  # fmt: skip
+        model = M.build_classifier(spec)
+        model.eval()
+        rng = np.random.default_rng(seed)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            before = _loss(model, enc, y)
+        for _ in range(steps):
+            mezo_step(model, enc, y, [int(rng.integers(0, 2**32 - 1))], eps, lr)
+        with torch.no_grad():
+            after = _loss(model, enc, y)
+        rows.append({"lr": lr, "steps": steps, "before": before, "after": after,
+                     "host_s": time.perf_counter() - t0})  # fmt: skip
+        log.info("one batch, lr %g: loss %.4f -> %.4f in %d steps", lr, before, after, steps)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks._mezo")
-    p.add_argument("command", choices=["sweep"])
+    p.add_argument("command", choices=["sweep", "one-batch"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--rounds", type=int, default=12)
     p.add_argument("--seed", type=int, default=0)
@@ -392,6 +429,12 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --rounds and P must be >= 1 and eps > 0", file=sys.stderr)
         return 2
     a.out.mkdir(parents=True, exist_ok=True)
+    if a.command == "one-batch":  # --config's lr values (default 1e-3 and 1e-2), 150 steps
+        lrs = [c["lr"] for c in configs] or [1e-3, 1e-2]
+        rows = one_batch(150, lrs)
+        (a.out / "one_batch.json").write_text(json.dumps(rows, indent=1))
+        print(json.dumps(rows))
+        return 0
     rows = sweep(a.out, a.rounds, configs or [dict(c) for c in SWEEP], a.seed)
     best = max(rows, key=lambda r: r["best_validation"])
     print(json.dumps({"best": {k: best[k] for k in ("lr", "eps", "perturbations")}, "rows": rows}))
