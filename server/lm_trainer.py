@@ -4,7 +4,9 @@ checkpoints and resume, export and publication, idle, quarantine, status) is the
 trainer's own.
 
 - The side network is ``server.lm.LMSideTrainer`` (causal body, per-architecture alignment
-  and zero-initialised residual, read out through each architecture's frozen LM head),
+  and a zero-initialised residual projection shared by the architectures of one source
+  model, the loss balanced across architectures (``share_out``, ``arch_balance``: its
+  defaults), read out through each architecture's frozen LM head),
   behind ``LMSide``, which gives it the interface the trainer steps.
 - Each architecture's frozen head comes from the server's own copy of its bundle's source
   model (``lm_heads.head_for``, checked at registration). An architecture whose bundle
