@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from fedmobillm.errors import FedMobiLLMError
-from fedmobillm.server.side import SideConfig
+from fedmobillm.server.side_config import SideConfig
 
 # Values that are never accepted as an admin token outside --dev.
 DEFAULT_TOKENS = {"", "changeme", "change-me", "admin", "secret", "token", "password", "dev"}
