@@ -26,8 +26,17 @@ STEPS = 8  # targets between the floor and the best any method reached
 
 
 def targets(results: dict[str, Any], steps: int = STEPS) -> list[float]:
-    """From the majority rate + 0.02 to the best validation accuracy any method reached."""
-    lo = results["validation_majority_rate"] + 0.02
+    """From 0.02 above the majority rate and above every untrained model (a FedAvg-like
+    method's round 0: an untrained head can score above the majority rate by chance, and a
+    method that learns nothing would "reach" a target below it) to the best validation
+    accuracy any method reached."""
+    untrained = [
+        p["accuracy"]
+        for run in _fedavg_like(results).values()
+        for p in run["curve"]
+        if p["round"] == 0 and not math.isnan(p["accuracy"])
+    ]
+    lo = max([results["validation_majority_rate"], *untrained]) + 0.02
     bests = [v for v in _bests(results).values() if not math.isnan(v)]
     hi = max(bests, default=lo)
     return [float(x) for x in np.linspace(lo, hi, steps)] if hi > lo else [lo]

@@ -59,6 +59,17 @@ def test_targets_run_from_the_floor_to_the_best_any_method_reached():
     assert ts[0] == pytest.approx(0.52) and ts[-1] == pytest.approx(0.7)
 
 
+def test_targets_start_above_an_untrained_model_that_beats_the_majority_rate():
+    """An untrained head scoring 0.56 at round 0 (above the 0.5 majority rate by chance):
+    the lowest target is 0.58, so a method that learns nothing reaches none."""
+    res = _results()
+    res["fedavg"]["full"] = _fedavg([0.56, 0.56, 0.56])
+    ts = C.targets(res, steps=4)
+    assert ts[0] == pytest.approx(0.58) and ts[-1] == pytest.approx(0.7)
+    full = C.cost_curves(res)["methods"]["fedavg_full"]
+    assert not any(p["reached"] for p in full)
+
+
 def test_each_method_costed_at_each_target_or_marked_never_reached():
     c = C.cost_curves(_results())
     lora, full, fm = (c["methods"][k] for k in ("fedavg_lora", "fedavg_full", "fedmobillm"))
