@@ -133,6 +133,8 @@ def run(args: argparse.Namespace) -> int:
     if generated:
         print(f"admin token (--dev, shown once): {generated}", flush=True)
     child = settings.train and settings.trainer_process
+    if settings.trainer_process and not settings.train:
+        log.warning("trainer_process is ignored: training is off here (--no-train / train false)")
     log.info(
         "data dir %s; store %s; trainer %s; task %s; %s inputs%s; %d worker(s)",
         settings.data_dir.resolve(),
