@@ -142,6 +142,20 @@ def test_quiet_third_party_drops_library_noise_until_it_ends(caplog):
     the library logs again; with debug nothing is dropped."""
     lib, ours = logging.getLogger("transformers"), logging.getLogger("fedmobillm.demo")
     caplog.set_level(logging.INFO)
+    # the library's logger as a fresh process has it: code that ran earlier in this process
+    # (benchmarks._models.build_classifier: transformers' set_verbosity_error) sets its
+    # level to ERROR and stops it propagating to the root, where caplog listens
+    level, propagate = lib.level, lib.propagate
+    lib.setLevel(logging.NOTSET)
+    lib.propagate = True
+    try:
+        _quiet_then_loud(lib, ours, caplog)
+    finally:
+        lib.setLevel(level)
+        lib.propagate = propagate
+
+
+def _quiet_then_loud(lib: logging.Logger, ours: logging.Logger, caplog) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with quiet_third_party(False):
