@@ -39,7 +39,6 @@ text, the side network's its validation lines."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
@@ -50,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks._common import write_report
 from fedmobillm.errors import FedMobiLLMError
 
 log = logging.getLogger("benchmarks.privacy_lm")
@@ -285,7 +285,7 @@ def run(cfg: PrivacyLmConfig) -> dict[str, Any]:
             }
             log.info("%s epsilon %s: %s", b, eps, {k: row[k] for k in ("inverter", "nearest")})
             rows.append(row)
-    utility = utility_rows(cfg, lcfg, devices, val, splits) if cfg.utility else []
+    utility = utility_rows(cfg, lcfg, devices, val, splits, source.scales) if cfg.utility else []
     return {
         "config": asdict(cfg) | {"epsilons": [_eps(e) for e in cfg.epsilons]},
         "victims": {"lines": len(victims), "corpus": "friends (bench_lm --quick training lines)"},
@@ -297,9 +297,12 @@ def run(cfg: PrivacyLmConfig) -> dict[str, Any]:
     }
 
 
-def utility_rows(cfg: PrivacyLmConfig, lcfg: Any, devices: list, val: list, splits: Any) -> list:
+def utility_rows(
+    cfg: PrivacyLmConfig, lcfg: Any, devices: list, val: list, splits: Any, scales: dict
+) -> list:
     """bench_lm --quick's fedmobillm fleet on uploads noised at each epsilon: test
-    perplexity per backbone (as the phone scores it), and the frozen model's."""
+    perplexity per backbone (as the phone scores it), and the frozen model's. ``scales``:
+    each backbone's tap scales (the device's default clip comes from them)."""
     from benchmarks.bench_lm import BACKBONES, MODEL, Bench
     from fedmobillm.server.lm import FrozenLMHead
 
@@ -309,7 +312,7 @@ def utility_rows(cfg: PrivacyLmConfig, lcfg: Any, devices: list, val: list, spli
     for eps in cfg.epsilons:
         data = splits(lcfg, devices, val)
         for b, texts in data["train"].texts.items():  # the server sees noisy uploads
-            mech = mechanism(eps, cfg.delta, _scales(lcfg, b), len(BACKBONES[b]), lcfg.max_len)
+            mech = mechanism(eps, cfg.delta, scales[b], len(BACKBONES[b]), lcfg.max_len)
             if mech is None:
                 continue
             acts = texts.acts
@@ -331,12 +334,6 @@ def utility_rows(cfg: PrivacyLmConfig, lcfg: Any, devices: list, val: list, spli
                         "next_token_top1": r["next_token_top1"],
                         "train_s": round(time.perf_counter() - t, 1)})  # fmt: skip
     return out
-
-
-def _scales(lcfg: Any, b: str) -> np.ndarray:
-    from benchmarks.bench_lm import CachedTaps
-
-    return CachedTaps(lcfg).scales[b]
 
 
 def _eps(e: float) -> str | float:
@@ -452,12 +449,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     command = "python -m benchmarks.bench_privacy_lm " + " ".join(argv or sys.argv[1:])
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "privacy_lm.json").write_text(json.dumps(result, indent=1, default=str))
-    (a.out / "privacy_lm.md").write_text(markdown(result, command))
-    if result["attack"]:
-        plot(result, a.out / "privacy_lm.png")
-    print(markdown(result, command))
+    text = markdown(result, command)
+    write_report(a.out, "privacy_lm", result, lambda _: text, plot if result["attack"] else None)
+    print(text)
     return 0
 
 
