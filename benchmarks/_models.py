@@ -52,11 +52,17 @@ def build_classifier(spec: ClassifierSpec) -> nn.Module:
     from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
     torch.manual_seed(spec.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        spec.model_dir, num_labels=spec.num_labels
-    )
+    # The new head's "newly initialized weights" warning is expected here; quieted for this
+    # load only, so the process's transformers logging is left as the caller set it.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            spec.model_dir, num_labels=spec.num_labels
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
     mean_pool(model)
     if spec.method in ("lora", "fwdgrad"):
         from peft import LoraConfig, get_peft_model

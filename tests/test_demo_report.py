@@ -142,9 +142,9 @@ def test_quiet_third_party_drops_library_noise_until_it_ends(caplog):
     the library logs again; with debug nothing is dropped."""
     lib, ours = logging.getLogger("transformers"), logging.getLogger("fedmobillm.demo")
     caplog.set_level(logging.INFO)
-    # the library's logger as a fresh process has it: code that ran earlier in this process
-    # (benchmarks._models.build_classifier: transformers' set_verbosity_error) sets its
-    # level to ERROR and stops it propagating to the root, where caplog listens
+    # the library's logger as a fresh process has it: transformers' own logging setup, run by
+    # any earlier test in this process, stops it propagating to the root (where caplog
+    # listens) and may leave a level on it
     level, propagate = lib.level, lib.propagate
     lib.setLevel(logging.NOTSET)
     lib.propagate = True
