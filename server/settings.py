@@ -101,6 +101,10 @@ class ServerSettings(BaseSettings):
     # `serve`: run the trainer as a child process (`fedmobillm train`) instead of a thread:
     # uploads do not wait behind its steps for the GIL (server/trainer_child.py)
     trainer_process: bool = False
+    # with trainer_process: keep a second child that has imported torch and the trainer and
+    # waits to take over when the active one dies (restart without the imports; costs the
+    # RSS of an idle trainer process: docs/server.md)
+    trainer_standby: bool = True
     seed: int = 0
     batch_size: int = Field(64, gt=0)  # samples per step, split across architectures
     checkpoint_every: int = Field(200, gt=0)  # steps

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedmobillm.server import trainer_child
+
+    chan = trainer_child.supervised()  # serve's child: a standby waits here to take over
     from fedmobillm.server.app import open_service
     from fedmobillm.server.trainer import create_trainer
 
@@ -81,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     settings = _settings(args, *pinned)
     open_service(settings).store.close()  # data dir, schema, task and inputs checked here
+    if chan is not None:
+        trainer_child.wait_for_slot(settings)  # the previous trainer's PostgreSQL session
     trainer = create_trainer(settings)
     trainer.process = "train"
     log.info(
@@ -91,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         settings.side.inputs,
     )
     trainer.start()
+    trainer_child.report_first_step(trainer, chan)
     publisher = threading.Thread(
         target=_publish, args=(trainer, settings, stop), name="trainer-status", daemon=True
     )
