@@ -45,6 +45,7 @@ class TokenSplit:
     val: TokenActivations
     test: TokenActivations | None
     anchors: TokenActivations | None = None
+    kind: str = ""  # the backbone's kind, "encoder" | "decoder" (its manifest's)
 
 
 def token_bundles(cfg: Any) -> dict[str, Path]:
@@ -60,6 +61,8 @@ def load_token_split(
 ) -> TokenSplit:
     """The records the pivot split holds (same ``split_order`` prefixes), as token taps.
     ``layout``: (labelled, anchors) of the train split (``bench_accuracy.train_layout``)."""
+    from fedmobillm.device_runtime.protocol import read_manifest
+
     kw = {"seed": cfg.seed, "threads": cfg.threads}
     labelled, anchors = layout
     train = extract_tokens(bundle, dataset, "train", labelled + anchors, **kw)
@@ -69,17 +72,22 @@ def load_token_split(
         extract_tokens(bundle, dataset, "validation", cfg.val_limit, **kw),
         extract_tokens(bundle, dataset, "test", cfg.test_limit, **kw) if with_test else None,
         pool,
+        read_manifest(bundle).kind,
     )
 
 
-def side_config(cfg: Any) -> Any:
+def side_config(cfg: Any, archs: dict[str, str] | None = None) -> Any:
     """The token side network's SideConfig: the run's pivot overrides' lr, plus
-    ``cfg.token_side`` (chosen on validation, docs/accuracy.md)."""
+    ``cfg.token_side`` (chosen on validation, docs/accuracy.md). ``archs``: backbone ->
+    its architecture name, for ``per_arch`` entries given by backbone name."""
     from benchmarks.bench_accuracy import SIDE_LR
     from fedmobillm.server.side import SideConfig
 
+    opts = {"lr": SIDE_LR, **cfg.token_side, "inputs": "tokens"}
+    if archs and isinstance(opts.get("per_arch"), dict):
+        opts["per_arch"] = {archs.get(k, k): v for k, v in opts["per_arch"].items()}
     try:
-        return SideConfig(**{"lr": SIDE_LR, **cfg.token_side, "inputs": "tokens"})
+        return SideConfig(**opts)
     except TypeError as exc:
         raise FedMobiLLMError(f"unknown token side-network option: {exc}") from exc
 
@@ -119,11 +127,12 @@ def train_tokens(
     the server draws them; best-validation snapshots to ``snapshots/<backbone>``."""
     from fedmobillm.server.side import SideTrainer
 
-    trainer = SideTrainer(side_config(cfg), label_names, seed=cfg.seed)
+    archs = {b: data[b].train.architecture for b in devices}
+    trainer = SideTrainer(side_config(cfg, archs), label_names, seed=cfg.seed)
     by_arch = {}
     for b in devices:
         tr = data[b].train
-        trainer.add_architecture(tr.architecture, tr.taps, tr.depth, tr.hidden)
+        trainer.add_architecture(tr.architecture, tr.taps, tr.depth, tr.hidden, data[b].kind)
         by_arch[tr.architecture] = b
     cache = _id_cache(data, devices, anchors)
     batch = cfg.batch_per_arch * len(devices)

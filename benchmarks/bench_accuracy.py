@@ -69,8 +69,9 @@ TOKEN_MARGIN_PROBE = 0.03
 TOKEN_SIDE: dict[str, Any] = {"width": 64, "blocks": 1}
 # per-backbone overrides on top of TOKEN_SIDE, chosen on validation for that backbone alone
 # (docs/accuracy.md, third token sweep): a causal decoder's token network reads its last real
-# token, plus a linear skip from the last tap's last token. Applied when every backbone of
-# the run has the same ones (one side network serves the whole fleet); --token-side wins.
+# token, plus a linear skip from the last tap's last token. Applied to TOKEN_SIDE when every
+# backbone of the run has the same ones, else per architecture (SideConfig.per_arch: one side
+# network, each backbone's tokens read by its own rule); a key --token-side sets wins for all.
 TOKEN_SIDE_BACKBONE: dict[str, dict[str, Any]] = {
     "smollm2-135m": {"pool": "last", "skip": "linear"},
 }
@@ -704,20 +705,20 @@ def _token_bundles(cfg: AccuracyConfig) -> dict[str, Path]:
 
 def token_side_for(backbones: tuple[str, ...], overrides: dict[str, Any]) -> dict[str, Any]:
     """The token side network's options for a run over ``backbones``: TOKEN_SIDE, then the
-    backbones' TOKEN_SIDE_BACKBONE entry when they all have the same one, then
-    ``overrides`` (--token-side). A fleet whose backbones have different entries gets
-    TOKEN_SIDE alone, and the log says so."""
-    own = [TOKEN_SIDE_BACKBONE.get(b, {}) for b in backbones]
-    per = own[0] if own and all(o == own[0] for o in own) else {}
-    if own and not per and any(own):
-        log.warning(
-            "backbones %s have different per-backbone token settings (%s): the shared token "
-            "side network uses TOKEN_SIDE %s without them; choose with --token-side",
-            ",".join(backbones),
-            "; ".join(f"{b}: {o or 'none'}" for b, o in zip(backbones, own, strict=True)),
-            TOKEN_SIDE,
-        )
-    return {**TOKEN_SIDE, **per, **overrides}
+    backbones' TOKEN_SIDE_BACKBONE entries, then ``overrides`` (--token-side). Entries that
+    all backbones share join the fleet-wide options; where they differ, each backbone's own
+    go to ``per_arch`` under its name (``_tokens.side_config`` keys them by architecture).
+    A key ``overrides`` sets is dropped from every entry: --token-side pool=mean pools every
+    backbone by the mean."""
+    own = [
+        {k: v for k, v in TOKEN_SIDE_BACKBONE.get(b, {}).items() if k not in overrides}
+        for b in backbones
+    ]
+    if own and all(o == own[0] for o in own):
+        return {**TOKEN_SIDE, **own[0], **overrides}
+    per_arch = {b: o for b, o in zip(backbones, own, strict=True) if o}
+    log.info("token side network: per-backbone settings %s", per_arch)
+    return {**TOKEN_SIDE, "per_arch": per_arch, **overrides}
 
 
 def _token_side(cfg: AccuracyConfig) -> Any:

@@ -500,7 +500,7 @@ def _main(a: argparse.Namespace) -> int:
         m.stages["mezo"] = t.s
     if "fedmobillm-tokens" in a.extra_methods:
         with Timer("fedmobillm-tokens: replay on the simulated clock") as t:
-            m.tokens = _tokens_replay(cfg, m, _token_side(a.token_side))
+            m.tokens = _tokens_replay(cfg, m, _token_side(a.token_side, cfg.model))
         m.stages["fedmobillm_tokens_replay"] = t.s
 
     # -- target and headline --
@@ -748,10 +748,12 @@ def _curves_delivery(run: dict[str, Any], cut: dict[str, Any]) -> float:
     return delivery_bytes(run, cut)
 
 
-def _token_side(items: list[str]) -> dict[str, Any]:
-    from benchmarks.bench_accuracy import TOKEN_SIDE, parse_side
+def _token_side(items: list[str], model: str) -> dict[str, Any]:
+    """The token side network's options for backbone ``model``: bench_accuracy's TOKEN_SIDE,
+    its TOKEN_SIDE_BACKBONE entry (chosen on validation), ``--token-side`` items on top."""
+    from benchmarks.bench_accuracy import parse_side, token_side_for
 
-    return {**TOKEN_SIDE, **parse_side(items, "--token-side")}
+    return token_side_for((model,), parse_side(items, "--token-side"))
 
 
 def _tokens_replay(cfg: BenchConfig, m: Measured, side: dict[str, Any]) -> dict[str, Any]:
@@ -761,10 +763,28 @@ def _tokens_replay(cfg: BenchConfig, m: Measured, side: dict[str, Any]) -> dict[
     from benchmarks import _fedmobillm as F
 
     bundles = {q: F.token_bundle_for(cfg, q) for q in sorted({p.quant for p in m.profiles})}
+    side = _token_rule(cfg, side, next(iter(bundles.values())))
     rep = F.replay_tokens(cfg, m.data, m.profiles, bundles, m.flops["fedmobillm_forward"], side)
     rep["bundles"] = {q: str(b) for q, b in bundles.items()}
     rep["side"] = side
     return rep
+
+
+def _token_rule(cfg: BenchConfig, side: dict[str, Any], bundle: Path) -> dict[str, Any]:
+    """``side`` with the backbone's own pool and skip spelled out (SideConfig.token_rule
+    for the bundle's architecture and kind: "auto" and per_arch entries resolved), as the
+    server's trainer resolves them from the manifest its devices registered with."""
+    from dataclasses import asdict
+
+    from benchmarks import _fedmobillm as F
+    from fedmobillm.device_runtime.protocol import read_manifest
+    from fedmobillm.server.side import SideConfig
+
+    manifest = read_manifest(bundle)
+    base = asdict(F._settings(cfg).side)
+    config = SideConfig(**{**base, **side, "inputs": "tokens"})
+    pool, skip = config.token_rule(manifest.architecture, manifest.kind)
+    return {**{k: v for k, v in side.items() if k != "per_arch"}, "pool": pool, "skip": skip}
 
 
 def _tokens_result(m: Measured, target: float, lora: dict[str, Any]) -> dict[str, Any]:

@@ -180,6 +180,11 @@ class ArchSpec:
     key: str = ""  # module key (a0, a1, ...) in weights
     bundle_sha256s: list[str] = field(default_factory=list)
     encoding: str = "int8"  # what it was trained on: int8 (dequantized) or fp16 uploads
+    # token mode: the backbone's kind ("encoder" | "decoder", "" unknown) and the rule its
+    # tokens are read by (SideConfig.token_rule): pooling and linear skip
+    kind: str = ""
+    pool: str = "mean"
+    skip: str = "none"
 
 
 def tap_blocks(taps: list[int], depth: int, blocks: int) -> list[int]:
@@ -200,13 +205,16 @@ class Alignment(nn.Module):
         blocks: int,
         norms: bool = False,
         skip_labels: int = 0,
-        skip_pool: str = "mean",
+        pool: str = "mean",
     ) -> None:
         super().__init__()
         self.block_of_tap = tap_blocks(spec.taps, spec.depth, blocks)
-        # token mode, SideConfig.skip "linear": LayerNorm + Linear d_a -> C on the pooled
-        # last tap, zero at start; its logits are added to the side network's
-        self.skip_pool = "last" if skip_pool == "last" else "mean"
+        # token mode: how the shared side network pools this architecture's token states
+        # (SideConfig.token_rule); its skip pools the last tap by the same rule ("attention":
+        # the masked mean). SideConfig.skip "linear": LayerNorm + Linear d_a -> C on the
+        # pooled last tap, zero at start; its logits are added to the side network's
+        self.pool = pool
+        self.skip_pool = "last" if pool == "last" else "mean"
         self.skip_norm = nn.LayerNorm(spec.hidden) if skip_labels else None
         self.skip = nn.Linear(spec.hidden, skip_labels) if skip_labels else None
         if self.skip is not None:
@@ -455,13 +463,10 @@ class TokenSideNetwork(nn.Module):
         self.blocks = nn.ModuleList(
             TokenBlock(c.width, c.expansion, c.heads, c.dropout, attention) for _ in range(c.blocks)
         )
-        self.pool = AttentionPool(c.width) if c.pool == "attention" else None
-        self.last = c.pool == "last"
+        # shared by the architectures that pool by "attention" (SideConfig.token_rule)
+        self.pool = AttentionPool(c.width) if "attention" in c.token_pools() else None
         self.token_dropout = c.token_dropout
         self.head = HEADS[c.head](c.width, num_labels)
-        if c.skip == "linear":  # the per-architecture skip's logits start alone, at zero
-            nn.init.zeros_(self.head.out.weight)
-            nn.init.zeros_(self.head.out.bias)
 
     def gates(self) -> torch.Tensor:
         return torch.sigmoid(self.alpha / self.temperature)  # (K_s,)
@@ -480,14 +485,28 @@ class TokenSideNetwork(nn.Module):
             h = block(gj * h + (1.0 - gj) * u[:, j], bias)  # (B, T, d_s)
         return h
 
-    def pooled(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, T, d_s) states -> (B, d_s) over the real tokens."""
-        if self.last:
+    def pooled(self, h: torch.Tensor, mask: torch.Tensor, pool: str) -> torch.Tensor:
+        """(B, T, d_s) states -> (B, d_s) over the real tokens, by the architecture's
+        ``pool`` rule ("mean", "last", "attention")."""
+        if pool == "last":
             return last_token(h, mask)
-        return masked_mean(h, mask) if self.pool is None else self.pool(h, mask)
+        if pool == "attention":
+            if self.pool is None:
+                raise FedMobiLLMError("pool 'attention': this side network has no attention pool")
+            return self.pool(h, mask)
+        return masked_mean(h, mask)
 
-    def forward(self, u: torch.Tensor, mask: torch.Tensor, has_input: torch.Tensor) -> torch.Tensor:
-        return self.head(self.pooled(self.token_states(u, mask, has_input), mask))  # (B, C)
+    def forward(
+        self, u: torch.Tensor, mask: torch.Tensor, has_input: torch.Tensor, pool: str = "mean"
+    ) -> torch.Tensor:
+        h = self.token_states(u, mask, has_input)
+        return self.head(self.pooled(h, mask, pool))  # (B, C)
+
+    @torch.no_grad()
+    def zero_head(self) -> None:
+        """The head's output layer at zero: the linear skips' logits start alone."""
+        nn.init.zeros_(self.head.out.weight)
+        nn.init.zeros_(self.head.out.bias)
 
 
 class PersonalModel(nn.Module):
@@ -526,7 +545,7 @@ class PersonalModel(nn.Module):
         if isinstance(self.side, TokenSideNetwork):
             if mask is None:
                 raise FedMobiLLMError("a token-mode side network needs the attention mask")
-            return self.side(u, mask, self.align.has_input)
+            return self.side(u, mask, self.align.has_input, self.align.pool)
         return self.side(u, self.align.has_input, self.align.norm_scale, self.align.norm_shift)
 
     def token_states(self, activations: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -577,19 +596,31 @@ class SideTrainer:
 
     # -- architecture registry --
 
-    def add_architecture(self, arch: str, taps: list[int], depth: int, hidden: int) -> None:
-        """Idempotent. A new architecture gets fresh alignment; the side net is untouched."""
+    def add_architecture(
+        self, arch: str, taps: list[int], depth: int, hidden: int, kind: str = ""
+    ) -> None:
+        """Idempotent. A new architecture gets fresh alignment; the side net is untouched.
+        ``kind``: the backbone's, "encoder" or "decoder" (the bundle manifest's; "" unknown),
+        which token mode's "auto" rule reads (SideConfig.token_rule)."""
         if arch in self.archs:
             old = self.archs[arch]
             if (old.taps, old.depth, old.hidden) != (list(taps), depth, hidden):
                 raise FedMobiLLMError(f"architecture {arch} re-added with other taps/shape")
             return
         spec = ArchSpec(arch, list(taps), int(depth), int(hidden), key=f"a{len(self.archs)}")
+        c = self.config
+        if c.tokens:
+            spec.kind = kind
+            spec.pool, spec.skip = c.token_rule(arch, kind)
         with torch.random.fork_rng():
             torch.manual_seed(self.seed * 1_000_003 + zlib.crc32(arch.encode()))
-            c = self.config
-            skip_labels = len(self.label_names) if c.tokens and c.skip == "linear" else 0
-            align = Alignment(spec, c.width, c.blocks, c.arch_norms, skip_labels, c.pool)
+            skip_labels = len(self.label_names) if spec.skip == "linear" else 0
+            align = Alignment(spec, c.width, c.blocks, c.arch_norms, skip_labels, spec.pool)
+        if skip_labels and self.step == 0 and isinstance(self.side, TokenSideNetwork):
+            # the per-architecture skip's logits start alone, at zero (before any step)
+            self.side.zero_head()
+            if isinstance(self.ema_side, TokenSideNetwork):
+                self.ema_side.zero_head()
         self.aligns[spec.key] = align
         if self.ema_aligns is not None:
             self.ema_aligns[spec.key] = copy.deepcopy(align).requires_grad_(False)
@@ -608,11 +639,12 @@ class SideTrainer:
                 {"params": own, "lr_scale": self.config.align_lr_scale, "weight_decay": decay}
             )
         log.info(
-            "architecture %s: taps %s of %d -> side blocks %s",
+            "architecture %s: taps %s of %d -> side blocks %s%s",
             arch,
             taps,
             depth,
             align.block_of_tap,
+            f", tokens pooled by {spec.pool}, skip {spec.skip}" if c.tokens else "",
         )
 
     def _model(self, arch: str, averaged: bool = False) -> PersonalModel:
@@ -884,7 +916,9 @@ class SideTrainer:
         frozen = {k: v.detach() for k, v in self.side.named_parameters()}
         a = model.align
         args = (
-            (u, mask, a.has_input) if self.tokens else (u, a.has_input, a.norm_scale, a.norm_shift)
+            (u, mask, a.has_input, a.pool)
+            if self.tokens
+            else (u, a.has_input, a.norm_scale, a.norm_shift)
         )
         return torch.func.functional_call(self.side, frozen, args)
 
@@ -1021,7 +1055,10 @@ class SideTrainer:
             raise FedMobiLLMError(f"{directory}: weights do not match state (torn checkpoint)")
         trainer = cls(SideConfig(**state["config"]), state["label_names"], state["seed"])
         for a in state["archs"]:
-            trainer.add_architecture(a["name"], a["taps"], a["depth"], a["hidden"])
+            trainer.add_architecture(
+                a["name"], a["taps"], a["depth"], a["hidden"], a.get("kind", "")
+            )
+            _check_rule(trainer.archs[a["name"]], a, directory)
             trainer.archs[a["name"]].bundle_sha256s = list(a.get("bundle_sha256s", []))
             trainer.archs[a["name"]].encoding = a.get("encoding", "int8")
         tensors = load_file(str(directory / WEIGHTS_FILE))
@@ -1095,6 +1132,18 @@ def _set_grads(params: list[nn.Parameter], flat: torch.Tensor) -> None:
     for p in params:
         p.grad = flat[at : at + p.numel()].view_as(p).clone()
         at += p.numel()
+
+
+def _check_rule(spec: ArchSpec, saved: dict[str, Any], directory: Path) -> None:
+    """A loaded architecture reads its tokens as it was trained to (the saved rule; a
+    checkpoint from before per-architecture rules saved none: its config's, the same)."""
+    for name in ("pool", "skip"):
+        if name in saved and saved[name] != getattr(spec, name):
+            raise FedMobiLLMError(
+                f"{directory}: architecture {spec.name} was trained with {name} "
+                f"{saved[name]!r}, but its config now gives {getattr(spec, name)!r}",
+                hint="load it with the config it was saved with (side.json)",
+            )
 
 
 def _pool_blocks(u: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,9 @@ ingests (`serve --no-train`, `--trainer-process`, the workers) never loads torch
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from typing import Any
 
 from fedmobillm.errors import FedMobiLLMError
 
@@ -15,6 +17,15 @@ ANCHOR_TARGETS = ("mean", "quality")
 CONFLICT_PROJECTIONS = ("off", "anchors", "all")
 # Token mode: how the head reads the token states (SideConfig.pool)
 TOKEN_POOLS = ("mean", "attention", "last")
+# Token mode: the per-architecture options (SideConfig.per_arch), "auto" (SideConfig.pool
+# and skip) and the rule "auto" picks by the backbone's kind (the bundle manifest's "kind"):
+# a causal decoder's last real token is the only one that has read the whole text, so its
+# network pools it and adds the linear skip; an encoder's tokens have all read the text and
+# its network pools their mean (chosen on validation, docs/accuracy.md, token sweeps)
+TOKEN_SKIPS = ("none", "linear")
+TOKEN_ARCH_OPTIONS = ("pool", "skip")
+TOKEN_KINDS = ("encoder", "decoder")
+AUTO_TOKEN_RULE = {"decoder": ("last", "linear"), "encoder": ("mean", "none")}
 # SideConfig.head: the heads side.HEADS builds (one class per name)
 HEAD_NAMES = ("classification",)
 
@@ -34,7 +45,9 @@ class SideConfig:
     # "mlp": the MLP alone at each token, no mixing before pooling), the pooling the head
     # reads ("mean": masked mean over real tokens; "attention": a learned query; "last": the
     # last real token, which in a causal decoder is the only one that has read the whole
-    # text), and ``causal``: attention never looks at later positions (the lm task)
+    # text), and ``causal``: attention never looks at later positions (the lm task).
+    # "auto": each architecture by its kind (AUTO_TOKEN_RULE: decoders "last", encoders
+    # "mean"); ``per_arch`` overrides it per architecture.
     token_block: str = "transformer"
     pool: str = "mean"
     causal: bool = False
@@ -42,7 +55,17 @@ class SideConfig:
     # tap's tokens)) -> logits to the side network's logits (pooled by ``pool``'s rule, the
     # masked mean for "attention"): a linear probe inside the personal model that the token
     # network refines. Its weights and the side head's output layer start at zero. "none": off.
+    # "auto": by the architecture's kind (decoders "linear", encoders "none").
     skip: str = "none"
+    # Token mode: per-architecture ``pool`` / ``skip``, one side network over a fleet whose
+    # backbones read their tokens differently. Keys: an architecture name (the manifest's
+    # ``family/model/dD/LL/tapsT``, as the server's status lists it) or a kind ("encoder",
+    # "decoder"); values: {"pool": ..., "skip": ...} (either or both; "auto" too). An
+    # architecture's own entry wins over its kind's, which wins over ``pool``/``skip``
+    # (``token_rule``). Config file: [server.side.per_arch.decoder] pool = "last"; env: the
+    # table as JSON, FEDMOBILLM_SIDE__PER_ARCH='{"decoder": {"pool": "last"}}'.
+    # A dict[str, dict[str, str]] (a JSON string is read into one).
+    per_arch: Any = field(default_factory=dict)
     # Token mode, training only: each real token of a training sample is dropped from the
     # mask with this probability (a sample keeps at least one), an augmentation against
     # memorising few records; evaluation and export read every token. 0 = off.
@@ -196,18 +219,21 @@ class SideConfig:
             problems.append(f"inputs must be 'pivot' or 'tokens', not {self.inputs!r}")
         if self.token_block not in ("transformer", "mlp"):
             problems.append(f"token_block must be 'transformer' or 'mlp', not {self.token_block!r}")
-        if self.pool not in TOKEN_POOLS:
-            problems.append(f"pool must be one of {list(TOKEN_POOLS)}, not {self.pool!r}")
-        if self.skip not in ("none", "linear"):
-            problems.append(f"skip must be 'none' or 'linear', not {self.skip!r}")
+        problems += _rule_problems("", {"pool": self.pool, "skip": self.skip})
+        problems += self._per_arch_problems()
         if self.skip_weight_decay is not None and not self.skip_weight_decay >= 0:
             problems.append(f"skip_weight_decay must be >= 0, not {self.skip_weight_decay}")
         if not 0.0 <= self.token_dropout < 1.0:
             problems.append(f"token_dropout must be in [0, 1), not {self.token_dropout}")
         if self.inputs != "tokens" and (
-            self.pool != "mean" or self.skip != "none" or self.token_dropout
+            self.pool not in ("mean", "auto")
+            or self.skip not in ("none", "auto")
+            or self.token_dropout
+            or self.per_arch
         ):
-            problems.append("pool, skip and token_dropout are token-mode options (inputs 'tokens')")
+            problems.append(
+                "pool, skip, per_arch and token_dropout are token-mode options (inputs 'tokens')"
+            )
         if self.causal and self.inputs != "tokens":
             problems.append("causal needs inputs 'tokens' (pivot inputs have no token order)")
         if self.inputs == "tokens":
@@ -216,3 +242,63 @@ class SideConfig:
             if self.token_block == "transformer" and self.width % self.heads:
                 problems.append(f"width {self.width} must be divisible by heads {self.heads}")
         return problems
+
+    def _per_arch_problems(self) -> list[str]:
+        if isinstance(self.per_arch, str):  # env: the table as JSON
+            try:
+                self.per_arch = json.loads(self.per_arch)
+            except json.JSONDecodeError as exc:
+                return [f"per_arch is not a JSON table ({exc}): {self.per_arch!r}"]
+        if not isinstance(self.per_arch, dict):
+            return [f"per_arch must be a table of architecture -> options, not {self.per_arch!r}"]
+        problems = []
+        for key, opts in self.per_arch.items():
+            if not isinstance(opts, dict) or not opts:
+                problems.append(
+                    f"per_arch[{key!r}] must be a non-empty table of {list(TOKEN_ARCH_OPTIONS)}, "
+                    f"not {opts!r}"
+                )
+                continue
+            unknown = sorted(set(opts) - set(TOKEN_ARCH_OPTIONS))
+            if unknown:
+                problems.append(
+                    f"per_arch[{key!r}] has unknown options {unknown}: only "
+                    f"{list(TOKEN_ARCH_OPTIONS)} are per architecture"
+                )
+            problems += _rule_problems(f"per_arch[{key!r}].", opts)
+        return problems
+
+    def token_rule(self, arch: str, kind: str = "") -> tuple[str, str]:
+        """(pool, skip) of architecture ``arch`` of backbone kind ``kind`` ("encoder",
+        "decoder", "" unknown): ``per_arch[arch]``, else ``per_arch[kind]``, else
+        ``pool``/``skip``; "auto" resolved by the kind (AUTO_TOKEN_RULE)."""
+        own = {**self.per_arch.get(kind, {}), **self.per_arch.get(arch, {})}
+        pool, skip = own.get("pool", self.pool), own.get("skip", self.skip)
+        if "auto" in (pool, skip):
+            if kind not in AUTO_TOKEN_RULE:
+                raise FedMobiLLMError(
+                    f"architecture {arch!r}: pool/skip 'auto' follows the backbone's kind "
+                    f"(encoder or decoder), which is not known here (kind {kind!r})",
+                    hint="register it with its kind (the bundle manifest's), or set pool and "
+                    "skip for it explicitly: per_arch.<architecture> = {pool=..., skip=...}",
+                )
+            auto_pool, auto_skip = AUTO_TOKEN_RULE[kind]
+            pool = auto_pool if pool == "auto" else pool
+            skip = auto_skip if skip == "auto" else skip
+        return pool, skip
+
+    def token_pools(self) -> set[str]:
+        """Every pooling rule some architecture may get ("auto" expanded)."""
+        given = {self.pool} | {o["pool"] for o in self.per_arch.values() if "pool" in o}
+        auto = {p for p, _ in AUTO_TOKEN_RULE.values()} if "auto" in given else set()
+        return (given - {"auto"}) | auto
+
+
+def _rule_problems(where: str, opts: dict) -> list[str]:
+    problems = []
+    pool, skip = opts.get("pool", "mean"), opts.get("skip", "none")
+    if pool not in (*TOKEN_POOLS, "auto"):
+        problems.append(f"{where}pool must be one of {[*TOKEN_POOLS, 'auto']}, not {pool!r}")
+    if skip not in (*TOKEN_SKIPS, "auto"):
+        problems.append(f"{where}skip must be one of {[*TOKEN_SKIPS, 'auto']}, not {skip!r}")
+    return problems

@@ -1371,7 +1371,7 @@ class Trainer:
     def _sync_archs(self) -> None:
         assert self.side is not None
         for name, a in self.cache.archs.items():
-            self.side.add_architecture(name, a.taps, a.depth, a.hidden)
+            self.side.add_architecture(name, a.taps, a.depth, a.hidden, a.manifest.get("kind", ""))
             spec = self.side.archs[name]
             spec.bundle_sha256s = sorted(set(spec.bundle_sha256s) | a.bundle_sha256s)
             spec.encoding = "int8" if "int8" in a.encodings or not a.encodings else "fp16"

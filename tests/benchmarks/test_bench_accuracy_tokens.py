@@ -77,3 +77,56 @@ def test_validation_only_sweeps_never_read_test(make_bundle, tmp_path) -> None:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--methods fedmobillm-tokens" in proc.stderr
+
+
+def test_per_backbone_token_settings_in_a_mixed_fleet() -> None:
+    """Backbones with different TOKEN_SIDE_BACKBONE entries keep them per architecture
+    (SideConfig.per_arch, keyed by architecture name once the bundles name them); a key
+    --token-side sets wins for every backbone; a lone backbone's entry is fleet-wide."""
+    from benchmarks._tokens import side_config
+    from benchmarks.bench_accuracy import (
+        TOKEN_SIDE,
+        TOKEN_SIDE_BACKBONE,
+        AccuracyConfig,
+        token_side_for,
+    )
+
+    smol = TOKEN_SIDE_BACKBONE["smollm2-135m"]
+    assert smol == {"pool": "last", "skip": "linear"} and "minilm-l6" not in TOKEN_SIDE_BACKBONE
+    assert token_side_for(("smollm2-135m",), {}) == {**TOKEN_SIDE, **smol}
+    mixed = token_side_for(("minilm-l6", "smollm2-135m"), {})
+    assert mixed == {**TOKEN_SIDE, "per_arch": {"smollm2-135m": smol}}
+    assert token_side_for(("minilm-l6", "smollm2-135m"), {"pool": "mean"}) == {
+        **TOKEN_SIDE,
+        "per_arch": {"smollm2-135m": {"skip": "linear"}},
+        "pool": "mean",
+    }
+    shared = {"pool": "mean", "skip": "none"}
+    assert token_side_for(("minilm-l6", "smollm2-135m"), shared) == {**TOKEN_SIDE, **shared}
+    archs = {"minilm-l6": "bert/l6", "smollm2-135m": "llama/smol"}
+    c = side_config(AccuracyConfig(token_side=mixed), archs)
+    assert c.per_arch == {"llama/smol": smol}
+    assert c.token_rule("llama/smol") == ("last", "linear")
+    assert c.token_rule("bert/l6") == ("mean", "none")
+
+
+def test_run_token_side_follows_the_backbone(make_bundle) -> None:
+    """benchmarks.run's fedmobillm-tokens: the backbone's TOKEN_SIDE_BACKBONE entry under
+    --token-side, and the rule spelled out for the bundle's architecture and kind."""
+    from benchmarks._common import BenchConfig
+    from benchmarks.run import _token_rule, _token_side
+
+    smol = _token_side(["width=32"], "smollm2-135m")
+    assert (smol["pool"], smol["skip"], smol["width"]) == ("last", "linear", 32)
+    assert _token_side(["pool=mean"], "smollm2-135m")["pool"] == "mean"
+    assert "pool" not in _token_side([], "minilm-l3")
+    bundle = make_bundle(
+        B, num_taps=3, quant="int8", formats=("onnx",), pivot="none", fallback_quant="fp32"
+    )  # an encoder
+    cfg = BenchConfig()
+    assert _token_rule(cfg, {"pool": "auto", "skip": "auto"}, bundle) == {
+        "pool": "mean",
+        "skip": "none",
+    }
+    own = {"per_arch": {"encoder": {"pool": "last"}}, "skip": "linear", "width": 32}
+    assert _token_rule(cfg, own, bundle) == {"pool": "last", "skip": "linear", "width": 32}

@@ -29,9 +29,13 @@ D_A, D_B = 16, 24
 
 def trainer(seed: int = 0, **config) -> SideTrainer:
     t = SideTrainer(dataclasses.replace(CFG, **config), ["neg", "pos"], seed=seed)
-    t.add_architecture("A", [2, 4], 4, D_A)
-    t.add_architecture("B", [2, 4, 6], 6, D_B)
+    t.add_architecture("A", [2, 4], 4, D_A, kind="encoder")
+    t.add_architecture("B", [2, 4, 6], 6, D_B, kind="decoder")
     return t
+
+
+# per-architecture token rules (A an encoder, B a decoder): "auto" reads each by its kind
+PER_ARCH = {"pool": "auto", "skip": "auto"}
 
 
 def marker_task(n: int, k: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -78,9 +82,85 @@ def test_config_is_checked():
         ({"token_dropout": 0.1}, "token-mode options"),
         ({"inputs": "tokens", "token_dropout": 1.0}, "token_dropout must be"),
         ({"inputs": "tokens", "skip": "linear", "skip_weight_decay": -1.0}, "skip_weight_decay"),
+        ({"per_arch": {"decoder": {"pool": "last"}}}, "token-mode options"),
+        (
+            {"inputs": "tokens", "per_arch": {"decoder": {"pool": "max"}}},
+            r"per_arch\['decoder'\]\.pool",
+        ),
+        ({"inputs": "tokens", "per_arch": {"x": {"skip": "mlp"}}}, r"per_arch\['x'\]\.skip must"),
+        ({"inputs": "tokens", "per_arch": {"x": {"width": 8}}}, r"unknown options \['width'\]"),
+        ({"inputs": "tokens", "per_arch": {"x": {}}}, "non-empty table"),
+        ({"inputs": "tokens", "per_arch": {"x": "last"}}, "non-empty table"),
+        ({"inputs": "tokens", "per_arch": ["decoder"]}, "per_arch must be a table"),
     ):
         with pytest.raises(FedMobiLLMError, match=match):
             SideConfig(**bad)
+
+
+def test_token_rule_per_architecture_kind_and_auto():
+    """An architecture's own per_arch entry wins over its kind's, which wins over pool/skip;
+    "auto" follows the kind (decoders: last + linear skip, encoders: mean, no skip) and
+    needs it; pivot configs may leave pool/skip at "auto" (no token rule applies)."""
+    c = SideConfig(inputs="tokens", **PER_ARCH)
+    assert c.token_rule("A", "encoder") == ("mean", "none")
+    assert c.token_rule("B", "decoder") == ("last", "linear")
+    with pytest.raises(FedMobiLLMError, match="kind .* not known"):
+        c.token_rule("C")
+    given = {"decoder": {"skip": "none"}, "B": {"pool": "attention"}, "C": {"pool": "last"}}
+    c = SideConfig(inputs="tokens", per_arch=given)
+    assert c.token_rule("B", "decoder") == ("attention", "none")
+    assert c.token_rule("D", "decoder") == ("mean", "none")
+    assert c.token_rule("C") == ("last", "none") and c.token_rule("E") == ("mean", "none")
+    assert c.token_pools() == {"mean", "attention", "last"}
+    assert SideConfig(inputs="tokens", pool="auto").token_pools() == {"mean", "last"}
+    SideConfig(pool="auto", skip="auto")  # pivot: accepted, unused
+
+
+def test_each_architecture_reads_its_tokens_by_its_own_rule():
+    """One side network, two rules: the decoder B pools its last real token (changing the
+    other tokens changes nothing through MLP blocks) and has a linear skip; the encoder A
+    pools the mean (they do change it) and has none. The logits start at zero for both."""
+    t = trainer(token_block="mlp", **PER_ARCH)
+    assert (t.archs["A"].pool, t.archs["A"].skip) == ("mean", "none")
+    assert (t.archs["B"].pool, t.archs["B"].skip) == ("last", "linear")
+    assert t.aligns["a0"].skip is None and t.aligns["a1"].skip is not None
+    xb, mb, _ = marker_task(6, 3, D_B, 4)
+    np.testing.assert_array_equal(t.predict("B", xb, mb), np.zeros((6, 2), np.float32))
+    train(t, 5)
+    for arch, k, d, same in (("B", 3, D_B, True), ("A", 2, D_A, False)):
+        x, mask, _ = marker_task(6, k, d, 3)
+        x2 = x + np.random.default_rng(2).normal(size=x.shape).astype(np.float32)
+        for i, n in enumerate(mask.sum(1)):
+            x2[i, :, n - 1] = x[i, :, n - 1]  # keep each last real token
+        diff = np.abs(t.predict(arch, x2, mask) - t.predict(arch, x, mask)).max()
+        assert (diff < 1e-5) == same, (arch, diff)
+
+
+def test_checkpoints_without_rules_load_and_a_changed_rule_is_refused(tmp_path):
+    """A checkpoint saved before per-architecture rules (no per_arch, no kind/pool/skip per
+    architecture) loads with its config's rule; one whose saved rule its config no longer
+    gives is refused, saying which."""
+    t = trainer(pool="last", skip="linear")
+    train(t, 3)
+    t.save(tmp_path / "ck")
+    state = json.loads((tmp_path / "ck" / "side.json").read_text())
+    assert [(a["kind"], a["pool"], a["skip"]) for a in state["archs"]] == [
+        ("encoder", "last", "linear"),
+        ("decoder", "last", "linear"),
+    ]
+    old = json.loads(json.dumps(state))
+    del old["config"]["per_arch"]
+    for a in old["archs"]:
+        del a["kind"], a["pool"], a["skip"]
+    (tmp_path / "ck" / "side.json").write_text(json.dumps(old))
+    x, mask, _ = marker_task(8, 3, D_B, 9)
+    np.testing.assert_array_equal(
+        SideTrainer.load(tmp_path / "ck").predict("B", x, mask), t.predict("B", x, mask)
+    )
+    state["archs"][1]["pool"] = "mean"
+    (tmp_path / "ck" / "side.json").write_text(json.dumps(state))
+    with pytest.raises(FedMobiLLMError, match="trained with pool 'mean'"):
+        SideTrainer.load(tmp_path / "ck")
 
 
 def test_pad_tokens():
@@ -306,8 +386,12 @@ def test_inputs_are_checked():
 
 @pytest.mark.parametrize(
     "config",
-    [{"pool": "attention"}, {"pool": "last", "skip": "linear", "skip_weight_decay": 5.0}],
-    ids=["attn", "skip"],
+    [
+        {"pool": "attention"},
+        {"pool": "last", "skip": "linear", "skip_weight_decay": 5.0},
+        {**PER_ARCH, "per_arch": {"A": {"pool": "attention"}}},
+    ],
+    ids=["attn", "skip", "per-arch"],
 )
 def test_save_load_roundtrip_and_resume(tmp_path, config):
     t = trainer(logit_adjust=1.0, **config)
@@ -318,6 +402,9 @@ def test_save_load_roundtrip_and_resume(tmp_path, config):
     assert u.tokens and u.config == t.config and u.step == 12
     x, mask, _ = marker_task(20, 3, D_B, 9)
     np.testing.assert_array_equal(t.predict("B", x, mask), u.predict("B", x, mask))
+    assert [(a.pool, a.skip) for a in u.archs.values()] == [
+        (a.pool, a.skip) for a in t.archs.values()
+    ]
     rng = torch.get_rng_state()  # load() restored the saved RNG: the same dropout masks
     loss_t = train(t, 1, seed=7)[0]
     torch.set_rng_state(rng)
@@ -353,13 +440,17 @@ def test_anchors_with_a_sequence_length_per_architecture():
 
 
 @pytest.mark.parametrize(
-    "config", [{"pool": "attention"}, {"pool": "last", "skip": "linear"}], ids=["attn", "skip"]
+    "config",
+    [{"pool": "attention"}, {"pool": "last", "skip": "linear"}, PER_ARCH],
+    ids=["attn", "skip", "per-arch"],
 )
 def test_exported_personal_onnx_takes_token_taps(tmp_path, config):
     """personal.onnx: activations (B, K, T, d) + attention_mask (B, T) -> logits; dynamic
     B and T; the same logits as the trainer for two batch sizes and lengths."""
     t = trainer(**config)
     train(t, 30)
+    if config is PER_ARCH:  # the encoder A's graph pools the mean, without a skip
+        assert_device_runs_arch(t, "A", 2, D_A, tmp_path / "a")
     out = t.export_personal("B", tmp_path / "p", ["sha-b"], quant="fp32")
     meta = json.loads((out / "personal.json").read_text())
     assert meta["side_inputs"] == "tokens"
@@ -387,7 +478,13 @@ def test_exported_personal_onnx_takes_token_taps(tmp_path, config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config", [{"causal": True}, {"pool": "last", "skip": "linear"}], ids=["causal", "last-skip"]
+    "config",
+    [
+        {"causal": True},
+        {"pool": "last", "skip": "linear"},
+        {"per_arch": {"A": {"pool": "last", "skip": "linear"}}},  # B keeps the mean
+    ],
+    ids=["causal", "last-skip", "per-arch"],
 )
 def test_token_personal_pte_runs_one_text_at_a_time(tmp_path, config):
     """XNNPACK lowers no reshape with two dynamic dimensions: the token .pte has batch 1 and
@@ -406,3 +503,22 @@ def test_token_personal_pte_runs_one_text_at_a_time(tmp_path, config):
         for i in range(4)
     ]  # each (1, 2)
     np.testing.assert_allclose(np.concatenate(got), t.predict("A", x, mask), atol=1e-4)
+
+
+def assert_device_runs_arch(t: SideTrainer, arch: str, k: int, d: int, out) -> None:
+    """``arch``'s exported personal model on the device runtime gives the trainer's logits,
+    and not those of the same weights under another pooling rule."""
+    from fedmobillm.device_runtime.personal import PersonalModel
+
+    device = PersonalModel(t.export_personal(arch, out, ["sha"], quant="fp32"), activations="fp32")
+    x, mask, _ = marker_task(9, k, d, 13)
+    want = t.predict(arch, x, mask)
+    np.testing.assert_allclose(device.logits(x, mask), want, atol=1e-4)
+    model = t._model(arch, averaged=True).eval()
+    own = model.align.pool
+    model.align.pool = "last" if own != "last" else "mean"
+    try:
+        other = model(torch.from_numpy(x), torch.from_numpy(mask)).detach().numpy()
+    finally:
+        model.align.pool = own
+    assert np.abs(other - want).max() > 1e-3
