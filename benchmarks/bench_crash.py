@@ -12,14 +12,25 @@ worker alone (its supervisor replaces it); then restarts what died. At the end t
 flush what is pending, and the store is counted: acknowledged samples lost (acked, not
 stored) and duplicated (stored twice) must both be 0. Writes crash.json and crash.md.
 
+``--trainer-process``: the trainer is `serve --trainer-process`'s supervised child instead
+(with its warm standby unless ``--no-standby``): every cycle SIGKILLs the active trainer
+child (serve's supervisor must start another, or its standby take over, resuming from the
+checkpoint), and every other cycle then SIGKILLs `serve` itself (its process group: its
+trainer children, in sessions of their own, die of PR_SET_PDEATHSIG, the active one after
+its final checkpoint) and starts it again. Timed from each kill (its first step read from
+the unix time the trainer logs): the new trainer's status published, and its first step.
+
 PostgreSQL: ``--database URL`` (an empty database), else a throwaway PostgreSQL is started
 with tests/server/pg_helpers.py (Debian's postgresql package)."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
+import signal
 import sys
 import tempfile
 import threading
@@ -198,24 +209,22 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[s
             pg = _start_postgres()
             database = pg.database()
     data = workdir / backend / "data"
-    extra = ["--no-train"]
-    if database:
-        extra += ["--database", database, "--workers", str(args.workers)]
-    srv = LocalServer(
-        data, admin_token=uuid.uuid4().hex * 2, config=SETTINGS, args=extra,
-        env={"OMP_NUM_THREADS": "1"}, startup_timeout=180.0, grace=60.0,
-    )  # fmt: skip
-    trainer = LocalTrainer(data, srv._config_file(), database)
+    srv, trainer = _processes(data, database, args)
     t_start = time.monotonic()
     srv.start()
-    trainer.start()
+    if trainer is not None:
+        trainer.start()
     devices = _register(srv, args.devices)
     stop = threading.Event()
     threads = _upload_forever(devices, srv, stop)
     cycles: list[dict[str, Any]] = []
     try:
+        pid = None  # the trainer child's, in --trainer-process
         for cycle in range(args.cycles):
-            cycles.append(_cycle(cycle, backend, srv, trainer, devices, args))
+            if trainer is None:
+                pid = _cycle_child(cycle, srv, devices, args, pid, cycles)
+            else:
+                cycles.append(_cycle(cycle, backend, srv, trainer, devices, args))
     finally:
         stop.set()
         for t in threads:
@@ -224,7 +233,8 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[s
         for d in devices:  # flush what was pending at the last kill
             _wait(lambda d=d: d.pending is None or d.upload_one(srv.url), 120, "the flush")
     finally:
-        trainer.stop()
+        if trainer is not None:
+            trainer.stop()
         srv.stop()
     out = _count(backend, data, database, devices)
     if pg is not None:
@@ -233,10 +243,31 @@ def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[s
         backend=backend,
         workers=args.workers if database else 1,
         devices=args.devices,
+        trainer_process=args.trainer_process,
+        standby=args.trainer_process and args.standby,
         cycles=cycles,
         seconds=round(time.monotonic() - t_start, 1),
     )
     return out
+
+
+def _processes(
+    data: Path, database: str | None, args: argparse.Namespace
+) -> tuple[LocalServer, LocalTrainer | None]:
+    """`serve --no-train` and `fedmobillm train` beside it, or `serve --trainer-process`."""
+    config = dict(SETTINGS)
+    extra = [] if args.trainer_process else ["--no-train"]
+    if args.trainer_process:
+        config.update(trainer_process=True, trainer_standby=args.standby)
+    if database:
+        extra += ["--database", database, "--workers", str(args.workers)]
+    srv = LocalServer(
+        data, admin_token=uuid.uuid4().hex * 2, config=config, args=extra,
+        env={"OMP_NUM_THREADS": "1"}, startup_timeout=180.0, grace=60.0,
+    )  # fmt: skip
+    if args.trainer_process:
+        return srv, None
+    return srv, LocalTrainer(data, srv._config_file(), database)
 
 
 def _register(srv: LocalServer, n: int) -> list[Device]:
@@ -313,6 +344,172 @@ def _cycle(
     }
 
 
+# -- --trainer-process: the trainer as serve's supervised child --
+
+
+def gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def trainer_children(srv: LocalServer) -> list[int]:
+    """serve's `fedmobillm train` children (the active one and the standby)."""
+    import psutil
+
+    assert srv.proc is not None
+    pids = []
+    for p in psutil.Process(srv.proc.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "train" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+    return pids
+
+
+def wait_trained(srv: LocalServer, pid: int | None) -> dict:
+    """The status once trainer ``pid`` (None: any child of serve) has taken 5 steps since
+    its start."""
+    got: dict = {}
+
+    def trained() -> bool:
+        st = _trainer_status(srv)
+        own = st["process"]["pid"]
+        ok = own == pid if pid is not None else own in trainer_children(srv)
+        got.update(st)
+        return ok and st["step"] >= (st.get("resumed_from") or 0) + 5
+
+    _wait(trained, 300, "trainer steps")
+    return got
+
+
+def standby_ready(srv: LocalServer, active: int) -> int:
+    """The standby's pid once its log says it has imported everything and waits."""
+    found: list[int] = []
+
+    def ready() -> bool:
+        log = srv.log_path.read_text(errors="replace")
+        found[:] = [
+            p for p in trainer_children(srv)
+            if p != active and f"standby trainer (pid {p}): ready in" in log
+        ]  # fmt: skip
+        return bool(found)
+
+    _wait(ready, 600, "a warm standby trainer")
+    return found[0]
+
+
+def first_step_at(srv: LocalServer, pid: int, timeout: float = 300) -> tuple[int, float]:
+    """(step, unix time) of trainer ``pid``'s first training step, as it logged it."""
+    pattern = re.compile(rf"trainer process {pid}: first training step \((\d+)\) at unix ([\d.]+)")
+    found: list[tuple[int, float]] = []
+
+    def logged() -> bool:
+        m = pattern.search(srv.log_path.read_text(errors="replace"))
+        if m:
+            found.append((int(m.group(1)), float(m.group(2))))
+        return bool(m)
+
+    _wait(logged, timeout, f"trainer {pid}'s first training step")
+    return found[0]
+
+
+def trainer_back(srv: LocalServer, old: int, t_kill: float, checkpoint: int | None) -> dict:
+    """From the kill (unix ``t_kill``): the new trainer's status published (resumed), and its
+    first training step."""
+    seen: dict = {}
+
+    def published() -> bool:
+        st = _trainer_status(srv)
+        seen.update(st)
+        return st["process"]["pid"] != old and (
+            checkpoint is None or st.get("resumed_from") is not None
+        )
+
+    _wait(published, 300, "the new trainer's status")
+    status_s = time.time() - t_kill
+    new = seen["process"]["pid"]
+    step, at = first_step_at(srv, new)
+    return {
+        "new_pid": new,
+        "resumed_from": seen.get("resumed_from"),
+        "checkpoint": checkpoint,
+        "resumed_ok": seen.get("resumed_from") == checkpoint,
+        "status_s": round(status_s, 2),
+        "first_step_s": round(at - t_kill, 2),
+        "first_step": step,
+    }
+
+
+def _kill_child(srv: LocalServer, pid: int) -> dict[str, Any]:
+    """SIGKILL the active trainer child; serve's supervisor starts another (or its standby
+    takes over)."""
+    standby = [p for p in trainer_children(srv) if p != pid]
+    t0 = time.time()
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: gone(pid), 30, "the killed trainer to die")
+    back = trainer_back(srv, pid, t0, latest_checkpoint(srv.data_dir))  # final: it is dead
+    return {"killed": ["trainer child"], "took_over": back["new_pid"] in standby, **back}
+
+
+def _kill_serve(srv: LocalServer) -> dict[str, Any]:
+    """SIGKILL serve (its process group); its trainer children (own sessions) die of
+    PDEATHSIG, the active one after writing its final checkpoint; serve is started again at
+    once (its new child waits for the old one: the data dir's trainer lock)."""
+    import psutil
+
+    assert srv.proc is not None
+    old = _trainer_status(srv)["process"]["pid"]
+    kids = [p.pid for p in psutil.Process(srv.proc.pid).children(recursive=True)]
+    t0 = time.time()
+    srv.kill()
+    srv.start()
+    ingest_back = time.time() - t0
+    _wait(lambda: all(gone(k) for k in kids), 600, "serve's children to exit (PDEATHSIG)")
+    orphans = time.time() - t0
+    back = trainer_back(srv, old, t0, latest_checkpoint(srv.data_dir))
+    return {
+        "killed": ["serve"],
+        "ingest_back_s": round(ingest_back, 2),
+        "children_gone_s": round(orphans, 2),
+        **back,
+    }
+
+
+def _cycle_child(
+    cycle: int,
+    srv: LocalServer,
+    devices: list[Device],
+    args: argparse.Namespace,
+    pid: int | None,
+    rows: list[dict[str, Any]],
+) -> int:
+    """Wait for progress (acks, 5 steps of the current child), SIGKILL the trainer child,
+    and every other cycle then serve; the timings appended to ``rows``. The trainer's pid."""
+    acked = sum(len(d.acked) for d in devices)
+    _wait(lambda: sum(len(d.acked) for d in devices) >= acked + args.min_acked, 300, "acks")
+    pid = wait_trained(srv, pid)["process"]["pid"]
+    if args.standby:  # kill once the standby is ready (its imports done), as it mostly is
+        standby_ready(srv, pid)
+    kills = [_kill_child(srv, pid)]
+    if cycle % 2 == 1:  # the standby's readiness does not matter: serve's children all die
+        wait_trained(srv, kills[-1]["new_pid"])
+        kills.append(_kill_serve(srv))
+    for r in kills:
+        r.update(cycle=cycle + 1, acked_before=sum(len(d.acked) for d in devices))
+        print(
+            f"{srv.data_dir.parent.name} cycle {cycle + 1}: killed {r['killed'][0]}"
+            f"{' (standby took over)' if r.get('took_over') else ''}; trainer status back in "
+            f"{r['status_s']:.2f} s, first step in {r['first_step_s']:.2f} s, resumed from "
+            f"{r['resumed_from']} (checkpoint {r['checkpoint']})",
+            flush=True,
+        )
+    rows.extend(kills)
+    return kills[-1]["new_pid"]
+
+
 def _count(backend: str, data: Path, database: str | None, devices: list[Device]) -> dict:
     lost = duplicated = stored_total = unsent = 0
     for d in devices:
@@ -352,6 +549,8 @@ def _start_postgres() -> Any:
 
 
 def markdown(report: dict) -> str:
+    if any(r.get("trainer_process") for r in report["backends"]):
+        return markdown_child(report)
     lines = [
         "# kill -9 cycles (benchmarks.bench_crash)",
         "",
@@ -377,6 +576,43 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stat(xs: list[float]) -> str:
+    return f"{np.mean(xs):.2f} / {max(xs):.2f} s" if xs else "-"
+
+
+def markdown_child(report: dict) -> str:
+    """The table of a ``--trainer-process`` run."""
+    lines = [
+        "# kill -9 cycles of `serve --trainer-process` (benchmarks.bench_crash)",
+        "",
+        f"`{report['command']}`; load average {report['load_before']} before, "
+        f"{report['load_after']} after. Times from each kill, mean / max.",
+        "",
+        "| backend | workers | standby | kills (trainer child / serve) | standby took over | "
+        "acked samples | lost | duplicated | resent batches recognised | child kill → status "
+        "| child kill → 1st step | serve kill → ingest back | serve kill → old children gone "
+        "| serve kill → status | serve kill → 1st step | resumed from the last checkpoint "
+        "| time |",
+        "|" + "---|" * 17,
+    ]
+    for r in report["backends"]:
+        child = [c for c in r["cycles"] if c["killed"] == ["trainer child"]]
+        serve = [c for c in r["cycles"] if c["killed"] == ["serve"]]
+        resumed = f"{sum(c['resumed_ok'] for c in r['cycles'])}/{len(r['cycles'])}"
+        lines.append(
+            f"| {r['backend']} | {r['workers']} | {'on' if r['standby'] else 'off'} | "
+            f"{len(child)} / {len(serve)} | {sum(c['took_over'] for c in child)} | "
+            f"{r['acked_samples']:,} | {r['lost']} | {r['duplicated']} | "
+            f"{r['resent_recognised']} | {_stat([c['status_s'] for c in child])} | "
+            f"{_stat([c['first_step_s'] for c in child])} | "
+            f"{_stat([c['ingest_back_s'] for c in serve])} | "
+            f"{_stat([c['children_gone_s'] for c in serve])} | "
+            f"{_stat([c['status_s'] for c in serve])} | "
+            f"{_stat([c['first_step_s'] for c in serve])} | {resumed} | {r['seconds']} s |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backend", default="sqlite,postgresql", help="sqlite, postgresql or both")
@@ -386,7 +622,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-acked", type=int, default=32, help="new acked samples per cycle")
     p.add_argument("--database", default=None, help="PostgreSQL URL (else one is started)")
     p.add_argument("--out", type=Path, default=Path("results/crash"))
+    p.add_argument(
+        "--trainer-process",
+        action="store_true",
+        help="the trainer as `serve --trainer-process`'s supervised child",
+    )
+    p.add_argument(
+        "--standby",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="with --trainer-process: serve's warm standby trainer (setting trainer_standby)",
+    )
     args = p.parse_args(argv)
+    if not args.standby and not args.trainer_process:
+        raise FedMobiLLMError("--no-standby is for --trainer-process", hint="add --trainer-process")
     backends = [b.strip() for b in args.backend.split(",") if b.strip()]
     for b in backends:
         if b not in ("sqlite", "postgresql"):

@@ -2,7 +2,7 @@
 
     python -m benchmarks.bench_restart --rows 10000,100000,1000000 [--devices 64]
         [--memory-mb 64] [--full-max 100000] [--data-dir DIR] [--database postgresql://...]
-        [--http] [--out DIR]
+        [--http | --supervised [--kills 3]] [--out DIR]
 
 For each ``--rows`` (ascending) the store is grown to that many samples (int8 K=3 x d=384,
 1,152 B of values a sample, ``--devices`` devices of two architectures): through the service
@@ -26,6 +26,15 @@ and the trainer process's RSS when its cache is full and its peak. With ``--full
 stores of at most N rows are also restarted with the sampled read-back switched off (the
 whole store read back, as before), for comparison. Writes DIR/bench_restart.json,
 DIR/bench_restart.md and DIR/bench_restart.png (restart s and RSS vs rows).
+
+``--supervised``: the restart a user of `fedmobillm serve --trainer-process` gets. On each
+store a real `serve --trainer-process` (the trainer capped at ``--memory-mb``) is started
+twice, without and with its warm standby (setting ``trainer_standby``), and its active
+trainer child is killed with -9 ``--kills`` times, each once it has trained 5 steps (and,
+with the standby, once the standby is ready). From the kill: ``status_s``, until serve's
+`/v1/status` names the new trainer, resumed; ``first_step_s``, until its first training
+step (the unix time the trainer logs). Also the standby's memory (RSS, USS: its own pages,
+PSS). Writes DIR/bench_restart_supervised.json and .md.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -182,6 +192,104 @@ def run_http(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
     return results
 
 
+def run_supervised(args: argparse.Namespace, data_dir: Path) -> list[dict[str, Any]]:
+    """``--supervised``: kill -9 of serve's trainer child, cold and with the standby."""
+    from benchmarks._restart_fill import fill_to, open_for_fill, stored
+    from fedmobillm.server.service import Service
+
+    results = []
+    for rows in sorted(args.rows):
+        store = open_for_fill(data_dir, args.database)
+        try:
+            fill_to(Service(store), rows, args.devices)
+            total = stored(store)
+        finally:
+            store.close()
+        for standby in (False, True):
+            results += _supervised_kills(args, data_dir, standby, total)
+    return results
+
+
+def _memory_mb(pid: int) -> dict[str, float]:
+    import psutil
+
+    m = psutil.Process(pid).memory_full_info()
+    return {k: round(getattr(m, k) / 2**20, 1) for k in ("rss", "uss", "pss")}
+
+
+def _supervised_kills(
+    args: argparse.Namespace, data_dir: Path, standby: bool, rows: int
+) -> list[dict[str, Any]]:
+    """``args.kills`` kill -9 of the active trainer child of one `serve --trainer-process`."""
+    import uuid
+
+    from benchmarks.bench_crash import (
+        gone,
+        latest_checkpoint,
+        standby_ready,
+        trainer_back,
+        wait_trained,
+    )
+    from fedmobillm.server.local import LocalServer
+
+    config = {
+        "trainer_process": True, "trainer_standby": standby, "trainer_memory_mb":
+        args.memory_mb, "batch_size": 32, "eval_every": 10**6, "checkpoint_every": 50,
+        "export_every": 10**6, "idle_after_epochs": 0,
+    }  # fmt: skip
+    args_db = ["--database", args.database] if args.database else []
+    srv = LocalServer(
+        data_dir, admin_token=uuid.uuid4().hex * 2, config=config, args=args_db,
+        env={"OMP_NUM_THREADS": "1"}, startup_timeout=300.0, grace=120.0,
+        log_path=data_dir.with_name(f"serve-standby-{int(standby)}.log"),
+    )  # fmt: skip
+    out, pid = [], None
+    srv.start()
+    try:
+        for k in range(args.kills):
+            st = wait_trained(srv, pid)
+            pid = st["process"]["pid"]
+            r: dict[str, Any] = {"rows": rows, "standby": standby, "kill": k + 1}
+            if standby:
+                r["standby_pid"] = standby_ready(srv, pid)
+                r["standby_mb"] = _memory_mb(r["standby_pid"])
+            r["active_mb"] = _memory_mb(pid)
+            t0 = time.time()
+            os.kill(pid, signal.SIGKILL)
+            while not gone(pid):
+                time.sleep(0.01)
+            r.update(trainer_back(srv, pid, t0, latest_checkpoint(data_dir)))
+            r["load_avg"] = [round(x, 2) for x in os.getloadavg()]
+            print(json.dumps(r), file=sys.stderr, flush=True)
+            out.append(r)
+            pid = r["new_pid"]
+    finally:
+        srv.stop()
+    return out
+
+
+def markdown_supervised(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    lines = [
+        f"# bench_restart --supervised: kill -9 of `serve --trainer-process`'s trainer, cap "
+        f"{args.memory_mb:g} MB, {'PostgreSQL' if args.database else 'SQLite'}",
+        "",
+        "| stored rows | standby | kill | kill → status s | kill → 1st step s | standby took "
+        "over | resumed from the last checkpoint | standby RSS / USS / PSS MB | active RSS MB "
+        "| load avg |",
+        "|" + "---|" * 10,
+    ]
+    for r in results:
+        sb = r.get("standby_mb")
+        mem = f"{sb['rss']:.0f} / {sb['uss']:.0f} / {sb['pss']:.0f}" if sb else "-"
+        lines.append(
+            f"| {r['rows']:,} | {'on' if r['standby'] else 'off'} | {r['kill']} | "
+            f"{r['status_s']} | {r['first_step_s']} | {r['new_pid'] == r.get('standby_pid')} | "
+            f"{r['resumed_ok']} | {mem} | {r['active_mb']['rss']:.0f} | "
+            f"{'/'.join(str(x) for x in r['load_avg'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 COLUMNS = [
     ("rows", "stored rows"),
     ("mode", "read-back"),
@@ -286,12 +394,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--http", action="store_true", help="fill through a real server's API")
+    p.add_argument(
+        "--supervised",
+        action="store_true",
+        help="kill -9 the trainer child of `serve --trainer-process`, without and with its "
+        "warm standby",
+    )
+    p.add_argument("--kills", type=int, default=3, help="with --supervised: kills per mode")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--full", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--spawned", type=float, default=0.0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.supervised:
+        return main_supervised(args)
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
         results = (run_http if args.http else run)(args, args.data_dir or Path(tmp))
     report = {
@@ -306,6 +423,22 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "bench_restart.json").write_text(json.dumps(report, indent=1))
         (args.out / "bench_restart.md").write_text(markdown(results, args))
         plot(results, args.out / "bench_restart.png", args.memory_mb)
+    return 0
+
+
+def main_supervised(args: argparse.Namespace) -> int:
+    if args.http:
+        raise SystemExit("--supervised fills through the service layer: drop --http")
+    with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
+        results = run_supervised(args, args.data_dir or Path(tmp) / "data")
+    report = {"memory_mb": args.memory_mb, "devices": args.devices,
+              "backend": "postgresql" if args.database else "sqlite", "results": results}  # fmt: skip
+    md = markdown_supervised(results, args)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench_restart_supervised.json").write_text(json.dumps(report, indent=1))
+        (args.out / "bench_restart_supervised.md").write_text(md)
     return 0
 
 
