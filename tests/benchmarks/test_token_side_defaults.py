@@ -1,16 +1,14 @@
 """bench_accuracy's token side-network options per backbone (issue 15, third sweep): a
 backbone's own entry applies when the whole fleet shares it, --token-side always wins, and a
-fleet of backbones with different entries gets the common TOKEN_SIDE with a warning."""
+fleet of backbones with different entries keeps each one's per architecture (per_arch)."""
 
 from __future__ import annotations
-
-import logging
 
 import benchmarks.bench_accuracy as A
 from fedmobillm.server.side import SideConfig
 
 
-def test_a_backbones_own_token_settings_apply_alone_and_yield_to_overrides(caplog) -> None:
+def test_a_backbones_own_token_settings_apply_alone_and_yield_to_overrides() -> None:
     smol = A.token_side_for(("smollm2-135m",), {})
     assert smol == {**A.TOKEN_SIDE, **A.TOKEN_SIDE_BACKBONE["smollm2-135m"]}
     assert smol["pool"] == "last" and smol["skip"] == "linear"
@@ -19,10 +17,9 @@ def test_a_backbones_own_token_settings_apply_alone_and_yield_to_overrides(caplo
     assert A.token_side_for(("minilm-l6",), {}) == A.TOKEN_SIDE
     assert A.token_side_for(("smollm2-135m",), {"pool": "mean"})["pool"] == "mean"
     assert A.token_side_for(("smollm2-135m", "smollm2-135m"), {})["pool"] == "last"
-    with caplog.at_level(logging.WARNING, logger="benchmarks.accuracy"):
-        mixed = A.token_side_for(("minilm-l6", "smollm2-135m"), {"width": 32})
-    assert mixed == {**A.TOKEN_SIDE, "width": 32}
-    assert "different per-backbone token settings" in caplog.text
+    mixed = A.token_side_for(("minilm-l6", "smollm2-135m"), {"width": 32})
+    own = A.TOKEN_SIDE_BACKBONE["smollm2-135m"]
+    assert mixed == {**A.TOKEN_SIDE, "width": 32, "per_arch": {"smollm2-135m": own}}
 
 
 def test_the_command_line_config_takes_the_backbones_settings() -> None:
