@@ -230,31 +230,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import _curves
     from benchmarks import _report as R
-    from benchmarks._common import BenchConfig, fleet_profiles, load_fleet_data, write_json
+    from benchmarks._common import write_json
     from benchmarks._models import model_dir_of
-    from benchmarks.run import write_fedavg_data
+    from benchmarks._rerun import load_run
+    from fedmobillm.errors import FedMobiLLMError
 
     p = argparse.ArgumentParser(prog="python -m benchmarks._hetlora")
     p.add_argument("--from", dest="src", type=Path, required=True, help="a benchmarks.run DIR")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    src = a.src / "results.json"
-    if not src.is_file():
-        print(
-            f"error: {src} does not exist (run benchmarks.run --out {a.src} first)", file=sys.stderr
-        )
-        return 2
-    res = json.loads(src.read_text())
-    c = res["config"]
-    cfg = BenchConfig(**{k: v for k, v in c.items() if k in BenchConfig.__dataclass_fields__})
-    profiles = fleet_profiles(cfg)
-    if [p.name for p in profiles] != [q["name"] for q in res["profiles"]]:
-        print("error: the run's fleet was given by --profile files; not supported", file=sys.stderr)
-        return 2
-    data = load_fleet_data(cfg)
     work = a.out / "work"
-    write_fedavg_data(data, work / "fedavg-data")
+    try:
+        res, cfg, profiles, data = load_run(a.src, work)
+    except FedMobiLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     import torch
 
     torch.set_num_threads(1)

@@ -57,8 +57,15 @@ PASS_FLOPS_PER_VALUE = 2.0  # draw one normal and add it: one pass over the trai
 LR = 1e-3
 EPS = 1e-3
 PERTURBATIONS = 1
+TUNE = "lora+head"  # what the perturbations move: one of TUNES
+LP_ROUNDS = 0  # rounds of federated linear probe that initialise the head (0: random head)
 ROUNDS = 20  # fixed budget: 1.7x FedAvg-LoRA's device FLOPs in the quick run (docs)
 EVAL_EVERY = 4  # rounds between validation evaluations (one costs ~16 s of host forwards)
+TUNES = ("lora+head", "head", "lora")
+KEYS: dict[str, type] = {  # what ``--mezo KEY=VALUE`` and ``--config`` may set
+    "lr": float, "eps": float, "perturbations": int, "rounds": int, "eval_every": int,
+    "local_epochs": int, "tune": str, "lp_rounds": int,
+}  # fmt: skip
 
 
 @dataclass
@@ -76,11 +83,17 @@ class MezoJob:
     lr: float = LR
     eps: float = EPS
     perturbations: int = PERTURBATIONS
+    tune: str = TUNE
+    lp_rounds: int = LP_ROUNDS
     lora_rank: int = 8
     max_seq_len: int = 64
     seed: int = 0
     eval_every: int = EVAL_EVERY
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tune not in TUNES:
+            raise ValueError(f"tune must be one of {', '.join(TUNES)}, not {self.tune!r}")
 
     def fedavg_job(self) -> Any:
         """The ``FedAvgJob`` whose model (``method='fwdgrad'``: LoRA + head, dropout off) and
@@ -106,11 +119,71 @@ class MezoJob:
         )
 
 
+def parse_overrides(items: list[str], flag: str = "--mezo") -> dict[str, Any]:
+    """``KEY=VALUE`` items (``KEYS``) as typed ``MezoJob`` overrides; a clear error for a
+    wrong key, type or range."""
+    from fedmobillm.errors import FedMobiLLMError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in KEYS:
+            raise FedMobiLLMError(
+                f"{flag} {item!r} is not KEY=VALUE with KEY one of {', '.join(KEYS)}",
+                hint=f"e.g. {flag} lr=1e-3 {flag} rounds=40",
+            )
+        try:
+            out[key] = KEYS[key](value)
+        except ValueError as exc:
+            raise FedMobiLLMError(f"{flag} {key}={value!r}: not a {KEYS[key].__name__}") from exc
+        if key == "tune":
+            if value not in TUNES:
+                raise FedMobiLLMError(f"{flag} tune={value}: one of {', '.join(TUNES)}")
+        elif out[key] < 0 or (out[key] == 0 and key != "lp_rounds"):
+            raise FedMobiLLMError(f"{flag} {key}={value} must be > 0 (lp_rounds >= 0)")
+    return out
+
+
+def job_for(
+    cfg: Any, model_dir: str, data: Any, profiles: list, work: Path, fwd_flops: float,
+    overrides: dict[str, Any],
+) -> MezoJob:  # fmt: skip
+    """FedAvg-LoRA's model, data (``work/fedavg-data``), fleet, selection and batch of a
+    ``benchmarks.run`` configuration, with MeZO's hyperparameters (``overrides`` over the
+    defaults)."""
+    return MezoJob(
+        model_dir=model_dir,
+        num_labels=len(data.label_names),
+        data_dir=str(work / "fedavg-data"),
+        num_devices=len(profiles),
+        profiles=[asdict(p) for p in profiles],
+        forward_flops_per_sample=fwd_flops,
+        fraction_train=cfg.fraction_train,
+        local_batch=cfg.local_batch,
+        lora_rank=cfg.lora_rank,
+        max_seq_len=cfg.max_seq_len,
+        seed=cfg.seed,
+        **overrides,
+    )
+
+
 # -- the zeroth-order step and the replay --------------------------------------------------
 
 
 def trainable(model: Any) -> list[Any]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def tuned(model: Any, tune: str = "lora+head") -> list[Any]:
+    """The trainable tensors MeZO perturbs: all (``lora+head``), the classification head
+    only (``head``: LoRA stays at its initial B = 0, the backbone unchanged) or the LoRA
+    factors only (``lora``: the head stays as it started, e.g. the linear probe's)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if tune == "lora+head":
+        return [p for _, p in named]
+    if tune in ("head", "lora"):
+        return [p for n, p in named if ("lora_" in n) == (tune == "lora")]
+    raise ValueError(f"tune must be one of {', '.join(TUNES)}, not {tune!r}")
 
 
 def perturb(params: list[Any], seed: int, scale: float) -> None:
@@ -131,15 +204,16 @@ def _loss(model: Any, enc: dict, y: Any) -> float:
 
 
 def projected_grads(
-    model: Any, enc: dict, y: Any, seeds: list[int], eps: float
+    model: Any, enc: dict, y: Any, seeds: list[int], eps: float, params: list | None = None
 ) -> tuple[list[float], float]:
     """MeZO's estimate along each seed's z: (L(w + eps z) - L(w - eps z)) / (2 eps), two
     forwards each; the weights are restored after each (up to float rounding). Also the
-    mean of (L+ + L-) / 2, the batch's loss as the device sees it."""
+    mean of (L+ + L-) / 2, the batch's loss as the device sees it. ``params``: the tensors
+    perturbed (default: every trainable one)."""
     import torch
 
     model.eval()
-    params = trainable(model)
+    params = trainable(model) if params is None else params
     out, mid = [], []
     with torch.no_grad():
         for s in seeds:
@@ -154,12 +228,13 @@ def projected_grads(
 
 
 def mezo_step(
-    model: Any, enc: dict, y: Any, seeds: list[int], eps: float, lr: float
-) -> tuple[list[tuple[int, float]], float]:
+    model: Any, enc: dict, y: Any, seeds: list[int], eps: float, lr: float,
+    params: list | None = None,
+) -> tuple[list[tuple[int, float]], float]:  # fmt: skip
     """One MeZO step: the projected gradients along ``seeds``, then w -= (lr / P) sum g z.
     Returns the (seed, g) pairs a device uploads and the batch's loss before the step."""
-    gs, loss = projected_grads(model, enc, y, seeds, eps)
-    params = trainable(model)
+    params = trainable(model) if params is None else params
+    gs, loss = projected_grads(model, enc, y, seeds, eps, params)
     for s, g in zip(seeds, gs, strict=True):
         perturb(params, s, -lr * g / len(seeds))
     return list(zip(seeds, gs, strict=True)), loss
@@ -193,11 +268,110 @@ def download_bytes(log_rounds: list[list[tuple[int, float]]]) -> int:
     return sum(PAIR_BYTES * len(r) + HEADER_BYTES for r in log_rounds)
 
 
+# -- the linear-probe warm start --------------------------------------------------------------
+
+_FEATURES: dict[tuple, Any] = {}  # (model_dir, data_dir, seed, max_seq_len) -> ProbeData
+
+
+def pooled(work: Any, records: list[Any], max_seq_len: int, batch: int = 32) -> np.ndarray:
+    """The model's pooled features (the head's input, (n, d)) at the weights it holds."""
+    import torch
+
+    from benchmarks import _models as M
+
+    base = work.model.get_base_model()
+    encoder = getattr(base, base.base_model_prefix)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(records), batch):
+            enc = M.tokenize(work.tok, [r.text for r in records[i : i + batch]], max_seq_len)
+            out.append(encoder(**enc).pooler_output.numpy())
+    return np.concatenate(out).astype(np.float32)
+
+
+def probe_data(job: MezoJob, work: Any) -> Any:
+    """Every device's and the validation split's pooled features at the initial weights (LoRA
+    B = 0: the frozen backbone's mean-pooled output), once per process and fleet."""
+    from benchmarks import _models as M
+    from benchmarks import _probe as P
+    from benchmarks._fedavg import read_records
+
+    key = (job.model_dir, job.data_dir, job.seed, job.max_seq_len)
+    if key not in _FEATURES:
+        M.set_trainable(work.model, work.init)
+        d = Path(job.data_dir)
+        recs = [read_records(d / f"device-{i}.jsonl") for i in range(job.num_devices)]
+        val = read_records(d / "validation.jsonl")
+        _FEATURES[key] = P.ProbeData(
+            [pooled(work, r, job.max_seq_len) for r in recs],
+            [np.array([x.label for x in r]) for r in recs],
+            pooled(work, val, job.max_seq_len),
+            np.array([x.label for x in val]),
+            {},
+        )
+    return _FEATURES[key]
+
+
+def head_from_probe(head: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """The probe's head on standardised features, w (d + 1, C), mean and std (d,), folded into
+    the model's linear head on raw features: weight (C, d), bias (C,)."""
+    w, mu, sd = head["w"][:-1], head["mean"], head["std"]
+    weight = (w / sd[:, None]).T
+    bias = head["w"][-1] - (mu / sd) @ w
+    return weight.astype(np.float32), bias.astype(np.float32)
+
+
+def linear_probe_start(run: _Run) -> None:
+    """Rounds 1..b of the run: the federated linear probe (``benchmarks._probe``: same
+    selection fraction, local epochs, batch and clock; lr from its sweep, on validation) on
+    the model's own pooled features for up to ``lp_rounds`` rounds, cut at its
+    best-validation round b; its head becomes MeZO's starting head. Every round's bytes,
+    FLOPs (a device's first round pays its forward of every record) and time are logged as
+    MeZO's own; the head (fp32) is each device's first download in MeZO's rounds."""
+    from benchmarks import _models as M
+    from benchmarks import _probe as P
+
+    job = run.job
+    pj = P.ProbeJob(
+        job.num_labels, [DeviceProfile(**p) for p in job.profiles], job.forward_flops_per_sample,
+        job.lp_rounds, job.fraction_train, job.local_epochs, job.local_batch, job.seed,
+    )  # fmt: skip
+    data = probe_data(job, run.work)
+    runs = {lr: P.run(pj, data, lr, keep_head=True) for lr in P.LR_SWEEP}
+    sweep = {lr: max(p["accuracy"] for p in r["curve"][1:]) for lr, r in runs.items()}
+    lr = max(sweep, key=lambda k: sweep[k])
+    res = runs[lr]
+    b = res["best_round"]
+    weight, bias = head_from_probe(res["head"])
+    names = M.trainable_names(run.work.model)
+    for i, n in enumerate(names):
+        if "classifier" in n and "lora_" not in n:
+            run.glob[i] = weight if n.endswith("weight") else bias
+    run.head_bytes = int(weight.nbytes + bias.nbytes)
+    for rnd, point in zip(res["rounds"][:b], res["curve"][1 : b + 1], strict=True):
+        nan = float("nan")
+        run.rl.add_round(
+            rnd["round"], [c | {"loss": nan, "host_train_s": 0.0} for c in rnd["clients"]]
+        )
+        run.rl.rounds[-1] |= {"stage": "linear probe", "log_bytes": run.head_bytes}
+        if rnd["round"] < b:
+            run.rl.add_eval(rnd["round"], {"accuracy": point["accuracy"], "loss": nan})
+    start = run.evaluator(run.glob)  # the folded head on the model: the probe's accuracy
+    run.rl.add_eval(b, start)
+    run.rl.keep_best(b, start["accuracy"], run.glob)
+    run.first_round = b + 1
+    run.lp = {"lr": lr, "lr_sweep": {str(k): v for k, v in sweep.items()}, "rounds": b,
+              "validation": start["accuracy"], "probe_validation": point["accuracy"]}  # fmt: skip
+    log.info(
+        "mezo: linear-probe head (lr %g, %d rounds), validation %.4f", lr, b, start["accuracy"]
+    )
+
+
 # -- the federation -------------------------------------------------------------------------
 
 
 def local_round(
-    work: Any, job: MezoJob, device: int, server_round: int
+    work: Any, job: MezoJob, device: int, server_round: int, params: list | None = None
 ) -> tuple[list[tuple[int, float]], int, float, int]:
     """A device's local MeZO epochs from the weights ``work.model`` holds: (pairs,
     num-examples, mean loss, steps). Seeds from (run seed, round, device)."""
@@ -215,117 +389,143 @@ def local_round(
             enc = M.tokenize(work.tok, [r.text for r in chunk], job.max_seq_len)
             y = torch.tensor([r.label for r in chunk], dtype=torch.long)  # (B,)
             seeds = [int(x) for x in rng.integers(0, 2**32 - 1, job.perturbations)]
-            got, loss = mezo_step(work.model, enc, y, seeds, job.eps, job.lr)
+            got, loss = mezo_step(work.model, enc, y, seeds, job.eps, job.lr, params)
             pairs += got
             losses.append(loss)
             steps += 1
     return pairs, len(records) * job.local_epochs, float(np.mean(losses)), steps
 
 
+@dataclass
+class _Run:
+    """One federation's state: the model, the server's weights and log, who synced what."""
+
+    job: MezoJob
+    work: Any  # benchmarks._fedavg.ClientWork
+    evaluator: Any  # benchmarks._fedavg.ServerEval
+    params: list[Any]  # the tensors MeZO perturbs (``tuned``)
+    glob: list[np.ndarray]  # the server's trainable arrays
+    rl: Any  # benchmarks._fedavg.RoundLog
+    log_rounds: list[list[tuple[int, float]]] = field(default_factory=list)  # one per round
+    synced: dict[int, int] = field(default_factory=dict)  # device -> log rounds replayed
+    head_bytes: int = 0  # the linear probe's head, downloaded once (0: none)
+    first_round: int = 1  # of MeZO's (after the linear probe's)
+    lp: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def d(self) -> int:
+        return int(sum(p.numel() for p in self.params))
+
+
+def _device(run: _Run, dev: int, r: int) -> tuple[tuple[list, int], dict[str, Any]]:
+    """Device ``dev``'s round ``r``: download what it missed (the probe's head first), replay,
+    local MeZO epochs, upload; its (pairs, num-examples) and metrics."""
+    from benchmarks import _models as M
+
+    job = run.job
+    missed = run.log_rounds[run.synced.get(dev, 0) :]
+    down = download_bytes(missed) + (0 if dev in run.synced else run.head_bytes)
+    replayed = sum(len(x) for x in missed)
+    M.set_trainable(run.work.model, run.glob)  # what the device's replay reconstructs
+    pairs, n, loss, steps = local_round(run.work, job, dev, r, run.params)
+    run.synced[dev] = len(run.log_rounds)
+    up = upload_bytes(len(pairs))
+    flops = 2 * job.perturbations * job.forward_flops_per_sample * n + PASS_FLOPS_PER_VALUE * (
+        run.d * (4 * job.perturbations * steps + replayed)
+    )
+    prof = DeviceProfile(**job.profiles[dev])
+    return (pairs, n), {
+        "num-examples": n,
+        "loss": loss,  # mean of (L+ + L-) / 2 over its steps
+        "device": dev,
+        "sim_s": prof.down_s(down) + prof.compute_s(flops) + prof.up_s(up),
+        "bytes_down": down,
+        "bytes_up": up,
+        "flops": flops,
+        "host_train_s": 0.0,
+        "pairs": len(pairs),
+        "steps": steps,
+    }
+
+
+def _round(run: _Run, r: int, chosen: list[int]) -> None:
+    """One synchronous round: the chosen devices' updates, the server's replay and log."""
+    from benchmarks import _models as M
+
+    job = run.job
+    t0 = time.perf_counter()
+    done = [_device(run, dev, r) for dev in chosen]
+    metrics = [m | {"host_train_s": (time.perf_counter() - t0) / len(done)} for _, m in done]
+    coefs = coefficients([u for u, _ in done], job.lr, job.perturbations)
+    M.set_trainable(run.work.model, run.glob)
+    replay(run.params, coefs)
+    run.glob = M.get_trainable(run.work.model)
+    run.log_rounds.append(coefs)
+    run.rl.add_round(r, metrics)
+    run.rl.rounds[-1]["log_bytes"] = download_bytes(run.log_rounds) + run.head_bytes
+    run.rl.rounds[-1]["log_pairs"] = sum(len(x) for x in run.log_rounds)
+
+
 def run_mezo(job: MezoJob, *, test: bool = True, start_eval: bool = True) -> dict[str, Any]:
-    """The federation on the simulated clock: synchronous rounds as FedAvg's (the same device
-    selection rule and RNG), each device's download (the log it missed), local MeZO epochs and
-    upload (seeds and scalars), the server's replay; validation every ``eval_every`` rounds and
-    at the last; the best-validation snapshot tested (``test``)."""
+    """The federation on the simulated clock: the linear probe's rounds (``lp_rounds`` > 0),
+    then synchronous rounds as FedAvg's (the same device selection rule and RNG), each
+    device's download (the log it missed), local MeZO epochs and upload (seeds and scalars),
+    the server's replay; validation every ``eval_every`` rounds and at the last; the
+    best-validation snapshot tested (``test``)."""
     import torch
 
-    from benchmarks import _models as M
     from benchmarks._fedavg import ClientWork, RoundLog, ServerEval
 
     torch.set_num_threads(1)
     fj = job.fedavg_job()
-    rng = np.random.default_rng(job.seed)
     work = ClientWork(fj)
-    evaluator = ServerEval(fj)
-    init = [a.copy() for a in work.init]
-    params = trainable(work.model)
-    d = int(sum(p.numel() for p in params))
-    glob = [a.copy() for a in init]
-    rl = RoundLog(
-        replace(fj, method="mezo"),
-        f"in-process MeZO (lr {job.lr}, eps {job.eps}, P {job.perturbations})",
-    )
+    engine = f"in-process MeZO (lr {job.lr}, eps {job.eps}, P {job.perturbations}, {job.tune})"
+    run = _Run(job, work, ServerEval(fj), tuned(work.model, job.tune),
+               [a.copy() for a in work.init], RoundLog(replace(fj, method="mezo"), engine))  # fmt: skip
     if start_eval:  # the sweep skips it: every config starts from the same weights
-        rl.add_eval(0, evaluator(glob))
+        run.rl.add_eval(0, run.evaluator(run.glob))
+    if job.lp_rounds > 0:
+        linear_probe_start(run)
+    rng = np.random.default_rng(job.seed)
     per_round = max(1, int(round(job.fraction_train * job.num_devices)))
-    log_rounds: list[list[tuple[int, float]]] = []  # the server's log, one list per round
-    synced = [0] * job.num_devices  # rounds of the log each device has replayed
-    fwd = job.forward_flops_per_sample
-    for r in range(1, job.rounds + 1):
-        chosen = sorted(rng.choice(job.num_devices, per_round, replace=False).tolist())
-        updates, metrics = [], []
-        t0 = time.perf_counter()
-        for dev in chosen:
-            missed = log_rounds[synced[dev] :]
-            down = download_bytes(missed)
-            replayed = sum(len(x) for x in missed)
-            M.set_trainable(work.model, glob)  # what the device's replay reconstructs
-            pairs, n, loss, steps = local_round(work, job, dev, r)
-            synced[dev] = len(log_rounds)
-            up = upload_bytes(len(pairs))
-            flops = 2 * job.perturbations * fwd * n + PASS_FLOPS_PER_VALUE * d * (
-                4 * job.perturbations * steps + replayed
-            )
-            prof = DeviceProfile(**job.profiles[dev])
-            updates.append((pairs, n))
-            metrics.append(
-                {
-                    "num-examples": n,
-                    "loss": loss,  # mean of (L+ + L-) / 2 over its steps
-                    "device": dev,
-                    "sim_s": prof.down_s(down) + prof.compute_s(flops) + prof.up_s(up),
-                    "bytes_down": down,
-                    "bytes_up": up,
-                    "flops": flops,
-                    "host_train_s": 0.0,
-                    "pairs": len(pairs),
-                    "steps": steps,
-                }
-            )
-        host = time.perf_counter() - t0
-        for m in metrics:
-            m["host_train_s"] = host / len(metrics)
-        coefs = coefficients(updates, job.lr, job.perturbations)
-        M.set_trainable(work.model, glob)
-        replay(params, coefs)
-        glob = [p.detach().cpu().numpy().copy() for p in params]
-        log_rounds.append(coefs)
-        rl.add_round(r, metrics)
-        rl.rounds[-1]["log_bytes"] = download_bytes(log_rounds)  # a fresh device's replay
-        rl.rounds[-1]["log_pairs"] = sum(len(x) for x in log_rounds)
-        if r % job.eval_every == 0 or r == job.rounds:
-            res = evaluator(glob)
-            rl.add_eval(r, res)
-            rl.keep_best(r, res["accuracy"], glob)
-    out: dict[str, Any]
+    last = run.first_round + job.rounds - 1
+    for r in range(run.first_round, last + 1):
+        _round(run, r, sorted(rng.choice(job.num_devices, per_round, replace=False).tolist()))
+        if (r - run.first_round + 1) % job.eval_every == 0 or r == last:
+            res = run.evaluator(run.glob)
+            run.rl.add_eval(r, res)
+            run.rl.keep_best(r, res["accuracy"], run.glob)
+    return _result(run, test)
+
+
+def _result(run: _Run, test: bool) -> dict[str, Any]:
+    rl = run.rl
     if test:
-        out = rl.result(evaluator, glob)
+        out = rl.result(run.evaluator, run.glob)
     else:
         out = {"curve": rl.curve, "rounds": rl.rounds, "best_round": rl.best_round}
-    out |= {
+    return out | {
         "method": "mezo",
-        "config": asdict(job),
-        "trainable_params": d,
-        "trainable_bytes": int(4 * d),  # what FedAvg would send; MeZO sends the log instead
-        "delivery_bytes_per_device": download_bytes(log_rounds),  # replay of the whole log
-        "log_pairs": sum(len(x) for x in log_rounds),
+        "config": asdict(run.job),
+        "trainable_params": run.d,  # the values MeZO perturbs
+        "trainable_bytes": int(4 * run.d),  # what FedAvg would send; MeZO sends the log instead
+        # the probe's head and the replay of the whole log
+        "delivery_bytes_per_device": download_bytes(run.log_rounds) + run.head_bytes,
+        "log_pairs": sum(len(x) for x in run.log_rounds),
         "best_validation": max((p["accuracy"] for p in rl.curve if p["round"] > 0), default=0.0),
+        "linear_probe_start": run.lp or None,
     }
-    return out
 
 
 # -- the hyperparameter sweep (validation only) ----------------------------------------------
 
-SWEEP = (  # (lr, eps, perturbations); first lr at eps 1e-3, P 1, then eps and P at the best lr
-    {"lr": 1e-4, "eps": 1e-3, "perturbations": 1},
-    {"lr": 1e-3, "eps": 1e-3, "perturbations": 1},
-    {"lr": 1e-2, "eps": 1e-3, "perturbations": 1},
-)
+SWEEP = ({"lr": 1e-4}, {"lr": 1e-3}, {"lr": 1e-2})  # the default grid, eps and P as the defaults
 
 
 def sweep(out: Path, rounds: int, configs: list[dict[str, Any]], seed: int = 0) -> list[dict]:
-    """Each config on the quick fleet (data, profiles and selection as ``benchmarks.run
-    --quick``), ``rounds`` rounds, validation only (no test split read); rows to out."""
+    """Each config (``KEYS`` overrides; ``rounds`` unless it sets its own) on the quick fleet
+    (data, profiles and selection as ``benchmarks.run --quick``), validation only (no test
+    split read); rows to out/sweep.json, appended as each config ends."""
     from benchmarks._common import BenchConfig, fleet_profiles, load_fleet_data
     from benchmarks._models import model_dir_of
     from benchmarks.run import write_fedavg_data
@@ -334,36 +534,34 @@ def sweep(out: Path, rounds: int, configs: list[dict[str, Any]], seed: int = 0) 
     data = load_fleet_data(cfg)
     write_fedavg_data(data, out / "fedavg-data")
     profiles = fleet_profiles(cfg)
-    rows = []
+    path = out / "sweep.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
     for c in configs:
-        job = MezoJob(
-            model_dir=model_dir_of(cfg.model),
-            num_labels=len(data.label_names),
-            data_dir=str(out / "fedavg-data"),
-            num_devices=len(profiles),
-            profiles=[asdict(p) for p in profiles],
-            forward_flops_per_sample=1.0,
-            rounds=rounds,
-            fraction_train=cfg.fraction_train,
-            local_batch=cfg.local_batch,
-            lora_rank=cfg.lora_rank,
-            max_seq_len=cfg.max_seq_len,
-            seed=seed,
-            eval_every=max(1, rounds // 3),
-            **c,
-        )
+        c = {"rounds": rounds} | c
+        c.setdefault("eval_every", max(1, c["rounds"] // 3))
+        job = job_for(cfg, model_dir_of(cfg.model), data, profiles, out, 1.0, c)
         t0 = time.perf_counter()
         res = run_mezo(job, test=False, start_eval=False)
+        lp = res["linear_probe_start"] or {}
         row = c | {
-            "rounds": rounds,
+            "tune": job.tune,
+            "lp_rounds": job.lp_rounds,
+            "local_epochs": job.local_epochs,
             "curve": [(p["round"], p["accuracy"]) for p in res["curve"]],
+            "start_validation": lp.get("validation"),  # the probe's head on the model
             "best_validation": res["best_validation"],
+            "best_round": res["best_round"],
             "host_s": time.perf_counter() - t0,
+            "load_average": _load(),
         }
         log.info("mezo sweep %s: best validation %.4f", c, row["best_validation"])
         rows.append(row)
-        (out / "sweep.json").write_text(json.dumps(rows, indent=1))
+        path.write_text(json.dumps(rows, indent=1))
     return rows
+
+
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def one_batch(steps: int, lrs: list[float], eps: float = EPS, seed: int = 0) -> list[dict]:
@@ -402,42 +600,82 @@ def one_batch(steps: int, lrs: list[float], eps: float = EPS, seed: int = 0) -> 
     return rows
 
 
+def from_run(src: Path, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
+    """MeZO (defaults, or ``overrides``) on an earlier ``benchmarks.run``'s fleet, data, seed
+    and target, tested; that run's results with ``mezo`` added to out/ (results.json and
+    cost_to_target.*) and a summary beside FedAvg-LoRA's."""
+    import torch
+
+    from benchmarks import _curves
+    from benchmarks import _report as R
+    from benchmarks._common import write_json
+    from benchmarks._models import model_dir_of
+    from benchmarks._rerun import load_run
+
+    torch.set_num_threads(1)
+    res, cfg, profiles, data = load_run(src, out / "work")
+    fwd = res["flops_per_sample"]["lora_forward"]
+    job = job_for(cfg, model_dir_of(cfg.model), data, profiles, out / "work", fwd, overrides)
+    t0 = time.perf_counter()
+    run = run_mezo(job)
+    run |= {"host_s": time.perf_counter() - t0, "overrides": overrides, "load_average": _load()}
+    cut = R.fedavg_to_target(run, res["target"], len(profiles))
+    res["mezo"] = {"run": run, "to_target": cut}
+    write_json(out / "results.json", res)
+    _curves.write(out, res)
+    lora = res["fedavg"]["lora"]
+    return {
+        "seed": cfg.seed,
+        "target": res["target"],
+        "mezo": {"test": run["test"]["accuracy"], "best_validation": run["best_validation"],
+                 "best_round": run["best_round"], "start": run["linear_probe_start"]}
+        | {k: cut[k] for k in ("reached", "round", "flops_per_device", "bytes_per_device")},
+        "lora": {"test": lora["test"]["accuracy"], "best_round": lora["best_round"]},
+        "host_s": run["host_s"],
+    }  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
+    from fedmobillm.errors import FedMobiLLMError
+
     p = argparse.ArgumentParser(prog="python -m benchmarks._mezo")
-    p.add_argument("command", choices=["sweep", "one-batch"])
+    p.add_argument("command", choices=["sweep", "one-batch", "from"])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--from", dest="src", type=Path, help="from: a benchmarks.run DIR")
+    p.add_argument("--rounds", type=int, default=12, help="sweep: rounds of a config")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--config",
         action="append",
         default=[],
-        metavar="LR,EPS,P",
-        help="a config to try (repeatable; default: the lr grid at eps 1e-3, P 1)",
+        metavar="KEY=VALUE,...",
+        help=f"a config, KEYs of {', '.join(KEYS)} (repeatable: sweep tries each; default: "
+        "the lr grid at eps 1e-3, P 1; from takes one)",
     )
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    configs = []
-    for item in a.config:
-        try:
-            lr, eps, pp = item.split(",")
-            configs.append({"lr": float(lr), "eps": float(eps), "perturbations": int(pp)})
-        except ValueError:
-            print(f"error: --config {item!r} is not LR,EPS,P (e.g. 1e-3,1e-3,1)", file=sys.stderr)
-            return 2
-    if a.rounds < 1 or any(c["perturbations"] < 1 or c["eps"] <= 0 for c in configs):
-        print("error: --rounds and P must be >= 1 and eps > 0", file=sys.stderr)
+    try:
+        configs = [parse_overrides(c.split(","), "--config") for c in a.config]
+        if a.rounds < 1:
+            raise FedMobiLLMError(f"--rounds must be >= 1, not {a.rounds}")
+        if a.command == "from" and (a.src is None or len(configs) > 1):
+            raise FedMobiLLMError("from needs --from RUN and at most one --config")
+        a.out.mkdir(parents=True, exist_ok=True)
+        if a.command == "from":
+            print(json.dumps(from_run(a.src, a.out, configs[0] if configs else {}), default=float))
+            return 0
+    except FedMobiLLMError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    a.out.mkdir(parents=True, exist_ok=True)
     if a.command == "one-batch":  # --config's lr values (default 1e-3 and 1e-2), 150 steps
-        lrs = [c["lr"] for c in configs] or [1e-3, 1e-2]
+        lrs = [c["lr"] for c in configs if "lr" in c] or [1e-3, 1e-2]
         rows = one_batch(150, lrs)
         (a.out / "one_batch.json").write_text(json.dumps(rows, indent=1))
         print(json.dumps(rows))
         return 0
     rows = sweep(a.out, a.rounds, configs or [dict(c) for c in SWEEP], a.seed)
     best = max(rows, key=lambda r: r["best_validation"])
-    print(json.dumps({"best": {k: best[k] for k in ("lr", "eps", "perturbations")}, "rows": rows}))
+    print(json.dumps({"best": {k: best[k] for k in KEYS if k in best}, "rows": rows}))
     return 0 if not math.isnan(best["best_validation"]) else 1
 
 

@@ -88,8 +88,10 @@ def _accuracy(w: np.ndarray, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(np.argmax(logits, 1) == y)) if len(y) else float("nan")
 
 
-def run(job: ProbeJob, data: ProbeData, lr: float) -> dict[str, Any]:
-    """One federated run at ``lr``: the FedAvg-shaped result (curve, rounds, test, ...)."""
+def run(job: ProbeJob, data: ProbeData, lr: float, keep_head: bool = False) -> dict[str, Any]:
+    """One federated run at ``lr``: the FedAvg-shaped result (curve, rounds, test, ...);
+    ``keep_head``: also the best-validation head and the standardisation it reads
+    (``head``: w (d + 1, C), mean (d,), std (d,); arrays, so not for a json file)."""
     mu, sd = data.val_x.mean(0), data.val_x.std(0) + 1e-6  # (d,)
     norm = lambda x: ((x - mu) / sd).astype(np.float32)  # noqa: E731
     dev_x = [norm(x) for x in data.dev_x]
@@ -143,7 +145,7 @@ def run(job: ProbeJob, data: ProbeData, lr: float) -> dict[str, Any]:
         "selection": f"best validation snapshot (round {best[1]})",
         "test_by_quant": tests,
         "trainable_bytes": int(head_bytes),
-    }
+    } | ({"head": {"w": best[2], "mean": mu, "std": sd}} if keep_head else {})
 
 
 def federated_probe(job: ProbeJob, data: ProbeData, fleet_quants: list[str]) -> dict[str, Any]:

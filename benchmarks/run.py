@@ -39,6 +39,7 @@ from benchmarks._common import (
     load_fleet_data,
     write_json,
 )
+from benchmarks._mezo import KEYS as _MEZO_KEYS
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH
 from fedmobillm.errors import FedMobiLLMError
 
@@ -52,8 +53,7 @@ MIN_LEARNED = 0.02  # best validation accuracy this far above the majority rate 
 # benchmarks._mezo)
 # fedavg-hetlora is heterogeneous-rank LoRA by device class (FlexLoRA, benchmarks._hetlora)
 OPTIONAL_METHODS = ("fedmobillm-tokens", "fedavg-lora-deadline", "mezo", "fedavg-hetlora")
-MEZO_KEYS = {"lr": float, "eps": float, "perturbations": int, "rounds": int, "eval_every": int}
-MEZO_KEYS |= {"local_epochs": int}
+MEZO_KEYS = tuple(_MEZO_KEYS)
 DEADLINE_QUANTILE = 0.75  # not tuned: the slowest quarter of the fleet misses each deadline
 
 
@@ -187,23 +187,9 @@ def make_config(a: argparse.Namespace) -> tuple[BenchConfig, dict[str, Path]]:
 
 def parse_mezo(items: list[str]) -> dict[str, Any]:
     """``--mezo KEY=VALUE`` items as typed overrides of ``benchmarks._mezo.MezoJob``."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or key not in MEZO_KEYS:
-            raise FedMobiLLMError(
-                f"--mezo {item!r} is not KEY=VALUE with KEY one of {', '.join(MEZO_KEYS)}",
-                hint="e.g. --mezo lr=1e-3 --mezo rounds=40",
-            )
-        try:
-            out[key] = MEZO_KEYS[key](value)
-        except ValueError as exc:
-            raise FedMobiLLMError(
-                f"--mezo {key}={value!r}: not a {MEZO_KEYS[key].__name__}"
-            ) from exc
-        if out[key] <= 0:
-            raise FedMobiLLMError(f"--mezo {key}={value} must be > 0")
-    return out
+    from benchmarks._mezo import parse_overrides
+
+    return parse_overrides(items, "--mezo")
 
 
 # -- stages --------------------------------------------------------------------------------
@@ -694,24 +680,10 @@ def _mezo_run(
     """Federated MeZO (``benchmarks._mezo``) on FedAvg-LoRA's model, data, fleet, device
     selection and batch; its hyperparameters ``benchmarks._mezo``'s (chosen on validation)
     unless ``overrides``; its one-step peak RSS measured as the other methods' are."""
-    from dataclasses import asdict
-
     from benchmarks import _mezo as Z
 
-    job = Z.MezoJob(
-        model_dir=_model_dir(cfg),
-        num_labels=len(m.data.label_names),
-        data_dir=str(work / "fedavg-data"),
-        num_devices=len(m.profiles),
-        profiles=[asdict(p) for p in m.profiles],
-        forward_flops_per_sample=m.flops["lora_forward"],
-        fraction_train=cfg.fraction_train,
-        local_batch=cfg.local_batch,
-        lora_rank=cfg.lora_rank,
-        max_seq_len=cfg.max_seq_len,
-        seed=cfg.seed,
-        **overrides,
-    )
+    fwd = m.flops["lora_forward"]
+    job = Z.job_for(cfg, _model_dir(cfg), m.data, m.profiles, work, fwd, overrides)
     m.mem["mezo"] = peak_rss(
         cfg,
         "mezo",

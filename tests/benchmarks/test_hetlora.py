@@ -4,7 +4,7 @@ each device the best approximation at its rank (FlexLoRA)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -12,8 +12,10 @@ import pytest
 from benchmarks import _fedavg as FA
 from benchmarks import _hetlora as H
 from benchmarks._common import BenchConfig, fleet_profiles
-from benchmarks._selftest import records, tiny_model
 from fedmobillm.errors import FedMobiLLMError
+
+if TYPE_CHECKING:  # the fixture tiny_fleet (tests/benchmarks/conftest.py)
+    from tests.benchmarks.conftest import TinyFleet
 
 
 def test_truncation_is_exact_up_to_the_rank_and_best_beyond() -> None:
@@ -47,21 +49,14 @@ def test_ranks_come_from_the_device_class() -> None:
         H.ranks_of(profiles, {"fast": 8})
 
 
-def test_two_devices_at_two_ranks(tmp_path) -> None:
+def test_two_devices_at_two_ranks(tiny_fleet: TinyFleet) -> None:
     """A rank-4 and a rank-2 device: each moves its own rank's arrays both ways (the rank-2
     one half the adapter bytes), the server's model is the products' mean, and each class's
     best-validation truncation is tested."""
-    model = str(tiny_model(tmp_path / "tiny-bert"))
-    data = tmp_path / "data"
-    data.mkdir()
-    FA.write_records(data / "device-0.jsonl", records(8, 0))
-    FA.write_records(data / "device-1.jsonl", records(8, 1))
-    FA.write_records(data / "validation.jsonl", records(6, 5))
-    FA.write_records(data / "test.jsonl", records(6, 6))
-    profiles = fleet_profiles(BenchConfig.for_mode("quick"))
     job = FA.FedAvgJob(
-        method="lora", model_dir=model, num_labels=2, data_dir=str(data), num_devices=2,
-        profiles=[asdict(profiles[0]), asdict(profiles[-1])], train_flops_per_sample=1e6,
+        method="lora", model_dir=tiny_fleet.model_dir, num_labels=2,
+        data_dir=str(tiny_fleet.data_dir), num_devices=2, profiles=tiny_fleet.profiles,
+        train_flops_per_sample=1e6,
         rounds=2, fraction_train=1.0, local_epochs=1, local_batch=4, lr=1e-2, lora_rank=4,
         max_seq_len=32, seed=0,
     )  # fmt: skip

@@ -4,7 +4,7 @@ two devices' scalars reproduces FedAvg of their local models."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
@@ -13,27 +13,20 @@ import torch
 from benchmarks import _fedavg as FA
 from benchmarks import _mezo as Z
 from benchmarks import _models as M
-from benchmarks._common import BenchConfig, fleet_profiles
-from benchmarks._selftest import records, tiny_model
+from benchmarks._selftest import records
+
+if TYPE_CHECKING:  # the fixture tiny_fleet (tests/benchmarks/conftest.py)
+    from tests.benchmarks.conftest import TinyFleet
 
 
 @pytest.fixture(scope="module")
-def job(tmp_path_factory: pytest.TempPathFactory) -> Z.MezoJob:
-    work = tmp_path_factory.mktemp("mezo")
-    model = str(tiny_model(work / "tiny-bert"))
-    data = work / "data"
-    data.mkdir()
-    FA.write_records(data / "device-0.jsonl", records(8, 0))
-    FA.write_records(data / "device-1.jsonl", records(12, 1))
-    FA.write_records(data / "validation.jsonl", records(6, 5))
-    FA.write_records(data / "test.jsonl", records(6, 6))
-    profiles = fleet_profiles(BenchConfig.for_mode("quick"))
+def job(tiny_fleet: TinyFleet) -> Z.MezoJob:
     return Z.MezoJob(
-        model_dir=model,
+        model_dir=tiny_fleet.model_dir,
         num_labels=2,
-        data_dir=str(data),
+        data_dir=str(tiny_fleet.data_dir),
         num_devices=2,
-        profiles=[asdict(profiles[0]), asdict(profiles[-1])],  # fast, slow
+        profiles=tiny_fleet.profiles,  # fast, slow
         forward_flops_per_sample=1e6,
         rounds=2,
         fraction_train=1.0,
@@ -144,6 +137,65 @@ def test_federation_uploads_seeds_and_scalars_only(job: Z.MezoJob) -> None:
     assert res["best_round"] in (1, 2)
 
 
+def test_tune_picks_what_the_perturbations_move(job: Z.MezoJob) -> None:
+    """head: LoRA's factors stay where they started; lora: the head does; the counts add up."""
+    model = _model(job)
+    names = M.trainable_names(model)
+    sizes = {t: sum(p.numel() for p in Z.tuned(model, t)) for t in Z.TUNES}
+    head = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n
+    )
+    assert sizes["head"] == head == 2 * 32 + 2  # the tiny BERT's width 32, 2 labels
+    assert sizes["lora+head"] == sizes["head"] + sizes["lora"] > sizes["lora"] > 0
+    tok = M.load_tokenizer(job.model_dir)
+    enc = M.tokenize(tok, [r.text for r in records(4, 0)], 32)
+    y = torch.tensor([r.label for r in records(4, 0)])
+    for tune in ("head", "lora"):
+        before = M.get_trainable(model)
+        Z.mezo_step(model, enc, y, [3, 4], 1e-3, 1e-1, Z.tuned(model, tune))
+        after = M.get_trainable(model)
+        moved = {
+            n for n, a, b in zip(names, before, after, strict=True) if not np.array_equal(a, b)
+        }
+        assert moved and all(("lora_" in n) == (tune == "lora") for n in moved), (tune, moved)
+    with pytest.raises(ValueError, match="tune must be one of"):
+        Z.MezoJob(**{**job.__dict__, "tune": "prefix"})
+
+
+def test_probe_head_folds_the_standardisation_into_the_model_head() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 2.0, size=(20, 5)).astype(np.float32)
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    w = rng.normal(size=(6, 3)).astype(np.float32)  # (d + 1, C), bias last
+    weight, bias = Z.head_from_probe({"w": w, "mean": mu, "std": sd})
+    assert weight.shape == (3, 5) and bias.shape == (3,)
+    np.testing.assert_allclose(x @ weight.T + bias, ((x - mu) / sd) @ w[:-1] + w[-1], atol=1e-4)
+
+
+def test_linear_probe_start_is_counted_and_seeds_the_head(job: Z.MezoJob) -> None:
+    """lp_rounds: the federated probe's rounds come first in the log (their bytes, FLOPs and
+    time), its head is the model's start (its validation accuracy on the model equals the
+    probe's own), and each device's first MeZO download carries that head."""
+    lp = Z.MezoJob(**{**job.__dict__, "lp_rounds": 3, "rounds": 1, "tune": "head"})
+    res = Z.run_mezo(lp, test=False)
+    start = res["linear_probe_start"]
+    b = start["rounds"]
+    assert 1 <= b <= 3 and start["validation"] == start["probe_validation"]
+    assert [r.get("stage") for r in res["rounds"]] == ["linear probe"] * b + [None]
+    head_bytes = (2 * 32 + 2) * 4
+    first = res["rounds"][:b]
+    # the probe's head up: (width + 1) x labels fp32, the model's head's size
+    assert all(c["bytes_up"] == head_bytes for r in first for c in r["clients"])
+    assert first[0]["clients"][0]["flops"] >= 8 * job.forward_flops_per_sample  # its forward
+    mezo = res["rounds"][b]
+    assert mezo["round"] == b + 1
+    pairs = [c["bytes_down"] for c in mezo["clients"]]
+    assert pairs == [head_bytes, head_bytes]  # the head, no log yet
+    assert mezo["log_bytes"] == res["delivery_bytes_per_device"] > head_bytes
+    assert res["trainable_params"] == 2 * 32 + 2
+    assert [p["round"] for p in res["curve"]][-2:] == [b, b + 1]
+
+
 def test_curves_count_the_replayed_log_as_mezo_delivery() -> None:
     from benchmarks._curves import delivery_bytes
     from benchmarks._report import fedavg_to_target
@@ -175,6 +227,8 @@ def test_bad_mezo_override_is_refused_by_name(tmp_path, capsys) -> None:
     assert "KEY one of lr, eps, perturbations" in err and "Traceback" not in err
     assert main([*args, "--mezo", "eps=0"]) == 2
     assert "must be > 0" in capsys.readouterr().err
+    assert main([*args, "--mezo", "tune=prefix"]) == 2
+    assert "tune=prefix: one of lora+head, head, lora" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -195,3 +249,18 @@ def test_mezo_device_step_runs_in_a_fresh_process(job: Z.MezoJob, tmp_path) -> N
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["method"] == "mezo" and out["batch"] == 4 and out["torch_imported"]
     assert out["peak_rss_mb"] >= out["rss_at_start_mb"] > 0
+
+
+def test_from_refuses_a_missing_run_by_name(tmp_path, capsys) -> None:
+    from benchmarks import _hetlora as H
+
+    missing = tmp_path / "no-run"
+    assert Z.main(["from", "--from", str(missing), "--out", str(tmp_path / "z")]) == 2
+    assert f"{missing}/results.json does not exist" in capsys.readouterr().err
+    assert H.main(["--from", str(missing), "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "benchmarks.run --out" in err
+    assert Z.main(["from", "--out", str(tmp_path / "z")]) == 2
+    assert "from needs --from RUN" in capsys.readouterr().err
+    assert Z.main(["sweep", "--out", str(tmp_path / "z"), "--config", "lr=1e-3,tune=x"]) == 2
+    assert "--config tune=x: one of lora+head, head, lora" in capsys.readouterr().err
