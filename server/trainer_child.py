@@ -13,8 +13,8 @@ as its child on the same store and data dir: one command, two processes.
   environment of the server's own processes only, never the command line).
 - Lifetime: the child is in a session of its own (a Ctrl-C in the terminal reaches `serve`,
   which then stops it once, with SIGTERM: final checkpoint and personal models); on Linux
-  it also gets SIGTERM if `serve` dies without stopping it (kill -9), so no trainer outlives
-  its server.
+  it gets SIGHUP if `serve` dies without stopping it (kill -9), which it takes as one
+  request to finish the same way, so no trainer outlives its server.
 - Supervision: a child that exits while `serve` runs is logged with its exit code and
   started again: at once if it had taken a training step, else after a backoff (1 s,
   doubling to 60 s; back to 1 s after 5 minutes up).
@@ -27,7 +27,7 @@ as its child on the same store and data dir: one command, two processes.
   been reaped (it is dead), and every supervised child holds the data dir's
   ``trainer.process.lock`` (an flock, released by the kernel when its process exits) from
   its take-over to its exit, waiting for it first: a child of a `serve` killed with -9,
-  still writing its final checkpoint (PDEATHSIG: SIGTERM), is waited for by the next
+  still writing its final checkpoint (PDEATHSIG: SIGHUP), is waited for by the next
   `serve`'s child. The store's trainer slot (``open_store(trainer=True)``) is waited for
   too (PostgreSQL ends a dead trainer's session, and its advisory lock, a moment after).
 """
@@ -61,27 +61,38 @@ HEALTHY_S = 300.0  # up this long: the next restart waits the first backoff agai
 STANDBY_DELAY_S = 10.0  # a child's start (or take-over) to the next standby's spawn
 WATCH_S = 0.5  # how often the supervisor looks at the standby while the active child runs
 SLOT_WAIT_S = 30.0  # how long a supervised child waits for the store's trainer slot
+PARENT_GONE = signal.SIGHUP  # the child's PR_SET_PDEATHSIG
 
 
 def _die_with(parent: int) -> Any:
-    """For the child, before exec: SIGTERM to it when the thread that started it dies (Linux
-    PR_SET_PDEATHSIG; e.g. kill -9 of serve), at once if that already happened. Everything
-    it calls is looked up here, in the parent: after a fork in a threaded process the child
+    """For the child, before exec: SIGHUP (PARENT_GONE) to it when the thread that started it
+    dies (Linux PR_SET_PDEATHSIG; e.g. kill -9 of serve), at once if that already happened.
+    Not SIGTERM: as serve's threads die one by one the kernel sends it at each re-parenting,
+    and a second SIGTERM makes `fedmobillm train` exit without its final checkpoint (seen in
+    bench_crash); the child handles SIGHUP as one request to finish (``on_parent_gone``). A
+    standby, which has not installed that handler yet, dies of it at once. Everything it
+    calls is looked up here, in the parent: after a fork in a threaded process the child
     must not import (another thread may have held the import lock)."""
     prctl = None
     if sys.platform.startswith("linux"):
         import ctypes
 
         prctl = ctypes.CDLL(None, use_errno=True).prctl
-    getppid, kill, getpid, sigterm = os.getppid, os.kill, os.getpid, int(signal.SIGTERM)
+    getppid, kill, getpid, sig = os.getppid, os.kill, os.getpid, int(PARENT_GONE)
 
     def arm() -> None:  # pragma: no cover - runs in the child
         if prctl is not None:
-            prctl(1, sigterm)  # PR_SET_PDEATHSIG
+            prctl(1, sig)  # PR_SET_PDEATHSIG
         if getppid() != parent:  # serve died between fork and prctl
-            kill(getpid(), sigterm)
+            kill(getpid(), sig)
 
     return arm
+
+
+def on_parent_gone(stop: threading.Event) -> None:
+    """In a supervised child once it trains: PARENT_GONE (however often it comes) sets
+    ``stop``: the trainer finishes (final checkpoint and personal models) and exits."""
+    signal.signal(PARENT_GONE, lambda *_: stop.set())
 
 
 class _Child:
@@ -198,7 +209,7 @@ class TrainerChild:
     def _supervise(self) -> None:
         try:
             self._supervise_loop()
-        except Exception:  # the children get SIGTERM as this thread ends (PDEATHSIG)
+        except Exception:  # the children get SIGHUP as this thread ends (PDEATHSIG)
             log.exception("the trainer supervisor failed: the trainer process stops with serve's")
 
     def _supervise_loop(self) -> None:

@@ -81,5 +81,9 @@ def test_a_killed_serve_takes_its_trainer_child_with_it(tmp_path):
         os.kill(srv.proc.pid, signal.SIGKILL)  # serve alone: the child is in its own session
         srv.proc.wait(30)
         assert wait_for(lambda: _gone(child), 120, "the orphaned trainer child to exit")
+        # PDEATHSIG (SIGHUP, sent at each re-parenting as serve's threads die) is one request
+        # to finish: the child writes its final checkpoint, not "exiting on a second signal"
+        log = srv.log_path.read_text()
+        assert "final checkpoint (step" in log and "second signal" not in log, log[-3000:]
     finally:
         srv.kill()

@@ -78,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     stop, again = threading.Event(), threading.Event()
     _on_signals(stop, again)
+    if chan is not None:
+        trainer_child.on_parent_gone(stop)  # serve killed: finish as on a first SIGTERM
     pinned = _wait_for_federation(args, stop)
     if pinned is None:
         log.info("stopped before the store recorded a task: nothing trained")
