@@ -44,3 +44,31 @@ def test_bench_restart_grows_the_store_and_restarts_on_a_sample(tmp_path):
     assert rows[3]["rows_fetched"] == 4000 and not rows[3]["sampled"]
     assert (out / "bench_restart.md").read_text().count("\n| ") == 5
     assert (out / "bench_restart.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_restart_supervised_kills_serves_trainer_child(tmp_path):
+    """--supervised: a real `serve --trainer-process` on a filled store, its active trainer
+    child killed with -9, cold and then with the warm standby (which takes over)."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "benchmarks.bench_restart", "--supervised", "--rows", "1500",
+        "--devices", "4", "--memory-mb", "1", "--kills", "1", "--data-dir",
+        str(tmp_path / "data"), "--out", str(out),
+    ]  # fmt: skip
+    done = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=os.environ
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((out / "bench_restart_supervised.json").read_text())["results"]
+    assert [(r["rows"], r["standby"], r["kill"]) for r in rows] == [
+        (1500, False, 1),
+        (1500, True, 1),
+    ]
+    cold, warm = rows
+    assert "standby_mb" not in cold and cold["new_pid"] != warm["new_pid"]
+    assert warm["new_pid"] == warm["standby_pid"]  # the standby took over
+    assert warm["standby_mb"]["rss"] > 50 and warm["standby_mb"]["uss"] > 0
+    for r in rows:
+        assert r["resumed_ok"] and 0 < r["status_s"] and 0 < r["first_step_s"]
+    assert (out / "bench_restart_supervised.md").read_text().count("\n| 1,500 |") == 2
