@@ -382,15 +382,16 @@ def sweep(base_loader: Any, train: Lines, val: Lines, cfg: LoraFedConfig) -> tup
 # -- fedmobillm's side of the comparison ------------------------------------------------------------
 
 
-def fedmobillm_draws(seed: int, steps: int, pools: list[np.ndarray], batch_lines: int) -> list:
+def fedmobillm_draws(seed: int, steps: int, pools: list[np.ndarray],
+                     batch_lines: list[int]) -> list:  # fmt: skip
     """Per step, per pool, the line rows ``bench_lm.train`` draws (the same generator calls:
-    ``default_rng([seed, step])``, one ``choice`` per pool in order; checked against
-    ``train`` in the tests)."""
+    ``default_rng([seed, step])``, one ``choice`` of ``batch_lines[i]`` rows per pool i in
+    order; checked against ``train`` in the tests)."""
     out = []
     for step in range(steps):
         rng = np.random.default_rng([seed, step])
-        out.append([rng.choice(rows, min(batch_lines, len(rows)), replace=False)
-                    for rows in pools])  # fmt: skip
+        out.append([rng.choice(rows, min(n, len(rows)), replace=False)
+                    for rows, n in zip(pools, batch_lines, strict=True)])  # fmt: skip
     return out
 
 
@@ -486,10 +487,12 @@ class BenchInputs:
     bytes_per_token: float  # fedmobillm's upload per token (taps + id and mask)
     personal_bytes: int  # fedmobillm's personal model (fp32) each device downloads
     steps: int
-    batch_lines: int
+    batch_lines: int  # lines of one device step (both methods' memory is measured at it)
     seed: int
     model: str = "smollm2-135m"
     blocks: int = 30  # deepest tap of the full decoder
+    # fedmobillm's lines a step per pool (``bench_lm.Bench.batches``); None: batch_lines each
+    pool_lines: list[int] | None = None
 
 
 def bench_fedavg_lora(inp: BenchInputs, cfg: LoraFedConfig) -> tuple[dict, dict[str, Any]]:
@@ -501,7 +504,8 @@ def bench_fedavg_lora(inp: BenchInputs, cfg: LoraFedConfig) -> tuple[dict, dict[
     def loader() -> Any:
         return load_causal_lm(resolve_model(inp.model))
 
-    draws = fedmobillm_draws(inp.seed, inp.steps, inp.pools, inp.batch_lines)
+    lines = inp.pool_lines or [inp.batch_lines] * len(inp.pools)
+    draws = fedmobillm_draws(inp.seed, inp.steps, inp.pools, lines)
     cfg.budget_tokens = int(cfg.budget_fraction * scored_tokens_drawn(draws, inp.pool, inp.train))
     is_full = np.isin(inp.val.device, inp.full_devices)
     best, runs = sweep(loader, inp.train, inp.val.subset(np.flatnonzero(is_full)), cfg)

@@ -443,12 +443,12 @@ def train(
     cfg: LmBenchConfig,
     trainer: Any,
     pools: dict[str, tuple[Texts, np.ndarray]],
-    batch: int | dict[str, int],
+    batch: dict[str, int],
     on_select: Any = None,
     every: int = 0,
 ) -> list[float]:
-    """``cfg.steps`` steps; each draws ``batch`` lines per architecture (a dict: per
-    architecture) from its pool rows.
+    """``cfg.steps`` steps; each draws ``batch[arch]`` lines of each architecture from its
+    pool rows (``Bench.batches``).
     ``on_select(step)`` runs every ``every`` (default ``cfg.select_every``) steps and after
     the last. (``benchmarks._lm_lora.fedmobillm_draws`` repeats these draws.)"""
     every = every or cfg.select_every
@@ -457,8 +457,7 @@ def train(
         rng = np.random.default_rng([cfg.seed, step])
         groups = []
         for b, (texts, rows) in pools.items():
-            n = batch[b] if isinstance(batch, dict) else batch
-            pick = rng.choice(rows, min(n, len(rows)), replace=False)
+            pick = rng.choice(rows, min(batch[b], len(rows)), replace=False)
             groups.append(group(texts, np.sort(pick)))
         losses.append(trainer.train_step(groups))
         last = step + 1 == cfg.steps
@@ -651,6 +650,7 @@ def fedavg_lora(cfg: LmBenchConfig, bench: Bench, rows: list[dict], fed: Any) ->
         row["frozen"]["val_perplexity"], row["fedmobillm"]["bytes_per_token"] + 9.0,
         4 * fed.num_parameters(d["train"].texts[MODEL].acts.architecture),
         cfg.steps, cfg.batch_lines, cfg.seed, MODEL, BACKBONES[MODEL][-1],
+        list(bench.batches(list(BACKBONES), "fleet", cfg.batch_lines).values()),
     )  # fmt: skip
     lcfg = LoraFedConfig(sweep=sweep, clients=cfg.lora_clients, local_steps=cfg.lora_local_steps,
                          batch_lines=cfg.batch_lines, budget_fraction=cfg.lora_budget,
@@ -686,8 +686,7 @@ class Bench:
             else:
                 rows = self.rows_of("train", b, None if pool == "fleet" else int(pool))
             pools[b] = (tr[b], rows)
-        if pool == "fleet" and self.cfg.full_batch_lines and MODEL in archs:
-            batch = {b: self.cfg.full_batch_lines if b == MODEL else batch for b in archs}
+        batch = self.batches(archs, pool, batch)
         every = self.cfg.select_every or (self.cfg.curve_every if pool == "fleet" else 0)
         if not every or not len(self.data["val"].device):
             return trainer, train(self.cfg, trainer, pools, batch)
@@ -708,6 +707,14 @@ class Bench:
             return trainer, losses
         log.info("chosen on validation (step, perplexity): %s", chosen.chosen)
         return chosen, losses
+
+    def batches(self, archs: list[str], pool: str | int, batch: int) -> dict[str, int]:
+        """Lines a step per architecture (``server.lm_batch``, the server's rule): ``batch``,
+        or ``cfg.full_batch_lines`` for the full backbone in the fleet (``pool`` "fleet")."""
+        from fedmobillm.server.lm_batch import arch_batches
+
+        full = self.cfg.full_batch_lines
+        return arch_batches(archs, batch, {MODEL: full} if pool == "fleet" and full else None)
 
     def score(self, trainer: Any, split: str, b: str, phone: bool = True,
               device: int | None = None) -> dict[str, float]:  # fmt: skip

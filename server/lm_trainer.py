@@ -14,6 +14,9 @@ trainer's own.
   public text with the same weights (``server.lm_lens``; logged, cached on disk; the
   first fit of a (model, depth) takes minutes on 2 cores; ``FEDMOBILLM_LM_LENS=off``
   turns it off); a full-depth one starts exactly at the frozen model.
+- Lines a step: each architecture's equal share of ``batch_size``, or what
+  ``lm_arch_batch`` gives it (``server.lm_batch``; e.g. more for the full model than for
+  its truncations); ``status()["lines_per_step"]`` says what each draws.
 - Validation (the devices' validation split, per architecture): ``perplexity``,
   ``nll_per_token``, ``next_token_top1``, ``next_token_top3`` over the scored tokens, and
   the frozen model's perplexity on the same set (``frozen_perplexity``: what the personal
@@ -46,6 +49,7 @@ from fedmobillm.server.lm import (
     NextTokenStats,
     scored_logits,
 )
+from fedmobillm.server.lm_batch import step_batches
 from fedmobillm.server.lm_heads import head_for
 from fedmobillm.server.store import Store
 from fedmobillm.server.trainer import ArchData, Trainer, collate_lm
@@ -158,6 +162,19 @@ class LMTrainer(Trainer):
         super().__init__(*args, **kwargs)
         # arch -> the frozen model's metrics on the validation set of n samples (cached)
         self.frozen: dict[str, dict[str, Any]] = {}
+        self._unknown_batch: list[str] = []  # lm_arch_batch names not cached yet (logged)
+
+    def _arch_batch(self) -> dict[str, int] | None:
+        """``lm_arch_batch``; its names that no cached architecture has are logged (once
+        per change: a misspelt name would otherwise leave that model at its equal share)."""
+        per = self.settings.lm_arch_batch
+        unknown = sorted(set(per) - set(self.cache.archs))
+        if unknown != self._unknown_batch:
+            self._unknown_batch = unknown
+            if unknown:
+                log.warning("lm_arch_batch names %s, which no cached architecture is (yet): "
+                            "cached: %s", unknown, sorted(self.cache.archs))  # fmt: skip
+        return per or None
 
     def _create(self, store: Store) -> bool:
         if not any(a.num_train for a in self.cache.archs.values()):
@@ -213,6 +230,10 @@ class LMTrainer(Trainer):
     def status(self) -> dict[str, Any]:
         out = super().status()
         out["frozen_validation"] = {k: dict(v) for k, v in list(self.frozen.items())}
+        training = sorted(k for k, a in list(self.cache.archs.items()) if a.num_train > 0)
+        out["lines_per_step"] = step_batches(
+            training, self.settings.batch_size, self.settings.lm_arch_batch
+        )
         out["not_applicable"] = {
             "anchors": "classify-only: an lm federation takes no anchor set",
             "labels": "an lm sample's targets are its own tokens",

@@ -51,9 +51,11 @@ def balanced_sample(
     devices: Mapping[str, Sequence[Any]],
     arrays: Callable[[str, Any], tuple[np.ndarray, np.ndarray]],
     balance: str = "device",
+    shares: Mapping[str, int] | None = None,
 ) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    """Balanced mini-batch: an equal share of ``batch_size`` per architecture, drawn within
-    one as ``balance`` says (``BALANCES``).
+    """Balanced mini-batch: an equal share of ``batch_size`` per architecture (``shares``:
+    that many samples instead for the architectures it names, ``server.lm_batch``), drawn
+    within one as ``balance`` says (``BALANCES``).
 
     ``devices``: architecture -> its devices that hold training samples (in a fixed order);
     ``arrays(arch, device)``: that device's (x (n, K, d), y (n,)). Returns
@@ -64,10 +66,12 @@ def balanced_sample(
         )
     if not devices:
         return []
-    share = max(1, batch_size // len(devices))
+    from fedmobillm.server.lm_batch import step_batches
+
+    per = step_batches(devices, batch_size, shares)
     groups = []
     for name in sorted(devices):
-        names = devices[name]
+        names, share = devices[name], per[name]
         if balance == "device":
             picks = _by_device(rng, share, len(names))
         else:

@@ -154,6 +154,11 @@ class ServerSettings(BaseSettings):
     # lm: the longest bundle max_seq_len registration accepts (a device's T bounds the
     # trainer's step memory); env FEDMOBILLM_LM_MAX_SEQ_LEN
     lm_max_seq_len: int = Field(512, gt=0)
+    # lm: samples (lines) a step for the architectures named, instead of their equal share
+    # of batch_size (server/lm_batch.py), e.g. {"smollm2-135m" = 16} gives the full model
+    # 16 lines a step beside its truncations' shares (docs/lm.md); env
+    # FEDMOBILLM_LM_ARCH_BATCH='{"smollm2-135m": 16}'
+    lm_arch_batch: dict[str, int] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -189,6 +194,22 @@ class ServerSettings(BaseSettings):
                 'sampler_balance "label" draws by label and task lm has no labels: use '
                 '"device" or "sample"'
             )
+        return self
+
+    @field_validator("lm_arch_batch", mode="before")
+    @classmethod
+    def _arch_batch(cls, value: Any) -> dict[str, int]:
+        from fedmobillm.server.lm_batch import check_arch_batch
+
+        try:
+            return check_arch_batch(value)
+        except FedMobiLLMError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _arch_batch_is_lm(self) -> ServerSettings:
+        if self.lm_arch_batch and self.task != "lm":
+            raise ValueError('lm_arch_batch is for task lm: drop it or set task = "lm"')
         return self
 
     @field_validator("database")

@@ -941,18 +941,20 @@ class TrainingCache:
         return [(k, np.stack([dense(a.anchor_x[i]) for i in pick])) for k, a in archs]  # (M,K,d)
 
     def sample(
-        self, rng: np.random.Generator, batch_size: int, balance: str = "device"
-    ) -> list[tuple]:
+        self, rng: np.random.Generator, batch_size: int, balance: str = "device",
+        shares: dict[str, int] | None = None,
+    ) -> list[tuple]:  # fmt: skip
         """Balanced mini-batch over everything cached (``policies.balanced_sample`` with
-        ``balance``): [(arch, x (B, K, d), y (B,))], or in a token federation [(arch, x (B,
-        K, T, d), y (B,), mask (B, T))], T the longest drawn sample of that architecture."""
+        ``balance`` and ``shares``): [(arch, x (B, K, d), y (B,))], or in a token federation
+        [(arch, x (B, K, T, d), y (B,), mask (B, T))], T the longest drawn sample of that
+        architecture."""
         devices = {
             k: sorted(d for d, ys in a.train_y.items() if ys)
             for k, a in self.archs.items()
             if a.num_train > 0
         }
         groups = balanced_sample(
-            rng, batch_size, devices, lambda k, d: self.archs[k].device_arrays(d), balance
+            rng, batch_size, devices, lambda k, d: self.archs[k].device_arrays(d), balance, shares
         )
         if not self.tokens:
             return groups
@@ -1219,12 +1221,19 @@ class Trainer:
             self.idle = True
             return False
         rng = self._rng()
-        groups = self.cache.sample(rng, self.settings.batch_size, self.settings.sampler_balance)
+        groups = self.cache.sample(
+            rng, self.settings.batch_size, self.settings.sampler_balance, self._arch_batch()
+        )
         if not groups:
             return False
         self.idle = False
         self._step(groups, self.cache.sample_anchors(rng, self.side.config.anchor_batch))
         return True
+
+    def _arch_batch(self) -> dict[str, int] | None:
+        """Samples a step for the architectures that do not take an equal share of
+        ``batch_size`` (None: every one does; ``LMTrainer``: ``lm_arch_batch``)."""
+        return None
 
     def _should_idle(self) -> bool:
         total = sum(a.num_train for a in self.cache.archs.values())

@@ -129,9 +129,10 @@ def test_fedmobillm_draws_are_the_bench_draws(monkeypatch):
         def train_step(self, groups):
             return 0.0
 
-    bench_lm.train(cfg, Dummy(), pools, 4)
-    mine = L.fedmobillm_draws(3, 5, [p[1] for p in pools.values()], 4)
+    bench_lm.train(cfg, Dummy(), pools, {"a": 6, "b": 3})  # per-architecture lines a step
+    mine = L.fedmobillm_draws(3, 5, [p[1] for p in pools.values()], [6, 3])
     assert [np.sort(x).tolist() for step in mine for x in step] == [g.tolist() for g in got]
+    assert [len(x) for x in mine[0]] == [6, 3]
 
 
 def test_fedmobillm_curve_and_equal_perplexity():
