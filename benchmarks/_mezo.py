@@ -522,18 +522,24 @@ def _result(run: _Run, test: bool) -> dict[str, Any]:
 SWEEP = ({"lr": 1e-4}, {"lr": 1e-3}, {"lr": 1e-2})  # the default grid, eps and P as the defaults
 
 
-def sweep(out: Path, rounds: int, configs: list[dict[str, Any]], seed: int = 0) -> list[dict]:
-    """Each config (``KEYS`` overrides; ``rounds`` unless it sets its own) on the quick fleet
-    (data, profiles and selection as ``benchmarks.run --quick``), validation only (no test
-    split read); rows to out/sweep.json, appended as each config ends."""
+def quick_fleet(out: Path, seed: int) -> tuple[Any, Any, list]:
+    """``benchmarks.run --quick``'s config, data (written under out/fedavg-data) and fleet."""
     from benchmarks._common import BenchConfig, fleet_profiles, load_fleet_data
-    from benchmarks._models import model_dir_of
     from benchmarks.run import write_fedavg_data
 
     cfg = BenchConfig.for_mode("quick", seed=seed)
     data = load_fleet_data(cfg)
     write_fedavg_data(data, out / "fedavg-data")
-    profiles = fleet_profiles(cfg)
+    return cfg, data, fleet_profiles(cfg)
+
+
+def sweep(out: Path, rounds: int, configs: list[dict[str, Any]], seed: int = 0) -> list[dict]:
+    """Each config (``KEYS`` overrides; ``rounds`` unless it sets its own) on the quick fleet
+    (data, profiles and selection as ``benchmarks.run --quick``), validation only (no test
+    split read); rows to out/sweep.json, appended as each config ends."""
+    from benchmarks._models import model_dir_of
+
+    cfg, data, profiles = quick_fleet(out, seed)
     path = out / "sweep.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
     for c in configs:
@@ -635,15 +641,37 @@ def from_run(src: Path, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def test_run(out: Path, seed: int, overrides: dict[str, Any], fwd: float) -> dict[str, Any]:
+    """One config on the quick fleet at ``seed``, its best-validation snapshot tested (the
+    run to out/mezo.json): for seeds whose ``benchmarks.run`` results are not at hand;
+    ``fwd``, the LoRA classifier's forward FLOPs a sample, from another run (``from``
+    cuts at a run's own target and FLOPs instead)."""
+    import torch
+
+    from benchmarks._models import model_dir_of
+
+    torch.set_num_threads(1)
+    cfg, data, profiles = quick_fleet(out, seed)
+    job = job_for(cfg, model_dir_of(cfg.model), data, profiles, out, fwd, overrides)
+    t0 = time.perf_counter()
+    run = run_mezo(job)
+    run |= {"host_s": time.perf_counter() - t0, "overrides": overrides, "load_average": _load()}
+    (out / "mezo.json").write_text(json.dumps(run, indent=1, default=float))
+    return {"seed": seed, "test": run["test"]["accuracy"], "best_round": run["best_round"],
+            "best_validation": run["best_validation"], "start": run["linear_probe_start"],
+            "host_s": run["host_s"]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     from fedmobillm.errors import FedMobiLLMError
 
     p = argparse.ArgumentParser(prog="python -m benchmarks._mezo")
-    p.add_argument("command", choices=["sweep", "one-batch", "from"])
+    p.add_argument("command", choices=["sweep", "one-batch", "from", "test"])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--from", dest="src", type=Path, help="from: a benchmarks.run DIR")
     p.add_argument("--rounds", type=int, default=12, help="sweep: rounds of a config")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forward-flops", type=float, help="test: the LoRA forward's FLOPs a sample")
     p.add_argument(
         "--config",
         action="append",
@@ -663,6 +691,12 @@ def main(argv: list[str] | None = None) -> int:
         a.out.mkdir(parents=True, exist_ok=True)
         if a.command == "from":
             print(json.dumps(from_run(a.src, a.out, configs[0] if configs else {}), default=float))
+            return 0
+        if a.command == "test":
+            if a.forward_flops is None or len(configs) > 1:
+                raise FedMobiLLMError("test needs --forward-flops F and at most one --config")
+            got = test_run(a.out, a.seed, configs[0] if configs else {}, a.forward_flops)
+            print(json.dumps(got, default=float))
             return 0
     except FedMobiLLMError as exc:
         print(f"error: {exc}", file=sys.stderr)

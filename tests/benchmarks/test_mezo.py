@@ -262,5 +262,7 @@ def test_from_refuses_a_missing_run_by_name(tmp_path, capsys) -> None:
     assert "does not exist" in err and "benchmarks.run --out" in err
     assert Z.main(["from", "--out", str(tmp_path / "z")]) == 2
     assert "from needs --from RUN" in capsys.readouterr().err
+    assert Z.main(["test", "--out", str(tmp_path / "z")]) == 2
+    assert "test needs --forward-flops F" in capsys.readouterr().err
     assert Z.main(["sweep", "--out", str(tmp_path / "z"), "--config", "lr=1e-3,tune=x"]) == 2
     assert "--config tune=x: one of lora+head, head, lora" in capsys.readouterr().err
