@@ -113,6 +113,9 @@ class LmBenchConfig:
     align_lr_scale: float = 1.0
     # fedmobillm: lines per step drawn for the full backbone (0: batch_lines, as the others)
     full_batch_lines: int = 0
+    # 0: no local rows (they do not depend on fedmobillm's settings: a rerun of fedmobillm
+    # and fedavg-lora alone can skip them and centralised, --no-local --no-centralised)
+    local: int = 1
 
     @classmethod
     def quick(cls) -> LmBenchConfig:
@@ -591,9 +594,10 @@ def run(cfg: LmBenchConfig, out: Path, command: str = "") -> dict[str, Any]:
         rows.append(
             bench.row("centralised", b, cen, data="all devices' text through this backbone")
         )
-    t = time.perf_counter()
-    rows += bench.local_rows()
-    timing["local_s"] = time.perf_counter() - t
+    if cfg.local:
+        t = time.perf_counter()
+        rows += bench.local_rows()
+        timing["local_s"] = time.perf_counter() - t
     extra: dict[str, Any] = {"fedmobillm_curve": bench.curve}
     if cfg.compression:
         from benchmarks._lm_compress import compression_rows
@@ -934,6 +938,8 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{name}", type=kind, help="overrides the (--quick) setting")
     p.add_argument("--centralised", nargs="+", choices=list(BACKBONES),
                    help="backbones the centralised method runs on (default: both)")  # fmt: skip
+    p.add_argument("--no-centralised", action="store_true", help="skip the centralised rows")
+    p.add_argument("--no-local", action="store_true", help="skip the local rows")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-fedavg-lora", action="store_true", help="skip the fedavg-lora baseline")
     p.add_argument("--compression", metavar="OPT,OPT,...",
@@ -965,8 +971,11 @@ def main(argv: list[str] | None = None) -> int:
                  "full_batch_lines", "align_lr_scale"):  # fmt: skip
         if getattr(a, name) is not None:
             setattr(cfg, name, getattr(a, name))
-    if a.centralised:
-        cfg.centralised = list(a.centralised)
+    if a.centralised and a.no_centralised:
+        p.error("--centralised and --no-centralised contradict: give one")
+    if a.centralised or a.no_centralised:
+        cfg.centralised = list(a.centralised or [])
+    cfg.local = 0 if a.no_local else 1
     cfg.fedavg_lora = not a.no_fedavg_lora
     if a.compression:
         from benchmarks._lm_compress import parse

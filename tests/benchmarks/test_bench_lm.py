@@ -179,3 +179,25 @@ def test_selected_keeps_each_architectures_best_model_on_validation():
         chosen.offer("b", step, 100.0 - step)
     assert chosen.model("a") == {"arch": "a", "version": 20} and chosen.chosen["a"] == (20, 40.0)
     assert chosen.model("b")["version"] == 30 and chosen.num_parameters("a") == 7
+
+
+def test_no_centralised_and_no_local_reach_the_config(monkeypatch, tmp_path, capsys):
+    from benchmarks import bench_lm
+
+    with pytest.raises(SystemExit):
+        bench_lm.main(["--quick", "--out", str(tmp_path), "--centralised", bench_lm.MODEL,
+                       "--no-centralised"])  # fmt: skip
+    assert "contradict" in capsys.readouterr().err
+    seen = {}
+
+    def fake_run(cfg, out, command):
+        seen["cfg"] = cfg
+        raise KeyboardInterrupt  # stop before the report
+
+    monkeypatch.setattr(bench_lm, "run", fake_run)
+    with pytest.raises(KeyboardInterrupt):
+        bench_lm.main(["--quick", "--out", str(tmp_path), "--no-centralised", "--no-local"])
+    assert seen["cfg"].centralised == [] and seen["cfg"].local == 0
+    with pytest.raises(KeyboardInterrupt):
+        bench_lm.main(["--quick", "--out", str(tmp_path)])
+    assert seen["cfg"].centralised == list(bench_lm.BACKBONES) and seen["cfg"].local == 1
