@@ -219,8 +219,40 @@ def job_for(cfg: Any, model_dir: str, data: Any, profiles: list, flops: dict, wo
     )
 
 
+def alone(seed: int, target: float, train_flops: float, out: Path) -> dict[str, Any]:
+    """fedavg-hetlora alone on ``benchmarks.run --quick``'s fleet and data at ``seed``, cut
+    at ``target`` (e.g. that seed's headline target), ``train_flops`` the LoRA step's FLOPs a
+    sample (``flops_per_sample.lora_train_step`` of a run): for seeds whose run's
+    results.json is not at hand; FedAvg-LoRA's own figures then come from that run."""
+    import time
+
+    import torch
+
+    from benchmarks import _report as R
+    from benchmarks._common import BenchConfig, fleet_profiles, load_fleet_data, write_json
+    from benchmarks._models import model_dir_of
+    from benchmarks.run import write_fedavg_data
+
+    torch.set_num_threads(1)
+    cfg = BenchConfig.for_mode("quick", seed=seed)
+    data = load_fleet_data(cfg)
+    write_fedavg_data(data, out / "fedavg-data")
+    profiles = fleet_profiles(cfg)
+    flops = {"lora_train_step": train_flops}
+    t0 = time.perf_counter()
+    run = run_hetlora(
+        job_for(cfg, model_dir_of(cfg.model), data, profiles, flops, out), ranks_of(profiles)
+    )
+    run["host_s"] = time.perf_counter() - t0
+    cut = R.fedavg_to_target(run, target, len(profiles))
+    write_json(out / "hetlora.json", {"seed": seed, "target": target, "run": run, "to_target": cut})
+    return {"seed": seed, "target": target, "to_target": cut | {"per_device": None},
+            "test": run["test"], "by_rank": run["test_by_rank"], "host_s": run["host_s"]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks._hetlora --from RUN --out DIR``: fedavg-hetlora alone on the
+    """``python -m benchmarks._hetlora --from RUN --out DIR`` (or ``--seed N --target T
+    --train-flops F``, see ``alone``): fedavg-hetlora alone on the
     fleet, data, seed, FLOPs and target of an earlier ``benchmarks.run`` (its results.json),
     then that run's cost-to-target curves with this method added (DIR/cost_to_target.*)."""
     import argparse
@@ -236,10 +268,20 @@ def main(argv: list[str] | None = None) -> int:
     from fedmobillm.errors import FedMobiLLMError
 
     p = argparse.ArgumentParser(prog="python -m benchmarks._hetlora")
-    p.add_argument("--from", dest="src", type=Path, required=True, help="a benchmarks.run DIR")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--from", dest="src", type=Path, help="a benchmarks.run DIR")
+    src.add_argument("--seed", type=int, help="alone on the quick fleet at this seed")
+    p.add_argument("--target", type=float, help="--seed: the validation target to cut at")
+    p.add_argument("--train-flops", type=float, help="--seed: the LoRA step's FLOPs a sample")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if a.seed is not None:
+        if a.target is None or a.train_flops is None:
+            print("error: --seed needs --target T and --train-flops F", file=sys.stderr)
+            return 2
+        print(json.dumps(alone(a.seed, a.target, a.train_flops, a.out), default=float))
+        return 0
     work = a.out / "work"
     try:
         res, cfg, profiles, data = load_run(a.src, work)

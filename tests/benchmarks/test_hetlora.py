@@ -83,3 +83,9 @@ def test_run_refuses_a_class_without_a_rank_before_any_work(tmp_path, capsys) ->
     err = capsys.readouterr().err
     assert "no LoRA rank for device class(es) tiny" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_alone_at_a_seed_needs_its_target_and_flops(tmp_path, capsys) -> None:
+    assert H.main(["--seed", "1", "--out", str(tmp_path / "h")]) == 2
+    assert "--seed needs --target T and --train-flops F" in capsys.readouterr().err
+    assert not (tmp_path / "h").exists()
