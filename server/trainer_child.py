@@ -92,7 +92,31 @@ def _die_with(parent: int) -> Any:
 def on_parent_gone(stop: threading.Event) -> None:
     """In a supervised child once it trains: PARENT_GONE (however often it comes) sets
     ``stop``: the trainer finishes (final checkpoint and personal models) and exits."""
-    signal.signal(PARENT_GONE, lambda *_: stop.set())
+    handle_in_thread([PARENT_GONE], lambda _sig: stop.set())
+
+
+def handle_in_thread(signals: list[int], act: Any) -> None:
+    """Handle ``signals`` with ``act(signum)`` in a thread of its own, never in the signal
+    handler: a handler runs in the main thread between two bytecodes, possibly inside
+    ``Event.wait`` holding the event's (non-reentrant) lock, and an ``Event.set`` there
+    deadlocks (seen: the child of a killed serve, which gets PARENT_GONE more than once, hung
+    in its handler holding the data dir's trainer lock). The handler only writes the signal's
+    number to a pipe."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+
+    def handler(signum: int, _frame: Any) -> None:
+        with contextlib.suppress(OSError):  # a full pipe: enough signals are pending already
+            os.write(w, bytes([signum]))
+
+    def deliver() -> None:
+        while True:
+            for signum in os.read(r, 64):
+                act(signum)
+
+    threading.Thread(target=deliver, name="signals", daemon=True).start()
+    for sig in signals:
+        signal.signal(sig, handler)
 
 
 class _Child:

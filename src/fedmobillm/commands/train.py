@@ -114,15 +114,17 @@ def run(args: argparse.Namespace) -> int:
 
 def _on_signals(stop: threading.Event, again: threading.Event) -> None:
     """SIGTERM / SIGINT: the first sets ``stop`` (finish: final checkpoint and export), a
-    second ``again`` (exit at once, non-zero, saying what was not written)."""
+    second ``again`` (exit at once, non-zero, saying what was not written). Acted on in a
+    thread, not in the handler (``handle_in_thread``: an ``Event.set`` in a handler can
+    deadlock the main thread waiting on that event)."""
+    from fedmobillm.server.trainer_child import handle_in_thread
 
-    def handle(*_: Any) -> None:
+    def handle(_sig: int) -> None:
         if stop.is_set():
             again.set()
         stop.set()
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, handle)
+    handle_in_thread([signal.SIGTERM, signal.SIGINT], handle)
 
 
 def _finish(trainer: Any, publisher: threading.Thread, again: threading.Event) -> int:
