@@ -356,6 +356,8 @@ def linear_probe_start(run: _Run) -> None:
         run.rl.rounds[-1] |= {"stage": "linear probe", "log_bytes": run.head_bytes}
         if rnd["round"] < b:
             run.rl.add_eval(rnd["round"], {"accuracy": point["accuracy"], "loss": nan})
+    if run.cached is not None:  # the probe's devices forwarded their records already
+        run.cached.forwarded |= {int(c["device"]) for x in res["rounds"][:b] for c in x["clients"]}
     start = run.evaluator(run.glob)  # the folded head on the model: the probe's accuracy
     run.rl.add_eval(b, start)
     run.rl.keep_best(b, start["accuracy"], run.glob)
@@ -367,14 +369,79 @@ def linear_probe_start(run: _Run) -> None:
     )
 
 
+# -- head only: the frozen backbone's features, computed once ---------------------------------
+
+
+class CachedHead:
+    """``tune='head'`` leaves the backbone and LoRA (B = 0) as they started, so every forward
+    of a record gives the same pooled features: a device computes them once (one forward per
+    record, its first round, as the linear probe does) and each MeZO step only runs the head
+    on them; the server evaluates the same way. Same losses as the full forward (up to float
+    rounding), far fewer FLOPs; also what makes the head-only runs cheap on this host."""
+
+    def __init__(self, job: MezoJob, work: Any) -> None:
+        import torch
+
+        from benchmarks._fedavg import read_records
+
+        self.job, self.work = job, work
+        self.data = probe_data(job, work)  # devices' and validation's features
+        test = read_records(Path(job.data_dir) / "test.jsonl")
+        self.test = (None, np.array([r.label for r in test]), test)  # features when first asked
+        base = work.model.get_base_model()
+        self.head = base.classifier  # peft's wrapper: runs the trained copy
+        self.model = _HeadModel(self.head)
+        self.forwarded: set[int] = set()
+        self.torch = torch
+
+    def batch(self, device: int, rows: list[int]) -> dict[str, Any]:
+        return {"feats": self.torch.from_numpy(self.data.dev_x[device][rows])}  # (B, d)
+
+    def __call__(self, arrays: list[np.ndarray], split: str = "validation") -> dict[str, Any]:
+        """``ServerEval``'s result from the cached features."""
+        from benchmarks import _models as M
+
+        if split == "validation":
+            x, y = self.data.val_x, self.data.val_y
+        else:
+            if self.test[0] is None:
+                M.set_trainable(self.work.model, self.work.init)
+                self.test = (pooled(self.work, self.test[2], self.job.max_seq_len), *self.test[1:])
+            x, y = self.test[0], self.test[1]
+        M.set_trainable(self.work.model, arrays)
+        with self.torch.no_grad():
+            logits = self.head(self.torch.from_numpy(x))  # (N, C)
+            yt = self.torch.from_numpy(y).long()
+            loss = float(self.torch.nn.functional.cross_entropy(logits, yt))
+        return {"accuracy": float((logits.argmax(-1) == yt).float().mean()), "loss": loss,
+                "n": len(y)}  # fmt: skip
+
+
+class _HeadModel:
+    """The head as ``mezo_step`` calls a model: ``model(feats=...).logits``."""
+
+    def __init__(self, head: Any) -> None:
+        self.head = head
+
+    def eval(self) -> None:
+        self.head.eval()
+
+    def __call__(self, feats: Any) -> Any:
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.head(feats))
+
+
 # -- the federation -------------------------------------------------------------------------
 
 
 def local_round(
-    work: Any, job: MezoJob, device: int, server_round: int, params: list | None = None
-) -> tuple[list[tuple[int, float]], int, float, int]:
+    work: Any, job: MezoJob, device: int, server_round: int, params: list | None = None,
+    cached: CachedHead | None = None,
+) -> tuple[list[tuple[int, float]], int, float, int]:  # fmt: skip
     """A device's local MeZO epochs from the weights ``work.model`` holds: (pairs,
-    num-examples, mean loss, steps). Seeds from (run seed, round, device)."""
+    num-examples, mean loss, steps). Seeds from (run seed, round, device). ``cached``: the
+    head alone on the device's cached features."""
     import torch
 
     from benchmarks import _models as M
@@ -384,12 +451,17 @@ def local_round(
     rng = np.random.default_rng([job.seed, server_round, device])
     pairs: list[tuple[int, float]] = []
     losses, steps = [], 0
+    pos = {id(r): i for i, r in enumerate(records)}
+    model = work.model if cached is None else cached.model
     for _ in range(job.local_epochs):
         for chunk in M._batches(records, job.local_batch, rng):
-            enc = M.tokenize(work.tok, [r.text for r in chunk], job.max_seq_len)
+            if cached is None:
+                enc = M.tokenize(work.tok, [r.text for r in chunk], job.max_seq_len)
+            else:
+                enc = cached.batch(device, [pos[id(r)] for r in chunk])
             y = torch.tensor([r.label for r in chunk], dtype=torch.long)  # (B,)
             seeds = [int(x) for x in rng.integers(0, 2**32 - 1, job.perturbations)]
-            got, loss = mezo_step(work.model, enc, y, seeds, job.eps, job.lr, params)
+            got, loss = mezo_step(model, enc, y, seeds, job.eps, job.lr, params)
             pairs += got
             losses.append(loss)
             steps += 1
@@ -411,6 +483,7 @@ class _Run:
     head_bytes: int = 0  # the linear probe's head, downloaded once (0: none)
     first_round: int = 1  # of MeZO's (after the linear probe's)
     lp: dict[str, Any] = field(default_factory=dict)
+    cached: CachedHead | None = None  # tune='head': features once, the head on them
 
     @property
     def d(self) -> int:
@@ -427,12 +500,17 @@ def _device(run: _Run, dev: int, r: int) -> tuple[tuple[list, int], dict[str, An
     down = download_bytes(missed) + (0 if dev in run.synced else run.head_bytes)
     replayed = sum(len(x) for x in missed)
     M.set_trainable(run.work.model, run.glob)  # what the device's replay reconstructs
-    pairs, n, loss, steps = local_round(run.work, job, dev, r, run.params)
+    pairs, n, loss, steps = local_round(run.work, job, dev, r, run.params, run.cached)
     run.synced[dev] = len(run.log_rounds)
     up = upload_bytes(len(pairs))
-    flops = 2 * job.perturbations * job.forward_flops_per_sample * n + PASS_FLOPS_PER_VALUE * (
-        run.d * (4 * job.perturbations * steps + replayed)
-    )
+    passes = PASS_FLOPS_PER_VALUE * run.d * (4 * job.perturbations * steps + replayed)
+    if run.cached is None:
+        flops = 2 * job.perturbations * job.forward_flops_per_sample * n + passes
+    else:  # its records' forward once; then 2 P head forwards (2 d FLOPs) a sample a step
+        first = dev not in run.cached.forwarded
+        run.cached.forwarded.add(dev)
+        flops = job.forward_flops_per_sample * n / job.local_epochs if first else 0.0
+        flops += 2 * job.perturbations * 2 * run.d * n + passes
     prof = DeviceProfile(**job.profiles[dev])
     return (pairs, n), {
         "num-examples": n,
@@ -482,6 +560,8 @@ def run_mezo(job: MezoJob, *, test: bool = True, start_eval: bool = True) -> dic
     engine = f"in-process MeZO (lr {job.lr}, eps {job.eps}, P {job.perturbations}, {job.tune})"
     run = _Run(job, work, ServerEval(fj), tuned(work.model, job.tune),
                [a.copy() for a in work.init], RoundLog(replace(fj, method="mezo"), engine))  # fmt: skip
+    if job.tune == "head":
+        run.cached = run.evaluator = CachedHead(job, work)
     if start_eval:  # the sweep skips it: every config starts from the same weights
         run.rl.add_eval(0, run.evaluator(run.glob))
     if job.lp_rounds > 0:

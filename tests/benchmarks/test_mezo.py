@@ -162,6 +162,25 @@ def test_tune_picks_what_the_perturbations_move(job: Z.MezoJob) -> None:
         Z.MezoJob(**{**job.__dict__, "tune": "prefix"})
 
 
+def test_head_only_on_cached_features_matches_the_full_forward(job: Z.MezoJob) -> None:
+    """tune=head: a device's round on its cached features gives the same (seed, g) pairs as
+    MeZO through the whole model, and the cached evaluation the same accuracy and loss."""
+    head = Z.MezoJob(**{**job.__dict__, "tune": "head"})
+    work = FA.ClientWork(head.fedavg_job())
+    params = Z.tuned(work.model, "head")
+    cached = Z.CachedHead(head, work)
+    M.set_trainable(work.model, work.init)
+    full, n, _, _ = Z.local_round(work, head, 1, 1, params)
+    M.set_trainable(work.model, work.init)
+    fast, n2, _, _ = Z.local_round(work, head, 1, 1, params, cached)
+    assert n == n2 == 12 and [s for s, _ in full] == [s for s, _ in fast]
+    np.testing.assert_allclose([g for _, g in fast], [g for _, g in full], rtol=1e-3, atol=1e-3)
+    want = FA.ServerEval(head.fedavg_job())(work.init, "test")
+    got = cached(work.init, "test")
+    assert got["accuracy"] == want["accuracy"] and got["n"] == want["n"] == 6
+    assert got["loss"] == pytest.approx(want["loss"], abs=1e-5)
+
+
 def test_probe_head_folds_the_standardisation_into_the_model_head() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(3.0, 2.0, size=(20, 5)).astype(np.float32)
