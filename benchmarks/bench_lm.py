@@ -527,12 +527,15 @@ class Split:
     lines: list[str] = field(default_factory=list)  # the text of each line, in order
 
 
-def splits(cfg: LmBenchConfig, devices: list[Any], val: list[list[Any]]) -> dict[str, Split]:
-    """The splits "train", "val", "test" (held-out episodes) through every backbone, as uploaded."""
+def splits(cfg: LmBenchConfig, devices: list[Any], val: list[list[Any]],
+           names: tuple[str, ...] = ("train", "val", "test")) -> dict[str, Split]:  # fmt: skip
+    """The splits ``names`` of "train", "val", "test" (held-out episodes) through every
+    backbone, as uploaded (``benchmarks._lm_tune`` never computes the test split's taps)."""
     source = CachedTaps(cfg)
     out = {}
-    for name, per in (("train", [d.train for d in devices]), ("val", val),
-                      ("test", [d.heldout for d in devices])):  # fmt: skip
+    every = {"train": [d.train for d in devices], "val": val,
+             "test": [d.heldout for d in devices]}  # fmt: skip
+    for name, per in ((n, every[n]) for n in names):
         lines = [r.text for recs in per for r in recs]
         dev = np.asarray([i for i, recs in enumerate(per) for _ in recs], np.int64)
         out[name] = Split(encode_lines(source, lines, dev, cfg.encoding), dev, lines)
