@@ -111,8 +111,9 @@ class _Cache:
     hidden: list[np.ndarray] = field(default_factory=list)
 
 
-def generation_info(manifest: Manifest, bundle_dir: Path) -> dict[str, Any]:
-    """The manifest's generation entry; a clear error for a bundle exported without it."""
+def generation_info(manifest: Manifest, bundle_dir: Path, backend: str = "onnx") -> dict[str, Any]:
+    """The manifest's generation entry; a clear error for a bundle exported without it (or,
+    for ``backend`` "pte", without its ExecuTorch graphs)."""
     info = manifest.extra.get(GEN_MANIFEST_KEY)
     if not isinstance(info, dict):
         raise FedMobiLLMError(
@@ -123,22 +124,97 @@ def generation_info(manifest: Manifest, bundle_dir: Path) -> dict[str, Any]:
     for key in ("step", "head", "depth", "num_kv_heads", "head_dim", "vocab_size"):
         if key not in info:
             raise FedMobiLLMError(f"bundle {bundle_dir}: generation entry lacks {key!r}")
+    if backend == "pte" and not isinstance(info.get("pte"), dict):
+        raise FedMobiLLMError(
+            f"bundle {bundle_dir} has no ExecuTorch (.pte) generation graphs",
+            hint=f"re-export it with `fedmobillm export {manifest.source_model} --generate "
+            "--format onnx,pte`, or generate with --backend onnx",
+        )
     return info
+
+
+class PteStep:
+    """The ExecuTorch step and head of a generation entry (``info["pte"]``). The step
+    program keeps the KV cache of one sequence (``context`` positions): ``run`` feeds the new
+    tokens at position P (mask [1, P+S], all real) or, with P = 0, each right-padded row of a
+    batch in turn (a new context each)."""
+
+    def __init__(self, folder: Path, info: dict[str, Any]) -> None:
+        from fedmobillm.device_runtime.graph import pte_method
+
+        entry = info["pte"]
+        self.context = int(entry["max_context"])
+        self._step = pte_method(folder / str(entry["step"]))
+        self._head = pte_method(folder / str(entry["head"]))
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """ids [B, S], mask [B, P+S] -> hidden [B, S, d], taps [B, K, S, d]."""
+        new = input_ids.shape[1]
+        start = attention_mask.shape[1] - new
+        if start == 0:  # a new context per row; padding (right) is not fed
+            rows = [self._run(input_ids[r : r + 1, : max(1, int(m.sum()))], 0)
+                    for r, m in enumerate(attention_mask)]  # fmt: skip
+            return _padded(rows, new)
+        if len(input_ids) != 1 or not attention_mask.all():
+            raise FedMobiLLMError("the .pte step continues one unpadded sequence at a time")
+        return self._run(input_ids, start)
+
+    def _run(self, ids: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        if start + ids.shape[1] > self.context:
+            raise FedMobiLLMError(
+                f"{start + ids.shape[1]} tokens do not fit the .pte step's KV cache of "
+                f"{self.context}",
+                hint="use --backend onnx, or re-export with a larger --generate-context",
+            )
+        feeds = [torch.from_numpy(np.ascontiguousarray(ids, np.int64)), torch.tensor([start])]
+        hidden, taps = self._step.execute(feeds)[:2]
+        return hidden.numpy().copy(), taps.numpy().copy()
+
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
+        """hidden [B, S, d] -> logits [B, S, V], one row at a time."""
+        import torch
+
+        rows = [self._head.execute([torch.from_numpy(h[None])])[0].numpy().copy() for h in hidden]
+        return np.concatenate(rows, axis=0)
+
+
+def _padded(rows: list[tuple[np.ndarray, np.ndarray]], width: int):
+    """Per-row (hidden [1, s, d], taps [1, K, s, d]) -> zero-padded [B, width, ...] arrays."""
+    h0, t0 = rows[0]
+    hidden = np.zeros((len(rows), width, h0.shape[-1]), np.float32)
+    taps = np.zeros((len(rows), t0.shape[1], width, t0.shape[-1]), np.float32)
+    for r, (h, t) in enumerate(rows):
+        hidden[r, : h.shape[1]], taps[r, :, : t.shape[2]] = h[0], t[0]
+    return hidden, taps
 
 
 class DecoderGraphs:
     """The step and head graphs of a generation entry (``info``) in ``folder``, and the
-    token loops over them (token ids in, token ids out; no tokenizer)."""
+    token loops over them (token ids in, token ids out; no tokenizer). ``backend`` "onnx"
+    (torch-free) or "pte": the entry's ExecuTorch graphs (``info["pte"]``), whose step keeps
+    its KV cache inside the program (``PteStep``)."""
 
     def __init__(
-        self, folder: str | Path, info: dict[str, Any], threads: int | None = None
+        self,
+        folder: str | Path,
+        info: dict[str, Any],
+        threads: int | None = None,
+        backend: str = "onnx",
     ) -> None:
-        self.folder, self.info = Path(folder), info
+        self.folder, self.info, self.backend = Path(folder), info, backend
         self.depth, self.kv_heads = int(info["depth"]), int(info["num_kv_heads"])
         self.head_dim, self.vocab = int(info["head_dim"]), int(info["vocab_size"])
         self.max_context = int(info.get("max_context", 2048))
         self.eos = {int(t) for t in info.get("eos_token_ids", [])}
         self._past_names = gen_past_names(self.depth)
+        if backend == "pte":
+            self._pte = PteStep(self.folder, info)
+            self.max_context = self._pte.context
+            return
+        if backend != "onnx":
+            raise FedMobiLLMError(f"generation backend must be onnx or pte, not {backend!r}")
         options = OnnxOptions(threads, low_memory=True, quiet=True)
         self._step = Graph(
             self.folder / str(info["step"]),
@@ -152,13 +228,19 @@ class DecoderGraphs:
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """The cache before the first step: ``2 * depth`` arrays [B, H_kv, 0, D]."""
+        if self.backend == "pte":  # the program holds its own cache
+            return []
         shape = (batch, self.kv_heads, 0, self.head_dim)
         return [np.zeros(shape, np.float32) for _ in self._past_names]
 
     def step(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, past: Sequence[np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-        """ids [B, S], mask [B, P+S], past -> hidden [B, S, d], taps [B, K, S, d], present."""
+        """ids [B, S], mask [B, P+S], past -> hidden [B, S, d], taps [B, K, S, d], present
+        (on pte: the program's own cache, from position P; no present)."""
+        if self.backend == "pte":
+            hidden, taps = self._pte.run(input_ids, attention_mask)
+            return hidden, taps, []
         feeds = {
             "input_ids": input_ids.astype(np.int64),
             "attention_mask": attention_mask.astype(np.int64),
@@ -169,7 +251,10 @@ class DecoderGraphs:
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
         """hidden [B, S, d] -> logits [B, S, V] through the frozen head."""
-        (out,) = self._head.run({"hidden": np.ascontiguousarray(hidden, dtype=np.float32)})
+        hidden = np.ascontiguousarray(hidden, dtype=np.float32)
+        if self.backend == "pte":
+            return self._pte.logits(hidden)
+        (out,) = self._head.run({"hidden": hidden})
         return out
 
     def forward_logits(
@@ -246,7 +331,9 @@ class DecoderGraphs:
 class Generator(DecoderGraphs):
     """A verified bundle's generation graphs with its tokenizer: text in, text out."""
 
-    def __init__(self, bundle_dir: str | Path, threads: int | None = None) -> None:
+    def __init__(
+        self, bundle_dir: str | Path, threads: int | None = None, backend: str = "onnx"
+    ) -> None:
         bundle_dir = Path(bundle_dir)
         if not bundle_dir.is_dir():
             raise FedMobiLLMError(
@@ -255,7 +342,8 @@ class Generator(DecoderGraphs):
             )
         self.bundle_dir = bundle_dir
         self.manifest = load_verified_bundle(bundle_dir)
-        super().__init__(bundle_dir, generation_info(self.manifest, bundle_dir), threads)
+        info = generation_info(self.manifest, bundle_dir, backend)
+        super().__init__(bundle_dir, info, threads, backend)
         self._tok = _load_tokenizer(bundle_dir, self.manifest)
         self.add_special_tokens = bool(self.manifest.tokenizer.get("add_special_tokens", True))
 

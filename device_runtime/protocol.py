@@ -131,6 +131,10 @@ GEN_STEP_ONNX = "decoder_step.onnx"  # input_ids, attention_mask, past.* -> hidd
 GEN_STEP_DATA = "decoder_step.onnx.data"
 GEN_HEAD_ONNX = "lm_head.onnx"  # hidden [B, S, d] -> logits [B, S, V]
 GEN_HEAD_DATA = "lm_head.onnx.data"
+# ExecuTorch generation graphs (``--format pte``): the step keeps its KV cache in the program
+# (input_ids [1, S], start_pos [1] -> hidden, taps); listed under the entry's "pte" key
+GEN_STEP_PTE = "decoder_step.pte"
+GEN_HEAD_PTE = "lm_head.pte"  # hidden [1, S, d] -> logits [1, S, V]
 
 
 def gen_past_names(depth: int) -> list[str]:

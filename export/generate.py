@@ -155,23 +155,42 @@ class DecoderStep(nn.Module):
         zero = torch.zeros((), dtype=torch.float32)
         return torch.where(allowed, zero, torch.full((), MASKED, dtype=torch.float32))
 
-    def _attend(self, attn, x, cos, sin, bias, past_k, past_v):
-        """One attention sub-block with explicit past: x [B,S,d] -> ([B,S,d], k, v)."""
+    def _qkv(self, attn, x, cos, sin):
+        """x [B,S,d] -> q [B,H,S,D], k and v [B,H_kv,S,D], rotated at their positions."""
         b, s = x.shape[0], x.shape[1]
         q = attn.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)  # (B,H,S,D)
         k = attn.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        k = torch.cat([past_k, k], dim=2)  # (B, H_kv, P+S, D)
-        v = torch.cat([past_v, v], dim=2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def _mix(self, attn, q, k, v, bias):
+        """Attention of q [B,H,S,D] over k, v [B,H_kv,T,D] with bias [B,1,S,T] -> [B,S,d]."""
+        b, s = q.shape[0], q.shape[2]
         rep = self.heads // self.kv_heads
         kk = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # (B, H, T, D)
         vv = v.repeat_interleave(rep, dim=1) if rep > 1 else v
         scores = torch.matmul(q, kk.transpose(2, 3)) * (self.head_dim**-0.5) + bias  # (B,H,S,T)
         probs = torch.softmax(scores.float(), dim=-1)
         out = torch.matmul(probs, vv).transpose(1, 2).reshape(b, s, -1)  # (B, S, H*D)
-        return attn.o_proj(out), k, v
+        return attn.o_proj(out)
+
+    def _attend(self, attn, x, cos, sin, bias, past_k, past_v):
+        """One attention sub-block with explicit past: x [B,S,d] -> ([B,S,d], k, v)."""
+        q, k, v = self._qkv(attn, x, cos, sin)
+        k = torch.cat([past_k, k], dim=2)  # (B, H_kv, P+S, D)
+        v = torch.cat([past_v, v], dim=2)
+        return self._mix(attn, q, k, v, bias), k, v
+
+    def blocks(self, h: torch.Tensor, attend) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept blocks over embeddings h [B,S,d], ``attend(i, attn, x) -> [B,S,d]`` the
+        attention of block i -> (final-norm hidden [B,S,d], taps [B,K,S,d])."""
+        captured = {}
+        for i, layer in enumerate(self.layers):
+            h = h + attend(i, layer.self_attn, layer.input_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            captured[i + 1] = h
+        taps = torch.stack([captured[t] for t in self.taps], dim=1)  # (B, K, S, d)
+        return self.norm(h), taps
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *past: torch.Tensor):
         new = input_ids.shape[1]
@@ -179,24 +198,15 @@ class DecoderStep(nn.Module):
         positions = positions.masked_fill(attention_mask == 0, 1)[:, -new:]  # (B, S)
         cos, sin = self._rope(positions)
         bias = self._bias(attention_mask, new)
-        h = self.embed(input_ids)  # (B, S, d)
-        captured, presents = {}, []
-        for i, layer in enumerate(self.layers):
-            a, k, v = self._attend(
-                layer.self_attn,
-                layer.input_layernorm(h),
-                cos,
-                sin,
-                bias,
-                past[2 * i],
-                past[2 * i + 1],
-            )
-            h = h + a
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-            presents += [k, v]
-            captured[i + 1] = h
-        taps = torch.stack([captured[t] for t in self.taps], dim=1)  # (B, K, S, d)
-        return (self.norm(h), taps, *presents)
+        presents: list[torch.Tensor] = []
+
+        def attend(i, attn, x):
+            a, k, v = self._attend(attn, x, cos, sin, bias, past[2 * i], past[2 * i + 1])
+            presents.extend((k, v))
+            return a
+
+        hidden, taps = self.blocks(self.embed(input_ids), attend)
+        return (hidden, taps, *presents)
 
 
 class LmHead(nn.Module):
@@ -411,18 +421,24 @@ def hf_greedy(
 
 
 def verify_generation(
-    made: GenerationExport, out: Path, ids: np.ndarray, mask: np.ndarray, prompts: int = 2
+    made: GenerationExport,
+    out: Path,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    prompts: int = 2,
+    backend: str = "onnx",
 ) -> dict:
-    """Run the written graphs with onnxruntime against eager Hugging Face: logits of a
-    whole-context forward on ``ids``/``mask`` [N, T] (cosine per real position, max abs),
-    cache vs no cache, and (full depth only) greedy tokens against ``generate``.
+    """Run the written graphs (onnxruntime, or ExecuTorch for ``backend`` "pte") against
+    eager Hugging Face: logits of a whole-context forward on ``ids``/``mask`` [N, T] (cosine
+    per real position, max abs), cache vs no cache, and (full depth only) greedy tokens
+    against ``generate``.
 
     Raises (``stage verify``-style, so an export with a fallback quant retries) when the
     logits disagree beyond the quant's floor, or an fp32 graph's greedy tokens differ."""
     from fedmobillm.device_runtime.generate import DecoderGraphs
 
     info, model = made.info, made.model
-    graphs = DecoderGraphs(out, info, threads=2)
+    graphs = DecoderGraphs(out, info, threads=2, backend=backend)
     got = graphs.forward_logits(ids, mask)  # (N, T, V)
     want = reference_logits(model, info["depth"], torch.from_numpy(ids), torch.from_numpy(mask))
     real = mask.astype(bool)  # (N, T)
@@ -434,11 +450,12 @@ def verify_generation(
         "argmax_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
     }
     result.update(_greedy_checks(graphs, model, info, ids, mask, prompts))
-    log.info("verify generation (%s): %s", info["quant"], result)
+    log.info("verify %s generation (%s): %s", backend, info["quant"], result)
     floor = FP32_MIN_COSINE if info["quant"] == "fp32" else INT8_MIN_COSINE
     if not result["logits_min_cosine"] >= floor:
         raise FedMobiLLMError(
-            f"stage verify: the {info['quant']} generation graph disagrees with eager PyTorch "
+            f"stage verify: the {info['quant']} {backend} generation graph disagrees with eager "
+            f"PyTorch "
             f"(logits min cosine {result['logits_min_cosine']:.5f} < {floor})",
             hint="export without --generate, or with --quant fp32",
         )
@@ -449,7 +466,8 @@ def verify_generation(
         not result["cache_matches_no_cache"] or result.get("hf_greedy_agreement", 1.0) < 1.0
     ):
         raise FedMobiLLMError(
-            f"stage verify: greedy generation of the {info['quant']} graph differs: {result}",
+            f"stage verify: greedy generation of the {info['quant']} {backend} graph differs: "
+            f"{result}",
             hint="export without --generate; please report this model",
         )
     return result

@@ -99,6 +99,7 @@ class ExportOptions:
     fallback_quant: str | None = None  # exported instead when `quant` fails verification
     stage_seconds: dict[str, float] = field(default_factory=dict)
     generate: bool = False  # also the generation graphs (decoder step + LM head, ONNX)
+    generate_context: int = 512  # KV cache length of the .pte generation step (pte only)
     # rank R of the public per-tap PCA basis for the device's privacy mechanism (project
     # before noise, device_runtime/dp_projection.py); None: no projection in the bundle
     dp_projection: int | None = None
@@ -160,8 +161,14 @@ class ExportOptions:
             check_combination(self.fallback_quant, self.formats)
         if self.generate and "onnx" not in self.formats:
             raise FedMobiLLMError(
-                "--generate writes ONNX generation graphs",
-                hint="add onnx to --format",
+                "--generate writes ONNX generation graphs (and, with pte in --format, "
+                "ExecuTorch ones beside them): it needs onnx in --format",
+                hint="add onnx to --format, e.g. --format onnx,pte",
+            )
+        if self.generate and "pte" in self.formats and not 2 <= self.generate_context:
+            raise FedMobiLLMError(
+                f"--generate-context must be at least 2, not {self.generate_context}",
+                hint="e.g. --generate-context 512",
             )
 
 
@@ -321,6 +328,7 @@ def export_bundle(
     budget_mb: float | None = None,
     fallback_quant: str | None = None,
     generate: bool = False,
+    generate_context: int = 512,
     dp_projection: int | None = None,
     dp_projection_whiten: bool = True,
     dp_projection_supervised: int = 0,
@@ -331,7 +339,9 @@ def export_bundle(
     export this quantization instead; manifest.json says so (``quant``: the one used,
     ``quant_requested``: the one asked for, ``quant_fallback``: why, else null).
     ``generate``: also write a decoder's generation graphs (``fedmobillm.export.generate``),
-    listed under ``generation`` in manifest.json. ``dp_projection``: rank R of a per-tap PCA
+    listed under ``generation`` in manifest.json; with ``pte`` in ``formats`` also their
+    ExecuTorch versions (``fedmobillm.export.generate_pte``, a KV cache of
+    ``generate_context`` positions in the program). ``dp_projection``: rank R of a per-tap PCA
     basis fitted on the (public!) calibration text, written as ``dp_projection.safetensors``
     and named by the manifest's ``dp_projection`` entry: the device's privacy mechanism
     clips and noises in that subspace; ``dp_projection_supervised`` of its rows are the
@@ -348,6 +358,7 @@ def export_bundle(
         calibration,
         fallback_quant=fallback_quant,
         generate=generate,
+        generate_context=int(generate_context),
         dp_projection=dp_projection,
         dp_projection_whiten=dp_projection_whiten,
         dp_projection_supervised=dp_projection_supervised,
@@ -545,9 +556,20 @@ def _generation(opts: ExportOptions, folder: Path, taps, tmp: Path, ids, mask, t
 
     with stage("generate", opts.stage_seconds):
         made = generate.write_generation(folder, taps, opts.quant, tmp, tok)
+    vids, vmask = _trim(ids[:VERIFY_SENTENCES], mask[:VERIFY_SENTENCES])
     with stage("verify", opts.stage_seconds):
-        vids, vmask = _trim(ids[:VERIFY_SENTENCES], mask[:VERIFY_SENTENCES])
         made.info["verification"] = generate.verify_generation(made, tmp, vids, vmask)
+    if "pte" in opts.formats:
+        from fedmobillm.export.generate_pte import write_generation_pte
+
+        with stage("generate", opts.stage_seconds):
+            pte = write_generation_pte(made, tmp, opts.quant, opts.generate_context)
+            made.info["pte"] = pte
+        with stage("verify", opts.stage_seconds):
+            cut = int(pte["max_context"])  # what the program's cache holds
+            pte["verification"] = generate.verify_generation(
+                made, tmp, vids[:, :cut], vmask[:, :cut], backend="pte"
+            )
     return made.info
 
 

@@ -15,6 +15,7 @@ CORPUS = [
     "phones federate a language model and keep their own text",
 ]
 PROMPTS = ["the quick brown", "hello world", "a model writes"]
+PTE_CONTEXT = 24  # the .pte step's KV cache in the test bundles: small, so tests reach it
 
 
 def tiny_llama(tied: bool = True) -> Path:
@@ -79,14 +80,21 @@ def calibration_file() -> Path:
     return path
 
 
-def gen_bundle(tied: bool = True, quant: str = "fp32", layers: list[int] | None = None) -> Path:
-    """An ONNX bundle of ``tiny_llama(tied)`` with generation graphs (cached; rebuilt when
-    it no longer verifies)."""
+def gen_bundle(
+    tied: bool = True,
+    quant: str = "fp32",
+    layers: list[int] | None = None,
+    formats: tuple[str, ...] = ("onnx",),
+) -> Path:
+    """A bundle of ``tiny_llama(tied)`` with generation graphs (ONNX; ExecuTorch too with
+    pte in ``formats``, a KV cache of PTE_CONTEXT positions; cached, rebuilt when it no
+    longer verifies)."""
     from fedmobillm.export.pipeline import bundle_is_current, export_bundle
     from fedmobillm.paths import cache_dir
 
     folder = tiny_llama(tied)
     tag = f"{'tied' if tied else 'untied'}-{quant}-{'-'.join(map(str, layers or [])) or 'all'}"
+    tag += "" if formats == ("onnx",) else "-" + "-".join(formats)
     out = cache_dir() / "test-bundles" / f"gen-{VERSION}-{tag}"
     if bundle_is_current(out, str(folder), "none"):
         return out
@@ -97,9 +105,10 @@ def gen_bundle(tied: bool = True, quant: str = "fp32", layers: list[int] | None 
         layers=layers,
         pivot="none",
         quant=quant,
-        formats=("onnx",),
+        formats=formats,
         max_seq_len=64,
         calibration=str(calibration_file()),
         generate=True,
+        generate_context=PTE_CONTEXT,
     )
     return out

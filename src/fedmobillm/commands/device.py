@@ -426,6 +426,13 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely (0: all)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--threads", type=int, help="CPU threads for onnxruntime")
+    p.add_argument(
+        "--backend",
+        choices=["onnx", "pte"],
+        default="onnx",
+        help="onnx (torch-free, default) or pte: the bundle's ExecuTorch generation graphs "
+        "(exported with --format onnx,pte --generate; needs the ExecuTorch runtime)",
+    )
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
 
 
@@ -434,7 +441,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from fedmobillm.device_runtime.generate import Generator, Sampling
 
-    generator = Generator(args.bundle, threads=args.threads)
+    generator = Generator(args.bundle, threads=args.threads, backend=args.backend)
     delta, context = None, "new"
     if args.personal is not None:
         from fedmobillm.device_runtime.lm_personal import DELTA_CONTEXT, PersonalLM
@@ -457,6 +464,7 @@ def _generate(args: argparse.Namespace) -> int:
     print(
         f"-- {len(result.token_ids)} new tokens ({result.stopped}) in {result.seconds:.2f} s: "
         f"{result.tokens_per_s:.1f} tokens/s, first token {result.first_token_s:.2f} s, "
-        f"KV cache {'on' if result.use_cache else 'off'}, peak RSS {result.peak_rss_mib:.0f} MiB"
+        f"KV cache {'on' if result.use_cache else 'off'}, {args.backend}, "
+        f"peak RSS {result.peak_rss_mib:.0f} MiB"
     )
     return 0

@@ -126,7 +126,16 @@ def _add_device_arguments(parser: argparse.ArgumentParser) -> None:
         "--generate",
         action="store_true",
         help="decoders: also write the generation graphs (decoder step with a KV cache, LM "
-        "head; ONNX, any --quant) for `fedmobillm device generate`",
+        "head; ONNX, and ExecuTorch too with pte in --format; any --quant) for `fedmobillm "
+        "device generate`",
+    )
+    parser.add_argument(
+        "--generate-context",
+        type=int,
+        default=512,
+        metavar="N",
+        help="with --generate and pte in --format: the .pte step's KV cache length, the "
+        "longest prompt + completion it generates (default 512)",
     )
     parser.add_argument(
         "--device-profile",
@@ -186,6 +195,7 @@ def run(args: argparse.Namespace) -> int:
         calibration=args.calibration,
         budget_mb=budget,
         generate=args.generate,
+        generate_context=args.generate_context,
         fallback_quant=args.fallback_quant,
         dp_projection=args.dp_projection,
         dp_projection_whiten=not args.dp_projection_plain,
@@ -215,6 +225,14 @@ def _print_summary(manifest, out: Path) -> None:
             f"  generation: {gen['step']} ({gen['depth']} blocks, KV cache) + {gen['head']}, "
             f"logits min cosine {check.get('logits_min_cosine', float('nan')):.5f} (vs eager fp32)"
         )
+        pte = gen.get("pte")
+        if isinstance(pte, dict):
+            check = pte.get("verification", {})
+            print(
+                f"  generation (ExecuTorch): {pte['step']} (KV cache of {pte['max_context']} "
+                f"positions) + {pte['head']}, logits min cosine "
+                f"{check.get('logits_min_cosine', float('nan')):.5f} (vs eager fp32)"
+            )
     if extra.get("quant_fallback"):
         print(
             f"  quant: {extra.get('quant_requested')} was asked for but failed its check; "
