@@ -19,8 +19,9 @@ as its child on the same store and data dir: one command, two processes.
   started again: at once if it had taken a training step, else after a backoff (1 s,
   doubling to 60 s; back to 1 s after 5 minutes up).
 - Warm standby (setting ``trainer_standby``, on by default): a second child that has already
-  imported torch and the trainer, and waits on its channel (a socketpair) until told to take
-  over. When the active child dies, the standby trains at once (no ~3 s import of torch) and
+  imported torch and the trainer and done what only reads (settings, the store's task
+  checked, the trainer object built), and waits on its channel (a socketpair) until told to
+  take over. When the active child dies, the standby trains at once (no ~3 s import of torch) and
   a new standby is started STANDBY_DELAY_S later (its imports would otherwise compete with
   the new trainer's first steps for the CPU).
 - One trainer at a time: the supervisor promotes the standby only once the active child has
@@ -351,32 +352,43 @@ class TrainerChild:
 # -- in the child (`fedmobillm train` started by the supervisor above) --
 
 
-def supervised() -> socket.socket | None:
+class Supervised:
+    """A `fedmobillm train` started by serve's supervisor: its channel, and whether it is
+    the standby."""
+
+    def __init__(self, chan: socket.socket, standby: bool) -> None:
+        self.chan, self.standby = chan, standby
+        self.t0 = time.monotonic()
+
+    def take_over(self, settings: Any) -> None:
+        """A standby (everything read-only done: imports, settings, the store checked, the
+        trainer built) says it is ready and blocks until told to take over, or exits 0 when
+        its supervisor is gone (SIGTERM or SIGHUP, not yet handled, end it too). Then the
+        data dir's trainer-process lock is taken, waiting while another trainer process of
+        this data dir lives (said in the log every 30 s), and the store's trainer slot is
+        waited for."""
+        pid = os.getpid()
+        if self.standby:
+            took = time.monotonic() - self.t0
+            log.info("standby trainer (pid %d): ready in %.1f s; waiting to take over", pid, took)
+            if self.chan.recv(1) != GO:
+                log.info("standby trainer (pid %d): serve is gone or stopping; exiting", pid)
+                sys.exit(0)
+            log.info("standby trainer (pid %d): taking over", pid)
+        _hold_lock(Path(settings.data_dir) / LOCK_NAME)
+        wait_for_slot(settings)
+
+
+def supervised() -> Supervised | None:
     """Called first by `fedmobillm train`: None unless the supervisor started this process
-    (its channel in CHANNEL_ENV). A standby imports what the trainer needs, then blocks until
-    it is told to take over (returns) or its supervisor is gone (exits 0; SIGTERM, not yet
-    handled, ends it too). Then the data dir's trainer-process lock is taken, waiting while
-    another trainer process of this data dir lives (said in the log every 30 s)."""
-    fd = os.environ.get(CHANNEL_ENV)
+    (its channel in CHANNEL_ENV); a standby imports here what the trainer needs."""
+    fd = os.environ.pop(CHANNEL_ENV, None)
     if fd is None:
         return None
-    chan = socket.socket(fileno=int(fd))
-    os.environ.pop(CHANNEL_ENV)
-    if os.environ.pop(STANDBY_ENV, "0") == "1":
-        t0 = time.monotonic()
+    sup = Supervised(socket.socket(fileno=int(fd)), os.environ.pop(STANDBY_ENV, "0") == "1")
+    if sup.standby:
         warm_imports()
-        log.info(
-            "standby trainer (pid %d): ready in %.1f s; waiting to take over",
-            os.getpid(),
-            time.monotonic() - t0,
-        )
-        if chan.recv(1) != GO:
-            log.info("standby trainer (pid %d): serve is gone or stopping; exiting", os.getpid())
-            sys.exit(0)
-        log.info("standby trainer (pid %d): taking over", os.getpid())
-    data_dir = json.loads(os.environ[TRAINER_SETTINGS_ENV]).get("data_dir") or "."
-    _hold_lock(Path(data_dir) / LOCK_NAME)
-    return chan
+    return sup
 
 
 def warm_imports() -> None:

@@ -72,24 +72,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from fedmobillm.server import trainer_child
 
-    chan = trainer_child.supervised()  # serve's child: a standby waits here to take over
+    sup = trainer_child.supervised()  # serve's child (a standby imports here)
     from fedmobillm.server.app import open_service
     from fedmobillm.server.trainer import create_trainer
 
     stop, again = threading.Event(), threading.Event()
-    _on_signals(stop, again)
-    if chan is not None:
-        trainer_child.on_parent_gone(stop)  # serve killed: finish as on a first SIGTERM
+    if sup is None or not sup.standby:  # a standby: once it takes over (SIGTERM ends it)
+        _on_signals(stop, again)
     pinned = _wait_for_federation(args, stop)
     if pinned is None:
         log.info("stopped before the store recorded a task: nothing trained")
         return 0
     settings = _settings(args, *pinned)
     open_service(settings).store.close()  # data dir, schema, task and inputs checked here
-    if chan is not None:
-        trainer_child.wait_for_slot(settings)  # the previous trainer's PostgreSQL session
     trainer = create_trainer(settings)
     trainer.process = "train"
+    if sup is not None:
+        sup.take_over(settings)  # a standby waits here; then the one-trainer lock and slot
+        if sup.standby:
+            _on_signals(stop, again)
+        trainer_child.on_parent_gone(stop)  # serve killed: finish as on a first SIGTERM
     log.info(
         "trainer process: data dir %s; store %s; task %s; %s inputs",
         settings.data_dir.resolve(),
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         settings.side.inputs,
     )
     trainer.start()
-    trainer_child.report_first_step(trainer, chan)
+    trainer_child.report_first_step(trainer, None if sup is None else sup.chan)
     publisher = threading.Thread(
         target=_publish, args=(trainer, settings, stop), name="trainer-status", daemon=True
     )
