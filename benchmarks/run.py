@@ -466,28 +466,7 @@ def _main(a: argparse.Namespace) -> int:
     work.mkdir(parents=True, exist_ok=True)
     profiles = fleet_profiles(cfg, profile_files)
     m = _measure(cfg, profiles, work, a.install_flower)
-    if "fedavg-lora-deadline" in a.extra_methods:
-        with Timer("FedAvg-lora with round deadlines") as t:
-            m.fedavg["lora-deadline"] = run_fedavg(
-                cfg, "lora", _model_dir(cfg), m.data, profiles, m.flops, work, False,
-                deadline_quantile=a.deadline_quantile,
-            )  # fmt: skip
-        m.stages["fedavg_lora_deadline"] = t.s
-    if "fedavg-hetlora" in a.extra_methods:
-        from benchmarks import _hetlora as H
-
-        with Timer("FedAvg-LoRA at heterogeneous ranks (FlexLoRA)") as t:
-            job = H.job_for(cfg, _model_dir(cfg), m.data, profiles, m.flops, work)
-            m.fedavg["hetlora"] = H.run_hetlora(job, H.ranks_of(profiles))
-        m.stages["fedavg_hetlora"] = t.s
-    if "mezo" in a.extra_methods:
-        with Timer("mezo: federated zeroth-order") as t:
-            m.mezo = _mezo_run(cfg, m, work, a.mezo_overrides)
-        m.stages["mezo"] = t.s
-    if "fedmobillm-tokens" in a.extra_methods:
-        with Timer("fedmobillm-tokens: replay on the simulated clock") as t:
-            m.tokens = _tokens_replay(cfg, m, _token_side(a.token_side, cfg.model))
-        m.stages["fedmobillm_tokens_replay"] = t.s
+    _extra_methods(a, cfg, m, work)
 
     # -- target and headline --
     target, best, majority = _target(cfg, m)
@@ -555,6 +534,33 @@ def _main(a: argparse.Namespace) -> int:
         )
         else 1
     )
+
+
+def _extra_methods(a: argparse.Namespace, cfg: BenchConfig, m: Measured, work: Path) -> None:
+    """The ``--methods`` beyond the core ones, each timed into ``m.stages``."""
+    profiles = m.profiles
+    if "fedavg-lora-deadline" in a.extra_methods:
+        with Timer("FedAvg-lora with round deadlines") as t:
+            m.fedavg["lora-deadline"] = run_fedavg(
+                cfg, "lora", _model_dir(cfg), m.data, profiles, m.flops, work, False,
+                deadline_quantile=a.deadline_quantile,
+            )  # fmt: skip
+        m.stages["fedavg_lora_deadline"] = t.s
+    if "fedavg-hetlora" in a.extra_methods:
+        from benchmarks import _hetlora as H
+
+        with Timer("FedAvg-LoRA at heterogeneous ranks (FlexLoRA)") as t:
+            job = H.job_for(cfg, _model_dir(cfg), m.data, profiles, m.flops, work)
+            m.fedavg["hetlora"] = H.run_hetlora(job, H.ranks_of(profiles))
+        m.stages["fedavg_hetlora"] = t.s
+    if "mezo" in a.extra_methods:
+        with Timer("mezo: federated zeroth-order") as t:
+            m.mezo = _mezo_run(cfg, m, work, a.mezo_overrides)
+        m.stages["mezo"] = t.s
+    if "fedmobillm-tokens" in a.extra_methods:
+        with Timer("fedmobillm-tokens: replay on the simulated clock") as t:
+            m.tokens = _tokens_replay(cfg, m, _token_side(a.token_side, cfg.model))
+        m.stages["fedmobillm_tokens_replay"] = t.s
 
 
 @dataclass
