@@ -83,7 +83,9 @@ def side_config(cfg: Any, archs: dict[str, str] | None = None) -> Any:
     from benchmarks.bench_accuracy import SIDE_LR
     from fedmobillm.server.side import SideConfig
 
-    opts = {"lr": SIDE_LR, **cfg.token_side, "inputs": "tokens"}
+    # per_arch: the bench's own per-backbone table (TOKEN_SIDE_BACKBONE) replaces the
+    # server's default by kind, so a --token-side pool/skip applies to every backbone
+    opts = {"lr": SIDE_LR, "per_arch": {}, **cfg.token_side, "inputs": "tokens"}
     if archs and isinstance(opts.get("per_arch"), dict):
         opts["per_arch"] = {archs.get(k, k): v for k, v in opts["per_arch"].items()}
     try:

@@ -760,7 +760,8 @@ def _token_rule(cfg: BenchConfig, side: dict[str, Any], bundle: Path) -> dict[st
 
     manifest = read_manifest(bundle)
     base = asdict(F._settings(cfg).side)
-    config = SideConfig(**{**base, **side, "inputs": "tokens"})
+    # the bench's per-backbone table (in ``side``) replaces the server's default by kind
+    config = SideConfig(**{**base, "per_arch": {}, **side, "inputs": "tokens"})
     pool, skip = config.token_rule(manifest.architecture, manifest.kind)
     return {**{k: v for k, v in side.items() if k != "per_arch"}, "pool": pool, "skip": skip}
 

@@ -5,6 +5,7 @@ ingests (`serve --no-train`, `--trainer-process`, the workers) never loads torch
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,10 @@ TOKEN_SKIPS = ("none", "linear")
 TOKEN_ARCH_OPTIONS = ("pool", "skip")
 TOKEN_KINDS = ("encoder", "decoder")
 AUTO_TOKEN_RULE = {"decoder": ("last", "linear"), "encoder": ("mean", "none")}
+# SideConfig.per_arch's default: a decoder's rule (AUTO_TOKEN_RULE's); encoders and
+# architectures of unknown kind read by pool/skip (mean, none). Chosen on validation in a
+# mixed MiniLM-L6 + SmolLM2 fleet (docs/accuracy.md, per-architecture token rules)
+DEFAULT_PER_ARCH = {"decoder": {"pool": "last", "skip": "linear"}}
 # SideConfig.head: the heads side.HEADS builds (one class per name)
 HEAD_NAMES = ("classification",)
 
@@ -64,8 +69,9 @@ class SideConfig:
     # architecture's own entry wins over its kind's, which wins over ``pool``/``skip``
     # (``token_rule``). Config file: [server.side.per_arch.decoder] pool = "last"; env: the
     # table as JSON, FEDMOBILLM_SIDE__PER_ARCH='{"decoder": {"pool": "last"}}'.
-    # A dict[str, dict[str, str]] (a JSON string is read into one).
-    per_arch: Any = field(default_factory=dict)
+    # A dict[str, dict[str, str]] (a JSON string is read into one). Default
+    # DEFAULT_PER_ARCH (decoders: last + linear); {} applies pool/skip to every architecture.
+    per_arch: Any = field(default_factory=lambda: copy.deepcopy(DEFAULT_PER_ARCH))
     # Token mode, training only: each real token of a training sample is dropped from the
     # mask with this probability (a sample keeps at least one), an augmentation against
     # memorising few records; evaluation and export read every token. 0 = off.
@@ -229,7 +235,7 @@ class SideConfig:
             self.pool not in ("mean", "auto")
             or self.skip not in ("none", "auto")
             or self.token_dropout
-            or self.per_arch
+            or self.per_arch not in ({}, DEFAULT_PER_ARCH)
         ):
             problems.append(
                 "pool, skip, per_arch and token_dropout are token-mode options (inputs 'tokens')"

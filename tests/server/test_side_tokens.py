@@ -23,7 +23,10 @@ from fedmobillm.server.side import (
     pad_tokens,
 )
 
-CFG = SideConfig(width=32, heads=4, blocks=2, inputs="tokens", warmup_steps=5, dropout=0.1)
+# per_arch {}: pool/skip for both architectures (the default reads decoders by their own rule)
+CFG = SideConfig(
+    width=32, heads=4, blocks=2, inputs="tokens", warmup_steps=5, dropout=0.1, per_arch={}
+)
 D_A, D_B = 16, 24
 
 
@@ -114,6 +117,10 @@ def test_token_rule_per_architecture_kind_and_auto():
     assert c.token_pools() == {"mean", "attention", "last"}
     assert SideConfig(inputs="tokens", pool="auto").token_pools() == {"mean", "last"}
     SideConfig(pool="auto", skip="auto")  # pivot: accepted, unused
+    default = SideConfig(inputs="tokens")  # decoders by their own rule, the rest by pool/skip
+    assert default.token_rule("B", "decoder") == ("last", "linear")
+    assert default.token_rule("A", "encoder") == default.token_rule("C") == ("mean", "none")
+    assert SideConfig(inputs="tokens", per_arch={}).token_rule("B", "decoder") == ("mean", "none")
 
 
 def test_each_architecture_reads_its_tokens_by_its_own_rule():
