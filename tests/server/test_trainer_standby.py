@@ -103,7 +103,7 @@ def test_the_standby_takes_over_a_killed_trainer(tmp_path):
         srv.kill()
 
 
-@pytest.mark.slow  # the cold path is also what test_trainer_child runs
+@pytest.mark.slow  # CI runs the take-over above; this is the supervisor without a standby
 def test_without_standby_a_killed_trainer_is_started_cold(tmp_path):
     data = tmp_path / "data"
     srv = ServerProc(data, {**FAST, "trainer_process": True, "trainer_standby": False}).start()
