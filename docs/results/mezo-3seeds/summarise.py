@@ -1,13 +1,15 @@
-"""The three-seed MeZO table of docs/benchmarks.md: each seed's ``benchmarks._mezo test`` run
-(seed-N/mezo.json) cut at that seed's headline target, beside FedAvg-LoRA's figures of the
-same seed in docs/results/headline-3seeds.
+"""The three-seed MeZO tables of docs/benchmarks.md: each seed's ``benchmarks._mezo test`` run
+(DIR/seed-N/mezo.json) cut at that seed's headline target, beside FedAvg-LoRA's figures of
+the same seed in docs/results/headline-3seeds; DIR/summary.json.
 
-    PYTHONPATH=. python docs/results/mezo-3seeds/summarise.py   # from the repository root
+    PYTHONPATH=. python docs/results/mezo-3seeds/summarise.py docs/results/mezo-3seeds/lora-head
+    PYTHONPATH=. python docs/results/mezo-3seeds/summarise.py docs/results/mezo-3seeds/head
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +17,11 @@ import numpy as np
 from benchmarks._curves import delivery_bytes
 from benchmarks._report import fedavg_to_target
 
-HERE = Path(__file__).parent
-HEADLINE = HERE.parent / "headline-3seeds"
+HEADLINE = Path(__file__).parent.parent / "headline-3seeds"
 
 
-def row(seed: int) -> dict[str, float]:
-    run = json.loads((HERE / f"seed-{seed}" / "mezo.json").read_text())
+def row(here: Path, seed: int) -> dict[str, float]:
+    run = json.loads((here / f"seed-{seed}" / "mezo.json").read_text())
     head = json.loads((HEADLINE / f"seed-{seed}" / "headline.json").read_text())
     target, f = head["target_accuracy"], head["figures"]
     cut = fedavg_to_target(run, target, len(run["config"]["profiles"]))
@@ -49,7 +50,8 @@ def row(seed: int) -> dict[str, float]:
 
 
 def main() -> None:
-    rows = [row(s) for s in (0, 1, 2)]
+    here = Path(sys.argv[1])
+    rows = [row(here, s) for s in (0, 1, 2)]
     keys = [k for k in rows[0] if k not in ("seed",)]
     summary = {
         k: {
@@ -58,7 +60,7 @@ def main() -> None:
         }
         for k in keys
     }
-    (HERE / "summary.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
+    (here / "summary.json").write_text(json.dumps({"rows": rows, "summary": summary}, indent=1))
     print(json.dumps({"rows": rows, "summary": summary}, indent=1))
 
 
