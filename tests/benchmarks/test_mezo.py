@@ -35,6 +35,7 @@ def job(tiny_fleet: TinyFleet) -> Z.MezoJob:
         lr=1e-2,
         eps=1e-3,
         perturbations=2,
+        lp_rounds=0,  # the linear-probe start has its own test
         lora_rank=4,
         max_seq_len=32,
         seed=0,
