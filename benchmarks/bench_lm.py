@@ -111,7 +111,9 @@ class LmBenchConfig:
     share_out: int = 1
     arch_balance: int = 1
     align_lr_scale: float = 1.0
-    # fedmobillm: lines per step drawn for the full backbone (0: batch_lines, as the others)
+    # fedmobillm: lines per step drawn for the full backbone (0: batch_lines, as the others;
+    # the server's lm_arch_batch). 16 in --quick tied with 0 on validation over two seeds
+    # (full backbone 39.63 / 40.48 vs 40.01 / 40.14; docs/lm.md): off
     full_batch_lines: int = 0
     # 0: no local rows (they do not depend on fedmobillm's settings: a rerun of fedmobillm
     # and fedavg-lora alone can skip them and centralised, --no-local --no-centralised)
