@@ -687,25 +687,29 @@ def one_batch(steps: int, lrs: list[float], eps: float = EPS, seed: int = 0) -> 
     return rows
 
 
+def _tested(job: MezoJob, overrides: dict[str, Any]) -> dict[str, Any]:
+    """``run_mezo(job)`` with its best-validation snapshot tested, timed, with the overrides
+    it ran with and the load average at its end."""
+    t0 = time.perf_counter()
+    run = run_mezo(job)
+    return run | {"host_s": time.perf_counter() - t0, "overrides": overrides,
+                  "load_average": _load()}  # fmt: skip
+
+
 def from_run(src: Path, out: Path, overrides: dict[str, Any]) -> dict[str, Any]:
     """MeZO (defaults, or ``overrides``) on an earlier ``benchmarks.run``'s fleet, data, seed
     and target, tested; that run's results with ``mezo`` added to out/ (results.json and
     cost_to_target.*) and a summary beside FedAvg-LoRA's."""
-    import torch
-
     from benchmarks import _curves
     from benchmarks import _report as R
     from benchmarks._common import write_json
     from benchmarks._models import model_dir_of
     from benchmarks._rerun import load_run
 
-    torch.set_num_threads(1)
     res, cfg, profiles, data = load_run(src, out / "work")
     fwd = res["flops_per_sample"]["lora_forward"]
     job = job_for(cfg, model_dir_of(cfg.model), data, profiles, out / "work", fwd, overrides)
-    t0 = time.perf_counter()
-    run = run_mezo(job)
-    run |= {"host_s": time.perf_counter() - t0, "overrides": overrides, "load_average": _load()}
+    run = _tested(job, overrides)
     cut = R.fedavg_to_target(run, res["target"], len(profiles))
     res["mezo"] = {"run": run, "to_target": cut}
     write_json(out / "results.json", res)
@@ -727,16 +731,11 @@ def test_run(out: Path, seed: int, overrides: dict[str, Any], fwd: float) -> dic
     run to out/mezo.json): for seeds whose ``benchmarks.run`` results are not at hand;
     ``fwd``, the LoRA classifier's forward FLOPs a sample, from another run (``from``
     cuts at a run's own target and FLOPs instead)."""
-    import torch
-
     from benchmarks._models import model_dir_of
 
-    torch.set_num_threads(1)
     cfg, data, profiles = quick_fleet(out, seed)
     job = job_for(cfg, model_dir_of(cfg.model), data, profiles, out, fwd, overrides)
-    t0 = time.perf_counter()
-    run = run_mezo(job)
-    run |= {"host_s": time.perf_counter() - t0, "overrides": overrides, "load_average": _load()}
+    run = _tested(job, overrides)
     (out / "mezo.json").write_text(json.dumps(run, indent=1, default=float))
     return {"seed": seed, "test": run["test"]["accuracy"], "best_round": run["best_round"],
             "best_validation": run["best_validation"], "start": run["linear_probe_start"],

@@ -407,38 +407,32 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
-    if args.supervised:
-        return main_supervised(args)
+    if args.supervised and args.http:
+        raise SystemExit("--supervised fills through the service layer: drop --http")
     with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
-        results = (run_http if args.http else run)(args, args.data_dir or Path(tmp))
+        if args.supervised:
+            results = run_supervised(args, args.data_dir or Path(tmp) / "data")
+        else:
+            results = (run_http if args.http else run)(args, args.data_dir or Path(tmp))
     report = {
         "memory_mb": args.memory_mb,
         "devices": args.devices,
         "backend": "postgresql" if args.database else "sqlite",
         "results": results,
     }
-    print(markdown(results, args))
+    md = markdown_supervised if args.supervised else markdown
+    print(md(results, args))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_restart.json").write_text(json.dumps(report, indent=1))
-        (args.out / "bench_restart.md").write_text(markdown(results, args))
-        plot(results, args.out / "bench_restart.png", args.memory_mb)
-    return 0
+        from benchmarks._common import write_report
 
-
-def main_supervised(args: argparse.Namespace) -> int:
-    if args.http:
-        raise SystemExit("--supervised fills through the service layer: drop --http")
-    with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
-        results = run_supervised(args, args.data_dir or Path(tmp) / "data")
-    report = {"memory_mb": args.memory_mb, "devices": args.devices,
-              "backend": "postgresql" if args.database else "sqlite", "results": results}  # fmt: skip
-    md = markdown_supervised(results, args)
-    print(md)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "bench_restart_supervised.json").write_text(json.dumps(report, indent=1))
-        (args.out / "bench_restart_supervised.md").write_text(md)
+        name = "bench_restart_supervised" if args.supervised else "bench_restart"
+        draw = (
+            None
+            if args.supervised
+            # the supervised runs have no plot
+            else (lambda r, path: plot(r["results"], path, args.memory_mb))
+        )
+        write_report(args.out, name, report, lambda r: md(r["results"], args), draw)
     return 0
 
 

@@ -39,7 +39,7 @@ from benchmarks._common import (
     load_fleet_data,
     write_json,
 )
-from benchmarks._mezo import KEYS as _MEZO_KEYS
+from benchmarks._mezo import KEYS as MEZO_KEYS
 from fedmobillm.device_runtime.backbone import FORWARD_BATCH
 from fedmobillm.errors import FedMobiLLMError
 
@@ -53,7 +53,6 @@ MIN_LEARNED = 0.02  # best validation accuracy this far above the majority rate 
 # benchmarks._mezo)
 # fedavg-hetlora is heterogeneous-rank LoRA by device class (FlexLoRA, benchmarks._hetlora)
 OPTIONAL_METHODS = ("fedmobillm-tokens", "fedavg-lora-deadline", "mezo", "fedavg-hetlora")
-MEZO_KEYS = tuple(_MEZO_KEYS)
 DEADLINE_QUANTILE = 0.75  # not tuned: the slowest quarter of the fleet misses each deadline
 
 
